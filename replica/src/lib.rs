@@ -1,0 +1,2 @@
+//! lockstep replica runtime.
+pub mod storage;

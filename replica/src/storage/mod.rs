@@ -1,0 +1,1 @@
+//! Durable log and snapshots (being written).
