@@ -1,1 +1,856 @@
-// placeholder
+//! The planner: lockstep's decision logic as one pure function.
+//!
+//! `plan(&Desired, &Observed) -> Plan` decides what the configuration master does next:
+//! which replicas to create, which configuration (epoch) to move to, which replicas to
+//! delete, and which lockstep-rollout phase comes next. It never performs I/O. The two
+//! backends — `lockstep up` (local processes) and `lockstep-operator` (Kubernetes pods) —
+//! only observe the world into [`Observed`] and carry out the returned [`Action`]s, then
+//! observe again. Every call returns at most one configuration change, so a backend that
+//! dies between two steps resumes correctly from what it observes.
+//!
+//! Fail-stop rules (n = t + 1 voters, write-all):
+//! * every voter holds every acknowledged write, so any one surviving voter can carry on;
+//! * a failed voter is first *fenced* — the next configuration (higher epoch) leaves it
+//!   out — and only then replaced;
+//! * a replacement joins as a `Learner` (state transfer from the primary) and is promoted to
+//!   `Voter` once it has caught up with the primary's commit index;
+//! * when no voter survives, nothing is done: the plan reports `Degraded` and waits.
+
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// How replicas may fail; decides the cluster size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FailureModel {
+    FailStop,
+    Byzantine,
+}
+
+/// Number of replicas needed to tolerate `t` faults under `model`.
+pub fn replicas_for(model: FailureModel, t: u32) -> usize {
+    match model {
+        FailureModel::FailStop => t as usize + 1,
+        FailureModel::Byzantine => 2 * t as usize + 1,
+    }
+}
+
+/// The state machine a replica runs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachineRef {
+    pub name: String,
+    pub version: String,
+    /// Container image (Kubernetes only).
+    pub image: Option<String>,
+}
+
+impl MachineRef {
+    /// True when a replica running `other` runs this same machine.
+    pub fn same_as(&self, other: &MachineRef) -> bool {
+        self.name == other.name && self.version == other.version && self.image == other.image
+    }
+}
+
+/// What the user asked for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Desired {
+    pub faults_tolerated: u32,
+    pub failure_model: FailureModel,
+    pub machine: MachineRef,
+    /// Pause annotation: observe and report, change nothing.
+    pub paused: bool,
+}
+
+impl Desired {
+    pub fn replicas(&self) -> usize {
+        replicas_for(self.failure_model, self.faults_tolerated)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Role {
+    Voter,
+    Learner,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigMember {
+    pub id: String,
+    pub endpoint: String,
+    pub role: Role,
+}
+
+/// A configuration decided by the master. Epochs only grow.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Config {
+    pub epoch: u64,
+    pub primary: String,
+    pub members: Vec<ConfigMember>,
+}
+
+impl Config {
+    pub fn member(&self, id: &str) -> Option<&ConfigMember> {
+        self.members.iter().find(|m| m.id == id)
+    }
+    pub fn voters(&self) -> impl Iterator<Item = &ConfigMember> {
+        self.members.iter().filter(|m| m.role == Role::Voter)
+    }
+    pub fn learners(&self) -> impl Iterator<Item = &ConfigMember> {
+        self.members.iter().filter(|m| m.role == Role::Learner)
+    }
+}
+
+/// What a backend knows about one replica's process or pod.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Health {
+    /// Created, not answering yet (within its start-up grace).
+    Starting,
+    /// Answering its admin API.
+    Running,
+    /// Observed fail-stop: process exited, pod failed or deleted, node lost, liveness
+    /// failing or unreachable past the grace period.
+    Failed { reason: String },
+}
+
+/// What a replica reported through its admin `Status` call.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReplicaStatus {
+    pub epoch: u64,
+    pub applied_index: u64,
+    pub commit_index: u64,
+    pub last_index: u64,
+    /// Index of the seal barrier the replica applied, if sealed.
+    pub sealed_at: Option<u64>,
+    /// sha256 of the snapshot taken at the seal.
+    pub sealed_digest: Option<Vec<u8>>,
+    /// On the primary: the match index of each peer.
+    pub peer_match: BTreeMap<String, u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObservedReplica {
+    pub id: String,
+    /// Where its gRPC server listens now.
+    pub endpoint: String,
+    pub machine: MachineRef,
+    pub health: Health,
+    pub status: Option<ReplicaStatus>,
+}
+
+/// Phases of a lockstep rollout from one machine version to another.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RolloutPhase {
+    /// Make the new version available everywhere before anything stops (pull images).
+    Staging,
+    /// A seal barrier is ordered through the log; waiting for every voter to apply it.
+    Sealing,
+    /// Every replica is restarted with the new version from the snapshot at the seal.
+    Replacing,
+    /// New version running everywhere and sealed at the barrier: resume commands.
+    Resuming,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rollout {
+    pub from: MachineRef,
+    pub to: MachineRef,
+    pub phase: RolloutPhase,
+    pub seal_index: Option<u64>,
+}
+
+/// Everything the master observed, plus what it persisted itself (config, rollout).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Observed {
+    /// The configuration the master last decided (persisted by the master), if any.
+    pub config: Option<Config>,
+    pub replicas: Vec<ObservedReplica>,
+    pub rollout: Option<Rollout>,
+    /// Local backends: the new version is available (the binary exists); Kubernetes: the
+    /// image was pulled on the nodes.
+    pub staged: bool,
+}
+
+impl Observed {
+    pub fn replica(&self, id: &str) -> Option<&ObservedReplica> {
+        self.replicas.iter().find(|r| r.id == id)
+    }
+}
+
+/// One step for a backend to carry out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Start a replica with empty state (it joins as a learner through state transfer).
+    CreateReplica { id: String, machine: MachineRef },
+    /// Persist `config` as the current configuration FIRST (this is the fence), then push it
+    /// to every member of it. Also push it to the replicas in `notify` (removed members,
+    /// which then refuse all requests).
+    Reconfigure { config: Config, notify: Vec<String> },
+    /// Re-send the current configuration to a member that reports an older epoch.
+    PushConfig { id: String },
+    /// Stop and remove a replica that is no longer part of the configuration.
+    DeleteReplica { id: String, reason: String },
+    /// Ask the primary to order a seal barrier through the log.
+    Seal,
+    /// Make the rollout's target version available (pull images / check the binary).
+    Stage { machine: MachineRef },
+    /// Restart replica `id` with `machine`, keeping its data (it restarts from the snapshot at
+    /// the seal).
+    RestartReplica { id: String, machine: MachineRef },
+    /// Ask the primary to resume commands after a seal, under `machine`.
+    Resume { machine: MachineRef },
+    /// Persist the rollout state (None = no rollout in progress).
+    SetRollout { rollout: Option<Rollout> },
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Conditions {
+    /// Every desired replica is a voter that runs the desired version and answers.
+    pub ready: bool,
+    /// The service accepts commands (a primary and all voters answer, not sealed).
+    pub available: bool,
+    /// Why the cluster is changing, if it is.
+    pub progressing: Option<String>,
+    /// Why the cluster cannot make progress on its own or has lost redundancy.
+    pub degraded: Option<String>,
+    pub paused: bool,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub actions: Vec<Action>,
+    pub conditions: Conditions,
+    /// One line for people: what the plan does and why.
+    pub summary: String,
+}
+
+/// Replica ids are `{prefix}-{ordinal}`.
+pub fn replica_id(prefix: &str, ordinal: usize) -> String {
+    format!("{prefix}-{ordinal}")
+}
+
+fn ordinal(id: &str) -> Option<usize> {
+    id.rsplit_once('-').and_then(|(_, n)| n.parse().ok())
+}
+
+/// The smallest ordinals not used by any known replica (in the config or observed).
+fn free_ids(prefix: &str, observed: &Observed, count: usize) -> Vec<String> {
+    let mut used: BTreeSet<usize> = observed.replicas.iter().filter_map(|r| ordinal(&r.id)).collect();
+    if let Some(c) = &observed.config {
+        used.extend(c.members.iter().filter_map(|m| ordinal(&m.id)));
+    }
+    (0..)
+        .filter(|o| !used.contains(o))
+        .take(count)
+        .map(|o| replica_id(prefix, o))
+        .collect()
+}
+
+fn is_failed(observed: &Observed, id: &str) -> Option<String> {
+    match observed.replica(id) {
+        None => Some("replica is gone".to_string()),
+        Some(r) => match &r.health {
+            Health::Failed { reason } => Some(reason.clone()),
+            _ => None,
+        },
+    }
+}
+
+fn is_running(observed: &Observed, id: &str) -> bool {
+    observed
+        .replica(id)
+        .is_some_and(|r| r.health == Health::Running && r.status.is_some())
+}
+
+/// Choose a primary among `candidates` (all hold every acknowledged write): keep the current
+/// one when possible, else the one with the longest log (least to truncate), ties by id.
+fn choose_primary(observed: &Observed, current: Option<&str>, candidates: &[&ConfigMember]) -> String {
+    if let Some(cur) = current
+        && candidates.iter().any(|m| m.id == cur)
+    {
+        return cur.to_string();
+    }
+    candidates
+        .iter()
+        .max_by_key(|m| {
+            let last = observed
+                .replica(&m.id)
+                .and_then(|r| r.status.as_ref())
+                .map_or(0, |s| s.last_index);
+            (last, std::cmp::Reverse(m.id.clone()))
+        })
+        .map(|m| m.id.clone())
+        .unwrap_or_default()
+}
+
+/// Decide the next step. `prefix` names replicas (`{prefix}-{ordinal}`).
+pub fn plan(prefix: &str, desired: &Desired, observed: &Observed) -> Plan {
+    let mut p = Plan::default();
+    p.conditions.paused = desired.paused;
+    fill_conditions(desired, observed, &mut p.conditions);
+    if desired.paused {
+        p.summary = "paused: observing only".into();
+        return p;
+    }
+    let n = desired.replicas();
+
+    let Some(config) = &observed.config else {
+        return bootstrap(prefix, desired, observed, n, p);
+    };
+
+    // 1. Fence failed members: the next epoch leaves them out.
+    let failed: Vec<(&ConfigMember, String)> = config
+        .members
+        .iter()
+        .filter_map(|m| is_failed(observed, &m.id).map(|r| (m, r)))
+        .collect();
+    if !failed.is_empty() {
+        let surviving_voters: Vec<&ConfigMember> = config
+            .voters()
+            .filter(|m| !failed.iter().any(|(f, _)| f.id == m.id))
+            .collect();
+        if surviving_voters.is_empty() {
+            let why = format!(
+                "all {} voters of epoch {} failed ({}); every acknowledged write is on their disks: \
+                 not taking a data-losing action, waiting for one to come back",
+                config.voters().count(),
+                config.epoch,
+                failed
+                    .iter()
+                    .map(|(m, r)| format!("{}: {r}", m.id))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            p.conditions.degraded = Some(why.clone());
+            p.summary = why;
+            return p;
+        }
+        let primary = choose_primary(observed, Some(&config.primary), &surviving_voters);
+        let members: Vec<ConfigMember> = config
+            .members
+            .iter()
+            .filter(|m| !failed.iter().any(|(f, _)| f.id == m.id))
+            .cloned()
+            .collect();
+        let new = Config {
+            epoch: config.epoch + 1,
+            primary,
+            members,
+        };
+        p.summary = format!(
+            "fencing failed {}: epoch {} -> {} (primary {})",
+            failed
+                .iter()
+                .map(|(m, r)| format!("{} ({r})", m.id))
+                .collect::<Vec<_>>()
+                .join(", "),
+            config.epoch,
+            new.epoch,
+            new.primary
+        );
+        let notify = failed
+            .iter()
+            .filter(|(m, _)| observed.replica(&m.id).is_some())
+            .map(|(m, _)| m.id.clone())
+            .collect();
+        p.actions.push(Action::Reconfigure { config: new, notify });
+        for (m, reason) in &failed {
+            if observed.replica(&m.id).is_some() {
+                p.actions.push(Action::DeleteReplica {
+                    id: m.id.clone(),
+                    reason: format!("fail-stopped: {reason}"),
+                });
+            }
+        }
+        return p;
+    }
+
+    // 2. A rollout in progress, or a new one when the desired machine differs.
+    if let Some(step) = rollout_step(desired, observed, config, &mut p) {
+        return step;
+    }
+
+    // 3. Endpoints changed (a member restarted on a new address): new epoch with the new
+    //    endpoints, so peers find each other.
+    let moved: Vec<String> = config
+        .members
+        .iter()
+        .filter(|m| observed.replica(&m.id).is_some_and(|r| r.endpoint != m.endpoint))
+        .map(|m| m.id.clone())
+        .collect();
+    if !moved.is_empty() {
+        let members = config
+            .members
+            .iter()
+            .map(|m| ConfigMember {
+                endpoint: observed
+                    .replica(&m.id)
+                    .map_or(m.endpoint.clone(), |r| r.endpoint.clone()),
+                ..m.clone()
+            })
+            .collect();
+        let new = Config {
+            epoch: config.epoch + 1,
+            primary: config.primary.clone(),
+            members,
+        };
+        p.summary = format!(
+            "members {} moved: epoch {} -> {}",
+            moved.join(", "),
+            config.epoch,
+            new.epoch
+        );
+        p.actions.push(Action::Reconfigure {
+            config: new,
+            notify: vec![],
+        });
+        return p;
+    }
+
+    // 4. Members that missed the current configuration get it again.
+    for m in &config.members {
+        if let Some(s) = observed.replica(&m.id).and_then(|r| r.status.as_ref())
+            && s.epoch < config.epoch
+        {
+            p.actions.push(Action::PushConfig { id: m.id.clone() });
+        }
+    }
+
+    let voters: Vec<&ConfigMember> = config.voters().collect();
+    let learners: Vec<&ConfigMember> = config.learners().collect();
+
+    // 5. Promote learners that caught up with the primary.
+    let primary_status = observed.replica(&config.primary).and_then(|r| r.status.as_ref());
+    let caught_up: Vec<&ConfigMember> = learners
+        .iter()
+        .copied()
+        .filter(|l| {
+            primary_status.is_some_and(|ps| {
+                ps.peer_match.get(&l.id).is_some_and(|&mi| mi >= ps.commit_index) && is_running(observed, &l.id)
+            })
+        })
+        .collect();
+    if !caught_up.is_empty() && voters.len() < n {
+        let room = n - voters.len();
+        let promote: BTreeSet<&str> = caught_up.iter().take(room).map(|m| m.id.as_str()).collect();
+        let members = config
+            .members
+            .iter()
+            .map(|m| ConfigMember {
+                role: if promote.contains(m.id.as_str()) {
+                    Role::Voter
+                } else {
+                    m.role
+                },
+                ..m.clone()
+            })
+            .collect();
+        let new = Config {
+            epoch: config.epoch + 1,
+            primary: config.primary.clone(),
+            members,
+        };
+        p.summary = format!(
+            "promoting caught-up learner(s) {}: epoch {} -> {}",
+            promote.iter().copied().collect::<Vec<_>>().join(", "),
+            config.epoch,
+            new.epoch
+        );
+        p.actions.push(Action::Reconfigure {
+            config: new,
+            notify: vec![],
+        });
+        return p;
+    }
+
+    // 6. Too many voters (t lowered): remove one non-primary voter per epoch.
+    if voters.len() > n {
+        let victim = voters
+            .iter()
+            .filter(|m| m.id != config.primary)
+            .max_by_key(|m| (ordinal(&m.id), m.id.clone()))
+            .map(|m| m.id.clone())
+            .unwrap_or_default();
+        let members = config.members.iter().filter(|m| m.id != victim).cloned().collect();
+        let new = Config {
+            epoch: config.epoch + 1,
+            primary: config.primary.clone(),
+            members,
+        };
+        p.summary = format!(
+            "shrinking to {n} replicas: removing {victim}, epoch {} -> {}",
+            config.epoch, new.epoch
+        );
+        p.actions.push(Action::Reconfigure {
+            config: new,
+            notify: vec![victim.clone()],
+        });
+        p.actions.push(Action::DeleteReplica {
+            id: victim,
+            reason: "faultsTolerated lowered".into(),
+        });
+        return p;
+    }
+
+    // 7. Replicas outside the configuration: add as learners while short, delete otherwise.
+    let in_config: BTreeSet<&str> = config.members.iter().map(|m| m.id.as_str()).collect();
+    let outsiders: Vec<&ObservedReplica> = observed
+        .replicas
+        .iter()
+        .filter(|r| !in_config.contains(r.id.as_str()))
+        .collect();
+    let short = n.saturating_sub(voters.len() + learners.len());
+    let mut joining = Vec::new();
+    for r in &outsiders {
+        let wanted = joining.len() < short && r.machine.same_as(&desired.machine);
+        match (&r.health, wanted) {
+            (Health::Running, true) if r.status.is_some() => joining.push(*r),
+            (Health::Starting, true) | (Health::Running, true) => joining.push(*r), // wait for it
+            _ => p.actions.push(Action::DeleteReplica {
+                id: r.id.clone(),
+                reason: match &r.health {
+                    Health::Failed { reason } => format!("failed before joining: {reason}"),
+                    _ => "not part of the configuration and not needed".into(),
+                },
+            }),
+        }
+    }
+    let ready_to_join: Vec<&ObservedReplica> = joining
+        .iter()
+        .copied()
+        .filter(|r| r.health == Health::Running && r.status.is_some())
+        .collect();
+    if !ready_to_join.is_empty() {
+        let mut members = config.members.clone();
+        members.extend(ready_to_join.iter().map(|r| ConfigMember {
+            id: r.id.clone(),
+            endpoint: r.endpoint.clone(),
+            role: Role::Learner,
+        }));
+        let new = Config {
+            epoch: config.epoch + 1,
+            primary: config.primary.clone(),
+            members,
+        };
+        p.summary = format!(
+            "adding {} as learner(s) for state transfer: epoch {} -> {}",
+            ready_to_join
+                .iter()
+                .map(|r| r.id.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            config.epoch,
+            new.epoch
+        );
+        p.actions.push(Action::Reconfigure {
+            config: new,
+            notify: vec![],
+        });
+        return p;
+    }
+
+    // 8. Still short: create replacements, at most t in flight (learners + joining).
+    let in_flight = learners.len() + joining.len();
+    let missing = short.saturating_sub(joining.len());
+    let budget = (desired.faults_tolerated as usize).max(1).saturating_sub(in_flight);
+    let create = missing.min(budget);
+    if create > 0 {
+        for id in free_ids(prefix, observed, create) {
+            p.actions.push(Action::CreateReplica {
+                id,
+                machine: desired.machine.clone(),
+            });
+        }
+    }
+    if p.summary.is_empty() {
+        p.summary = if create > 0 {
+            format!("creating {create} replica(s) to reach {n}")
+        } else if !joining.is_empty() || !learners.is_empty() {
+            "waiting for new replicas to start and catch up".into()
+        } else if !p.actions.is_empty() {
+            "cleaning up".into()
+        } else {
+            format!(
+                "steady: epoch {}, {} voters, primary {}",
+                config.epoch,
+                voters.len(),
+                config.primary
+            )
+        };
+    }
+    p
+}
+
+fn bootstrap(prefix: &str, desired: &Desired, observed: &Observed, n: usize, mut p: Plan) -> Plan {
+    let usable: Vec<&ObservedReplica> = observed
+        .replicas
+        .iter()
+        .filter(|r| !matches!(r.health, Health::Failed { .. }))
+        .collect();
+    for r in observed
+        .replicas
+        .iter()
+        .filter(|r| matches!(r.health, Health::Failed { .. }))
+    {
+        p.actions.push(Action::DeleteReplica {
+            id: r.id.clone(),
+            reason: "failed before bootstrap".into(),
+        });
+    }
+    if usable.len() < n {
+        for id in free_ids(prefix, observed, n - usable.len()) {
+            p.actions.push(Action::CreateReplica {
+                id,
+                machine: desired.machine.clone(),
+            });
+        }
+        p.summary = format!("bootstrapping: creating {} of {n} replicas", n - usable.len());
+        return p;
+    }
+    let mut chosen: Vec<&ObservedReplica> = usable.clone();
+    chosen.sort_by_key(|r| (ordinal(&r.id), r.id.clone()));
+    chosen.truncate(n);
+    if chosen
+        .iter()
+        .any(|r| !(r.health == Health::Running && r.status.is_some()))
+    {
+        p.summary = format!("bootstrapping: waiting for {n} replicas to answer");
+        return p;
+    }
+    let members: Vec<ConfigMember> = chosen
+        .iter()
+        .map(|r| ConfigMember {
+            id: r.id.clone(),
+            endpoint: r.endpoint.clone(),
+            role: Role::Voter,
+        })
+        .collect();
+    let epoch = chosen
+        .iter()
+        .filter_map(|r| r.status.as_ref())
+        .map(|s| s.epoch)
+        .max()
+        .unwrap_or(0)
+        + 1;
+    let config = Config {
+        epoch,
+        primary: members[0].id.clone(),
+        members,
+    };
+    p.summary = format!(
+        "bootstrapping: epoch {epoch} with {n} voters, primary {}",
+        config.primary
+    );
+    p.actions.push(Action::Reconfigure { config, notify: vec![] });
+    p
+}
+
+/// Lockstep rollout: stage -> seal -> replace -> resume. Returns a finished plan when the
+/// rollout decides this step, None when there is no rollout work.
+fn rollout_step(desired: &Desired, observed: &Observed, config: &Config, p: &mut Plan) -> Option<Plan> {
+    let current_version = |id: &str| observed.replica(id).map(|r| r.machine.clone());
+    let rollout = match &observed.rollout {
+        Some(r) => r.clone(),
+        None => {
+            let differs = config
+                .members
+                .iter()
+                .any(|m| current_version(&m.id).is_some_and(|v| !v.same_as(&desired.machine)));
+            if !differs {
+                return None;
+            }
+            let from = config
+                .members
+                .iter()
+                .find_map(|m| current_version(&m.id).filter(|v| !v.same_as(&desired.machine)))?;
+            // Roll out only a complete, healthy configuration: fail-stop repairs come first.
+            if config.voters().count() < desired.replicas() || config.learners().count() > 0 {
+                return None;
+            }
+            let r = Rollout {
+                from,
+                to: desired.machine.clone(),
+                phase: RolloutPhase::Staging,
+                seal_index: None,
+            };
+            let mut out = p.clone();
+            out.summary = format!("rollout {} -> {}: staging", r.from.version, r.to.version);
+            out.conditions.progressing = Some(out.summary.clone());
+            out.actions.push(Action::SetRollout {
+                rollout: Some(r.clone()),
+            });
+            out.actions.push(Action::Stage { machine: r.to.clone() });
+            return Some(out);
+        }
+    };
+    let mut out = p.clone();
+    // Target changed mid-rollout (rollback or a newer version).
+    if !rollout.to.same_as(&desired.machine) {
+        match rollout.phase {
+            RolloutPhase::Staging | RolloutPhase::Sealing if desired.machine.same_as(&rollout.from) => {
+                // Roll back before anything was replaced: resume under the old version.
+                out.summary = format!(
+                    "rollout to {} cancelled: resuming {}",
+                    rollout.to.version, rollout.from.version
+                );
+                out.actions.push(Action::Resume {
+                    machine: rollout.from.clone(),
+                });
+                out.actions.push(Action::SetRollout { rollout: None });
+            }
+            _ => {
+                // Retarget: keep the phase, aim at the new version.
+                let r = Rollout {
+                    to: desired.machine.clone(),
+                    ..rollout.clone()
+                };
+                out.summary = format!("rollout retargeted to {}", r.to.version);
+                out.actions.push(Action::SetRollout { rollout: Some(r) });
+            }
+        }
+        out.conditions.progressing = Some(out.summary.clone());
+        return Some(out);
+    }
+    let voters: Vec<&ConfigMember> = config.voters().collect();
+    let statuses: Vec<Option<&ReplicaStatus>> = voters
+        .iter()
+        .map(|m| observed.replica(&m.id).and_then(|r| r.status.as_ref()))
+        .collect();
+    match rollout.phase {
+        RolloutPhase::Staging => {
+            if observed.staged {
+                out.summary = format!("rollout to {}: staged everywhere, sealing", rollout.to.version);
+                out.actions.push(Action::SetRollout {
+                    rollout: Some(Rollout {
+                        phase: RolloutPhase::Sealing,
+                        ..rollout
+                    }),
+                });
+                out.actions.push(Action::Seal);
+            } else {
+                out.summary = format!("rollout to {}: staging", rollout.to.version);
+                out.actions.push(Action::Stage {
+                    machine: rollout.to.clone(),
+                });
+            }
+        }
+        RolloutPhase::Sealing => {
+            let seals: BTreeSet<Option<u64>> = statuses.iter().map(|s| s.and_then(|s| s.sealed_at)).collect();
+            let digests: BTreeSet<Option<&Vec<u8>>> = statuses
+                .iter()
+                .map(|s| s.and_then(|s| s.sealed_digest.as_ref()))
+                .collect();
+            match (seals.len(), seals.iter().next().copied().flatten()) {
+                (1, Some(index)) if digests.len() == 1 => {
+                    out.summary = format!(
+                        "rollout to {}: all voters sealed at {index}, replacing",
+                        rollout.to.version
+                    );
+                    out.actions.push(Action::SetRollout {
+                        rollout: Some(Rollout {
+                            phase: RolloutPhase::Replacing,
+                            seal_index: Some(index),
+                            ..rollout.clone()
+                        }),
+                    });
+                    for m in &voters {
+                        out.actions.push(Action::RestartReplica {
+                            id: m.id.clone(),
+                            machine: rollout.to.clone(),
+                        });
+                    }
+                }
+                (1, Some(index)) => {
+                    let why = format!(
+                        "rollout to {}: voters sealed at {index} with DIFFERENT snapshots; stopped",
+                        rollout.to.version
+                    );
+                    out.conditions.degraded = Some(why.clone());
+                    out.summary = why;
+                }
+                _ => {
+                    out.summary = format!("rollout to {}: waiting for every voter to seal", rollout.to.version);
+                    if statuses.iter().all(|s| s.is_some_and(|s| s.sealed_at.is_none())) {
+                        out.actions.push(Action::Seal); // idempotent: the primary seals once
+                    }
+                }
+            }
+        }
+        RolloutPhase::Replacing => {
+            let stale: Vec<&ConfigMember> = voters
+                .iter()
+                .copied()
+                .filter(|m| current_version(&m.id).is_some_and(|v| !v.same_as(&rollout.to)))
+                .collect();
+            if stale.is_empty() && voters.iter().all(|m| is_running(observed, &m.id)) {
+                out.summary = format!("rollout to {}: every voter runs it, resuming", rollout.to.version);
+                out.actions.push(Action::SetRollout {
+                    rollout: Some(Rollout {
+                        phase: RolloutPhase::Resuming,
+                        ..rollout.clone()
+                    }),
+                });
+                out.actions.push(Action::Resume {
+                    machine: rollout.to.clone(),
+                });
+            } else {
+                out.summary = format!(
+                    "rollout to {}: waiting for {} voter(s) to restart",
+                    rollout.to.version,
+                    stale.len()
+                );
+                for m in stale {
+                    out.actions.push(Action::RestartReplica {
+                        id: m.id.clone(),
+                        machine: rollout.to.clone(),
+                    });
+                }
+            }
+        }
+        RolloutPhase::Resuming => {
+            if statuses.iter().all(|s| s.is_some_and(|s| s.sealed_at.is_none())) {
+                out.summary = format!("rollout to {} done", rollout.to.version);
+                out.actions.push(Action::SetRollout { rollout: None });
+            } else {
+                out.summary = format!("rollout to {}: resuming", rollout.to.version);
+                out.actions.push(Action::Resume {
+                    machine: rollout.to.clone(),
+                });
+            }
+        }
+    }
+    out.conditions.progressing = Some(out.summary.clone());
+    Some(out)
+}
+
+fn fill_conditions(desired: &Desired, observed: &Observed, c: &mut Conditions) {
+    let n = desired.replicas();
+    let Some(config) = &observed.config else {
+        c.progressing = Some("bootstrapping".into());
+        return;
+    };
+    let voters: Vec<&ConfigMember> = config.voters().collect();
+    let all_voters_up = voters.iter().all(|m| is_running(observed, &m.id));
+    let sealed = voters.iter().any(|m| {
+        observed
+            .replica(&m.id)
+            .and_then(|r| r.status.as_ref())
+            .is_some_and(|s| s.sealed_at.is_some())
+    });
+    c.available = all_voters_up && is_running(observed, &config.primary) && !sealed;
+    c.ready = c.available
+        && voters.len() == n
+        && config.members.len() == n
+        && voters.iter().all(|m| {
+            observed
+                .replica(&m.id)
+                .is_some_and(|r| r.machine.same_as(&desired.machine))
+        });
+    if voters.len() < n {
+        c.degraded = Some(format!("{} of {n} voters: redundancy reduced", voters.len()));
+    }
+    if !c.ready && c.progressing.is_none() {
+        c.progressing = Some("converging".into());
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,503 @@
+//! Planner tests: one per transition. The planner is pure, so each test builds an
+//! observation and checks the decision.
+use super::*;
+
+fn kv(version: &str) -> MachineRef {
+    MachineRef {
+        name: "kv".into(),
+        version: version.into(),
+        image: None,
+    }
+}
+
+fn desired(t: u32) -> Desired {
+    Desired {
+        faults_tolerated: t,
+        failure_model: FailureModel::FailStop,
+        machine: kv("1.0.0"),
+        paused: false,
+    }
+}
+
+fn running(id: &str, epoch: u64, last: u64) -> ObservedReplica {
+    ObservedReplica {
+        id: id.into(),
+        endpoint: format!("http://{id}"),
+        machine: kv("1.0.0"),
+        health: Health::Running,
+        status: Some(ReplicaStatus {
+            epoch,
+            applied_index: last,
+            commit_index: last,
+            last_index: last,
+            ..Default::default()
+        }),
+    }
+}
+
+fn voter(id: &str) -> ConfigMember {
+    ConfigMember {
+        id: id.into(),
+        endpoint: format!("http://{id}"),
+        role: Role::Voter,
+    }
+}
+
+fn learner(id: &str) -> ConfigMember {
+    ConfigMember {
+        role: Role::Learner,
+        ..voter(id)
+    }
+}
+
+fn config(epoch: u64, primary: &str, members: Vec<ConfigMember>) -> Config {
+    Config {
+        epoch,
+        primary: primary.into(),
+        members,
+    }
+}
+
+fn steady(t: u32, epoch: u64) -> Observed {
+    let ids: Vec<String> = (0..=t).map(|i| format!("kv-{i}")).collect();
+    Observed {
+        config: Some(config(epoch, "kv-0", ids.iter().map(|i| voter(i)).collect())),
+        replicas: ids.iter().map(|i| running(i, epoch, 10)).collect(),
+        ..Default::default()
+    }
+}
+
+fn reconfig(p: &Plan) -> &Config {
+    p.actions
+        .iter()
+        .find_map(|a| match a {
+            Action::Reconfigure { config, .. } => Some(config),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("expected a Reconfigure, got {:?}", p.actions))
+}
+
+#[test]
+fn sizing_follows_the_failure_model() {
+    assert_eq!(replicas_for(FailureModel::FailStop, 0), 1);
+    assert_eq!(replicas_for(FailureModel::FailStop, 1), 2);
+    assert_eq!(replicas_for(FailureModel::FailStop, 2), 3);
+    assert_eq!(replicas_for(FailureModel::Byzantine, 1), 3);
+    assert_eq!(replicas_for(FailureModel::Byzantine, 2), 5);
+}
+
+#[test]
+fn bootstrap_creates_then_configures_all_voters() {
+    let p = plan("kv", &desired(2), &Observed::default());
+    let created: Vec<_> = p
+        .actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::CreateReplica { id, .. } => Some(id.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(created, vec!["kv-0", "kv-1", "kv-2"]);
+
+    let mut o = Observed {
+        replicas: created.iter().map(|i| running(i, 0, 0)).collect(),
+        ..Default::default()
+    };
+    o.replicas[2].health = Health::Starting;
+    o.replicas[2].status = None;
+    assert!(
+        plan("kv", &desired(2), &o).actions.is_empty(),
+        "waits for every replica to answer"
+    );
+
+    o.replicas[2] = running("kv-2", 0, 0);
+    let c = reconfig(&plan("kv", &desired(2), &o)).clone();
+    assert_eq!(c.epoch, 1);
+    assert_eq!(c.primary, "kv-0");
+    assert_eq!(c.voters().count(), 3);
+}
+
+#[test]
+fn steady_state_does_nothing() {
+    let p = plan("kv", &desired(1), &steady(1, 4));
+    assert!(p.actions.is_empty(), "{:?}", p.actions);
+    assert!(p.conditions.ready && p.conditions.available);
+    assert_eq!(p.conditions.degraded, None);
+}
+
+#[test]
+fn failed_backup_is_fenced_before_it_is_replaced() {
+    for failure in [
+        Health::Failed {
+            reason: "process exited: signal 9".into(),
+        },
+        Health::Failed {
+            reason: "unreachable for 1s".into(),
+        },
+    ] {
+        let mut o = steady(1, 3);
+        o.replicas[1].health = failure.clone();
+        let p = plan("kv", &desired(1), &o);
+        let c = reconfig(&p);
+        assert_eq!(c.epoch, 4);
+        assert_eq!(c.primary, "kv-0");
+        assert!(c.member("kv-1").is_none());
+        assert!(
+            p.actions.iter().all(|a| !matches!(a, Action::CreateReplica { .. })),
+            "no replacement before fence"
+        );
+        assert!(p.actions.contains(&Action::DeleteReplica {
+            id: "kv-1".into(),
+            reason: format!(
+                "fail-stopped: {}",
+                match &failure {
+                    Health::Failed { reason } => reason,
+                    _ => unreachable!(),
+                }
+            )
+        }));
+    }
+}
+
+#[test]
+fn failed_primary_moves_primary_to_longest_surviving_log() {
+    let mut o = steady(2, 7);
+    o.replicas[0].health = Health::Failed {
+        reason: "exited".into(),
+    };
+    o.replicas[1].status.as_mut().unwrap().last_index = 11;
+    o.replicas[2].status.as_mut().unwrap().last_index = 12;
+    let c = reconfig(&plan("kv", &desired(2), &o)).clone();
+    assert_eq!(c.primary, "kv-2");
+    assert_eq!(c.epoch, 8);
+    assert_eq!(c.voters().count(), 2);
+}
+
+#[test]
+fn vanished_replica_counts_as_failed() {
+    let mut o = steady(1, 2);
+    o.replicas.remove(1); // pod deleted
+    let p = plan("kv", &desired(1), &o);
+    assert!(reconfig(&p).member("kv-1").is_none());
+    assert!(
+        p.actions.iter().all(|a| !matches!(a, Action::DeleteReplica { .. })),
+        "nothing left to delete"
+    );
+}
+
+#[test]
+fn t_failures_at_once_are_survivable_more_are_not() {
+    let mut o = steady(2, 5);
+    o.replicas[0].health = Health::Failed { reason: "x".into() };
+    o.replicas[1].health = Health::Failed { reason: "y".into() };
+    let c = reconfig(&plan("kv", &desired(2), &o)).clone();
+    assert_eq!(c.voters().map(|m| m.id.as_str()).collect::<Vec<_>>(), vec!["kv-2"]);
+
+    o.replicas[2].health = Health::Failed { reason: "z".into() };
+    let p = plan("kv", &desired(2), &o);
+    assert!(p.actions.is_empty(), "no data-losing action: {:?}", p.actions);
+    assert!(
+        p.conditions
+            .degraded
+            .as_deref()
+            .unwrap_or("")
+            .contains("not taking a data-losing action")
+    );
+}
+
+#[test]
+fn replacement_is_created_added_as_learner_then_promoted() {
+    let o = Observed {
+        config: Some(config(4, "kv-0", vec![voter("kv-0")])),
+        replicas: vec![running("kv-0", 4, 20)],
+        ..Default::default()
+    };
+    let p = plan("kv", &desired(1), &o);
+    assert!(p.actions.contains(&Action::CreateReplica {
+        id: "kv-1".into(),
+        machine: kv("1.0.0")
+    }));
+    assert!(p.conditions.degraded.is_some());
+
+    // Starting: wait.
+    let mut o2 = o.clone();
+    o2.replicas.push(ObservedReplica {
+        health: Health::Starting,
+        status: None,
+        ..running("kv-1", 0, 0)
+    });
+    assert!(plan("kv", &desired(1), &o2).actions.is_empty());
+
+    // Running: joins as a learner.
+    o2.replicas[1] = running("kv-1", 0, 0);
+    let c = reconfig(&plan("kv", &desired(1), &o2)).clone();
+    assert_eq!(c.epoch, 5);
+    assert_eq!(c.member("kv-1").map(|m| m.role), Some(Role::Learner));
+
+    // Learner behind: wait. Caught up: promoted.
+    let mut o3 = o2.clone();
+    o3.config = Some(c);
+    o3.replicas[1].status.as_mut().unwrap().epoch = 5;
+    o3.replicas[0].status.as_mut().unwrap().epoch = 5;
+    o3.replicas[0]
+        .status
+        .as_mut()
+        .unwrap()
+        .peer_match
+        .insert("kv-1".into(), 15);
+    assert!(plan("kv", &desired(1), &o3).actions.is_empty());
+    o3.replicas[0]
+        .status
+        .as_mut()
+        .unwrap()
+        .peer_match
+        .insert("kv-1".into(), 20);
+    let c = reconfig(&plan("kv", &desired(1), &o3)).clone();
+    assert_eq!(c.epoch, 6);
+    assert_eq!(c.member("kv-1").map(|m| m.role), Some(Role::Voter));
+}
+
+#[test]
+fn at_most_t_replacements_in_flight() {
+    let o = Observed {
+        config: Some(config(4, "kv-0", vec![voter("kv-0")])),
+        replicas: vec![running("kv-0", 4, 20)],
+        ..Default::default()
+    };
+    // t = 3 wants 4 replicas: 3 missing, budget 3.
+    let creates = |p: &Plan| {
+        p.actions
+            .iter()
+            .filter(|a| matches!(a, Action::CreateReplica { .. }))
+            .count()
+    };
+    assert_eq!(creates(&plan("kv", &desired(3), &o)), 3);
+    let mut o2 = o.clone();
+    o2.config = Some(config(5, "kv-0", vec![voter("kv-0"), learner("kv-1"), learner("kv-2")]));
+    o2.replicas.push(running("kv-1", 5, 0));
+    o2.replicas.push(running("kv-2", 5, 0));
+    o2.replicas[0].status.as_mut().unwrap().epoch = 5;
+    assert_eq!(creates(&plan("kv", &desired(3), &o2)), 1);
+}
+
+#[test]
+fn failed_learner_is_dropped() {
+    let mut o = steady(1, 5);
+    o.config = Some(config(5, "kv-0", vec![voter("kv-0"), voter("kv-1"), learner("kv-2")]));
+    o.replicas.push(ObservedReplica {
+        health: Health::Failed { reason: "oom".into() },
+        ..running("kv-2", 5, 0)
+    });
+    let c = reconfig(&plan("kv", &desired(1), &o)).clone();
+    assert!(c.member("kv-2").is_none());
+    assert_eq!(c.voters().count(), 2);
+}
+
+#[test]
+fn raising_t_grows_and_lowering_t_shrinks() {
+    let p = plan("kv", &desired(2), &steady(1, 3));
+    assert!(p.actions.contains(&Action::CreateReplica {
+        id: "kv-2".into(),
+        machine: kv("1.0.0")
+    }));
+
+    let p = plan("kv", &desired(1), &steady(2, 3));
+    let c = reconfig(&p);
+    assert_eq!(c.voters().count(), 2);
+    assert!(c.member("kv-2").is_none(), "removes the highest non-primary ordinal");
+    assert!(
+        p.actions
+            .iter()
+            .any(|a| matches!(a, Action::DeleteReplica { id, .. } if id == "kv-2"))
+    );
+}
+
+#[test]
+fn surplus_outsider_is_deleted() {
+    let mut o = steady(1, 3);
+    o.replicas.push(running("kv-9", 0, 0));
+    let p = plan("kv", &desired(1), &o);
+    assert!(
+        p.actions
+            .iter()
+            .any(|a| matches!(a, Action::DeleteReplica { id, .. } if id == "kv-9"))
+    );
+}
+
+#[test]
+fn moved_endpoints_get_a_new_epoch_and_lagging_members_get_the_config_again() {
+    let mut o = steady(1, 3);
+    o.replicas[1].endpoint = "http://elsewhere".into();
+    let c = reconfig(&plan("kv", &desired(1), &o)).clone();
+    assert_eq!(c.member("kv-1").map(|m| m.endpoint.as_str()), Some("http://elsewhere"));
+    assert_eq!(c.epoch, 4);
+
+    let mut o = steady(1, 3);
+    o.replicas[1].status.as_mut().unwrap().epoch = 2;
+    assert_eq!(
+        plan("kv", &desired(1), &o).actions,
+        vec![Action::PushConfig { id: "kv-1".into() }]
+    );
+}
+
+#[test]
+fn paused_plans_nothing() {
+    let mut o = steady(1, 3);
+    o.replicas[1].health = Health::Failed { reason: "x".into() };
+    let d = Desired {
+        paused: true,
+        ..desired(1)
+    };
+    let p = plan("kv", &d, &o);
+    assert!(p.actions.is_empty());
+    assert!(p.conditions.paused);
+}
+
+fn rollout_at(phase: RolloutPhase, seal: Option<u64>) -> Rollout {
+    Rollout {
+        from: kv("1.0.0"),
+        to: kv("2.0.0"),
+        phase,
+        seal_index: seal,
+    }
+}
+
+fn set_rollout(p: &Plan) -> Option<Option<Rollout>> {
+    p.actions.iter().find_map(|a| match a {
+        Action::SetRollout { rollout } => Some(rollout.clone()),
+        _ => None,
+    })
+}
+
+#[test]
+fn rollout_walks_stage_seal_replace_resume() {
+    let d = Desired {
+        machine: kv("2.0.0"),
+        ..desired(1)
+    };
+    // Start: staging.
+    let o = steady(1, 3);
+    let p = plan("kv", &d, &o);
+    assert_eq!(set_rollout(&p), Some(Some(rollout_at(RolloutPhase::Staging, None))));
+    assert!(p.actions.contains(&Action::Stage { machine: kv("2.0.0") }));
+    assert!(p.conditions.progressing.is_some());
+
+    // Staging, not yet staged: keep staging. Staged: seal.
+    let mut o = steady(1, 3);
+    o.rollout = Some(rollout_at(RolloutPhase::Staging, None));
+    assert!(
+        plan("kv", &d, &o)
+            .actions
+            .contains(&Action::Stage { machine: kv("2.0.0") })
+    );
+    o.staged = true;
+    let p = plan("kv", &d, &o);
+    assert!(p.actions.contains(&Action::Seal));
+    assert_eq!(set_rollout(&p).flatten().map(|r| r.phase), Some(RolloutPhase::Sealing));
+
+    // Sealing: one voter sealed: wait. All sealed, same digest: replace all.
+    o.rollout = Some(rollout_at(RolloutPhase::Sealing, None));
+    o.replicas[0].status.as_mut().unwrap().sealed_at = Some(11);
+    o.replicas[0].status.as_mut().unwrap().sealed_digest = Some(vec![1]);
+    let p = plan("kv", &d, &o);
+    assert!(p.actions.is_empty(), "{:?}", p.actions);
+    o.replicas[1].status.as_mut().unwrap().sealed_at = Some(11);
+    o.replicas[1].status.as_mut().unwrap().sealed_digest = Some(vec![1]);
+    let p = plan("kv", &d, &o);
+    assert_eq!(
+        set_rollout(&p).flatten(),
+        Some(rollout_at(RolloutPhase::Replacing, Some(11)))
+    );
+    assert_eq!(
+        p.actions
+            .iter()
+            .filter(|a| matches!(a, Action::RestartReplica { .. }))
+            .count(),
+        2
+    );
+
+    // Replacing: one still old -> restart it; all new -> resume.
+    o.rollout = Some(rollout_at(RolloutPhase::Replacing, Some(11)));
+    o.replicas[0].machine = kv("2.0.0");
+    let p = plan("kv", &d, &o);
+    assert_eq!(
+        p.actions,
+        vec![Action::RestartReplica {
+            id: "kv-1".into(),
+            machine: kv("2.0.0")
+        }]
+    );
+    o.replicas[1].machine = kv("2.0.0");
+    let p = plan("kv", &d, &o);
+    assert!(p.actions.contains(&Action::Resume { machine: kv("2.0.0") }));
+
+    // Resuming: once unsealed, done.
+    o.rollout = Some(rollout_at(RolloutPhase::Resuming, Some(11)));
+    for r in &mut o.replicas {
+        r.status.as_mut().unwrap().sealed_at = None;
+    }
+    let p = plan("kv", &d, &o);
+    assert_eq!(set_rollout(&p), Some(None));
+    assert!(plan("kv", &d, &Observed { rollout: None, ..o }).actions.is_empty());
+}
+
+#[test]
+fn seal_with_different_snapshots_stops_the_rollout() {
+    let d = Desired {
+        machine: kv("2.0.0"),
+        ..desired(1)
+    };
+    let mut o = steady(1, 3);
+    o.rollout = Some(rollout_at(RolloutPhase::Sealing, None));
+    for (i, r) in o.replicas.iter_mut().enumerate() {
+        let s = r.status.as_mut().unwrap();
+        s.sealed_at = Some(11);
+        s.sealed_digest = Some(vec![i as u8]);
+    }
+    let p = plan("kv", &d, &o);
+    assert!(p.actions.is_empty());
+    assert!(p.conditions.degraded.unwrap().contains("DIFFERENT"));
+}
+
+#[test]
+fn interrupted_rollout_rolls_back_or_retargets() {
+    // Back to the old version while sealing: resume under the old one.
+    let mut o = steady(1, 3);
+    o.rollout = Some(rollout_at(RolloutPhase::Sealing, None));
+    let p = plan("kv", &desired(1), &o);
+    assert!(p.actions.contains(&Action::Resume { machine: kv("1.0.0") }));
+    assert_eq!(set_rollout(&p), Some(None));
+
+    // Back to the old version while replacing: the replace phase goes on towards 1.0.0.
+    o.rollout = Some(rollout_at(RolloutPhase::Replacing, Some(11)));
+    let p = plan("kv", &desired(1), &o);
+    assert_eq!(set_rollout(&p).flatten().map(|r| r.to), Some(kv("1.0.0")));
+
+    // A failure during a rollout is fenced first.
+    let mut o = steady(1, 3);
+    o.rollout = Some(rollout_at(RolloutPhase::Sealing, None));
+    o.replicas[1].health = Health::Failed {
+        reason: "killed".into(),
+    };
+    let d = Desired {
+        machine: kv("2.0.0"),
+        ..desired(1)
+    };
+    assert!(reconfig(&plan("kv", &d, &o)).member("kv-1").is_none());
+}
+
+#[test]
+fn no_rollout_while_repairing() {
+    let d = Desired {
+        machine: kv("2.0.0"),
+        ..desired(1)
+    };
+    let o = Observed {
+        config: Some(config(4, "kv-0", vec![voter("kv-0")])),
+        replicas: vec![running("kv-0", 4, 20)],
+        ..Default::default()
+    };
+    let p = plan("kv", &d, &o);
+    assert!(set_rollout(&p).is_none());
+    assert!(p.actions.iter().any(|a| matches!(a, Action::CreateReplica { .. })));
+}
