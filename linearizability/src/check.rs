@@ -1,0 +1,753 @@
+//! The checker: Wing & Gong's backtracking search with Lowe's memoisation, as done by
+//! Porcupine, specialised to a key-value map. See `docs/linearizability.md`.
+//!
+//! Outline, per key (all operations are single-key, so a history is linearizable iff
+//! every per-key sub-history is: P-compositionality):
+//!
+//! 1. Operations become abstract steps on a single register whose values are interned to
+//!    `u32`. Every `ok` operation is `expect → next` (it is legal iff the register holds
+//!    `expect`, and leaves `next`); unknown operations are `set next` or `cas old new`
+//!    and are always legal. Values that no operation ever compares against the register
+//!    are indistinguishable and share one id, which keeps the memo cache small.
+//! 2. Call and return events go into a doubly-linked list sorted by time (calls before
+//!    returns at equal times). Unknown operations have no return event (it is at
+//!    +infinity), and the search is done once every `ok` operation is linearized, so an
+//!    unknown operation may take effect anywhere after its call, or never.
+//! 3. Depth-first search: the operations that may be linearized next are the calls
+//!    before the first return in the list. Linearizing one unlinks its events
+//!    ("lift"); backtracking relinks them. A configuration (set of linearized operations
+//!    as a bitset, register value) is searched at most once (the memo cache).
+//! 4. Pruning that keeps completeness: an `ok` operation that is legal now and does not
+//!    change the value (a read, a failed cas, ...) is linearized at once without
+//!    branching (moving it earlier never invalidates a linearization); an unknown
+//!    operation that would not change the value is not tried; identical unknown
+//!    operations are tried in call order only; `ok` candidates are tried before unknown
+//!    ones.
+
+use crate::history::{HistoryEntry, OpKind, Outcome, Output};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::hash::{BuildHasherDefault, Hasher};
+
+/// Search budget. Each limit applies to each key separately.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CheckLimits {
+    /// Maximum number of linearization attempts for one key.
+    pub max_steps: u64,
+    /// Maximum number of memoised configurations kept for one key (bounds memory).
+    pub max_cache_entries: usize,
+}
+
+impl Default for CheckLimits {
+    fn default() -> Self {
+        CheckLimits {
+            max_steps: 50_000_000,
+            max_cache_entries: 10_000_000,
+        }
+    }
+}
+
+impl CheckLimits {
+    /// No budget at all: the search runs to the end, however long that takes.
+    pub fn unlimited() -> Self {
+        CheckLimits {
+            max_steps: u64::MAX,
+            max_cache_entries: usize::MAX,
+        }
+    }
+}
+
+/// The verdict on a history.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CheckResult {
+    /// Every key's sub-history has a linearization. `ops` counts the entries checked
+    /// (`ok` and `unknown`; `fail` entries are dropped), `keys` the distinct keys.
+    Linearizable { ops: usize, keys: usize },
+    /// No linearization exists for `key`; `explanation` shows the ops around the point
+    /// where the longest linearization found got stuck.
+    NotLinearizable { key: String, explanation: String },
+    /// The search budget ran out (or the history is malformed) before a verdict.
+    Inconclusive { reason: String },
+}
+
+impl CheckResult {
+    pub fn is_linearizable(&self) -> bool {
+        matches!(self, CheckResult::Linearizable { .. })
+    }
+}
+
+impl fmt::Display for CheckResult {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CheckResult::Linearizable { ops, keys } => {
+                write!(f, "linearizable ({ops} ops on {keys} keys)")
+            }
+            CheckResult::NotLinearizable { key, explanation } => {
+                write!(f, "NOT linearizable: key {key:?}\n{explanation}")
+            }
+            CheckResult::Inconclusive { reason } => write!(f, "inconclusive: {reason}"),
+        }
+    }
+}
+
+// ------------------------------------------------------------------ hashing
+
+/// FxHash: the memo cache hashes many short `u64` slices; SipHash would dominate.
+#[derive(Default, Clone, Copy)]
+struct FxHasher(u64);
+
+impl Hasher for FxHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut buf = [0u8; 8];
+            buf[..chunk.len()].copy_from_slice(chunk);
+            self.write_u64(u64::from_le_bytes(buf));
+        }
+    }
+    fn write_u64(&mut self, i: u64) {
+        self.0 = (self.0.rotate_left(5) ^ i).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+    fn write_usize(&mut self, i: usize) {
+        self.write_u64(i as u64);
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type FxBuild = BuildHasherDefault<FxHasher>;
+
+// ------------------------------------------------------------------ the model
+
+/// Interned value id shared by every value that nothing ever compares against.
+const UNOBSERVED: u32 = 0;
+const NIL: u32 = u32::MAX;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Step {
+    /// An `ok` op: legal iff the register holds `expect`; leaves `next`.
+    Ok { expect: u32, next: u32 },
+    /// An unknown put/delete: always legal, leaves `next`.
+    Set { next: u32 },
+    /// An unknown cas: always legal.
+    Cas { old: u32, new: u32 },
+}
+
+impl Step {
+    /// The register value after the step, or `None` if it is not legal in `state`.
+    #[inline]
+    fn apply(self, state: u32) -> Option<u32> {
+        match self {
+            Step::Ok { expect, next } => (state == expect).then_some(next),
+            Step::Set { next } => Some(next),
+            Step::Cas { old, new } => Some(if state == old { new } else { state }),
+        }
+    }
+}
+
+struct Op {
+    /// Index of the entry in the input history.
+    entry: usize,
+    call: u64,
+    /// `None` for unknown ops.
+    ret: Option<u64>,
+    step: Step,
+    /// For unknown ops: the previous (earlier call) unknown op with the same step, which
+    /// must be linearized before this one may be (symmetry reduction).
+    twin_before: Option<u32>,
+    call_node: u32,
+    ret_node: u32,
+}
+
+impl Op {
+    fn is_ok(&self) -> bool {
+        self.ret.is_some()
+    }
+}
+
+/// The expected/resulting concrete values of an ok entry: `(expect, next)`, or an error
+/// when the output contradicts itself.
+fn ok_transition(e: &HistoryEntry) -> Result<(Option<String>, Option<String>), String> {
+    let out = e.decode_output()?;
+    match (e.op, out) {
+        (OpKind::Get, Output::Get { value }) => Ok((value.clone(), value)),
+        (OpKind::Put, Output::Previous { previous }) => Ok((previous, e.value.clone())),
+        (OpKind::Delete, Output::Previous { previous }) => Ok((previous, None)),
+        (OpKind::Cas, Output::Cas { swapped: true, current }) => {
+            if current != e.new {
+                Err(format!(
+                    "cas reports swapped but its current value {} is not its new value {}",
+                    show(&current),
+                    show(&e.new)
+                ))
+            } else {
+                Ok((e.old.clone(), e.new.clone()))
+            }
+        }
+        (OpKind::Cas, Output::Cas { swapped: false, current }) => {
+            if current == e.old {
+                Err(format!(
+                    "cas reports not swapped although the current value {} equals its old value",
+                    show(&current)
+                ))
+            } else {
+                Ok((current.clone(), current))
+            }
+        }
+        _ => Err("output does not match the op".to_string()),
+    }
+}
+
+fn show(v: &Option<String>) -> String {
+    match v {
+        None => "null".to_string(),
+        Some(s) => format!("{s:?}"),
+    }
+}
+
+/// One line describing an entry, for explanations.
+fn describe(idx: usize, e: &HistoryEntry) -> String {
+    let what = match e.op {
+        OpKind::Get => "get".to_string(),
+        OpKind::Put => format!("put {}", show(&e.value)),
+        OpKind::Delete => "delete".to_string(),
+        OpKind::Cas => format!("cas {} -> {}", show(&e.old), show(&e.new)),
+    };
+    let result = match (e.result, e.decode_output()) {
+        (Outcome::Ok, Ok(Output::Get { value })) => format!(" => {}", show(&value)),
+        (Outcome::Ok, Ok(Output::Previous { previous })) => {
+            format!(" => previous {}", show(&previous))
+        }
+        (Outcome::Ok, Ok(Output::Cas { swapped, current })) => format!(
+            " => {}, current {}",
+            if swapped { "swapped" } else { "not swapped" },
+            show(&current)
+        ),
+        (Outcome::Ok, Err(_)) => " => (bad output)".to_string(),
+        (Outcome::Unknown, _) => " => unknown".to_string(),
+        (Outcome::Fail, _) => " => fail".to_string(),
+    };
+    let ret = match (e.result, e.ret) {
+        (Outcome::Ok, Some(r)) => r.to_string(),
+        _ => "never".to_string(),
+    };
+    format!(
+        "#{} {}: {} {:?}{}  [call {}, return {}]",
+        idx + 1,
+        e.client,
+        what,
+        e.key,
+        result,
+        e.call,
+        ret
+    )
+}
+
+// ------------------------------------------------------------------ per-key search
+
+enum KeyVerdict {
+    Linearizable,
+    NotLinearizable(String),
+    Inconclusive(String),
+}
+
+struct KeyChecker<'h> {
+    history: &'h [HistoryEntry],
+    key: &'h str,
+    ops: Vec<Op>,
+    n_ok: usize,
+    init: u32,
+    // the event list: node 0 is the head sentinel, the last node the tail sentinel
+    node_op: Vec<u32>,
+    node_is_ret: Vec<bool>,
+    next: Vec<u32>,
+    prev: Vec<u32>,
+}
+
+impl<'h> KeyChecker<'h> {
+    /// Builds the abstract ops for the entries `idxs` (all on `key`, none `fail`).
+    fn new(history: &'h [HistoryEntry], key: &'h str, idxs: &[usize]) -> Result<Self, String> {
+        // 1. concrete transitions
+        struct Pre {
+            entry: usize,
+            ok: Option<(Option<String>, Option<String>)>,
+        }
+        let mut pre = Vec::with_capacity(idxs.len());
+        for &i in idxs {
+            let e = &history[i];
+            match e.result {
+                Outcome::Ok => {
+                    let t = ok_transition(e).map_err(|why| {
+                        format!("{}\n  its output is impossible: {why}", describe(i, e))
+                    })?;
+                    pre.push(Pre {
+                        entry: i,
+                        ok: Some(t),
+                    });
+                }
+                // an unanswered read constrains nothing
+                Outcome::Unknown if e.op == OpKind::Get => {}
+                Outcome::Unknown => pre.push(Pre { entry: i, ok: None }),
+                Outcome::Fail => {}
+            }
+        }
+
+        // 2. intern the values that are ever compared against the register
+        let mut ids: HashMap<Option<String>, u32> = HashMap::new();
+        let mut intern = |v: &Option<String>| {
+            let n = ids.len() as u32 + 1;
+            *ids.entry(v.clone()).or_insert(n)
+        };
+        for p in &pre {
+            match &p.ok {
+                Some((expect, _)) => {
+                    intern(expect);
+                }
+                None => {
+                    let e = &history[p.entry];
+                    if e.op == OpKind::Cas {
+                        intern(&e.old);
+                    }
+                }
+            }
+        }
+        let id = |v: &Option<String>| ids.get(v).copied().unwrap_or(UNOBSERVED);
+
+        // 3. abstract ops: ok ops by call time, then unknown ops by call time
+        let mut ops: Vec<Op> = pre
+            .iter()
+            .map(|p| {
+                let e = &history[p.entry];
+                let step = match &p.ok {
+                    Some((expect, next)) => Step::Ok {
+                        expect: id(expect),
+                        next: id(next),
+                    },
+                    None => match e.op {
+                        OpKind::Put => Step::Set { next: id(&e.value) },
+                        OpKind::Delete => Step::Set { next: id(&None) },
+                        OpKind::Cas => Step::Cas {
+                            old: id(&e.old),
+                            new: id(&e.new),
+                        },
+                        OpKind::Get => unreachable!("unknown gets are dropped"),
+                    },
+                };
+                Op {
+                    entry: p.entry,
+                    call: e.call,
+                    ret: if p.ok.is_some() { e.ret } else { None },
+                    step,
+                    twin_before: None,
+                    call_node: NIL,
+                    ret_node: NIL,
+                }
+            })
+            .collect();
+        ops.sort_by_key(|o| (!o.is_ok(), o.call, o.entry));
+        let n_ok = ops.iter().filter(|o| o.is_ok()).count();
+
+        // symmetry: identical unknown ops are interchangeable, so only linearize them in
+        // call order
+        let mut last_twin: HashMap<Step, u32> = HashMap::new();
+        for (i, op) in ops.iter_mut().enumerate().skip(n_ok) {
+            op.twin_before = last_twin.insert(op.step, i as u32);
+        }
+
+        // 4. the event list
+        let mut events: Vec<(u64, bool, u32)> = Vec::with_capacity(2 * ops.len());
+        for (i, op) in ops.iter().enumerate() {
+            events.push((op.call, false, i as u32));
+            if let Some(r) = op.ret {
+                events.push((r, true, i as u32));
+            }
+        }
+        // calls before returns at equal times: such ops count as concurrent
+        events.sort_unstable();
+        let n_nodes = events.len() + 2;
+        let mut node_op = vec![NIL; n_nodes];
+        let mut node_is_ret = vec![false; n_nodes];
+        let next: Vec<u32> = (1..=n_nodes as u32).collect();
+        let prev: Vec<u32> = (0..n_nodes as u32).map(|i| i.wrapping_sub(1)).collect();
+        for (k, &(_, is_ret, op)) in events.iter().enumerate() {
+            let node = k as u32 + 1;
+            node_op[node as usize] = op;
+            node_is_ret[node as usize] = is_ret;
+            if is_ret {
+                ops[op as usize].ret_node = node;
+            } else {
+                ops[op as usize].call_node = node;
+            }
+        }
+        // the tail sentinel counts as a return: it ends every scan
+        node_is_ret[n_nodes - 1] = true;
+
+        let init = id(&None);
+        Ok(KeyChecker {
+            history,
+            key,
+            ops,
+            n_ok,
+            init,
+            node_op,
+            node_is_ret,
+            next,
+            prev,
+        })
+    }
+
+    #[inline]
+    fn unlink(&mut self, x: u32) {
+        let (p, n) = (self.prev[x as usize], self.next[x as usize]);
+        self.next[p as usize] = n;
+        self.prev[n as usize] = p;
+    }
+
+    #[inline]
+    fn relink(&mut self, x: u32) {
+        let (p, n) = (self.prev[x as usize], self.next[x as usize]);
+        self.next[p as usize] = x;
+        self.prev[n as usize] = x;
+    }
+
+    fn lift(&mut self, op: u32) {
+        let (c, r) = (self.ops[op as usize].call_node, self.ops[op as usize].ret_node);
+        self.unlink(c);
+        if r != NIL {
+            self.unlink(r);
+        }
+    }
+
+    fn unlift(&mut self, op: u32) {
+        let (c, r) = (self.ops[op as usize].call_node, self.ops[op as usize].ret_node);
+        if r != NIL {
+            self.relink(r);
+        }
+        self.relink(c);
+    }
+
+    fn run(&mut self, limits: CheckLimits) -> KeyVerdict {
+        let n = self.ops.len();
+        let words = n.div_ceil(64).max(1);
+        let mut bits = vec![0u64; words];
+        let mut cache: HashSet<Box<[u64]>, FxBuild> = HashSet::default();
+        let mut key_buf: Vec<u64> = Vec::new();
+
+        struct Frame {
+            /// candidates are `cands[start..end]`, the next to try at `cursor`
+            start: usize,
+            end: usize,
+            cursor: usize,
+            state: u32,
+            applied: u32,
+        }
+        let mut frames: Vec<Frame> = Vec::new();
+        let mut cands: Vec<(u32, u32)> = Vec::new();
+        let mut path: Vec<u32> = Vec::new();
+        let mut best_path: Vec<u32> = Vec::new();
+        let mut best_ok = 0usize;
+
+        let mut state = self.init;
+        let mut remaining_ok = self.n_ok;
+        let mut steps: u64 = 0;
+
+        'enter: loop {
+            if remaining_ok == 0 {
+                return KeyVerdict::Linearizable;
+            }
+            // candidates: the calls before the first return
+            let start = cands.len();
+            let mut forced = None;
+            let mut node = self.next[0];
+            while !self.node_is_ret[node as usize] {
+                let op_id = self.node_op[node as usize];
+                let op = &self.ops[op_id as usize];
+                if let Some(ns) = op.step.apply(state) {
+                    if op.is_ok() {
+                        if ns == state {
+                            forced = Some((op_id, ns));
+                            break;
+                        }
+                        cands.push((op_id, ns));
+                    } else if ns != state
+                        && op
+                            .twin_before
+                            .is_none_or(|t| bits[t as usize / 64] & (1 << (t % 64)) != 0)
+                    {
+                        cands.push((op_id, ns));
+                    }
+                }
+                node = self.next[node as usize];
+            }
+            if let Some(f) = forced {
+                cands.truncate(start);
+                cands.push(f);
+            } else {
+                // ok ops first: unknown ops are only needed when an ok op needs their value
+                cands[start..].sort_by_key(|&(op, _)| (op as usize) >= self.n_ok);
+            }
+            frames.push(Frame {
+                start,
+                end: cands.len(),
+                cursor: start,
+                state,
+                applied: NIL,
+            });
+
+            loop {
+                let Some(f) = frames.last_mut() else {
+                    return KeyVerdict::NotLinearizable(self.explain(&best_path));
+                };
+                if f.cursor < f.end {
+                    let (op, ns) = cands[f.cursor];
+                    f.cursor += 1;
+                    steps += 1;
+                    if steps > limits.max_steps {
+                        return KeyVerdict::Inconclusive(format!(
+                            "key {:?}: search budget of {} steps exhausted ({} ops, at most {} of {} completed ops linearized)",
+                            self.key, limits.max_steps, n, best_ok, self.n_ok
+                        ));
+                    }
+                    let (w, b) = (op as usize / 64, 1u64 << (op % 64));
+                    bits[w] |= b;
+                    compress(&bits, ns, &mut key_buf);
+                    if cache.contains(key_buf.as_slice()) {
+                        bits[w] &= !b;
+                        continue;
+                    }
+                    if cache.len() >= limits.max_cache_entries {
+                        return KeyVerdict::Inconclusive(format!(
+                            "key {:?}: memo cache limit of {} configurations reached ({} ops, at most {} of {} completed ops linearized)",
+                            self.key, limits.max_cache_entries, n, best_ok, self.n_ok
+                        ));
+                    }
+                    cache.insert(key_buf.clone().into_boxed_slice());
+                    f.applied = op;
+                    self.lift(op);
+                    path.push(op);
+                    state = ns;
+                    if (op as usize) < self.n_ok {
+                        remaining_ok -= 1;
+                        if self.n_ok - remaining_ok > best_ok {
+                            best_ok = self.n_ok - remaining_ok;
+                            best_path.clone_from(&path);
+                        }
+                    }
+                    continue 'enter;
+                }
+                // this configuration is a dead end: undo the step that led to it
+                let f = frames.pop().expect("frame");
+                cands.truncate(f.start);
+                let Some(parent) = frames.last_mut() else {
+                    return KeyVerdict::NotLinearizable(self.explain(&best_path));
+                };
+                let op = parent.applied;
+                parent.applied = NIL;
+                self.unlift(op);
+                bits[op as usize / 64] &= !(1u64 << (op % 64));
+                // (`state` is set again from the next candidate's result)
+                path.pop();
+                if (op as usize) < self.n_ok {
+                    remaining_ok += 1;
+                }
+            }
+        }
+    }
+
+    /// Human-readable account of where the longest linearization found got stuck.
+    fn explain(&self, best_path: &[u32]) -> String {
+        let h = self.history;
+        let mut out = String::new();
+        let total_ok = self.n_ok;
+        let n_unknown = self.ops.len() - self.n_ok;
+        // replay the prefix with concrete values
+        let mut value: Option<String> = None;
+        let mut done = vec![false; self.ops.len()];
+        for &op in best_path {
+            let e = &h[self.ops[op as usize].entry];
+            done[op as usize] = true;
+            value = match e.op {
+                OpKind::Get => value,
+                OpKind::Put => e.value.clone(),
+                OpKind::Delete => None,
+                OpKind::Cas => {
+                    if e.result == Outcome::Ok {
+                        match e.decode_output() {
+                            Ok(Output::Cas { current, .. }) => current,
+                            _ => value,
+                        }
+                    } else if value == e.old {
+                        e.new.clone()
+                    } else {
+                        value
+                    }
+                }
+            };
+        }
+        let linearized_ok = best_path
+            .iter()
+            .filter(|&&o| (o as usize) < self.n_ok)
+            .count();
+        out.push_str(&format!(
+            "no linearization exists for the {total_ok} completed and {n_unknown} unknown-outcome ops on this key.\n"
+        ));
+        if best_path.is_empty() {
+            out.push_str("Not even the first op can be linearized; the key starts absent (null).\n");
+        } else {
+            out.push_str(&format!(
+                "The longest linearization found covers {linearized_ok} of the {total_ok} completed ops; it ends with:\n"
+            ));
+            let tail = best_path.len().saturating_sub(6);
+            if tail > 0 {
+                out.push_str(&format!("  ... ({tail} earlier ops)\n"));
+            }
+            for &op in &best_path[tail..] {
+                let i = self.ops[op as usize].entry;
+                out.push_str(&format!("  {}\n", describe(i, &h[i])));
+            }
+            out.push_str(&format!("after which the key holds {}.\n", show(&value)));
+        }
+        // the completed op that must be linearized first: earliest return
+        let Some(blocker) = (0..self.n_ok)
+            .filter(|&o| !done[o])
+            .min_by_key(|&o| (self.ops[o].ret, self.ops[o].call))
+        else {
+            return out;
+        };
+        let b = &self.ops[blocker];
+        let b_ret = b.ret.unwrap_or(u64::MAX);
+        out.push_str(&format!(
+            "Next, {} must take effect before it returns at {}, but none of the ops that may go first fits:\n",
+            describe(b.entry, &h[b.entry]),
+            b_ret
+        ));
+        let mut pending: Vec<usize> = (0..self.ops.len())
+            .filter(|&o| !done[o] && self.ops[o].call <= b_ret)
+            .collect();
+        pending.sort_by_key(|&o| (self.ops[o].call, o));
+        let shown = pending.len().min(12);
+        for &o in &pending[..shown] {
+            let op = &self.ops[o];
+            let e = &h[op.entry];
+            let why = if op.is_ok() {
+                match ok_transition(e) {
+                    Ok((expect, _)) if expect != value => {
+                        format!("needs the key to hold {}", show(&expect))
+                    }
+                    Ok(_) => "fits, but nothing can follow it".to_string(),
+                    Err(why) => why,
+                }
+            } else {
+                "unknown outcome: taking effect here leads nowhere either".to_string()
+            };
+            out.push_str(&format!("  {}\n      {}\n", describe(op.entry, e), why));
+        }
+        if pending.len() > shown {
+            out.push_str(&format!("  ... and {} more concurrent ops\n", pending.len() - shown));
+        }
+        out
+    }
+}
+
+/// The memo key of a configuration: `[state, leading all-ones words, (index, word)*]` for
+/// the non-zero words after them. Operations are numbered in call order, so the
+/// linearized set is mostly a run of ones followed by a short window: this keeps keys
+/// short on long histories.
+fn compress(bits: &[u64], state: u32, out: &mut Vec<u64>) {
+    out.clear();
+    out.push(state as u64);
+    let lead = bits.iter().take_while(|&&w| w == u64::MAX).count();
+    out.push(lead as u64);
+    for (i, &w) in bits.iter().enumerate().skip(lead) {
+        if w != 0 {
+            out.push(i as u64);
+            out.push(w);
+        }
+    }
+}
+
+// ------------------------------------------------------------------ entry point
+
+/// Checks a key-value history for linearizability (see the crate docs for the format
+/// and the machine's semantics). Keys are checked independently, in parallel.
+pub fn check_kv(history: &[HistoryEntry], limits: CheckLimits) -> CheckResult {
+    let mut by_key: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+    let mut ops = 0;
+    for (i, e) in history.iter().enumerate() {
+        if e.result == Outcome::Fail {
+            continue;
+        }
+        if let Err(reason) = e.validate() {
+            return CheckResult::Inconclusive {
+                reason: format!("invalid history entry #{}: {reason}", i + 1),
+            };
+        }
+        ops += 1;
+        by_key.entry(e.key.as_str()).or_default().push(i);
+    }
+    let keys: Vec<(&str, Vec<usize>)> = by_key.into_iter().collect();
+    let check_one = |(key, idxs): &(&str, Vec<usize>)| -> KeyVerdict {
+        match KeyChecker::new(history, key, idxs) {
+            Ok(mut kc) => kc.run(limits),
+            Err(explanation) => KeyVerdict::NotLinearizable(explanation),
+        }
+    };
+
+    let workers = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(keys.len())
+        .min(16);
+    let verdicts: Vec<KeyVerdict> = if workers <= 1 {
+        keys.iter().map(check_one).collect()
+    } else {
+        use std::sync::Mutex;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let next = AtomicUsize::new(0);
+        let slots: Mutex<Vec<Option<KeyVerdict>>> =
+            Mutex::new((0..keys.len()).map(|_| None).collect());
+        std::thread::scope(|s| {
+            for _ in 0..workers {
+                s.spawn(|| {
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= keys.len() {
+                            break;
+                        }
+                        let v = check_one(&keys[i]);
+                        slots.lock().expect("no panics while locked")[i] = Some(v);
+                    }
+                });
+            }
+        });
+        slots
+            .into_inner()
+            .expect("no panics while locked")
+            .into_iter()
+            .map(|v| v.expect("every key checked"))
+            .collect()
+    };
+
+    let mut inconclusive = None;
+    for ((key, _), v) in keys.iter().zip(verdicts) {
+        match v {
+            KeyVerdict::Linearizable => {}
+            KeyVerdict::NotLinearizable(explanation) => {
+                return CheckResult::NotLinearizable {
+                    key: key.to_string(),
+                    explanation,
+                };
+            }
+            KeyVerdict::Inconclusive(reason) => {
+                inconclusive.get_or_insert(reason);
+            }
+        }
+    }
+    match inconclusive {
+        Some(reason) => CheckResult::Inconclusive { reason },
+        None => CheckResult::Linearizable {
+            ops,
+            keys: keys.len(),
+        },
+    }
+}
