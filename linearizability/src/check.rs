@@ -438,7 +438,6 @@ impl<'h> KeyChecker<'h> {
             start: usize,
             end: usize,
             cursor: usize,
-            state: u32,
             applied: u32,
         }
         let mut frames: Vec<Frame> = Vec::new();
@@ -490,7 +489,6 @@ impl<'h> KeyChecker<'h> {
                 start,
                 end: cands.len(),
                 cursor: start,
-                state,
                 applied: NIL,
             });
 
