@@ -1,2 +1,227 @@
 //! lockstep replica runtime.
+//!
+//! A replica runs one deterministic [`StateMachine`](machine::StateMachine) and keeps it
+//! identical to the other replicas of its cluster. Fail-stop mode (n = t + 1): primary-backup
+//! with write-all acknowledgement and epoch fencing — see `docs/fail-stop-replication.md`.
+//!
+//! Build your own replica binary with your own machine by calling [`main_with`]; see
+//! `replica/examples/custom_machine.rs`.
+
+pub mod http;
+pub mod machine;
+pub mod metrics;
+pub mod node;
+pub mod peers;
+pub mod runtime;
+pub mod server;
 pub mod storage;
+pub mod writer;
+
+use anyhow::Context;
+use machine::MachineFactory;
+use node::{Node, Shared};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Weak};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum FailureModel {
+    #[value(name = "FailStop")]
+    FailStop,
+    #[value(name = "Byzantine")]
+    Byzantine,
+}
+
+/// Command-line flags of a replica (shared by `lockstep-replica` and `lockstep replica`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct ReplicaArgs {
+    /// Stable replica id (a pod name, or `{cluster}-{n}` locally).
+    #[arg(long, env = "LOCKSTEP_REPLICA_ID")]
+    pub id: String,
+    /// gRPC address (client, peer and admin APIs). Port 0 picks a free port.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub listen: SocketAddr,
+    /// HTTP address for /healthz, /readyz and /metrics. Port 0 picks a free port.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub http: SocketAddr,
+    /// Where the log, snapshots and configuration live.
+    #[arg(long)]
+    pub data_dir: PathBuf,
+    /// Which state machine to run.
+    #[arg(long, default_value = "kv")]
+    pub machine: String,
+    #[arg(long, value_enum, default_value = "FailStop")]
+    pub failure_model: FailureModel,
+    /// Skip fsync (benchmarks only: a crash may lose acknowledged writes).
+    #[arg(long)]
+    pub no_fsync: bool,
+    /// Take a snapshot (and compact the log) every this many applied entries.
+    #[arg(long, default_value_t = 10_000)]
+    pub snapshot_every: u64,
+    /// Log as JSON lines instead of text.
+    #[arg(long)]
+    pub log_json: bool,
+}
+
+/// Addresses a replica actually bound, written to `<data-dir>/listening.json`.
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone)]
+pub struct Listening {
+    pub id: String,
+    pub grpc: SocketAddr,
+    pub http: SocketAddr,
+    pub pid: u32,
+}
+
+pub const LISTENING_FILE: &str = "listening.json";
+
+pub fn init_tracing(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,h2=warn,tower=warn,hyper=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = if json { builder.json().try_init() } else { builder.try_init() };
+}
+
+/// Entry point of a replica binary that offers `machines`.
+pub fn main_with(args: ReplicaArgs, machines: &[(&str, MachineFactory)]) -> anyhow::Result<()> {
+    init_tracing(args.log_json);
+    let factory = machines.iter().find(|(n, _)| *n == args.machine).map(|(_, f)| *f).with_context(|| {
+        format!(
+            "unknown machine '{}'; this replica binary offers: {}",
+            args.machine,
+            machines.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+        )
+    })?;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(run(args, factory))
+}
+
+/// The built-in machines.
+pub fn builtin_machines() -> Vec<(&'static str, MachineFactory)> {
+    machine::BUILTIN_NAMES.iter().filter_map(|n| machine::builtin(n).map(|f| (*n, f))).collect()
+}
+
+pub async fn run(args: ReplicaArgs, factory: MachineFactory) -> anyhow::Result<()> {
+    if args.failure_model == FailureModel::Byzantine {
+        anyhow::bail!(
+            "failure model Byzantine is not available in this version of lockstep-replica: it runs FailStop \
+             (t+1 replicas, primary-backup) only. Byzantine mode (2t+1 replicas, signed requests, voted outputs) \
+             is planned; see docs/fail-stop-replication.md"
+        );
+    }
+    let opts = storage::StorageOptions { fsync: !args.no_fsync, ..Default::default() };
+    let (mut storage, recovered) = storage::Storage::open(&args.data_dir, opts)
+        .with_context(|| format!("cannot open data dir {}", args.data_dir.display()))?;
+    match &recovered.identity {
+        Some(id) if *id != args.id => anyhow::bail!(
+            "data dir {} belongs to replica '{id}', not '{}'",
+            args.data_dir.display(),
+            args.id
+        ),
+        Some(_) => {}
+        None => storage.save_identity(&args.id)?,
+    }
+    let mut node = Node::new(args.id.clone(), runtime::Runtime::new(factory()), args.snapshot_every, !args.no_fsync);
+    let recovered_entries = recovered.entries.len();
+    node.recover(recovered.config, recovered.snapshot, recovered.entries)?;
+    tracing::info!(
+        id = %args.id, epoch = node.epoch, role = node.role.as_str(), applied = node.applied_index,
+        log_entries = recovered_entries, machine = %format!("{} {}", node.identity.name, node.identity.version),
+        "recovered from disk"
+    );
+    let is_primary = node.role == node::Role::Primary;
+
+    let (changed, _) = tokio::sync::watch::channel(0u64);
+    let (applied_tx, _) = tokio::sync::broadcast::channel(4096);
+    let shared = Arc::new_cyclic(|weak: &Weak<Shared>| {
+        let weak = weak.clone();
+        let writer = writer::spawn(
+            storage,
+            Box::new(move |durable, written, took| {
+                let Some(shared) = weak.upgrade() else { return };
+                if written > 0 {
+                    shared.metrics.fsyncs.inc();
+                    shared.metrics.fsync_seconds.observe(took.as_secs_f64());
+                    shared.metrics.entries_per_fsync.observe(written as f64);
+                }
+                let ops = {
+                    let mut node = shared.lock();
+                    node.on_durable(durable);
+                    node.apply_committed(&shared.applied_tx)
+                };
+                shared.writer.send_all(ops);
+                shared.after_change();
+            }),
+        );
+        Shared { node: std::sync::Mutex::new(node), changed, applied_tx, writer, metrics: Default::default() }
+    });
+    if is_primary {
+        peers::start(&shared);
+    }
+    shared.after_change();
+
+    let grpc = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let http = tokio::net::TcpListener::bind(args.http)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.http))?;
+    let listening = Listening { id: args.id.clone(), grpc: grpc.local_addr()?, http: http.local_addr()?, pid: std::process::id() };
+    write_atomically(&args.data_dir.join(LISTENING_FILE), &serde_json::to_vec(&listening)?)?;
+    tracing::info!(grpc = %listening.grpc, http = %listening.http, "listening");
+
+    let services = server::Services { shared: shared.clone() };
+    let max = lockstep_proto::MAX_MESSAGE_BYTES;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let grpc_server = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(lockstep_proto::client_server::ClientServer::new(services.clone()).max_decoding_message_size(max))
+        .add_service(lockstep_proto::peer_server::PeerServer::new(services.clone()).max_decoding_message_size(max))
+        .add_service(lockstep_proto::admin_server::AdminServer::new(services.clone()).max_decoding_message_size(max))
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(grpc), wait_stop(stop_rx.clone()));
+    let http_server =
+        axum::serve(http, http::router(shared.clone())).with_graceful_shutdown(wait_stop(stop_rx.clone()));
+    let grpc_task = tokio::spawn(grpc_server);
+    let http_task = tokio::spawn(async move { http_server.await });
+
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    let _ = stop_tx.send(true);
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        let _ = grpc_task.await;
+        let _ = http_task.await;
+    })
+    .await;
+    let _ = shared.writer.barrier().await;
+    Ok(())
+}
+
+async fn wait_stop(mut rx: tokio::sync::watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).ok();
+    let term_fut = async {
+        match term.as_mut() {
+            Some(t) => {
+                t.recv().await;
+            }
+            None => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term_fut => {}
+    }
+}
+
+/// Write a small file atomically (tmp + fsync + rename).
+pub fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}

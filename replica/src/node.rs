@@ -1,0 +1,890 @@
+//! One replica's replication state and the fail-stop protocol (primary-backup, write-all).
+//!
+//! The primary of an epoch orders commands into the log, sends every entry to all members
+//! (voters and learners) and acknowledges a command only when every *voter* holds it durably
+//! and it has been applied. Any surviving voter therefore holds every acknowledged write.
+//! Configurations come from the master (admin `Reconfigure`) and carry an epoch; every peer
+//! message carries the sender's epoch, and a replica refuses anything from a lower one.
+//! A primary that learns of a higher epoch steps down at once (it is *fenced*); linearizable
+//! reads need a round of acknowledgements from every voter at the primary's epoch, so a
+//! fenced primary cannot serve a stale read either.
+//!
+//! All state sits in [`Node`] behind one short-held mutex; the I/O around it (gRPC servers,
+//! per-peer replication tasks, the storage thread) lives in `server.rs`, `peers.rs` and
+//! `writer.rs`.
+
+use crate::metrics::Metrics;
+use crate::runtime::{Runtime, digest};
+use crate::writer::{StorageOp, WriterHandle};
+use lockstep_proto::{
+    AppendRequest, AppendResponse, AppliedEntry, Command, Configuration, InstallSnapshotRequest, LogEntry,
+    MachineIdentity, MemberRole, Noop, PeerProgress, ReadResponse, Resume, SealBarrier, Snapshot, StatusResponse,
+    log_entry::Body,
+};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+use tokio::sync::{broadcast, oneshot, watch};
+use tonic::{Code, Status};
+
+/// Largest command payload accepted (bigger ones get INVALID_ARGUMENT).
+pub const MAX_COMMAND_BYTES: usize = 1024 * 1024;
+/// Entries kept in memory below the latest snapshot, so a peer slightly behind needs no
+/// full state transfer.
+const LOG_TAIL_KEEP: u64 = 1024;
+/// Most entries sent in one Append.
+pub const MAX_APPEND_ENTRIES: usize = 4096;
+/// Outputs kept for `Watch { from_index }` replays.
+const WATCH_REPLAY: usize = 10_000;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Unconfigured,
+    Primary,
+    Backup,
+    Learner,
+    /// Not a member of the newest configuration it knows (fenced for good).
+    Removed,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Unconfigured => "unconfigured",
+            Role::Primary => "primary",
+            Role::Backup => "backup",
+            Role::Learner => "learner",
+            Role::Removed => "removed",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct PeerState {
+    pub endpoint: String,
+    pub voter: bool,
+    pub match_index: u64,
+    pub next_index: u64,
+    /// Highest read round this peer acknowledged at our epoch.
+    pub acked_round: u64,
+    pub reachable: bool,
+}
+
+struct PendingRead {
+    round: u64,
+    index: u64,
+    query: Vec<u8>,
+    reply: oneshot::Sender<Result<ReadResponse, Status>>,
+}
+
+pub type ExecuteReply = oneshot::Sender<Result<(u64, Vec<u8>), Status>>;
+
+pub struct Node {
+    pub id: String,
+    pub identity: MachineIdentity,
+    pub role: Role,
+    pub epoch: u64,
+    pub config: Option<Configuration>,
+    runtime: Runtime,
+    /// In-memory log: `log[0]` has index `log_start`.
+    log: VecDeque<LogEntry>,
+    log_start: u64,
+    snapshot: Option<Arc<Snapshot>>,
+    /// Highest index durable on this replica's disk.
+    pub durable_index: u64,
+    pub commit_index: u64,
+    pub applied_index: u64,
+    pub peers: BTreeMap<String, PeerState>,
+    pending: HashMap<u64, ExecuteReply>,
+    read_round: u64,
+    reads: Vec<PendingRead>,
+    pending_seal: Vec<oneshot::Sender<Result<(u64, Vec<u8>), Status>>>,
+    sealed_digest: Option<Vec<u8>>,
+    recent: VecDeque<AppliedEntry>,
+    snapshot_every: u64,
+    pub durable: bool,
+}
+
+/// Everything shared by the servers and background tasks of one replica.
+pub struct Shared {
+    pub node: std::sync::Mutex<Node>,
+    /// Bumped whenever peers have something new to look at (entries, reads, config).
+    pub changed: watch::Sender<u64>,
+    pub applied_tx: broadcast::Sender<AppliedEntry>,
+    pub writer: WriterHandle,
+    pub metrics: Metrics,
+}
+
+impl Shared {
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, Node> {
+        // A panic while holding the lock would have aborted the process (panic = abort is
+        // not set, but nothing in Node panics on input); recover the guard regardless.
+        self.node.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn poke(&self) {
+        self.changed.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    /// Refresh gauges and wake the replication tasks.
+    pub fn after_change(&self) {
+        {
+            let n = self.lock();
+            self.metrics.applied_index.set(n.applied_index as i64);
+            self.metrics.commit_index.set(n.commit_index as i64);
+            self.metrics.epoch.set(n.epoch as i64);
+            self.metrics.is_primary.set(i64::from(n.role == Role::Primary));
+        }
+        self.poke();
+    }
+}
+
+pub fn failed_precondition(msg: impl Into<String>) -> Status {
+    Status::new(Code::FailedPrecondition, msg.into())
+}
+
+/// The outcome of a command is not known (it may still commit): the client should retry
+/// with the same (client_id, sequence), which applies it at most once.
+pub fn unknown_outcome(msg: impl Into<String>) -> Status {
+    Status::new(Code::Unavailable, format!("outcome unknown: {}", msg.into()))
+}
+
+/// Metadata key naming the primary's endpoint on NOT_PRIMARY errors.
+pub const PRIMARY_HINT: &str = "x-lockstep-primary";
+
+impl Node {
+    pub fn new(id: String, runtime: Runtime, snapshot_every: u64, durable: bool) -> Node {
+        Node {
+            id,
+            identity: runtime.identity(),
+            role: Role::Unconfigured,
+            epoch: 0,
+            config: None,
+            runtime,
+            log: VecDeque::new(),
+            log_start: 1,
+            snapshot: None,
+            durable_index: 0,
+            commit_index: 0,
+            applied_index: 0,
+            peers: BTreeMap::new(),
+            pending: HashMap::new(),
+            read_round: 0,
+            reads: Vec::new(),
+            pending_seal: Vec::new(),
+            sealed_digest: None,
+            recent: VecDeque::new(),
+            snapshot_every,
+            durable,
+        }
+    }
+
+    /// Rebuild from what the storage recovered.
+    pub fn recover(
+        &mut self,
+        config: Option<Configuration>,
+        snapshot: Option<Snapshot>,
+        entries: Vec<LogEntry>,
+    ) -> anyhow::Result<()> {
+        if let Some(s) = snapshot {
+            self.runtime
+                .restore(&s.data)
+                .map_err(|e| anyhow::anyhow!("cannot restore snapshot at index {}: {e}", s.index))?;
+            self.applied_index = s.index;
+            self.commit_index = s.index;
+            self.durable_index = s.index;
+            self.log_start = s.index + 1;
+            if self.runtime.sealed_at() == Some(s.index) {
+                self.sealed_digest = Some(digest(&s.data));
+            }
+            self.snapshot = Some(Arc::new(s));
+        }
+        let applied_by = self.runtime.applied_by().clone();
+        if applied_by.name != self.identity.name {
+            anyhow::bail!(
+                "data dir holds state of machine '{}', this replica runs '{}'",
+                applied_by.name,
+                self.identity.name
+            );
+        }
+        if applied_by != self.identity && self.runtime.sealed_at().is_none() {
+            anyhow::bail!(
+                "data dir was written by {} {} and is not sealed: a version change must go through a seal barrier \
+                 (lockstep rollout) so no index is executed by two versions",
+                applied_by.name,
+                applied_by.version
+            );
+        }
+        for e in entries {
+            if e.index < self.log_start {
+                continue;
+            }
+            if e.index != self.last_index() + 1 {
+                anyhow::bail!("recovered log has a gap at index {}", e.index);
+            }
+            self.log.push_back(e);
+        }
+        self.durable_index = self.last_index();
+        if let Some(c) = config {
+            self.adopt(c);
+        }
+        Ok(())
+    }
+
+    pub fn last_index(&self) -> u64 {
+        self.log_start - 1 + self.log.len() as u64
+    }
+
+    fn snapshot_index(&self) -> u64 {
+        self.snapshot.as_ref().map_or(0, |s| s.index)
+    }
+
+    fn entry(&self, index: u64) -> Option<&LogEntry> {
+        if index < self.log_start {
+            return None;
+        }
+        self.log.get((index - self.log_start) as usize)
+    }
+
+    /// Epoch of the entry at `index`, if known (0 for index 0).
+    pub fn epoch_at(&self, index: u64) -> Option<u64> {
+        if index == 0 {
+            return Some(0);
+        }
+        if let Some(e) = self.entry(index) {
+            return Some(e.epoch);
+        }
+        self.snapshot.as_ref().filter(|s| s.index == index).map(|s| s.epoch)
+    }
+
+    fn primary_endpoint(&self) -> Option<String> {
+        let c = self.config.as_ref()?;
+        c.members.iter().find(|m| m.id == c.primary_id).map(|m| m.endpoint.clone())
+    }
+
+    /// Error for requests that only the primary serves, with a hint where it is.
+    pub fn not_primary(&self) -> Status {
+        let (code, msg) = match self.role {
+            Role::Unconfigured => (Code::Unavailable, format!("replica {} has no configuration yet", self.id)),
+            Role::Removed => (
+                Code::FailedPrecondition,
+                format!("replica {} is fenced: removed from the configuration at epoch {}", self.id, self.epoch),
+            ),
+            _ => (
+                Code::FailedPrecondition,
+                format!(
+                    "replica {} is not the primary of epoch {} (primary: {})",
+                    self.id,
+                    self.epoch,
+                    self.config.as_ref().map_or("unknown", |c| c.primary_id.as_str())
+                ),
+            ),
+        };
+        let mut status = Status::new(code, msg);
+        if let Some(ep) = self.primary_endpoint().filter(|_| self.role != Role::Removed)
+            && let Ok(v) = ep.parse()
+        {
+            status.metadata_mut().insert(PRIMARY_HINT, v);
+        }
+        status
+    }
+
+    fn member_role(config: &Configuration, id: &str) -> Option<MemberRole> {
+        config.members.iter().find(|m| m.id == id).map(|m| m.role())
+    }
+
+    /// Take `config` as current (caller persisted it or will before acknowledging).
+    fn adopt(&mut self, config: Configuration) {
+        let was_primary = self.role == Role::Primary;
+        self.epoch = config.epoch;
+        self.role = match Self::member_role(&config, &self.id) {
+            None | Some(MemberRole::Unspecified) => Role::Removed,
+            Some(_) if config.primary_id == self.id => Role::Primary,
+            Some(MemberRole::Voter) => Role::Backup,
+            Some(MemberRole::Learner) => Role::Learner,
+        };
+        let last = self.last_index();
+        let old_peers = std::mem::take(&mut self.peers);
+        if self.role == Role::Primary {
+            for m in config.members.iter().filter(|m| m.id != self.id) {
+                let keep = old_peers.get(&m.id).filter(|_| was_primary);
+                self.peers.insert(
+                    m.id.clone(),
+                    PeerState {
+                        endpoint: m.endpoint.clone(),
+                        voter: m.role() == MemberRole::Voter,
+                        match_index: keep.map_or(0, |p| p.match_index),
+                        next_index: keep.map_or(last + 1, |p| p.next_index),
+                        acked_round: 0,
+                        reachable: keep.is_some_and(|p| p.reachable),
+                    },
+                );
+            }
+        }
+        self.config = Some(config);
+        if self.role != Role::Primary {
+            self.fail_pending(&format!("replica {} is no longer the primary (epoch {})", self.id, self.epoch));
+        } else {
+            // Reads must be re-confirmed under the new epoch.
+            let reads = std::mem::take(&mut self.reads);
+            for r in reads {
+                let _ = r.reply.send(Err(Status::unavailable("configuration changed during the read; retry")));
+            }
+            self.advance_commit();
+        }
+    }
+
+    /// Fail everything waiting on this replica as primary.
+    fn fail_pending(&mut self, why: &str) {
+        for (_, tx) in self.pending.drain() {
+            let _ = tx.send(Err(unknown_outcome(why.to_string())));
+        }
+        for r in self.reads.drain(..) {
+            let _ = r.reply.send(Err(failed_precondition(why.to_string())));
+        }
+        for tx in self.pending_seal.drain(..) {
+            let _ = tx.send(Err(unknown_outcome(why.to_string())));
+        }
+    }
+
+    /// Admin `Reconfigure`: returns the storage op to persist before answering.
+    pub fn reconfigure(&mut self, config: Configuration) -> Result<Option<Configuration>, Status> {
+        if config.epoch < self.epoch {
+            return Err(failed_precondition(format!(
+                "stale configuration: epoch {} is older than this replica's epoch {}",
+                config.epoch, self.epoch
+            )));
+        }
+        if config.epoch == self.epoch {
+            return match &self.config {
+                Some(c) if *c == config => Ok(None),
+                _ => Err(failed_precondition(format!(
+                    "epoch {} already holds a different configuration on replica {}",
+                    config.epoch, self.id
+                ))),
+            };
+        }
+        if !config.members.iter().any(|m| m.id == config.primary_id && m.role() == MemberRole::Voter) {
+            return Err(Status::invalid_argument(format!(
+                "configuration of epoch {}: primary '{}' is not a voter of it",
+                config.epoch, config.primary_id
+            )));
+        }
+        self.adopt(config.clone());
+        Ok(Some(config))
+    }
+
+    /// Client command on the primary: order it into the log.
+    pub fn propose(&mut self, command: Command, reply: ExecuteReply) -> Result<Vec<LogEntry>, Status> {
+        if self.role != Role::Primary {
+            return Err(self.not_primary());
+        }
+        if let Some(at) = self.runtime.sealed_at() {
+            return Err(failed_precondition(format!(
+                "sealed at index {at} for a version change; commands resume after the upgrade (or an admin Resume)"
+            )));
+        }
+        if !self.pending_seal.is_empty() || self.seal_ordered() {
+            return Err(failed_precondition("a seal barrier is being ordered; commands resume after the upgrade"));
+        }
+        if command.payload.len() > MAX_COMMAND_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "command of {} bytes exceeds the limit of {MAX_COMMAND_BYTES} bytes",
+                command.payload.len()
+            )));
+        }
+        if let Err(e) = self.runtime.validate(&command) {
+            return Err(Status::invalid_argument(e.0));
+        }
+        // A retry of something already applied answers from the session, without a new entry.
+        if let Some(answer) = self.runtime.session_answer(&command) {
+            return match answer {
+                Ok(output) => {
+                    let _ = reply.send(Ok((self.applied_index, output)));
+                    Ok(Vec::new())
+                }
+                Err(e) => Err(failed_precondition(e.0)),
+            };
+        }
+        let entry = LogEntry { index: self.last_index() + 1, epoch: self.epoch, body: Some(Body::Command(command)) };
+        self.pending.insert(entry.index, reply);
+        self.log.push_back(entry.clone());
+        Ok(vec![entry])
+    }
+
+    fn seal_ordered(&self) -> bool {
+        self.log.iter().rev().take_while(|e| e.index > self.applied_index).any(|e| matches!(e.body, Some(Body::Seal(_))))
+    }
+
+    /// Admin `Seal`: order the barrier at `at_index` (0 = next index), padding with no-ops.
+    pub fn seal(
+        &mut self,
+        at_index: u64,
+        reply: oneshot::Sender<Result<(u64, Vec<u8>), Status>>,
+    ) -> Result<Vec<LogEntry>, Status> {
+        if self.role != Role::Primary {
+            return Err(self.not_primary());
+        }
+        if let Some(at) = self.runtime.sealed_at() {
+            if at_index == 0 || at_index == at {
+                let _ = reply.send(Ok((at, self.sealed_digest.clone().unwrap_or_default())));
+                return Ok(Vec::new());
+            }
+            return Err(failed_precondition(format!("already sealed at index {at}")));
+        }
+        if self.seal_ordered() {
+            self.pending_seal.push(reply);
+            return Ok(Vec::new());
+        }
+        let next = self.last_index() + 1;
+        let at = if at_index == 0 { next } else { at_index };
+        if at < next {
+            return Err(failed_precondition(format!(
+                "cannot seal at index {at}: the log already reached index {}; choose {next} or later",
+                next - 1
+            )));
+        }
+        let mut out = Vec::new();
+        for index in next..at {
+            out.push(LogEntry { index, epoch: self.epoch, body: Some(Body::Noop(Noop {})) });
+        }
+        out.push(LogEntry {
+            index: at,
+            epoch: self.epoch,
+            body: Some(Body::Seal(SealBarrier { machine: Some(self.identity.clone()) })),
+        });
+        self.log.extend(out.iter().cloned());
+        self.pending_seal.push(reply);
+        Ok(out)
+    }
+
+    /// Admin `Resume`: lift the seal under this replica's machine identity.
+    pub fn resume(&mut self, reply: ExecuteReply) -> Result<Vec<LogEntry>, Status> {
+        if self.role != Role::Primary {
+            return Err(self.not_primary());
+        }
+        if self.runtime.sealed_at().is_none() {
+            let _ = reply.send(Ok((self.applied_index, Vec::new())));
+            return Ok(Vec::new());
+        }
+        let entry = LogEntry {
+            index: self.last_index() + 1,
+            epoch: self.epoch,
+            body: Some(Body::Resume(Resume { machine: Some(self.identity.clone()) })),
+        };
+        self.pending.insert(entry.index, reply);
+        self.log.push_back(entry.clone());
+        Ok(vec![entry])
+    }
+
+    /// Linearizable read on the primary: needs one round of acks from every voter at this
+    /// epoch, started after the read arrived, then the state as of the commit index at
+    /// arrival.
+    pub fn read(&mut self, query: Vec<u8>, reply: oneshot::Sender<Result<ReadResponse, Status>>) {
+        if self.role != Role::Primary {
+            let _ = reply.send(Err(self.not_primary()));
+            return;
+        }
+        if let Err(e) = self.runtime.query(&query).map(|_| ()) {
+            let _ = reply.send(Err(Status::invalid_argument(e.0)));
+            return;
+        }
+        self.read_round += 1;
+        self.reads.push(PendingRead { round: self.read_round, index: self.commit_index, query, reply });
+        self.check_reads();
+    }
+
+    pub fn read_round(&self) -> u64 {
+        self.read_round
+    }
+
+    fn check_reads(&mut self) {
+        if self.reads.is_empty() {
+            return;
+        }
+        let confirmed =
+            self.peers.values().filter(|p| p.voter).map(|p| p.acked_round).min().unwrap_or(self.read_round);
+        let applied = self.applied_index;
+        let (ready, waiting): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.reads).into_iter().partition(|r| r.round <= confirmed && r.index <= applied);
+        self.reads = waiting;
+        for r in ready {
+            let result = self
+                .runtime
+                .query(&r.query)
+                .map(|output| ReadResponse {
+                    index: applied,
+                    epoch: self.epoch,
+                    output,
+                    machine: Some(self.identity.clone()),
+                })
+                .map_err(|e| Status::invalid_argument(e.0));
+            let _ = r.reply.send(result);
+        }
+    }
+
+    /// Build the next message for `peer`, or None when it is up to date and no read waits.
+    pub fn next_message(&self, peer: &str, heartbeat_due: bool) -> Option<PeerMessage> {
+        if self.role != Role::Primary {
+            return None;
+        }
+        let p = self.peers.get(peer)?;
+        let config = self.config.clone();
+        if p.next_index < self.log_start {
+            let snap = self.snapshot.clone()?;
+            return Some(PeerMessage::Snapshot(InstallSnapshotRequest {
+                epoch: self.epoch,
+                primary_id: self.id.clone(),
+                snapshot: Some((*snap).clone()),
+                config,
+            }));
+        }
+        let has_new = p.next_index <= self.last_index();
+        let needs_commit = p.match_index < self.commit_index.min(self.last_index()) || p.acked_round < self.read_round;
+        if !(has_new || needs_commit || heartbeat_due) {
+            return None;
+        }
+        let prev_index = p.next_index - 1;
+        let prev_epoch = self.epoch_at(prev_index)?;
+        let entries: Vec<LogEntry> = (p.next_index..=self.last_index())
+            .take(MAX_APPEND_ENTRIES)
+            .filter_map(|i| self.entry(i).cloned())
+            .collect();
+        Some(PeerMessage::Append(
+            AppendRequest {
+                epoch: self.epoch,
+                primary_id: self.id.clone(),
+                prev_index,
+                prev_epoch,
+                entries,
+                commit_index: self.commit_index,
+                machine: Some(self.identity.clone()),
+                config,
+            },
+            self.read_round,
+        ))
+    }
+
+    /// A peer answered an Append/InstallSnapshot sent at `epoch`.
+    pub fn on_peer_response(&mut self, peer: &str, sent_epoch: u64, round: u64, resp: &AppendResponse) {
+        if resp.epoch > self.epoch {
+            tracing::warn!(peer, their_epoch = resp.epoch, our_epoch = self.epoch, "fenced: a peer is at a newer epoch");
+            self.epoch = resp.epoch;
+            self.role = Role::Removed;
+            self.peers.clear();
+            let why = format!("replica {} was fenced: a peer is at epoch {}", self.id, resp.epoch);
+            self.fail_pending(&why);
+            return;
+        }
+        if sent_epoch != self.epoch || self.role != Role::Primary {
+            return;
+        }
+        let last = self.last_index();
+        let Some(p) = self.peers.get_mut(peer) else { return };
+        p.reachable = true;
+        if resp.success {
+            p.match_index = p.match_index.max(resp.match_index);
+            p.next_index = p.match_index + 1;
+            p.acked_round = p.acked_round.max(round);
+        } else {
+            if !resp.error.is_empty() {
+                tracing::debug!(peer, error = %resp.error, "append refused");
+            }
+            p.next_index = resp.hint_index.max(1).min(last + 1);
+        }
+        self.advance_commit();
+        self.check_reads();
+    }
+
+    pub fn on_peer_unreachable(&mut self, peer: &str) {
+        if let Some(p) = self.peers.get_mut(peer) {
+            p.reachable = false;
+        }
+    }
+
+    /// Local durability progress from the storage thread.
+    pub fn on_durable(&mut self, index: u64) {
+        self.durable_index = index.min(self.last_index());
+        self.advance_commit();
+    }
+
+    fn advance_commit(&mut self) {
+        if self.role != Role::Primary {
+            return;
+        }
+        let mut commit = self.durable_index;
+        for p in self.peers.values().filter(|p| p.voter) {
+            commit = commit.min(p.match_index);
+        }
+        if commit > self.commit_index {
+            self.commit_index = commit;
+        }
+    }
+
+    /// Apply committed entries; returns storage ops (snapshots) to queue.
+    pub fn apply_committed(&mut self, applied_tx: &broadcast::Sender<AppliedEntry>) -> Vec<StorageOp> {
+        let mut ops = Vec::new();
+        while self.applied_index < self.commit_index {
+            let index = self.applied_index + 1;
+            let Some(entry) = self.entry(index).cloned() else { break };
+            let applied = self.runtime.apply(&entry);
+            self.applied_index = index;
+            let event = AppliedEntry {
+                index,
+                epoch: entry.epoch,
+                kind: applied.kind.to_string(),
+                command: match &entry.body {
+                    Some(Body::Command(c)) => Some(c.clone()),
+                    _ => None,
+                },
+                output: applied.output.clone(),
+                machine: Some(self.runtime.applied_by().clone()),
+            };
+            let _ = applied_tx.send(event.clone());
+            self.recent.push_back(event);
+            if self.recent.len() > WATCH_REPLAY {
+                self.recent.pop_front();
+            }
+            if let Some(tx) = self.pending.remove(&index) {
+                let _ = tx.send(Ok((index, applied.output)));
+            }
+            if applied.kind == "seal" {
+                let snap = self.make_snapshot(&entry);
+                let d = snap.digest.clone();
+                self.sealed_digest = Some(d.clone());
+                ops.push(StorageOp::Snapshot(snap));
+                for tx in self.pending_seal.drain(..) {
+                    let _ = tx.send(Ok((index, d.clone())));
+                }
+                tracing::info!(index, digest = %hex::encode(&d), "sealed");
+            } else if applied.kind == "resume" {
+                self.sealed_digest = None;
+            } else if index - self.snapshot_index() >= self.snapshot_every {
+                ops.push(StorageOp::Snapshot(self.make_snapshot(&entry)));
+            }
+        }
+        self.check_reads();
+        ops
+    }
+
+    fn make_snapshot(&mut self, at: &LogEntry) -> Snapshot {
+        let data = self.runtime.snapshot();
+        let snap = Snapshot {
+            index: at.index,
+            epoch: at.epoch,
+            digest: digest(&data),
+            data,
+            machine: Some(self.runtime.applied_by().clone()),
+        };
+        self.snapshot = Some(Arc::new(snap.clone()));
+        // Drop in-memory entries well below the snapshot.
+        let keep_from = at.index.saturating_sub(LOG_TAIL_KEEP).max(self.log_start);
+        while self.log_start < keep_from {
+            self.log.pop_front();
+            self.log_start += 1;
+        }
+        snap
+    }
+
+    /// Admin `TakeSnapshot`.
+    pub fn take_snapshot(&mut self) -> Option<StorageOp> {
+        let index = self.applied_index;
+        if index == 0 || index == self.snapshot_index() {
+            return None;
+        }
+        let entry = self.entry(index).cloned()?;
+        Some(StorageOp::Snapshot(self.make_snapshot(&entry)))
+    }
+
+    /// Backup side of `Append`. Returns the response to send after `ops` are durable, or an
+    /// immediate response (no ops).
+    pub fn handle_append(&mut self, req: AppendRequest) -> (AppendResponse, Vec<StorageOp>) {
+        let mut ops = Vec::new();
+        let refuse = |epoch: u64, hint: u64, error: String| AppendResponse {
+            epoch,
+            success: false,
+            match_index: 0,
+            hint_index: hint,
+            error,
+        };
+        if req.epoch < self.epoch {
+            return (refuse(self.epoch, 0, format!("stale epoch {} < {}", req.epoch, self.epoch)), ops);
+        }
+        if req.machine.as_ref() != Some(&self.identity) {
+            let theirs = req.machine.as_ref().map_or("none".into(), |m| format!("{} {} ({})", m.name, m.version, m.digest));
+            return (
+                refuse(
+                    self.epoch,
+                    0,
+                    format!(
+                        "machine mismatch: primary runs {theirs}, this replica runs {} {} ({})",
+                        self.identity.name, self.identity.version, self.identity.digest
+                    ),
+                ),
+                ops,
+            );
+        }
+        if req.epoch > self.epoch {
+            match &req.config {
+                Some(c) if c.epoch == req.epoch && c.primary_id == req.primary_id => {
+                    self.adopt(c.clone());
+                    ops.push(StorageOp::Config(c.clone()));
+                }
+                _ => {
+                    return (
+                        refuse(self.epoch, 0, format!("epoch {} unknown here and no configuration sent", req.epoch)),
+                        ops,
+                    );
+                }
+            }
+        }
+        let primary = self.config.as_ref().map(|c| c.primary_id.clone()).unwrap_or_default();
+        if req.primary_id != primary || matches!(self.role, Role::Removed | Role::Primary | Role::Unconfigured) {
+            return (
+                refuse(self.epoch, 0, format!("{} is not the primary of epoch {} here", req.primary_id, self.epoch)),
+                ops,
+            );
+        }
+        // Log matching.
+        if req.prev_index > self.last_index() {
+            return (refuse(self.epoch, self.last_index() + 1, "missing entries".into()), ops);
+        }
+        if req.prev_index >= self.log_start && self.epoch_at(req.prev_index) != Some(req.prev_epoch) {
+            // Conflicting uncommitted suffix: drop everything after our commit index.
+            let keep = self.commit_index;
+            self.truncate_after(keep);
+            ops.push(StorageOp::Truncate(keep));
+            return (refuse(self.epoch, keep + 1, "log diverged; truncated to the commit index".into()), ops);
+        }
+        let mut appended = Vec::new();
+        for e in req.entries.iter() {
+            if e.index <= self.last_index() {
+                if e.index < self.log_start || self.epoch_at(e.index) == Some(e.epoch) {
+                    continue; // already held (or covered by the snapshot)
+                }
+                if e.index <= self.commit_index {
+                    tracing::error!(index = e.index, "primary sent a conflicting committed entry; refusing");
+                    return (refuse(self.epoch, 0, "conflict below the commit index".into()), ops);
+                }
+                self.truncate_after(e.index - 1);
+                ops.push(StorageOp::Truncate(e.index - 1));
+            }
+            if e.index != self.last_index() + 1 {
+                return (refuse(self.epoch, self.last_index() + 1, "non-contiguous entries".into()), ops);
+            }
+            self.log.push_back(e.clone());
+            appended.push(e.clone());
+        }
+        if !appended.is_empty() {
+            ops.push(StorageOp::Append(appended));
+        }
+        let matched = req.prev_index + req.entries.len() as u64;
+        let new_commit = req.commit_index.min(matched);
+        if new_commit > self.commit_index {
+            self.commit_index = new_commit;
+        }
+        (AppendResponse { epoch: self.epoch, success: true, match_index: matched, hint_index: 0, error: String::new() }, ops)
+    }
+
+    fn truncate_after(&mut self, index: u64) {
+        while self.last_index() > index && !self.log.is_empty() {
+            self.log.pop_back();
+        }
+        self.durable_index = self.durable_index.min(index);
+    }
+
+    /// Backup/learner side of `InstallSnapshot` (state transfer).
+    pub fn handle_install(&mut self, req: InstallSnapshotRequest) -> (AppendResponse, Vec<StorageOp>) {
+        let mut ops = Vec::new();
+        if req.epoch < self.epoch {
+            return (
+                AppendResponse { epoch: self.epoch, error: format!("stale epoch {}", req.epoch), ..Default::default() },
+                ops,
+            );
+        }
+        let Some(snap) = req.snapshot else {
+            return (AppendResponse { epoch: self.epoch, error: "no snapshot".into(), ..Default::default() }, ops);
+        };
+        if req.epoch > self.epoch {
+            match &req.config {
+                Some(c) if c.epoch == req.epoch && c.primary_id == req.primary_id => {
+                    self.adopt(c.clone());
+                    ops.push(StorageOp::Config(c.clone()));
+                }
+                _ => {
+                    return (
+                        AppendResponse { epoch: self.epoch, error: "unknown epoch".into(), ..Default::default() },
+                        ops,
+                    );
+                }
+            }
+        }
+        if matches!(self.role, Role::Removed | Role::Primary | Role::Unconfigured) {
+            return (AppendResponse { epoch: self.epoch, error: "not a follower".into(), ..Default::default() }, ops);
+        }
+        if digest(&snap.data) != snap.digest {
+            return (AppendResponse { epoch: self.epoch, error: "snapshot digest mismatch".into(), ..Default::default() }, ops);
+        }
+        if snap.index <= self.applied_index {
+            let m = self.last_index().max(snap.index);
+            return (AppendResponse { epoch: self.epoch, success: true, match_index: snap.index.min(m), ..Default::default() }, ops);
+        }
+        if let Err(e) = self.runtime.restore(&snap.data) {
+            return (AppendResponse { epoch: self.epoch, error: format!("cannot restore: {e}"), ..Default::default() }, ops);
+        }
+        self.log.clear();
+        self.log_start = snap.index + 1;
+        self.applied_index = snap.index;
+        self.commit_index = self.commit_index.max(snap.index);
+        self.durable_index = snap.index;
+        self.sealed_digest = (self.runtime.sealed_at() == Some(snap.index)).then(|| snap.digest.clone());
+        let index = snap.index;
+        self.snapshot = Some(Arc::new(snap.clone()));
+        ops.push(StorageOp::Install(snap));
+        tracing::info!(index, "installed snapshot from the primary (state transfer)");
+        (AppendResponse { epoch: self.epoch, success: true, match_index: index, ..Default::default() }, ops)
+    }
+
+    /// Entries applied from `from` on, for a watcher (None when compacted away).
+    pub fn replay_from(&self, from: u64) -> Option<Vec<AppliedEntry>> {
+        if from > self.applied_index {
+            return Some(Vec::new());
+        }
+        let oldest = self.recent.front().map_or(self.applied_index + 1, |e| e.index);
+        if from < oldest {
+            return None;
+        }
+        Some(self.recent.iter().filter(|e| e.index >= from).cloned().collect())
+    }
+
+    pub fn oldest_replayable(&self) -> u64 {
+        self.recent.front().map_or(self.applied_index + 1, |e| e.index)
+    }
+
+    pub fn status(&self) -> StatusResponse {
+        StatusResponse {
+            id: self.id.clone(),
+            epoch: self.epoch,
+            state: self.role.as_str().into(),
+            applied_index: self.applied_index,
+            commit_index: self.commit_index,
+            last_index: self.last_index(),
+            machine: Some(self.identity.clone()),
+            config: self.config.clone(),
+            sealed_at: self.runtime.sealed_at().unwrap_or(0),
+            sealed_digest: self.sealed_digest.clone().unwrap_or_default(),
+            peers: self
+                .peers
+                .iter()
+                .map(|(id, p)| PeerProgress { id: id.clone(), match_index: p.match_index, reachable: p.reachable })
+                .collect(),
+            snapshot_index: self.snapshot_index(),
+            durable: self.durable,
+        }
+    }
+}
+
+pub enum PeerMessage {
+    /// The request and the read round it confirms.
+    Append(AppendRequest, u64),
+    Snapshot(InstallSnapshotRequest),
+}

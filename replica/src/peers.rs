@@ -1,0 +1,90 @@
+//! Replication from the primary to each peer: one task per peer per epoch. It sends one
+//! Append (or InstallSnapshot) at a time, carrying every entry the peer lacks (batched up
+//! to MAX_APPEND_ENTRIES), waits for the answer, and repeats; when there is nothing to send
+//! it waits for new entries, a read that needs confirming, or the heartbeat interval.
+
+use crate::node::{PeerMessage, Shared};
+use lockstep_proto::peer_client::PeerClient;
+use std::sync::Arc;
+use std::time::Duration;
+use tonic::transport::{Channel, Endpoint};
+
+pub const HEARTBEAT: Duration = Duration::from_millis(100);
+const RPC_TIMEOUT: Duration = Duration::from_secs(2);
+
+pub fn connect_lazy(endpoint: &str) -> Option<Channel> {
+    Endpoint::from_shared(endpoint.to_string())
+        .ok()
+        .map(|e| e.connect_timeout(Duration::from_millis(500)).tcp_nodelay(true).timeout(RPC_TIMEOUT).connect_lazy())
+}
+
+/// Start replication tasks for every peer of the current epoch (the primary calls this
+/// whenever it adopts a configuration).
+pub fn start(shared: &Arc<Shared>) {
+    let (epoch, peers) = {
+        let node = shared.lock();
+        (node.epoch, node.peers.iter().map(|(id, p)| (id.clone(), p.endpoint.clone())).collect::<Vec<_>>())
+    };
+    for (id, endpoint) in peers {
+        let shared = shared.clone();
+        tokio::spawn(async move { replicate(shared, id, endpoint, epoch).await });
+    }
+}
+
+async fn replicate(shared: Arc<Shared>, peer: String, endpoint: String, epoch: u64) {
+    let Some(channel) = connect_lazy(&endpoint) else {
+        tracing::error!(peer, endpoint, "invalid peer endpoint");
+        return;
+    };
+    let mut client = PeerClient::new(channel)
+        .max_decoding_message_size(lockstep_proto::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(lockstep_proto::MAX_MESSAGE_BYTES);
+    let mut changed = shared.changed.subscribe();
+    let mut last_sent = tokio::time::Instant::now() - HEARTBEAT;
+    let mut failures = 0u32;
+    loop {
+        let msg = {
+            let node = shared.lock();
+            if node.epoch != epoch || !node.peers.contains_key(&peer) {
+                return;
+            }
+            node.next_message(&peer, last_sent.elapsed() >= HEARTBEAT)
+        };
+        let Some(msg) = msg else {
+            tokio::select! {
+                _ = changed.changed() => {}
+                _ = tokio::time::sleep_until(last_sent + HEARTBEAT) => {}
+            }
+            continue;
+        };
+        last_sent = tokio::time::Instant::now();
+        let (result, round) = match msg {
+            PeerMessage::Append(req, round) => (client.append(req).await, round),
+            PeerMessage::Snapshot(req) => {
+                tracing::info!(peer, index = req.snapshot.as_ref().map_or(0, |s| s.index), "sending snapshot (state transfer)");
+                (client.install_snapshot(req).await, 0)
+            }
+        };
+        match result {
+            Ok(resp) => {
+                failures = 0;
+                let resp = resp.into_inner();
+                let ops = {
+                    let mut node = shared.lock();
+                    node.on_peer_response(&peer, epoch, round, &resp);
+                    node.apply_committed(&shared.applied_tx)
+                };
+                shared.writer.send_all(ops);
+                shared.after_change();
+            }
+            Err(status) => {
+                failures += 1;
+                shared.lock().on_peer_unreachable(&peer);
+                if failures == 1 || failures % 50 == 0 {
+                    tracing::warn!(peer, endpoint, error = %status.message(), "peer unreachable");
+                }
+                tokio::time::sleep(Duration::from_millis(20 * u64::from(failures.min(10)))).await;
+            }
+        }
+    }
+}

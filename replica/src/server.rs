@@ -1,0 +1,238 @@
+//! The gRPC services (client, peer, admin) of one replica: thin adapters from requests to
+//! [`Node`](crate::node::Node) calls plus the waiting that follows.
+
+use crate::node::{Role, Shared, failed_precondition, unknown_outcome};
+use lockstep_proto::{
+    AppendRequest, AppendResponse, AppliedEntry, ExecuteRequest, ExecuteResponse, InstallSnapshotRequest, ReadRequest,
+    ReadResponse, ReconfigureRequest, ReconfigureResponse, ResumeRequest, ResumeResponse, SealRequest, SealResponse,
+    SnapshotRequest, SnapshotResponse, StatusRequest, StatusResponse, WatchRequest, admin_server::Admin,
+    client_server::Client, peer_server::Peer,
+};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{broadcast, oneshot};
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+/// How long a command waits to commit before the client is told the outcome is unknown.
+pub const COMMIT_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Clone)]
+pub struct Services {
+    pub shared: Arc<Shared>,
+}
+
+impl Services {
+    async fn wait<T>(&self, rx: oneshot::Receiver<Result<T, Status>>, what: &str) -> Result<T, Status> {
+        match tokio::time::timeout(COMMIT_TIMEOUT, rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(unknown_outcome(format!("{what} was dropped"))),
+            Err(_) => Err(unknown_outcome(format!("{what} not committed within {COMMIT_TIMEOUT:?}"))),
+        }
+    }
+
+    /// Queue `entries`' storage ops and wake the replication tasks.
+    fn enqueue(&self, entries: Vec<lockstep_proto::LogEntry>) {
+        if !entries.is_empty() {
+            self.shared.writer.send(crate::writer::StorageOp::Append(entries));
+        }
+        self.shared.poke();
+    }
+
+    fn machine(&self) -> lockstep_proto::MachineIdentity {
+        self.shared.lock().identity.clone()
+    }
+}
+
+#[tonic::async_trait]
+impl Client for Services {
+    async fn execute(&self, request: Request<ExecuteRequest>) -> Result<Response<ExecuteResponse>, Status> {
+        let command = request.into_inner().command.ok_or_else(|| Status::invalid_argument("missing command"))?;
+        let (tx, rx) = oneshot::channel();
+        let proposed = self.shared.lock().propose(command, tx);
+        let entries = match proposed {
+            Ok(e) => e,
+            Err(status) => {
+                self.shared.metrics.count_command("rejected");
+                return Err(status);
+            }
+        };
+        self.enqueue(entries);
+        let result = self.wait(rx, "command").await;
+        self.shared.metrics.count_command(if result.is_ok() { "ok" } else { "unknown" });
+        let (index, output) = result?;
+        let epoch = self.shared.lock().epoch;
+        Ok(Response::new(ExecuteResponse { index, epoch, output, machine: Some(self.machine()) }))
+    }
+
+    async fn read(&self, request: Request<ReadRequest>) -> Result<Response<ReadResponse>, Status> {
+        let (tx, rx) = oneshot::channel();
+        self.shared.lock().read(request.into_inner().query, tx);
+        self.shared.poke();
+        let result = match tokio::time::timeout(COMMIT_TIMEOUT, rx).await {
+            Ok(Ok(r)) => r,
+            _ => Err(Status::unavailable("read not confirmed by every voter in time; retry")),
+        };
+        self.shared.metrics.count_read(if result.is_ok() { "ok" } else { "error" });
+        result.map(Response::new)
+    }
+
+    type WatchStream = Pin<Box<dyn Stream<Item = Result<AppliedEntry, Status>> + Send>>;
+
+    async fn watch(&self, request: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        let from = request.into_inner().from_index;
+        // Subscribe before reading the replay buffer so nothing falls between the two.
+        let mut live = self.shared.applied_tx.subscribe();
+        let replay = {
+            let node = self.shared.lock();
+            if from == 0 {
+                Vec::new()
+            } else {
+                node.replay_from(from).ok_or_else(|| {
+                    Status::out_of_range(format!(
+                        "index {from} is no longer available for replay; the oldest is {}",
+                        node.oldest_replayable()
+                    ))
+                })?
+            }
+        };
+        let mut next = replay.last().map_or(from, |e| e.index + 1);
+        let stream = async_stream(move |tx| async move {
+            for e in replay {
+                if tx.send(Ok(e)).await.is_err() {
+                    return;
+                }
+            }
+            loop {
+                match live.recv().await {
+                    Ok(e) if e.index < next => continue,
+                    Ok(e) => {
+                        next = e.index + 1;
+                        if tx.send(Ok(e)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        let _ = tx
+                            .send(Err(Status::data_loss(format!(
+                                "watcher fell {n} entries behind; resume with from_index {next}"
+                            ))))
+                            .await;
+                        return;
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        Ok(Response::new(stream))
+    }
+}
+
+/// A stream fed by a task through a bounded channel.
+fn async_stream<T, F, Fut>(f: F) -> Pin<Box<dyn Stream<Item = T> + Send>>
+where
+    T: Send + 'static,
+    F: FnOnce(tokio::sync::mpsc::Sender<T>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(256);
+    tokio::spawn(f(tx));
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
+#[tonic::async_trait]
+impl Peer for Services {
+    async fn append(&self, request: Request<AppendRequest>) -> Result<Response<AppendResponse>, Status> {
+        let (resp, ops) = {
+            let mut node = self.shared.lock();
+            let (resp, mut ops) = node.handle_append(request.into_inner());
+            ops.extend(node.apply_committed(&self.shared.applied_tx));
+            (resp, ops)
+        };
+        let durable = !ops.is_empty();
+        self.shared.writer.send_all(ops);
+        if durable && resp.success {
+            // Acknowledge only what is on disk.
+            self.shared.writer.barrier().await.map_err(|_| Status::internal("storage stopped"))?;
+        }
+        self.shared.after_change();
+        Ok(Response::new(resp))
+    }
+
+    async fn install_snapshot(
+        &self,
+        request: Request<InstallSnapshotRequest>,
+    ) -> Result<Response<AppendResponse>, Status> {
+        let (resp, ops) = self.shared.lock().handle_install(request.into_inner());
+        let durable = !ops.is_empty();
+        self.shared.writer.send_all(ops);
+        if durable && resp.success {
+            self.shared.writer.barrier().await.map_err(|_| Status::internal("storage stopped"))?;
+        }
+        self.shared.after_change();
+        Ok(Response::new(resp))
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for Services {
+    async fn reconfigure(&self, request: Request<ReconfigureRequest>) -> Result<Response<ReconfigureResponse>, Status> {
+        let config = request.into_inner().config.ok_or_else(|| Status::invalid_argument("missing config"))?;
+        let (changed, epoch, primary) = {
+            let mut node = self.shared.lock();
+            let changed = node.reconfigure(config)?;
+            if let Some(c) = &changed {
+                self.shared.writer.send(crate::writer::StorageOp::Config(c.clone()));
+            }
+            (changed.is_some(), node.epoch, node.role == Role::Primary)
+        };
+        if changed {
+            // The configuration is durable before the master hears "ok".
+            self.shared.writer.barrier().await.map_err(|_| Status::internal("storage stopped"))?;
+            tracing::info!(epoch, primary, "adopted configuration");
+            if primary {
+                crate::peers::start(&self.shared);
+            }
+        }
+        self.shared.after_change();
+        Ok(Response::new(ReconfigureResponse { epoch }))
+    }
+
+    async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        Ok(Response::new(self.shared.lock().status()))
+    }
+
+    async fn seal(&self, request: Request<SealRequest>) -> Result<Response<SealResponse>, Status> {
+        let (tx, rx) = oneshot::channel();
+        let entries = self.shared.lock().seal(request.into_inner().at_index, tx)?;
+        self.enqueue(entries);
+        let (index, digest) = self.wait(rx, "seal").await?;
+        Ok(Response::new(SealResponse { index, digest }))
+    }
+
+    async fn resume(&self, _: Request<ResumeRequest>) -> Result<Response<ResumeResponse>, Status> {
+        let (tx, rx) = oneshot::channel();
+        let entries = self.shared.lock().resume(tx)?;
+        self.enqueue(entries);
+        let (index, _) = self.wait(rx, "resume").await?;
+        Ok(Response::new(ResumeResponse { index }))
+    }
+
+    async fn take_snapshot(&self, _: Request<SnapshotRequest>) -> Result<Response<SnapshotResponse>, Status> {
+        let op = self.shared.lock().take_snapshot();
+        let index = match op {
+            Some(crate::writer::StorageOp::Snapshot(s)) => {
+                let index = s.index;
+                self.shared.writer.send(crate::writer::StorageOp::Snapshot(s));
+                self.shared.writer.barrier().await.map_err(|_| Status::internal("storage stopped"))?;
+                index
+            }
+            _ => self.shared.lock().status().snapshot_index,
+        };
+        if index == 0 {
+            return Err(failed_precondition("nothing applied yet"));
+        }
+        Ok(Response::new(SnapshotResponse { index }))
+    }
+}
