@@ -38,11 +38,7 @@ pub(crate) fn encode_framed(magic: &[u8; 8], payload: &[u8]) -> Vec<u8> {
 }
 
 /// Checks the frame and returns the payload. Every failure names the file and offset.
-pub(crate) fn decode_framed<'a>(
-    path: &Path,
-    magic: &[u8; 8],
-    data: &'a [u8],
-) -> Result<&'a [u8], StorageError> {
+pub(crate) fn decode_framed<'a>(path: &Path, magic: &[u8; 8], data: &'a [u8]) -> Result<&'a [u8], StorageError> {
     let corrupt = |offset: u64, reason: String| StorageError::Corrupt {
         path: path.to_path_buf(),
         offset,
@@ -103,12 +99,7 @@ pub(crate) fn sync_dir(path: &Path, fsync: bool) -> Result<(), StorageError> {
 }
 
 /// Atomically replaces `dir/name` with `bytes`: write `name.tmp`, fsync, rename, fsync dir.
-pub(crate) fn write_atomic(
-    dir: &Path,
-    name: &str,
-    bytes: &[u8],
-    fsync: bool,
-) -> Result<(), StorageError> {
+pub(crate) fn write_atomic(dir: &Path, name: &str, bytes: &[u8], fsync: bool) -> Result<(), StorageError> {
     let tmp = dir.join(format!("{name}.tmp"));
     let dst = dir.join(name);
     {

@@ -30,8 +30,8 @@ use prost::Message;
 use tracing::{info, warn};
 
 use files::{
-    CONFIG_MAGIC, IDENTITY_MAGIC, INSTALL_MAGIC, decode_framed, encode_framed, io_err,
-    read_optional, remove_if_exists, sync_dir, write_atomic,
+    CONFIG_MAGIC, IDENTITY_MAGIC, INSTALL_MAGIC, decode_framed, encode_framed, io_err, read_optional, remove_if_exists,
+    sync_dir, write_atomic,
 };
 
 const LOCK_FILE: &str = "LOCK";
@@ -56,11 +56,7 @@ pub enum StorageError {
     )]
     Locked { path: PathBuf },
     #[error("corrupt {} at offset {offset}: {reason}", path.display())]
-    Corrupt {
-        path: PathBuf,
-        offset: u64,
-        reason: String,
-    },
+    Corrupt { path: PathBuf, offset: u64, reason: String },
     #[error("log entry index {got} does not continue the log (expected index {expected})")]
     NonContiguous { expected: u64, got: u64 },
     #[error("invalid storage request: {0}")]
@@ -180,13 +176,11 @@ impl Storage {
             Some(data) => {
                 let path = dir.join(CONFIG_FILE);
                 let payload = decode_framed(&path, CONFIG_MAGIC, &data)?;
-                Some(
-                    Configuration::decode(payload).map_err(|e| StorageError::Corrupt {
-                        path,
-                        offset: 0,
-                        reason: format!("undecodable Configuration: {e}"),
-                    })?,
-                )
+                Some(Configuration::decode(payload).map_err(|e| StorageError::Corrupt {
+                    path,
+                    offset: 0,
+                    reason: format!("undecodable Configuration: {e}"),
+                })?)
             }
         };
         let identity = match read_optional(&dir.join(IDENTITY_FILE))? {
@@ -194,13 +188,11 @@ impl Storage {
             Some(data) => {
                 let path = dir.join(IDENTITY_FILE);
                 let payload = decode_framed(&path, IDENTITY_MAGIC, &data)?;
-                Some(
-                    String::from_utf8(payload.to_vec()).map_err(|e| StorageError::Corrupt {
-                        path,
-                        offset: 0,
-                        reason: format!("identity is not UTF-8: {e}"),
-                    })?,
-                )
+                Some(String::from_utf8(payload.to_vec()).map_err(|e| StorageError::Corrupt {
+                    path,
+                    offset: 0,
+                    reason: format!("identity is not UTF-8: {e}"),
+                })?)
             }
         };
 
@@ -388,15 +380,10 @@ impl Storage {
     /// Buffered append; not durable until `sync`. Entries must continue the log.
     pub fn append(&mut self, entries: &[LogEntry]) -> Result<(), StorageError> {
         self.check_poisoned()?;
-        let mut expected = self.last_index() + 1;
-        for e in entries {
+        for (expected, e) in (self.last_index() + 1..).zip(entries) {
             if e.index != expected {
-                return Err(StorageError::NonContiguous {
-                    expected,
-                    got: e.index,
-                });
+                return Err(StorageError::NonContiguous { expected, got: e.index });
             }
-            expected += 1;
         }
         // Encode first so that an unencodable entry leaves the log untouched.
         let mut buf = std::mem::take(&mut self.buf);
@@ -469,10 +456,7 @@ impl Storage {
                 f.sync_data().map_err(io_err("fsync segment in", &self.log_dir))?;
             }
             if self.active_dirty {
-                self.writer
-                    .get_ref()
-                    .sync_data()
-                    .map_err(io_err("fsync", &path))?;
+                self.writer.get_ref().sync_data().map_err(io_err("fsync", &path))?;
             }
         }
         if self.log_dir_dirty {
@@ -506,9 +490,7 @@ impl Storage {
             .segments
             .iter()
             .rposition(|s| s.first <= index + 1)
-            .ok_or_else(|| {
-                StorageError::Invalid(format!("index {index} is before the start of the log"))
-            })?;
+            .ok_or_else(|| StorageError::Invalid(format!("index {index} is before the start of the log")))?;
         // Later segments first, newest first: a crash leaves a prefix of the old log.
         let removed_dir_entries = self.segments.len() > keep + 1;
         while self.segments.len() > keep + 1 {

@@ -54,8 +54,7 @@ pub(crate) fn load(dir: &Path, index: u64) -> Result<Snapshot, StorageError> {
         offset: 0,
         reason,
     };
-    let snap = Snapshot::decode(payload)
-        .map_err(|e| corrupt(format!("undecodable Snapshot message: {e}")))?;
+    let snap = Snapshot::decode(payload).map_err(|e| corrupt(format!("undecodable Snapshot message: {e}")))?;
     if snap.index != index {
         return Err(corrupt(format!(
             "file name says index {index}, snapshot says {}",

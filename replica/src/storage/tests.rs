@@ -54,11 +54,7 @@ fn indexes(es: &[LogEntry]) -> Vec<u64> {
 
 fn corrupt_err(r: Result<(Storage, Recovered), StorageError>) -> (PathBuf, u64, String) {
     match r {
-        Err(StorageError::Corrupt {
-            path,
-            offset,
-            reason,
-        }) => (path, offset, reason),
+        Err(StorageError::Corrupt { path, offset, reason }) => (path, offset, reason),
         Err(e) => panic!("expected a Corrupt error, got {e}"),
         Ok((s, _)) => panic!("expected a Corrupt error, opened fine: {s:?}"),
     }
@@ -154,18 +150,12 @@ fn append_must_be_contiguous() {
     let (mut s, _) = Storage::open(tmp.path(), opts()).expect("open");
     assert!(matches!(
         s.append(&[entry(2, 1)]),
-        Err(StorageError::NonContiguous {
-            expected: 1,
-            got: 2
-        })
+        Err(StorageError::NonContiguous { expected: 1, got: 2 })
     ));
     s.append(&entries(1, 3)).expect("append");
     assert!(matches!(
         s.append(&[entry(4, 1), entry(6, 1)]),
-        Err(StorageError::NonContiguous {
-            expected: 5,
-            got: 6
-        })
+        Err(StorageError::NonContiguous { expected: 5, got: 6 })
     ));
     // The rejected batch wrote nothing.
     assert_eq!(s.last_index(), 3);
@@ -419,14 +409,8 @@ fn snapshot_compaction_deletes_old_segments() {
     assert_eq!(snapshot_files(tmp.path()), vec![80, 90]);
     s.append(&entries(101, 105)).expect("append");
     s.sync().expect("sync");
-    assert!(matches!(
-        s.truncate_after(85),
-        Err(StorageError::Invalid(_))
-    ));
-    assert!(matches!(
-        s.save_snapshot(&snap(50)),
-        Err(StorageError::Invalid(_))
-    ));
+    assert!(matches!(s.truncate_after(85), Err(StorageError::Invalid(_))));
+    assert!(matches!(s.save_snapshot(&snap(50)), Err(StorageError::Invalid(_))));
     drop(s);
     let (s, rec) = Storage::open(tmp.path(), small_segments()).expect("reopen");
     assert_eq!(rec.snapshot, Some(snap(90)));
@@ -508,11 +492,7 @@ fn interrupted_install_is_completed_or_rolled_back() {
     drop(s);
     let marker = encode_framed(INSTALL_MAGIC, &8u64.to_le_bytes());
     fs::write(tmp.path().join(INSTALL_FILE), &marker).expect("marker");
-    fs::write(
-        tmp.path().join(snapshot::file_name(8)),
-        snapshot::encode(&snap(8)),
-    )
-    .expect("snapshot");
+    fs::write(tmp.path().join(snapshot::file_name(8)), snapshot::encode(&snap(8))).expect("snapshot");
     let (s, rec) = Storage::open(tmp.path(), opts()).expect("reopen");
     assert_eq!(rec.snapshot, Some(snap(8)));
     assert!(rec.entries.is_empty(), "{:?}", indexes(&rec.entries));
@@ -562,11 +542,7 @@ fn snapshot_with_wrong_digest_falls_back() {
     drop(s);
     let mut lying = snap(7);
     lying.digest = vec![1; 32];
-    fs::write(
-        tmp.path().join(snapshot::file_name(7)),
-        snapshot::encode(&lying),
-    )
-    .expect("write");
+    fs::write(tmp.path().join(snapshot::file_name(7)), snapshot::encode(&lying)).expect("write");
     let (_, rec) = Storage::open(tmp.path(), opts()).expect("reopen");
     assert_eq!(rec.snapshot, Some(snap(4)));
     assert_eq!(rec.entries, entries(5, 10));

@@ -173,12 +173,7 @@ pub(crate) fn scan(log_dir: &Path, first: u64) -> Result<Scanned, StorageError> 
 /// Looks for any well-formed record at or after `from` whose entry index is at least
 /// `min_index`. Finding one means the bad record before it is corruption in the middle
 /// of the log, not a torn write at its end.
-fn find_valid_record(
-    path: &Path,
-    data: &[u8],
-    from: usize,
-    min_index: u64,
-) -> Result<Option<u64>, StorageError> {
+fn find_valid_record(path: &Path, data: &[u8], from: usize, min_index: u64) -> Result<Option<u64>, StorageError> {
     let mut budget = TAIL_SCAN_BUDGET;
     let mut p = from;
     while p + RECORD_HEADER < data.len() {
