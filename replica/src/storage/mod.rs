@@ -150,7 +150,11 @@ impl Storage {
     pub fn open(dir: &Path, opts: StorageOptions) -> Result<(Storage, Recovered), StorageError> {
         let dir = dir.to_path_buf();
         let log_dir = dir.join(LOG_DIR);
+        let created = !dir.exists();
         fs::create_dir_all(&log_dir).map_err(io_err("create directory", &log_dir))?;
+        if created && let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            sync_dir(parent, opts.fsync)?;
+        }
 
         let lock_path = dir.join(LOCK_FILE);
         let lock = OpenOptions::new()
