@@ -1,1 +1,316 @@
-// placeholder
+//! lockstep client library: talk to a replicated state machine over gRPC.
+//!
+//! A [`Client`] is one client session (a client id and a sequence number). It finds the
+//! primary on its own (replicas answer NOT_PRIMARY with a hint), and it retries a command
+//! whose outcome is unknown with the SAME (client id, sequence), which the replicas apply at
+//! most once — so a retried `put` never lands twice, even across a fail-over.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), lockstep::ClientError> {
+//! let mut c = lockstep::Client::new(vec!["http://127.0.0.1:7000".into()]);
+//! c.put("greeting", "hello").await?;
+//! assert_eq!(c.get("greeting").await?.as_deref(), Some("hello"));
+//! # Ok(()) }
+//! ```
+
+pub mod bench;
+pub mod cluster;
+pub mod up;
+
+use lockstep_proto::{
+    AppliedEntry, Command, ExecuteRequest, ExecuteResponse, ReadRequest, ReadResponse, StatusRequest, StatusResponse,
+    WatchRequest, admin_client::AdminClient, client_client::ClientClient,
+};
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+/// Metadata key naming the primary's endpoint on NOT_PRIMARY errors (see the replica).
+pub const PRIMARY_HINT: &str = "x-lockstep-primary";
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClientError {
+    /// Certainly not applied (refused before it was ordered).
+    #[error("rejected: {0}")]
+    Rejected(String),
+    /// May or may not have been applied (no answer in time).
+    #[error("outcome unknown: {0}")]
+    Unknown(String),
+    /// The request itself is wrong (malformed command, too large): not applied.
+    #[error("invalid request: {0}")]
+    Invalid(String),
+}
+
+impl ClientError {
+    /// True when the operation certainly did not take effect.
+    pub fn certainly_not_applied(&self) -> bool {
+        !matches!(self, ClientError::Unknown(_))
+    }
+}
+
+/// Normalise `host:port` to `http://host:port`.
+pub fn endpoint_url(s: &str) -> String {
+    let s = s.trim();
+    if s.starts_with("http://") || s.starts_with("https://") { s.to_string() } else { format!("http://{s}") }
+}
+
+fn channel(endpoint: &str) -> Result<Channel, ClientError> {
+    Endpoint::from_shared(endpoint.to_string())
+        .map(|e| e.connect_timeout(Duration::from_millis(500)).tcp_nodelay(true).connect_lazy())
+        .map_err(|e| ClientError::Invalid(format!("bad endpoint {endpoint}: {e}")))
+}
+
+fn new_client_id() -> String {
+    use rand::Rng;
+    let n: u64 = rand::rng().random();
+    format!("c-{n:016x}")
+}
+
+pub struct Client {
+    endpoints: Vec<String>,
+    channels: HashMap<String, Channel>,
+    primary: Option<String>,
+    next: usize,
+    client_id: String,
+    sequence: u64,
+    /// How long one operation keeps retrying before giving up.
+    pub deadline: Duration,
+    /// Per-attempt timeout.
+    pub attempt_timeout: Duration,
+}
+
+impl Client {
+    pub fn new(endpoints: Vec<String>) -> Client {
+        Client {
+            endpoints: endpoints.iter().map(|e| endpoint_url(e)).collect(),
+            channels: HashMap::new(),
+            primary: None,
+            next: 0,
+            client_id: new_client_id(),
+            sequence: 0,
+            deadline: Duration::from_secs(10),
+            attempt_timeout: Duration::from_secs(6),
+        }
+    }
+
+    pub fn with_client_id(mut self, id: impl Into<String>) -> Client {
+        self.client_id = id.into();
+        self
+    }
+
+    pub fn client_id(&self) -> &str {
+        &self.client_id
+    }
+
+    pub fn endpoints(&self) -> &[String] {
+        &self.endpoints
+    }
+
+    fn chan(&mut self, endpoint: &str) -> Result<Channel, ClientError> {
+        if let Some(c) = self.channels.get(endpoint) {
+            return Ok(c.clone());
+        }
+        let c = channel(endpoint)?;
+        self.channels.insert(endpoint.to_string(), c.clone());
+        Ok(c)
+    }
+
+    fn target(&mut self) -> String {
+        if let Some(p) = &self.primary {
+            return p.clone();
+        }
+        let e = self.endpoints[self.next % self.endpoints.len().max(1)].clone();
+        self.next += 1;
+        e
+    }
+
+    /// Learn from an error where to go next. Returns true if the error says the request
+    /// certainly was not applied by that replica.
+    fn route(&mut self, endpoint: &str, status: &Status) -> bool {
+        let hint = status.metadata().get(PRIMARY_HINT).and_then(|v| v.to_str().ok()).map(endpoint_url);
+        match hint {
+            Some(h) if h != endpoint => {
+                if !self.endpoints.contains(&h) {
+                    self.endpoints.push(h.clone());
+                }
+                self.primary = Some(h);
+            }
+            _ => {
+                self.primary = None;
+                self.channels.remove(endpoint);
+            }
+        }
+        matches!(status.code(), Code::FailedPrecondition | Code::InvalidArgument | Code::OutOfRange)
+            && !status.message().starts_with("outcome unknown")
+    }
+
+    /// Execute a machine command (raw payload), exactly once.
+    pub async fn execute(&mut self, payload: Vec<u8>) -> Result<ExecuteResponse, ClientError> {
+        if self.endpoints.is_empty() {
+            return Err(ClientError::Invalid("no endpoints".into()));
+        }
+        self.sequence += 1;
+        let command = Command { client_id: self.client_id.clone(), sequence: self.sequence, payload };
+        let start = Instant::now();
+        let mut maybe_applied = false;
+        let mut last_error = String::new();
+        let mut attempt = 0u32;
+        while start.elapsed() < self.deadline {
+            let endpoint = self.target();
+            let mut client = ClientClient::new(self.chan(&endpoint)?)
+                .max_decoding_message_size(lockstep_proto::MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(lockstep_proto::MAX_MESSAGE_BYTES);
+            let mut req = tonic::Request::new(ExecuteRequest { command: Some(command.clone()) });
+            req.set_timeout(self.attempt_timeout.min(self.deadline.saturating_sub(start.elapsed())).max(Duration::from_millis(50)));
+            match client.execute(req).await {
+                Ok(resp) => {
+                    self.primary = Some(endpoint);
+                    return Ok(resp.into_inner());
+                }
+                Err(status) if status.code() == Code::InvalidArgument => {
+                    return Err(ClientError::Invalid(status.message().to_string()));
+                }
+                Err(status) => {
+                    let refused = self.route(&endpoint, &status);
+                    if !refused {
+                        maybe_applied = true;
+                    }
+                    last_error = format!("{endpoint}: {}", status.message());
+                    if status.message().contains("sealed") && start.elapsed() > Duration::from_secs(1) && !maybe_applied {
+                        return Err(ClientError::Rejected(last_error));
+                    }
+                }
+            }
+            attempt += 1;
+            if self.primary.is_none() || attempt % self.endpoints.len().max(1) as u32 == 0 {
+                tokio::time::sleep(Duration::from_millis(20 * u64::from(attempt.min(10)))).await;
+            }
+        }
+        Err(if maybe_applied { ClientError::Unknown(last_error) } else { ClientError::Rejected(last_error) })
+    }
+
+    /// A linearizable read-only query.
+    pub async fn read(&mut self, query: Vec<u8>) -> Result<ReadResponse, ClientError> {
+        let start = Instant::now();
+        let mut last_error = String::from("no endpoints");
+        let mut attempt = 0u32;
+        while start.elapsed() < self.deadline && !self.endpoints.is_empty() {
+            let endpoint = self.target();
+            let mut client = ClientClient::new(self.chan(&endpoint)?)
+                .max_decoding_message_size(lockstep_proto::MAX_MESSAGE_BYTES);
+            let mut req = tonic::Request::new(ReadRequest { query: query.clone() });
+            req.set_timeout(self.attempt_timeout);
+            match client.read(req).await {
+                Ok(resp) => {
+                    self.primary = Some(endpoint);
+                    return Ok(resp.into_inner());
+                }
+                Err(status) if status.code() == Code::InvalidArgument => {
+                    return Err(ClientError::Invalid(status.message().to_string()));
+                }
+                Err(status) => {
+                    self.route(&endpoint, &status);
+                    last_error = format!("{endpoint}: {}", status.message());
+                }
+            }
+            attempt += 1;
+            if self.primary.is_none() || attempt % self.endpoints.len().max(1) as u32 == 0 {
+                tokio::time::sleep(Duration::from_millis(20 * u64::from(attempt.min(10)))).await;
+            }
+        }
+        Err(ClientError::Rejected(last_error))
+    }
+
+    async fn kv(&mut self, cmd: serde_json::Value) -> Result<serde_json::Value, ClientError> {
+        let resp = self.execute(cmd.to_string().into_bytes()).await?;
+        parse_output(&resp.output)
+    }
+
+    /// `put`: returns the previous value.
+    pub async fn put(&mut self, key: &str, value: &str) -> Result<Option<String>, ClientError> {
+        let out = self.kv(serde_json::json!({"op": "put", "key": key, "value": value})).await?;
+        Ok(out["previous"].as_str().map(String::from))
+    }
+
+    /// `delete`: returns the previous value.
+    pub async fn delete(&mut self, key: &str) -> Result<Option<String>, ClientError> {
+        let out = self.kv(serde_json::json!({"op": "delete", "key": key})).await?;
+        Ok(out["previous"].as_str().map(String::from))
+    }
+
+    /// Compare-and-swap: returns (swapped, current value).
+    pub async fn cas(
+        &mut self,
+        key: &str,
+        old: Option<&str>,
+        new: Option<&str>,
+    ) -> Result<(bool, Option<String>), ClientError> {
+        let out = self.kv(serde_json::json!({"op": "cas", "key": key, "old": old, "new": new})).await?;
+        Ok((out["swapped"].as_bool().unwrap_or(false), out["current"].as_str().map(String::from)))
+    }
+
+    /// Linearizable `get`.
+    pub async fn get(&mut self, key: &str) -> Result<Option<String>, ClientError> {
+        let resp = self.read(serde_json::json!({"op": "get", "key": key}).to_string().into_bytes()).await?;
+        let out = parse_output(&resp.output)?;
+        Ok(out["value"].as_str().map(String::from))
+    }
+
+    /// Status of every known replica (errors per endpoint).
+    pub async fn status_all(&mut self) -> Vec<(String, Result<StatusResponse, String>)> {
+        let endpoints = self.endpoints.clone();
+        let mut out = Vec::new();
+        for e in endpoints {
+            out.push((e.clone(), status_of(&e, Duration::from_secs(2)).await));
+        }
+        out
+    }
+
+    /// Subscribe to applied commands and their outputs (the seed's output devices).
+    pub async fn watch(
+        &mut self,
+        from_index: u64,
+    ) -> Result<tonic::Streaming<AppliedEntry>, ClientError> {
+        let mut last = String::new();
+        for _ in 0..self.endpoints.len().max(1) * 2 {
+            let endpoint = self.target();
+            let mut client = ClientClient::new(self.chan(&endpoint)?);
+            match client.watch(WatchRequest { from_index }).await {
+                Ok(s) => return Ok(s.into_inner()),
+                Err(status) => {
+                    self.route(&endpoint, &status);
+                    last = status.message().to_string();
+                }
+            }
+        }
+        Err(ClientError::Rejected(last))
+    }
+}
+
+pub fn parse_output(bytes: &[u8]) -> Result<serde_json::Value, ClientError> {
+    let v: serde_json::Value = serde_json::from_slice(bytes)
+        .map_err(|e| ClientError::Invalid(format!("machine output is not JSON: {e}")))?;
+    if let Some(err) = v.get("error").and_then(|e| e.as_str()) {
+        return Err(ClientError::Invalid(err.to_string()));
+    }
+    Ok(v)
+}
+
+/// A lazily connecting channel to one replica.
+pub fn cluster_channel(endpoint: &str) -> Result<Channel, ClientError> {
+    channel(&endpoint_url(endpoint))
+}
+
+/// One replica's admin status.
+pub async fn status_of(endpoint: &str, timeout: Duration) -> Result<StatusResponse, String> {
+    let ch = channel(&endpoint_url(endpoint)).map_err(|e| e.to_string())?;
+    let mut c = AdminClient::new(ch);
+    let mut req = tonic::Request::new(StatusRequest {});
+    req.set_timeout(timeout);
+    match tokio::time::timeout(timeout, c.status(req)).await {
+        Ok(Ok(r)) => Ok(r.into_inner()),
+        Ok(Err(s)) => Err(s.message().to_string()),
+        Err(_) => Err(format!("no answer within {timeout:?}")),
+    }
+}

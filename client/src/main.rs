@@ -1,1 +1,275 @@
-fn main() {}
+//! `lockstep`: run a local cluster (`up`), talk to a cluster (put/get/delete/cas, status,
+//! watch), load it (`bench`), or run one replica process (`replica`).
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use lockstep::bench::{Mix, WorkloadOptions, run_workload};
+use lockstep::cluster::{DEFAULT_DATA_DIR, resolve_endpoints};
+use lockstep::{Client, ClientError};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(name = "lockstep", version, about = "Replicated state machines: local clusters, clients, benchmarks")]
+struct Cli {
+    /// Cluster: the name of a local cluster started by `lockstep up`, or host:port,host:port,...
+    #[arg(short = 'c', long = "cluster", global = true, env = "LOCKSTEP_CLUSTER")]
+    cluster: Option<String>,
+    /// Where `lockstep up` keeps local clusters.
+    #[arg(long, global = true, env = "LOCKSTEP_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
+    data_dir: PathBuf,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the ReplicatedStateMachine in FILE as a local cluster in the foreground (Ctrl-C stops it).
+    Up {
+        file: PathBuf,
+        /// Declare a replica fail-stopped after this many milliseconds without an answer.
+        #[arg(long, default_value_t = 1000)]
+        failure_timeout_ms: u64,
+        /// Keep a fenced (paused/partitioned) replica alive this long before stopping it.
+        #[arg(long, default_value_t = 10_000)]
+        fenced_grace_ms: u64,
+        /// Skip fsync in the replicas (benchmarks only; a crash may lose acknowledged writes).
+        #[arg(long)]
+        no_fsync: bool,
+        /// Print decisions only, not the member table.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Write KEY = VALUE (prints the previous value).
+    Put { key: String, value: String },
+    /// Read KEY (linearizable).
+    Get { key: String },
+    /// Delete KEY (prints the previous value).
+    Delete { key: String },
+    /// Set KEY to NEW if it is OLD ("-" means absent).
+    Cas { key: String, old: String, new: String },
+    /// Show epoch and members.
+    Status {
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: Format,
+    },
+    /// Stream applied commands and their outputs.
+    Watch {
+        /// Start from this log index (default: from now on).
+        #[arg(long, default_value_t = 0)]
+        from: u64,
+    },
+    /// Load generator: throughput and latency.
+    Bench {
+        #[arg(long, default_value_t = 8)]
+        clients: usize,
+        #[arg(long, default_value_t = 10)]
+        duration: u64,
+        #[arg(long, default_value_t = 256)]
+        value_size: usize,
+        #[arg(long, default_value_t = 1000)]
+        keys: usize,
+        #[arg(long, value_enum, default_value = "write")]
+        mix: Mix,
+        /// Record every operation as a JSON line (lockstep-linearizability format).
+        #[arg(long)]
+        history: Option<PathBuf>,
+        /// Check the recorded history for linearizability at the end.
+        #[arg(long)]
+        check: bool,
+    },
+    /// Run one replica process (what `up` starts; `lockstep-replica` is the same).
+    Replica {
+        #[command(flatten)]
+        args: lockstep_replica::ReplicaArgs,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Format {
+    Table,
+    Json,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Cmd::Replica { args } = cli.command {
+        if let Err(e) = lockstep_replica::main_with(args, &lockstep_replica::builtin_machines()) {
+            eprintln!("lockstep replica: error: {e:#}");
+            std::process::exit(2);
+        }
+        return;
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("lockstep: cannot start: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = rt.block_on(run(cli)) {
+        eprintln!("lockstep: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn client(cli: &Cli) -> anyhow::Result<Client> {
+    let spec = cli.cluster.as_deref().context("which cluster? pass -c NAME (a local cluster) or -c host:port,...")?;
+    Ok(Client::new(resolve_endpoints(spec, &cli.data_dir)?))
+}
+
+fn show(v: Option<String>) -> String {
+    v.unwrap_or_else(|| "(none)".into())
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match &cli.command {
+        Cmd::Up { file, failure_timeout_ms, fenced_grace_ms, no_fsync, quiet } => {
+            lockstep_replica::init_tracing(false);
+            lockstep::up::up(lockstep::up::UpOptions {
+                file: file.clone(),
+                data_dir: cli.data_dir.clone(),
+                failure_timeout: Duration::from_millis(*failure_timeout_ms),
+                fenced_grace: Duration::from_millis(*fenced_grace_ms),
+                no_fsync: *no_fsync,
+                quiet: *quiet,
+            })
+            .await
+        }
+        Cmd::Put { key, value } => {
+            let prev = client(&cli)?.put(key, value).await?;
+            println!("OK (previous: {})", show(prev));
+            Ok(())
+        }
+        Cmd::Get { key } => {
+            match client(&cli)?.get(key).await? {
+                Some(v) => println!("{v}"),
+                None => {
+                    eprintln!("(not found)");
+                    std::process::exit(3);
+                }
+            }
+            Ok(())
+        }
+        Cmd::Delete { key } => {
+            let prev = client(&cli)?.delete(key).await?;
+            println!("OK (previous: {})", show(prev));
+            Ok(())
+        }
+        Cmd::Cas { key, old, new } => {
+            let opt = |s: &str| (s != "-").then(|| s.to_string());
+            let (swapped, current) = client(&cli)?.cas(key, opt(old).as_deref(), opt(new).as_deref()).await?;
+            println!("{} (current: {})", if swapped { "SWAPPED" } else { "NOT SWAPPED" }, show(current));
+            if !swapped {
+                std::process::exit(4);
+            }
+            Ok(())
+        }
+        Cmd::Status { output } => status(&cli, *output).await,
+        Cmd::Watch { from } => {
+            let mut stream = client(&cli)?.watch(*from).await?;
+            while let Some(e) = stream.message().await? {
+                let command = e.command.as_ref().map(|c| {
+                    serde_json::json!({"client": c.client_id, "sequence": c.sequence,
+                        "payload": String::from_utf8_lossy(&c.payload)})
+                });
+                let line = serde_json::json!({
+                    "index": e.index, "epoch": e.epoch, "kind": e.kind, "command": command,
+                    "output": String::from_utf8_lossy(&e.output),
+                });
+                println!("{line}");
+            }
+            Ok(())
+        }
+        Cmd::Bench { clients, duration, value_size, keys, mix, history, check } => {
+            let endpoints = resolve_endpoints(
+                cli.cluster.as_deref().context("which cluster? pass -c NAME or -c host:port,...")?,
+                &cli.data_dir,
+            )?;
+            let opts = WorkloadOptions {
+                clients: *clients,
+                duration: Duration::from_secs(*duration),
+                value_size: *value_size,
+                keys: *keys,
+                mix: *mix,
+                history: history.clone(),
+            };
+            eprintln!("bench: {clients} clients for {duration}s against {}", endpoints.join(","));
+            let stop = Arc::new(AtomicBool::new(false));
+            let progress = tokio::spawn({
+                let d = *duration;
+                async move {
+                    for s in 1..=d {
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        eprint!("\r  {s}/{d}s");
+                    }
+                    eprintln!();
+                }
+            });
+            let report = run_workload("lockstep", opts, |_| Client::new(endpoints.clone()), stop).await?;
+            progress.abort();
+            println!("{report}");
+            if let (Some(path), true) = (history, check) {
+                let h = lockstep_linearizability::parse_history(std::io::BufReader::new(std::fs::File::open(path)?))?;
+                let r = lockstep_linearizability::check_kv(&h, Default::default());
+                println!("history {}: {r}", path.display());
+                if !r.is_linearizable() {
+                    std::process::exit(1);
+                }
+            }
+            Ok(())
+        }
+        Cmd::Replica { .. } => unreachable!("handled before the runtime starts"),
+    }
+}
+
+async fn status(cli: &Cli, output: Format) -> anyhow::Result<()> {
+    let mut c = client(cli)?;
+    let all = c.status_all().await;
+    match output {
+        Format::Json => {
+            let members: Vec<_> = all
+                .iter()
+                .map(|(ep, r)| match r {
+                    Ok(s) => serde_json::json!({
+                        "id": s.id, "endpoint": ep, "state": s.state, "epoch": s.epoch,
+                        "version": s.machine.as_ref().map(|m| m.version.clone()),
+                        "machine": s.machine.as_ref().map(|m| m.name.clone()),
+                        "appliedIndex": s.applied_index, "commitIndex": s.commit_index,
+                        "sealedAt": (s.sealed_at > 0).then_some(s.sealed_at),
+                    }),
+                    Err(e) => serde_json::json!({"endpoint": ep, "state": "unreachable", "error": e}),
+                })
+                .collect();
+            let epoch = all.iter().filter_map(|(_, r)| r.as_ref().ok()).map(|s| s.epoch).max();
+            let primary = all
+                .iter()
+                .filter_map(|(_, r)| r.as_ref().ok())
+                .find(|s| s.state == "primary" && Some(s.epoch) == epoch)
+                .map(|s| s.id.clone());
+            println!("{}", serde_json::to_string_pretty(&serde_json::json!({"epoch": epoch, "primary": primary, "members": members}))?);
+        }
+        Format::Table => {
+            println!("{:<12} {:<13} {:>6} {:<16} {:>10} {:>10}  ENDPOINT", "ID", "STATE", "EPOCH", "VERSION", "APPLIED", "COMMIT");
+            for (ep, r) in &all {
+                match r {
+                    Ok(s) => println!(
+                        "{:<12} {:<13} {:>6} {:<16} {:>10} {:>10}  {}",
+                        s.id,
+                        if s.sealed_at > 0 { format!("{} (sealed)", s.state) } else { s.state.clone() },
+                        s.epoch,
+                        s.machine.as_ref().map_or("?".into(), |m| format!("{} {}", m.name, m.version)),
+                        s.applied_index,
+                        s.commit_index,
+                        ep.trim_start_matches("http://")
+                    ),
+                    Err(e) => println!("{:<12} {:<13} {:>6} {:<16} {:>10} {:>10}  {} ({e})", "?", "unreachable", "-", "-", "-", "-", ep),
+                }
+            }
+        }
+    }
+    let _ = ClientError::Rejected(String::new());
+    Ok(())
+}

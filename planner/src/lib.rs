@@ -373,7 +373,11 @@ pub fn plan(prefix: &str, desired: &Desired, observed: &Observed) -> Plan {
     let moved: Vec<String> = config
         .members
         .iter()
-        .filter(|m| observed.replica(&m.id).is_some_and(|r| r.endpoint != m.endpoint))
+        .filter(|m| {
+            observed
+                .replica(&m.id)
+                .is_some_and(|r| r.health == Health::Running && !r.endpoint.is_empty() && r.endpoint != m.endpoint)
+        })
         .map(|m| m.id.clone())
         .collect();
     if !moved.is_empty() {

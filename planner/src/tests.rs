@@ -332,6 +332,12 @@ fn moved_endpoints_get_a_new_epoch_and_lagging_members_get_the_config_again() {
     assert_eq!(c.member("kv-1").map(|m| m.endpoint.as_str()), Some("http://elsewhere"));
     assert_eq!(c.epoch, 4);
 
+    // A restarted member whose new address is not known yet is left alone.
+    let mut o = steady(1, 3);
+    o.replicas[1].endpoint = String::new();
+    o.replicas[1].health = Health::Starting;
+    assert!(plan("kv", &desired(1), &o).actions.is_empty());
+
     let mut o = steady(1, 3);
     o.replicas[1].status.as_mut().unwrap().epoch = 2;
     assert_eq!(

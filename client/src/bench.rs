@@ -1,0 +1,235 @@
+//! The load generator behind `lockstep bench` (and the fault tests): N concurrent clients,
+//! each a closed loop of key-value operations, recording latency and, optionally, the full
+//! history (one JSON line per operation, the `lockstep-linearizability` format).
+//!
+//! The backend is a trait so the same generator drives lockstep and, for comparison, etcd.
+
+use crate::{Client, ClientError};
+use hdrhistogram::Histogram;
+use lockstep_linearizability::{HistoryEntry, OpKind, Outcome};
+use rand::{Rng, SeedableRng};
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// One key-value operation.
+#[derive(Clone, Debug)]
+pub struct Op {
+    pub kind: OpKind,
+    pub key: String,
+    pub value: Option<String>,
+    pub old: Option<String>,
+    pub new: Option<String>,
+}
+
+/// A key-value service the load generator can drive.
+pub trait KvBackend: Send + 'static {
+    /// Run `op`; return the outcome and, for `Ok`, the output in the history format.
+    fn run(&mut self, op: &Op) -> impl Future<Output = (Outcome, Option<serde_json::Value>)> + Send;
+}
+
+impl KvBackend for Client {
+    async fn run(&mut self, op: &Op) -> (Outcome, Option<serde_json::Value>) {
+        let result = match op.kind {
+            OpKind::Get => self.get(&op.key).await.map(|v| serde_json::json!({"value": v})),
+            OpKind::Put => {
+                self.put(&op.key, op.value.as_deref().unwrap_or_default()).await.map(|p| serde_json::json!({"previous": p}))
+            }
+            OpKind::Delete => self.delete(&op.key).await.map(|p| serde_json::json!({"previous": p})),
+            OpKind::Cas => self
+                .cas(&op.key, op.old.as_deref(), op.new.as_deref())
+                .await
+                .map(|(s, c)| serde_json::json!({"swapped": s, "current": c})),
+        };
+        match result {
+            Ok(v) => (Outcome::Ok, Some(v)),
+            Err(ClientError::Unknown(_)) => (Outcome::Unknown, None),
+            Err(_) => (Outcome::Fail, None),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mix {
+    /// Only puts (write throughput).
+    Write,
+    /// 50% get, 30% put, 10% cas, 10% delete (history checking).
+    Mixed,
+}
+
+#[derive(Clone, Debug)]
+pub struct WorkloadOptions {
+    pub clients: usize,
+    pub duration: Duration,
+    pub value_size: usize,
+    pub keys: usize,
+    pub mix: Mix,
+    pub history: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Report {
+    pub target: String,
+    pub clients: usize,
+    pub value_size: usize,
+    pub seconds: f64,
+    pub ok: u64,
+    pub failed: u64,
+    pub unknown: u64,
+    pub ops_per_sec: f64,
+    pub p50_us: u64,
+    pub p99_us: u64,
+    pub max_us: u64,
+}
+
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:<10} clients={:<3} value={}B  {:>9.0} ops/s  p50={:>7.2}ms  p99={:>7.2}ms  max={:>7.2}ms  ok={} fail={} unknown={}",
+            self.target,
+            self.clients,
+            self.value_size,
+            self.ops_per_sec,
+            self.p50_us as f64 / 1000.0,
+            self.p99_us as f64 / 1000.0,
+            self.max_us as f64 / 1000.0,
+            self.ok,
+            self.failed,
+            self.unknown
+        )
+    }
+}
+
+fn pad(s: String, size: usize) -> String {
+    if s.len() >= size {
+        return s;
+    }
+    let mut v = s;
+    v.push('-');
+    while v.len() < size {
+        v.push('x');
+    }
+    v
+}
+
+fn next_op(rng: &mut impl Rng, client: usize, n: u64, opts: &WorkloadOptions) -> Op {
+    let key = format!("k{}", rng.random_range(0..opts.keys.max(1)));
+    let value = pad(format!("c{client}-{n}"), opts.value_size);
+    let roll = rng.random_range(0..100);
+    let kind = match opts.mix {
+        Mix::Write => OpKind::Put,
+        Mix::Mixed if roll < 50 => OpKind::Get,
+        Mix::Mixed if roll < 80 => OpKind::Put,
+        Mix::Mixed if roll < 90 => OpKind::Cas,
+        Mix::Mixed => OpKind::Delete,
+    };
+    match kind {
+        OpKind::Put => Op { kind, key, value: Some(value), old: None, new: None },
+        OpKind::Cas => {
+            // Expect a value some client may have written, or absence.
+            let old = if rng.random_bool(0.3) {
+                None
+            } else {
+                Some(pad(format!("c{}-{}", rng.random_range(0..opts.clients.max(1)), n.saturating_sub(1)), opts.value_size))
+            };
+            Op { kind, key, value: None, old, new: Some(value) }
+        }
+        _ => Op { kind, key, value: None, old: None, new: None },
+    }
+}
+
+/// Run the workload: `make(i)` builds client i's backend connection.
+pub async fn run_workload<B, F>(target: &str, opts: WorkloadOptions, make: F, stop: Arc<AtomicBool>) -> anyhow::Result<Report>
+where
+    B: KvBackend,
+    F: Fn(usize) -> B,
+{
+    let base = Instant::now();
+    let ns = move |t: Instant| t.duration_since(base).as_nanos() as u64;
+    let done = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for i in 0..opts.clients {
+        let mut backend = make(i);
+        let opts = opts.clone();
+        let stop = stop.clone();
+        let done = done.clone();
+        let record = opts.history.is_some();
+        tasks.push(tokio::spawn(async move {
+            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds");
+            let mut entries = Vec::new();
+            let (mut ok, mut failed, mut unknown) = (0u64, 0u64, 0u64);
+            let mut rng = rand::rngs::StdRng::from_rng(&mut rand::rng());
+            let mut n = 0u64;
+            let end = base + opts.duration;
+            while Instant::now() < end && !stop.load(Ordering::Relaxed) {
+                n += 1;
+                let op = next_op(&mut rng, i, n, &opts);
+                let call = Instant::now();
+                let (outcome, output) = backend.run(&op).await;
+                let ret = Instant::now();
+                match outcome {
+                    Outcome::Ok => {
+                        ok += 1;
+                        let _ = hist.record(ret.duration_since(call).as_micros().max(1) as u64);
+                    }
+                    Outcome::Fail => failed += 1,
+                    Outcome::Unknown => unknown += 1,
+                }
+                done.fetch_add(1, Ordering::Relaxed);
+                if record {
+                    entries.push(HistoryEntry {
+                        client: format!("c{i}"),
+                        op: op.kind,
+                        key: op.key,
+                        value: op.value,
+                        old: op.old,
+                        new: op.new,
+                        call: ns(call),
+                        ret: (outcome == Outcome::Ok).then(|| ns(ret)),
+                        result: outcome,
+                        output,
+                    });
+                }
+            }
+            (hist, entries, ok, failed, unknown)
+        }));
+    }
+    let started = Instant::now();
+    let mut total = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut history = Vec::new();
+    let (mut ok, mut failed, mut unknown) = (0, 0, 0);
+    for t in tasks {
+        let (h, e, o, f, u) = t.await?;
+        total.add(h)?;
+        history.extend(e);
+        ok += o;
+        failed += f;
+        unknown += u;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    if let Some(path) = &opts.history {
+        use std::io::Write;
+        history.sort_by_key(|e| e.call);
+        let mut w = std::io::BufWriter::new(std::fs::File::create(path)?);
+        for e in &history {
+            lockstep_linearizability::write_entry(&mut w, e)?;
+        }
+        w.flush()?;
+    }
+    Ok(Report {
+        target: target.into(),
+        clients: opts.clients,
+        value_size: opts.value_size,
+        seconds,
+        ok,
+        failed,
+        unknown,
+        ops_per_sec: ok as f64 / seconds.max(1e-9),
+        p50_us: total.value_at_quantile(0.5),
+        p99_us: total.value_at_quantile(0.99),
+        max_us: total.max(),
+    })
+}

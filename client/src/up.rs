@@ -1,0 +1,568 @@
+//! `lockstep up FILE`: a local cluster, with this process as the configuration master.
+//!
+//! It reads a `ReplicatedStateMachine`, runs its replicas as child processes on loopback, and
+//! loops: observe (process exits, admin `Status` over gRPC) -> `lockstep_planner::plan` ->
+//! carry out the actions. It is the local backend of the same planner the operator uses.
+//! The configuration it decides is persisted in `<data-dir>/<name>/cluster.json` before any
+//! replica hears of it, so a restarted `up` continues from it.
+
+use crate::cluster::{MasterState, cluster_dir, load_state, save_state};
+use anyhow::{Context, bail};
+use lockstep_planner::{
+    Action, Config, Desired, FailureModel, Health, MachineRef, Observed, ObservedReplica, Plan,
+    ReplicaStatus, Role,
+};
+use lockstep_proto::{MemberRole, admin_client::AdminClient};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use tokio::process::{Child, Command};
+
+#[derive(Debug, Clone)]
+pub struct UpOptions {
+    pub file: PathBuf,
+    pub data_dir: PathBuf,
+    /// A replica that does not answer for this long is declared fail-stopped.
+    pub failure_timeout: Duration,
+    /// How long a fenced replica that is still alive (paused, partitioned) is left running
+    /// (refusing everything) before it is killed.
+    pub fenced_grace: Duration,
+    pub no_fsync: bool,
+    /// Print a status table on every change.
+    pub quiet: bool,
+}
+
+struct LocalReplica {
+    id: String,
+    child: Child,
+    dir: PathBuf,
+    started: Instant,
+    endpoint: Option<String>,
+    exited: Option<String>,
+    last_ok: Option<Instant>,
+    status: Option<lockstep_proto::StatusResponse>,
+}
+
+struct Retiring {
+    id: String,
+    child: Child,
+    kill_at: Instant,
+}
+
+const START_GRACE: Duration = Duration::from_secs(15);
+const TICK: Duration = Duration::from_millis(50);
+
+fn to_member_role(r: Role) -> i32 {
+    match r {
+        Role::Voter => MemberRole::Voter as i32,
+        Role::Learner => MemberRole::Learner as i32,
+    }
+}
+
+pub fn to_proto_config(c: &Config) -> lockstep_proto::Configuration {
+    lockstep_proto::Configuration {
+        epoch: c.epoch,
+        primary_id: c.primary.clone(),
+        members: c
+            .members
+            .iter()
+            .map(|m| lockstep_proto::Member { id: m.id.clone(), endpoint: m.endpoint.clone(), role: to_member_role(m.role) })
+            .collect(),
+    }
+}
+
+pub fn from_proto_status(s: &lockstep_proto::StatusResponse) -> ReplicaStatus {
+    ReplicaStatus {
+        epoch: s.epoch,
+        applied_index: s.applied_index,
+        commit_index: s.commit_index,
+        last_index: s.last_index,
+        sealed_at: (s.sealed_at > 0).then_some(s.sealed_at),
+        sealed_digest: (!s.sealed_digest.is_empty()).then(|| s.sealed_digest.clone()),
+        peer_match: s.peers.iter().map(|p| (p.id.clone(), p.match_index)).collect(),
+    }
+}
+
+/// Read and check the resource for a local run.
+pub fn load_desired(file: &Path) -> anyhow::Result<(String, Desired)> {
+    let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let rsm = lockstep_resource::from_yaml(&text).with_context(|| format!("{} is not a valid resource", file.display()))?;
+    let name = rsm.metadata.name.clone().context("metadata.name is required")?;
+    let spec = &rsm.spec;
+    let model = match spec.failure_model {
+        lockstep_resource::FailureModel::FailStop => FailureModel::FailStop,
+        lockstep_resource::FailureModel::Byzantine => FailureModel::Byzantine,
+    };
+    if model == FailureModel::Byzantine {
+        bail!(
+            "{}: failureModel Byzantine is not available yet: this lockstep runs FailStop clusters only (t+1 replicas). \
+             Use failureModel: FailStop",
+            file.display()
+        );
+    }
+    let Some(factory) = lockstep_replica::machine::builtin(&spec.machine.name) else {
+        bail!(
+            "{}: machine '{}' is not built in (built-in: {}); run your own replica binary on Kubernetes instead",
+            file.display(),
+            spec.machine.name,
+            lockstep_replica::machine::BUILTIN_NAMES.join(", ")
+        );
+    };
+    let builtin = factory().identity();
+    if builtin.version != spec.machine.version {
+        bail!(
+            "{}: machine {} version {} is not available locally; the built-in {} is version {}",
+            file.display(),
+            spec.machine.name,
+            spec.machine.version,
+            builtin.name,
+            builtin.version
+        );
+    }
+    let desired = Desired {
+        faults_tolerated: u32::try_from(spec.faults_tolerated).context("faultsTolerated must not be negative")?,
+        failure_model: model,
+        machine: MachineRef { name: spec.machine.name.clone(), version: spec.machine.version.clone(), image: None },
+        paused: false,
+    };
+    Ok((name, desired))
+}
+
+struct Master {
+    name: String,
+    dir: PathBuf,
+    desired: Desired,
+    opts: UpOptions,
+    state: MasterState,
+    replicas: BTreeMap<String, LocalReplica>,
+    retiring: Vec<Retiring>,
+    began: Instant,
+    last_summary: String,
+    last_table: String,
+    _lock: std::fs::File,
+}
+
+pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
+    let (name, desired) = load_desired(&opts.file)?;
+    let dir = cluster_dir(&opts.data_dir, &name);
+    std::fs::create_dir_all(dir.join("replicas")).with_context(|| format!("cannot create {}", dir.display()))?;
+    std::fs::create_dir_all(dir.join("logs"))?;
+    let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(dir.join("up.lock"))?;
+    if lock.try_lock().is_err() {
+        bail!("cluster '{name}' is already running from {} (another `lockstep up` holds it)", dir.display());
+    }
+    let state = match load_state(&dir)? {
+        Some(mut s) => {
+            if s.machine.name != desired.machine.name {
+                bail!(
+                    "{} holds cluster '{name}' running machine '{}', but {} asks for '{}'; use another --data-dir",
+                    dir.display(),
+                    s.machine.name,
+                    opts.file.display(),
+                    desired.machine.name
+                );
+            }
+            s.faults_tolerated = desired.faults_tolerated;
+            s
+        }
+        None => MasterState {
+            name: name.clone(),
+            machine: desired.machine.clone(),
+            faults_tolerated: desired.faults_tolerated,
+            config: None,
+            rollout: None,
+        },
+    };
+    let mut m = Master {
+        name: name.clone(),
+        dir,
+        desired,
+        opts,
+        state,
+        replicas: BTreeMap::new(),
+        retiring: Vec::new(),
+        began: Instant::now(),
+        last_summary: String::new(),
+        last_table: String::new(),
+        _lock: lock,
+    };
+    m.say(&format!(
+        "lockstep up: cluster '{name}', machine {} {}, t = {} (FailStop: {} replicas), data in {}",
+        m.desired.machine.name,
+        m.desired.machine.version,
+        m.desired.faults_tolerated,
+        m.desired.replicas(),
+        m.dir.display()
+    ));
+    // Restart: bring back every member of the persisted configuration from its data dir.
+    if let Some(config) = m.state.config.clone() {
+        m.say(&format!(
+            "restarting from {}: epoch {}, members {}",
+            crate::cluster::STATE_FILE,
+            config.epoch,
+            config.members.iter().map(|x| x.id.as_str()).collect::<Vec<_>>().join(", ")
+        ));
+        for member in &config.members {
+            m.spawn(&member.id, false)?;
+        }
+    }
+    let result = m.run().await;
+    m.shutdown().await;
+    result
+}
+
+impl Master {
+    fn say(&self, line: &str) {
+        let t = self.began.elapsed();
+        println!("[{:>4}.{:03}s] {line}", t.as_secs(), t.subsec_millis());
+    }
+
+    fn spawn(&mut self, id: &str, fresh: bool) -> anyhow::Result<()> {
+        let dir = self.dir.join("replicas").join(id);
+        if fresh && dir.exists() {
+            // A new replica starts empty: it gets its state by state transfer.
+            std::fs::remove_dir_all(&dir).with_context(|| format!("cannot clear {}", dir.display()))?;
+        }
+        std::fs::create_dir_all(&dir)?;
+        let _ = std::fs::remove_file(dir.join(lockstep_replica::LISTENING_FILE));
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("logs").join(format!("{id}.log")))?;
+        let exe = match std::env::var_os("LOCKSTEP_REPLICA_BIN") {
+            Some(p) => PathBuf::from(p),
+            None => std::env::current_exe().context("cannot find the lockstep executable")?,
+        };
+        let mut cmd = Command::new(&exe);
+        if std::env::var_os("LOCKSTEP_REPLICA_BIN").is_none() {
+            cmd.arg("replica");
+        }
+        cmd.arg("--id").arg(id).arg("--data-dir").arg(&dir).arg("--machine").arg(&self.desired.machine.name);
+        if self.opts.no_fsync {
+            cmd.arg("--no-fsync");
+        }
+        cmd.stdin(std::process::Stdio::null()).stdout(log.try_clone()?).stderr(log).process_group(0);
+        // SAFETY: only async-signal-safe prctl between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM);
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().with_context(|| format!("cannot start replica {id} ({})", exe.display()))?;
+        self.say(&format!("started replica {id} (pid {})", child.id().unwrap_or(0)));
+        self.replicas.insert(
+            id.to_string(),
+            LocalReplica {
+                id: id.to_string(),
+                child,
+                dir,
+                started: Instant::now(),
+                endpoint: None,
+                exited: None,
+                last_ok: None,
+                status: None,
+            },
+        );
+        Ok(())
+    }
+
+    async fn run(&mut self) -> anyhow::Result<()> {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let mut interval = tokio::time::interval(TICK);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => { self.say("interrupted: stopping the cluster"); return Ok(()); }
+                _ = term.recv() => { self.say("terminated: stopping the cluster"); return Ok(()); }
+                _ = interval.tick() => {}
+            }
+            let observed = self.observe().await;
+            let plan = lockstep_planner::plan(&self.name, &self.desired, &observed);
+            self.report(&plan, &observed);
+            for action in plan.actions {
+                if let Err(e) = self.execute(action).await {
+                    self.say(&format!("error: {e:#}"));
+                }
+            }
+            self.reap_retiring();
+        }
+    }
+
+    async fn observe(&mut self) -> Observed {
+        let failure_timeout = self.opts.failure_timeout;
+        let now = Instant::now();
+        // Process exits and listening addresses.
+        for r in self.replicas.values_mut() {
+            if r.exited.is_none()
+                && let Ok(Some(status)) = r.child.try_wait()
+            {
+                r.exited = Some(format!("process exited: {status}"));
+            }
+            if r.endpoint.is_none()
+                && let Ok(bytes) = std::fs::read(r.dir.join(lockstep_replica::LISTENING_FILE))
+                && let Ok(l) = serde_json::from_slice::<lockstep_replica::Listening>(&bytes)
+                && Some(l.pid) == r.child.id()
+            {
+                r.endpoint = Some(format!("http://{}", l.grpc));
+            }
+        }
+        // Admin status, all at once.
+        let probes: Vec<_> = self
+            .replicas
+            .values()
+            .filter(|r| r.exited.is_none())
+            .filter_map(|r| r.endpoint.clone().map(|e| (r.id.clone(), e)))
+            .map(|(id, e)| async move { (id, crate::status_of(&e, Duration::from_millis(300)).await) })
+            .collect();
+        for (id, result) in futures::future::join_all(probes).await {
+            if let Some(r) = self.replicas.get_mut(&id) {
+                match result {
+                    Ok(s) => {
+                        r.last_ok = Some(now);
+                        r.status = Some(s);
+                    }
+                    Err(_) => r.status = None,
+                }
+            }
+        }
+        let mut replicas = Vec::new();
+        for r in self.replicas.values() {
+            let health = if let Some(why) = &r.exited {
+                Health::Failed { reason: why.clone() }
+            } else {
+                match r.last_ok {
+                    None if r.started.elapsed() > START_GRACE => {
+                        Health::Failed { reason: format!("did not answer within {START_GRACE:?} of starting") }
+                    }
+                    None => Health::Starting,
+                    Some(t) if now.duration_since(t) > failure_timeout => Health::Failed {
+                        reason: format!("unreachable for {} ms", now.duration_since(t).as_millis()),
+                    },
+                    Some(_) => Health::Running,
+                }
+            };
+            let machine = r
+                .status
+                .as_ref()
+                .and_then(|s| s.machine.as_ref())
+                .map(|mi| MachineRef { name: mi.name.clone(), version: mi.version.clone(), image: None })
+                .unwrap_or_else(|| self.desired.machine.clone());
+            replicas.push(ObservedReplica {
+                id: r.id.clone(),
+                endpoint: r.endpoint.clone().unwrap_or_default(),
+                machine,
+                status: if health == Health::Running { r.status.as_ref().map(from_proto_status) } else { None },
+                health,
+            });
+        }
+        // Fenced replicas still alive keep their ordinal until they are gone.
+        for r in &self.retiring {
+            replicas.push(ObservedReplica {
+                id: r.id.clone(),
+                endpoint: String::new(),
+                machine: self.desired.machine.clone(),
+                health: Health::Failed { reason: "fenced, waiting to stop".into() },
+                status: None,
+            });
+        }
+        Observed { config: self.state.config.clone(), replicas, rollout: self.state.rollout.clone(), staged: true }
+    }
+
+    fn report(&mut self, plan: &Plan, observed: &Observed) {
+        if plan.summary != self.last_summary && !plan.summary.starts_with("cleaning up") {
+            self.say(&plan.summary);
+            if let Some(d) = &plan.conditions.degraded {
+                if !plan.summary.contains(d.as_str()) {
+                    self.say(&format!("  Degraded: {d}"));
+                }
+            }
+            self.last_summary = plan.summary.clone();
+        }
+        if self.opts.quiet {
+            return;
+        }
+        let table = self.table(plan, observed);
+        if table != self.last_table {
+            println!("{table}");
+            self.last_table = table;
+        }
+    }
+
+    fn table(&self, plan: &Plan, observed: &Observed) -> String {
+        let Some(config) = &observed.config else { return String::new() };
+        let mut out = format!(
+            "  {} epoch {} primary {} | Ready={} Available={}{}\n  {:<10} {:<8} {:<13} {:>8}  {}",
+            self.name,
+            config.epoch,
+            config.primary,
+            plan.conditions.ready,
+            plan.conditions.available,
+            plan.conditions.degraded.as_ref().map_or(String::new(), |d| format!(" Degraded=\"{d}\"")),
+            "ID",
+            "ROLE",
+            "STATE",
+            "APPLIED",
+            "ENDPOINT"
+        );
+        for m in &config.members {
+            let r = self.replicas.get(&m.id);
+            let state = match r {
+                None => "gone".to_string(),
+                Some(r) if r.exited.is_some() => "exited".into(),
+                Some(r) => r.status.as_ref().map_or("no answer".into(), |s| s.state.clone()),
+            };
+            let applied = r.and_then(|r| r.status.as_ref()).map_or("-".into(), |s| {
+                // Only print the order of magnitude so the table does not redraw per write.
+                let a = s.applied_index;
+                if a < 10 { a.to_string() } else { format!("~{}", 10u64.pow(a.ilog10())) }
+            });
+            out.push_str(&format!(
+                "\n  {:<10} {:<8} {:<13} {:>8}  {}",
+                m.id,
+                match m.role {
+                    Role::Voter => "voter",
+                    Role::Learner => "learner",
+                },
+                state,
+                applied,
+                m.endpoint.trim_start_matches("http://")
+            ));
+        }
+        out
+    }
+
+    async fn push(endpoint: &str, config: &lockstep_proto::Configuration, timeout: Duration) -> Result<(), String> {
+        let ch = tonic::transport::Endpoint::from_shared(endpoint.to_string())
+            .map_err(|e| e.to_string())?
+            .connect_timeout(timeout)
+            .connect_lazy();
+        let mut c = AdminClient::new(ch);
+        let mut req = tonic::Request::new(lockstep_proto::ReconfigureRequest { config: Some(config.clone()) });
+        req.set_timeout(timeout);
+        match tokio::time::timeout(timeout, c.reconfigure(req)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(s)) => Err(s.message().to_string()),
+            Err(_) => Err("timed out".into()),
+        }
+    }
+
+    fn endpoint_of(&self, id: &str) -> Option<String> {
+        self.replicas.get(id).and_then(|r| r.endpoint.clone())
+    }
+
+    fn primary_endpoint(&self) -> Option<String> {
+        self.state.config.as_ref().and_then(|c| self.endpoint_of(&c.primary))
+    }
+
+    async fn execute(&mut self, action: Action) -> anyhow::Result<()> {
+        match action {
+            Action::CreateReplica { id, .. } => self.spawn(&id, true)?,
+            Action::Reconfigure { config, notify } => {
+                // Fence first: the decision is durable before any replica acts on it.
+                self.state.config = Some(config.clone());
+                save_state(&self.dir, &self.state)?;
+                let proto = to_proto_config(&config);
+                let pushes: Vec<_> = config
+                    .members
+                    .iter()
+                    .map(|m| {
+                        let proto = proto.clone();
+                        let ep = m.endpoint.clone();
+                        let id = m.id.clone();
+                        async move { (id, Self::push(&ep, &proto, Duration::from_secs(1)).await) }
+                    })
+                    .collect();
+                for (id, r) in futures::future::join_all(pushes).await {
+                    if let Err(e) = r {
+                        self.say(&format!("  could not give epoch {} to {id} yet: {e}", config.epoch));
+                    }
+                }
+                for id in notify {
+                    if let Some(ep) = self.endpoint_of(&id) {
+                        let proto = proto.clone();
+                        tokio::spawn(async move {
+                            let _ = Self::push(&ep, &proto, Duration::from_secs(5)).await;
+                        });
+                    }
+                }
+            }
+            Action::PushConfig { id } => {
+                if let (Some(c), Some(ep)) = (self.state.config.clone(), self.endpoint_of(&id)) {
+                    let _ = Self::push(&ep, &to_proto_config(&c), Duration::from_secs(1)).await;
+                }
+            }
+            Action::DeleteReplica { id, reason } => {
+                if let Some(r) = self.replicas.remove(&id) {
+                    if r.exited.is_some() {
+                        self.say(&format!("removed {id}: {reason}"));
+                    } else {
+                        self.say(&format!(
+                            "removed {id}: {reason}; it is fenced and will be stopped in {:?}",
+                            self.opts.fenced_grace
+                        ));
+                        self.retiring.push(Retiring { id, child: r.child, kill_at: Instant::now() + self.opts.fenced_grace });
+                    }
+                }
+            }
+            Action::Seal => {
+                if let Some(ep) = self.primary_endpoint() {
+                    let mut c = AdminClient::new(crate::cluster_channel(&ep)?);
+                    let r = c.seal(lockstep_proto::SealRequest { at_index: 0 }).await?;
+                    self.say(&format!("sealed at index {}", r.into_inner().index));
+                }
+            }
+            Action::Resume { .. } => {
+                if let Some(ep) = self.primary_endpoint() {
+                    let mut c = AdminClient::new(crate::cluster_channel(&ep)?);
+                    c.resume(lockstep_proto::ResumeRequest {}).await?;
+                }
+            }
+            Action::RestartReplica { id, .. } => {
+                if let Some(mut r) = self.replicas.remove(&id) {
+                    terminate(&mut r.child, Duration::from_secs(5)).await;
+                    self.spawn(&id, false)?;
+                }
+            }
+            Action::Stage { .. } => {}
+            Action::SetRollout { rollout } => {
+                self.state.rollout = rollout;
+                save_state(&self.dir, &self.state)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn reap_retiring(&mut self) {
+        let now = Instant::now();
+        self.retiring.retain_mut(|r| {
+            if let Ok(Some(_)) = r.child.try_wait() {
+                return false;
+            }
+            if now >= r.kill_at {
+                let _ = r.child.start_kill();
+            }
+            true
+        });
+    }
+
+    async fn shutdown(&mut self) {
+        let mut all: Vec<Child> = std::mem::take(&mut self.replicas).into_values().map(|r| r.child).collect();
+        all.extend(std::mem::take(&mut self.retiring).into_iter().map(|r| r.child));
+        futures::future::join_all(all.iter_mut().map(|c| terminate(c, Duration::from_secs(5)))).await;
+        self.say(&format!(
+            "stopped. Data kept in {}; `lockstep up {}` restarts from it",
+            self.dir.display(),
+            self.opts.file.display()
+        ));
+    }
+}
+
+/// SIGTERM, then SIGKILL after `grace`.
+async fn terminate(child: &mut Child, grace: Duration) {
+    if let Some(pid) = child.id() {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGCONT);
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGTERM);
+    }
+    if tokio::time::timeout(grace, child.wait()).await.is_err() {
+        let _ = child.kill().await;
+    }
+}
+
