@@ -107,17 +107,21 @@ impl std::fmt::Display for FailureModel {
 #[serde(rename_all = "camelCase")]
 pub struct MachineSpec {
     /// Machine name, e.g. `kv`.
+    #[schemars(length(max = 63))]
     #[x_kube(validation = Rule::new(MACHINE_NAME_RULE).message(MACHINE_NAME_MSG))]
     pub name: String,
     /// Semantic version. Changing it starts a lockstep rollout.
+    #[schemars(length(max = 64))]
     #[x_kube(validation = Rule::new(VERSION_RULE).message(VERSION_MSG))]
     pub version: String,
     /// Replica container image (required on Kubernetes; `lockstep up` runs local processes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 512))]
     #[x_kube(validation = Rule::new(IMAGE_RULE).message(IMAGE_MSG))]
     pub image: Option<String>,
     /// Optional content digest of the machine, part of its identity.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 71))]
     #[x_kube(validation = Rule::new(DIGEST_RULE).message(DIGEST_MSG))]
     pub digest: Option<String>,
 }
@@ -154,10 +158,12 @@ pub enum Stability {
 pub struct StorageSpec {
     /// Size of each replica's PersistentVolumeClaim (the operator uses 1Gi when unset).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
     #[x_kube(validation = Rule::new(SIZE_RULE).message(SIZE_MSG))]
     pub size: Option<String>,
     /// StorageClass of the claims (the cluster default when unset).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
     #[x_kube(validation = Rule::new(SUBDOMAIN_RULE).message(STORAGE_CLASS_MSG))]
     pub storage_class_name: Option<String>,
     /// Keep replica data in an emptyDir: lost with the pod, recovered by state transfer.
@@ -190,6 +196,7 @@ pub struct ClientIdentities {
 /// A Secret in the resource's namespace.
 #[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, PartialEq, Eq)]
 pub struct SecretReference {
+    #[schemars(length(max = 253))]
     #[x_kube(validation = Rule::new(SUBDOMAIN_RULE).message(SECRET_NAME_MSG))]
     pub name: String,
 }
