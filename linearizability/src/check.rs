@@ -260,8 +260,17 @@ struct KeyChecker<'h> {
     // the event list: node 0 is the head sentinel, the last node the tail sentinel
     node_op: Vec<u32>,
     node_is_ret: Vec<bool>,
+    /// time of each node (`u64::MAX` for the tail sentinel)
+    node_time: Vec<u64>,
     next: Vec<u32>,
     prev: Vec<u32>,
+    // For the counting bound (see `supply_ok`), per interned value `v`:
+    /// return times of the ok ops that move the register away from `v`, ascending
+    leave_ret: Vec<Vec<u64>>,
+    /// those ops, in the same order
+    leave_op: Vec<Vec<u32>>,
+    /// call times of the ops that can move the register to `v`, ascending
+    arrive_call: Vec<Vec<u64>>,
 }
 
 impl<'h> KeyChecker<'h> {
@@ -343,6 +352,13 @@ impl<'h> KeyChecker<'h> {
                     ret_node: NIL,
                 }
             })
+            // an unknown op that can only leave a value nothing ever compares against,
+            // or that can never change the value, is never needed (see `run`)
+            .filter(|o| match o.step {
+                Step::Ok { .. } => true,
+                Step::Set { next } => next != UNOBSERVED,
+                Step::Cas { old, new } => new != UNOBSERVED && new != old,
+            })
             .collect();
         ops.sort_by_key(|o| (!o.is_ok(), o.call, o.entry));
         let n_ok = ops.iter().filter(|o| o.is_ok()).count();
@@ -381,6 +397,30 @@ impl<'h> KeyChecker<'h> {
         }
         // the tail sentinel counts as a return: it ends every scan
         node_is_ret[n_nodes - 1] = true;
+        let mut node_time = vec![0u64; n_nodes];
+        for (k, &(t, _, _)) in events.iter().enumerate() {
+            node_time[k + 1] = t;
+        }
+        node_time[n_nodes - 1] = u64::MAX;
+
+        let n_values = ids.len() + 1;
+        let mut leave: Vec<Vec<(u64, u32)>> = vec![Vec::new(); n_values];
+        let mut arrive_call: Vec<Vec<u64>> = vec![Vec::new(); n_values];
+        for (i, op) in ops.iter().enumerate() {
+            match op.step {
+                Step::Ok { expect, next } if expect != next => {
+                    leave[expect as usize].push((op.ret.expect("ok op"), i as u32));
+                    arrive_call[next as usize].push(op.call);
+                }
+                Step::Ok { .. } => {}
+                Step::Set { next } => arrive_call[next as usize].push(op.call),
+                Step::Cas { new, .. } => arrive_call[new as usize].push(op.call),
+            }
+        }
+        leave.iter_mut().for_each(|l| l.sort_unstable());
+        arrive_call.iter_mut().for_each(|a| a.sort_unstable());
+        let leave_ret = leave.iter().map(|l| l.iter().map(|x| x.0).collect()).collect();
+        let leave_op = leave.iter().map(|l| l.iter().map(|x| x.1).collect()).collect();
 
         let init = id(&None);
         Ok(KeyChecker {
@@ -391,8 +431,12 @@ impl<'h> KeyChecker<'h> {
             init,
             node_op,
             node_is_ret,
+            node_time,
             next,
             prev,
+            leave_ret,
+            leave_op,
+            arrive_call,
         })
     }
 
@@ -426,6 +470,38 @@ impl<'h> KeyChecker<'h> {
         self.relink(c);
     }
 
+    /// A necessary condition for completing the configuration after the register left
+    /// value `v`. Every ok op that moves the register away from `v` needs its own
+    /// arrival at `v` before it: an op that moves the register to `v`, which must be
+    /// called before the leaving op returns. So for every time `t`, the unlinearized
+    /// leavers returning by `t` can be at most the unused arrivals called by `t`
+    /// (all the used ones were called before `frontier`, the earliest pending return,
+    /// and so before `t`). Catches a leaver that took an arrival another needed.
+    fn supply_ok(&self, v: u32, frontier: u64, bits: &[u64], used_arrivals: u32) -> bool {
+        let rets = &self.leave_ret[v as usize];
+        let leavers = &self.leave_op[v as usize];
+        let arrivals = &self.arrive_call[v as usize];
+        let mut need = 0u32;
+        let mut checked = 0;
+        for i in rets.partition_point(|&r| r < frontier)..rets.len() {
+            let op = leavers[i];
+            if bits[op as usize / 64] & (1 << (op % 64)) != 0 {
+                continue;
+            }
+            need += 1;
+            let t = rets[i];
+            let have = arrivals.partition_point(|&c| c <= t) as u32 - used_arrivals;
+            if need > have {
+                return false;
+            }
+            checked += 1;
+            if checked == 256 {
+                break; // a partial check is still sound
+            }
+        }
+        true
+    }
+
     fn run(&mut self, limits: CheckLimits) -> KeyVerdict {
         let n = self.ops.len();
         let words = n.div_ceil(64).max(1);
@@ -439,6 +515,8 @@ impl<'h> KeyChecker<'h> {
             end: usize,
             cursor: usize,
             applied: u32,
+            /// the register value in this configuration
+            state: u32,
         }
         let mut frames: Vec<Frame> = Vec::new();
         let mut cands: Vec<(u32, u32)> = Vec::new();
@@ -447,13 +525,23 @@ impl<'h> KeyChecker<'h> {
         let mut best_ok = 0usize;
 
         let mut state = self.init;
+        // per value: how many linearized ops moved the register to it
+        let mut used_arrivals = vec![0u32; self.leave_ret.len()];
+        // the value the last step moved the register away from
+        let mut departed: Option<u32> = None;
         let mut remaining_ok = self.n_ok;
         let mut steps: u64 = 0;
 
         'enter: loop {
             if remaining_ok == 0 {
+                if std::env::var_os("LIN_DEBUG").is_some() { eprintln!("done steps {steps}"); }
                 return KeyVerdict::Linearizable;
             }
+            // After an unknown op, the next op must use the value it left: an ok op legal
+            // now, or an unknown cas expecting it. (Otherwise the unknown op could be left
+            // out: the next state change overwrites its value unobserved.) Such a
+            // "restricted" configuration is marked in the memo key.
+            let restricted = path.last().is_some_and(|&op| op as usize >= self.n_ok);
             // candidates: the calls before the first return
             let start = cands.len();
             let mut forced = None;
@@ -469,6 +557,7 @@ impl<'h> KeyChecker<'h> {
                         }
                         cands.push((op_id, ns));
                     } else if ns != state
+                        && (!restricted || matches!(op.step, Step::Cas { old, .. } if old == state))
                         && op
                             .twin_before
                             .is_none_or(|t| bits[t as usize / 64] & (1 << (t % 64)) != 0)
@@ -478,18 +567,26 @@ impl<'h> KeyChecker<'h> {
                 }
                 node = self.next[node as usize];
             }
-            if let Some(f) = forced {
+            let frontier = self.node_time[node as usize];
+            if let Some(v) = departed.take()
+                && !self.supply_ok(v, frontier, &bits, used_arrivals[v as usize])
+            {
+                cands.truncate(start); // dead end: no candidates
+            } else if let Some(f) = forced {
                 cands.truncate(start);
                 cands.push(f);
             } else {
                 // ok ops first: unknown ops are only needed when an ok op needs their value
-                cands[start..].sort_by_key(|&(op, _)| (op as usize) >= self.n_ok);
+                // and the most urgent (earliest return) first
+                let ops = &self.ops;
+                cands[start..].sort_by_key(|&(op, _)| ops[op as usize].ret.unwrap_or(u64::MAX));
             }
             frames.push(Frame {
                 start,
                 end: cands.len(),
                 cursor: start,
                 applied: NIL,
+                state,
             });
 
             loop {
@@ -500,6 +597,10 @@ impl<'h> KeyChecker<'h> {
                     let (op, ns) = cands[f.cursor];
                     f.cursor += 1;
                     steps += 1;
+                    if std::env::var_os("LIN_DEBUG").is_some() && steps % 250_000 == 0 {
+                        let unk = path.iter().filter(|&&o| o as usize >= self.n_ok).count();
+                        eprintln!("steps {steps} ok {} unk {unk} best {best_ok} cache {} region {}", self.n_ok - remaining_ok, cache.len(), f.end - f.start);
+                    }
                     if steps > limits.max_steps {
                         return KeyVerdict::Inconclusive(format!(
                             "key {:?}: search budget of {} steps exhausted ({} ops, at most {} of {} completed ops linearized)",
@@ -508,8 +609,16 @@ impl<'h> KeyChecker<'h> {
                     }
                     let (w, b) = (op as usize / 64, 1u64 << (op % 64));
                     bits[w] |= b;
-                    compress(&bits, ns, &mut key_buf);
-                    if cache.contains(key_buf.as_slice()) {
+                    // the configuration this leads to is restricted iff `op` is unknown;
+                    // an unrestricted configuration that failed also fails restricted
+                    let to_restricted = op as usize >= self.n_ok;
+                    compress(&bits, ns, false, &mut key_buf);
+                    let mut seen = cache.contains(key_buf.as_slice());
+                    if to_restricted && !seen {
+                        key_buf[0] |= 1;
+                        seen = cache.contains(key_buf.as_slice());
+                    }
+                    if seen {
                         bits[w] &= !b;
                         continue;
                     }
@@ -523,6 +632,10 @@ impl<'h> KeyChecker<'h> {
                     f.applied = op;
                     self.lift(op);
                     path.push(op);
+                    if ns != f.state {
+                        used_arrivals[ns as usize] += 1;
+                        departed = Some(f.state);
+                    }
                     state = ns;
                     if (op as usize) < self.n_ok {
                         remaining_ok -= 1;
@@ -542,8 +655,10 @@ impl<'h> KeyChecker<'h> {
                 let op = parent.applied;
                 parent.applied = NIL;
                 self.unlift(op);
+                if f.state != parent.state {
+                    used_arrivals[f.state as usize] -= 1;
+                }
                 bits[op as usize / 64] &= !(1u64 << (op % 64));
-                // (`state` is set again from the next candidate's result)
                 path.pop();
                 if (op as usize) < self.n_ok {
                     remaining_ok += 1;
@@ -647,13 +762,13 @@ impl<'h> KeyChecker<'h> {
     }
 }
 
-/// The memo key of a configuration: `[state, leading all-ones words, (index, word)*]` for
+/// The memo key of a configuration: `[state << 1 | restricted, leading all-ones words, (index, word)*]` for
 /// the non-zero words after them. Operations are numbered in call order, so the
 /// linearized set is mostly a run of ones followed by a short window: this keeps keys
 /// short on long histories.
-fn compress(bits: &[u64], state: u32, out: &mut Vec<u64>) {
+fn compress(bits: &[u64], state: u32, restricted: bool, out: &mut Vec<u64>) {
     out.clear();
-    out.push(state as u64);
+    out.push(((state as u64) << 1) | restricted as u64);
     let lead = bits.iter().take_while(|&&w| w == u64::MAX).count();
     out.push(lead as u64);
     for (i, &w) in bits.iter().enumerate().skip(lead) {
