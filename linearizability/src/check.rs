@@ -184,7 +184,13 @@ fn ok_transition(e: &HistoryEntry) -> Result<(Option<String>, Option<String>), S
                 Ok((e.old.clone(), e.new.clone()))
             }
         }
-        (OpKind::Cas, Output::Cas { swapped: false, current }) => {
+        (
+            OpKind::Cas,
+            Output::Cas {
+                swapped: false,
+                current,
+            },
+        ) => {
             if current == e.old {
                 Err(format!(
                     "cas reports not swapped although the current value {} equals its old value",
@@ -271,6 +277,10 @@ struct KeyChecker<'h> {
     leave_op: Vec<Vec<u32>>,
     /// call times of the ops that can move the register to `v`, ascending
     arrive_call: Vec<Vec<u64>>,
+    /// return times of the ok ops that need `v` but leave it unchanged (reads), ascending
+    read_ret: Vec<Vec<u64>>,
+    /// those ops, in the same order
+    read_op: Vec<Vec<u32>>,
 }
 
 impl<'h> KeyChecker<'h> {
@@ -286,13 +296,9 @@ impl<'h> KeyChecker<'h> {
             let e = &history[i];
             match e.result {
                 Outcome::Ok => {
-                    let t = ok_transition(e).map_err(|why| {
-                        format!("{}\n  its output is impossible: {why}", describe(i, e))
-                    })?;
-                    pre.push(Pre {
-                        entry: i,
-                        ok: Some(t),
-                    });
+                    let t = ok_transition(e)
+                        .map_err(|why| format!("{}\n  its output is impossible: {why}", describe(i, e)))?;
+                    pre.push(Pre { entry: i, ok: Some(t) });
                 }
                 // an unanswered read constrains nothing
                 Outcome::Unknown if e.op == OpKind::Get => {}
@@ -406,13 +412,14 @@ impl<'h> KeyChecker<'h> {
         let n_values = ids.len() + 1;
         let mut leave: Vec<Vec<(u64, u32)>> = vec![Vec::new(); n_values];
         let mut arrive_call: Vec<Vec<u64>> = vec![Vec::new(); n_values];
+        let mut read: Vec<Vec<(u64, u32)>> = vec![Vec::new(); n_values];
         for (i, op) in ops.iter().enumerate() {
             match op.step {
                 Step::Ok { expect, next } if expect != next => {
                     leave[expect as usize].push((op.ret.expect("ok op"), i as u32));
                     arrive_call[next as usize].push(op.call);
                 }
-                Step::Ok { .. } => {}
+                Step::Ok { expect, .. } => read[expect as usize].push((op.ret.expect("ok op"), i as u32)),
                 Step::Set { next } => arrive_call[next as usize].push(op.call),
                 Step::Cas { new, .. } => arrive_call[new as usize].push(op.call),
             }
@@ -421,8 +428,47 @@ impl<'h> KeyChecker<'h> {
         arrive_call.iter_mut().for_each(|a| a.sort_unstable());
         let leave_ret = leave.iter().map(|l| l.iter().map(|x| x.0).collect()).collect();
         let leave_op = leave.iter().map(|l| l.iter().map(|x| x.1).collect()).collect();
+        read.iter_mut().for_each(|l| l.sort_unstable());
+        let read_ret = read.iter().map(|l| l.iter().map(|x| x.0).collect()).collect();
+        let read_op = read.iter().map(|l| l.iter().map(|x| x.1).collect()).collect();
 
+        // Static bound: an ok op X that needs the value v sees v between an arrival at v
+        // and the next departure. Arrivals and departures alternate, so the arrivals
+        // usable before X (called by its return, plus the initial value) must outnumber
+        // the ok departures from v that certainly precede X (returned before its call).
+        // This finds reads of never-written values and most stale reads at once.
         let init = id(&None);
+        for op in &ops[..n_ok] {
+            let Step::Ok { expect: v, .. } = op.step else {
+                continue;
+            };
+            let ret = op.ret.expect("ok op");
+            let arrivals = arrive_call[v as usize].partition_point(|&c| c <= ret) + usize::from(v == init);
+            let gone = leave[v as usize].partition_point(|&(r, _)| r < op.call);
+            if arrivals <= gone {
+                let e = &history[op.entry];
+                let (seen, _) = ok_transition(e).expect("checked above");
+                let mut why = format!(
+                    "{}\n  needs the key to hold {}, but ",
+                    describe(op.entry, e),
+                    show(&seen)
+                );
+                if arrivals == 0 {
+                    why.push_str("no op that could have written that value was called before it returned.\n");
+                } else {
+                    why.push_str(&format!(
+                        "that value can have been written at most {arrivals} time(s) before it returned{}, and {gone} op(s) had already replaced it before it was called, e.g.:\n",
+                        if v == init { " (counting the initial absent state)" } else { "" }
+                    ));
+                    for &(_, l) in leave[v as usize][..gone].iter().rev().take(3) {
+                        let le = ops[l as usize].entry;
+                        why.push_str(&format!("  {}\n", describe(le, &history[le])));
+                    }
+                }
+                return Err(why);
+            }
+        }
+
         Ok(KeyChecker {
             history,
             key,
@@ -437,6 +483,8 @@ impl<'h> KeyChecker<'h> {
             leave_ret,
             leave_op,
             arrive_call,
+            read_ret,
+            read_op,
         })
     }
 
@@ -476,11 +524,25 @@ impl<'h> KeyChecker<'h> {
     /// called before the leaving op returns. So for every time `t`, the unlinearized
     /// leavers returning by `t` can be at most the unused arrivals called by `t`
     /// (all the used ones were called before `frontier`, the earliest pending return,
-    /// and so before `t`). Catches a leaver that took an arrival another needed.
+    /// and so before `t`). Catches a leaver that took an arrival another needed. Likewise
+    /// a pending read of `v` needs an unused arrival called before it returns.
     fn supply_ok(&self, v: u32, frontier: u64, bits: &[u64], used_arrivals: u32) -> bool {
         let rets = &self.leave_ret[v as usize];
         let leavers = &self.leave_op[v as usize];
         let arrivals = &self.arrive_call[v as usize];
+        let unused_by = |t: u64| arrivals.partition_point(|&c| c <= t) as u32 - used_arrivals;
+        // the earliest pending read of `v` needs a new arrival
+        let rets_r = &self.read_ret[v as usize];
+        let readers = &self.read_op[v as usize];
+        for i in rets_r.partition_point(|&r| r < frontier)..rets_r.len().min(1024) {
+            let op = readers[i];
+            if bits[op as usize / 64] & (1 << (op % 64)) == 0 {
+                if unused_by(rets_r[i]) == 0 {
+                    return false;
+                }
+                break;
+            }
+        }
         let mut need = 0u32;
         let mut checked = 0;
         for i in rets.partition_point(|&r| r < frontier)..rets.len() {
@@ -490,8 +552,7 @@ impl<'h> KeyChecker<'h> {
             }
             need += 1;
             let t = rets[i];
-            let have = arrivals.partition_point(|&c| c <= t) as u32 - used_arrivals;
-            if need > have {
+            if need > unused_by(t) {
                 return false;
             }
             checked += 1;
@@ -534,7 +595,6 @@ impl<'h> KeyChecker<'h> {
 
         'enter: loop {
             if remaining_ok == 0 {
-                if std::env::var_os("LIN_DEBUG").is_some() { eprintln!("done steps {steps}"); }
                 return KeyVerdict::Linearizable;
             }
             // After an unknown op, the next op must use the value it left: an ok op legal
@@ -597,10 +657,6 @@ impl<'h> KeyChecker<'h> {
                     let (op, ns) = cands[f.cursor];
                     f.cursor += 1;
                     steps += 1;
-                    if std::env::var_os("LIN_DEBUG").is_some() && steps % 250_000 == 0 {
-                        let unk = path.iter().filter(|&&o| o as usize >= self.n_ok).count();
-                        eprintln!("steps {steps} ok {} unk {unk} best {best_ok} cache {} region {}", self.n_ok - remaining_ok, cache.len(), f.end - f.start);
-                    }
                     if steps > limits.max_steps {
                         return KeyVerdict::Inconclusive(format!(
                             "key {:?}: search budget of {} steps exhausted ({} ops, at most {} of {} completed ops linearized)",
@@ -697,10 +753,7 @@ impl<'h> KeyChecker<'h> {
                 }
             };
         }
-        let linearized_ok = best_path
-            .iter()
-            .filter(|&&o| (o as usize) < self.n_ok)
-            .count();
+        let linearized_ok = best_path.iter().filter(|&&o| (o as usize) < self.n_ok).count();
         out.push_str(&format!(
             "no linearization exists for the {total_ok} completed and {n_unknown} unknown-outcome ops on this key.\n"
         ));
@@ -737,7 +790,7 @@ impl<'h> KeyChecker<'h> {
         let mut pending: Vec<usize> = (0..self.ops.len())
             .filter(|&o| !done[o] && self.ops[o].call <= b_ret)
             .collect();
-        pending.sort_by_key(|&o| (self.ops[o].call, o));
+        pending.sort_by_key(|&o| (!self.ops[o].is_ok(), self.ops[o].call, o));
         let shown = pending.len().min(12);
         for &o in &pending[..shown] {
             let op = &self.ops[o];
@@ -817,8 +870,7 @@ pub fn check_kv(history: &[HistoryEntry], limits: CheckLimits) -> CheckResult {
         use std::sync::Mutex;
         use std::sync::atomic::{AtomicUsize, Ordering};
         let next = AtomicUsize::new(0);
-        let slots: Mutex<Vec<Option<KeyVerdict>>> =
-            Mutex::new((0..keys.len()).map(|_| None).collect());
+        let slots: Mutex<Vec<Option<KeyVerdict>>> = Mutex::new((0..keys.len()).map(|_| None).collect());
         std::thread::scope(|s| {
             for _ in 0..workers {
                 s.spawn(|| {
@@ -858,9 +910,6 @@ pub fn check_kv(history: &[HistoryEntry], limits: CheckLimits) -> CheckResult {
     }
     match inconclusive {
         Some(reason) => CheckResult::Inconclusive { reason },
-        None => CheckResult::Linearizable {
-            ops,
-            keys: keys.len(),
-        },
+        None => CheckResult::Linearizable { ops, keys: keys.len() },
     }
 }

@@ -60,10 +60,7 @@ pub enum Output {
     /// `put` / `delete` → `{"previous": string|null}`
     Previous { previous: Option<String> },
     /// `cas` → `{"swapped": bool, "current": string|null}`
-    Cas {
-        swapped: bool,
-        current: Option<String>,
-    },
+    Cas { swapped: bool, current: Option<String> },
 }
 
 /// A history file could not be read.
@@ -152,17 +149,12 @@ pub fn parse_history(r: impl BufRead) -> Result<Vec<HistoryEntry>, HistoryError>
     let mut out = Vec::new();
     for (i, line) in r.lines().enumerate() {
         let line_no = i + 1;
-        let line = line.map_err(|source| HistoryError::Io {
-            line: line_no,
-            source,
-        })?;
+        let line = line.map_err(|source| HistoryError::Io { line: line_no, source })?;
         if line.trim().is_empty() {
             continue;
         }
-        let entry: HistoryEntry = serde_json::from_str(&line).map_err(|source| HistoryError::Json {
-            line: line_no,
-            source,
-        })?;
+        let entry: HistoryEntry =
+            serde_json::from_str(&line).map_err(|source| HistoryError::Json { line: line_no, source })?;
         entry
             .validate()
             .map_err(|reason| HistoryError::Invalid { line: line_no, reason })?;

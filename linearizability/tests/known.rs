@@ -4,8 +4,7 @@ mod common;
 
 use common::*;
 use lockstep_linearizability::{
-    CheckLimits, CheckResult, HistoryEntry, HistoryError, OpKind, Outcome, check_kv,
-    parse_history, write_entry,
+    CheckLimits, CheckResult, HistoryEntry, HistoryError, OpKind, Outcome, check_kv, parse_history, write_entry,
 };
 
 fn check(h: &[HistoryEntry]) -> CheckResult {
@@ -34,10 +33,7 @@ fn assert_bad(h: &[HistoryEntry], key: &str) -> String {
 
 #[test]
 fn stale_read_after_acknowledged_put() {
-    let h = [
-        put("a", "k", "1", 0, 10, None),
-        get("b", "k", 20, 30, None),
-    ];
+    let h = [put("a", "k", "1", 0, 10, None), get("b", "k", 20, 30, None)];
     let why = assert_bad(&h, "k");
     assert!(why.contains("#2 b: get"), "{why}");
     assert!(why.contains("needs the key to hold null"), "{why}");
@@ -54,10 +50,7 @@ fn stale_read_after_acknowledged_put() {
 #[test]
 fn lost_write() {
     // b's put came after a's was acknowledged, yet saw nothing before it
-    let h = [
-        put("a", "k", "x", 0, 10, None),
-        put("b", "k", "y", 20, 30, None),
-    ];
+    let h = [put("a", "k", "x", 0, 10, None), put("b", "k", "y", 20, 30, None)];
     assert_bad(&h, "k");
     // a later reader sees the older of two acknowledged sequential writes
     let h = [
@@ -71,10 +64,7 @@ fn lost_write() {
 
 #[test]
 fn read_of_a_value_never_written() {
-    let h = [
-        put("a", "k", "1", 0, 10, None),
-        get("b", "k", 5, 30, Some("ghost")),
-    ];
+    let h = [put("a", "k", "1", 0, 10, None), get("b", "k", 5, 30, Some("ghost"))];
     let why = assert_bad(&h, "k");
     assert!(why.contains("\"ghost\""), "{why}");
     // even with unknown and failed writes of other values around
@@ -133,10 +123,7 @@ fn wrong_previous_in_a_put() {
     let why = assert_bad(&h, "k");
     assert!(why.contains("#3 b: put \"c\""), "{why}");
     // wrong previous on a delete
-    let h = [
-        put("a", "k", "a", 0, 10, None),
-        del("b", "k", 20, 30, None),
-    ];
+    let h = [put("a", "k", "a", 0, 10, None), del("b", "k", 20, 30, None)];
     assert_bad(&h, "k");
 }
 
@@ -151,10 +138,7 @@ fn unknown_write_cannot_take_effect_before_its_call() {
 
 #[test]
 fn failed_write_never_takes_effect() {
-    let h = [
-        fail(put("a", "k", "x", 0, 10, None)),
-        get("b", "k", 20, 30, Some("x")),
-    ];
+    let h = [fail(put("a", "k", "x", 0, 10, None)), get("b", "k", 20, 30, Some("x"))];
     assert_bad(&h, "k");
 }
 
@@ -198,10 +182,7 @@ fn violation_is_reported_on_the_right_key() {
 
 #[test]
 fn empty_history() {
-    assert_eq!(
-        check(&[]),
-        CheckResult::Linearizable { ops: 0, keys: 0 }
-    );
+    assert_eq!(check(&[]), CheckResult::Linearizable { ops: 0, keys: 0 });
 }
 
 #[test]
@@ -250,10 +231,7 @@ fn overlapping_ops() {
     ];
     assert_ok(&h);
     // ops at equal timestamps count as concurrent
-    let h = [
-        put("a", "k", "1", 0, 10, None),
-        get("b", "k", 10, 20, None),
-    ];
+    let h = [put("a", "k", "1", 0, 10, None), get("b", "k", 10, 20, None)];
     assert_ok(&h);
 }
 
@@ -400,7 +378,10 @@ fn display() {
     let bad = check(&[get("a", "k", 0, 1, Some("x"))]).to_string();
     assert!(bad.starts_with("NOT linearizable: key \"k\"\n"), "{bad}");
     assert_eq!(
-        CheckResult::Inconclusive { reason: "budget".into() }.to_string(),
+        CheckResult::Inconclusive {
+            reason: "budget".into()
+        }
+        .to_string(),
         "inconclusive: budget"
     );
 }

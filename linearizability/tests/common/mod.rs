@@ -30,14 +30,7 @@ pub fn get(client: &str, key: &str, call: u64, ret: u64, value: Option<&str>) ->
     e
 }
 
-pub fn put(
-    client: &str,
-    key: &str,
-    value: &str,
-    call: u64,
-    ret: u64,
-    previous: Option<&str>,
-) -> HistoryEntry {
+pub fn put(client: &str, key: &str, value: &str, call: u64, ret: u64, previous: Option<&str>) -> HistoryEntry {
     let mut e = entry(client, OpKind::Put, key, call, ret);
     e.value = Some(value.to_string());
     e.output = Some(json!({ "previous": previous }));
@@ -184,9 +177,7 @@ pub fn simulate(specs: &[OpSpec]) -> Vec<HistoryEntry> {
         }
         entries.push((e, lin));
     }
-    let mut order: Vec<usize> = (0..entries.len())
-        .filter(|&i| entries[i].1.is_some())
-        .collect();
+    let mut order: Vec<usize> = (0..entries.len()).filter(|&i| entries[i].1.is_some()).collect();
     order.sort_by_key(|&i| (entries[i].1, i));
     let mut map: std::collections::HashMap<String, String> = Default::default();
     for i in order {
@@ -282,10 +273,7 @@ pub fn corrupt(e: &mut HistoryEntry) {
 /// Reference checker for tiny single-key histories: tries every order (and every subset
 /// of the unknown ops) that respects real time.
 pub fn brute_force(history: &[HistoryEntry]) -> bool {
-    let ops: Vec<&HistoryEntry> = history
-        .iter()
-        .filter(|e| e.result != Outcome::Fail)
-        .collect();
+    let ops: Vec<&HistoryEntry> = history.iter().filter(|e| e.result != Outcome::Fail).collect();
     assert!(ops.len() <= 12, "brute force is for tiny histories");
     fn go(ops: &[&HistoryEntry], done: u32, state: Option<String>) -> bool {
         let pending_ok = |i: usize| done & (1 << i) == 0 && ops[i].result == Outcome::Ok;
@@ -302,10 +290,10 @@ pub fn brute_force(history: &[HistoryEntry]) -> bool {
             if done & (1 << i) != 0 || ops[i].call > min_ret {
                 continue;
             }
-            if let Some(next) = step(ops[i], &state) {
-                if go(ops, done | (1 << i), next) {
-                    return true;
-                }
+            if let Some(next) = step(ops[i], &state)
+                && go(ops, done | (1 << i), next)
+            {
+                return true;
             }
         }
         false
@@ -336,9 +324,7 @@ fn step(e: &HistoryEntry, state: &Option<String>) -> Option<Option<String>> {
     let ok = match e.op {
         OpKind::Get => field("value") == *state,
         OpKind::Put | OpKind::Delete => field("previous") == *state,
-        OpKind::Cas => {
-            out.unwrap()["swapped"].as_bool() == Some(*state == e.old) && field("current") == next
-        }
+        OpKind::Cas => out.unwrap()["swapped"].as_bool() == Some(*state == e.old) && field("current") == next,
     };
     ok.then_some(next)
 }
