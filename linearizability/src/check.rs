@@ -41,8 +41,8 @@ pub struct CheckLimits {
 impl Default for CheckLimits {
     fn default() -> Self {
         CheckLimits {
-            max_steps: 50_000_000,
-            max_cache_entries: 10_000_000,
+            max_steps: 10_000_000,
+            max_cache_entries: 5_000_000,
         }
     }
 }
