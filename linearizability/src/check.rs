@@ -213,11 +213,12 @@ fn show(v: &Option<String>) -> String {
 
 /// One line describing an entry, for explanations.
 fn describe(idx: usize, e: &HistoryEntry) -> String {
+    let k = &e.key;
     let what = match e.op {
-        OpKind::Get => "get".to_string(),
-        OpKind::Put => format!("put {}", show(&e.value)),
-        OpKind::Delete => "delete".to_string(),
-        OpKind::Cas => format!("cas {} -> {}", show(&e.old), show(&e.new)),
+        OpKind::Get => format!("get {k:?}"),
+        OpKind::Put => format!("put {k:?} = {}", show(&e.value)),
+        OpKind::Delete => format!("delete {k:?}"),
+        OpKind::Cas => format!("cas {k:?} {} -> {}", show(&e.old), show(&e.new)),
     };
     let result = match (e.result, e.decode_output()) {
         (Outcome::Ok, Ok(Output::Get { value })) => format!(" => {}", show(&value)),
@@ -238,11 +239,10 @@ fn describe(idx: usize, e: &HistoryEntry) -> String {
         _ => "never".to_string(),
     };
     format!(
-        "#{} {}: {} {:?}{}  [call {}, return {}]",
+        "#{} {}: {}{}  [call {}, return {}]",
         idx + 1,
         e.client,
         what,
-        e.key,
         result,
         e.call,
         ret
@@ -534,7 +534,8 @@ impl<'h> KeyChecker<'h> {
         // the earliest pending read of `v` needs a new arrival
         let rets_r = &self.read_ret[v as usize];
         let readers = &self.read_op[v as usize];
-        for i in rets_r.partition_point(|&r| r < frontier)..rets_r.len().min(1024) {
+        let first = rets_r.partition_point(|&r| r < frontier);
+        for i in first..rets_r.len().min(first + 1024) {
             let op = readers[i];
             if bits[op as usize / 64] & (1 << (op % 64)) == 0 {
                 if unused_by(rets_r[i]) == 0 {
@@ -773,43 +774,67 @@ impl<'h> KeyChecker<'h> {
             }
             out.push_str(&format!("after which the key holds {}.\n", show(&value)));
         }
-        // the completed op that must be linearized first: earliest return
-        let Some(blocker) = (0..self.n_ok)
-            .filter(|&o| !done[o])
-            .min_by_key(|&o| (self.ops[o].ret, self.ops[o].call))
-        else {
+        // the completed ops still pending there, most urgent first
+        let mut pending: Vec<usize> = (0..self.n_ok).filter(|&o| !done[o]).collect();
+        pending.sort_by_key(|&o| (self.ops[o].ret, self.ops[o].call, o));
+        let Some(&first) = pending.first() else {
             return out;
         };
-        let b = &self.ops[blocker];
-        let b_ret = b.ret.unwrap_or(u64::MAX);
-        out.push_str(&format!(
-            "Next, {} must take effect before it returns at {}, but none of the ops that may go first fits:\n",
-            describe(b.entry, &h[b.entry]),
-            b_ret
-        ));
-        let mut pending: Vec<usize> = (0..self.ops.len())
-            .filter(|&o| !done[o] && self.ops[o].call <= b_ret)
-            .collect();
-        pending.sort_by_key(|&o| (!self.ops[o].is_ok(), self.ops[o].call, o));
-        let shown = pending.len().min(12);
+        let horizon = self.ops[first].ret.unwrap_or(u64::MAX);
+        out.push_str("No way on from there; the completed ops still pending (earliest return first):\n");
+        // the value each not-yet-placed op could write (reads write nothing new)
+        let writes = |o: usize| -> Option<Option<String>> {
+            let e = &h[self.ops[o].entry];
+            match (e.result, e.op) {
+                (_, OpKind::Get) => None,
+                (Outcome::Ok, _) => match ok_transition(e) {
+                    Ok((expect, next)) if expect != next => Some(next),
+                    _ => None,
+                },
+                (_, OpKind::Put) => Some(e.value.clone()),
+                (_, OpKind::Delete) => Some(None),
+                (_, OpKind::Cas) => Some(e.new.clone()),
+            }
+        };
+        let shown = pending.len().min(8);
         for &o in &pending[..shown] {
             let op = &self.ops[o];
             let e = &h[op.entry];
-            let why = if op.is_ok() {
-                match ok_transition(e) {
-                    Ok((expect, _)) if expect != value => {
-                        format!("needs the key to hold {}", show(&expect))
+            let why = match ok_transition(e) {
+                Ok((expect, _)) if expect != value => {
+                    let ret = op.ret.unwrap_or(u64::MAX);
+                    let writers = (0..self.ops.len())
+                        .filter(|&w| {
+                            w != o && !done[w] && self.ops[w].call <= ret && writes(w).as_ref() == Some(&expect)
+                        })
+                        .count();
+                    if writers == 0 {
+                        format!(
+                            "needs the key to hold {}, and no op left could write that before it returns",
+                            show(&expect)
+                        )
+                    } else {
+                        format!(
+                            "needs the key to hold {} ({writers} op(s) left could write it, none in a way that works)",
+                            show(&expect)
+                        )
                     }
-                    Ok(_) => "fits, but nothing can follow it".to_string(),
-                    Err(why) => why,
                 }
-            } else {
-                "unknown outcome: taking effect here leads nowhere either".to_string()
+                Ok(_) => "fits here, but then the rest cannot be linearized".to_string(),
+                Err(why) => why,
             };
             out.push_str(&format!("  {}\n      {}\n", describe(op.entry, e), why));
         }
         if pending.len() > shown {
-            out.push_str(&format!("  ... and {} more concurrent ops\n", pending.len() - shown));
+            out.push_str(&format!("  ... and {} more\n", pending.len() - shown));
+        }
+        let unknown_open = (self.n_ok..self.ops.len())
+            .filter(|&o| !done[o] && self.ops[o].call <= horizon)
+            .count();
+        if unknown_open > 0 {
+            out.push_str(&format!(
+                "({unknown_open} unknown-outcome ops could also take effect there; none helps.)\n"
+            ));
         }
         out
     }

@@ -121,7 +121,7 @@ fn wrong_previous_in_a_put() {
         put("b", "k", "c", 40, 50, Some("a")),
     ];
     let why = assert_bad(&h, "k");
-    assert!(why.contains("#3 b: put \"c\""), "{why}");
+    assert!(why.contains("#3 b: put \"k\" = \"c\""), "{why}");
     // wrong previous on a delete
     let h = [put("a", "k", "a", 0, 10, None), del("b", "k", 20, 30, None)];
     assert_bad(&h, "k");
