@@ -25,7 +25,7 @@
 //!    ones.
 
 use crate::history::{HistoryEntry, OpKind, Outcome, Output};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::hash::{BuildHasherDefault, Hasher};
 
@@ -566,10 +566,26 @@ impl<'h> KeyChecker<'h> {
 
     fn run(&mut self, limits: CheckLimits) -> KeyVerdict {
         let n = self.ops.len();
-        let words = n.div_ceil(64).max(1);
-        let mut bits = vec![0u64; words];
-        let mut cache: HashSet<Box<[u64]>, FxBuild> = HashSet::default();
+        let n_ok = self.n_ok;
+        // linearized ok ops (bit = op id) and unknown ops (bit = op id - n_ok)
+        let mut bits = vec![0u64; n_ok.div_ceil(64).max(1)];
+        let mut ubits = vec![0u64; (n - n_ok).div_ceil(64)];
+        // The memo cache: (ok set, value, restricted) -> the sets of unknown ops used
+        // in configurations already searched. Unknown ops are optional and never
+        // block anything, so a configuration that used a superset of the unknown ops
+        // of a searched one (same ok set and value) has no completion the searched one
+        // lacked: it is skipped too (subsumption).
+        let mut cache: HashMap<Box<[u64]>, Vec<Box<[u64]>>, FxBuild> = HashMap::default();
+        let mut cached = 0usize;
         let mut key_buf: Vec<u64> = Vec::new();
+        let subsumed = |list: Option<&Vec<Box<[u64]>>>, ubits: &[u64]| {
+            list.is_some_and(|l| {
+                l.iter()
+                    .rev()
+                    .take(512) // a partial look-up is still sound
+                    .any(|u| u.iter().zip(ubits).all(|(a, b)| a & !b == 0))
+            })
+        };
 
         struct Frame {
             /// candidates are `cands[start..end]`, the next to try at `cursor`
@@ -619,9 +635,10 @@ impl<'h> KeyChecker<'h> {
                         cands.push((op_id, ns));
                     } else if ns != state
                         && (!restricted || matches!(op.step, Step::Cas { old, .. } if old == state))
-                        && op
-                            .twin_before
-                            .is_none_or(|t| bits[t as usize / 64] & (1 << (t % 64)) != 0)
+                        && op.twin_before.is_none_or(|t| {
+                            let t = t as usize - n_ok;
+                            ubits[t / 64] & (1 << (t % 64)) != 0
+                        })
                     {
                         cands.push((op_id, ns));
                     }
@@ -664,28 +681,36 @@ impl<'h> KeyChecker<'h> {
                             self.key, limits.max_steps, n, best_ok, self.n_ok
                         ));
                     }
-                    let (w, b) = (op as usize / 64, 1u64 << (op % 64));
-                    bits[w] |= b;
+                    set_bit(&mut bits, &mut ubits, n_ok, op, true);
                     // the configuration this leads to is restricted iff `op` is unknown;
                     // an unrestricted configuration that failed also fails restricted
-                    let to_restricted = op as usize >= self.n_ok;
+                    let to_restricted = op as usize >= n_ok;
                     compress(&bits, ns, false, &mut key_buf);
-                    let mut seen = cache.contains(key_buf.as_slice());
-                    if to_restricted && !seen {
+                    let mut seen = subsumed(cache.get(key_buf.as_slice()), &ubits);
+                    if to_restricted {
                         key_buf[0] |= 1;
-                        seen = cache.contains(key_buf.as_slice());
+                        seen = seen || subsumed(cache.get(key_buf.as_slice()), &ubits);
                     }
                     if seen {
-                        bits[w] &= !b;
+                        set_bit(&mut bits, &mut ubits, n_ok, op, false);
                         continue;
                     }
-                    if cache.len() >= limits.max_cache_entries {
+                    if cached >= limits.max_cache_entries {
                         return KeyVerdict::Inconclusive(format!(
                             "key {:?}: memo cache limit of {} configurations reached ({} ops, at most {} of {} completed ops linearized)",
                             self.key, limits.max_cache_entries, n, best_ok, self.n_ok
                         ));
                     }
-                    cache.insert(key_buf.clone().into_boxed_slice());
+                    cached += 1;
+                    match cache.get_mut(key_buf.as_slice()) {
+                        Some(list) => list.push(ubits.clone().into_boxed_slice()),
+                        None => {
+                            cache.insert(
+                                key_buf.clone().into_boxed_slice(),
+                                vec![ubits.clone().into_boxed_slice()],
+                            );
+                        }
+                    }
                     f.applied = op;
                     self.lift(op);
                     path.push(op);
@@ -715,7 +740,7 @@ impl<'h> KeyChecker<'h> {
                 if f.state != parent.state {
                     used_arrivals[f.state as usize] -= 1;
                 }
-                bits[op as usize / 64] &= !(1u64 << (op % 64));
+                set_bit(&mut bits, &mut ubits, n_ok, op, false);
                 path.pop();
                 if (op as usize) < self.n_ok {
                     remaining_ok += 1;
@@ -837,6 +862,21 @@ impl<'h> KeyChecker<'h> {
             ));
         }
         out
+    }
+}
+
+/// Marks op `op` linearized (`on`) or not: ok ops in `bits`, unknown ones in `ubits`.
+#[inline]
+fn set_bit(bits: &mut [u64], ubits: &mut [u64], n_ok: usize, op: u32, on: bool) {
+    let (v, i) = if (op as usize) < n_ok {
+        (bits, op as usize)
+    } else {
+        (ubits, op as usize - n_ok)
+    };
+    if on {
+        v[i / 64] |= 1 << (i % 64);
+    } else {
+        v[i / 64] &= !(1 << (i % 64));
     }
 }
 
