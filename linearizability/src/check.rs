@@ -117,6 +117,9 @@ impl Hasher for FxHasher {
 
 type FxBuild = BuildHasherDefault<FxHasher>;
 
+/// (linearized ok ops, value, restricted) -> the sets of unknown ops used.
+type MemoCache = HashMap<Box<[u64]>, Vec<Box<[u64]>>, FxBuild>;
+
 // ------------------------------------------------------------------ the model
 
 /// Interned value id shared by every value that nothing ever compares against.
@@ -575,10 +578,10 @@ impl<'h> KeyChecker<'h> {
         // block anything, so a configuration that used a superset of the unknown ops
         // of a searched one (same ok set and value) has no completion the searched one
         // lacked: it is skipped too (subsumption).
-        let mut cache: HashMap<Box<[u64]>, Vec<Box<[u64]>>, FxBuild> = HashMap::default();
+        let mut cache: MemoCache = HashMap::default();
         let mut cached = 0usize;
         let mut key_buf: Vec<u64> = Vec::new();
-        let subsumed = |list: Option<&Vec<Box<[u64]>>>, ubits: &[u64]| {
+        let subsumed = |list: Option<&Vec<Box<[u64]>>>, ubits: &[u64]| -> bool {
             list.is_some_and(|l| {
                 l.iter()
                     .rev()
