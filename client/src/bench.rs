@@ -34,9 +34,10 @@ impl KvBackend for Client {
     async fn run(&mut self, op: &Op) -> (Outcome, Option<serde_json::Value>) {
         let result = match op.kind {
             OpKind::Get => self.get(&op.key).await.map(|v| serde_json::json!({"value": v})),
-            OpKind::Put => {
-                self.put(&op.key, op.value.as_deref().unwrap_or_default()).await.map(|p| serde_json::json!({"previous": p}))
-            }
+            OpKind::Put => self
+                .put(&op.key, op.value.as_deref().unwrap_or_default())
+                .await
+                .map(|p| serde_json::json!({"previous": p})),
             OpKind::Delete => self.delete(&op.key).await.map(|p| serde_json::json!({"previous": p})),
             OpKind::Cas => self
                 .cas(&op.key, op.old.as_deref(), op.new.as_deref())
@@ -127,22 +128,48 @@ fn next_op(rng: &mut impl Rng, client: usize, n: u64, opts: &WorkloadOptions) ->
         Mix::Mixed => OpKind::Delete,
     };
     match kind {
-        OpKind::Put => Op { kind, key, value: Some(value), old: None, new: None },
+        OpKind::Put => Op {
+            kind,
+            key,
+            value: Some(value),
+            old: None,
+            new: None,
+        },
         OpKind::Cas => {
             // Expect a value some client may have written, or absence.
             let old = if rng.random_bool(0.3) {
                 None
             } else {
-                Some(pad(format!("c{}-{}", rng.random_range(0..opts.clients.max(1)), n.saturating_sub(1)), opts.value_size))
+                Some(pad(
+                    format!("c{}-{}", rng.random_range(0..opts.clients.max(1)), n.saturating_sub(1)),
+                    opts.value_size,
+                ))
             };
-            Op { kind, key, value: None, old, new: Some(value) }
+            Op {
+                kind,
+                key,
+                value: None,
+                old,
+                new: Some(value),
+            }
         }
-        _ => Op { kind, key, value: None, old: None, new: None },
+        _ => Op {
+            kind,
+            key,
+            value: None,
+            old: None,
+            new: None,
+        },
     }
 }
 
 /// Run the workload: `make(i)` builds client i's backend connection.
-pub async fn run_workload<B, F>(target: &str, opts: WorkloadOptions, make: F, stop: Arc<AtomicBool>) -> anyhow::Result<Report>
+pub async fn run_workload<B, F>(
+    target: &str,
+    opts: WorkloadOptions,
+    make: F,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<Report>
 where
     B: KvBackend,
     F: Fn(usize) -> B,

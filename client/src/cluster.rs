@@ -28,9 +28,11 @@ pub fn cluster_dir(data_dir: &Path, name: &str) -> PathBuf {
 pub fn load_state(dir: &Path) -> anyhow::Result<Option<MasterState>> {
     let path = dir.join(STATE_FILE);
     match std::fs::read(&path) {
-        Ok(bytes) => Ok(Some(
-            serde_json::from_slice(&bytes).with_context(|| format!("{} is not a lockstep cluster state", path.display()))?,
-        )),
+        Ok(bytes) => {
+            Ok(Some(serde_json::from_slice(&bytes).with_context(|| {
+                format!("{} is not a lockstep cluster state", path.display())
+            })?))
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
     }
@@ -50,7 +52,11 @@ pub fn save_state(dir: &Path, state: &MasterState) -> anyhow::Result<()> {
 /// `-c` takes a local cluster name or a comma-separated list of endpoints.
 pub fn resolve_endpoints(spec: &str, data_dir: &Path) -> anyhow::Result<Vec<String>> {
     if spec.contains(':') || spec.contains(',') {
-        let eps: Vec<String> = spec.split(',').filter(|s| !s.trim().is_empty()).map(crate::endpoint_url).collect();
+        let eps: Vec<String> = spec
+            .split(',')
+            .filter(|s| !s.trim().is_empty())
+            .map(crate::endpoint_url)
+            .collect();
         if eps.is_empty() {
             bail!("no endpoints in '{spec}'");
         }
@@ -63,7 +69,9 @@ pub fn resolve_endpoints(spec: &str, data_dir: &Path) -> anyhow::Result<Vec<Stri
             data_dir.display()
         )
     })?;
-    let config = state.config.with_context(|| format!("cluster '{spec}' has not finished bootstrapping yet"))?;
+    let config = state
+        .config
+        .with_context(|| format!("cluster '{spec}' has not finished bootstrapping yet"))?;
     // Primary first: it serves commands and reads.
     let mut members = config.members.clone();
     members.sort_by_key(|m| m.id != config.primary);

@@ -52,12 +52,20 @@ impl ClientError {
 /// Normalise `host:port` to `http://host:port`.
 pub fn endpoint_url(s: &str) -> String {
     let s = s.trim();
-    if s.starts_with("http://") || s.starts_with("https://") { s.to_string() } else { format!("http://{s}") }
+    if s.starts_with("http://") || s.starts_with("https://") {
+        s.to_string()
+    } else {
+        format!("http://{s}")
+    }
 }
 
 fn channel(endpoint: &str) -> Result<Channel, ClientError> {
     Endpoint::from_shared(endpoint.to_string())
-        .map(|e| e.connect_timeout(Duration::from_millis(500)).tcp_nodelay(true).connect_lazy())
+        .map(|e| {
+            e.connect_timeout(Duration::from_millis(500))
+                .tcp_nodelay(true)
+                .connect_lazy()
+        })
         .map_err(|e| ClientError::Invalid(format!("bad endpoint {endpoint}: {e}")))
 }
 
@@ -128,7 +136,11 @@ impl Client {
     /// Learn from an error where to go next. Returns true if the error says the request
     /// certainly was not applied by that replica.
     fn route(&mut self, endpoint: &str, status: &Status) -> bool {
-        let hint = status.metadata().get(PRIMARY_HINT).and_then(|v| v.to_str().ok()).map(endpoint_url);
+        let hint = status
+            .metadata()
+            .get(PRIMARY_HINT)
+            .and_then(|v| v.to_str().ok())
+            .map(endpoint_url);
         match hint {
             Some(h) if h != endpoint => {
                 if !self.endpoints.contains(&h) {
@@ -141,8 +153,18 @@ impl Client {
                 self.channels.remove(endpoint);
             }
         }
-        matches!(status.code(), Code::FailedPrecondition | Code::InvalidArgument | Code::OutOfRange)
-            && !status.message().starts_with("outcome unknown")
+        matches!(
+            status.code(),
+            Code::FailedPrecondition | Code::InvalidArgument | Code::OutOfRange
+        ) && !status.message().starts_with("outcome unknown")
+    }
+
+    /// Pause before the next attempt once every endpoint was tried (or none is known to
+    /// be the primary), growing with the number of attempts.
+    async fn backoff(&self, attempt: u32) {
+        if self.primary.is_none() || attempt.is_multiple_of(self.endpoints.len().max(1) as u32) {
+            tokio::time::sleep(Duration::from_millis(20 * u64::from(attempt.min(10)))).await;
+        }
     }
 
     /// Execute a machine command (raw payload), exactly once.
@@ -151,7 +173,11 @@ impl Client {
             return Err(ClientError::Invalid("no endpoints".into()));
         }
         self.sequence += 1;
-        let command = Command { client_id: self.client_id.clone(), sequence: self.sequence, payload };
+        let command = Command {
+            client_id: self.client_id.clone(),
+            sequence: self.sequence,
+            payload,
+        };
         let start = Instant::now();
         let mut maybe_applied = false;
         let mut last_error = String::new();
@@ -161,8 +187,14 @@ impl Client {
             let mut client = ClientClient::new(self.chan(&endpoint)?)
                 .max_decoding_message_size(lockstep_proto::MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(lockstep_proto::MAX_MESSAGE_BYTES);
-            let mut req = tonic::Request::new(ExecuteRequest { command: Some(command.clone()) });
-            req.set_timeout(self.attempt_timeout.min(self.deadline.saturating_sub(start.elapsed())).max(Duration::from_millis(50)));
+            let mut req = tonic::Request::new(ExecuteRequest {
+                command: Some(command.clone()),
+            });
+            req.set_timeout(
+                self.attempt_timeout
+                    .min(self.deadline.saturating_sub(start.elapsed()))
+                    .max(Duration::from_millis(50)),
+            );
             match client.execute(req).await {
                 Ok(resp) => {
                     self.primary = Some(endpoint);
@@ -177,17 +209,20 @@ impl Client {
                         maybe_applied = true;
                     }
                     last_error = format!("{endpoint}: {}", status.message());
-                    if status.message().contains("sealed") && start.elapsed() > Duration::from_secs(1) && !maybe_applied {
+                    if status.message().contains("sealed") && start.elapsed() > Duration::from_secs(1) && !maybe_applied
+                    {
                         return Err(ClientError::Rejected(last_error));
                     }
                 }
             }
             attempt += 1;
-            if self.primary.is_none() || attempt % self.endpoints.len().max(1) as u32 == 0 {
-                tokio::time::sleep(Duration::from_millis(20 * u64::from(attempt.min(10)))).await;
-            }
+            self.backoff(attempt).await;
         }
-        Err(if maybe_applied { ClientError::Unknown(last_error) } else { ClientError::Rejected(last_error) })
+        Err(if maybe_applied {
+            ClientError::Unknown(last_error)
+        } else {
+            ClientError::Rejected(last_error)
+        })
     }
 
     /// A linearizable read-only query.
@@ -197,8 +232,8 @@ impl Client {
         let mut attempt = 0u32;
         while start.elapsed() < self.deadline && !self.endpoints.is_empty() {
             let endpoint = self.target();
-            let mut client = ClientClient::new(self.chan(&endpoint)?)
-                .max_decoding_message_size(lockstep_proto::MAX_MESSAGE_BYTES);
+            let mut client =
+                ClientClient::new(self.chan(&endpoint)?).max_decoding_message_size(lockstep_proto::MAX_MESSAGE_BYTES);
             let mut req = tonic::Request::new(ReadRequest { query: query.clone() });
             req.set_timeout(self.attempt_timeout);
             match client.read(req).await {
@@ -215,9 +250,7 @@ impl Client {
                 }
             }
             attempt += 1;
-            if self.primary.is_none() || attempt % self.endpoints.len().max(1) as u32 == 0 {
-                tokio::time::sleep(Duration::from_millis(20 * u64::from(attempt.min(10)))).await;
-            }
+            self.backoff(attempt).await;
         }
         Err(ClientError::Rejected(last_error))
     }
@@ -229,7 +262,9 @@ impl Client {
 
     /// `put`: returns the previous value.
     pub async fn put(&mut self, key: &str, value: &str) -> Result<Option<String>, ClientError> {
-        let out = self.kv(serde_json::json!({"op": "put", "key": key, "value": value})).await?;
+        let out = self
+            .kv(serde_json::json!({"op": "put", "key": key, "value": value}))
+            .await?;
         Ok(out["previous"].as_str().map(String::from))
     }
 
@@ -246,13 +281,20 @@ impl Client {
         old: Option<&str>,
         new: Option<&str>,
     ) -> Result<(bool, Option<String>), ClientError> {
-        let out = self.kv(serde_json::json!({"op": "cas", "key": key, "old": old, "new": new})).await?;
-        Ok((out["swapped"].as_bool().unwrap_or(false), out["current"].as_str().map(String::from)))
+        let out = self
+            .kv(serde_json::json!({"op": "cas", "key": key, "old": old, "new": new}))
+            .await?;
+        Ok((
+            out["swapped"].as_bool().unwrap_or(false),
+            out["current"].as_str().map(String::from),
+        ))
     }
 
     /// Linearizable `get`.
     pub async fn get(&mut self, key: &str) -> Result<Option<String>, ClientError> {
-        let resp = self.read(serde_json::json!({"op": "get", "key": key}).to_string().into_bytes()).await?;
+        let resp = self
+            .read(serde_json::json!({"op": "get", "key": key}).to_string().into_bytes())
+            .await?;
         let out = parse_output(&resp.output)?;
         Ok(out["value"].as_str().map(String::from))
     }
@@ -268,10 +310,7 @@ impl Client {
     }
 
     /// Subscribe to applied commands and their outputs (the seed's output devices).
-    pub async fn watch(
-        &mut self,
-        from_index: u64,
-    ) -> Result<tonic::Streaming<AppliedEntry>, ClientError> {
+    pub async fn watch(&mut self, from_index: u64) -> Result<tonic::Streaming<AppliedEntry>, ClientError> {
         let mut last = String::new();
         for _ in 0..self.endpoints.len().max(1) * 2 {
             let endpoint = self.target();
@@ -289,8 +328,8 @@ impl Client {
 }
 
 pub fn parse_output(bytes: &[u8]) -> Result<serde_json::Value, ClientError> {
-    let v: serde_json::Value = serde_json::from_slice(bytes)
-        .map_err(|e| ClientError::Invalid(format!("machine output is not JSON: {e}")))?;
+    let v: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| ClientError::Invalid(format!("machine output is not JSON: {e}")))?;
     if let Some(err) = v.get("error").and_then(|e| e.as_str()) {
         return Err(ClientError::Invalid(err.to_string()));
     }

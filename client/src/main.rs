@@ -12,7 +12,11 @@ use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 #[derive(Parser)]
-#[command(name = "lockstep", version, about = "Replicated state machines: local clusters, clients, benchmarks")]
+#[command(
+    name = "lockstep",
+    version,
+    about = "Replicated state machines: local clusters, clients, benchmarks"
+)]
 struct Cli {
     /// Cluster: the name of a local cluster started by `lockstep up`, or host:port,host:port,...
     #[arg(short = 'c', long = "cluster", global = true, env = "LOCKSTEP_CLUSTER")]
@@ -116,7 +120,10 @@ fn main() {
 }
 
 fn client(cli: &Cli) -> anyhow::Result<Client> {
-    let spec = cli.cluster.as_deref().context("which cluster? pass -c NAME (a local cluster) or -c host:port,...")?;
+    let spec = cli
+        .cluster
+        .as_deref()
+        .context("which cluster? pass -c NAME (a local cluster) or -c host:port,...")?;
     Ok(Client::new(resolve_endpoints(spec, &cli.data_dir)?))
 }
 
@@ -126,7 +133,13 @@ fn show(v: Option<String>) -> String {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match &cli.command {
-        Cmd::Up { file, failure_timeout_ms, fenced_grace_ms, no_fsync, quiet } => {
+        Cmd::Up {
+            file,
+            failure_timeout_ms,
+            fenced_grace_ms,
+            no_fsync,
+            quiet,
+        } => {
             lockstep_replica::init_tracing(false);
             lockstep::up::up(lockstep::up::UpOptions {
                 file: file.clone(),
@@ -161,7 +174,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Cas { key, old, new } => {
             let opt = |s: &str| (s != "-").then(|| s.to_string());
             let (swapped, current) = client(&cli)?.cas(key, opt(old).as_deref(), opt(new).as_deref()).await?;
-            println!("{} (current: {})", if swapped { "SWAPPED" } else { "NOT SWAPPED" }, show(current));
+            println!(
+                "{} (current: {})",
+                if swapped { "SWAPPED" } else { "NOT SWAPPED" },
+                show(current)
+            );
             if !swapped {
                 std::process::exit(4);
             }
@@ -183,9 +200,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Cmd::Bench { clients, duration, value_size, keys, mix, history, check } => {
+        Cmd::Bench {
+            clients,
+            duration,
+            value_size,
+            keys,
+            mix,
+            history,
+            check,
+        } => {
             let endpoints = resolve_endpoints(
-                cli.cluster.as_deref().context("which cluster? pass -c NAME or -c host:port,...")?,
+                cli.cluster
+                    .as_deref()
+                    .context("which cluster? pass -c NAME or -c host:port,...")?,
                 &cli.data_dir,
             )?;
             let opts = WorkloadOptions {
@@ -196,7 +223,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 mix: *mix,
                 history: history.clone(),
             };
-            eprintln!("bench: {clients} clients for {duration}s against {}", endpoints.join(","));
+            eprintln!(
+                "bench: {clients} clients for {duration}s against {}",
+                endpoints.join(",")
+            );
             let stop = Arc::new(AtomicBool::new(false));
             let progress = tokio::spawn({
                 let d = *duration;
@@ -249,23 +279,40 @@ async fn status(cli: &Cli, output: Format) -> anyhow::Result<()> {
                 .filter_map(|(_, r)| r.as_ref().ok())
                 .find(|s| s.state == "primary" && Some(s.epoch) == epoch)
                 .map(|s| s.id.clone());
-            println!("{}", serde_json::to_string_pretty(&serde_json::json!({"epoch": epoch, "primary": primary, "members": members}))?);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(
+                    &serde_json::json!({"epoch": epoch, "primary": primary, "members": members})
+                )?
+            );
         }
         Format::Table => {
-            println!("{:<12} {:<13} {:>6} {:<16} {:>10} {:>10}  ENDPOINT", "ID", "STATE", "EPOCH", "VERSION", "APPLIED", "COMMIT");
+            println!(
+                "{:<12} {:<13} {:>6} {:<16} {:>10} {:>10}  ENDPOINT",
+                "ID", "STATE", "EPOCH", "VERSION", "APPLIED", "COMMIT"
+            );
             for (ep, r) in &all {
                 match r {
                     Ok(s) => println!(
                         "{:<12} {:<13} {:>6} {:<16} {:>10} {:>10}  {}",
                         s.id,
-                        if s.sealed_at > 0 { format!("{} (sealed)", s.state) } else { s.state.clone() },
+                        if s.sealed_at > 0 {
+                            format!("{} (sealed)", s.state)
+                        } else {
+                            s.state.clone()
+                        },
                         s.epoch,
-                        s.machine.as_ref().map_or("?".into(), |m| format!("{} {}", m.name, m.version)),
+                        s.machine
+                            .as_ref()
+                            .map_or("?".into(), |m| format!("{} {}", m.name, m.version)),
                         s.applied_index,
                         s.commit_index,
                         ep.trim_start_matches("http://")
                     ),
-                    Err(e) => println!("{:<12} {:<13} {:>6} {:<16} {:>10} {:>10}  {} ({e})", "?", "unreachable", "-", "-", "-", "-", ep),
+                    Err(e) => println!(
+                        "{:<12} {:<13} {:>6} {:<16} {:>10} {:>10}  {} ({e})",
+                        "?", "unreachable", "-", "-", "-", "-", ep
+                    ),
                 }
             }
         }

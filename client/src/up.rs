@@ -9,8 +9,7 @@
 use crate::cluster::{MasterState, cluster_dir, load_state, save_state};
 use anyhow::{Context, bail};
 use lockstep_planner::{
-    Action, Config, Desired, FailureModel, Health, MachineRef, Observed, ObservedReplica, Plan,
-    ReplicaStatus, Role,
+    Action, Config, Desired, FailureModel, Health, MachineRef, Observed, ObservedReplica, Plan, ReplicaStatus, Role,
 };
 use lockstep_proto::{MemberRole, admin_client::AdminClient};
 use std::collections::BTreeMap;
@@ -66,7 +65,11 @@ pub fn to_proto_config(c: &Config) -> lockstep_proto::Configuration {
         members: c
             .members
             .iter()
-            .map(|m| lockstep_proto::Member { id: m.id.clone(), endpoint: m.endpoint.clone(), role: to_member_role(m.role) })
+            .map(|m| lockstep_proto::Member {
+                id: m.id.clone(),
+                endpoint: m.endpoint.clone(),
+                role: to_member_role(m.role),
+            })
             .collect(),
     }
 }
@@ -86,7 +89,8 @@ pub fn from_proto_status(s: &lockstep_proto::StatusResponse) -> ReplicaStatus {
 /// Read and check the resource for a local run.
 pub fn load_desired(file: &Path) -> anyhow::Result<(String, Desired)> {
     let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
-    let rsm = lockstep_resource::from_yaml(&text).with_context(|| format!("{} is not a valid resource", file.display()))?;
+    let rsm =
+        lockstep_resource::from_yaml(&text).with_context(|| format!("{} is not a valid resource", file.display()))?;
     let name = rsm.metadata.name.clone().context("metadata.name is required")?;
     let spec = &rsm.spec;
     let model = match spec.failure_model {
@@ -122,7 +126,11 @@ pub fn load_desired(file: &Path) -> anyhow::Result<(String, Desired)> {
     let desired = Desired {
         faults_tolerated: u32::try_from(spec.faults_tolerated).context("faultsTolerated must not be negative")?,
         failure_model: model,
-        machine: MachineRef { name: spec.machine.name.clone(), version: spec.machine.version.clone(), image: None },
+        machine: MachineRef {
+            name: spec.machine.name.clone(),
+            version: spec.machine.version.clone(),
+            image: None,
+        },
         paused: false,
     };
     Ok((name, desired))
@@ -147,9 +155,16 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
     let dir = cluster_dir(&opts.data_dir, &name);
     std::fs::create_dir_all(dir.join("replicas")).with_context(|| format!("cannot create {}", dir.display()))?;
     std::fs::create_dir_all(dir.join("logs"))?;
-    let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(dir.join("up.lock"))?;
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("up.lock"))?;
     if lock.try_lock().is_err() {
-        bail!("cluster '{name}' is already running from {} (another `lockstep up` holds it)", dir.display());
+        bail!(
+            "cluster '{name}' is already running from {} (another `lockstep up` holds it)",
+            dir.display()
+        );
     }
     let state = match load_state(&dir)? {
         Some(mut s) => {
@@ -200,7 +215,12 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
             "restarting from {}: epoch {}, members {}",
             crate::cluster::STATE_FILE,
             config.epoch,
-            config.members.iter().map(|x| x.id.as_str()).collect::<Vec<_>>().join(", ")
+            config
+                .members
+                .iter()
+                .map(|x| x.id.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
         ));
         for member in &config.members {
             m.spawn(&member.id, false)?;
@@ -225,7 +245,10 @@ impl Master {
         }
         std::fs::create_dir_all(&dir)?;
         let _ = std::fs::remove_file(dir.join(lockstep_replica::LISTENING_FILE));
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("logs").join(format!("{id}.log")))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("logs").join(format!("{id}.log")))?;
         let exe = match std::env::var_os("LOCKSTEP_REPLICA_BIN") {
             Some(p) => PathBuf::from(p),
             None => std::env::current_exe().context("cannot find the lockstep executable")?,
@@ -234,11 +257,19 @@ impl Master {
         if std::env::var_os("LOCKSTEP_REPLICA_BIN").is_none() {
             cmd.arg("replica");
         }
-        cmd.arg("--id").arg(id).arg("--data-dir").arg(&dir).arg("--machine").arg(&self.desired.machine.name);
+        cmd.arg("--id")
+            .arg(id)
+            .arg("--data-dir")
+            .arg(&dir)
+            .arg("--machine")
+            .arg(&self.desired.machine.name);
         if self.opts.no_fsync {
             cmd.arg("--no-fsync");
         }
-        cmd.stdin(std::process::Stdio::null()).stdout(log.try_clone()?).stderr(log).process_group(0);
+        cmd.stdin(std::process::Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .process_group(0);
         // SAFETY: only async-signal-safe prctl between fork and exec.
         unsafe {
             cmd.pre_exec(|| {
@@ -246,7 +277,9 @@ impl Master {
                 Ok(())
             });
         }
-        let child = cmd.spawn().with_context(|| format!("cannot start replica {id} ({})", exe.display()))?;
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start replica {id} ({})", exe.display()))?;
         self.say(&format!("started replica {id} (pid {})", child.id().unwrap_or(0)));
         self.replicas.insert(
             id.to_string(),
@@ -329,9 +362,9 @@ impl Master {
                 Health::Failed { reason: why.clone() }
             } else {
                 match r.last_ok {
-                    None if r.started.elapsed() > START_GRACE => {
-                        Health::Failed { reason: format!("did not answer within {START_GRACE:?} of starting") }
-                    }
+                    None if r.started.elapsed() > START_GRACE => Health::Failed {
+                        reason: format!("did not answer within {START_GRACE:?} of starting"),
+                    },
                     None => Health::Starting,
                     Some(t) if now.duration_since(t) > failure_timeout => Health::Failed {
                         reason: format!("unreachable for {} ms", now.duration_since(t).as_millis()),
@@ -343,13 +376,21 @@ impl Master {
                 .status
                 .as_ref()
                 .and_then(|s| s.machine.as_ref())
-                .map(|mi| MachineRef { name: mi.name.clone(), version: mi.version.clone(), image: None })
+                .map(|mi| MachineRef {
+                    name: mi.name.clone(),
+                    version: mi.version.clone(),
+                    image: None,
+                })
                 .unwrap_or_else(|| self.desired.machine.clone());
             replicas.push(ObservedReplica {
                 id: r.id.clone(),
                 endpoint: r.endpoint.clone().unwrap_or_default(),
                 machine,
-                status: if health == Health::Running { r.status.as_ref().map(from_proto_status) } else { None },
+                status: if health == Health::Running {
+                    r.status.as_ref().map(from_proto_status)
+                } else {
+                    None
+                },
                 health,
             });
         }
@@ -359,20 +400,27 @@ impl Master {
                 id: r.id.clone(),
                 endpoint: String::new(),
                 machine: self.desired.machine.clone(),
-                health: Health::Failed { reason: "fenced, waiting to stop".into() },
+                health: Health::Failed {
+                    reason: "fenced, waiting to stop".into(),
+                },
                 status: None,
             });
         }
-        Observed { config: self.state.config.clone(), replicas, rollout: self.state.rollout.clone(), staged: true }
+        Observed {
+            config: self.state.config.clone(),
+            replicas,
+            rollout: self.state.rollout.clone(),
+            staged: true,
+        }
     }
 
     fn report(&mut self, plan: &Plan, observed: &Observed) {
         if plan.summary != self.last_summary && !plan.summary.starts_with("cleaning up") {
             self.say(&plan.summary);
-            if let Some(d) = &plan.conditions.degraded {
-                if !plan.summary.contains(d.as_str()) {
-                    self.say(&format!("  Degraded: {d}"));
-                }
+            if let Some(d) = &plan.conditions.degraded
+                && !plan.summary.contains(d.as_str())
+            {
+                self.say(&format!("  Degraded: {d}"));
             }
             self.last_summary = plan.summary.clone();
         }
@@ -387,7 +435,9 @@ impl Master {
     }
 
     fn table(&self, plan: &Plan, observed: &Observed) -> String {
-        let Some(config) = &observed.config else { return String::new() };
+        let Some(config) = &observed.config else {
+            return String::new();
+        };
         let mut out = format!(
             "  {} epoch {} primary {} | Ready={} Available={}{}\n  {:<10} {:<8} {:<13} {:>8}  {}",
             self.name,
@@ -395,7 +445,10 @@ impl Master {
             config.primary,
             plan.conditions.ready,
             plan.conditions.available,
-            plan.conditions.degraded.as_ref().map_or(String::new(), |d| format!(" Degraded=\"{d}\"")),
+            plan.conditions
+                .degraded
+                .as_ref()
+                .map_or(String::new(), |d| format!(" Degraded=\"{d}\"")),
             "ID",
             "ROLE",
             "STATE",
@@ -412,7 +465,11 @@ impl Master {
             let applied = r.and_then(|r| r.status.as_ref()).map_or("-".into(), |s| {
                 // Only print the order of magnitude so the table does not redraw per write.
                 let a = s.applied_index;
-                if a < 10 { a.to_string() } else { format!("~{}", 10u64.pow(a.ilog10())) }
+                if a < 10 {
+                    a.to_string()
+                } else {
+                    format!("~{}", 10u64.pow(a.ilog10()))
+                }
             });
             out.push_str(&format!(
                 "\n  {:<10} {:<8} {:<13} {:>8}  {}",
@@ -435,7 +492,9 @@ impl Master {
             .connect_timeout(timeout)
             .connect_lazy();
         let mut c = AdminClient::new(ch);
-        let mut req = tonic::Request::new(lockstep_proto::ReconfigureRequest { config: Some(config.clone()) });
+        let mut req = tonic::Request::new(lockstep_proto::ReconfigureRequest {
+            config: Some(config.clone()),
+        });
         req.set_timeout(timeout);
         match tokio::time::timeout(timeout, c.reconfigure(req)).await {
             Ok(Ok(_)) => Ok(()),
@@ -460,9 +519,20 @@ impl Master {
                 self.state.config = Some(config.clone());
                 save_state(&self.dir, &self.state)?;
                 let proto = to_proto_config(&config);
+                // The primary first: a member that learns the new epoch before the primary
+                // would fence it until the primary hears of the epoch too.
+                if let Some(p) = config.member(&config.primary)
+                    && let Err(e) = Self::push(&p.endpoint, &proto, Duration::from_secs(1)).await
+                {
+                    self.say(&format!(
+                        "  could not give epoch {} to primary {} yet: {e}",
+                        config.epoch, p.id
+                    ));
+                }
                 let pushes: Vec<_> = config
                     .members
                     .iter()
+                    .filter(|m| m.id != config.primary)
                     .map(|m| {
                         let proto = proto.clone();
                         let ep = m.endpoint.clone();
@@ -498,7 +568,11 @@ impl Master {
                             "removed {id}: {reason}; it is fenced and will be stopped in {:?}",
                             self.opts.fenced_grace
                         ));
-                        self.retiring.push(Retiring { id, child: r.child, kill_at: Instant::now() + self.opts.fenced_grace });
+                        self.retiring.push(Retiring {
+                            id,
+                            child: r.child,
+                            kill_at: Instant::now() + self.opts.fenced_grace,
+                        });
                     }
                 }
             }
@@ -544,7 +618,10 @@ impl Master {
     }
 
     async fn shutdown(&mut self) {
-        let mut all: Vec<Child> = std::mem::take(&mut self.replicas).into_values().map(|r| r.child).collect();
+        let mut all: Vec<Child> = std::mem::take(&mut self.replicas)
+            .into_values()
+            .map(|r| r.child)
+            .collect();
         all.extend(std::mem::take(&mut self.retiring).into_iter().map(|r| r.child));
         futures::future::join_all(all.iter_mut().map(|c| terminate(c, Duration::from_secs(5)))).await;
         self.say(&format!(
@@ -558,11 +635,16 @@ impl Master {
 /// SIGTERM, then SIGKILL after `grace`.
 async fn terminate(child: &mut Child, grace: Duration) {
     if let Some(pid) = child.id() {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGCONT);
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGTERM);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGCONT,
+        );
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
     }
     if tokio::time::timeout(grace, child.wait()).await.is_err() {
         let _ = child.kill().await;
     }
 }
-

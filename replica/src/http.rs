@@ -28,7 +28,10 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
     (
-        [(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         shared.metrics.encode(),
     )
 }

@@ -77,27 +77,40 @@ pub const LISTENING_FILE: &str = "listening.json";
 pub fn init_tracing(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,h2=warn,tower=warn,hyper=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    let _ = if json { builder.json().try_init() } else { builder.try_init() };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
 }
 
 /// Entry point of a replica binary that offers `machines`.
 pub fn main_with(args: ReplicaArgs, machines: &[(&str, MachineFactory)]) -> anyhow::Result<()> {
     init_tracing(args.log_json);
-    let factory = machines.iter().find(|(n, _)| *n == args.machine).map(|(_, f)| *f).with_context(|| {
-        format!(
-            "unknown machine '{}'; this replica binary offers: {}",
-            args.machine,
-            machines.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
-        )
-    })?;
+    let factory = machines
+        .iter()
+        .find(|(n, _)| *n == args.machine)
+        .map(|(_, f)| *f)
+        .with_context(|| {
+            format!(
+                "unknown machine '{}'; this replica binary offers: {}",
+                args.machine,
+                machines.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+            )
+        })?;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(run(args, factory))
 }
 
 /// The built-in machines.
 pub fn builtin_machines() -> Vec<(&'static str, MachineFactory)> {
-    machine::BUILTIN_NAMES.iter().filter_map(|n| machine::builtin(n).map(|f| (*n, f))).collect()
+    machine::BUILTIN_NAMES
+        .iter()
+        .filter_map(|n| machine::builtin(n).map(|f| (*n, f)))
+        .collect()
 }
 
 pub async fn run(args: ReplicaArgs, factory: MachineFactory) -> anyhow::Result<()> {
@@ -108,7 +121,10 @@ pub async fn run(args: ReplicaArgs, factory: MachineFactory) -> anyhow::Result<(
              is planned; see docs/fail-stop-replication.md"
         );
     }
-    let opts = storage::StorageOptions { fsync: !args.no_fsync, ..Default::default() };
+    let opts = storage::StorageOptions {
+        fsync: !args.no_fsync,
+        ..Default::default()
+    };
     let (mut storage, recovered) = storage::Storage::open(&args.data_dir, opts)
         .with_context(|| format!("cannot open data dir {}", args.data_dir.display()))?;
     match &recovered.identity {
@@ -120,7 +136,12 @@ pub async fn run(args: ReplicaArgs, factory: MachineFactory) -> anyhow::Result<(
         Some(_) => {}
         None => storage.save_identity(&args.id)?,
     }
-    let mut node = Node::new(args.id.clone(), runtime::Runtime::new(factory()), args.snapshot_every, !args.no_fsync);
+    let mut node = Node::new(
+        args.id.clone(),
+        runtime::Runtime::new(factory()),
+        args.snapshot_every,
+        !args.no_fsync,
+    );
     let recovered_entries = recovered.entries.len();
     node.recover(recovered.config, recovered.snapshot, recovered.entries)?;
     tracing::info!(
@@ -143,16 +164,22 @@ pub async fn run(args: ReplicaArgs, factory: MachineFactory) -> anyhow::Result<(
                     shared.metrics.fsync_seconds.observe(took.as_secs_f64());
                     shared.metrics.entries_per_fsync.observe(written as f64);
                 }
-                let ops = {
+                {
                     let mut node = shared.lock();
                     node.on_durable(durable);
-                    node.apply_committed(&shared.applied_tx)
-                };
-                shared.writer.send_all(ops);
+                    let ops = node.apply_committed(&shared.applied_tx);
+                    shared.writer.send_all(ops);
+                }
                 shared.after_change();
             }),
         );
-        Shared { node: std::sync::Mutex::new(node), changed, applied_tx, writer, metrics: Default::default() }
+        Shared {
+            node: std::sync::Mutex::new(node),
+            changed,
+            applied_tx,
+            writer,
+            metrics: Default::default(),
+        }
     });
     if is_primary {
         peers::start(&shared);
@@ -165,7 +192,12 @@ pub async fn run(args: ReplicaArgs, factory: MachineFactory) -> anyhow::Result<(
     let http = tokio::net::TcpListener::bind(args.http)
         .await
         .with_context(|| format!("cannot listen on {}", args.http))?;
-    let listening = Listening { id: args.id.clone(), grpc: grpc.local_addr()?, http: http.local_addr()?, pid: std::process::id() };
+    let listening = Listening {
+        id: args.id.clone(),
+        grpc: grpc.local_addr()?,
+        http: http.local_addr()?,
+        pid: std::process::id(),
+    };
     write_atomically(&args.data_dir.join(LISTENING_FILE), &serde_json::to_vec(&listening)?)?;
     tracing::info!(grpc = %listening.grpc, http = %listening.http, "listening");
 
@@ -177,7 +209,10 @@ pub async fn run(args: ReplicaArgs, factory: MachineFactory) -> anyhow::Result<(
         .add_service(lockstep_proto::client_server::ClientServer::new(services.clone()).max_decoding_message_size(max))
         .add_service(lockstep_proto::peer_server::PeerServer::new(services.clone()).max_decoding_message_size(max))
         .add_service(lockstep_proto::admin_server::AdminServer::new(services.clone()).max_decoding_message_size(max))
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(grpc), wait_stop(stop_rx.clone()));
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(grpc),
+            wait_stop(stop_rx.clone()),
+        );
     let http_server =
         axum::serve(http, http::router(shared.clone())).with_graceful_shutdown(wait_stop(stop_rx.clone()));
     let grpc_task = tokio::spawn(grpc_server);
@@ -186,7 +221,7 @@ pub async fn run(args: ReplicaArgs, factory: MachineFactory) -> anyhow::Result<(
     shutdown_signal().await;
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
         let _ = grpc_task.await;
         let _ = http_task.await;
     })

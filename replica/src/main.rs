@@ -2,7 +2,11 @@
 use clap::Parser;
 
 #[derive(Parser)]
-#[command(name = "lockstep-replica", version, about = "A lockstep replica: runs a replicated deterministic state machine")]
+#[command(
+    name = "lockstep-replica",
+    version,
+    about = "A lockstep replica: runs a replicated deterministic state machine"
+)]
 struct Cli {
     #[command(flatten)]
     args: lockstep_replica::ReplicaArgs,

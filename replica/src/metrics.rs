@@ -41,15 +41,33 @@ impl Default for Metrics {
             entries_per_fsync: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
             snapshots: Counter::default(),
         };
-        m.registry.register("commands", "Client commands by result", m.commands.clone());
-        m.registry.register("reads", "Linearizable reads by result", m.reads.clone());
-        m.registry.register("applied_index", "Last log index applied to the state machine", m.applied_index.clone());
-        m.registry.register("commit_index", "Last log index known committed", m.commit_index.clone());
-        m.registry.register("epoch", "Current configuration epoch", m.epoch.clone());
-        m.registry.register("is_primary", "1 when this replica is the primary", m.is_primary.clone());
-        m.registry.register("fsyncs", "fsync calls on the log", m.fsyncs.clone());
-        m.registry.register("fsync_seconds", "Time spent in one batched log write + fsync", m.fsync_seconds.clone());
-        m.registry.register("entries_per_fsync", "Log entries made durable by one fsync", m.entries_per_fsync.clone());
+        m.registry
+            .register("commands", "Client commands by result", m.commands.clone());
+        m.registry
+            .register("reads", "Linearizable reads by result", m.reads.clone());
+        m.registry.register(
+            "applied_index",
+            "Last log index applied to the state machine",
+            m.applied_index.clone(),
+        );
+        m.registry
+            .register("commit_index", "Last log index known committed", m.commit_index.clone());
+        m.registry
+            .register("epoch", "Current configuration epoch", m.epoch.clone());
+        m.registry
+            .register("is_primary", "1 when this replica is the primary", m.is_primary.clone());
+        m.registry
+            .register("fsyncs", "fsync calls on the log", m.fsyncs.clone());
+        m.registry.register(
+            "fsync_seconds",
+            "Time spent in one batched log write + fsync",
+            m.fsync_seconds.clone(),
+        );
+        m.registry.register(
+            "entries_per_fsync",
+            "Log entries made durable by one fsync",
+            m.entries_per_fsync.clone(),
+        );
         m.registry.register("snapshots", "Snapshots taken", m.snapshots.clone());
         m
     }
@@ -57,7 +75,9 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn count_command(&self, result: &str) {
-        self.commands.get_or_create(&ResultLabel { result: result.into() }).inc();
+        self.commands
+            .get_or_create(&ResultLabel { result: result.into() })
+            .inc();
     }
     pub fn count_read(&self, result: &str) {
         self.reads.get_or_create(&ResultLabel { result: result.into() }).inc();

@@ -44,6 +44,9 @@ pub enum Role {
     Learner,
     /// Not a member of the newest configuration it knows (fenced for good).
     Removed,
+    /// A peer showed a newer epoch than this replica's configuration: it serves nothing
+    /// until the master gives it that configuration (in which it may still be the primary).
+    Fenced,
 }
 
 impl Role {
@@ -54,6 +57,7 @@ impl Role {
             Role::Backup => "backup",
             Role::Learner => "learner",
             Role::Removed => "removed",
+            Role::Fenced => "fenced",
         }
     }
 }
@@ -76,13 +80,17 @@ struct PendingRead {
     reply: oneshot::Sender<Result<ReadResponse, Status>>,
 }
 
+/// Answer to a command (or seal/resume): the index and the output (or snapshot digest).
 pub type ExecuteReply = oneshot::Sender<Result<(u64, Vec<u8>), Status>>;
+pub type SealReply = ExecuteReply;
 
 pub struct Node {
     pub id: String,
     pub identity: MachineIdentity,
     pub role: Role,
     pub epoch: u64,
+    /// Highest epoch a peer has shown this replica (> `epoch` means fenced).
+    pub fenced_by: u64,
     pub config: Option<Configuration>,
     runtime: Runtime,
     /// In-memory log: `log[0]` has index `log_start`.
@@ -97,7 +105,7 @@ pub struct Node {
     pending: HashMap<u64, ExecuteReply>,
     read_round: u64,
     reads: Vec<PendingRead>,
-    pending_seal: Vec<oneshot::Sender<Result<(u64, Vec<u8>), Status>>>,
+    pending_seal: Vec<SealReply>,
     sealed_digest: Option<Vec<u8>>,
     recent: VecDeque<AppliedEntry>,
     snapshot_every: u64,
@@ -158,6 +166,7 @@ impl Node {
             identity: runtime.identity(),
             role: Role::Unconfigured,
             epoch: 0,
+            fenced_by: 0,
             config: None,
             runtime,
             log: VecDeque::new(),
@@ -258,16 +267,32 @@ impl Node {
 
     fn primary_endpoint(&self) -> Option<String> {
         let c = self.config.as_ref()?;
-        c.members.iter().find(|m| m.id == c.primary_id).map(|m| m.endpoint.clone())
+        c.members
+            .iter()
+            .find(|m| m.id == c.primary_id)
+            .map(|m| m.endpoint.clone())
     }
 
     /// Error for requests that only the primary serves, with a hint where it is.
     pub fn not_primary(&self) -> Status {
         let (code, msg) = match self.role {
-            Role::Unconfigured => (Code::Unavailable, format!("replica {} has no configuration yet", self.id)),
+            Role::Unconfigured => (
+                Code::Unavailable,
+                format!("replica {} has no configuration yet", self.id),
+            ),
             Role::Removed => (
                 Code::FailedPrecondition,
-                format!("replica {} is fenced: removed from the configuration at epoch {}", self.id, self.epoch),
+                format!(
+                    "replica {} is fenced: removed from the configuration at epoch {}",
+                    self.id, self.epoch
+                ),
+            ),
+            Role::Fenced => (
+                Code::FailedPrecondition,
+                format!(
+                    "replica {} is fenced: its epoch {} was superseded by epoch {}",
+                    self.id, self.epoch, self.fenced_by
+                ),
             ),
             _ => (
                 Code::FailedPrecondition,
@@ -280,7 +305,9 @@ impl Node {
             ),
         };
         let mut status = Status::new(code, msg);
-        if let Some(ep) = self.primary_endpoint().filter(|_| self.role != Role::Removed)
+        if let Some(ep) = self
+            .primary_endpoint()
+            .filter(|_| !matches!(self.role, Role::Removed | Role::Fenced))
             && let Ok(v) = ep.parse()
         {
             status.metadata_mut().insert(PRIMARY_HINT, v);
@@ -297,6 +324,7 @@ impl Node {
         let was_primary = self.role == Role::Primary;
         self.epoch = config.epoch;
         self.role = match Self::member_role(&config, &self.id) {
+            _ if self.fenced_by > config.epoch => Role::Fenced,
             None | Some(MemberRole::Unspecified) => Role::Removed,
             Some(_) if config.primary_id == self.id => Role::Primary,
             Some(MemberRole::Voter) => Role::Backup,
@@ -322,12 +350,17 @@ impl Node {
         }
         self.config = Some(config);
         if self.role != Role::Primary {
-            self.fail_pending(&format!("replica {} is no longer the primary (epoch {})", self.id, self.epoch));
+            self.fail_pending(&format!(
+                "replica {} is no longer the primary (epoch {})",
+                self.id, self.epoch
+            ));
         } else {
             // Reads must be re-confirmed under the new epoch.
             let reads = std::mem::take(&mut self.reads);
             for r in reads {
-                let _ = r.reply.send(Err(Status::unavailable("configuration changed during the read; retry")));
+                let _ = r
+                    .reply
+                    .send(Err(Status::unavailable("configuration changed during the read; retry")));
             }
             self.advance_commit();
         }
@@ -363,7 +396,11 @@ impl Node {
                 ))),
             };
         }
-        if !config.members.iter().any(|m| m.id == config.primary_id && m.role() == MemberRole::Voter) {
+        if !config
+            .members
+            .iter()
+            .any(|m| m.id == config.primary_id && m.role() == MemberRole::Voter)
+        {
             return Err(Status::invalid_argument(format!(
                 "configuration of epoch {}: primary '{}' is not a voter of it",
                 config.epoch, config.primary_id
@@ -384,7 +421,9 @@ impl Node {
             )));
         }
         if !self.pending_seal.is_empty() || self.seal_ordered() {
-            return Err(failed_precondition("a seal barrier is being ordered; commands resume after the upgrade"));
+            return Err(failed_precondition(
+                "a seal barrier is being ordered; commands resume after the upgrade",
+            ));
         }
         if command.payload.len() > MAX_COMMAND_BYTES {
             return Err(Status::invalid_argument(format!(
@@ -405,22 +444,26 @@ impl Node {
                 Err(e) => Err(failed_precondition(e.0)),
             };
         }
-        let entry = LogEntry { index: self.last_index() + 1, epoch: self.epoch, body: Some(Body::Command(command)) };
+        let entry = LogEntry {
+            index: self.last_index() + 1,
+            epoch: self.epoch,
+            body: Some(Body::Command(command)),
+        };
         self.pending.insert(entry.index, reply);
         self.log.push_back(entry.clone());
         Ok(vec![entry])
     }
 
     fn seal_ordered(&self) -> bool {
-        self.log.iter().rev().take_while(|e| e.index > self.applied_index).any(|e| matches!(e.body, Some(Body::Seal(_))))
+        self.log
+            .iter()
+            .rev()
+            .take_while(|e| e.index > self.applied_index)
+            .any(|e| matches!(e.body, Some(Body::Seal(_))))
     }
 
     /// Admin `Seal`: order the barrier at `at_index` (0 = next index), padding with no-ops.
-    pub fn seal(
-        &mut self,
-        at_index: u64,
-        reply: oneshot::Sender<Result<(u64, Vec<u8>), Status>>,
-    ) -> Result<Vec<LogEntry>, Status> {
+    pub fn seal(&mut self, at_index: u64, reply: SealReply) -> Result<Vec<LogEntry>, Status> {
         if self.role != Role::Primary {
             return Err(self.not_primary());
         }
@@ -445,12 +488,18 @@ impl Node {
         }
         let mut out = Vec::new();
         for index in next..at {
-            out.push(LogEntry { index, epoch: self.epoch, body: Some(Body::Noop(Noop {})) });
+            out.push(LogEntry {
+                index,
+                epoch: self.epoch,
+                body: Some(Body::Noop(Noop {})),
+            });
         }
         out.push(LogEntry {
             index: at,
             epoch: self.epoch,
-            body: Some(Body::Seal(SealBarrier { machine: Some(self.identity.clone()) })),
+            body: Some(Body::Seal(SealBarrier {
+                machine: Some(self.identity.clone()),
+            })),
         });
         self.log.extend(out.iter().cloned());
         self.pending_seal.push(reply);
@@ -469,7 +518,9 @@ impl Node {
         let entry = LogEntry {
             index: self.last_index() + 1,
             epoch: self.epoch,
-            body: Some(Body::Resume(Resume { machine: Some(self.identity.clone()) })),
+            body: Some(Body::Resume(Resume {
+                machine: Some(self.identity.clone()),
+            })),
         };
         self.pending.insert(entry.index, reply);
         self.log.push_back(entry.clone());
@@ -489,7 +540,12 @@ impl Node {
             return;
         }
         self.read_round += 1;
-        self.reads.push(PendingRead { round: self.read_round, index: self.commit_index, query, reply });
+        self.reads.push(PendingRead {
+            round: self.read_round,
+            index: self.commit_index,
+            query,
+            reply,
+        });
         self.check_reads();
     }
 
@@ -501,11 +557,17 @@ impl Node {
         if self.reads.is_empty() {
             return;
         }
-        let confirmed =
-            self.peers.values().filter(|p| p.voter).map(|p| p.acked_round).min().unwrap_or(self.read_round);
+        let confirmed = self
+            .peers
+            .values()
+            .filter(|p| p.voter)
+            .map(|p| p.acked_round)
+            .min()
+            .unwrap_or(self.read_round);
         let applied = self.applied_index;
-        let (ready, waiting): (Vec<_>, Vec<_>) =
-            std::mem::take(&mut self.reads).into_iter().partition(|r| r.round <= confirmed && r.index <= applied);
+        let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.reads)
+            .into_iter()
+            .partition(|r| r.round <= confirmed && r.index <= applied);
         self.reads = waiting;
         for r in ready {
             let result = self
@@ -567,9 +629,14 @@ impl Node {
     /// A peer answered an Append/InstallSnapshot sent at `epoch`.
     pub fn on_peer_response(&mut self, peer: &str, sent_epoch: u64, round: u64, resp: &AppendResponse) {
         if resp.epoch > self.epoch {
-            tracing::warn!(peer, their_epoch = resp.epoch, our_epoch = self.epoch, "fenced: a peer is at a newer epoch");
-            self.epoch = resp.epoch;
-            self.role = Role::Removed;
+            tracing::warn!(
+                peer,
+                their_epoch = resp.epoch,
+                our_epoch = self.epoch,
+                "fenced: a peer is at a newer epoch"
+            );
+            self.fenced_by = self.fenced_by.max(resp.epoch);
+            self.role = Role::Fenced;
             self.peers.clear();
             let why = format!("replica {} was fenced: a peer is at epoch {}", self.id, resp.epoch);
             self.fail_pending(&why);
@@ -707,10 +774,16 @@ impl Node {
             error,
         };
         if req.epoch < self.epoch {
-            return (refuse(self.epoch, 0, format!("stale epoch {} < {}", req.epoch, self.epoch)), ops);
+            return (
+                refuse(self.epoch, 0, format!("stale epoch {} < {}", req.epoch, self.epoch)),
+                ops,
+            );
         }
         if req.machine.as_ref() != Some(&self.identity) {
-            let theirs = req.machine.as_ref().map_or("none".into(), |m| format!("{} {} ({})", m.name, m.version, m.digest));
+            let theirs = req
+                .machine
+                .as_ref()
+                .map_or("none".into(), |m| format!("{} {} ({})", m.name, m.version, m.digest));
             return (
                 refuse(
                     self.epoch,
@@ -731,16 +804,29 @@ impl Node {
                 }
                 _ => {
                     return (
-                        refuse(self.epoch, 0, format!("epoch {} unknown here and no configuration sent", req.epoch)),
+                        refuse(
+                            self.epoch,
+                            0,
+                            format!("epoch {} unknown here and no configuration sent", req.epoch),
+                        ),
                         ops,
                     );
                 }
             }
         }
         let primary = self.config.as_ref().map(|c| c.primary_id.clone()).unwrap_or_default();
-        if req.primary_id != primary || matches!(self.role, Role::Removed | Role::Primary | Role::Unconfigured) {
+        if req.primary_id != primary
+            || matches!(
+                self.role,
+                Role::Removed | Role::Primary | Role::Unconfigured | Role::Fenced
+            )
+        {
             return (
-                refuse(self.epoch, 0, format!("{} is not the primary of epoch {} here", req.primary_id, self.epoch)),
+                refuse(
+                    self.epoch,
+                    0,
+                    format!("{} is not the primary of epoch {} here", req.primary_id, self.epoch),
+                ),
                 ops,
             );
         }
@@ -753,7 +839,14 @@ impl Node {
             let keep = self.commit_index;
             self.truncate_after(keep);
             ops.push(StorageOp::Truncate(keep));
-            return (refuse(self.epoch, keep + 1, "log diverged; truncated to the commit index".into()), ops);
+            return (
+                refuse(
+                    self.epoch,
+                    keep + 1,
+                    "log diverged; truncated to the commit index".into(),
+                ),
+                ops,
+            );
         }
         let mut appended = Vec::new();
         for e in req.entries.iter() {
@@ -769,7 +862,10 @@ impl Node {
                 ops.push(StorageOp::Truncate(e.index - 1));
             }
             if e.index != self.last_index() + 1 {
-                return (refuse(self.epoch, self.last_index() + 1, "non-contiguous entries".into()), ops);
+                return (
+                    refuse(self.epoch, self.last_index() + 1, "non-contiguous entries".into()),
+                    ops,
+                );
             }
             self.log.push_back(e.clone());
             appended.push(e.clone());
@@ -782,7 +878,16 @@ impl Node {
         if new_commit > self.commit_index {
             self.commit_index = new_commit;
         }
-        (AppendResponse { epoch: self.epoch, success: true, match_index: matched, hint_index: 0, error: String::new() }, ops)
+        (
+            AppendResponse {
+                epoch: self.epoch,
+                success: true,
+                match_index: matched,
+                hint_index: 0,
+                error: String::new(),
+            },
+            ops,
+        )
     }
 
     fn truncate_after(&mut self, index: u64) {
@@ -797,12 +902,23 @@ impl Node {
         let mut ops = Vec::new();
         if req.epoch < self.epoch {
             return (
-                AppendResponse { epoch: self.epoch, error: format!("stale epoch {}", req.epoch), ..Default::default() },
+                AppendResponse {
+                    epoch: self.epoch,
+                    error: format!("stale epoch {}", req.epoch),
+                    ..Default::default()
+                },
                 ops,
             );
         }
         let Some(snap) = req.snapshot else {
-            return (AppendResponse { epoch: self.epoch, error: "no snapshot".into(), ..Default::default() }, ops);
+            return (
+                AppendResponse {
+                    epoch: self.epoch,
+                    error: "no snapshot".into(),
+                    ..Default::default()
+                },
+                ops,
+            );
         };
         if req.epoch > self.epoch {
             match &req.config {
@@ -812,24 +928,60 @@ impl Node {
                 }
                 _ => {
                     return (
-                        AppendResponse { epoch: self.epoch, error: "unknown epoch".into(), ..Default::default() },
+                        AppendResponse {
+                            epoch: self.epoch,
+                            error: "unknown epoch".into(),
+                            ..Default::default()
+                        },
                         ops,
                     );
                 }
             }
         }
-        if matches!(self.role, Role::Removed | Role::Primary | Role::Unconfigured) {
-            return (AppendResponse { epoch: self.epoch, error: "not a follower".into(), ..Default::default() }, ops);
+        if matches!(
+            self.role,
+            Role::Removed | Role::Primary | Role::Unconfigured | Role::Fenced
+        ) {
+            return (
+                AppendResponse {
+                    epoch: self.epoch,
+                    error: "not a follower".into(),
+                    ..Default::default()
+                },
+                ops,
+            );
         }
         if digest(&snap.data) != snap.digest {
-            return (AppendResponse { epoch: self.epoch, error: "snapshot digest mismatch".into(), ..Default::default() }, ops);
+            return (
+                AppendResponse {
+                    epoch: self.epoch,
+                    error: "snapshot digest mismatch".into(),
+                    ..Default::default()
+                },
+                ops,
+            );
         }
         if snap.index <= self.applied_index {
             let m = self.last_index().max(snap.index);
-            return (AppendResponse { epoch: self.epoch, success: true, match_index: snap.index.min(m), ..Default::default() }, ops);
+            return (
+                AppendResponse {
+                    epoch: self.epoch,
+                    success: true,
+                    match_index: snap.index.min(m),
+                    ..Default::default()
+                },
+                ops,
+            );
         }
         if let Err(e) = self.runtime.restore(&snap.data) {
-            return (AppendResponse { epoch: self.epoch, error: format!("cannot restore: {e}"), ..Default::default() }, ops);
+            return (
+                AppendResponse {
+                    epoch: self.epoch,
+                    error: format!("cannot restore: {e}"),
+                    ..Default::default()
+                },
+                ops,
+            );
         }
         self.log.clear();
         self.log_start = snap.index + 1;
@@ -841,7 +993,15 @@ impl Node {
         self.snapshot = Some(Arc::new(snap.clone()));
         ops.push(StorageOp::Install(snap));
         tracing::info!(index, "installed snapshot from the primary (state transfer)");
-        (AppendResponse { epoch: self.epoch, success: true, match_index: index, ..Default::default() }, ops)
+        (
+            AppendResponse {
+                epoch: self.epoch,
+                success: true,
+                match_index: index,
+                ..Default::default()
+            },
+            ops,
+        )
     }
 
     /// Entries applied from `from` on, for a watcher (None when compacted away).
@@ -875,7 +1035,11 @@ impl Node {
             peers: self
                 .peers
                 .iter()
-                .map(|(id, p)| PeerProgress { id: id.clone(), match_index: p.match_index, reachable: p.reachable })
+                .map(|(id, p)| PeerProgress {
+                    id: id.clone(),
+                    match_index: p.match_index,
+                    reachable: p.reachable,
+                })
                 .collect(),
             snapshot_index: self.snapshot_index(),
             durable: self.durable,

@@ -13,9 +13,12 @@ pub const HEARTBEAT: Duration = Duration::from_millis(100);
 const RPC_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub fn connect_lazy(endpoint: &str) -> Option<Channel> {
-    Endpoint::from_shared(endpoint.to_string())
-        .ok()
-        .map(|e| e.connect_timeout(Duration::from_millis(500)).tcp_nodelay(true).timeout(RPC_TIMEOUT).connect_lazy())
+    Endpoint::from_shared(endpoint.to_string()).ok().map(|e| {
+        e.connect_timeout(Duration::from_millis(500))
+            .tcp_nodelay(true)
+            .timeout(RPC_TIMEOUT)
+            .connect_lazy()
+    })
 }
 
 /// Start replication tasks for every peer of the current epoch (the primary calls this
@@ -23,7 +26,13 @@ pub fn connect_lazy(endpoint: &str) -> Option<Channel> {
 pub fn start(shared: &Arc<Shared>) {
     let (epoch, peers) = {
         let node = shared.lock();
-        (node.epoch, node.peers.iter().map(|(id, p)| (id.clone(), p.endpoint.clone())).collect::<Vec<_>>())
+        (
+            node.epoch,
+            node.peers
+                .iter()
+                .map(|(id, p)| (id.clone(), p.endpoint.clone()))
+                .collect::<Vec<_>>(),
+        )
     };
     for (id, endpoint) in peers {
         let shared = shared.clone();
@@ -61,7 +70,11 @@ async fn replicate(shared: Arc<Shared>, peer: String, endpoint: String, epoch: u
         let (result, round) = match msg {
             PeerMessage::Append(req, round) => (client.append(req).await, round),
             PeerMessage::Snapshot(req) => {
-                tracing::info!(peer, index = req.snapshot.as_ref().map_or(0, |s| s.index), "sending snapshot (state transfer)");
+                tracing::info!(
+                    peer,
+                    index = req.snapshot.as_ref().map_or(0, |s| s.index),
+                    "sending snapshot (state transfer)"
+                );
                 (client.install_snapshot(req).await, 0)
             }
         };
@@ -69,18 +82,18 @@ async fn replicate(shared: Arc<Shared>, peer: String, endpoint: String, epoch: u
             Ok(resp) => {
                 failures = 0;
                 let resp = resp.into_inner();
-                let ops = {
+                {
                     let mut node = shared.lock();
                     node.on_peer_response(&peer, epoch, round, &resp);
-                    node.apply_committed(&shared.applied_tx)
-                };
-                shared.writer.send_all(ops);
+                    let ops = node.apply_committed(&shared.applied_tx);
+                    shared.writer.send_all(ops);
+                }
                 shared.after_change();
             }
             Err(status) => {
                 failures += 1;
                 shared.lock().on_peer_unreachable(&peer);
-                if failures == 1 || failures % 50 == 0 {
+                if failures == 1 || failures.is_multiple_of(50) {
                     tracing::warn!(peer, endpoint, error = %status.message(), "peer unreachable");
                 }
                 tokio::time::sleep(Duration::from_millis(20 * u64::from(failures.min(10)))).await;

@@ -53,7 +53,12 @@ pub struct Runtime {
 impl Runtime {
     pub fn new(machine: Box<dyn StateMachine>) -> Self {
         let applied_by = machine.identity();
-        Runtime { machine, sessions: BTreeMap::new(), sealed_at: None, applied_by }
+        Runtime {
+            machine,
+            sessions: BTreeMap::new(),
+            sealed_at: None,
+            applied_by,
+        }
     }
 
     pub fn identity(&self) -> MachineIdentity {
@@ -101,28 +106,53 @@ impl Runtime {
         match &entry.body {
             Some(Body::Command(cmd)) => {
                 if let Some(Ok(output)) = self.session_answer(cmd) {
-                    return Applied { kind: "command", output, duplicate: true };
+                    return Applied {
+                        kind: "command",
+                        output,
+                        duplicate: true,
+                    };
                 }
                 if let Some(Err(e)) = self.session_answer(cmd) {
                     let output = serde_json::json!({"error": e.0}).to_string().into_bytes();
-                    return Applied { kind: "command", output, duplicate: true };
+                    return Applied {
+                        kind: "command",
+                        output,
+                        duplicate: true,
+                    };
                 }
                 let output = self.machine.apply(&cmd.payload);
-                self.sessions.insert(cmd.client_id.clone(), (cmd.sequence, output.clone()));
-                Applied { kind: "command", output, duplicate: false }
+                self.sessions
+                    .insert(cmd.client_id.clone(), (cmd.sequence, output.clone()));
+                Applied {
+                    kind: "command",
+                    output,
+                    duplicate: false,
+                }
             }
             Some(Body::Seal(_)) => {
                 self.sealed_at = Some(entry.index);
-                Applied { kind: "seal", output: Vec::new(), duplicate: false }
+                Applied {
+                    kind: "seal",
+                    output: Vec::new(),
+                    duplicate: false,
+                }
             }
             Some(Body::Resume(r)) => {
                 self.sealed_at = None;
                 if let Some(m) = &r.machine {
                     self.applied_by = m.clone();
                 }
-                Applied { kind: "resume", output: Vec::new(), duplicate: false }
+                Applied {
+                    kind: "resume",
+                    output: Vec::new(),
+                    duplicate: false,
+                }
             }
-            Some(Body::Noop(_)) | None => Applied { kind: "noop", output: Vec::new(), duplicate: false },
+            Some(Body::Noop(_)) | None => Applied {
+                kind: "noop",
+                output: Vec::new(),
+                duplicate: false,
+            },
         }
     }
 
@@ -132,7 +162,11 @@ impl Runtime {
             sessions: self
                 .sessions
                 .iter()
-                .map(|(c, (s, o))| SessionRecord { client_id: c.clone(), sequence: *s, output: o.clone() })
+                .map(|(c, (s, o))| SessionRecord {
+                    client_id: c.clone(),
+                    sequence: *s,
+                    output: o.clone(),
+                })
                 .collect(),
             sealed_at: self.sealed_at.unwrap_or(0),
             applied_by: Some(self.applied_by.clone()),
@@ -143,7 +177,11 @@ impl Runtime {
     pub fn restore(&mut self, data: &[u8]) -> Result<(), MachineError> {
         let image = RuntimeImage::decode(data).map_err(|e| MachineError(format!("snapshot is not readable: {e}")))?;
         self.machine.restore(&image.machine)?;
-        self.sessions = image.sessions.into_iter().map(|r| (r.client_id, (r.sequence, r.output))).collect();
+        self.sessions = image
+            .sessions
+            .into_iter()
+            .map(|r| (r.client_id, (r.sequence, r.output)))
+            .collect();
         self.sealed_at = (image.sealed_at > 0).then_some(image.sealed_at);
         self.applied_by = image.applied_by.unwrap_or_else(|| self.machine.identity());
         Ok(())
@@ -187,11 +225,19 @@ mod tests {
     fn snapshot_carries_sessions_and_seal() {
         let mut rt = Runtime::new(Box::new(Kv::default()));
         rt.apply(&cmd(1, "c", 7, r#"{"op":"put","key":"k","value":"a"}"#));
-        rt.apply(&LogEntry { index: 2, epoch: 1, body: Some(Body::Seal(Default::default())) });
+        rt.apply(&LogEntry {
+            index: 2,
+            epoch: 1,
+            body: Some(Body::Seal(Default::default())),
+        });
         let mut other = Runtime::new(Box::new(Kv::default()));
         other.restore(&rt.snapshot()).unwrap();
         assert_eq!(other.sealed_at(), Some(2));
-        assert!(other.apply(&cmd(3, "c", 7, r#"{"op":"put","key":"k","value":"z"}"#)).duplicate);
+        assert!(
+            other
+                .apply(&cmd(3, "c", 7, r#"{"op":"put","key":"k","value":"z"}"#))
+                .duplicate
+        );
         assert_eq!(digest(&other.snapshot()), digest(&rt.snapshot()));
     }
 }

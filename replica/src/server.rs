@@ -28,16 +28,18 @@ impl Services {
         match tokio::time::timeout(COMMIT_TIMEOUT, rx).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(unknown_outcome(format!("{what} was dropped"))),
-            Err(_) => Err(unknown_outcome(format!("{what} not committed within {COMMIT_TIMEOUT:?}"))),
+            Err(_) => Err(unknown_outcome(format!(
+                "{what} not committed within {COMMIT_TIMEOUT:?}"
+            ))),
         }
     }
 
-    /// Queue `entries`' storage ops and wake the replication tasks.
+    /// Queue `entries` for the disk. Call with the node lock held, so entries reach the
+    /// storage thread in log order.
     fn enqueue(&self, entries: Vec<lockstep_proto::LogEntry>) {
         if !entries.is_empty() {
             self.shared.writer.send(crate::writer::StorageOp::Append(entries));
         }
-        self.shared.poke();
     }
 
     fn machine(&self) -> lockstep_proto::MachineIdentity {
@@ -48,22 +50,34 @@ impl Services {
 #[tonic::async_trait]
 impl Client for Services {
     async fn execute(&self, request: Request<ExecuteRequest>) -> Result<Response<ExecuteResponse>, Status> {
-        let command = request.into_inner().command.ok_or_else(|| Status::invalid_argument("missing command"))?;
+        let command = request
+            .into_inner()
+            .command
+            .ok_or_else(|| Status::invalid_argument("missing command"))?;
         let (tx, rx) = oneshot::channel();
-        let proposed = self.shared.lock().propose(command, tx);
-        let entries = match proposed {
-            Ok(e) => e,
-            Err(status) => {
-                self.shared.metrics.count_command("rejected");
-                return Err(status);
-            }
+        let proposed = {
+            let mut node = self.shared.lock();
+            // Queue for the disk while holding the lock: the log reaches the storage thread
+            // in index order.
+            node.propose(command, tx).map(|entries| self.enqueue(entries))
         };
-        self.enqueue(entries);
+        if let Err(status) = proposed {
+            self.shared.metrics.count_command("rejected");
+            return Err(status);
+        }
+        self.shared.poke();
         let result = self.wait(rx, "command").await;
-        self.shared.metrics.count_command(if result.is_ok() { "ok" } else { "unknown" });
+        self.shared
+            .metrics
+            .count_command(if result.is_ok() { "ok" } else { "unknown" });
         let (index, output) = result?;
         let epoch = self.shared.lock().epoch;
-        Ok(Response::new(ExecuteResponse { index, epoch, output, machine: Some(self.machine()) }))
+        Ok(Response::new(ExecuteResponse {
+            index,
+            epoch,
+            output,
+            machine: Some(self.machine()),
+        }))
     }
 
     async fn read(&self, request: Request<ReadRequest>) -> Result<Response<ReadResponse>, Status> {
@@ -74,7 +88,9 @@ impl Client for Services {
             Ok(Ok(r)) => r,
             _ => Err(Status::unavailable("read not confirmed by every voter in time; retry")),
         };
-        self.shared.metrics.count_read(if result.is_ok() { "ok" } else { "error" });
+        self.shared
+            .metrics
+            .count_read(if result.is_ok() { "ok" } else { "error" });
         result.map(Response::new)
     }
 
@@ -144,17 +160,21 @@ where
 #[tonic::async_trait]
 impl Peer for Services {
     async fn append(&self, request: Request<AppendRequest>) -> Result<Response<AppendResponse>, Status> {
-        let (resp, ops) = {
+        let (resp, durable) = {
             let mut node = self.shared.lock();
             let (resp, mut ops) = node.handle_append(request.into_inner());
             ops.extend(node.apply_committed(&self.shared.applied_tx));
-            (resp, ops)
+            let durable = !ops.is_empty();
+            self.shared.writer.send_all(ops);
+            (resp, durable)
         };
-        let durable = !ops.is_empty();
-        self.shared.writer.send_all(ops);
         if durable && resp.success {
             // Acknowledge only what is on disk.
-            self.shared.writer.barrier().await.map_err(|_| Status::internal("storage stopped"))?;
+            self.shared
+                .writer
+                .barrier()
+                .await
+                .map_err(|_| Status::internal("storage stopped"))?;
         }
         self.shared.after_change();
         Ok(Response::new(resp))
@@ -164,11 +184,19 @@ impl Peer for Services {
         &self,
         request: Request<InstallSnapshotRequest>,
     ) -> Result<Response<AppendResponse>, Status> {
-        let (resp, ops) = self.shared.lock().handle_install(request.into_inner());
-        let durable = !ops.is_empty();
-        self.shared.writer.send_all(ops);
+        let (resp, durable) = {
+            let mut node = self.shared.lock();
+            let (resp, ops) = node.handle_install(request.into_inner());
+            let durable = !ops.is_empty();
+            self.shared.writer.send_all(ops);
+            (resp, durable)
+        };
         if durable && resp.success {
-            self.shared.writer.barrier().await.map_err(|_| Status::internal("storage stopped"))?;
+            self.shared
+                .writer
+                .barrier()
+                .await
+                .map_err(|_| Status::internal("storage stopped"))?;
         }
         self.shared.after_change();
         Ok(Response::new(resp))
@@ -178,7 +206,10 @@ impl Peer for Services {
 #[tonic::async_trait]
 impl Admin for Services {
     async fn reconfigure(&self, request: Request<ReconfigureRequest>) -> Result<Response<ReconfigureResponse>, Status> {
-        let config = request.into_inner().config.ok_or_else(|| Status::invalid_argument("missing config"))?;
+        let config = request
+            .into_inner()
+            .config
+            .ok_or_else(|| Status::invalid_argument("missing config"))?;
         let (changed, epoch, primary) = {
             let mut node = self.shared.lock();
             let changed = node.reconfigure(config)?;
@@ -189,7 +220,11 @@ impl Admin for Services {
         };
         if changed {
             // The configuration is durable before the master hears "ok".
-            self.shared.writer.barrier().await.map_err(|_| Status::internal("storage stopped"))?;
+            self.shared
+                .writer
+                .barrier()
+                .await
+                .map_err(|_| Status::internal("storage stopped"))?;
             tracing::info!(epoch, primary, "adopted configuration");
             if primary {
                 crate::peers::start(&self.shared);
@@ -205,30 +240,48 @@ impl Admin for Services {
 
     async fn seal(&self, request: Request<SealRequest>) -> Result<Response<SealResponse>, Status> {
         let (tx, rx) = oneshot::channel();
-        let entries = self.shared.lock().seal(request.into_inner().at_index, tx)?;
-        self.enqueue(entries);
+        {
+            let mut node = self.shared.lock();
+            self.enqueue(node.seal(request.into_inner().at_index, tx)?);
+        }
+        self.shared.poke();
         let (index, digest) = self.wait(rx, "seal").await?;
         Ok(Response::new(SealResponse { index, digest }))
     }
 
     async fn resume(&self, _: Request<ResumeRequest>) -> Result<Response<ResumeResponse>, Status> {
         let (tx, rx) = oneshot::channel();
-        let entries = self.shared.lock().resume(tx)?;
-        self.enqueue(entries);
+        {
+            let mut node = self.shared.lock();
+            self.enqueue(node.resume(tx)?);
+        }
+        self.shared.poke();
         let (index, _) = self.wait(rx, "resume").await?;
         Ok(Response::new(ResumeResponse { index }))
     }
 
     async fn take_snapshot(&self, _: Request<SnapshotRequest>) -> Result<Response<SnapshotResponse>, Status> {
-        let op = self.shared.lock().take_snapshot();
-        let index = match op {
-            Some(crate::writer::StorageOp::Snapshot(s)) => {
-                let index = s.index;
-                self.shared.writer.send(crate::writer::StorageOp::Snapshot(s));
-                self.shared.writer.barrier().await.map_err(|_| Status::internal("storage stopped"))?;
+        let taken = {
+            let mut node = self.shared.lock();
+            match node.take_snapshot() {
+                Some(crate::writer::StorageOp::Snapshot(s)) => {
+                    let index = s.index;
+                    self.shared.writer.send(crate::writer::StorageOp::Snapshot(s));
+                    Some(index)
+                }
+                _ => None,
+            }
+        };
+        let index = match taken {
+            Some(index) => {
+                self.shared
+                    .writer
+                    .barrier()
+                    .await
+                    .map_err(|_| Status::internal("storage stopped"))?;
                 index
             }
-            _ => self.shared.lock().status().snapshot_index,
+            None => self.shared.lock().status().snapshot_index,
         };
         if index == 0 {
             return Err(failed_precondition("nothing applied yet"));

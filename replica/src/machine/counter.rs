@@ -52,7 +52,8 @@ impl StateMachine for Counter {
     }
 
     fn query(&self, query: &[u8]) -> Result<Vec<u8>, MachineError> {
-        serde_json::from_slice::<CounterQuery>(query).map_err(|e| MachineError(format!("counter: malformed query: {e}")))?;
+        serde_json::from_slice::<CounterQuery>(query)
+            .map_err(|e| MachineError(format!("counter: malformed query: {e}")))?;
         Ok(serde_json::json!({"value": self.value}).to_string().into_bytes())
     }
 
@@ -61,8 +62,9 @@ impl StateMachine for Counter {
     }
 
     fn restore(&mut self, snapshot: &[u8]) -> Result<(), MachineError> {
-        let bytes: [u8; 8] =
-            snapshot.try_into().map_err(|_| MachineError("counter: snapshot must be 8 bytes".into()))?;
+        let bytes: [u8; 8] = snapshot
+            .try_into()
+            .map_err(|_| MachineError("counter: snapshot must be 8 bytes".into()))?;
         self.value = i64::from_le_bytes(bytes);
         Ok(())
     }
@@ -77,8 +79,15 @@ mod tests {
         let mut c = Counter::default();
         assert_eq!(c.apply(br#"{"op":"add","amount":5}"#), br#"{"value":5}"#);
         c.restore(&i64::MAX.to_le_bytes()).unwrap();
-        assert!(String::from_utf8(c.apply(br#"{"op":"add","amount":1}"#)).unwrap().contains("overflow"));
-        assert_eq!(c.query(br#"{"op":"get"}"#).unwrap(), format!(r#"{{"value":{}}}"#, i64::MAX).into_bytes());
+        assert!(
+            String::from_utf8(c.apply(br#"{"op":"add","amount":1}"#))
+                .unwrap()
+                .contains("overflow")
+        );
+        assert_eq!(
+            c.query(br#"{"op":"get"}"#).unwrap(),
+            format!(r#"{{"value":{}}}"#, i64::MAX).into_bytes()
+        );
         assert!(c.validate(b"{}").is_err());
     }
 }

@@ -24,9 +24,18 @@ pub struct Kv {
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 #[serde(tag = "op", rename_all = "lowercase", deny_unknown_fields)]
 pub enum KvCommand {
-    Put { key: String, value: String },
-    Delete { key: String },
-    Cas { key: String, old: Option<String>, new: Option<String> },
+    Put {
+        key: String,
+        value: String,
+    },
+    Delete {
+        key: String,
+    },
+    Cas {
+        key: String,
+        old: Option<String>,
+        new: Option<String>,
+    },
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -49,7 +58,10 @@ fn parse<T: for<'de> Deserialize<'de>>(bytes: &[u8], what: &str) -> Result<T, Ma
 
 fn check_key(key: &str) -> Result<(), MachineError> {
     if key.len() > MAX_KEY_BYTES {
-        return Err(MachineError(format!("kv: key of {} bytes exceeds {MAX_KEY_BYTES}", key.len())));
+        return Err(MachineError(format!(
+            "kv: key of {} bytes exceeds {MAX_KEY_BYTES}",
+            key.len()
+        )));
     }
     Ok(())
 }
@@ -87,7 +99,9 @@ impl StateMachine for Kv {
 
     fn query(&self, query: &[u8]) -> Result<Vec<u8>, MachineError> {
         let KvQuery::Get { key } = parse(query, "query")?;
-        Ok(serde_json::json!({"value": self.data.get(&key)}).to_string().into_bytes())
+        Ok(serde_json::json!({"value": self.data.get(&key)})
+            .to_string()
+            .into_bytes())
     }
 
     fn snapshot(&self) -> Vec<u8> {
@@ -113,15 +127,27 @@ mod tests {
     #[test]
     fn put_get_delete_cas() {
         let mut kv = Kv::default();
-        assert_eq!(run(&mut kv, serde_json::json!({"op":"put","key":"a","value":"1"})), serde_json::json!({"previous": null}));
-        assert_eq!(run(&mut kv, serde_json::json!({"op":"put","key":"a","value":"2"})), serde_json::json!({"previous": "1"}));
+        assert_eq!(
+            run(&mut kv, serde_json::json!({"op":"put","key":"a","value":"1"})),
+            serde_json::json!({"previous": null})
+        );
+        assert_eq!(
+            run(&mut kv, serde_json::json!({"op":"put","key":"a","value":"2"})),
+            serde_json::json!({"previous": "1"})
+        );
         let swapped = run(&mut kv, serde_json::json!({"op":"cas","key":"a","old":"1","new":"3"}));
         assert_eq!(swapped, serde_json::json!({"swapped": false, "current": "2"}));
         let swapped = run(&mut kv, serde_json::json!({"op":"cas","key":"a","old":"2","new":"3"}));
         assert_eq!(swapped, serde_json::json!({"swapped": true, "current": "3"}));
         let got = kv.query(br#"{"op":"get","key":"a"}"#).unwrap();
-        assert_eq!(serde_json::from_slice::<serde_json::Value>(&got).unwrap(), serde_json::json!({"value": "3"}));
-        assert_eq!(run(&mut kv, serde_json::json!({"op":"delete","key":"a"})), serde_json::json!({"previous": "3"}));
+        assert_eq!(
+            serde_json::from_slice::<serde_json::Value>(&got).unwrap(),
+            serde_json::json!({"value": "3"})
+        );
+        assert_eq!(
+            run(&mut kv, serde_json::json!({"op":"delete","key":"a"})),
+            serde_json::json!({"previous": "3"})
+        );
         let created = run(&mut kv, serde_json::json!({"op":"cas","key":"b","old":null,"new":"x"}));
         assert_eq!(created, serde_json::json!({"swapped": true, "current": "x"}));
     }

@@ -51,5 +51,9 @@ pub const BUILTIN_NAMES: &[&str] = &["kv", "counter"];
 pub fn identity(name: &str, version: &str, revision: &str) -> MachineIdentity {
     use sha2::Digest;
     let digest = sha2::Sha256::digest(format!("{name}\0{version}\0{revision}").as_bytes());
-    MachineIdentity { name: name.into(), version: version.into(), digest: hex::encode(&digest[..8]) }
+    MachineIdentity {
+        name: name.into(),
+        version: version.into(),
+        digest: hex::encode(&digest[..8]),
+    }
 }

@@ -1,0 +1,240 @@
+//! Test harness: a real `lockstep up` process with real replica processes on loopback.
+//! Faults are real signals (`kill -9`, `SIGSTOP`/`SIGCONT`) sent to real pids.
+#![allow(dead_code)]
+
+use lockstep::cluster::{MasterState, load_state};
+use lockstep_planner::Role;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct LocalCluster {
+    pub name: String,
+    pub dir: tempfile::TempDir,
+    pub yaml: PathBuf,
+    up: Option<Child>,
+    pub t: u32,
+    extra_args: Vec<String>,
+}
+
+pub fn lockstep_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_lockstep")
+}
+
+impl LocalCluster {
+    pub fn yaml(name: &str, t: u32, machine: &str) -> String {
+        format!(
+            "apiVersion: lockstep.dev/v1alpha1\nkind: ReplicatedStateMachine\nmetadata:\n  name: {name}\nspec:\n  faultsTolerated: {t}\n  failureModel: FailStop\n  machine:\n    name: {machine}\n    version: \"1.0.0\"\n"
+        )
+    }
+
+    /// Start `lockstep up` and wait until the cluster is ready.
+    pub fn start(name: &str, t: u32, machine: &str, extra_args: &[&str]) -> LocalCluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let yaml = dir.path().join(format!("{name}.yaml"));
+        std::fs::write(&yaml, Self::yaml(name, t, machine)).expect("write yaml");
+        let mut c = LocalCluster {
+            name: name.into(),
+            dir,
+            yaml,
+            up: None,
+            t,
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+        };
+        c.launch();
+        c.wait_ready(Duration::from_secs(30));
+        c
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn cluster_dir(&self) -> PathBuf {
+        self.data_dir().join(&self.name)
+    }
+
+    /// (Re)start `lockstep up` on the same data dir.
+    pub fn launch(&mut self) {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("up.out"))
+            .expect("up.out");
+        let child = Command::new(lockstep_bin())
+            .arg("up")
+            .arg(&self.yaml)
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .args(&self.extra_args)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().expect("dup"))
+            .stderr(out)
+            .spawn()
+            .expect("spawn lockstep up");
+        self.up = Some(child);
+    }
+
+    pub fn up_output(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("up.out")).unwrap_or_default()
+    }
+
+    pub fn state(&self) -> Option<MasterState> {
+        load_state(&self.cluster_dir()).ok().flatten()
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.state().and_then(|s| s.config).map_or(0, |c| c.epoch)
+    }
+
+    pub fn primary(&self) -> String {
+        self.state()
+            .and_then(|s| s.config)
+            .map(|c| c.primary)
+            .expect("configured cluster")
+    }
+
+    pub fn members(&self) -> Vec<String> {
+        self.state()
+            .and_then(|s| s.config)
+            .map(|c| c.members.iter().map(|m| m.id.clone()).collect())
+            .unwrap_or_default()
+    }
+
+    pub fn endpoint(&self, id: &str) -> String {
+        let l = self.listening(id).expect("replica listening");
+        format!("http://{}", l.grpc)
+    }
+
+    pub fn listening(&self, id: &str) -> Option<lockstep_replica::Listening> {
+        let bytes = std::fs::read(
+            self.cluster_dir()
+                .join("replicas")
+                .join(id)
+                .join(lockstep_replica::LISTENING_FILE),
+        )
+        .ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    pub fn pid(&self, id: &str) -> Pid {
+        Pid::from_raw(self.listening(id).expect("listening.json").pid as i32)
+    }
+
+    pub fn endpoints(&self) -> Vec<String> {
+        lockstep::cluster::resolve_endpoints(&self.name, &self.data_dir()).expect("endpoints")
+    }
+
+    pub fn client(&self) -> lockstep::Client {
+        lockstep::Client::new(self.endpoints())
+    }
+
+    pub fn signal(&self, id: &str, sig: Signal) {
+        kill(self.pid(id), sig).unwrap_or_else(|e| panic!("kill -{sig} {id}: {e}"));
+    }
+
+    /// True when every one of the n = t+1 members is a voter, each answers with the
+    /// configuration's epoch, and no learner is pending.
+    pub fn is_ready(&self) -> bool {
+        let Some(config) = self.state().and_then(|s| s.config) else {
+            return false;
+        };
+        if config.members.len() != self.t as usize + 1 || config.members.iter().any(|m| m.role != Role::Voter) {
+            return false;
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("rt");
+        config.members.iter().all(|m| {
+            rt.block_on(lockstep::status_of(&m.endpoint, Duration::from_millis(500)))
+                .is_ok_and(|s| s.epoch == config.epoch && (s.state == "primary" || s.state == "backup"))
+        })
+    }
+
+    pub fn wait_ready(&self, timeout: Duration) {
+        let ok = wait_until(timeout, || self.is_ready());
+        assert!(
+            ok,
+            "cluster not ready within {timeout:?}; lockstep up said:\n{}",
+            self.up_output()
+        );
+    }
+
+    /// Stop `lockstep up` with SIGINT (it stops the replicas) and wait for it.
+    pub fn stop(&mut self) {
+        if let Some(mut up) = self.up.take() {
+            let _ = kill(Pid::from_raw(up.id() as i32), Signal::SIGINT);
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = up.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = up.kill();
+            let _ = up.wait();
+        }
+    }
+
+    /// Crash everything at once: `kill -9` the master and every replica.
+    pub fn crash_all(&mut self) {
+        let pids = self.replica_pids();
+        if let Some(mut up) = self.up.take() {
+            let _ = up.kill();
+            let _ = up.wait();
+        }
+        for p in pids {
+            let _ = kill(p, Signal::SIGKILL);
+        }
+        // Wait for the processes to be gone (they hold their data-dir locks).
+        std::thread::sleep(Duration::from_millis(300));
+    }
+
+    fn replica_pids(&self) -> Vec<Pid> {
+        let dir = self.cluster_dir().join("replicas");
+        let Ok(rd) = std::fs::read_dir(dir) else { return vec![] };
+        rd.filter_map(|e| e.ok())
+            .filter_map(|e| std::fs::read(e.path().join(lockstep_replica::LISTENING_FILE)).ok())
+            .filter_map(|b| serde_json::from_slice::<lockstep_replica::Listening>(&b).ok())
+            .map(|l| Pid::from_raw(l.pid as i32))
+            .collect()
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        for p in self.replica_pids() {
+            let _ = kill(p, Signal::SIGCONT);
+        }
+        self.stop();
+        for p in self.replica_pids() {
+            let _ = kill(p, Signal::SIGKILL);
+        }
+    }
+}
+
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+pub fn check_history(path: &Path) -> usize {
+    let file = std::fs::File::open(path).expect("history file");
+    let history = lockstep_linearizability::parse_history(std::io::BufReader::new(file)).expect("parse history");
+    let result = lockstep_linearizability::check_kv(&history, lockstep_linearizability::CheckLimits::default());
+    assert!(
+        result.is_linearizable(),
+        "history {} is not linearizable: {result}",
+        path.display()
+    );
+    history.len()
+}

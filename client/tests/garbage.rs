@@ -1,0 +1,143 @@
+//! Must-show 5: garbage bytes and oversized messages on every port of every replica: the
+//! replica stays up and answers the next valid request.
+
+mod common;
+
+use common::LocalCluster;
+use lockstep_proto::{Command, ExecuteRequest, client_client::ClientClient, peer_client::PeerClient};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+fn blast(addr: SocketAddr, bytes: &[u8]) {
+    if let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+        let _ = s.set_read_timeout(Some(Duration::from_millis(300)));
+        let _ = s.write_all(bytes);
+        let mut buf = [0u8; 1024];
+        let _ = s.read(&mut buf);
+    }
+}
+
+fn garbage_payloads() -> Vec<Vec<u8>> {
+    let mut out = vec![
+        b"\x00\xff\x13\x37garbage\r\n\r\n".to_vec(),
+        b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999\r\n\r\nabc".to_vec(),
+        vec![0xAB; 70_000],
+    ];
+    // HTTP/2 preface followed by a frame header claiming a 16 MiB frame, then junk.
+    let mut h2 = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    h2.extend_from_slice(&[0xff, 0xff, 0xff, 0x00, 0x00, 0x00, 0x00, 0x00, 0x01]);
+    h2.extend(std::iter::repeat_n(0x5a, 4096));
+    out.push(h2);
+    // A gRPC length-prefixed message claiming 4 GiB, inside an otherwise valid-looking stream.
+    let mut grpc = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    grpc.extend_from_slice(&[0x00, 0x00, 0x00, 0x04, 0x00, 0x00, 0x00, 0x00, 0x00]); // empty SETTINGS
+    grpc.extend_from_slice(&[0x00, 0xff, 0xff, 0xff, 0xff, 0x01, 0x02]);
+    out.push(grpc);
+    out
+}
+
+#[test]
+fn garbage_and_oversized_messages_never_crash_a_replica() {
+    let cluster = LocalCluster::start("garbage", 1, "kv", &["--quiet"]);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let members = cluster.members();
+    for m in &members {
+        let l = cluster.listening(m).expect("listening");
+        for payload in garbage_payloads() {
+            blast(l.grpc, &payload);
+            blast(l.http, &payload);
+        }
+        let ep = format!("http://{}", l.grpc);
+        rt.block_on(async {
+            // Oversized gRPC request: refused with an error, not a crash.
+            let mut c = ClientClient::connect(ep.clone())
+                .await
+                .expect("connect")
+                .max_encoding_message_size(64 * 1024 * 1024);
+            let big = ExecuteRequest {
+                command: Some(Command {
+                    client_id: "big".into(),
+                    sequence: 1,
+                    payload: vec![b'x'; 20 * 1024 * 1024],
+                }),
+            };
+            let err = c.execute(big).await.expect_err("oversized request must be refused");
+            assert!(
+                matches!(
+                    err.code(),
+                    tonic::Code::OutOfRange
+                        | tonic::Code::ResourceExhausted
+                        | tonic::Code::Internal
+                        | tonic::Code::Unknown
+                ),
+                "unexpected code for an oversized request: {err:?}"
+            );
+            // Valid protobuf, nonsense command: a clear INVALID_ARGUMENT (or NOT_PRIMARY on a backup).
+            let bad = ExecuteRequest {
+                command: Some(Command {
+                    client_id: "bad".into(),
+                    sequence: 1,
+                    payload: b"\xff\xfe not json".to_vec(),
+                }),
+            };
+            let err = c.execute(bad).await.expect_err("malformed command");
+            assert!(
+                matches!(
+                    err.code(),
+                    tonic::Code::InvalidArgument | tonic::Code::FailedPrecondition
+                ),
+                "{err:?}"
+            );
+            // A command just over the 1 MiB command limit (but under the message limit).
+            let over = ExecuteRequest {
+                command: Some(Command {
+                    client_id: "over".into(),
+                    sequence: 1,
+                    payload: vec![b' '; 1024 * 1024 + 1],
+                }),
+            };
+            let err = c.execute(over).await.expect_err("over the command limit");
+            assert!(
+                matches!(
+                    err.code(),
+                    tonic::Code::InvalidArgument | tonic::Code::FailedPrecondition
+                ),
+                "{err:?}"
+            );
+            // Garbage peer traffic: an Append with no machine and an absurd epoch-less body.
+            let mut p = PeerClient::connect(ep.clone()).await.expect("connect peer");
+            let r = p
+                .append(lockstep_proto::AppendRequest::default())
+                .await
+                .expect("answered");
+            assert!(!r.into_inner().success);
+        });
+    }
+    // Every replica is still the same process and the cluster serves valid requests.
+    for m in &members {
+        let pid = cluster.pid(m);
+        assert!(nix::sys::signal::kill(pid, None).is_ok(), "replica {m} died");
+    }
+    let mut client = cluster.client();
+    rt.block_on(client.put("after", "garbage"))
+        .expect("valid write after garbage");
+    assert_eq!(
+        rt.block_on(client.get("after")).expect("read").as_deref(),
+        Some("garbage")
+    );
+    for m in &members {
+        let l = cluster.listening(m).expect("listening");
+        let body = reqwest_like_get(l.http, "/healthz");
+        assert!(body.contains("200"), "{m} /healthz after garbage: {body}");
+    }
+}
+
+fn reqwest_like_get(addr: SocketAddr, path: &str) -> String {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).expect("connect http");
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").expect("write");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
