@@ -82,14 +82,17 @@ proptest! {
 fn agrees_with_brute_force() {
     let mut rng = Rng(0x5eed);
     let (mut yes, mut no) = (0, 0);
-    for case in 0..3000 {
-        let n = 1 + rng.below(7) as usize;
-        let specs = random_specs(&mut rng, n, 3, 1, 3, 25, 10);
+    for case in 0..4000 {
+        let n = 1 + rng.below(9) as usize;
+        let clients = 1 + rng.below(4) as usize;
+        let values = 1 + rng.below(3) as usize;
+        let percent_unknown = rng.below(60);
+        let specs = random_specs(&mut rng, n, clients, 1, values, percent_unknown, 10);
         let mut h = simulate(&specs);
         // perturb some ok outputs to random (possibly still valid) ones
         for e in h.iter_mut() {
             if e.result == Outcome::Ok && rng.chance(30) {
-                let v = match rng.below(4) {
+                let v = match rng.below(values as u64 + 1) {
                     0 => serde_json::Value::Null,
                     k => serde_json::json!(value_name(k as usize - 1)),
                 };
