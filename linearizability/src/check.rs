@@ -34,8 +34,11 @@ use std::hash::{BuildHasherDefault, Hasher};
 pub struct CheckLimits {
     /// Maximum number of linearization attempts for one key.
     pub max_steps: u64,
-    /// Maximum number of memoised configurations kept for one key (bounds memory).
+    /// Maximum number of memoised configurations kept for one key.
     pub max_cache_entries: usize,
+    /// Approximate maximum memory of the memo cache for one key, in bytes (keys are
+    /// checked in parallel, up to one per core).
+    pub max_cache_bytes: usize,
 }
 
 impl Default for CheckLimits {
@@ -43,6 +46,7 @@ impl Default for CheckLimits {
         CheckLimits {
             max_steps: 10_000_000,
             max_cache_entries: 5_000_000,
+            max_cache_bytes: 1 << 30,
         }
     }
 }
@@ -53,6 +57,7 @@ impl CheckLimits {
         CheckLimits {
             max_steps: u64::MAX,
             max_cache_entries: usize::MAX,
+            max_cache_bytes: usize::MAX,
         }
     }
 }
@@ -117,7 +122,7 @@ impl Hasher for FxHasher {
 
 type FxBuild = BuildHasherDefault<FxHasher>;
 
-/// (linearized ok ops, value, restricted) -> the sets of unknown ops used.
+/// (linearized ok ops, value, restricted) -> the sets of unknown ops used (sparse).
 type MemoCache = HashMap<Box<[u64]>, Vec<Box<[u64]>>, FxBuild>;
 
 // ------------------------------------------------------------------ the model
@@ -580,13 +585,15 @@ impl<'h> KeyChecker<'h> {
         // lacked: it is skipped too (subsumption).
         let mut cache: MemoCache = HashMap::default();
         let mut cached = 0usize;
+        let mut cached_bytes = 0usize;
+        let mut sparse_buf: Vec<u64> = Vec::new();
         let mut key_buf: Vec<u64> = Vec::new();
         let subsumed = |list: Option<&Vec<Box<[u64]>>>, ubits: &[u64]| -> bool {
             list.is_some_and(|l| {
                 l.iter()
                     .rev()
                     .take(512) // a partial look-up is still sound
-                    .any(|u| u.iter().zip(ubits).all(|(a, b)| a & !b == 0))
+                    .any(|u| u.chunks(2).all(|p| p[1] & !ubits[p[0] as usize] == 0))
             })
         };
 
@@ -698,20 +705,32 @@ impl<'h> KeyChecker<'h> {
                         set_bit(&mut bits, &mut ubits, n_ok, op, false);
                         continue;
                     }
-                    if cached >= limits.max_cache_entries {
+                    if cached >= limits.max_cache_entries || cached_bytes >= limits.max_cache_bytes {
                         return KeyVerdict::Inconclusive(format!(
-                            "key {:?}: memo cache limit of {} configurations reached ({} ops, at most {} of {} completed ops linearized)",
-                            self.key, limits.max_cache_entries, n, best_ok, self.n_ok
+                            "key {:?}: memo cache limit reached ({} configurations, ~{} MiB; {} ops, at most {} of {} completed ops linearized)",
+                            self.key,
+                            cached,
+                            cached_bytes >> 20,
+                            n,
+                            best_ok,
+                            self.n_ok
                         ));
                     }
+                    // the unknown ops used, stored sparsely: (word index, word) pairs
+                    sparse_buf.clear();
+                    for (i, &w) in ubits.iter().enumerate() {
+                        if w != 0 {
+                            sparse_buf.extend([i as u64, w]);
+                        }
+                    }
                     cached += 1;
+                    cached_bytes += 8 * sparse_buf.len() + 24;
+                    let entry = sparse_buf.clone().into_boxed_slice();
                     match cache.get_mut(key_buf.as_slice()) {
-                        Some(list) => list.push(ubits.clone().into_boxed_slice()),
+                        Some(list) => list.push(entry),
                         None => {
-                            cache.insert(
-                                key_buf.clone().into_boxed_slice(),
-                                vec![ubits.clone().into_boxed_slice()],
-                            );
+                            cached_bytes += 8 * key_buf.len() + 64;
+                            cache.insert(key_buf.clone().into_boxed_slice(), vec![entry]);
                         }
                     }
                     f.applied = op;

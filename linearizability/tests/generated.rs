@@ -198,6 +198,12 @@ fn budget_gives_inconclusive() {
         ..CheckLimits::default()
     };
     assert!(matches!(check_kv(&h, tiny), CheckResult::Inconclusive { .. }));
+    let tiny = CheckLimits {
+        max_cache_bytes: 1000,
+        ..CheckLimits::default()
+    };
+    assert!(matches!(check_kv(&h, tiny), CheckResult::Inconclusive { .. }));
+    assert!(check_kv(&h, CheckLimits::default()).is_linearizable());
 }
 
 #[test]

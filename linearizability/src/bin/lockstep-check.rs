@@ -1,11 +1,12 @@
-//! `lockstep-check FILE [--max-steps N]`: checks a key-value history for linearizability.
-//! Exit status: 0 linearizable, 1 not linearizable, 2 inconclusive or error.
+//! `lockstep-check FILE [--max-steps N] [--max-cache N] [--max-cache-mib N]`: checks a key-value
+//! history for linearizability. Exit status: 0 linearizable, 1 not linearizable, 2 inconclusive
+//! or error.
 
 use lockstep_linearizability::{CheckLimits, CheckResult, check_kv, parse_history};
 use std::io::BufReader;
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: lockstep-check FILE [--max-steps N] [--max-cache N]\n\
+const USAGE: &str = "usage: lockstep-check FILE [--max-steps N] [--max-cache N] [--max-cache-mib N]\n\
     Checks a lockstep key-value history (one JSON op per line; `-` reads stdin).\n\
     Exit status: 0 linearizable, 1 not linearizable, 2 inconclusive or error.";
 
@@ -19,15 +20,16 @@ fn main() -> ExitCode {
                 println!("{USAGE}");
                 return ExitCode::SUCCESS;
             }
-            "--max-steps" | "--max-cache" => {
+            "--max-steps" | "--max-cache" | "--max-cache-mib" => {
                 let Some(n) = args.next().and_then(|v| v.parse::<u64>().ok()) else {
                     eprintln!("{a} needs a number\n{USAGE}");
                     return ExitCode::from(2);
                 };
-                if a == "--max-steps" {
-                    limits.max_steps = n;
-                } else {
-                    limits.max_cache_entries = usize::try_from(n).unwrap_or(usize::MAX);
+                let size = usize::try_from(n).unwrap_or(usize::MAX);
+                match a.as_str() {
+                    "--max-steps" => limits.max_steps = n,
+                    "--max-cache" => limits.max_cache_entries = size,
+                    _ => limits.max_cache_bytes = size.saturating_mul(1 << 20),
                 }
             }
             _ if file.is_none() => file = Some(a),
