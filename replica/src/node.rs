@@ -1052,3 +1052,7 @@ pub enum PeerMessage {
     Append(AppendRequest, u64),
     Snapshot(InstallSnapshotRequest),
 }
+
+#[cfg(test)]
+#[path = "node_tests.rs"]
+mod tests;

@@ -1,0 +1,279 @@
+//! Protocol-core tests: `Node`s driven by hand, no I/O. Messages are passed between nodes
+//! explicitly, so each test sets up exactly the interleaving it is about.
+use super::*;
+use crate::machine::kv::Kv;
+use lockstep_proto::Member;
+
+fn node(id: &str) -> Node {
+    Node::new(id.into(), Runtime::new(Box::new(Kv::default())), 10_000, true)
+}
+
+fn config(epoch: u64, primary: &str, voters: &[&str], learners: &[&str]) -> Configuration {
+    let member = |id: &&str, role: MemberRole| Member {
+        id: id.to_string(),
+        endpoint: format!("http://{id}"),
+        role: role as i32,
+    };
+    Configuration {
+        epoch,
+        primary_id: primary.into(),
+        members: voters
+            .iter()
+            .map(|v| member(v, MemberRole::Voter))
+            .chain(learners.iter().map(|l| member(l, MemberRole::Learner)))
+            .collect(),
+    }
+}
+
+fn put(client: &str, seq: u64, key: &str, value: &str) -> Command {
+    Command {
+        client_id: client.into(),
+        sequence: seq,
+        payload: serde_json::json!({"op": "put", "key": key, "value": value})
+            .to_string()
+            .into_bytes(),
+    }
+}
+
+fn append_for(primary: &Node, peer: &str) -> AppendRequest {
+    match primary.next_message(peer, true) {
+        Some(PeerMessage::Append(req, _)) => req,
+        Some(PeerMessage::Snapshot(_)) => panic!("expected an append, got a snapshot"),
+        None => panic!("nothing to send"),
+    }
+}
+
+/// Primary `a`, backup `b`, epoch 1.
+fn pair() -> (Node, Node, broadcast::Sender<AppliedEntry>) {
+    let (tx, _) = broadcast::channel(1024);
+    let mut a = node("a");
+    let mut b = node("b");
+    a.reconfigure(config(1, "a", &["a", "b"], &[])).unwrap();
+    b.reconfigure(config(1, "a", &["a", "b"], &[])).unwrap();
+    (a, b, tx)
+}
+
+#[test]
+fn a_write_commits_only_when_every_voter_holds_it() {
+    let (mut a, mut b, tx) = pair();
+    let (reply, mut rx) = oneshot::channel();
+    let entries = a.propose(put("c", 1, "k", "v"), reply).unwrap();
+    assert_eq!(entries.len(), 1);
+    a.on_durable(1);
+    a.apply_committed(&tx);
+    assert_eq!(a.commit_index, 0, "the primary alone does not commit");
+    assert!(rx.try_recv().is_err());
+
+    let req = append_for(&a, "b");
+    let (resp, ops) = b.handle_append(req);
+    assert!(resp.success && resp.match_index == 1);
+    assert!(matches!(ops.as_slice(), [StorageOp::Append(e)] if e.len() == 1));
+    a.on_peer_response("b", 1, 0, &resp);
+    a.apply_committed(&tx);
+    assert_eq!(a.commit_index, 1);
+    let (index, output) = rx.try_recv().expect("answered").expect("ok");
+    assert_eq!(index, 1);
+    assert_eq!(output, br#"{"previous":null}"#);
+
+    // The backup applies once it hears the commit index.
+    let req = append_for(&a, "b");
+    b.handle_append(req);
+    b.apply_committed(&tx);
+    assert_eq!(b.applied_index, 1);
+}
+
+#[test]
+fn durability_of_the_primary_counts_too() {
+    let (mut a, mut b, tx) = pair();
+    let (reply, _rx) = oneshot::channel();
+    a.propose(put("c", 1, "k", "v"), reply).unwrap();
+    let (resp, _) = b.handle_append(append_for(&a, "b"));
+    a.on_peer_response("b", 1, 0, &resp);
+    a.apply_committed(&tx);
+    assert_eq!(a.commit_index, 0, "not durable on the primary yet");
+    a.on_durable(1);
+    assert_eq!(a.commit_index, 1);
+}
+
+#[test]
+fn a_primary_that_sees_a_newer_epoch_is_fenced_and_fails_pending_commands_as_unknown() {
+    let (mut a, mut b, _tx) = pair();
+    let (reply, mut rx) = oneshot::channel();
+    a.propose(put("c", 1, "k", "v"), reply).unwrap();
+    // The master moved on without a: b is primary of epoch 2.
+    b.reconfigure(config(2, "b", &["b"], &[])).unwrap();
+    let (resp, _) = b.handle_append(append_for(&a, "b"));
+    assert!(!resp.success);
+    assert_eq!(resp.epoch, 2);
+    a.on_peer_response("b", 1, 0, &resp);
+    assert_eq!(a.role, Role::Fenced);
+    let err = rx.try_recv().expect("answered").expect_err("failed");
+    assert_eq!(err.code(), Code::Unavailable);
+    assert!(err.message().contains("outcome unknown"));
+    // It refuses new commands and reads, naming the newer epoch.
+    let (reply, _) = oneshot::channel();
+    let err = a.propose(put("c", 2, "k", "w"), reply).expect_err("fenced");
+    assert!(err.message().contains("superseded by epoch 2"), "{}", err.message());
+    let (reply, mut rx) = oneshot::channel();
+    a.read(br#"{"op":"get","key":"k"}"#.to_vec(), reply);
+    assert_eq!(
+        rx.try_recv().expect("answered").expect_err("fenced").code(),
+        Code::FailedPrecondition
+    );
+    // The master can still make it primary again with a newer configuration.
+    a.reconfigure(config(3, "a", &["a", "b"], &[])).unwrap();
+    assert_eq!(a.role, Role::Primary);
+}
+
+#[test]
+fn a_read_waits_for_every_voter_to_confirm_the_epoch() {
+    let (mut a, mut b, tx) = pair();
+    let (reply, mut rx) = oneshot::channel();
+    a.read(br#"{"op":"get","key":"k"}"#.to_vec(), reply);
+    assert!(rx.try_recv().is_err(), "no read before the backup confirms");
+    // A response to a message sent BEFORE the read (round 0) does not confirm it.
+    let req = append_for(&a, "b");
+    let (resp, _) = b.handle_append(req);
+    a.on_peer_response("b", 1, 0, &resp);
+    a.apply_committed(&tx);
+    assert!(rx.try_recv().is_err());
+    let Some(PeerMessage::Append(req, round)) = a.next_message("b", false) else {
+        panic!("a read needs a round")
+    };
+    assert_eq!(round, 1);
+    let (resp, _) = b.handle_append(req);
+    a.on_peer_response("b", 1, round, &resp);
+    let out = rx.try_recv().expect("answered").expect("ok");
+    assert_eq!(out.output, br#"{"value":null}"#);
+}
+
+#[test]
+fn a_backup_refuses_lower_epochs_other_primaries_and_other_machines() {
+    let (a, mut b, _tx) = pair();
+    let mut req = append_for(&a, "b");
+    b.reconfigure(config(2, "b", &["b"], &[])).unwrap();
+    let (resp, _) = b.handle_append(req.clone());
+    assert!(!resp.success && resp.error.contains("stale epoch"));
+
+    let mut c = node("c");
+    c.reconfigure(config(1, "a", &["a", "c"], &[])).unwrap();
+    req.primary_id = "intruder".into();
+    assert!(!c.handle_append(req.clone()).0.success);
+    req.primary_id = "a".into();
+    req.machine = Some(MachineIdentity {
+        name: "kv".into(),
+        version: "9.9.9".into(),
+        digest: "x".into(),
+    });
+    let (resp, _) = c.handle_append(req);
+    assert!(resp.error.contains("machine mismatch"), "{}", resp.error);
+}
+
+#[test]
+fn a_diverged_suffix_is_truncated_back_to_the_commit_index() {
+    let (mut a, mut b, tx) = pair();
+    // Entry 1 committed everywhere.
+    let (r1, _) = oneshot::channel();
+    a.propose(put("c", 1, "k", "1"), r1).unwrap();
+    a.on_durable(1);
+    let (resp, _) = b.handle_append(append_for(&a, "b"));
+    a.on_peer_response("b", 1, 0, &resp);
+    a.apply_committed(&tx);
+    b.handle_append(append_for(&a, "b"));
+    b.apply_committed(&tx);
+    assert_eq!(b.commit_index, 1);
+    // a appends entry 2 (epoch 1) and b receives it, but it never commits.
+    let (r2, _) = oneshot::channel();
+    a.propose(put("c", 2, "k", "old"), r2).unwrap();
+    b.handle_append(append_for(&a, "b"));
+    assert_eq!(b.last_index(), 2);
+
+    // New epoch: c (which only has entry 1) becomes primary, b its backup.
+    let mut c = node("c");
+    c.reconfigure(config(1, "a", &["a", "b", "c"], &[])).unwrap();
+    let catch_up = AppendRequest {
+        epoch: 1,
+        primary_id: "a".into(),
+        prev_index: 0,
+        prev_epoch: 0,
+        entries: vec![a.entry(1).cloned().expect("entry 1")],
+        commit_index: 1,
+        machine: Some(a.identity.clone()),
+        config: Some(config(1, "a", &["a", "b", "c"], &[])),
+    };
+    assert!(c.handle_append(catch_up).0.success);
+    assert_eq!(c.last_index(), 1);
+    let new = config(2, "c", &["b", "c"], &[]);
+    c.reconfigure(new.clone()).unwrap();
+    b.reconfigure(new).unwrap();
+    let (r3, _) = oneshot::channel();
+    c.propose(put("d", 1, "k", "new"), r3).unwrap();
+    // c first sends (prev = 1, entries [2@epoch2]); b's entry 2 is from epoch 1: conflict.
+    let (resp, _) = b.handle_append(append_for(&c, "b"));
+    assert!(resp.success, "{}", resp.error);
+    assert_eq!(b.last_index(), 2);
+    assert_eq!(b.epoch_at(2), Some(2), "the old uncommitted entry was replaced");
+}
+
+#[test]
+fn learners_are_not_in_the_write_set_and_get_a_snapshot_when_the_log_is_compacted() {
+    let (tx, _) = broadcast::channel(1024);
+    let mut a = Node::new("a".into(), Runtime::new(Box::new(Kv::default())), 3, true);
+    a.reconfigure(config(1, "a", &["a"], &[])).unwrap();
+    for i in 1..=5 {
+        let (r, _) = oneshot::channel();
+        a.propose(put("c", i, "k", &i.to_string()), r).unwrap();
+    }
+    a.on_durable(5);
+    a.apply_committed(&tx);
+    assert_eq!(a.applied_index, 5, "a single voter commits alone");
+    a.reconfigure(config(2, "a", &["a"], &["l"])).unwrap();
+    let (r, _) = oneshot::channel();
+    a.propose(put("c", 6, "k", "6"), r).unwrap();
+    a.on_durable(6);
+    a.apply_committed(&tx);
+    assert_eq!(a.commit_index, 6, "the learner does not hold back commits");
+
+    // Force compaction below what the learner has (nothing), then state transfer.
+    a.log_start = 4;
+    a.log.drain(..3);
+    let mut l = node("l");
+    // The learner has nothing: it asks for entries from index 1, which are compacted away.
+    let (resp, _) = l.handle_append(append_for(&a, "l"));
+    assert!(!resp.success && resp.hint_index == 1, "{resp:?}");
+    a.on_peer_response("l", 2, 0, &resp);
+    let Some(PeerMessage::Snapshot(req)) = a.next_message("l", true) else {
+        panic!("expected a snapshot")
+    };
+    let (resp, ops) = l.handle_install(req);
+    assert!(resp.success, "{}", resp.error);
+    assert!(matches!(ops.last(), Some(StorageOp::Install(_))));
+    assert_eq!(l.role, Role::Learner);
+    a.on_peer_response("l", 2, 0, &resp);
+    let (resp, _) = l.handle_append(append_for(&a, "l"));
+    assert!(resp.success && resp.match_index == 6, "{resp:?}");
+    l.apply_committed(&tx);
+    assert_eq!(l.applied_index, 6);
+    assert_eq!(
+        l.runtime.query(br#"{"op":"get","key":"k"}"#).unwrap(),
+        br#"{"value":"6"}"#
+    );
+}
+
+#[test]
+fn reconfigure_refuses_stale_and_conflicting_configurations() {
+    let (mut a, _b, _tx) = pair();
+    assert!(
+        a.reconfigure(config(1, "a", &["a", "b"], &[])).unwrap().is_none(),
+        "same config: idempotent"
+    );
+    assert!(
+        a.reconfigure(config(1, "b", &["a", "b"], &[])).is_err(),
+        "same epoch, different config"
+    );
+    a.reconfigure(config(5, "a", &["a"], &[])).unwrap();
+    let err = a.reconfigure(config(4, "a", &["a"], &[])).unwrap_err();
+    assert!(err.message().contains("stale configuration"));
+    let err = a.reconfigure(config(6, "x", &["a"], &["x"])).unwrap_err();
+    assert!(err.message().contains("not a voter"));
+}
