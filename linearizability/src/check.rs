@@ -587,6 +587,7 @@ impl<'h> KeyChecker<'h> {
         let mut cached = 0usize;
         let mut cached_bytes = 0usize;
         let mut sparse_buf: Vec<u64> = Vec::new();
+        let mut useful: Vec<u32> = Vec::new();
         let mut key_buf: Vec<u64> = Vec::new();
         let subsumed = |list: Option<&Vec<Box<[u64]>>>, ubits: &[u64]| -> bool {
             list.is_some_and(|l| {
@@ -632,10 +633,18 @@ impl<'h> KeyChecker<'h> {
             // candidates: the calls before the first return
             let start = cands.len();
             let mut forced = None;
+            // the values some op that may go next needs (ok ops) or can use (unknown
+            // cas): an unknown op leaving any other value would be a dead end
+            useful.clear();
             let mut node = self.next[0];
             while !self.node_is_ret[node as usize] {
                 let op_id = self.node_op[node as usize];
                 let op = &self.ops[op_id as usize];
+                match op.step {
+                    Step::Ok { expect, .. } => useful.push(expect),
+                    Step::Cas { old, .. } => useful.push(old),
+                    Step::Set { .. } => {}
+                }
                 if let Some(ns) = op.step.apply(state) {
                     if op.is_ok() {
                         if ns == state {
@@ -664,9 +673,18 @@ impl<'h> KeyChecker<'h> {
                 cands.truncate(start);
                 cands.push(f);
             } else {
+                let ops = &self.ops;
+                let mut k = start;
+                for i in start..cands.len() {
+                    let (op, ns) = cands[i];
+                    if (op as usize) < n_ok || useful.contains(&ns) {
+                        cands[k] = cands[i];
+                        k += 1;
+                    }
+                }
+                cands.truncate(k);
                 // ok ops first: unknown ops are only needed when an ok op needs their value
                 // and the most urgent (earliest return) first
-                let ops = &self.ops;
                 cands[start..].sort_by_key(|&(op, _)| ops[op as usize].ret.unwrap_or(u64::MAX));
             }
             frames.push(Frame {
