@@ -1,4 +1,20 @@
 //! `lockstep-operator`: turns `ReplicatedStateMachine` objects into running, self-healing,
 //! lockstep-upgraded replica clusters.
+//!
+//! The reconcile loop is a pipeline with a client-free middle:
+//! [`observe`] (pods, volumes, nodes, replica Admin.Status) -> [`translate`] (pure) ->
+//! `lockstep_planner::plan` (pure, shared with `lockstep up`) -> [`build`] (pure objects) ->
+//! apply ([`controller`]: server-side apply, creates, deletes, admin RPCs) -> [`status`]
+//! (pure compute, optimistic-concurrency write).
 
+pub mod admin;
+pub mod build;
+pub mod controller;
 pub mod crd;
+pub mod http;
+pub mod leader;
+pub mod metrics;
+pub mod names;
+pub mod observe;
+pub mod status;
+pub mod translate;

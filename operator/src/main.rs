@@ -1,1 +1,234 @@
-fn main() {}
+//! `lockstep-operator`: the Kubernetes operator for `ReplicatedStateMachine`.
+//!
+//! Developer loop (any kubeconfig; replicas must be reachable from where it runs, see
+//! `--admin-address`):
+//!
+//! ```sh
+//! kubectl apply -f crds/
+//! cargo run -p lockstep-operator --bin lockstep-operator -- --admin-address dns
+//! ```
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Parser;
+use futures::StreamExt;
+use lockstep_operator::admin::GrpcAdmin;
+use lockstep_operator::controller::{self, Context};
+use lockstep_operator::http::{HttpState, router};
+use lockstep_operator::leader::{LeaderElector, LeaseConfig};
+use lockstep_operator::metrics::Metrics;
+use lockstep_operator::observe::AdminAddress;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "lockstep-operator",
+    version,
+    about = "Kubernetes operator for lockstep ReplicatedStateMachines"
+)]
+struct Cli {
+    /// Address of the /healthz, /readyz and /metrics server.
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    http: SocketAddr,
+    /// Run several operator replicas: only the holder of the Lease reconciles.
+    #[arg(long)]
+    leader_election: bool,
+    #[arg(long, env = "POD_NAMESPACE", default_value = "lockstep-system")]
+    lease_namespace: String,
+    #[arg(long, default_value = "lockstep-operator")]
+    lease_name: String,
+    #[arg(long, default_value_t = 15)]
+    lease_duration_seconds: u64,
+    #[arg(long, default_value_t = 10)]
+    renew_deadline_seconds: u64,
+    /// Identity in the Lease (defaults to the pod name, else the host name).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// Replica image for resources without spec.machine.image.
+    #[arg(long, env = "LOCKSTEP_REPLICA_IMAGE")]
+    default_replica_image: Option<String>,
+    /// How to reach replicas' admin API: `pod-ip` (in-cluster) or `dns` (stable names; use
+    /// when running outside the cluster with a route to the service network).
+    #[arg(long, default_value = "pod-ip", value_parser = ["pod-ip", "dns"])]
+    admin_address: String,
+    /// Requeue interval of a converged object (seconds).
+    #[arg(long, default_value_t = 60)]
+    resync_seconds: u64,
+    /// Log as JSON lines.
+    #[arg(long)]
+    log_json: bool,
+}
+
+fn init_tracing(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for ctrl-c");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_tracing(cli.log_json);
+    let client = kube::Client::try_default()
+        .await
+        .context("no Kubernetes configuration (in-cluster service account or KUBECONFIG)")?;
+
+    let metrics = Arc::new(Metrics::default());
+    let ready = Arc::new(AtomicBool::new(false));
+    let listener = tokio::net::TcpListener::bind(cli.http)
+        .await
+        .with_context(|| format!("binding {}", cli.http))?;
+    let app = router(HttpState {
+        metrics: metrics.clone(),
+        ready: ready.clone(),
+    });
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut http_stop = stop_rx.clone();
+    let http = tokio::spawn(async move {
+        let stop = async move {
+            let _ = http_stop.wait_for(|s| *s).await;
+        };
+        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop).await {
+            tracing::error!(error = %e, "http server failed");
+        }
+    });
+    tracing::info!(addr = %cli.http, "serving /healthz /readyz /metrics");
+
+    let signal = tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+        let _ = stop_tx.send(true);
+    });
+
+    let elector = if cli.leader_election {
+        let identity = cli
+            .identity
+            .clone()
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .unwrap_or_else(|| format!("lockstep-operator-{}", std::process::id()));
+        Some(LeaderElector::new(
+            client.clone(),
+            LeaseConfig {
+                namespace: cli.lease_namespace.clone(),
+                name: cli.lease_name.clone(),
+                identity,
+                lease_duration: Duration::from_secs(cli.lease_duration_seconds),
+                renew_deadline: Duration::from_secs(cli.renew_deadline_seconds),
+                retry_period: Duration::from_secs(2),
+            },
+        ))
+    } else {
+        None
+    };
+
+    // A follower is a healthy standby: ready before it leads.
+    ready.store(true, Ordering::Relaxed);
+    let mut stopping = stop_rx.clone();
+    if let Some(e) = &elector {
+        tracing::info!(identity = %e.config().identity, lease = %e.config().name, "waiting for leadership");
+        tokio::select! {
+            _ = e.acquire() => {},
+            _ = stopping.wait_for(|s| *s) => {
+                let _ = http.await;
+                return Ok(());
+            }
+        }
+        tracing::info!("leading");
+    }
+    metrics.leader.set(1);
+
+    let (source, drive_caches) = controller::caches(&client);
+    tokio::spawn(drive_caches.for_each(|_| async {}));
+    if let lockstep_operator::observe::Source::Cache { pods, pvcs, nodes } = &source {
+        let wait = async {
+            let _ = pods.wait_until_ready().await;
+            let _ = pvcs.wait_until_ready().await;
+            let _ = nodes.wait_until_ready().await;
+        };
+        if tokio::time::timeout(Duration::from_secs(60), wait).await.is_err() {
+            anyhow::bail!("watch caches did not fill within 60s (RBAC for pods, persistentvolumeclaims, nodes?)");
+        }
+    }
+    let mut ctx = Context::new(client.clone(), Arc::new(GrpcAdmin::default()), metrics.clone(), source);
+    ctx.default_image = cli.default_replica_image.clone();
+    ctx.admin_address = if cli.admin_address == "dns" {
+        AdminAddress::Dns
+    } else {
+        AdminAddress::PodIp
+    };
+    ctx.steady_requeue = Duration::from_secs(cli.resync_seconds.max(5));
+    let ctx = Arc::new(ctx);
+
+    let mut stop_controller = stop_rx.clone();
+    let (lost_tx, lost_rx) = tokio::sync::oneshot::channel::<()>();
+    let controller = tokio::spawn(controller::run(ctx, async move {
+        tokio::select! {
+            _ = stop_controller.wait_for(|s| *s) => {},
+            _ = lost_rx => {},
+        }
+    }));
+    let mut lost_leadership = false;
+    let mut stopping = stop_rx.clone();
+    match &elector {
+        Some(e) => tokio::select! {
+            _ = e.keep_renewing() => { lost_leadership = true; }
+            _ = stopping.wait_for(|s| *s) => {}
+        },
+        None => {
+            let _ = stopping.wait_for(|s| *s).await;
+        }
+    }
+    let _ = lost_tx.send(());
+    if let Err(e) = controller.await {
+        tracing::error!(error = %e, "controller task failed");
+    }
+    metrics.leader.set(0);
+    if let Some(e) = &elector
+        && !lost_leadership
+    {
+        e.release().await;
+    }
+    signal.abort();
+    http.abort();
+    if lost_leadership {
+        anyhow::bail!("lost leadership; exiting so a fresh instance can campaign");
+    }
+    Ok(())
+}

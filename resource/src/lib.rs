@@ -38,21 +38,17 @@ pub fn from_yaml(text: &str) -> Result<ReplicatedStateMachine, ResourceError> {
     let rsm: ReplicatedStateMachine = serde_yaml_ng::from_str(text)?;
     // Fields the types do not know would be pruned (or, with kubectl's default strict field
     // validation, rejected) by the API server: reject them here rather than ignore a typo.
-    if let (Some(input), Ok(parsed)) = (raw.get("spec"), serde_json::to_value(&rsm.spec)) {
-        if let Some(path) = first_unknown_field("spec", input, &parsed) {
-            return Err(ResourceError::UnknownField(path));
-        }
+    if let (Some(input), Ok(parsed)) = (raw.get("spec"), serde_json::to_value(&rsm.spec))
+        && let Some(path) = first_unknown_field("spec", input, &parsed)
+    {
+        return Err(ResourceError::UnknownField(path));
     }
     rsm.validate()?;
     Ok(rsm)
 }
 
 /// The first key (as a dotted path) of `input` that did not survive the round trip to `parsed`.
-fn first_unknown_field(
-    path: &str,
-    input: &serde_json::Value,
-    parsed: &serde_json::Value,
-) -> Option<String> {
+fn first_unknown_field(path: &str, input: &serde_json::Value, parsed: &serde_json::Value) -> Option<String> {
     use serde_json::Value;
     match (input, parsed) {
         (Value::Object(i), Value::Object(p)) => i.iter().find_map(|(k, v)| {

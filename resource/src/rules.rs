@@ -14,7 +14,8 @@ pub const MAX_FAULTS_TOLERATED: i32 = 7;
 /// Longest `metadata.name`: pods are `NAME-N` and services `NAME-peers`, all DNS-1035 labels.
 pub const MAX_NAME_LEN: usize = 50;
 
-pub const NAME_RULE: &str = "size(self.metadata.name) <= 50 && self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')";
+pub const NAME_RULE: &str =
+    "size(self.metadata.name) <= 50 && self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')";
 pub const NAME_MSG: &str = "metadata.name must be at most 50 characters of lowercase letters, digits and '-', starting with a letter and ending with a letter or digit (it names the replica pods and services)";
 
 pub const FAULTS_RULE: &str = "self >= 0 && self <= 7";
@@ -23,8 +24,7 @@ pub const FAULTS_MSG: &str = "faultsTolerated (t) must be between 0 and 7: FailS
 pub const FAILURE_MODEL_IMMUTABLE_RULE: &str = "self == oldSelf";
 pub const FAILURE_MODEL_IMMUTABLE_MSG: &str = "failureModel is immutable: a cluster cannot switch between FailStop and Byzantine in place; create a new ReplicatedStateMachine and move the data";
 
-pub const MACHINE_NAME_RULE: &str =
-    "size(self) <= 63 && self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')";
+pub const MACHINE_NAME_RULE: &str = "size(self) <= 63 && self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')";
 pub const MACHINE_NAME_MSG: &str = "machine.name must be at most 63 characters of lowercase letters, digits and '-', starting and ending with a letter or digit (e.g. kv)";
 
 pub const VERSION_RULE: &str = "size(self) <= 64 && self.matches('^[0-9]+[.][0-9]+[.][0-9]+(-[0-9A-Za-z-]+([.][0-9A-Za-z-]+)*)?([+][0-9A-Za-z-]+([.][0-9A-Za-z-]+)*)?$')";
@@ -34,33 +34,32 @@ pub const IMAGE_RULE: &str = "size(self) > 0 && size(self) <= 512 && !self.conta
 pub const IMAGE_MSG: &str = "machine.image must be a container image reference without spaces, 1 to 512 characters (e.g. ghcr.io/lockstep-dev/lockstep-replica:0.1.0)";
 
 pub const DIGEST_RULE: &str = "self.matches('^sha256:[a-f0-9]{64}$')";
-pub const DIGEST_MSG: &str =
-    "machine.digest must be 'sha256:' followed by 64 lowercase hexadecimal digits";
+pub const DIGEST_MSG: &str = "machine.digest must be 'sha256:' followed by 64 lowercase hexadecimal digits";
 
-pub const ORDERING_BYZANTINE_RULE: &str =
-    "!has(self.ordering) || self.failureModel == 'Byzantine'";
+pub const ORDERING_BYZANTINE_RULE: &str = "!has(self.ordering) || self.failureModel == 'Byzantine'";
 pub const ORDERING_BYZANTINE_MSG: &str = "ordering applies only to failureModel: Byzantine (FailStop replicas take their order from the primary); remove spec.ordering";
 
-pub const CLIENT_IDENTITIES_BYZANTINE_RULE: &str =
-    "!has(self.clientIdentities) || self.failureModel == 'Byzantine'";
+pub const CLIENT_IDENTITIES_BYZANTINE_RULE: &str = "!has(self.clientIdentities) || self.failureModel == 'Byzantine'";
 pub const CLIENT_IDENTITIES_BYZANTINE_MSG: &str = "clientIdentities applies only to failureModel: Byzantine (FailStop clients do not sign requests); remove spec.clientIdentities";
 
 pub const CLOCK_BOUNDS_RULE: &str = "(!has(self.maxClockSkewMillis) && !has(self.maxDelayMillis)) || (has(self.stability) && self.stability == 'PhysicalClock')";
-pub const CLOCK_BOUNDS_MSG: &str = "ordering.maxClockSkewMillis and ordering.maxDelayMillis apply only to stability: PhysicalClock";
+pub const CLOCK_BOUNDS_MSG: &str =
+    "ordering.maxClockSkewMillis and ordering.maxDelayMillis apply only to stability: PhysicalClock";
 
 pub const MAX_SKEW_RULE: &str = "self >= 0 && self <= 60000";
-pub const MAX_SKEW_MSG: &str =
-    "ordering.maxClockSkewMillis must be between 0 and 60000 (one minute)";
+pub const MAX_SKEW_MSG: &str = "ordering.maxClockSkewMillis must be between 0 and 60000 (one minute)";
 
 pub const MAX_DELAY_RULE: &str = "self >= 1 && self <= 600000";
 pub const MAX_DELAY_MSG: &str = "ordering.maxDelayMillis must be between 1 and 600000 (ten minutes)";
 
-pub const EPHEMERAL_RULE: &str = "!has(self.ephemeral) || !self.ephemeral || (!has(self.size) && !has(self.storageClassName))";
+pub const EPHEMERAL_RULE: &str =
+    "!has(self.ephemeral) || !self.ephemeral || (!has(self.size) && !has(self.storageClassName))";
 pub const EPHEMERAL_MSG: &str = "storage.ephemeral: true keeps replica data in an emptyDir; it cannot be combined with storage.size or storage.storageClassName";
 
 pub const SIZE_RULE: &str = "isQuantity(self) && quantity(self).isGreaterThan(quantity('0'))";
 pub const SIZE_MSG: &str = "storage.size must be a positive quantity such as 1Gi or 500Mi";
 
-pub const SUBDOMAIN_RULE: &str = "size(self) <= 253 && self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*$')";
+pub const SUBDOMAIN_RULE: &str =
+    "size(self) <= 253 && self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*$')";
 pub const STORAGE_CLASS_MSG: &str = "storage.storageClassName must be a DNS subdomain name (lowercase letters, digits, '-' and '.', at most 253 characters)";
 pub const SECRET_NAME_MSG: &str = "clientIdentities.secretRef.name must be a DNS subdomain name (lowercase letters, digits, '-' and '.', at most 253 characters)";

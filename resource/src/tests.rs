@@ -33,8 +33,11 @@ fn parse(v: &Value) -> Result<ReplicatedStateMachine, ResourceError> {
     from_yaml(&serde_json::to_string(v).expect("json"))
 }
 
-/// (case, object, expected violations as (field, message)).
-fn cases() -> Vec<(&'static str, Value, Vec<(&'static str, &'static str)>)> {
+/// Expected violations as (field, message).
+type Expected = Vec<(&'static str, &'static str)>;
+
+/// (case, object, expected violations).
+fn cases() -> Vec<(&'static str, Value, Expected)> {
     let b = base;
     vec![
         ("valid fail-stop", b(), vec![]),
@@ -75,10 +78,18 @@ fn cases() -> Vec<(&'static str, Value, Vec<(&'static str, &'static str)>)> {
             with(b(), "/spec/machine/image", json!("ghcr.io/x y")),
             vec![("spec.machine.image", IMAGE_MSG)],
         ),
-        ("no image (lockstep up)", with(b(), "/spec/machine/image", Value::Null), vec![]),
+        (
+            "no image (lockstep up)",
+            with(b(), "/spec/machine/image", Value::Null),
+            vec![],
+        ),
         (
             "good digest",
-            with(b(), "/spec/machine/digest", json!(format!("sha256:{}", "ab".repeat(32)))),
+            with(
+                b(),
+                "/spec/machine/digest",
+                json!(format!("sha256:{}", "ab".repeat(32))),
+            ),
             vec![],
         ),
         (
@@ -132,10 +143,18 @@ fn cases() -> Vec<(&'static str, Value, Vec<(&'static str, &'static str)>)> {
             with(b(), "/spec/storage", json!({"ephemeral": true, "size": "1Gi"})),
             vec![("spec.storage", EPHEMERAL_MSG)],
         ),
-        ("ephemeral alone", with(b(), "/spec/storage", json!({"ephemeral": true})), vec![]),
+        (
+            "ephemeral alone",
+            with(b(), "/spec/storage", json!({"ephemeral": true})),
+            vec![],
+        ),
         (
             "size and class",
-            with(b(), "/spec/storage", json!({"size": "10Gi", "storageClassName": "fast-ssd"})),
+            with(
+                b(),
+                "/spec/storage",
+                json!({"size": "10Gi", "storageClassName": "fast-ssd"}),
+            ),
             vec![],
         ),
         (
@@ -175,10 +194,7 @@ fn validate_reports_the_rule_messages() {
             }
             Err(other) => panic!("{case}: unexpected error {other}"),
         };
-        let want: Vec<(String, String)> = expected
-            .iter()
-            .map(|(f, m)| (f.to_string(), m.to_string()))
-            .collect();
+        let want: Vec<(String, String)> = expected.iter().map(|(f, m)| (f.to_string(), m.to_string())).collect();
         let (mut got, mut want) = (got, want);
         got.sort();
         want.sort();
@@ -312,7 +328,10 @@ fn pause_annotation() {
 #[test]
 fn crd_shape() {
     let crd = ReplicatedStateMachine::crd();
-    assert_eq!(crd.metadata.name.as_deref(), Some("replicatedstatemachines.lockstep.dev"));
+    assert_eq!(
+        crd.metadata.name.as_deref(),
+        Some("replicatedstatemachines.lockstep.dev")
+    );
     assert_eq!(crd.spec.names.short_names, Some(vec!["rsm".to_string()]));
     assert_eq!(crd.spec.scope, "Namespaced");
     let v = &crd.spec.versions[0];

@@ -64,11 +64,7 @@ impl ReplicatedStateMachine {
             "spec.faultsTolerated",
             FAULTS_MSG,
         );
-        c.check(
-            is_dns_label(&s.machine.name, 63),
-            "spec.machine.name",
-            MACHINE_NAME_MSG,
-        );
+        c.check(is_dns_label(&s.machine.name, 63), "spec.machine.name", MACHINE_NAME_MSG);
         c.check(
             s.machine.version.len() <= 64 && is_semver(&s.machine.version),
             "spec.machine.version",
@@ -221,9 +217,8 @@ pub(crate) fn is_semver(s: &str) -> bool {
 }
 
 fn is_sha256_digest(s: &str) -> bool {
-    s.strip_prefix("sha256:").is_some_and(|h| {
-        h.len() == 64 && h.chars().all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c))
-    })
+    s.strip_prefix("sha256:")
+        .is_some_and(|h| h.len() == 64 && h.chars().all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c)))
 }
 
 /// A Kubernetes quantity (`<signedNumber><suffix>`) greater than zero.
@@ -261,10 +256,27 @@ mod tests {
 
     #[test]
     fn semver_shapes() {
-        for ok in ["1.0.0", "0.0.1", "10.20.30", "2.1.0-rc.1", "1.0.0+build.7", "1.0.0-a-b.c+d-e"] {
+        for ok in [
+            "1.0.0",
+            "0.0.1",
+            "10.20.30",
+            "2.1.0-rc.1",
+            "1.0.0+build.7",
+            "1.0.0-a-b.c+d-e",
+        ] {
             assert!(is_semver(ok), "{ok}");
         }
-        for bad in ["1.0", "v1.0.0", "1.0.0-", "1.0.0+", "1..0", "1.0.0-a..b", "1.0.0 ", "a.b.c", "1.0.0-ä"] {
+        for bad in [
+            "1.0",
+            "v1.0.0",
+            "1.0.0-",
+            "1.0.0+",
+            "1..0",
+            "1.0.0-a..b",
+            "1.0.0 ",
+            "a.b.c",
+            "1.0.0-ä",
+        ] {
             assert!(!is_semver(bad), "{bad}");
         }
     }

@@ -1,0 +1,113 @@
+//! The replicas' Admin gRPC API (Status, Reconfigure, Seal, Resume), behind a trait so the
+//! controller can be tested without replicas.
+
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use lockstep_planner::{Config, Role};
+use lockstep_proto::admin_client::AdminClient;
+use lockstep_proto::{
+    Configuration, Member, MemberRole, ReconfigureRequest, ResumeRequest, SealRequest, StatusRequest, StatusResponse,
+};
+
+/// Admin calls to one replica, addressed by `http://host:port`.
+pub trait ReplicaAdmin: Send + Sync {
+    fn status(&self, addr: String) -> BoxFuture<'_, Result<StatusResponse, String>>;
+    fn reconfigure(&self, addr: String, config: Config) -> BoxFuture<'_, Result<u64, String>>;
+    fn seal(&self, addr: String) -> BoxFuture<'_, Result<u64, String>>;
+    fn resume(&self, addr: String) -> BoxFuture<'_, Result<u64, String>>;
+}
+
+pub fn to_proto(config: &Config) -> Configuration {
+    Configuration {
+        epoch: config.epoch,
+        primary_id: config.primary.clone(),
+        members: config
+            .members
+            .iter()
+            .map(|m| Member {
+                id: m.id.clone(),
+                endpoint: m.endpoint.clone(),
+                role: match m.role {
+                    Role::Voter => MemberRole::Voter as i32,
+                    Role::Learner => MemberRole::Learner as i32,
+                },
+            })
+            .collect(),
+    }
+}
+
+/// tonic client with connect and request timeouts.
+#[derive(Clone, Debug)]
+pub struct GrpcAdmin {
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+}
+
+impl Default for GrpcAdmin {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(2),
+            request_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl GrpcAdmin {
+    async fn client(&self, addr: String) -> Result<AdminClient<tonic::transport::Channel>, String> {
+        let endpoint = tonic::transport::Endpoint::from_shared(addr.clone())
+            .map_err(|e| format!("bad address {addr}: {e}"))?
+            .connect_timeout(self.connect_timeout)
+            .timeout(self.request_timeout);
+        let channel = endpoint.connect().await.map_err(|e| format!("connect {addr}: {e}"))?;
+        Ok(AdminClient::new(channel))
+    }
+}
+
+fn rpc_err(addr: &str, e: tonic::Status) -> String {
+    format!("{addr}: {} {}", e.code(), e.message())
+}
+
+impl ReplicaAdmin for GrpcAdmin {
+    fn status(&self, addr: String) -> BoxFuture<'_, Result<StatusResponse, String>> {
+        Box::pin(async move {
+            let mut c = self.client(addr.clone()).await?;
+            c.status(StatusRequest {})
+                .await
+                .map(|r| r.into_inner())
+                .map_err(|e| rpc_err(&addr, e))
+        })
+    }
+
+    fn reconfigure(&self, addr: String, config: Config) -> BoxFuture<'_, Result<u64, String>> {
+        Box::pin(async move {
+            let mut c = self.client(addr.clone()).await?;
+            c.reconfigure(ReconfigureRequest {
+                config: Some(to_proto(&config)),
+            })
+            .await
+            .map(|r| r.into_inner().epoch)
+            .map_err(|e| rpc_err(&addr, e))
+        })
+    }
+
+    fn seal(&self, addr: String) -> BoxFuture<'_, Result<u64, String>> {
+        Box::pin(async move {
+            let mut c = self.client(addr.clone()).await?;
+            c.seal(SealRequest { at_index: 0 })
+                .await
+                .map(|r| r.into_inner().index)
+                .map_err(|e| rpc_err(&addr, e))
+        })
+    }
+
+    fn resume(&self, addr: String) -> BoxFuture<'_, Result<u64, String>> {
+        Box::pin(async move {
+            let mut c = self.client(addr.clone()).await?;
+            c.resume(ResumeRequest {})
+                .await
+                .map(|r| r.into_inner().index)
+                .map_err(|e| rpc_err(&addr, e))
+        })
+    }
+}

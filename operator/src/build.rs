@@ -1,0 +1,553 @@
+//! Pure builders: the Kubernetes objects a `ReplicatedStateMachine` owns.
+//!
+//! No client here: every function maps the resource (and a replica id) to an object, so the
+//! shape of what the operator creates is unit-tested without an API server.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{
+    Affinity, Capabilities, ConfigMap, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
+    HTTPGetAction, ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec,
+    PersistentVolumeClaimVolumeSource, Pod, PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec, Probe,
+    SeccompProfile, SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+    VolumeResourceRequirements, WeightedPodAffinityTerm,
+};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::api::ObjectMeta;
+use kube::{Resource, ResourceExt};
+use lockstep_planner::{Config, MachineRef};
+use lockstep_resource::ReplicatedStateMachine;
+
+use crate::names::{self, *};
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum BuildError {
+    #[error(
+        "spec.machine.image is required on Kubernetes (and the operator has no --default-replica-image): \
+         set the replica container image"
+    )]
+    NoImage,
+    #[error("the resource has no uid yet (not read from the API server)")]
+    NoUid,
+}
+
+/// Default PVC size when `spec.storage.size` is unset.
+pub const DEFAULT_STORAGE_SIZE: &str = "1Gi";
+
+pub fn owner_reference(rsm: &ReplicatedStateMachine) -> Result<OwnerReference, BuildError> {
+    rsm.controller_owner_ref(&()).ok_or(BuildError::NoUid)
+}
+
+fn meta(rsm: &ReplicatedStateMachine, name: String, component: &str) -> Result<ObjectMeta, BuildError> {
+    let cluster = rsm.name_any();
+    let mut labels = cluster_labels(&cluster);
+    labels.insert(COMPONENT_LABEL.into(), component.into());
+    Ok(ObjectMeta {
+        name: Some(name),
+        namespace: rsm.namespace(),
+        labels: Some(labels),
+        owner_references: Some(vec![owner_reference(rsm)?]),
+        ..Default::default()
+    })
+}
+
+fn ephemeral(rsm: &ReplicatedStateMachine) -> bool {
+    rsm.spec.storage.as_ref().and_then(|s| s.ephemeral).unwrap_or(false)
+}
+
+fn failure_model_flag(rsm: &ReplicatedStateMachine) -> &'static str {
+    rsm.spec.failure_model.as_str()
+}
+
+fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::String("http".into()),
+            ..Default::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        timeout_seconds: Some(2),
+        ..Default::default()
+    }
+}
+
+/// Preferred anti-affinity across nodes: replicas of one cluster should not share a fate.
+fn default_affinity(cluster: &str) -> Affinity {
+    Affinity {
+        pod_anti_affinity: Some(PodAntiAffinity {
+            preferred_during_scheduling_ignored_during_execution: Some(vec![WeightedPodAffinityTerm {
+                weight: 100,
+                pod_affinity_term: PodAffinityTerm {
+                    label_selector: Some(LabelSelector {
+                        match_labels: Some(replica_selector(cluster)),
+                        ..Default::default()
+                    }),
+                    topology_key: "kubernetes.io/hostname".into(),
+                    ..Default::default()
+                },
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn restricted_container_security() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
+        run_as_non_root: Some(true),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn restricted_pod_security() -> PodSecurityContext {
+    PodSecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(RUN_AS),
+        run_as_group: Some(RUN_AS),
+        fs_group: Some(RUN_AS),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// A replica pod. Pods are managed directly (see docs/operator-design.md): the operator,
+/// not a StatefulSet controller, decides which replica starts, stops or changes image.
+pub fn replica_pod(rsm: &ReplicatedStateMachine, id: &str, machine: &MachineRef) -> Result<Pod, BuildError> {
+    let cluster = rsm.name_any();
+    let image = machine.image.clone().ok_or(BuildError::NoImage)?;
+    let mut metadata = meta(rsm, id.to_string(), COMPONENT_REPLICA)?;
+    if let Some(labels) = metadata.labels.as_mut() {
+        labels.insert(REPLICA_LABEL.into(), id.into());
+        labels.insert(MACHINE_LABEL.into(), machine.name.clone());
+    }
+    metadata.annotations = Some(BTreeMap::from([(
+        VERSION_ANNOTATION.to_string(),
+        machine.version.clone(),
+    )]));
+
+    let volume = if ephemeral(rsm) {
+        Volume {
+            name: "data".into(),
+            empty_dir: Some(EmptyDirVolumeSource::default()),
+            ..Default::default()
+        }
+    } else {
+        Volume {
+            name: "data".into(),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name: names::pvc(id),
+                read_only: None,
+            }),
+            ..Default::default()
+        }
+    };
+    let env = vec![
+        EnvVar {
+            name: "POD_NAMESPACE".into(),
+            value_from: Some(EnvVarSource {
+                field_ref: Some(ObjectFieldSelector {
+                    field_path: "metadata.namespace".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        // Resolved at each container start, so a rollout restart sees the new version.
+        EnvVar {
+            name: "LOCKSTEP_MACHINE_VERSION".into(),
+            value_from: Some(EnvVarSource {
+                field_ref: Some(ObjectFieldSelector {
+                    field_path: format!("metadata.annotations['{VERSION_ANNOTATION}']"),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    ];
+    let container = Container {
+        name: REPLICA_CONTAINER.into(),
+        image: Some(image),
+        args: Some(vec![
+            "--id".into(),
+            id.into(),
+            "--listen".into(),
+            format!("0.0.0.0:{GRPC_PORT}"),
+            "--http".into(),
+            format!("0.0.0.0:{HTTP_PORT}"),
+            "--data-dir".into(),
+            DATA_DIR.into(),
+            "--machine".into(),
+            machine.name.clone(),
+            "--failure-model".into(),
+            failure_model_flag(rsm).into(),
+            "--log-json".into(),
+        ]),
+        env: Some(env),
+        ports: Some(vec![
+            ContainerPort {
+                name: Some("grpc".into()),
+                container_port: GRPC_PORT,
+                ..Default::default()
+            },
+            ContainerPort {
+                name: Some("http".into()),
+                container_port: HTTP_PORT,
+                ..Default::default()
+            },
+        ]),
+        readiness_probe: Some(http_probe("/readyz", 5, 3)),
+        liveness_probe: Some(http_probe("/healthz", 10, 3)),
+        resources: rsm.spec.resources.clone(),
+        volume_mounts: Some(vec![VolumeMount {
+            name: "data".into(),
+            mount_path: DATA_DIR.into(),
+            ..Default::default()
+        }]),
+        termination_message_policy: Some("FallbackToLogsOnError".into()),
+        security_context: Some(restricted_container_security()),
+        ..Default::default()
+    };
+    let scheduling = rsm.spec.scheduling.clone().unwrap_or_default();
+    Ok(Pod {
+        metadata,
+        spec: Some(PodSpec {
+            hostname: Some(id.into()),
+            subdomain: Some(names::peers_service(&cluster)),
+            // Fail-stop: a replica that exits stays failed; the operator fences and replaces it.
+            // (A rollout's image change still restarts the container: the kubelet restarts on a
+            // spec change regardless of the restart policy.)
+            restart_policy: Some("Never".into()),
+            enable_service_links: Some(false),
+            automount_service_account_token: Some(false),
+            termination_grace_period_seconds: Some(30),
+            security_context: Some(restricted_pod_security()),
+            containers: vec![container],
+            volumes: Some(vec![volume]),
+            node_selector: scheduling.node_selector,
+            tolerations: scheduling.tolerations,
+            affinity: Some(scheduling.affinity.unwrap_or_else(|| default_affinity(&cluster))),
+            topology_spread_constraints: scheduling.topology_spread_constraints,
+            ..Default::default()
+        }),
+        status: None,
+    })
+}
+
+/// The data volume claim of a replica (None with `storage.ephemeral: true`).
+pub fn replica_pvc(rsm: &ReplicatedStateMachine, id: &str) -> Result<Option<PersistentVolumeClaim>, BuildError> {
+    if ephemeral(rsm) {
+        return Ok(None);
+    }
+    let storage = rsm.spec.storage.clone().unwrap_or_default();
+    let mut metadata = meta(rsm, names::pvc(id), COMPONENT_REPLICA)?;
+    if let Some(labels) = metadata.labels.as_mut() {
+        labels.insert(REPLICA_LABEL.into(), id.into());
+    }
+    Ok(Some(PersistentVolumeClaim {
+        metadata,
+        spec: Some(PersistentVolumeClaimSpec {
+            access_modes: Some(vec!["ReadWriteOnce".into()]),
+            storage_class_name: storage.storage_class_name,
+            resources: Some(VolumeResourceRequirements {
+                requests: Some(BTreeMap::from([(
+                    "storage".to_string(),
+                    Quantity(storage.size.unwrap_or_else(|| DEFAULT_STORAGE_SIZE.into())),
+                )])),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        status: None,
+    }))
+}
+
+/// Headless Service: stable per-replica DNS names for peers, published before readiness.
+pub fn peers_service(rsm: &ReplicatedStateMachine) -> Result<Service, BuildError> {
+    let cluster = rsm.name_any();
+    Ok(Service {
+        metadata: meta(rsm, names::peers_service(&cluster), COMPONENT_REPLICA)?,
+        spec: Some(ServiceSpec {
+            cluster_ip: Some("None".into()),
+            publish_not_ready_addresses: Some(true),
+            selector: Some(replica_selector(&cluster)),
+            ports: Some(vec![ServicePort {
+                name: Some("grpc".into()),
+                port: GRPC_PORT,
+                target_port: Some(IntOrString::String("grpc".into())),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        status: None,
+    })
+}
+
+/// Client Service: `lockstep --endpoint http://NAME.NAMESPACE.svc:7000`.
+pub fn client_service(rsm: &ReplicatedStateMachine) -> Result<Service, BuildError> {
+    let cluster = rsm.name_any();
+    Ok(Service {
+        metadata: meta(rsm, names::client_service(&cluster), COMPONENT_REPLICA)?,
+        spec: Some(ServiceSpec {
+            selector: Some(replica_selector(&cluster)),
+            ports: Some(vec![ServicePort {
+                name: Some("grpc".into()),
+                port: GRPC_PORT,
+                target_port: Some(IntOrString::String("grpc".into())),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        status: None,
+    })
+}
+
+/// What clients and tools need to find the cluster: model, t, machine, member endpoints of
+/// the current configuration.
+pub fn config_map(rsm: &ReplicatedStateMachine, config: Option<&Config>) -> Result<ConfigMap, BuildError> {
+    let cluster = rsm.name_any();
+    let namespace = rsm.namespace().unwrap_or_else(|| "default".into());
+    let mut data = BTreeMap::from([
+        ("failureModel".to_string(), rsm.spec.failure_model.to_string()),
+        ("faultsTolerated".to_string(), rsm.spec.faults_tolerated.to_string()),
+        (
+            "machine".to_string(),
+            format!("{} {}", rsm.spec.machine.name, rsm.spec.machine.version),
+        ),
+        (
+            "clientEndpoint".to_string(),
+            format!("http://{}.{namespace}.svc:{GRPC_PORT}", names::client_service(&cluster)),
+        ),
+    ]);
+    if let Some(c) = config {
+        data.insert("epoch".into(), c.epoch.to_string());
+        data.insert("primary".into(), c.primary.clone());
+        data.insert(
+            "endpoints".into(),
+            c.members
+                .iter()
+                .map(|m| m.endpoint.as_str())
+                .collect::<Vec<_>>()
+                .join("\n"),
+        );
+    }
+    Ok(ConfigMap {
+        metadata: meta(rsm, names::config_map(&cluster), COMPONENT_REPLICA)?,
+        data: Some(data),
+        ..Default::default()
+    })
+}
+
+/// Voluntary disruptions (drains) take one replica at a time; the operator fences and
+/// replaces it before the next can go.
+pub fn pdb(rsm: &ReplicatedStateMachine) -> Result<PodDisruptionBudget, BuildError> {
+    let cluster = rsm.name_any();
+    Ok(PodDisruptionBudget {
+        metadata: meta(rsm, names::pdb(&cluster), COMPONENT_REPLICA)?,
+        spec: Some(PodDisruptionBudgetSpec {
+            max_unavailable: Some(IntOrString::Int(1)),
+            selector: Some(LabelSelector {
+                match_labels: Some(replica_selector(&cluster)),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        status: None,
+    })
+}
+
+/// Staging: a short-lived pod on `node` that pulls `image` (the new version is on every
+/// node before anything stops). It runs `lockstep-replica --version` and exits.
+pub fn stage_pod(rsm: &ReplicatedStateMachine, replica_id: &str, node: &str, image: &str) -> Result<Pod, BuildError> {
+    let cluster = rsm.name_any();
+    let metadata = meta(rsm, names::stage_pod(&cluster, replica_id), COMPONENT_STAGE)?;
+    Ok(Pod {
+        metadata,
+        spec: Some(PodSpec {
+            node_name: Some(node.into()),
+            restart_policy: Some("Never".into()),
+            enable_service_links: Some(false),
+            automount_service_account_token: Some(false),
+            security_context: Some(restricted_pod_security()),
+            tolerations: rsm.spec.scheduling.as_ref().and_then(|s| s.tolerations.clone()),
+            containers: vec![Container {
+                name: "stage".into(),
+                image: Some(image.into()),
+                args: Some(vec!["--version".into()]),
+                security_context: Some(restricted_container_security()),
+                resources: Some(k8s_openapi::api::core::v1::ResourceRequirements {
+                    requests: Some(BTreeMap::from([
+                        ("cpu".to_string(), Quantity("10m".into())),
+                        ("memory".to_string(), Quantity("16Mi".into())),
+                    ])),
+                    limits: Some(BTreeMap::from([("memory".to_string(), Quantity("64Mi".into()))])),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        status: None,
+    })
+}
+
+/// The strategic-merge patch that restarts a replica's container with `machine` in place
+/// (same pod, same IP, same volume): only the image changes; the previous machine is kept
+/// in annotations until the kubelet has restarted the container.
+pub fn restart_patch(pod: &Pod, machine: &MachineRef) -> Result<serde_json::Value, BuildError> {
+    let image = machine.image.clone().ok_or(BuildError::NoImage)?;
+    let current = crate::translate::running_machine(pod);
+    Ok(serde_json::json!({
+        "metadata": {
+            "labels": { MACHINE_LABEL: machine.name },
+            "annotations": {
+                VERSION_ANNOTATION: machine.version,
+                PREVIOUS_VERSION_ANNOTATION: current.version,
+                PREVIOUS_IMAGE_ANNOTATION: current.image.unwrap_or_default(),
+            }
+        },
+        "spec": { "containers": [ { "name": REPLICA_CONTAINER, "image": image } ] }
+    }))
+}
+
+/// A stable hash of an object's desired content, to skip applies that change nothing.
+pub fn content_hash<T: serde::Serialize>(obj: &T) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    serde_json::to_string(obj).unwrap_or_default().hash(&mut h);
+    format!("{:016x}", h.finish())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rsm(extra: &str) -> ReplicatedStateMachine {
+        let text = format!(
+            "apiVersion: lockstep.dev/v1alpha1\nkind: ReplicatedStateMachine\nmetadata: {{name: kv, namespace: apps, uid: u-1}}\n\
+             spec: {{faultsTolerated: 1, failureModel: FailStop, machine: {{name: kv, version: 1.0.0, image: 'img:1'}}{extra}}}\n"
+        );
+        lockstep_resource::from_yaml(&text).expect("fixture")
+    }
+
+    fn kv() -> MachineRef {
+        MachineRef {
+            name: "kv".into(),
+            version: "1.0.0".into(),
+            image: Some("img:1".into()),
+        }
+    }
+
+    #[test]
+    fn replica_pod_shape() {
+        let pod = replica_pod(&rsm(""), "kv-0", &kv()).expect("builds");
+        let spec = pod.spec.as_ref().expect("spec");
+        assert_eq!(spec.hostname.as_deref(), Some("kv-0"));
+        assert_eq!(spec.subdomain.as_deref(), Some("kv-peers"));
+        assert_eq!(spec.restart_policy.as_deref(), Some("Never"));
+        let c = &spec.containers[0];
+        assert_eq!(c.image.as_deref(), Some("img:1"));
+        let args = c.args.clone().unwrap_or_default().join(" ");
+        assert!(
+            args.contains("--id kv-0 --listen 0.0.0.0:7000 --http 0.0.0.0:8080 --data-dir /data --machine kv"),
+            "{args}"
+        );
+        let owner = &pod.metadata.owner_references.as_ref().expect("owner")[0];
+        assert_eq!(
+            (owner.kind.as_str(), owner.controller),
+            ("ReplicatedStateMachine", Some(true))
+        );
+        let vol = &spec.volumes.as_ref().expect("volumes")[0];
+        assert_eq!(
+            vol.persistent_volume_claim.as_ref().map(|p| p.claim_name.as_str()),
+            Some("data-kv-0")
+        );
+        assert!(
+            spec.affinity
+                .as_ref()
+                .and_then(|a| a.pod_anti_affinity.as_ref())
+                .is_some()
+        );
+    }
+
+    #[test]
+    fn ephemeral_storage_has_no_claim() {
+        let r = rsm(", storage: {ephemeral: true}");
+        assert_eq!(replica_pvc(&r, "kv-0"), Ok(None));
+        let pod = replica_pod(&r, "kv-0", &kv()).expect("builds");
+        assert!(pod.spec.expect("spec").volumes.expect("volumes")[0].empty_dir.is_some());
+        let claim = replica_pvc(&rsm(", storage: {size: 5Gi, storageClassName: fast}"), "kv-1")
+            .expect("builds")
+            .expect("a claim");
+        let spec = claim.spec.expect("spec");
+        assert_eq!(spec.storage_class_name.as_deref(), Some("fast"));
+        assert_eq!(
+            spec.resources
+                .and_then(|r| r.requests)
+                .and_then(|r| r.get("storage").cloned()),
+            Some(Quantity("5Gi".into()))
+        );
+    }
+
+    #[test]
+    fn missing_image_is_reported() {
+        let m = MachineRef { image: None, ..kv() };
+        assert_eq!(replica_pod(&rsm(""), "kv-0", &m).err(), Some(BuildError::NoImage));
+    }
+
+    #[test]
+    fn user_affinity_replaces_default() {
+        let r = rsm(", scheduling: {nodeSelector: {disk: ssd}, affinity: {}}");
+        let spec = replica_pod(&r, "kv-0", &kv()).expect("builds").spec.expect("spec");
+        assert_eq!(spec.affinity, Some(Affinity::default()));
+        assert_eq!(
+            spec.node_selector.and_then(|n| n.get("disk").cloned()),
+            Some("ssd".into())
+        );
+    }
+
+    #[test]
+    fn restart_patch_keeps_previous_machine() {
+        let pod = replica_pod(&rsm(""), "kv-0", &kv()).expect("builds");
+        let to = MachineRef {
+            version: "1.1.0".into(),
+            image: Some("img:2".into()),
+            ..kv()
+        };
+        let p = restart_patch(&pod, &to).expect("patch");
+        assert_eq!(p["spec"]["containers"][0]["image"], "img:2");
+        assert_eq!(p["metadata"]["annotations"][PREVIOUS_IMAGE_ANNOTATION], "img:1");
+        assert_eq!(p["metadata"]["annotations"][VERSION_ANNOTATION], "1.1.0");
+    }
+
+    #[test]
+    fn services_and_pdb() {
+        let r = rsm("");
+        let peers = peers_service(&r).expect("builds");
+        assert_eq!(peers.metadata.name.as_deref(), Some("kv-peers"));
+        let spec = peers.spec.expect("spec");
+        assert_eq!(spec.cluster_ip.as_deref(), Some("None"));
+        assert_eq!(spec.publish_not_ready_addresses, Some(true));
+        let pdb = pdb(&r).expect("builds");
+        assert_eq!(pdb.spec.and_then(|s| s.max_unavailable), Some(IntOrString::Int(1)));
+        assert_eq!(
+            content_hash(&peers_service(&r).ok()),
+            content_hash(&peers_service(&r).ok())
+        );
+    }
+}

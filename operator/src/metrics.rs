@@ -1,0 +1,105 @@
+//! Prometheus metrics of the operator, served on `/metrics`.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ActionLabel {
+    pub action: String,
+}
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub reconciles: Family<ResultLabel, Counter>,
+    pub errors: Counter,
+    pub duration: Histogram,
+    pub actions: Family<ActionLabel, Counter>,
+    pub replacements: Counter,
+    pub rollouts_started: Counter,
+    pub rollouts_completed: Counter,
+    pub status_conflicts: Counter,
+    pub leader: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("lockstep_operator");
+        let reconciles = Family::<ResultLabel, Counter>::default();
+        let errors = Counter::default();
+        let duration = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        let actions = Family::<ActionLabel, Counter>::default();
+        let replacements = Counter::default();
+        let rollouts_started = Counter::default();
+        let rollouts_completed = Counter::default();
+        let status_conflicts = Counter::default();
+        let leader = Gauge::default();
+        registry.register(
+            "reconciles",
+            "Reconciliations by result (ok, error)",
+            reconciles.clone(),
+        );
+        registry.register("reconcile_errors", "Reconciliations that failed", errors.clone());
+        registry.register(
+            "reconcile_duration_seconds",
+            "Duration of one reconciliation",
+            duration.clone(),
+        );
+        registry.register("actions", "Planner actions carried out, by kind", actions.clone());
+        registry.register(
+            "replacements",
+            "Fail-stopped replicas fenced out and replaced",
+            replacements.clone(),
+        );
+        registry.register(
+            "rollouts_started",
+            "Lockstep rollouts started",
+            rollouts_started.clone(),
+        );
+        registry.register(
+            "rollouts_completed",
+            "Lockstep rollouts completed",
+            rollouts_completed.clone(),
+        );
+        registry.register(
+            "status_conflicts",
+            "Status writes refused by optimistic concurrency (409)",
+            status_conflicts.clone(),
+        );
+        registry.register("leader", "1 when this instance holds the leader lease", leader.clone());
+        Self {
+            registry,
+            reconciles,
+            errors,
+            duration,
+            actions,
+            replacements,
+            rollouts_started,
+            rollouts_completed,
+            status_conflicts,
+            leader,
+        }
+    }
+}
+
+impl Metrics {
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+
+    pub fn action(&self, name: &str) {
+        self.actions.get_or_create(&ActionLabel { action: name.into() }).inc();
+    }
+}

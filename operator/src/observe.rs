@@ -1,0 +1,249 @@
+//! Observe: the replica pods, their volumes and nodes (from watch caches, or the API in
+//! tests), and each replica's own view through its Admin.Status call.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use k8s_openapi::api::core::v1::{Node, PersistentVolumeClaim, Pod};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, ListParams};
+use kube::runtime::reflector::Store;
+use kube::{Client, ResourceExt};
+use lockstep_resource::ReplicatedStateMachine;
+
+use crate::admin::ReplicaAdmin;
+use crate::names;
+use crate::translate::{Admin, ReplicaObservation, Tuning, World};
+
+/// Where pods, claims and nodes are read from.
+#[derive(Clone)]
+pub enum Source {
+    /// Watch caches (production): no API request per reconcile.
+    Cache {
+        pods: Store<Pod>,
+        pvcs: Store<PersistentVolumeClaim>,
+        nodes: Store<Node>,
+    },
+    /// Plain lists per reconcile (tests, or when caches are off).
+    Api,
+}
+
+/// How the operator reaches a replica's admin API.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AdminAddress {
+    /// `http://POD_IP:7000` (in-cluster; no DNS lag).
+    PodIp,
+    /// The stable DNS endpoint of the configuration.
+    Dns,
+}
+
+fn belongs(
+    meta_ns: Option<String>,
+    labels: &std::collections::BTreeMap<String, String>,
+    ns: &str,
+    cluster: &str,
+) -> bool {
+    meta_ns.as_deref() == Some(ns) && labels.get(names::CLUSTER_LABEL).map(String::as_str) == Some(cluster)
+}
+
+/// Pods and PVC names of one cluster.
+pub async fn owned(
+    client: &Client,
+    source: &Source,
+    ns: &str,
+    cluster: &str,
+) -> Result<(Vec<Pod>, Vec<String>, HashMap<String, Node>), kube::Error> {
+    match source {
+        Source::Cache { pods, pvcs, nodes } => {
+            let pods: Vec<Pod> = pods
+                .state()
+                .into_iter()
+                .filter(|p| belongs(p.namespace(), p.labels(), ns, cluster))
+                .map(|p| (*p).clone())
+                .collect();
+            let claims = pvcs
+                .state()
+                .into_iter()
+                .filter(|p| belongs(p.namespace(), p.labels(), ns, cluster))
+                .map(|p| p.name_any())
+                .collect();
+            let nodes = nodes
+                .state()
+                .into_iter()
+                .map(|n| (n.name_any(), (*n).clone()))
+                .collect();
+            Ok((pods, claims, nodes))
+        }
+        Source::Api => {
+            let lp = ListParams::default().labels(&format!("{}={cluster}", names::CLUSTER_LABEL));
+            let pods = Api::<Pod>::namespaced(client.clone(), ns).list(&lp).await?.items;
+            let claims = Api::<PersistentVolumeClaim>::namespaced(client.clone(), ns)
+                .list(&lp)
+                .await?
+                .items
+                .into_iter()
+                .map(|p| p.name_any())
+                .collect();
+            Ok((pods, claims, HashMap::new()))
+        }
+    }
+}
+
+/// Why a node counts as lost: its Ready condition has not been True for longer than the
+/// grace period (the kubelet stopped reporting, or reports NotReady).
+pub fn node_lost(node: &Node, now: Timestamp, tuning: &Tuning) -> Option<String> {
+    let ready = node
+        .status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == "Ready")?;
+    if ready.status == "True" {
+        return None;
+    }
+    let since = ready.last_transition_time.as_ref()?.0;
+    let for_secs = now.as_second().saturating_sub(since.as_second());
+    (u64::try_from(for_secs).unwrap_or(0) >= tuning.node_grace.as_secs()).then(|| {
+        format!(
+            "node {} not Ready ({}) for {for_secs}s",
+            node.name_any(),
+            ready.reason.clone().unwrap_or_else(|| ready.status.clone())
+        )
+    })
+}
+
+/// Where to call a replica's admin API, if it can be called at all.
+pub fn admin_address(pod: &Pod, rsm: &ReplicatedStateMachine, mode: AdminAddress) -> Option<String> {
+    let status = pod.status.as_ref()?;
+    if pod.metadata.deletion_timestamp.is_some() || status.phase.as_deref() != Some("Running") {
+        return None;
+    }
+    match mode {
+        AdminAddress::PodIp => {
+            let ip = status.pod_ip.as_deref().filter(|ip| !ip.is_empty())?;
+            let host = if ip.contains(':') {
+                format!("[{ip}]")
+            } else {
+                ip.to_string()
+            };
+            Some(format!("http://{host}:{}", names::GRPC_PORT))
+        }
+        AdminAddress::Dns => Some(names::endpoint(
+            &rsm.name_any(),
+            &rsm.namespace().unwrap_or_default(),
+            &pod.name_any(),
+        )),
+    }
+}
+
+/// Everything the planner needs about one cluster.
+#[allow(clippy::too_many_arguments)]
+pub async fn world(
+    client: &Client,
+    source: &Source,
+    admin: &dyn ReplicaAdmin,
+    mode: AdminAddress,
+    unreachable: &Mutex<HashMap<String, Timestamp>>,
+    rsm: &ReplicatedStateMachine,
+    tuning: &Tuning,
+    now: Timestamp,
+) -> Result<World, kube::Error> {
+    let ns = rsm.namespace().unwrap_or_default();
+    let cluster = rsm.name_any();
+    let (pods, pvcs, nodes) = owned(client, source, &ns, &cluster).await?;
+    let component = |p: &Pod| p.labels().get(names::COMPONENT_LABEL).cloned().unwrap_or_default();
+    let (replica_pods, stage_pods): (Vec<Pod>, Vec<Pod>) = pods
+        .into_iter()
+        .filter(|p| component(p) == names::COMPONENT_REPLICA || component(p) == names::COMPONENT_STAGE)
+        .partition(|p| component(p) == names::COMPONENT_REPLICA);
+
+    let calls = replica_pods.iter().map(|pod| {
+        let addr = admin_address(pod, rsm, mode);
+        async move {
+            match addr {
+                Some(a) => Some(admin.status(a).await),
+                None => None,
+            }
+        }
+    });
+    let answers = futures::future::join_all(calls).await;
+
+    let mut replicas = Vec::with_capacity(replica_pods.len());
+    let mut silent = unreachable.lock().unwrap_or_else(|e| e.into_inner());
+    for (pod, answer) in replica_pods.into_iter().zip(answers) {
+        let key = pod.uid().unwrap_or_else(|| pod.name_any());
+        let admin = match answer {
+            None => {
+                silent.remove(&key);
+                Admin::NotAsked
+            }
+            Some(Ok(s)) => {
+                let s = Box::new(s);
+                silent.remove(&key);
+                Admin::Answered(s)
+            }
+            Some(Err(error)) => {
+                let since = *silent.entry(key).or_insert(now);
+                Admin::Failed { error, since }
+            }
+        };
+        let node_lost = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.node_name.as_deref())
+            .and_then(|n| match nodes.get(n) {
+                Some(node) => node_lost(node, now, tuning),
+                None if !nodes.is_empty() => Some(format!("node {n} no longer exists")),
+                None => None,
+            });
+        replicas.push(ReplicaObservation { pod, admin, node_lost });
+    }
+    drop(silent);
+    Ok(World {
+        replicas,
+        stage_pods,
+        pvcs,
+        now: Some(now),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{NodeCondition, NodeStatus};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+    fn node(status: &str, since: i64) -> Node {
+        Node {
+            metadata: kube::api::ObjectMeta {
+                name: Some("n1".into()),
+                ..Default::default()
+            },
+            status: Some(NodeStatus {
+                conditions: Some(vec![NodeCondition {
+                    type_: "Ready".into(),
+                    status: status.into(),
+                    reason: Some("NodeStatusUnknown".into()),
+                    last_transition_time: Some(Time(Timestamp::from_second(since).unwrap_or(Timestamp::UNIX_EPOCH))),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn node_loss_after_grace() {
+        let t = Tuning::default();
+        let now = Timestamp::from_second(1_000).unwrap_or(Timestamp::UNIX_EPOCH);
+        assert_eq!(node_lost(&node("True", 0), now, &t), None);
+        assert_eq!(node_lost(&node("Unknown", 990), now, &t), None);
+        let lost = node_lost(&node("Unknown", 900), now, &t).unwrap_or_default();
+        assert!(
+            lost.contains("node n1 not Ready (NodeStatusUnknown) for 100s"),
+            "{lost}"
+        );
+    }
+}
