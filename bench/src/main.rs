@@ -1,1 +1,696 @@
-fn main() {}
+//! `lockstep-bench`: the measurements of issue 2 in one command.
+//!
+//! 1. starts a local lockstep t = 1 cluster (2 replicas, fsync on) with the real
+//!    `lockstep up manifests/examples/kv-failstop.yaml`, and a 3-member etcd cluster (t = 1 for
+//!    Raft, default durability) on loopback;
+//! 2. drives both with the same load generator (`lockstep::bench::run_workload`, write mix,
+//!    256-byte values, 1000 keys) for 1, 8 and 64 concurrent clients;
+//! 3. measures replica memory after the load and at rest;
+//! 4. `kill -9`s the lockstep primary under 8 writing clients, several times, and measures the
+//!    time from the kill to the first acknowledged write that started after it.
+//!
+//! It prints numbers; it is a benchmark, not a pass/fail test. Every child process is stopped
+//! at the end, on error, and on Ctrl-C.
+//!
+//! ```text
+//! cargo build --release -p lockstep -p lockstep-bench
+//! target/release/lockstep-bench
+//! ```
+
+mod etcd;
+mod local;
+mod procs;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use lockstep::bench::{KvBackend, Mix, Op, Report, WorkloadOptions, run_workload};
+use lockstep_linearizability::{OpKind, Outcome};
+use procs::{metric_sum, rss_bytes};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+#[derive(Parser, Debug)]
+#[command(name = "lockstep-bench", version, about = "lockstep vs etcd: write throughput, latency, fail-over, memory")]
+struct Args {
+    /// Seconds per measured run.
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    /// Concurrent client counts to measure.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,64")]
+    clients: Vec<usize>,
+    #[arg(long, default_value_t = 256)]
+    value_size: usize,
+    #[arg(long, default_value_t = 1000)]
+    keys: usize,
+    /// Seconds of unreported warm-up load (8 clients) per target.
+    #[arg(long, default_value_t = 2)]
+    warmup: u64,
+    /// Number of kill -9 fail-over trials (0 skips them).
+    #[arg(long, default_value_t = 5)]
+    failovers: usize,
+    /// Writing clients during the fail-over trials.
+    #[arg(long, default_value_t = 8)]
+    failover_clients: usize,
+    /// Seconds of idle time before measuring memory at rest.
+    #[arg(long, default_value_t = 5)]
+    idle: u64,
+    /// The `lockstep` CLI binary (default: next to this executable).
+    #[arg(long)]
+    lockstep_bin: Option<PathBuf>,
+    /// etcd server binary (Debian: `apt-get install -y etcd-server`).
+    #[arg(long, default_value = "/usr/bin/etcd")]
+    etcd_bin: PathBuf,
+    /// Skip etcd (lockstep numbers only).
+    #[arg(long)]
+    skip_etcd: bool,
+    /// The ReplicatedStateMachine to run (default: manifests/examples/kv-failstop.yaml).
+    #[arg(long)]
+    manifest: Option<PathBuf>,
+    /// Where the temporary data dirs go. Must be a real disk, not tmpfs, or fsync is free.
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+    /// Keep the data dirs and logs after the run (their path is printed).
+    #[arg(long)]
+    keep: bool,
+    /// Also write all results as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+fn main() {
+    let args = Args::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("lockstep-bench: cannot start: {e}");
+            std::process::exit(1);
+        }
+    };
+    // The benchmark future owns every child-process guard: on Ctrl-C it is dropped, and the
+    // guards stop the clusters before we exit.
+    let code = rt.block_on(async {
+        tokio::select! {
+            r = run(args) => match r {
+                Ok(()) => 0,
+                Err(e) => { eprintln!("lockstep-bench: error: {e:#}"); 1 }
+            },
+            _ = tokio::signal::ctrl_c() => { eprintln!("lockstep-bench: interrupted; stopping the clusters"); 130 }
+        }
+    });
+    rt.shutdown_timeout(Duration::from_secs(2));
+    std::process::exit(code);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Results
+
+#[derive(serde::Serialize, Debug, Clone)]
+struct Machine {
+    nproc: usize,
+    cpu_model: String,
+    kernel: String,
+    work_dir: String,
+    work_dir_fs: String,
+    loadavg_at_start: String,
+    etcd: Option<String>,
+}
+
+/// Disk work of one node during one run, from its /metrics.
+#[derive(serde::Serialize, Debug, Clone)]
+struct DiskStats {
+    node: String,
+    fsyncs_per_sec: f64,
+    entries_per_fsync: f64,
+    mean_fsync_ms: f64,
+}
+
+#[derive(serde::Serialize, Debug, Clone)]
+struct Run {
+    report: Report,
+    disk: Vec<DiskStats>,
+    /// CPU use per process during the run, in % of one core.
+    cpu_percent: BTreeMap<String, f64>,
+}
+
+#[derive(serde::Serialize, Debug, Clone)]
+struct Failover {
+    trial: usize,
+    killed: String,
+    epoch_before: u64,
+    /// kill -9 -> first acknowledged write that was issued after the kill.
+    failover_ms: Option<f64>,
+    /// kill -9 -> first acknowledged write of any kind (including retries of writes in flight).
+    first_ack_ms: Option<f64>,
+    /// kill -9 -> two members in primary/backup state again (replacement joined).
+    rejoin_ms: Option<f64>,
+    ok: u64,
+    failed: u64,
+    unknown: u64,
+}
+
+#[derive(serde::Serialize, Debug, Clone)]
+struct Memory {
+    process: String,
+    after_load_bytes: Option<u64>,
+    at_rest_bytes: Option<u64>,
+}
+
+#[derive(serde::Serialize, Debug, Clone)]
+struct Results {
+    machine: Machine,
+    command: String,
+    runs: Vec<Run>,
+    memory: Vec<Memory>,
+    failovers: Vec<Failover>,
+    failover_median_ms: Option<f64>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Machine description
+
+fn machine(work_dir: &Path, etcd: Option<String>) -> Machine {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu_model = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map_or("unknown".into(), |(_, v)| v.trim().to_string());
+    let canon = work_dir.canonicalize().unwrap_or_else(|_| work_dir.to_path_buf());
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    let fs = mounts
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() >= 3 && canon.starts_with(f[1])).then(|| (f[1].len(), format!("{} on {} ({})", f[2], f[1], f[0])))
+        })
+        .max_by_key(|(n, _)| *n)
+        .map_or("unknown".into(), |(_, s)| s);
+    Machine {
+        nproc: std::thread::available_parallelism().map_or(0, |n| n.get()),
+        cpu_model,
+        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string(),
+        work_dir: canon.display().to_string(),
+        work_dir_fs: fs,
+        loadavg_at_start: std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim().to_string(),
+        etcd,
+    }
+}
+
+/// CPU seconds (user + system) a process has used so far.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    Some(ticks as f64 / 100.0) // USER_HZ is 100 on Linux
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fail-over probe: wraps a backend and notes, relative to the kill, the first acknowledged write.
+
+#[derive(Default)]
+struct ProbeState {
+    kill: Mutex<Option<Instant>>,
+    first_new: Mutex<Option<Instant>>,
+    first_any: Mutex<Option<Instant>>,
+}
+
+fn set_min(slot: &Mutex<Option<Instant>>, t: Instant) {
+    let mut s = slot.lock().expect("probe lock");
+    if s.is_none_or(|old| t < old) {
+        *s = Some(t);
+    }
+}
+
+struct Probe<B> {
+    inner: B,
+    state: Arc<ProbeState>,
+}
+
+impl<B: KvBackend> KvBackend for Probe<B> {
+    async fn run(&mut self, op: &Op) -> (Outcome, Option<serde_json::Value>) {
+        let call = Instant::now();
+        let result = self.inner.run(op).await;
+        let ret = Instant::now();
+        if result.0 == Outcome::Ok && op.kind != OpKind::Get {
+            let kill = *self.state.kill.lock().expect("probe lock");
+            if let Some(k) = kill {
+                if ret > k {
+                    set_min(&self.state.first_any, ret);
+                }
+                if call >= k {
+                    set_min(&self.state.first_new, ret);
+                }
+            }
+        }
+        result
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+fn fmt_ms(us: u64) -> String {
+    format!("{:.2}", us as f64 / 1000.0)
+}
+
+fn mib(b: Option<u64>) -> String {
+    b.map_or("-".into(), |b| format!("{:.1} MiB", b as f64 / (1024.0 * 1024.0)))
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    Some(if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 })
+}
+
+struct MetricNames {
+    fsync_count: &'static str,
+    fsync_sum: &'static str,
+    entries: &'static str,
+}
+
+const LOCKSTEP_METRICS: MetricNames = MetricNames {
+    fsync_count: "lockstep_replica_fsync_seconds_count",
+    fsync_sum: "lockstep_replica_fsync_seconds_sum",
+    entries: "lockstep_replica_entries_per_fsync_sum",
+};
+
+// etcd: WAL fsyncs per member; entries = Raft entries committed (a gauge of the commit index).
+const ETCD_METRICS: MetricNames = MetricNames {
+    fsync_count: "etcd_disk_wal_fsync_duration_seconds_count",
+    fsync_sum: "etcd_disk_wal_fsync_duration_seconds_sum",
+    entries: "etcd_server_proposals_committed_total",
+};
+
+fn disk_stats(node: &str, before: &str, after: &str, secs: f64, names: &MetricNames) -> DiskStats {
+    let d = |n: &str| metric_sum(after, n) - metric_sum(before, n);
+    let fsyncs = d(names.fsync_count);
+    DiskStats {
+        node: node.to_string(),
+        fsyncs_per_sec: fsyncs / secs.max(1e-9),
+        entries_per_fsync: if fsyncs > 0.0 { d(names.entries) / fsyncs } else { 0.0 },
+        mean_fsync_ms: if fsyncs > 0.0 { d(names.fsync_sum) / fsyncs * 1000.0 } else { 0.0 },
+    }
+}
+
+/// Everything a measured run needs to know about the target's processes.
+struct Target {
+    name: &'static str,
+    /// (node label, metrics address) per server process.
+    metrics: Vec<(String, std::net::SocketAddr)>,
+    /// (label, pid) per server process.
+    pids: Vec<(String, u32)>,
+    names: &'static MetricNames,
+}
+
+async fn scrape(t: &Target) -> Vec<String> {
+    let mut out = Vec::new();
+    for (_, addr) in &t.metrics {
+        out.push(procs::http_get(*addr, "/metrics").await.unwrap_or_default());
+    }
+    out
+}
+
+async fn measure<B, F>(t: &Target, opts: WorkloadOptions, make: F) -> anyhow::Result<Run>
+where
+    B: KvBackend,
+    F: Fn(usize) -> B,
+{
+    let me = std::process::id();
+    let mut pids = t.pids.clone();
+    pids.push(("load generator".into(), me));
+    let cpu0: Vec<Option<f64>> = pids.iter().map(|(_, p)| cpu_seconds(*p)).collect();
+    let before = scrape(t).await;
+    let started = Instant::now();
+    let report = run_workload(t.name, opts, make, Arc::new(AtomicBool::new(false))).await?;
+    let secs = started.elapsed().as_secs_f64();
+    let after = scrape(t).await;
+    let cpu1: Vec<Option<f64>> = pids.iter().map(|(_, p)| cpu_seconds(*p)).collect();
+    let disk = t
+        .metrics
+        .iter()
+        .zip(before.iter().zip(after.iter()))
+        .map(|((node, _), (b, a))| disk_stats(node, b, a, secs, t.names))
+        .collect();
+    let cpu_percent = pids
+        .iter()
+        .zip(cpu0.iter().zip(cpu1.iter()))
+        .filter_map(|((label, _), (a, b))| Some((label.clone(), (b.as_ref()? - a.as_ref()?) / secs * 100.0)))
+        .collect();
+    Ok(Run { report, disk, cpu_percent })
+}
+
+fn print_run(r: &Run) {
+    println!("{}", r.report);
+    for d in &r.disk {
+        println!(
+            "    {:<22} {:>7.0} fsyncs/s  {:>6.1} entries/fsync  {:>6.2} ms/fsync",
+            d.node, d.fsyncs_per_sec, d.entries_per_fsync, d.mean_fsync_ms
+        );
+    }
+    let cpu: Vec<String> = r.cpu_percent.iter().map(|(k, v)| format!("{k} {v:.0}%")).collect();
+    println!("    CPU (% of one core): {}", cpu.join(", "));
+}
+
+fn resolve_lockstep_bin(arg: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    let bin = match arg {
+        Some(b) => b,
+        None => std::env::current_exe()?.parent().context("executable has no directory")?.join("lockstep"),
+    };
+    if !bin.is_file() {
+        bail!(
+            "no lockstep binary at {} (build it: `cargo build --release -p lockstep -p lockstep-bench`, or pass --lockstep-bin)",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
+fn resolve_manifest(arg: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    if let Some(m) = arg {
+        return Ok(m);
+    }
+    let rel = PathBuf::from("manifests/examples/kv-failstop.yaml");
+    if rel.is_file() {
+        return Ok(rel);
+    }
+    let from_source = Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/examples/kv-failstop.yaml");
+    if from_source.is_file() {
+        return Ok(from_source);
+    }
+    bail!("cannot find manifests/examples/kv-failstop.yaml; run from the repository root or pass --manifest")
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let lockstep_bin = resolve_lockstep_bin(args.lockstep_bin.clone())?;
+    let manifest = resolve_manifest(args.manifest.clone())?;
+    let etcd_version = if args.skip_etcd {
+        None
+    } else {
+        if !args.etcd_bin.is_file() {
+            bail!("no etcd at {} (Debian: `apt-get install -y etcd-server`), or pass --skip-etcd", args.etcd_bin.display());
+        }
+        Some(etcd::version(&args.etcd_bin)?)
+    };
+    let work_dir = args.work_dir.clone().unwrap_or_else(std::env::temp_dir);
+    // Declared first, so it is removed last: after every guard below has stopped its process.
+    let tmp = tempfile::Builder::new().prefix("lockstep-bench-").tempdir_in(&work_dir)?;
+    let base = tmp.path().to_path_buf();
+    let machine = machine(&base, etcd_version.clone());
+    println!("lockstep-bench: data and logs in {}", base.display());
+    println!(
+        "machine: {} x {} | kernel {} | {} | load {}",
+        machine.nproc, machine.cpu_model, machine.kernel, machine.work_dir_fs, machine.loadavg_at_start
+    );
+    if machine.work_dir_fs.starts_with("tmpfs") {
+        eprintln!("WARNING: {} is on tmpfs: fsync costs nothing there; pass --work-dir on a real disk", base.display());
+    }
+
+    // 1 + 2: both clusters.
+    let mut ls = local::LocalCluster::start(&lockstep_bin, &manifest, &base.join("lockstep"))?;
+    let mut ec = match &etcd_version {
+        Some(_) => Some(etcd::EtcdCluster::start(&args.etcd_bin, &base.join("etcd"), 3)?),
+        None => None,
+    };
+    let t0 = Instant::now();
+    let healthy = ls.wait_healthy(2, Duration::from_secs(60)).await?;
+    println!(
+        "lockstep: healthy in {:.1}s: epoch {}, primary {}, members {}",
+        t0.elapsed().as_secs_f64(),
+        healthy.epoch,
+        healthy.primary,
+        healthy.members.join(", ")
+    );
+    let etcd_leader = match &mut ec {
+        Some(ec) => {
+            let url = ec.wait_healthy(Duration::from_secs(60)).await?;
+            let name = ec.member_by_url(&url).map(|m| m.name.clone()).unwrap_or_default();
+            println!("etcd: healthy: {} members, leader {name} ({url}) — clients talk to the leader", ec.members.len());
+            Some(url)
+        }
+        None => None,
+    };
+
+    let ls_target = || -> anyhow::Result<Target> {
+        let mut metrics = Vec::new();
+        let mut pids = Vec::new();
+        for (i, id) in healthy.members.iter().enumerate() {
+            let l = ls.listening(id)?;
+            let label = format!("{id} ({})", if i == 0 { "primary" } else { "backup" });
+            metrics.push((label.clone(), l.http));
+            pids.push((label, l.pid));
+        }
+        Ok(Target { name: "lockstep", metrics, pids, names: &LOCKSTEP_METRICS })
+    };
+    let lockstep_target = ls_target()?;
+    let etcd_target = ec.as_ref().map(|ec| {
+        let leader = etcd_leader.clone().unwrap_or_default();
+        let label = |m: &etcd::EtcdMember| {
+            format!("etcd {}{}", m.name, if m.client_url == leader { " (leader)" } else { "" })
+        };
+        Target {
+            name: "etcd",
+            metrics: ec.members.iter().map(|m| (label(m), m.client_addr)).collect(),
+            pids: ec.members.iter().filter_map(|m| m.proc.pid().map(|p| (label(m), p))).collect(),
+            names: &ETCD_METRICS,
+        }
+    });
+
+    let opts = |clients: usize, secs: u64| WorkloadOptions {
+        clients,
+        duration: Duration::from_secs(secs),
+        value_size: args.value_size,
+        keys: args.keys,
+        mix: Mix::Write,
+        history: None,
+    };
+    let ls_endpoints = healthy.endpoints.clone();
+    let ls_make = |_: usize| lockstep::Client::new(ls_endpoints.clone());
+
+    // 3: throughput and latency.
+    if args.warmup > 0 {
+        println!("warm-up: {}s x 8 clients per target", args.warmup);
+        run_workload("warmup", opts(8, args.warmup), ls_make, Arc::new(AtomicBool::new(false))).await?;
+        if let Some(url) = &etcd_leader {
+            run_workload(
+                "warmup",
+                opts(8, args.warmup),
+                |_| etcd::EtcdBackend::new(url).expect("valid etcd url"),
+                Arc::new(AtomicBool::new(false)),
+            )
+            .await?;
+        }
+    }
+    let mut runs = Vec::new();
+    for &clients in &args.clients {
+        println!("--- {clients} clients, {}s each, write mix, {}-byte values, {} keys", args.duration, args.value_size, args.keys);
+        let r = measure(&lockstep_target, opts(clients, args.duration), ls_make).await?;
+        print_run(&r);
+        runs.push(r);
+        if let (Some(t), Some(url)) = (&etcd_target, &etcd_leader) {
+            let r = measure(t, opts(clients, args.duration), |_| etcd::EtcdBackend::new(url).expect("valid etcd url")).await?;
+            print_run(&r);
+            runs.push(r);
+        }
+    }
+
+    // 5: memory after the load, then at rest.
+    let mut mem_pids = lockstep_target.pids.clone();
+    if let Some(t) = &etcd_target {
+        mem_pids.extend(t.pids.iter().cloned());
+    }
+    let after_load: Vec<Option<u64>> = mem_pids.iter().map(|(_, p)| rss_bytes(*p)).collect();
+    println!("memory: waiting {}s idle", args.idle);
+    tokio::time::sleep(Duration::from_secs(args.idle)).await;
+    let memory: Vec<Memory> = mem_pids
+        .iter()
+        .zip(after_load)
+        .map(|((label, pid), a)| Memory { process: label.clone(), after_load_bytes: a, at_rest_bytes: rss_bytes(*pid) })
+        .collect();
+    for m in &memory {
+        println!("  {:<24} RSS after load {:>10}   at rest ({}s idle) {:>10}", m.process, mib(m.after_load_bytes), args.idle, mib(m.at_rest_bytes));
+    }
+    // etcd is not needed for the fail-over trials; give its CPU back.
+    if let Some(ec) = &mut ec {
+        ec.stop();
+    }
+
+    // 4: fail-over.
+    let mut failovers = Vec::new();
+    for trial in 1..=args.failovers {
+        match failover_trial(&mut ls, trial, &args, &opts).await {
+            Ok(f) => {
+                println!(
+                    "fail-over {trial}: killed {} (epoch {}): first new write acked after {} ms (any write: {} ms), replacement joined after {} ms; ok={} fail={} unknown={}",
+                    f.killed,
+                    f.epoch_before,
+                    f.failover_ms.map_or("-".into(), |v| format!("{v:.0}")),
+                    f.first_ack_ms.map_or("-".into(), |v| format!("{v:.0}")),
+                    f.rejoin_ms.map_or("-".into(), |v| format!("{v:.0}")),
+                    f.ok,
+                    f.failed,
+                    f.unknown
+                );
+                failovers.push(f);
+            }
+            Err(e) => {
+                eprintln!("fail-over {trial}: {e:#}");
+                break;
+            }
+        }
+    }
+    let failover_median_ms = median(failovers.iter().filter_map(|f| f.failover_ms).collect());
+
+    ls.stop();
+    drop(ec);
+
+    let results = Results {
+        machine,
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        runs,
+        memory,
+        failovers,
+        failover_median_ms,
+    };
+    print_summary(&results, &args);
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_vec_pretty(&results)?)?;
+        println!("results written to {}", path.display());
+    }
+    if args.keep {
+        let kept = tmp.keep();
+        println!("data and logs kept in {}", kept.display());
+    }
+    Ok(())
+}
+
+async fn failover_trial(
+    ls: &mut local::LocalCluster,
+    trial: usize,
+    args: &Args,
+    opts: &impl Fn(usize, u64) -> WorkloadOptions,
+) -> anyhow::Result<Failover> {
+    let h = ls.wait_healthy(2, Duration::from_secs(60)).await?;
+    let victim = ls.listening(&h.primary)?;
+    let state = Arc::new(ProbeState::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let endpoints = h.endpoints.clone();
+    let load = tokio::spawn({
+        let state = state.clone();
+        let stop = stop.clone();
+        let o = opts(args.failover_clients, 60);
+        async move {
+            run_workload(
+                "failover",
+                o,
+                move |_| Probe { inner: lockstep::Client::new(endpoints.clone()), state: state.clone() },
+                stop,
+            )
+            .await
+        }
+    });
+    // Let the load reach a steady state, then kill the primary.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(victim.pid as i32), nix::sys::signal::Signal::SIGKILL)
+        .with_context(|| format!("kill -9 {} (pid {})", h.primary, victim.pid))?;
+    // Taken after kill(2) returned: a write issued from now on cannot be served by the victim.
+    let killed_at = Instant::now();
+    *state.kill.lock().expect("probe lock") = Some(killed_at);
+    let deadline = killed_at + Duration::from_secs(20);
+    while state.first_new.lock().expect("probe lock").is_none() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let report = load.await??;
+    let ms = |t: Option<Instant>| t.map(|t| t.duration_since(killed_at).as_secs_f64() * 1000.0);
+    let failover_ms = ms(*state.first_new.lock().expect("probe lock"));
+    let first_ack_ms = ms(*state.first_any.lock().expect("probe lock"));
+    let rejoin_ms = match ls.wait_healthy(2, Duration::from_secs(60)).await {
+        Ok(h2) if h2.epoch > h.epoch => Some(killed_at.elapsed().as_secs_f64() * 1000.0),
+        Ok(_) => None,
+        Err(e) => return Err(e.context("the replacement did not join")),
+    };
+    Ok(Failover {
+        trial,
+        killed: h.primary.clone(),
+        epoch_before: h.epoch,
+        failover_ms,
+        first_ack_ms,
+        rejoin_ms,
+        ok: report.ok,
+        failed: report.failed,
+        unknown: report.unknown,
+    })
+}
+
+fn print_summary(r: &Results, args: &Args) {
+    println!();
+    println!("==================================== summary ====================================");
+    println!("machine: {} x {}, {}", r.machine.nproc, r.machine.cpu_model, r.machine.work_dir_fs);
+    if let Some(v) = &r.machine.etcd {
+        println!("etcd:    {v}, 3 members on loopback, default durability (WAL fsync)");
+    }
+    println!("lockstep: 2 replicas (t = 1, FailStop), fsync on");
+    println!("load:    write mix (puts), {}-byte values, {} keys, {}s per run", args.value_size, args.keys, args.duration);
+    println!();
+    println!("| target   | clients |    ops/s | p50 ms | p99 ms | max ms | fail | unknown |");
+    println!("|----------|--------:|---------:|-------:|-------:|-------:|-----:|--------:|");
+    for run in &r.runs {
+        let x = &run.report;
+        println!(
+            "| {:<8} | {:>7} | {:>8.0} | {:>6} | {:>6} | {:>6} | {:>4} | {:>7} |",
+            x.target,
+            x.clients,
+            x.ops_per_sec,
+            fmt_ms(x.p50_us),
+            fmt_ms(x.p99_us),
+            fmt_ms(x.max_us),
+            x.failed,
+            x.unknown
+        );
+    }
+    let by = |target: &str, clients: usize| r.runs.iter().find(|x| x.report.target == target && x.report.clients == clients);
+    if r.runs.iter().any(|x| x.report.target == "etcd") {
+        println!();
+        println!("| clients | lockstep/etcd throughput (target >= 2.0) | lockstep p99 | etcd p99 | p99 no worse? |");
+        println!("|--------:|-----------------------------------------:|-------------:|---------:|:-------------:|");
+        for &c in &args.clients {
+            if let (Some(l), Some(e)) = (by("lockstep", c), by("etcd", c)) {
+                let ratio = l.report.ops_per_sec / e.report.ops_per_sec.max(1e-9);
+                println!(
+                    "| {:>7} | {:>32.2}x {:>7} | {:>9} ms | {:>5} ms | {:^13} |",
+                    c,
+                    ratio,
+                    if ratio >= 2.0 { "met" } else { "MISSED" },
+                    fmt_ms(l.report.p99_us),
+                    fmt_ms(e.report.p99_us),
+                    if l.report.p99_us <= e.report.p99_us { "yes" } else { "NO" }
+                );
+            }
+        }
+    }
+    if !r.failovers.is_empty() {
+        println!();
+        let each: Vec<String> = r.failovers.iter().map(|f| f.failover_ms.map_or("-".into(), |v| format!("{v:.0}"))).collect();
+        println!(
+            "fail-over (kill -9 primary -> first acked write issued after it), ms: {} | median {} (target < 1000)",
+            each.join(", "),
+            r.failover_median_ms.map_or("-".into(), |v| format!("{v:.0}"))
+        );
+        let rejoin: Vec<String> = r.failovers.iter().map(|f| f.rejoin_ms.map_or("-".into(), |v| format!("{v:.0}"))).collect();
+        println!("replacement joined (back to 2 replicas), ms after the kill: {}", rejoin.join(", "));
+    }
+    if !r.memory.is_empty() {
+        println!();
+        for m in &r.memory {
+            println!("memory {:<24} after load {:>10}, at rest {:>10}", m.process, mib(m.after_load_bytes), mib(m.at_rest_bytes));
+        }
+    }
+}
