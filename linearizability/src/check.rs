@@ -97,7 +97,8 @@ impl fmt::Display for CheckResult {
 
 // ------------------------------------------------------------------ hashing
 
-/// FxHash: the memo cache hashes many short `u64` slices; SipHash would dominate.
+/// FxHash-style hashing with a Murmur3 finaliser: the memo cache hashes many short
+/// `u64` slices, where SipHash would dominate.
 #[derive(Default, Clone, Copy)]
 struct FxHasher(u64);
 
@@ -116,7 +117,14 @@ impl Hasher for FxHasher {
         self.write_u64(i as u64);
     }
     fn finish(&self) -> u64 {
-        self.0
+        // a final avalanche: hashbrown takes bucket bits from the low end, which a bare
+        // multiplicative hash leaves poorly mixed
+        let mut h = self.0;
+        h ^= h >> 33;
+        h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        h ^= h >> 33;
+        h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+        h ^ (h >> 33)
     }
 }
 
@@ -587,13 +595,15 @@ impl<'h> KeyChecker<'h> {
         let mut cached = 0usize;
         let mut cached_bytes = 0usize;
         let mut sparse_buf: Vec<u64> = Vec::new();
-        let mut useful: Vec<u32> = Vec::new();
+        // per value: == useful_gen iff a pending op needs or can use it
+        let mut useful: Vec<u32> = vec![0; self.leave_ret.len()];
+        let mut useful_gen = 0u32;
         let mut key_buf: Vec<u64> = Vec::new();
         let subsumed = |list: Option<&Vec<Box<[u64]>>>, ubits: &[u64]| -> bool {
             list.is_some_and(|l| {
                 l.iter()
                     .rev()
-                    .take(512) // a partial look-up is still sound
+                    .take(256) // a partial look-up is still sound
                     .any(|u| u.chunks(2).all(|p| p[1] & !ubits[p[0] as usize] == 0))
             })
         };
@@ -635,14 +645,18 @@ impl<'h> KeyChecker<'h> {
             let mut forced = None;
             // the values some op that may go next needs (ok ops) or can use (unknown
             // cas): an unknown op leaving any other value would be a dead end
-            useful.clear();
+            useful_gen = useful_gen.wrapping_add(1);
+            if useful_gen == 0 {
+                useful.iter_mut().for_each(|g| *g = 0);
+                useful_gen = 1;
+            }
             let mut node = self.next[0];
             while !self.node_is_ret[node as usize] {
                 let op_id = self.node_op[node as usize];
                 let op = &self.ops[op_id as usize];
                 match op.step {
-                    Step::Ok { expect, .. } => useful.push(expect),
-                    Step::Cas { old, .. } => useful.push(old),
+                    Step::Ok { expect, .. } => useful[expect as usize] = useful_gen,
+                    Step::Cas { old, .. } => useful[old as usize] = useful_gen,
                     Step::Set { .. } => {}
                 }
                 if let Some(ns) = op.step.apply(state) {
@@ -677,7 +691,7 @@ impl<'h> KeyChecker<'h> {
                 let mut k = start;
                 for i in start..cands.len() {
                     let (op, ns) = cands[i];
-                    if (op as usize) < n_ok || useful.contains(&ns) {
+                    if (op as usize) < n_ok || useful[ns as usize] == useful_gen {
                         cands[k] = cands[i];
                         k += 1;
                     }
