@@ -16,13 +16,21 @@
 //! 3. Depth-first search: the operations that may be linearized next are the calls
 //!    before the first return in the list. Linearizing one unlinks its events
 //!    ("lift"); backtracking relinks them. A configuration (set of linearized operations
-//!    as a bitset, register value) is searched at most once (the memo cache).
+//!    as a bitset, register value) is searched at most once (the memo cache); one that
+//!    used a superset of the unknown operations of a searched one is skipped too.
 //! 4. Pruning that keeps completeness: an `ok` operation that is legal now and does not
 //!    change the value (a read, a failed cas, ...) is linearized at once without
 //!    branching (moving it earlier never invalidates a linearization); an unknown
-//!    operation that would not change the value is not tried; identical unknown
-//!    operations are tried in call order only; `ok` candidates are tried before unknown
-//!    ones.
+//!    operation is tried only if it changes the value to one that a pending operation
+//!    can use, and must be followed by such a use; unknown operations that can only
+//!    write unobserved values are dropped; identical unknown operations are tried in
+//!    call order only; `ok` candidates are tried before unknown ones, earliest return
+//!    first.
+//! 5. Counting bounds (arrivals at a value vs. departures from it, see `supply_ok` and
+//!    the static check in `KeyChecker::new`) cut off configurations, and whole
+//!    histories, that cannot be completed.
+//!
+//! Every rule is cross-checked against a brute-force checker in `tests/generated.rs`.
 
 use crate::history::{HistoryEntry, OpKind, Outcome, Output};
 use std::collections::{BTreeMap, HashMap};
