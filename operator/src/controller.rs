@@ -414,6 +414,11 @@ async fn execute(
         match step {
             Step::CreateReplica { id, machine } => {
                 ctx.metrics.action("create_replica");
+                if world.terminating_pvcs.contains(&names::pvc(id)) {
+                    // The planner reuses a free ordinal; its old volume is still going away.
+                    tracing::info!(object = %key(rsm), replica = %id, "waiting for the old claim to be deleted");
+                    continue;
+                }
                 if let Some(pvc) = build::replica_pvc(rsm, id)? {
                     create_if_absent::<PersistentVolumeClaim>(ctx, &ns, &pvc).await?;
                 }

@@ -52,7 +52,7 @@ pub async fn owned(
     source: &Source,
     ns: &str,
     cluster: &str,
-) -> Result<(Vec<Pod>, Vec<String>, HashMap<String, Node>), kube::Error> {
+) -> Result<(Vec<Pod>, Vec<PersistentVolumeClaim>, HashMap<String, Node>), kube::Error> {
     match source {
         Source::Cache { pods, pvcs, nodes } => {
             let pods: Vec<Pod> = pods
@@ -65,7 +65,7 @@ pub async fn owned(
                 .state()
                 .into_iter()
                 .filter(|p| belongs(p.namespace(), p.labels(), ns, cluster))
-                .map(|p| p.name_any())
+                .map(|p| (*p).clone())
                 .collect();
             let nodes = nodes
                 .state()
@@ -80,10 +80,7 @@ pub async fn owned(
             let claims = Api::<PersistentVolumeClaim>::namespaced(client.clone(), ns)
                 .list(&lp)
                 .await?
-                .items
-                .into_iter()
-                .map(|p| p.name_any())
-                .collect();
+                .items;
             Ok((pods, claims, HashMap::new()))
         }
     }
@@ -203,7 +200,12 @@ pub async fn world(
     Ok(World {
         replicas,
         stage_pods,
-        pvcs,
+        terminating_pvcs: pvcs
+            .iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_some())
+            .map(|p| p.name_any())
+            .collect(),
+        pvcs: pvcs.iter().map(|p| p.name_any()).collect(),
         now: Some(now),
     })
 }

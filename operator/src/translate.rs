@@ -71,6 +71,8 @@ pub struct World {
     pub stage_pods: Vec<Pod>,
     /// Names of the PersistentVolumeClaims of the cluster.
     pub pvcs: Vec<String>,
+    /// Claims being deleted (a replica id is not reused until its old claim is gone).
+    pub terminating_pvcs: Vec<String>,
     pub now: Option<Timestamp>,
 }
 

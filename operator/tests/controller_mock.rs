@@ -1,0 +1,424 @@
+//! Controller tests against a mocked API server at the HTTP edge: for each decision, the
+//! API calls it makes (create, status write with conflict retry, delete) and their order.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+
+use common::*;
+use lockstep_operator::controller::{Context, error_policy, reconcile};
+use lockstep_operator::metrics::Metrics;
+use lockstep_operator::observe::Source;
+use lockstep_resource::{ReplicatedStateMachine, rules};
+use serde_json::json;
+
+struct Harness {
+    api: Arc<Mutex<FakeApi>>,
+    admin: Arc<FakeAdmin>,
+    ctx: Arc<Context>,
+    log: Log,
+    metrics: Arc<Metrics>,
+}
+
+fn harness() -> Harness {
+    let log = Log::default();
+    let api = Arc::new(Mutex::new(FakeApi {
+        log: log.clone(),
+        ..Default::default()
+    }));
+    let admin = Arc::new(FakeAdmin {
+        log: log.clone(),
+        ..Default::default()
+    });
+    let metrics = Arc::new(Metrics::default());
+    let ctx = Arc::new(Context::new(
+        client(api.clone()),
+        admin.clone(),
+        metrics.clone(),
+        Source::Api,
+    ));
+    Harness {
+        api,
+        admin,
+        ctx,
+        log,
+        metrics,
+    }
+}
+
+impl Harness {
+    fn add(&self, name: &str, obj: serde_json::Value) {
+        lock(&self.api).insert(&rsm_path(name), obj);
+    }
+
+    async fn reconcile(&self, name: &str) -> kube::runtime::controller::Action {
+        lock(&self.log).clear();
+        reconcile(Arc::new(rsm(&self.api, name)), self.ctx.clone())
+            .await
+            .unwrap_or_else(|e| panic!("reconcile {name}: {e}"))
+    }
+
+    fn log(&self) -> Vec<String> {
+        lock(&self.log).clone()
+    }
+
+    fn writes(&self) -> Vec<String> {
+        self.log()
+            .into_iter()
+            .filter(|l| !l.starts_with("GET") && !l.contains("/events"))
+            .collect()
+    }
+
+    fn status(&self, name: &str) -> lockstep_resource::ReplicatedStateMachineStatus {
+        rsm(&self.api, name).status.unwrap_or_default()
+    }
+
+    fn condition(&self, name: &str, type_: &str) -> (String, String, String) {
+        self.status(name)
+            .conditions
+            .iter()
+            .find(|c| c.type_ == type_)
+            .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+            .unwrap_or_default()
+    }
+
+    /// Starts pods the way the kubelet would and registers a fake replica behind each.
+    fn run(&self, pods: &[(&str, &str, &str)], version: &str) {
+        for (name, ip, node) in pods {
+            run_pod(&self.api, name, ip, node);
+            self.admin.add(ip, name, version);
+        }
+    }
+}
+
+fn position(log: &[String], f: impl Fn(&str) -> bool) -> usize {
+    log.iter()
+        .position(|l| f(l))
+        .unwrap_or_else(|| panic!("not in log: {log:#?}"))
+}
+
+fn count(log: &[String], needle: &str) -> usize {
+    log.iter().filter(|l| l.as_str() == needle).count()
+}
+
+const PODS: &str = "/api/v1/namespaces/apps/pods";
+const PVCS: &str = "/api/v1/namespaces/apps/persistentvolumeclaims";
+
+#[tokio::test]
+async fn bootstrap_fence_replace_and_rejoin() {
+    let h = harness();
+    h.add("kv", rsm_json("kv", 1, "1.0.0", "img:1"));
+
+    // Bootstrap: t+1 = 2 replicas, each with its claim, plus the shared objects.
+    h.reconcile("kv").await;
+    let log = h.writes();
+    assert_eq!(count(&log, &format!("POST {PVCS}")), 2, "{log:#?}");
+    assert_eq!(count(&log, &format!("POST {PODS}")), 2, "{log:#?}");
+    for obj in [
+        "/api/v1/namespaces/apps/services/kv-peers",
+        "/api/v1/namespaces/apps/services/kv",
+        "/apis/policy/v1/namespaces/apps/poddisruptionbudgets/kv",
+        "/api/v1/namespaces/apps/configmaps/kv-config",
+    ] {
+        assert!(
+            log.contains(&format!("PATCH {obj}")),
+            "server-side apply of {obj}: {log:#?}"
+        );
+    }
+    assert_eq!(pods(&h.api), vec!["kv-0", "kv-1"]);
+    assert_eq!(h.status("kv").desired_replicas, Some(2));
+    assert_eq!(h.condition("kv", "Ready").0, "False");
+    assert_eq!(h.condition("kv", "Progressing").0, "True");
+
+    // Pods run; the replicas answer unconfigured. The first configuration is recorded in
+    // status (the fence) before any replica hears of it.
+    h.run(&[("kv-0", "10.0.0.1", "n1"), ("kv-1", "10.0.0.2", "n2")], "1.0.0");
+    h.reconcile("kv").await;
+    let log = h.log();
+    let put = position(&log, |l| {
+        l.starts_with("PUT") && l.ends_with("/replicatedstatemachines/kv/status")
+    });
+    let push = position(&log, |l| l.starts_with("admin reconfigure"));
+    assert!(put < push, "epoch written before it is pushed: {log:#?}");
+    assert_eq!(h.status("kv").epoch, Some(1));
+    assert_eq!(h.status("kv").primary.as_deref(), Some("kv-0"));
+    assert_eq!((h.admin.epoch("10.0.0.1"), h.admin.epoch("10.0.0.2")), (1, 1));
+
+    // Converged: Ready, and a further reconcile writes nothing at all.
+    h.reconcile("kv").await;
+    assert_eq!(h.condition("kv", "Ready").0, "True");
+    assert_eq!(h.status("kv").ready_replicas, Some(2));
+    assert_eq!(h.status("kv").current_version.as_deref(), Some("1.0.0"));
+    assert_eq!(h.condition("kv", "Ready").1, "AllReplicasReady");
+    h.reconcile("kv").await;
+    assert_eq!(h.writes(), Vec::<String>::new(), "steady state makes no writes");
+
+    // kv-1 fail-stops: fence (epoch 2 without it, recorded first), push to the survivor,
+    // then delete the pod and its claim.
+    fail_pod(&h.api, "kv-1", 137, "OOMKilled");
+    h.reconcile("kv").await;
+    let log = h.log();
+    let put = position(&log, |l| l.starts_with("PUT") && l.ends_with("/status"));
+    let push = position(&log, |l| l == "admin reconfigure kv-0 epoch 2");
+    let delete = position(&log, |l| l == format!("DELETE {PODS}/kv-1"));
+    assert!(put < push && push < delete, "fence, push, then delete: {log:#?}");
+    assert!(log.contains(&format!("DELETE {PVCS}/data-kv-1")), "{log:#?}");
+    assert_eq!(h.status("kv").epoch, Some(2));
+    assert_eq!(h.metrics.replacements.get(), 1);
+
+    // The replacement (the planner reuses the free ordinal) gets a fresh pod and an empty
+    // volume, joins as a learner, is promoted.
+    let old_uid = |h: &Harness| {
+        lock(&h.api)
+            .objects
+            .get(&pod_path("kv-1"))
+            .map(|p| p["metadata"]["uid"].clone())
+    };
+    let before = old_uid(&h);
+    h.reconcile("kv").await;
+    assert!(h.writes().contains(&format!("POST {PODS}")));
+    assert!(h.writes().contains(&format!("POST {PVCS}")));
+    assert_eq!(pods(&h.api), vec!["kv-0", "kv-1"]);
+    assert_ne!(old_uid(&h), before, "a new pod");
+    assert_eq!(h.condition("kv", "Degraded").0, "True", "1 of 2 voters");
+    lock(&h.admin.replicas).remove("http://10.0.0.2:7000");
+    h.run(&[("kv-1", "10.0.0.3", "n3")], "1.0.0");
+    h.reconcile("kv").await; // learner
+    assert_eq!(h.status("kv").epoch, Some(3));
+    let roles: Vec<(String, Option<String>)> = h
+        .status("kv")
+        .members
+        .iter()
+        .map(|m| (m.pod.clone(), m.role.clone()))
+        .collect();
+    assert!(roles.contains(&("kv-1".into(), Some("Learner".into()))), "{roles:?}");
+    h.reconcile("kv").await; // promoted
+    assert_eq!(h.status("kv").epoch, Some(4));
+    h.reconcile("kv").await;
+    assert_eq!(h.condition("kv", "Ready").0, "True");
+    assert_eq!(h.condition("kv", "Degraded").0, "False");
+    assert_eq!(h.admin.epoch("10.0.0.3"), 4);
+}
+
+async fn bootstrapped_pods(h: &Harness) {
+    h.add("kv", rsm_json("kv", 1, "1.0.0", "img:1"));
+    h.reconcile("kv").await;
+    h.run(&[("kv-0", "10.0.0.1", "n1"), ("kv-1", "10.0.0.2", "n2")], "1.0.0");
+}
+
+#[tokio::test]
+async fn status_conflict_is_retried_when_the_persisted_epoch_did_not_move() {
+    let h = harness();
+    bootstrapped_pods(&h).await;
+    {
+        let mut api = lock(&h.api);
+        api.conflicts = 1;
+        // Someone else touched the object (a label), not the configuration.
+        api.on_conflict = Some(Box::new(|v| v["metadata"]["labels"] = json!({"team": "a"})));
+    }
+    h.reconcile("kv").await;
+    let log = h.log();
+    let first = position(&log, |l| l.starts_with("PUT") && l.ends_with("/status"));
+    let reread = position(&log, |l| {
+        l.starts_with("GET") && l.ends_with("/replicatedstatemachines/kv/status")
+    });
+    let push = position(&log, |l| l.starts_with("admin reconfigure"));
+    assert!(
+        first < reread && reread < push,
+        "409, re-read, retry, then push: {log:#?}"
+    );
+    let puts = log
+        .iter()
+        .filter(|l| l.starts_with("PUT") && l.ends_with("/status"))
+        .count();
+    assert!(puts >= 2, "retried: {log:#?}");
+    assert_eq!(h.status("kv").epoch, Some(1));
+    assert_eq!(h.admin.epoch("10.0.0.1"), 1);
+    assert!(h.metrics.status_conflicts.get() >= 1);
+}
+
+#[tokio::test]
+async fn status_conflict_with_a_newer_epoch_aborts_before_pushing() {
+    let h = harness();
+    bootstrapped_pods(&h).await;
+    {
+        let mut api = lock(&h.api);
+        api.conflicts = 1;
+        // Another operator instance decided epoch 7 meanwhile.
+        api.on_conflict = Some(Box::new(|v| {
+            v["status"]["epoch"] = json!(7);
+            v["status"]["primary"] = json!("kv-1");
+            v["status"]["members"] = json!([{"pod": "kv-0", "role": "Voter"}, {"pod": "kv-1", "role": "Voter"}]);
+        }));
+    }
+    let action = h.reconcile("kv").await;
+    let log = h.log();
+    assert!(
+        !log.iter().any(|l| l.starts_with("admin reconfigure")),
+        "a stale plan must not reach the replicas: {log:#?}"
+    );
+    assert_eq!(h.status("kv").epoch, Some(7));
+    assert_eq!(
+        action,
+        kube::runtime::controller::Action::requeue(std::time::Duration::from_secs(1))
+    );
+}
+
+#[tokio::test]
+async fn invalid_object_is_reported_and_does_not_block_others() {
+    let h = harness();
+    let mut bad = rsm_json("bad", 9, "1.0.0", "img:1");
+    bad["metadata"]["generation"] = json!(3);
+    h.add("bad", bad);
+    h.add("good", rsm_json("good", 0, "1.0.0", "img:1"));
+    let action = h.reconcile("bad").await;
+    assert_eq!(
+        action,
+        kube::runtime::controller::Action::requeue(std::time::Duration::from_secs(600))
+    );
+    let (status, reason, message) = h.condition("bad", "Ready");
+    assert_eq!((status.as_str(), reason.as_str()), ("False", "InvalidSpec"));
+    assert!(message.contains(rules::FAULTS_MSG), "{message}");
+    let ready = h.status("bad").conditions.into_iter().find(|c| c.type_ == "Ready");
+    assert_eq!(ready.and_then(|c| c.observed_generation), Some(3));
+    assert!(
+        h.log().iter().any(|l| l.contains("/events")),
+        "a Warning event is published"
+    );
+    assert!(pods(&h.api).is_empty());
+    h.reconcile("good").await;
+    assert_eq!(pods(&h.api), vec!["good-0"]);
+}
+
+#[tokio::test]
+async fn paused_object_is_observed_not_changed() {
+    let h = harness();
+    let mut obj = rsm_json("kv", 1, "1.0.0", "img:1");
+    obj["metadata"]["annotations"] = json!({"lockstep.dev/paused": "true"});
+    h.add("kv", obj);
+    h.reconcile("kv").await;
+    assert!(pods(&h.api).is_empty());
+    let writes = h.writes();
+    assert!(
+        writes.iter().all(|l| l.ends_with("/status")),
+        "only status: {writes:#?}"
+    );
+    assert_eq!(h.condition("kv", "Paused").0, "True");
+}
+
+#[tokio::test]
+async fn replica_that_refuses_to_start_is_reported_not_crash_looped() {
+    let h = harness();
+    let mut obj = rsm_json("byz", 1, "1.0.0", "img:1");
+    obj["spec"]["failureModel"] = json!("Byzantine");
+    h.add("byz", obj);
+    h.reconcile("byz").await;
+    assert_eq!(pods(&h.api), vec!["byz-0", "byz-1", "byz-2"]);
+    for (i, name) in ["byz-0", "byz-1", "byz-2"].iter().enumerate() {
+        run_pod(&h.api, name, &format!("10.0.1.{i}"), "n1");
+        fail_pod(
+            &h.api,
+            name,
+            2,
+            "lockstep-replica: error: failure model Byzantine is not available in this version",
+        );
+    }
+    h.reconcile("byz").await;
+    h.reconcile("byz").await;
+    let writes = h.writes();
+    assert!(
+        !writes.iter().any(|l| l.starts_with("POST /api/v1")),
+        "no recreation: {writes:#?}"
+    );
+    assert_eq!(pods(&h.api).len(), 3, "failed pods kept for inspection");
+    let (degraded, _, message) = h.condition("byz", "Degraded");
+    assert_eq!(degraded, "True");
+    assert!(message.contains("Byzantine is not available"), "{message}");
+}
+
+#[tokio::test]
+async fn lockstep_rollout_goes_through_every_phase() {
+    let h = harness();
+    bootstrapped_pods(&h).await;
+    h.reconcile("kv").await; // epoch 1
+    h.reconcile("kv").await; // ready
+    assert_eq!(h.condition("kv", "Ready").0, "True");
+
+    // New version and image.
+    {
+        let mut api = lock(&h.api);
+        let p = rsm_path("kv");
+        let mut obj = api.objects[&p].clone();
+        obj["spec"]["machine"]["version"] = json!("1.1.0");
+        obj["spec"]["machine"]["image"] = json!("img:2");
+        obj["metadata"]["generation"] = json!(2);
+        api.insert(&p, obj);
+    }
+    let phase = |h: &Harness| h.status("kv").upgrade_phase;
+
+    // Staging: one pre-pull pod per node that runs a member, nothing stopped.
+    h.reconcile("kv").await;
+    assert_eq!(phase(&h).as_deref(), Some("Staging"));
+    assert_eq!(h.metrics.rollouts_started.get(), 1);
+    assert_eq!(pods(&h.api), vec!["kv-0", "kv-1", "kv-stage-0", "kv-stage-1"]);
+    for stage in ["kv-stage-0", "kv-stage-1"] {
+        let node = if stage.ends_with('0') { "n1" } else { "n2" };
+        run_pod(&h.api, stage, "10.9.9.9", node); // image pulled
+    }
+
+    // Sealing: persisted first, then the seal barrier is ordered through the primary.
+    h.reconcile("kv").await;
+    assert_eq!(phase(&h).as_deref(), Some("Sealing"));
+    let log = h.log();
+    assert!(position(&log, |l| l.ends_with("/status")) < position(&log, |l| l.starts_with("admin seal")));
+    assert!(!pods(&h.api).iter().any(|p| p.contains("stage")), "stage pods removed");
+
+    // Replacing: every voter sealed at the same index with the same snapshot.
+    h.reconcile("kv").await;
+    assert_eq!(phase(&h).as_deref(), Some("Replacing"));
+    assert!(h.status("kv").seal_index.is_some());
+    let log = h.writes();
+    assert!(
+        log.contains(&format!("PATCH {PODS}/kv-0")) && log.contains(&format!("PATCH {PODS}/kv-1")),
+        "{log:#?}"
+    );
+    // Pods keep their identity (same name, volume, IP); only the image changes.
+    let image = |n: &str| lock(&h.api).objects[&pod_path(n)]["spec"]["containers"][0]["image"].clone();
+    assert_eq!((image("kv-0"), image("kv-1")), (json!("img:2"), json!("img:2")));
+
+    // Until the kubelet has restarted both containers nothing resumes.
+    h.reconcile("kv").await;
+    assert_eq!(phase(&h).as_deref(), Some("Replacing"));
+    assert!(!h.log().iter().any(|l| l.starts_with("admin resume")));
+    kubelet_restart(&h.api, "kv-0");
+    kubelet_restart(&h.api, "kv-1");
+    h.admin.set_version("1.1.0");
+
+    // Resuming, then done.
+    h.reconcile("kv").await;
+    assert_eq!(phase(&h).as_deref(), Some("Resuming"));
+    assert!(h.log().iter().any(|l| l.starts_with("admin resume")));
+    h.reconcile("kv").await;
+    assert_eq!(phase(&h), None);
+    assert_eq!(h.metrics.rollouts_completed.get(), 1);
+    h.reconcile("kv").await;
+    assert_eq!(h.condition("kv", "Ready").0, "True");
+    assert_eq!(h.status("kv").current_version.as_deref(), Some("1.1.0"));
+}
+
+#[tokio::test]
+async fn errors_back_off_per_object() {
+    let h = harness();
+    let obj: ReplicatedStateMachine = serde_json::from_value(rsm_json("kv", 1, "1.0.0", "img:1")).expect("fixture");
+    let obj = Arc::new(obj);
+    let err = lockstep_operator::controller::Error::NoNamespace;
+    let delays: Vec<_> = (0..12)
+        .map(|_| error_policy(obj.clone(), &err, h.ctx.clone()))
+        .collect();
+    use kube::runtime::controller::Action;
+    use std::time::Duration;
+    assert_eq!(delays[0], Action::requeue(Duration::from_secs(2)));
+    assert_eq!(delays[1], Action::requeue(Duration::from_secs(4)));
+    assert_eq!(delays[11], Action::requeue(Duration::from_secs(300)));
+    assert_eq!(h.metrics.errors.get(), 12);
+}
