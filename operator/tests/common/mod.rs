@@ -212,6 +212,11 @@ impl FakeApi {
                 ok(200, &self.objects[&object_path])
             }
             Method::PUT => {
+                if let Some(stored) = self.objects.get(&object_path)
+                    && body["metadata"]["resourceVersion"] != stored["metadata"]["resourceVersion"]
+                {
+                    return status(409, "Conflict", "the object has been modified");
+                }
                 self.insert(&object_path, body);
                 ok(200, &self.objects[&object_path])
             }
