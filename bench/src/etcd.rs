@@ -38,7 +38,10 @@ pub struct EtcdBackend {
 
 impl EtcdBackend {
     pub fn new(url: &str) -> anyhow::Result<EtcdBackend> {
-        Ok(EtcdBackend { kv: KvClient::new(channel(url)?), timeout: Duration::from_secs(10) })
+        Ok(EtcdBackend {
+            kv: KvClient::new(channel(url)?),
+            timeout: Duration::from_secs(10),
+        })
     }
 
     fn req<T>(&self, msg: T) -> tonic::Request<T> {
@@ -53,14 +56,26 @@ impl EtcdBackend {
         match op.kind {
             OpKind::Get => {
                 // Linearizable (etcd's default: serializable = false).
-                let r = self.kv.range(self.req(pb::RangeRequest { key, ..Default::default() })).await?.into_inner();
+                let r = self
+                    .kv
+                    .range(self.req(pb::RangeRequest {
+                        key,
+                        ..Default::default()
+                    }))
+                    .await?
+                    .into_inner();
                 Ok(serde_json::json!({"value": text(r.kvs.first())}))
             }
             OpKind::Put => {
                 let value = op.value.clone().unwrap_or_default().into_bytes();
                 let r = self
                     .kv
-                    .put(self.req(pb::PutRequest { key, value, prev_kv: true, ..Default::default() }))
+                    .put(self.req(pb::PutRequest {
+                        key,
+                        value,
+                        prev_kv: true,
+                        ..Default::default()
+                    }))
                     .await?
                     .into_inner();
                 Ok(serde_json::json!({"previous": text(r.prev_kv.as_ref())}))
@@ -68,7 +83,11 @@ impl EtcdBackend {
             OpKind::Delete => {
                 let r = self
                     .kv
-                    .delete_range(self.req(pb::DeleteRangeRequest { key, prev_kv: true, ..Default::default() }))
+                    .delete_range(self.req(pb::DeleteRangeRequest {
+                        key,
+                        prev_kv: true,
+                        ..Default::default()
+                    }))
                     .await?
                     .into_inner();
                 Ok(serde_json::json!({"previous": text(r.prev_kvs.first())}))
@@ -98,9 +117,15 @@ impl EtcdBackend {
                         value: v.clone().into_bytes(),
                         ..Default::default()
                     }),
-                    None => Request::RequestDeleteRange(pb::DeleteRangeRequest { key: key.clone(), ..Default::default() }),
+                    None => Request::RequestDeleteRange(pb::DeleteRangeRequest {
+                        key: key.clone(),
+                        ..Default::default()
+                    }),
                 };
-                let failure = Request::RequestRange(pb::RangeRequest { key, ..Default::default() });
+                let failure = Request::RequestRange(pb::RangeRequest {
+                    key,
+                    ..Default::default()
+                });
                 let r = self
                     .kv
                     .txn(self.req(pb::TxnRequest {
@@ -153,8 +178,11 @@ impl EtcdCluster {
         for _ in 0..n {
             ports.push((free_port()?, free_port()?));
         }
-        let initial: Vec<String> =
-            ports.iter().enumerate().map(|(i, (_, peer))| format!("m{i}=http://127.0.0.1:{peer}")).collect();
+        let initial: Vec<String> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, peer))| format!("m{i}=http://127.0.0.1:{peer}"))
+            .collect();
         let initial = initial.join(",");
         let mut members = Vec::new();
         for (i, (client, peer)) in ports.iter().enumerate() {
@@ -192,7 +220,12 @@ impl EtcdCluster {
                 .stdin(Stdio::null())
                 .stdout(log.try_clone()?)
                 .stderr(log);
-            let proc = ChildGuard::spawn(&format!("etcd {name}"), &mut cmd, Signal::SIGTERM, Duration::from_secs(10))?;
+            let proc = ChildGuard::spawn(
+                &format!("etcd {name}"),
+                &mut cmd,
+                Signal::SIGTERM,
+                Duration::from_secs(10),
+            )?;
             members.push(EtcdMember {
                 name,
                 client_url,
@@ -211,7 +244,9 @@ impl EtcdCluster {
                 let mut c = MaintenanceClient::new(channel(&m.client_url)?);
                 let mut req = tonic::Request::new(pb::StatusRequest {});
                 req.set_timeout(Duration::from_secs(1));
-                let s = tokio::time::timeout(Duration::from_secs(2), c.status(req)).await??.into_inner();
+                let s = tokio::time::timeout(Duration::from_secs(2), c.status(req))
+                    .await??
+                    .into_inner();
                 anyhow::Ok((s.header.map(|h| h.member_id).unwrap_or(0), s.leader))
             }
             .await;
@@ -228,7 +263,10 @@ impl EtcdCluster {
         while start.elapsed() < timeout {
             for m in &mut self.members {
                 if let Some(why) = m.proc.exited() {
-                    bail!("etcd member {} exited ({why}); see its log next to its data dir", m.name);
+                    bail!(
+                        "etcd member {} exited ({why}); see its log next to its data dir",
+                        m.name
+                    );
                 }
             }
             let st = self.statuses().await;
@@ -255,7 +293,12 @@ impl EtcdCluster {
                     last = format!("no agreed leader yet: {st:?}");
                 }
             } else {
-                last = st.into_iter().filter_map(|s| s.err()).map(|e| format!("{e:#}")).next().unwrap_or_default();
+                last = st
+                    .into_iter()
+                    .filter_map(|s| s.err())
+                    .map(|e| format!("{e:#}"))
+                    .next()
+                    .unwrap_or_default();
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -275,6 +318,13 @@ impl EtcdCluster {
 
 /// `etcd --version`'s first line, for the report.
 pub fn version(bin: &Path) -> anyhow::Result<String> {
-    let out = Command::new(bin).arg("--version").output().with_context(|| format!("cannot run {}", bin.display()))?;
-    Ok(String::from_utf8_lossy(&out.stdout).lines().next().unwrap_or("etcd (unknown version)").to_string())
+    let out = Command::new(bin)
+        .arg("--version")
+        .output()
+        .with_context(|| format!("cannot run {}", bin.display()))?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .unwrap_or("etcd (unknown version)")
+        .to_string())
 }

@@ -54,7 +54,11 @@ impl LocalCluster {
             .stderr(out);
         // SIGINT = Ctrl-C: `up` stops its replicas (SIGTERM, 5 s grace) and exits.
         let up = ChildGuard::spawn("lockstep up", &mut cmd, Signal::SIGINT, Duration::from_secs(15))?;
-        Ok(LocalCluster { dir: data_dir.join(name), log, up })
+        Ok(LocalCluster {
+            dir: data_dir.join(name),
+            log,
+            up,
+        })
     }
 
     pub fn state(&self) -> anyhow::Result<Option<MasterState>> {
@@ -93,9 +97,16 @@ impl LocalCluster {
     }
 
     async fn check(&self, replicas: usize) -> anyhow::Result<Healthy> {
-        let config = self.state()?.and_then(|s| s.config).context("cluster.json has no configuration yet")?;
+        let config = self
+            .state()?
+            .and_then(|s| s.config)
+            .context("cluster.json has no configuration yet")?;
         if config.members.len() != replicas {
-            bail!("epoch {}: {} members, want {replicas}", config.epoch, config.members.len());
+            bail!(
+                "epoch {}: {} members, want {replicas}",
+                config.epoch,
+                config.members.len()
+            );
         }
         for m in &config.members {
             let s = lockstep::status_of(&m.endpoint, Duration::from_millis(500))
@@ -103,7 +114,13 @@ impl LocalCluster {
                 .map_err(|e| anyhow::anyhow!("{}: {e}", m.id))?;
             let want = if m.id == config.primary { "primary" } else { "backup" };
             if s.epoch != config.epoch || s.state != want {
-                bail!("{} is {} in epoch {} (want {want} in epoch {})", m.id, s.state, s.epoch, config.epoch);
+                bail!(
+                    "{} is {} in epoch {} (want {want} in epoch {})",
+                    m.id,
+                    s.state,
+                    s.epoch,
+                    config.epoch
+                );
             }
         }
         let mut members = config.members.clone();

@@ -33,7 +33,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 #[derive(Parser, Debug)]
-#[command(name = "lockstep-bench", version, about = "lockstep vs etcd: write throughput, latency, fail-over, memory")]
+#[command(
+    name = "lockstep-bench",
+    version,
+    about = "lockstep vs etcd: write throughput, latency, fail-over, memory"
+)]
 struct Args {
     /// Seconds per measured run.
     #[arg(long, default_value_t = 10)]
@@ -142,8 +146,6 @@ struct Failover {
     epoch_before: u64,
     /// kill -9 -> first acknowledged write that was issued after the kill.
     failover_ms: Option<f64>,
-    /// kill -9 -> first acknowledged write of any kind (including retries of writes in flight).
-    first_ack_ms: Option<f64>,
     /// kill -9 -> two members in primary/backup state again (replacement joined).
     rejoin_ms: Option<f64>,
     ok: u64,
@@ -191,10 +193,16 @@ fn machine(work_dir: &Path, etcd: Option<String>) -> Machine {
     Machine {
         nproc: std::thread::available_parallelism().map_or(0, |n| n.get()),
         cpu_model,
-        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string(),
+        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+            .to_string(),
         work_dir: canon.display().to_string(),
         work_dir_fs: fs,
-        loadavg_at_start: std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim().to_string(),
+        loadavg_at_start: std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim()
+            .to_string(),
         etcd,
     }
 }
@@ -215,7 +223,6 @@ fn cpu_seconds(pid: u32) -> Option<f64> {
 struct ProbeState {
     kill: Mutex<Option<Instant>>,
     first_new: Mutex<Option<Instant>>,
-    first_any: Mutex<Option<Instant>>,
 }
 
 fn set_min(slot: &Mutex<Option<Instant>>, t: Instant) {
@@ -237,13 +244,10 @@ impl<B: KvBackend> KvBackend for Probe<B> {
         let ret = Instant::now();
         if result.0 == Outcome::Ok && op.kind != OpKind::Get {
             let kill = *self.state.kill.lock().expect("probe lock");
-            if let Some(k) = kill {
-                if ret > k {
-                    set_min(&self.state.first_any, ret);
-                }
-                if call >= k {
-                    set_min(&self.state.first_new, ret);
-                }
+            if let Some(k) = kill
+                && call >= k
+            {
+                set_min(&self.state.first_new, ret);
             }
         }
         result
@@ -266,7 +270,11 @@ fn median(mut v: Vec<f64>) -> Option<f64> {
     }
     v.sort_by(f64::total_cmp);
     let n = v.len();
-    Some(if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 })
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    })
 }
 
 struct MetricNames {
@@ -295,7 +303,11 @@ fn disk_stats(node: &str, before: &str, after: &str, secs: f64, names: &MetricNa
         node: node.to_string(),
         fsyncs_per_sec: fsyncs / secs.max(1e-9),
         entries_per_fsync: if fsyncs > 0.0 { d(names.entries) / fsyncs } else { 0.0 },
-        mean_fsync_ms: if fsyncs > 0.0 { d(names.fsync_sum) / fsyncs * 1000.0 } else { 0.0 },
+        mean_fsync_ms: if fsyncs > 0.0 {
+            d(names.fsync_sum) / fsyncs * 1000.0
+        } else {
+            0.0
+        },
     }
 }
 
@@ -343,7 +355,11 @@ where
         .zip(cpu0.iter().zip(cpu1.iter()))
         .filter_map(|((label, _), (a, b))| Some((label.clone(), (b.as_ref()? - a.as_ref()?) / secs * 100.0)))
         .collect();
-    Ok(Run { report, disk, cpu_percent })
+    Ok(Run {
+        report,
+        disk,
+        cpu_percent,
+    })
 }
 
 fn print_run(r: &Run) {
@@ -361,7 +377,10 @@ fn print_run(r: &Run) {
 fn resolve_lockstep_bin(arg: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     let bin = match arg {
         Some(b) => b,
-        None => std::env::current_exe()?.parent().context("executable has no directory")?.join("lockstep"),
+        None => std::env::current_exe()?
+            .parent()
+            .context("executable has no directory")?
+            .join("lockstep"),
     };
     if !bin.is_file() {
         bail!(
@@ -394,13 +413,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
         None
     } else {
         if !args.etcd_bin.is_file() {
-            bail!("no etcd at {} (Debian: `apt-get install -y etcd-server`), or pass --skip-etcd", args.etcd_bin.display());
+            bail!(
+                "no etcd at {} (Debian: `apt-get install -y etcd-server`), or pass --skip-etcd",
+                args.etcd_bin.display()
+            );
         }
         Some(etcd::version(&args.etcd_bin)?)
     };
     let work_dir = args.work_dir.clone().unwrap_or_else(std::env::temp_dir);
     // Declared first, so it is removed last: after every guard below has stopped its process.
-    let tmp = tempfile::Builder::new().prefix("lockstep-bench-").tempdir_in(&work_dir)?;
+    let tmp = tempfile::Builder::new()
+        .prefix("lockstep-bench-")
+        .tempdir_in(&work_dir)?;
     let base = tmp.path().to_path_buf();
     let machine = machine(&base, etcd_version.clone());
     println!("lockstep-bench: data and logs in {}", base.display());
@@ -409,7 +433,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         machine.nproc, machine.cpu_model, machine.kernel, machine.work_dir_fs, machine.loadavg_at_start
     );
     if machine.work_dir_fs.starts_with("tmpfs") {
-        eprintln!("WARNING: {} is on tmpfs: fsync costs nothing there; pass --work-dir on a real disk", base.display());
+        eprintln!(
+            "WARNING: {} is on tmpfs: fsync costs nothing there; pass --work-dir on a real disk",
+            base.display()
+        );
     }
 
     // 1 + 2: both clusters.
@@ -431,7 +458,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Some(ec) => {
             let url = ec.wait_healthy(Duration::from_secs(60)).await?;
             let name = ec.member_by_url(&url).map(|m| m.name.clone()).unwrap_or_default();
-            println!("etcd: healthy: {} members, leader {name} ({url}) — clients talk to the leader", ec.members.len());
+            println!(
+                "etcd: healthy: {} members, leader {name} ({url}) — clients talk to the leader",
+                ec.members.len()
+            );
             Some(url)
         }
         None => None,
@@ -446,18 +476,31 @@ async fn run(args: Args) -> anyhow::Result<()> {
             metrics.push((label.clone(), l.http));
             pids.push((label, l.pid));
         }
-        Ok(Target { name: "lockstep", metrics, pids, names: &LOCKSTEP_METRICS })
+        Ok(Target {
+            name: "lockstep",
+            metrics,
+            pids,
+            names: &LOCKSTEP_METRICS,
+        })
     };
     let lockstep_target = ls_target()?;
     let etcd_target = ec.as_ref().map(|ec| {
         let leader = etcd_leader.clone().unwrap_or_default();
         let label = |m: &etcd::EtcdMember| {
-            format!("etcd {}{}", m.name, if m.client_url == leader { " (leader)" } else { "" })
+            format!(
+                "etcd {}{}",
+                m.name,
+                if m.client_url == leader { " (leader)" } else { "" }
+            )
         };
         Target {
             name: "etcd",
             metrics: ec.members.iter().map(|m| (label(m), m.client_addr)).collect(),
-            pids: ec.members.iter().filter_map(|m| m.proc.pid().map(|p| (label(m), p))).collect(),
+            pids: ec
+                .members
+                .iter()
+                .filter_map(|m| m.proc.pid().map(|p| (label(m), p)))
+                .collect(),
             names: &ETCD_METRICS,
         }
     });
@@ -476,7 +519,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // 3: throughput and latency.
     if args.warmup > 0 {
         println!("warm-up: {}s x 8 clients per target", args.warmup);
-        run_workload("warmup", opts(8, args.warmup), ls_make, Arc::new(AtomicBool::new(false))).await?;
+        run_workload(
+            "warmup",
+            opts(8, args.warmup),
+            ls_make,
+            Arc::new(AtomicBool::new(false)),
+        )
+        .await?;
         if let Some(url) = &etcd_leader {
             run_workload(
                 "warmup",
@@ -489,12 +538,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     let mut runs = Vec::new();
     for &clients in &args.clients {
-        println!("--- {clients} clients, {}s each, write mix, {}-byte values, {} keys", args.duration, args.value_size, args.keys);
+        println!(
+            "--- {clients} clients, {}s each, write mix, {}-byte values, {} keys",
+            args.duration, args.value_size, args.keys
+        );
         let r = measure(&lockstep_target, opts(clients, args.duration), ls_make).await?;
         print_run(&r);
         runs.push(r);
         if let (Some(t), Some(url)) = (&etcd_target, &etcd_leader) {
-            let r = measure(t, opts(clients, args.duration), |_| etcd::EtcdBackend::new(url).expect("valid etcd url")).await?;
+            let r = measure(t, opts(clients, args.duration), |_| {
+                etcd::EtcdBackend::new(url).expect("valid etcd url")
+            })
+            .await?;
             print_run(&r);
             runs.push(r);
         }
@@ -511,10 +566,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let memory: Vec<Memory> = mem_pids
         .iter()
         .zip(after_load)
-        .map(|((label, pid), a)| Memory { process: label.clone(), after_load_bytes: a, at_rest_bytes: rss_bytes(*pid) })
+        .map(|((label, pid), a)| Memory {
+            process: label.clone(),
+            after_load_bytes: a,
+            at_rest_bytes: rss_bytes(*pid),
+        })
         .collect();
     for m in &memory {
-        println!("  {:<24} RSS after load {:>10}   at rest ({}s idle) {:>10}", m.process, mib(m.after_load_bytes), args.idle, mib(m.at_rest_bytes));
+        println!(
+            "  {:<24} RSS after load {:>10}   at rest ({}s idle) {:>10}",
+            m.process,
+            mib(m.after_load_bytes),
+            args.idle,
+            mib(m.at_rest_bytes)
+        );
     }
     // etcd is not needed for the fail-over trials; give its CPU back.
     if let Some(ec) = &mut ec {
@@ -527,11 +592,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         match failover_trial(&mut ls, trial, &args, &opts).await {
             Ok(f) => {
                 println!(
-                    "fail-over {trial}: killed {} (epoch {}): first new write acked after {} ms (any write: {} ms), replacement joined after {} ms; ok={} fail={} unknown={}",
+                    "fail-over {trial}: killed {} (epoch {}): first new write acked after {} ms, replacement joined after {} ms; ok={} fail={} unknown={}",
                     f.killed,
                     f.epoch_before,
                     f.failover_ms.map_or("-".into(), |v| format!("{v:.0}")),
-                    f.first_ack_ms.map_or("-".into(), |v| format!("{v:.0}")),
                     f.rejoin_ms.map_or("-".into(), |v| format!("{v:.0}")),
                     f.ok,
                     f.failed,
@@ -589,7 +653,10 @@ async fn failover_trial(
             run_workload(
                 "failover",
                 o,
-                move |_| Probe { inner: lockstep::Client::new(endpoints.clone()), state: state.clone() },
+                move |_| Probe {
+                    inner: lockstep::Client::new(endpoints.clone()),
+                    state: state.clone(),
+                },
                 stop,
             )
             .await
@@ -597,8 +664,11 @@ async fn failover_trial(
     });
     // Let the load reach a steady state, then kill the primary.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(victim.pid as i32), nix::sys::signal::Signal::SIGKILL)
-        .with_context(|| format!("kill -9 {} (pid {})", h.primary, victim.pid))?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(victim.pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .with_context(|| format!("kill -9 {} (pid {})", h.primary, victim.pid))?;
     // Taken after kill(2) returned: a write issued from now on cannot be served by the victim.
     let killed_at = Instant::now();
     *state.kill.lock().expect("probe lock") = Some(killed_at);
@@ -611,7 +681,6 @@ async fn failover_trial(
     let report = load.await??;
     let ms = |t: Option<Instant>| t.map(|t| t.duration_since(killed_at).as_secs_f64() * 1000.0);
     let failover_ms = ms(*state.first_new.lock().expect("probe lock"));
-    let first_ack_ms = ms(*state.first_any.lock().expect("probe lock"));
     let rejoin_ms = match ls.wait_healthy(2, Duration::from_secs(60)).await {
         Ok(h2) if h2.epoch > h.epoch => Some(killed_at.elapsed().as_secs_f64() * 1000.0),
         Ok(_) => None,
@@ -622,7 +691,6 @@ async fn failover_trial(
         killed: h.primary.clone(),
         epoch_before: h.epoch,
         failover_ms,
-        first_ack_ms,
         rejoin_ms,
         ok: report.ok,
         failed: report.failed,
@@ -633,12 +701,18 @@ async fn failover_trial(
 fn print_summary(r: &Results, args: &Args) {
     println!();
     println!("==================================== summary ====================================");
-    println!("machine: {} x {}, {}", r.machine.nproc, r.machine.cpu_model, r.machine.work_dir_fs);
+    println!(
+        "machine: {} x {}, {}",
+        r.machine.nproc, r.machine.cpu_model, r.machine.work_dir_fs
+    );
     if let Some(v) = &r.machine.etcd {
         println!("etcd:    {v}, 3 members on loopback, default durability (WAL fsync)");
     }
     println!("lockstep: 2 replicas (t = 1, FailStop), fsync on");
-    println!("load:    write mix (puts), {}-byte values, {} keys, {}s per run", args.value_size, args.keys, args.duration);
+    println!(
+        "load:    write mix (puts), {}-byte values, {} keys, {}s per run",
+        args.value_size, args.keys, args.duration
+    );
     println!();
     println!("| target   | clients |    ops/s | p50 ms | p99 ms | max ms | fail | unknown |");
     println!("|----------|--------:|---------:|-------:|-------:|-------:|-----:|--------:|");
@@ -656,7 +730,11 @@ fn print_summary(r: &Results, args: &Args) {
             x.unknown
         );
     }
-    let by = |target: &str, clients: usize| r.runs.iter().find(|x| x.report.target == target && x.report.clients == clients);
+    let by = |target: &str, clients: usize| {
+        r.runs
+            .iter()
+            .find(|x| x.report.target == target && x.report.clients == clients)
+    };
     if r.runs.iter().any(|x| x.report.target == "etcd") {
         println!();
         println!("| clients | lockstep/etcd throughput (target >= 2.0) | lockstep p99 | etcd p99 | p99 no worse? |");
@@ -671,26 +749,46 @@ fn print_summary(r: &Results, args: &Args) {
                     if ratio >= 2.0 { "met" } else { "MISSED" },
                     fmt_ms(l.report.p99_us),
                     fmt_ms(e.report.p99_us),
-                    if l.report.p99_us <= e.report.p99_us { "yes" } else { "NO" }
+                    if l.report.p99_us <= e.report.p99_us {
+                        "yes"
+                    } else {
+                        "NO"
+                    }
                 );
             }
         }
     }
     if !r.failovers.is_empty() {
         println!();
-        let each: Vec<String> = r.failovers.iter().map(|f| f.failover_ms.map_or("-".into(), |v| format!("{v:.0}"))).collect();
+        let each: Vec<String> = r
+            .failovers
+            .iter()
+            .map(|f| f.failover_ms.map_or("-".into(), |v| format!("{v:.0}")))
+            .collect();
         println!(
             "fail-over (kill -9 primary -> first acked write issued after it), ms: {} | median {} (target < 1000)",
             each.join(", "),
             r.failover_median_ms.map_or("-".into(), |v| format!("{v:.0}"))
         );
-        let rejoin: Vec<String> = r.failovers.iter().map(|f| f.rejoin_ms.map_or("-".into(), |v| format!("{v:.0}"))).collect();
-        println!("replacement joined (back to 2 replicas), ms after the kill: {}", rejoin.join(", "));
+        let rejoin: Vec<String> = r
+            .failovers
+            .iter()
+            .map(|f| f.rejoin_ms.map_or("-".into(), |v| format!("{v:.0}")))
+            .collect();
+        println!(
+            "replacement joined (back to 2 replicas), ms after the kill: {}",
+            rejoin.join(", ")
+        );
     }
     if !r.memory.is_empty() {
         println!();
         for m in &r.memory {
-            println!("memory {:<24} after load {:>10}, at rest {:>10}", m.process, mib(m.after_load_bytes), mib(m.at_rest_bytes));
+            println!(
+                "memory {:<24} after load {:>10}, at rest {:>10}",
+                m.process,
+                mib(m.after_load_bytes),
+                mib(m.at_rest_bytes)
+            );
         }
     }
 }

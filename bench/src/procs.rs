@@ -32,8 +32,15 @@ impl ChildGuard {
                 Ok(())
             });
         }
-        let child = cmd.spawn().with_context(|| format!("cannot start {name} ({:?})", cmd.get_program()))?;
-        Ok(ChildGuard { name: name.to_string(), child: Some(child), stop_signal, grace })
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start {name} ({:?})", cmd.get_program()))?;
+        Ok(ChildGuard {
+            name: name.to_string(),
+            child: Some(child),
+            stop_signal,
+            grace,
+        })
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -55,9 +62,16 @@ impl ChildGuard {
         if let Ok(Some(_)) = child.try_wait() {
             return;
         }
-        let _ = kill(Pid::from_raw(child.id() as i32), self.stop_signal);
+        // The signal is repeated every second: a tokio program that re-creates its
+        // `ctrl_c()` future in a loop can miss one that arrives between two polls.
+        let pid = Pid::from_raw(child.id() as i32);
         let deadline = Instant::now() + self.grace;
+        let mut next_signal = Instant::now();
         while Instant::now() < deadline {
+            if Instant::now() >= next_signal {
+                let _ = kill(pid, self.stop_signal);
+                next_signal += Duration::from_secs(1);
+            }
             if let Ok(Some(_)) = child.try_wait() {
                 return;
             }
@@ -93,15 +107,22 @@ pub fn free_port() -> anyhow::Result<u16> {
 pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
     let fetch = async {
         let mut s = tokio::net::TcpStream::connect(addr).await?;
-        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()).await?;
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
+            .await?;
         let mut buf = Vec::new();
         s.read_to_end(&mut buf).await?;
         anyhow::Ok(buf)
     };
-    let buf = tokio::time::timeout(Duration::from_secs(3), fetch).await.context("metrics request timed out")??;
+    let buf = tokio::time::timeout(Duration::from_secs(3), fetch)
+        .await
+        .context("metrics request timed out")??;
     let text = String::from_utf8_lossy(&buf).into_owned();
     let (head, body) = text.split_once("\r\n\r\n").context("malformed HTTP response")?;
-    anyhow::ensure!(head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200"), "GET {path}: {}", head.lines().next().unwrap_or(""));
+    anyhow::ensure!(
+        head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200"),
+        "GET {path}: {}",
+        head.lines().next().unwrap_or("")
+    );
     if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
         return Ok(dechunk(body));
     }
@@ -111,7 +132,9 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
 fn dechunk(mut body: &str) -> String {
     let mut out = String::new();
     while let Some((size, rest)) = body.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else { break };
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
         if n == 0 || rest.len() < n {
             break;
         }
