@@ -298,12 +298,15 @@ impl Master {
     }
 
     async fn run(&mut self) -> anyhow::Result<()> {
+        // Listen once for the whole run: a signal that arrives while a tick is being carried
+        // out is kept until the next select.
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
         let mut interval = tokio::time::interval(TICK);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = tokio::signal::ctrl_c() => { self.say("interrupted: stopping the cluster"); return Ok(()); }
+                _ = int.recv() => { self.say("interrupted: stopping the cluster"); return Ok(()); }
                 _ = term.recv() => { self.say("terminated: stopping the cluster"); return Ok(()); }
                 _ = interval.tick() => {}
             }
