@@ -9,7 +9,7 @@ use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, ConfigMap, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
     HTTPGetAction, ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec,
     PersistentVolumeClaimVolumeSource, Pod, PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec, Probe,
-    SeccompProfile, SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+    SeccompProfile, SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
     VolumeResourceRequirements, WeightedPodAffinityTerm,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
@@ -33,6 +33,9 @@ pub enum BuildError {
     #[error("the resource has no uid yet (not read from the API server)")]
     NoUid,
 }
+
+/// Where the client public keys (Byzantine mode) are mounted in replica pods.
+pub const CLIENT_IDENTITIES_DIR: &str = "/etc/lockstep/client-identities";
 
 /// Default PVC size when `spec.storage.size` is unset.
 pub const DEFAULT_STORAGE_SIZE: &str = "1Gi";
@@ -180,6 +183,51 @@ pub fn replica_pod(rsm: &ReplicatedStateMachine, id: &str, machine: &MachineRef)
             ..Default::default()
         },
     ];
+    let mut env = env;
+    if let Some(o) = &rsm.spec.ordering {
+        let mut set = |name: &str, value: Option<String>| {
+            if let Some(value) = value {
+                env.push(EnvVar {
+                    name: name.into(),
+                    value: Some(value),
+                    ..Default::default()
+                });
+            }
+        };
+        set("LOCKSTEP_STABILITY", o.stability.map(|s| format!("{s:?}")));
+        set(
+            "LOCKSTEP_MAX_CLOCK_SKEW_MILLIS",
+            o.max_clock_skew_millis.map(|v| v.to_string()),
+        );
+        set("LOCKSTEP_MAX_DELAY_MILLIS", o.max_delay_millis.map(|v| v.to_string()));
+    }
+    let mut volume_mounts = vec![VolumeMount {
+        name: "data".into(),
+        mount_path: DATA_DIR.into(),
+        ..Default::default()
+    }];
+    let mut volumes = vec![volume];
+    if let Some(ids) = &rsm.spec.client_identities {
+        volume_mounts.push(VolumeMount {
+            name: "client-identities".into(),
+            mount_path: CLIENT_IDENTITIES_DIR.into(),
+            read_only: Some(true),
+            ..Default::default()
+        });
+        volumes.push(Volume {
+            name: "client-identities".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(ids.secret_ref.name.clone()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        env.push(EnvVar {
+            name: "LOCKSTEP_CLIENT_IDENTITIES".into(),
+            value: Some(CLIENT_IDENTITIES_DIR.into()),
+            ..Default::default()
+        });
+    }
     let container = Container {
         name: REPLICA_CONTAINER.into(),
         image: Some(image),
@@ -214,11 +262,7 @@ pub fn replica_pod(rsm: &ReplicatedStateMachine, id: &str, machine: &MachineRef)
         readiness_probe: Some(http_probe("/readyz", 5, 3)),
         liveness_probe: Some(http_probe("/healthz", 10, 3)),
         resources: rsm.spec.resources.clone(),
-        volume_mounts: Some(vec![VolumeMount {
-            name: "data".into(),
-            mount_path: DATA_DIR.into(),
-            ..Default::default()
-        }]),
+        volume_mounts: Some(volume_mounts),
         termination_message_policy: Some("FallbackToLogsOnError".into()),
         security_context: Some(restricted_container_security()),
         ..Default::default()
@@ -238,7 +282,7 @@ pub fn replica_pod(rsm: &ReplicatedStateMachine, id: &str, machine: &MachineRef)
             termination_grace_period_seconds: Some(30),
             security_context: Some(restricted_pod_security()),
             containers: vec![container],
-            volumes: Some(vec![volume]),
+            volumes: Some(volumes),
             node_selector: scheduling.node_selector,
             tolerations: scheduling.tolerations,
             affinity: Some(scheduling.affinity.unwrap_or_else(|| default_affinity(&cluster))),
@@ -501,6 +545,42 @@ mod tests {
                 .and_then(|r| r.requests)
                 .and_then(|r| r.get("storage").cloned()),
             Some(Quantity("5Gi".into()))
+        );
+    }
+
+    #[test]
+    fn byzantine_pods_get_ordering_and_client_keys() {
+        let text = include_str!("../../manifests/examples/kv-byzantine.yaml");
+        let mut r = lockstep_resource::from_yaml(text).expect("example");
+        r.metadata.namespace = Some("apps".into());
+        r.metadata.uid = Some("u-2".into());
+        let pod = replica_pod(&r, "kv-byz-0", &kv()).expect("builds");
+        let spec = pod.spec.expect("spec");
+        let c = &spec.containers[0];
+        let env: Vec<(String, Option<String>)> = c
+            .env
+            .iter()
+            .flatten()
+            .map(|e| (e.name.clone(), e.value.clone()))
+            .collect();
+        assert!(
+            env.contains(&("LOCKSTEP_STABILITY".into(), Some("PhysicalClock".into()))),
+            "{env:?}"
+        );
+        assert!(env.contains(&("LOCKSTEP_MAX_CLOCK_SKEW_MILLIS".into(), Some("50".into()))));
+        assert!(c.args.iter().flatten().any(|a| a == "Byzantine"));
+        let secret = spec
+            .volumes
+            .iter()
+            .flatten()
+            .find_map(|v| v.secret.clone())
+            .expect("secret volume");
+        assert_eq!(secret.secret_name.as_deref(), Some("kv-byz-clients"));
+        assert!(
+            c.volume_mounts
+                .iter()
+                .flatten()
+                .any(|m| m.mount_path == CLIENT_IDENTITIES_DIR && m.read_only == Some(true))
         );
     }
 

@@ -48,3 +48,48 @@ pub fn router(state: HttpState) -> Router {
         .route("/metrics", get(metrics))
         .with_state(state)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn get(addr: std::net::SocketAddr, path: &str) -> String {
+        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.expect("write");
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.expect("read");
+        out
+    }
+
+    #[tokio::test]
+    async fn health_readiness_and_metrics() {
+        let metrics = Arc::new(Metrics::default());
+        metrics.replacements.inc();
+        metrics.action("reconfigure");
+        let ready = Arc::new(AtomicBool::new(false));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let app = router(HttpState {
+            metrics: metrics.clone(),
+            ready: ready.clone(),
+        });
+        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+        assert!(get(addr, "/healthz").await.starts_with("HTTP/1.1 200"));
+        assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 503"));
+        ready.store(true, Ordering::Relaxed);
+        assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 200"));
+        let body = get(addr, "/metrics").await;
+        assert!(body.contains("lockstep_operator_replacements_total 1"), "{body}");
+        assert!(
+            body.contains("lockstep_operator_actions_total{action=\"reconfigure\"} 1"),
+            "{body}"
+        );
+        assert!(
+            body.contains("lockstep_operator_reconcile_duration_seconds_bucket"),
+            "{body}"
+        );
+        server.abort();
+    }
+}
