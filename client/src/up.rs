@@ -8,10 +8,8 @@
 
 use crate::cluster::{MasterState, cluster_dir, load_state, save_state};
 use anyhow::{Context, bail};
-use lockstep_planner::{
-    Action, Config, Desired, FailureModel, Health, MachineRef, Observed, ObservedReplica, Plan, ReplicaStatus, Role,
-};
-use lockstep_proto::{MemberRole, admin_client::AdminClient};
+use lockstep_planner::{Action, Desired, FailureModel, Health, MachineRef, Observed, ObservedReplica, Plan, Role};
+use lockstep_proto::admin_client::AdminClient;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -50,41 +48,6 @@ struct Retiring {
 
 const START_GRACE: Duration = Duration::from_secs(15);
 const TICK: Duration = Duration::from_millis(50);
-
-fn to_member_role(r: Role) -> i32 {
-    match r {
-        Role::Voter => MemberRole::Voter as i32,
-        Role::Learner => MemberRole::Learner as i32,
-    }
-}
-
-pub fn to_proto_config(c: &Config) -> lockstep_proto::Configuration {
-    lockstep_proto::Configuration {
-        epoch: c.epoch,
-        primary_id: c.primary.clone(),
-        members: c
-            .members
-            .iter()
-            .map(|m| lockstep_proto::Member {
-                id: m.id.clone(),
-                endpoint: m.endpoint.clone(),
-                role: to_member_role(m.role),
-            })
-            .collect(),
-    }
-}
-
-pub fn from_proto_status(s: &lockstep_proto::StatusResponse) -> ReplicaStatus {
-    ReplicaStatus {
-        epoch: s.epoch,
-        applied_index: s.applied_index,
-        commit_index: s.commit_index,
-        last_index: s.last_index,
-        sealed_at: (s.sealed_at > 0).then_some(s.sealed_at),
-        sealed_digest: (!s.sealed_digest.is_empty()).then(|| s.sealed_digest.clone()),
-        peer_match: s.peers.iter().map(|p| (p.id.clone(), p.match_index)).collect(),
-    }
-}
 
 /// Read and check the resource for a local run.
 pub fn load_desired(file: &Path) -> anyhow::Result<(String, Desired)> {
@@ -390,7 +353,7 @@ impl Master {
                 endpoint: r.endpoint.clone().unwrap_or_default(),
                 machine,
                 status: if health == Health::Running {
-                    r.status.as_ref().map(from_proto_status)
+                    r.status.as_ref().map(lockstep_planner::wire::replica_status)
                 } else {
                     None
                 },
@@ -521,7 +484,7 @@ impl Master {
                 // Fence first: the decision is durable before any replica acts on it.
                 self.state.config = Some(config.clone());
                 save_state(&self.dir, &self.state)?;
-                let proto = to_proto_config(&config);
+                let proto = lockstep_planner::wire::to_proto(&config);
                 // The primary first: a member that learns the new epoch before the primary
                 // would fence it until the primary hears of the epoch too.
                 if let Some(p) = config.member(&config.primary)
@@ -559,7 +522,7 @@ impl Master {
             }
             Action::PushConfig { id } => {
                 if let (Some(c), Some(ep)) = (self.state.config.clone(), self.endpoint_of(&id)) {
-                    let _ = Self::push(&ep, &to_proto_config(&c), Duration::from_secs(1)).await;
+                    let _ = Self::push(&ep, &lockstep_planner::wire::to_proto(&c), Duration::from_secs(1)).await;
                 }
             }
             Action::DeleteReplica { id, reason } => {

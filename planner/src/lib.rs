@@ -19,6 +19,9 @@
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 
+#[cfg(feature = "wire")]
+pub mod wire;
+
 /// How replicas may fail; decides the cluster size.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum FailureModel {
