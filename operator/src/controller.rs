@@ -111,9 +111,11 @@ async fn publish(
     }
 }
 
-/// Server-side apply of an owned object, skipped when it is unchanged since the last apply
-/// by this process (no API request at steady state).
-async fn apply<K>(ctx: &Context, ns: &str, obj: &K) -> Result<(), Error>
+/// Server-side apply of an owned object, only when it is missing or its content changed.
+/// The hash of the desired content travels on the object (`lockstep.dev/applied-hash`), so
+/// with watch caches an unchanged object costs no API request, even after a restart, and a
+/// deleted one is recreated. Without caches (tests) an in-process record is used.
+async fn apply<K>(ctx: &Context, ns: &str, obj: &K, store: Option<&reflector::Store<K>>) -> Result<(), Error>
 where
     K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
         + Clone
@@ -124,16 +126,24 @@ where
     let name = obj.name_any();
     let cache_key = format!("{}/{ns}/{name}", K::kind(&()));
     let hash = build::content_hash(obj);
-    let unchanged = ctx
-        .applied
-        .lock()
-        .map(|m| m.get(&cache_key) == Some(&hash))
-        .unwrap_or(false);
+    let unchanged = match store {
+        Some(store) => store
+            .get(&reflector::ObjectRef::new(&name).within(ns))
+            .is_some_and(|stored| stored.annotations().get(names::HASH_ANNOTATION) == Some(&hash)),
+        None => ctx
+            .applied
+            .lock()
+            .map(|m| m.get(&cache_key) == Some(&hash))
+            .unwrap_or(false),
+    };
     if unchanged {
         return Ok(());
     }
+    let mut obj = obj.clone();
+    obj.annotations_mut()
+        .insert(names::HASH_ANNOTATION.into(), hash.clone());
     let api: Api<K> = Api::namespaced(ctx.client.clone(), ns);
-    api.patch(&name, &PatchParams::apply(names::MANAGER).force(), &Patch::Apply(obj))
+    api.patch(&name, &PatchParams::apply(names::MANAGER).force(), &Patch::Apply(&obj))
         .await?;
     if let Ok(mut m) = ctx.applied.lock() {
         m.insert(cache_key, hash);
@@ -309,10 +319,20 @@ async fn reconcile_inner(rsm: &ReplicatedStateMachine, ctx: &Context) -> Result<
 
     // build + apply the shared objects (skipped while paused)
     if !desired.paused {
-        apply(ctx, &ns, &build::peers_service(rsm)?).await?;
-        apply(ctx, &ns, &build::client_service(rsm)?).await?;
-        apply(ctx, &ns, &build::pdb(rsm)?).await?;
-        apply(ctx, &ns, &build::config_map(rsm, observed.config.as_ref())?).await?;
+        let caches = match &ctx.source {
+            Source::Cache(c) => Some(c),
+            Source::Api => None,
+        };
+        apply(ctx, &ns, &build::peers_service(rsm)?, caches.map(|c| &c.services)).await?;
+        apply(ctx, &ns, &build::client_service(rsm)?, caches.map(|c| &c.services)).await?;
+        apply(ctx, &ns, &build::pdb(rsm)?, caches.map(|c| &c.pdbs)).await?;
+        apply(
+            ctx,
+            &ns,
+            &build::config_map(rsm, observed.config.as_ref())?,
+            caches.map(|c| &c.config_maps),
+        )
+        .await?;
     }
 
     for (id, machine) in &revive {
@@ -748,29 +768,43 @@ pub fn error_policy(rsm: Arc<ReplicatedStateMachine>, error: &Error, ctx: Arc<Co
     Action::requeue(delay)
 }
 
-/// Watch caches for pods, claims and nodes (one watch each, all namespaces).
+fn cached<K>(api: Api<K>, config: watcher::Config) -> (reflector::Store<K>, futures::stream::BoxStream<'static, ()>)
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+{
+    let (store, writer) = reflector::store::<K>();
+    let stream = watcher(api, config)
+        .default_backoff()
+        .reflect(writer)
+        .touched_objects()
+        .map(|_| ())
+        .boxed();
+    (store, stream)
+}
+
+/// Watch caches (one watch per kind, all namespaces; owned kinds filtered by
+/// `app.kubernetes.io/managed-by=lockstep-operator`). Drive the returned stream to keep
+/// them filled.
 pub fn caches(client: &Client) -> (Source, impl futures::Stream<Item = ()> + Send + 'static) {
     let managed = watcher::Config::default().labels(&format!("{}={}", names::MANAGED_BY_LABEL, names::MANAGER));
-    let (pods, pods_w) = reflector::store::<Pod>();
-    let (pvcs, pvcs_w) = reflector::store::<PersistentVolumeClaim>();
-    let (nodes, nodes_w) = reflector::store::<Node>();
-    let pods_stream = watcher(Api::<Pod>::all(client.clone()), managed.clone())
-        .default_backoff()
-        .reflect(pods_w)
-        .touched_objects()
-        .map(|_| ());
-    let pvcs_stream = watcher(Api::<PersistentVolumeClaim>::all(client.clone()), managed)
-        .default_backoff()
-        .reflect(pvcs_w)
-        .touched_objects()
-        .map(|_| ());
-    let nodes_stream = watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
-        .default_backoff()
-        .reflect(nodes_w)
-        .touched_objects()
-        .map(|_| ());
-    let drive = futures::stream::select(futures::stream::select(pods_stream, pvcs_stream), nodes_stream);
-    (Source::Cache { pods, pvcs, nodes }, drive)
+    let (pods, s1) = cached(Api::<Pod>::all(client.clone()), managed.clone());
+    let (pvcs, s2) = cached(Api::<PersistentVolumeClaim>::all(client.clone()), managed.clone());
+    let (nodes, s3) = cached(Api::<Node>::all(client.clone()), watcher::Config::default());
+    let (services, s4) = cached(Api::<Service>::all(client.clone()), managed.clone());
+    let (config_maps, s5) = cached(Api::<ConfigMap>::all(client.clone()), managed.clone());
+    let (pdbs, s6) = cached(Api::<PodDisruptionBudget>::all(client.clone()), managed);
+    let drive = futures::stream::select_all([s1, s2, s3, s4, s5, s6]);
+    (
+        Source::Cache(observe::Caches {
+            pods,
+            pvcs,
+            nodes,
+            services,
+            config_maps,
+            pdbs,
+        }),
+        drive,
+    )
 }
 
 /// Runs the controller until `shutdown` resolves (then finishes in-flight reconciles).

@@ -176,14 +176,19 @@ async fn main() -> anyhow::Result<()> {
 
     let (source, drive_caches) = controller::caches(&client);
     tokio::spawn(drive_caches.for_each(|_| async {}));
-    if let lockstep_operator::observe::Source::Cache { pods, pvcs, nodes } = &source {
+    if let lockstep_operator::observe::Source::Cache(c) = &source {
         let wait = async {
-            let _ = pods.wait_until_ready().await;
-            let _ = pvcs.wait_until_ready().await;
-            let _ = nodes.wait_until_ready().await;
+            let _ = c.pods.wait_until_ready().await;
+            let _ = c.pvcs.wait_until_ready().await;
+            let _ = c.nodes.wait_until_ready().await;
+            let _ = c.services.wait_until_ready().await;
+            let _ = c.config_maps.wait_until_ready().await;
+            let _ = c.pdbs.wait_until_ready().await;
         };
         if tokio::time::timeout(Duration::from_secs(60), wait).await.is_err() {
-            anyhow::bail!("watch caches did not fill within 60s (RBAC for pods, persistentvolumeclaims, nodes?)");
+            anyhow::bail!(
+                "watch caches did not fill within 60s (RBAC for pods, persistentvolumeclaims, nodes, services, configmaps, poddisruptionbudgets?)"
+            );
         }
     }
     let mut ctx = Context::new(client.clone(), Arc::new(GrpcAdmin::default()), metrics.clone(), source);

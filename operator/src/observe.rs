@@ -4,7 +4,8 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use k8s_openapi::api::core::v1::{Node, PersistentVolumeClaim, Pod};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, PersistentVolumeClaim, Pod, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams};
 use kube::runtime::reflector::Store;
@@ -15,15 +16,22 @@ use crate::admin::ReplicaAdmin;
 use crate::names;
 use crate::translate::{Admin, ReplicaObservation, Tuning, World};
 
+/// Watch caches of everything the operator reads or owns.
+#[derive(Clone)]
+pub struct Caches {
+    pub pods: Store<Pod>,
+    pub pvcs: Store<PersistentVolumeClaim>,
+    pub nodes: Store<Node>,
+    pub services: Store<Service>,
+    pub config_maps: Store<ConfigMap>,
+    pub pdbs: Store<PodDisruptionBudget>,
+}
+
 /// Where pods, claims and nodes are read from.
 #[derive(Clone)]
 pub enum Source {
     /// Watch caches (production): no API request per reconcile.
-    Cache {
-        pods: Store<Pod>,
-        pvcs: Store<PersistentVolumeClaim>,
-        nodes: Store<Node>,
-    },
+    Cache(Caches),
     /// Plain lists per reconcile (tests, or when caches are off).
     Api,
 }
@@ -54,7 +62,7 @@ pub async fn owned(
     cluster: &str,
 ) -> Result<(Vec<Pod>, Vec<PersistentVolumeClaim>, HashMap<String, Node>), kube::Error> {
     match source {
-        Source::Cache { pods, pvcs, nodes } => {
+        Source::Cache(Caches { pods, pvcs, nodes, .. }) => {
             let pods: Vec<Pod> = pods
                 .state()
                 .into_iter()
