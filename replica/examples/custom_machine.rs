@@ -35,7 +35,9 @@ impl StateMachine for Bank {
     }
 
     fn validate(&self, command: &[u8]) -> Result<(), MachineError> {
-        serde_json::from_slice::<BankCommand>(command).map(|_| ()).map_err(|e| MachineError(format!("bank: {e}")))
+        serde_json::from_slice::<BankCommand>(command)
+            .map(|_| ())
+            .map_err(|e| MachineError(format!("bank: {e}")))
     }
 
     fn apply(&mut self, command: &[u8]) -> Vec<u8> {
@@ -63,9 +65,11 @@ impl StateMachine for Bank {
 
     fn query(&self, query: &[u8]) -> Result<Vec<u8>, MachineError> {
         let account = String::from_utf8_lossy(query);
-        Ok(serde_json::json!({"balance": self.balances.get(account.as_ref()).copied().unwrap_or(0)})
-            .to_string()
-            .into_bytes())
+        Ok(
+            serde_json::json!({"balance": self.balances.get(account.as_ref()).copied().unwrap_or(0)})
+                .to_string()
+                .into_bytes(),
+        )
     }
 
     fn snapshot(&self) -> Vec<u8> {
