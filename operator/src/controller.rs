@@ -301,18 +301,38 @@ async fn reconcile_inner(rsm: &ReplicatedStateMachine, ctx: &Context) -> Result<
         plan.summary = msg;
     }
 
-    // Every voter gone, but their volumes are intact: bring the same replicas back from
-    // their disks (not data-losing: they restart with everything they acknowledged).
+    // Every voter gone or stopped, but their volumes are intact: bring the same replicas back
+    // from their disks (not data-losing: a replica restarting from its disk has everything it
+    // acknowledged). Stopped pods are deleted first and recreated on the next pass. Pods that
+    // may still run (lost node, unreachable) are left alone: a second copy of a replica must
+    // never run beside a zombie.
     let mut revive: Vec<(String, MachineRef)> = Vec::new();
+    let mut restart_from_disk: Vec<String> = Vec::new();
+    let stopped = |id: &str| {
+        world.replicas.iter().any(|o| {
+            o.pod.name_any() == id
+                && matches!(
+                    o.pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+                    Some("Failed" | "Succeeded")
+                )
+        })
+    };
     if plan.actions.is_empty()
         && !desired.paused
         && let Some(config) = &observed.config
         && plan.conditions.degraded.is_some()
-        && config.voters().all(|m| observed.replica(&m.id).is_none())
+        && config
+            .voters()
+            .all(|m| observed.replica(&m.id).is_none() || stopped(&m.id))
     {
         for m in config.voters() {
-            if world.pvcs.contains(&names::pvc(&m.id)) {
+            if !world.pvcs.contains(&names::pvc(&m.id)) {
+                continue;
+            }
+            if observed.replica(&m.id).is_none() {
                 revive.push((m.id.clone(), desired.machine.clone()));
+            } else {
+                restart_from_disk.push(m.id.clone());
             }
         }
     }
@@ -335,6 +355,22 @@ async fn reconcile_inner(rsm: &ReplicatedStateMachine, ctx: &Context) -> Result<
         .await?;
     }
 
+    for id in &restart_from_disk {
+        if delete_if_present::<Pod>(ctx, &ns, id).await? {
+            publish(
+                ctx,
+                rsm,
+                EventType::Warning,
+                "RestartingFromDisk",
+                "DeleteReplica",
+                format!(
+                    "every voter has stopped; restarting {id} from its volume {} (its pod is recreated with the same identity)",
+                    names::pvc(id)
+                ),
+            )
+            .await;
+        }
+    }
     for (id, machine) in &revive {
         let pod = build::replica_pod(rsm, id, machine)?;
         if create_if_absent(ctx, &ns, &pod).await? {
@@ -407,7 +443,10 @@ async fn reconcile_inner(rsm: &ReplicatedStateMachine, ctx: &Context) -> Result<
         }
     }
 
-    let busy = !plan.actions.is_empty() || !revive.is_empty() || plan.conditions.progressing.is_some();
+    let busy = !plan.actions.is_empty()
+        || !revive.is_empty()
+        || !restart_from_disk.is_empty()
+        || plan.conditions.progressing.is_some();
     Ok(Action::requeue(if busy && crashed.is_empty() {
         ctx.busy_requeue
     } else {

@@ -422,3 +422,108 @@ async fn errors_back_off_per_object() {
     assert_eq!(delays[11], Action::requeue(Duration::from_secs(300)));
     assert_eq!(h.metrics.errors.get(), 12);
 }
+
+#[tokio::test]
+async fn more_than_t_failures_wait_and_restart_the_same_replicas_from_disk() {
+    let h = harness();
+    bootstrapped_pods(&h).await;
+    h.reconcile("kv").await; // epoch 1
+    h.reconcile("kv").await; // ready
+    // Both voters stop (t = 1): no fencing, no new members, nothing data-losing.
+    fail_pod(&h.api, "kv-0", 137, "node power loss");
+    fail_pod(&h.api, "kv-1", 137, "node power loss");
+    h.reconcile("kv").await;
+    let writes = h.writes();
+    assert!(
+        !writes.iter().any(|l| l.starts_with("POST")),
+        "no new replicas: {writes:#?}"
+    );
+    assert!(
+        !writes.iter().any(|l| l.contains("persistentvolumeclaims")),
+        "volumes untouched: {writes:#?}"
+    );
+    assert_eq!(h.status("kv").epoch, Some(1), "no new epoch without a surviving voter");
+    let (degraded, _, message) = h.condition("kv", "Degraded");
+    assert_eq!(degraded, "True");
+    assert!(message.contains("not taking a data-losing action"), "{message}");
+    // The stopped pods are removed and the same replicas come back on their own volumes.
+    assert!(writes.contains(&format!("DELETE {PODS}/kv-0")) && writes.contains(&format!("DELETE {PODS}/kv-1")));
+    h.reconcile("kv").await;
+    let writes = h.writes();
+    assert_eq!(count(&writes, &format!("POST {PODS}")), 2, "{writes:#?}");
+    assert!(
+        !writes.iter().any(|l| l.starts_with(&format!("POST {PVCS}"))),
+        "{writes:#?}"
+    );
+    assert_eq!(pods(&h.api), vec!["kv-0", "kv-1"]);
+    // They restart with their data and epoch; the cluster is whole again at the same epoch.
+    h.run(&[("kv-0", "10.0.0.1", "n1"), ("kv-1", "10.0.0.2", "n2")], "1.0.0");
+    h.reconcile("kv").await;
+    h.reconcile("kv").await;
+    assert_eq!(h.condition("kv", "Ready").0, "True");
+}
+
+#[tokio::test]
+async fn more_than_t_failures_with_ephemeral_storage_only_report() {
+    let h = harness();
+    let mut obj = rsm_json("kv", 1, "1.0.0", "img:1");
+    obj["spec"]["storage"] = json!({"ephemeral": true});
+    h.add("kv", obj);
+    h.reconcile("kv").await;
+    assert!(!h.writes().iter().any(|l| l.contains("persistentvolumeclaims")));
+    h.run(&[("kv-0", "10.0.0.1", "n1"), ("kv-1", "10.0.0.2", "n2")], "1.0.0");
+    h.reconcile("kv").await;
+    h.reconcile("kv").await;
+    lock(&h.api).objects.remove(&pod_path("kv-0"));
+    lock(&h.api).objects.remove(&pod_path("kv-1"));
+    h.reconcile("kv").await;
+    h.reconcile("kv").await;
+    let writes = h.writes();
+    assert!(
+        writes.iter().all(|l| l.ends_with("/status") || l.contains("/events")),
+        "only report: {writes:#?}"
+    );
+    assert!(pods(&h.api).is_empty());
+    assert_eq!(h.condition("kv", "Degraded").0, "True");
+}
+
+#[tokio::test]
+async fn changing_t_grows_and_shrinks_through_epochs() {
+    let h = harness();
+    bootstrapped_pods(&h).await;
+    h.reconcile("kv").await;
+    h.reconcile("kv").await;
+    let set_t = |t: i32| {
+        let mut api = lock(&h.api);
+        let p = rsm_path("kv");
+        let mut obj = api.objects[&p].clone();
+        obj["spec"]["faultsTolerated"] = json!(t);
+        api.insert(&p, obj);
+    };
+    set_t(2);
+    h.reconcile("kv").await;
+    assert_eq!(pods(&h.api), vec!["kv-0", "kv-1", "kv-2"]);
+    assert_eq!(h.status("kv").desired_replicas, Some(3));
+    h.run(&[("kv-2", "10.0.0.3", "n3")], "1.0.0");
+    h.reconcile("kv").await; // learner, epoch 2
+    h.reconcile("kv").await; // voter, epoch 3
+    h.reconcile("kv").await;
+    assert_eq!(h.status("kv").epoch, Some(3));
+    assert_eq!(h.status("kv").ready_replicas, Some(3));
+    assert_eq!(h.condition("kv", "Ready").0, "True");
+
+    set_t(1);
+    h.reconcile("kv").await;
+    let log = h.log();
+    let put = position(&log, |l| l.starts_with("PUT") && l.ends_with("/status"));
+    let delete = position(&log, |l| l.starts_with(&format!("DELETE {PODS}/")));
+    assert!(
+        put < delete,
+        "removed from the configuration before its pod goes: {log:#?}"
+    );
+    assert_eq!(h.status("kv").epoch, Some(4));
+    assert_eq!(pods(&h.api).len(), 2);
+    h.reconcile("kv").await;
+    assert_eq!(h.condition("kv", "Ready").0, "True");
+    assert_eq!(h.status("kv").ready_replicas, Some(2));
+}
