@@ -308,6 +308,8 @@ async fn reconcile_inner(rsm: &ReplicatedStateMachine, ctx: &Context) -> Result<
     // never run beside a zombie.
     let mut revive: Vec<(String, MachineRef)> = Vec::new();
     let mut restart_from_disk: Vec<String> = Vec::new();
+    // Stopped after running for a while (a replica that dies at startup would only die
+    // again: that is reported, not looped).
     let stopped = |id: &str| {
         world.replicas.iter().any(|o| {
             o.pod.name_any() == id
@@ -315,6 +317,7 @@ async fn reconcile_inner(rsm: &ReplicatedStateMachine, ctx: &Context) -> Result<
                     o.pod.status.as_ref().and_then(|s| s.phase.as_deref()),
                     Some("Failed" | "Succeeded")
                 )
+                && translate::ran_for(&o.pod).is_some_and(|d| d >= ctx.tuning.startup_grace)
         })
     };
     if plan.actions.is_empty()

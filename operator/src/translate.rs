@@ -251,6 +251,15 @@ pub fn termination_reason(pod: &Pod) -> String {
     format!("pod {phase} {reason} {message}").trim().to_string()
 }
 
+/// How long the replica container ran before it terminated (None when it has not
+/// terminated or the times are unknown).
+pub fn ran_for(pod: &Pod) -> Option<Duration> {
+    let t = replica_container(pod)?.state.as_ref()?.terminated.as_ref()?;
+    let started = t.started_at.as_ref()?.0;
+    let finished = t.finished_at.as_ref()?.0;
+    Some(Duration::from_secs(secs_between(started, finished)))
+}
+
 /// The fail-stop detector: from what Kubernetes and the replica say, is it failed?
 pub fn classify(obs: &ReplicaObservation, now: Timestamp, tuning: &Tuning) -> Health {
     let pod = &obs.pod;

@@ -461,6 +461,21 @@ async fn more_than_t_failures_wait_and_restart_the_same_replicas_from_disk() {
     h.reconcile("kv").await;
     h.reconcile("kv").await;
     assert_eq!(h.condition("kv", "Ready").0, "True");
+
+    // If they then die right at startup (e.g. they refuse their data), they are not
+    // restarted in a loop: reported and left for a person.
+    crash_at_start(&h.api, "kv-0", "data dir was written by kv 0.9.0 and is not sealed");
+    crash_at_start(&h.api, "kv-1", "data dir was written by kv 0.9.0 and is not sealed");
+    h.reconcile("kv").await;
+    h.reconcile("kv").await;
+    let writes = h.writes();
+    assert!(
+        !writes
+            .iter()
+            .any(|l| l.starts_with("DELETE") || l.starts_with("POST /api")),
+        "{writes:#?}"
+    );
+    assert_eq!(h.condition("kv", "Degraded").0, "True");
 }
 
 #[tokio::test]

@@ -308,8 +308,21 @@ pub fn fail_pod(api: &Mutex<FakeApi>, name: &str, exit_code: i32, message: &str)
         return;
     };
     pod["status"]["phase"] = json!("Failed");
-    pod["status"]["containerStatuses"][0]["state"] =
-        json!({"terminated": {"exitCode": exit_code, "reason": "Error", "message": message}});
+    pod["status"]["containerStatuses"][0]["state"] = json!({"terminated": {
+        "exitCode": exit_code, "reason": "Error", "message": message,
+        "startedAt": "2026-01-01T00:00:00Z", "finishedAt": "2026-01-01T01:00:00Z"}});
+    api.insert(&p, pod);
+}
+
+/// A replica that exits right after it started.
+pub fn crash_at_start(api: &Mutex<FakeApi>, name: &str, message: &str) {
+    fail_pod(api, name, 2, message);
+    let mut api = lock(api);
+    let p = pod_path(name);
+    let Some(mut pod) = api.objects.get(&p).cloned() else {
+        return;
+    };
+    pod["status"]["containerStatuses"][0]["state"]["terminated"]["finishedAt"] = json!("2026-01-01T00:00:01Z");
     api.insert(&p, pod);
 }
 
