@@ -1056,3 +1056,7 @@ pub enum PeerMessage {
 #[cfg(test)]
 #[path = "node_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "node_sim.rs"]
+mod sim;
