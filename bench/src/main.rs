@@ -146,6 +146,8 @@ struct Failover {
     epoch_before: u64,
     /// kill -9 -> first acknowledged write that was issued after the kill.
     failover_ms: Option<f64>,
+    /// kill -9 -> the configuration master persisted the next epoch (cluster.json).
+    reconfigured_ms: Option<f64>,
     /// kill -9 -> two members in primary/backup state again (replacement joined).
     rejoin_ms: Option<f64>,
     ok: u64,
@@ -592,9 +594,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         match failover_trial(&mut ls, trial, &args, &opts).await {
             Ok(f) => {
                 println!(
-                    "fail-over {trial}: killed {} (epoch {}): first new write acked after {} ms, replacement joined after {} ms; ok={} fail={} unknown={}",
+                    "fail-over {trial}: killed {} (epoch {}): next epoch decided after {} ms, first new write acked after {} ms, replacement joined after {} ms; ok={} fail={} unknown={}",
                     f.killed,
                     f.epoch_before,
+                    f.reconfigured_ms.map_or("-".into(), |v| format!("{v:.0}")),
                     f.failover_ms.map_or("-".into(), |v| format!("{v:.0}")),
                     f.rejoin_ms.map_or("-".into(), |v| format!("{v:.0}")),
                     f.ok,
@@ -673,7 +676,14 @@ async fn failover_trial(
     let killed_at = Instant::now();
     *state.kill.lock().expect("probe lock") = Some(killed_at);
     let deadline = killed_at + Duration::from_secs(20);
+    let mut reconfigured = None;
     while state.first_new.lock().expect("probe lock").is_none() && Instant::now() < deadline {
+        if reconfigured.is_none()
+            && let Ok(Some(s)) = ls.state()
+            && s.config.is_some_and(|c| c.epoch > h.epoch)
+        {
+            reconfigured = Some(Instant::now());
+        }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -681,6 +691,7 @@ async fn failover_trial(
     let report = load.await??;
     let ms = |t: Option<Instant>| t.map(|t| t.duration_since(killed_at).as_secs_f64() * 1000.0);
     let failover_ms = ms(*state.first_new.lock().expect("probe lock"));
+    let reconfigured_ms = ms(reconfigured);
     let rejoin_ms = match ls.wait_healthy(2, Duration::from_secs(60)).await {
         Ok(h2) if h2.epoch > h.epoch => Some(killed_at.elapsed().as_secs_f64() * 1000.0),
         Ok(_) => None,
@@ -691,6 +702,7 @@ async fn failover_trial(
         killed: h.primary.clone(),
         epoch_before: h.epoch,
         failover_ms,
+        reconfigured_ms,
         rejoin_ms,
         ok: report.ok,
         failed: report.failed,
