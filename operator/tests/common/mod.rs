@@ -125,10 +125,22 @@ impl FakeApi {
             .map(percent_decode)
             .and_then(|s| s.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())));
         let prefix = format!("{collection}/");
+        // Cluster-wide lists (`/api/v1/pods`) cover `/api/v1/namespaces/*/pods/*`.
+        let (base, kind) = collection.rsplit_once('/').unwrap_or(("", collection));
+        let cluster_wide = !collection.contains("/namespaces/");
+        let in_collection = |p: &str| {
+            if cluster_wide {
+                p.strip_prefix(&format!("{base}/namespaces/"))
+                    .map(|rest| rest.split('/').collect::<Vec<_>>())
+                    .is_some_and(|parts| parts.len() == 3 && parts[1] == kind)
+            } else {
+                p.starts_with(&prefix) && !p[prefix.len()..].contains('/')
+            }
+        };
         let items: Vec<Value> = self
             .objects
             .iter()
-            .filter(|(p, _)| p.starts_with(&prefix) && !p[prefix.len()..].contains('/'))
+            .filter(|(p, _)| in_collection(p))
             .map(|(_, v)| v.clone())
             .filter(|v| {
                 selector
@@ -149,18 +161,18 @@ impl FakeApi {
         match *method {
             Method::GET => match self.objects.get(&object_path) {
                 Some(v) => ok(200, v),
-                None if path.contains("/namespaces/")
-                    && path.rsplit('/').next().is_some_and(|last| {
-                        matches!(
-                            last,
-                            "pods"
-                                | "persistentvolumeclaims"
-                                | "services"
-                                | "configmaps"
-                                | "replicatedstatemachines"
-                                | "poddisruptionbudgets"
-                        )
-                    }) =>
+                None if path.rsplit('/').next().is_some_and(|last| {
+                    matches!(
+                        last,
+                        "pods"
+                            | "persistentvolumeclaims"
+                            | "services"
+                            | "configmaps"
+                            | "replicatedstatemachines"
+                            | "poddisruptionbudgets"
+                            | "nodes"
+                    )
+                }) =>
                 {
                     ok(200, &self.list(&path, &query))
                 }
@@ -244,6 +256,16 @@ pub fn client(api: Arc<Mutex<FakeApi>>) -> Client {
     tokio::spawn(async move {
         while let Some((req, send)) = handle.next_request().await {
             let (parts, body) = req.into_parts();
+            if parts.uri.query().is_some_and(|q| q.contains("watch=true")) {
+                // A watch that stays open and quiet, like a real one between events.
+                let log = lock(&api).log.clone();
+                lock(&log).push(format!("WATCH {}", parts.uri.path()));
+                tokio::spawn(async move {
+                    tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+                    send.send_response(Response::new(Body::empty()));
+                });
+                continue;
+            }
             let bytes = body.collect_bytes().await.unwrap_or_default();
             let resp = lock(&api).handle(&parts.method, &parts.uri, &bytes);
             send.send_response(resp);
