@@ -163,6 +163,7 @@ pub struct EtcdMember {
     pub name: String,
     pub client_url: String,
     pub client_addr: SocketAddr,
+    pub log: PathBuf,
     pub proc: ChildGuard,
 }
 
@@ -189,7 +190,8 @@ impl EtcdCluster {
             let name = format!("m{i}");
             let dir: PathBuf = base.join(&name);
             std::fs::create_dir_all(&dir)?;
-            let log = std::fs::File::create(base.join(format!("{name}.log")))?;
+            let log_path = base.join(format!("{name}.log"));
+            let log = std::fs::File::create(&log_path)?;
             let client_url = format!("http://127.0.0.1:{client}");
             let peer_url = format!("http://127.0.0.1:{peer}");
             let mut cmd = Command::new(bin);
@@ -230,6 +232,7 @@ impl EtcdCluster {
                 name,
                 client_url,
                 client_addr: SocketAddr::from(([127, 0, 0, 1], *client)),
+                log: log_path,
                 proc,
             });
         }
@@ -263,9 +266,12 @@ impl EtcdCluster {
         while start.elapsed() < timeout {
             for m in &mut self.members {
                 if let Some(why) = m.proc.exited() {
+                    let log = std::fs::read_to_string(&m.log).unwrap_or_default();
+                    let tail: Vec<&str> = log.lines().rev().take(3).collect();
                     bail!(
-                        "etcd member {} exited ({why}); see its log next to its data dir",
-                        m.name
+                        "etcd member {} exited ({why}); last log lines: {}",
+                        m.name,
+                        tail.join(" | ")
                     );
                 }
             }
@@ -303,6 +309,25 @@ impl EtcdCluster {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         bail!("etcd cluster not healthy within {timeout:?}: {last}")
+    }
+
+    /// Start and wait until healthy, retrying with fresh ports and data dirs: on a busy
+    /// machine another process can take a port between `free_port` and etcd's bind.
+    /// Returns the cluster and its leader's client URL.
+    pub async fn start_healthy(bin: &Path, base: &Path, n: usize) -> anyhow::Result<(EtcdCluster, String)> {
+        let mut last = None;
+        for attempt in 1..=3 {
+            let mut c = EtcdCluster::start(bin, &base.join(format!("try{attempt}")), n)?;
+            match c.wait_healthy(Duration::from_secs(60)).await {
+                Ok(url) => return Ok((c, url)),
+                Err(e) => {
+                    eprintln!("etcd: attempt {attempt}: {e:#}");
+                    c.stop();
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.expect("at least one attempt"))
     }
 
     pub fn member_by_url(&self, url: &str) -> Option<&EtcdMember> {

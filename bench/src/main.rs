@@ -443,10 +443,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     // 1 + 2: both clusters.
     let mut ls = local::LocalCluster::start(&lockstep_bin, &manifest, &base.join("lockstep"))?;
-    let mut ec = match &etcd_version {
-        Some(_) => Some(etcd::EtcdCluster::start(&args.etcd_bin, &base.join("etcd"), 3)?),
-        None => None,
-    };
     let t0 = Instant::now();
     let healthy = ls.wait_healthy(2, Duration::from_secs(60)).await?;
     println!(
@@ -456,17 +452,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
         healthy.primary,
         healthy.members.join(", ")
     );
-    let etcd_leader = match &mut ec {
-        Some(ec) => {
-            let url = ec.wait_healthy(Duration::from_secs(60)).await?;
+    let (mut ec, etcd_leader) = match &etcd_version {
+        Some(_) => {
+            let (ec, url) = etcd::EtcdCluster::start_healthy(&args.etcd_bin, &base.join("etcd"), 3).await?;
             let name = ec.member_by_url(&url).map(|m| m.name.clone()).unwrap_or_default();
             println!(
                 "etcd: healthy: {} members, leader {name} ({url}) — clients talk to the leader",
                 ec.members.len()
             );
-            Some(url)
+            (Some(ec), Some(url))
         }
-        None => None,
+        None => (None, None),
     };
 
     let ls_target = || -> anyhow::Result<Target> {
