@@ -83,6 +83,7 @@ fn cli_commands_status_and_watch() {
         }
     }
     let _ = watch.kill();
+    let _ = watch.wait();
     let payloads: Vec<String> = seen
         .iter()
         .map(|v| v["command"]["payload"].as_str().unwrap_or("").to_string())

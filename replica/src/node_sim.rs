@@ -81,7 +81,8 @@ fn run(seed: u64, steps: usize) {
         n.reconfigure(config(epoch, primary, &voters)).expect("bootstrap");
     }
     let mut net: Vec<Msg> = Vec::new();
-    let mut pending: Vec<(String, oneshot::Receiver<Result<(u64, Vec<u8>), Status>>)> = Vec::new();
+    type Answer = oneshot::Receiver<Result<(u64, Vec<u8>), Status>>;
+    let mut pending: Vec<(String, Answer)> = Vec::new();
     let mut acked: Vec<String> = Vec::new();
     let mut writes = 0u64;
 
