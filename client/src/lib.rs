@@ -26,6 +26,9 @@ use std::time::{Duration, Instant};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
+/// How long an endpoint whose connection failed is skipped.
+const DOWN_FOR: Duration = Duration::from_millis(300);
+
 /// Metadata key naming the primary's endpoint on NOT_PRIMARY errors (see the replica).
 pub const PRIMARY_HINT: &str = "x-lockstep-primary";
 
@@ -79,6 +82,9 @@ pub struct Client {
     endpoints: Vec<String>,
     channels: HashMap<String, Channel>,
     primary: Option<String>,
+    /// Endpoints whose connection just failed, and when: not worth a retry for a moment,
+    /// even when another replica's (stale) hint names them as the primary.
+    down: HashMap<String, Instant>,
     next: usize,
     client_id: String,
     sequence: u64,
@@ -94,6 +100,7 @@ impl Client {
             endpoints: endpoints.iter().map(|e| endpoint_url(e)).collect(),
             channels: HashMap::new(),
             primary: None,
+            down: HashMap::new(),
             next: 0,
             client_id: new_client_id(),
             sequence: 0,
@@ -124,11 +131,24 @@ impl Client {
         Ok(c)
     }
 
+    fn is_down(&self, endpoint: &str) -> bool {
+        self.down.get(endpoint).is_some_and(|t| t.elapsed() < DOWN_FOR)
+    }
+
     fn target(&mut self) -> String {
         if let Some(p) = &self.primary {
             return p.clone();
         }
-        let e = self.endpoints[self.next % self.endpoints.len().max(1)].clone();
+        // Round robin, skipping endpoints that just failed (unless all did).
+        let n = self.endpoints.len().max(1);
+        for _ in 0..n {
+            let e = self.endpoints[self.next % n].clone();
+            self.next += 1;
+            if !self.is_down(&e) {
+                return e;
+            }
+        }
+        let e = self.endpoints[self.next % n].clone();
         self.next += 1;
         e
     }
@@ -141,8 +161,16 @@ impl Client {
             .get(PRIMARY_HINT)
             .and_then(|v| v.to_str().ok())
             .map(endpoint_url);
+        let from_replica = hint.is_some()
+            || status.code() != Code::Unavailable
+            || status.message().starts_with("outcome unknown")
+            || status.message().contains("configuration");
+        if !from_replica {
+            // Connection refused/reset or no answer: that endpoint is down for now.
+            self.down.insert(endpoint.to_string(), Instant::now());
+        }
         match hint {
-            Some(h) if h != endpoint => {
+            Some(h) if h != endpoint && !self.is_down(&h) => {
                 if !self.endpoints.contains(&h) {
                     self.endpoints.push(h.clone());
                 }
@@ -162,8 +190,11 @@ impl Client {
     /// Pause before the next attempt once every endpoint was tried (or none is known to
     /// be the primary), growing with the number of attempts.
     async fn backoff(&self, attempt: u32) {
-        if self.primary.is_none() || attempt.is_multiple_of(self.endpoints.len().max(1) as u32) {
-            tokio::time::sleep(Duration::from_millis(20 * u64::from(attempt.min(10)))).await;
+        let n = self.endpoints.len().max(1) as u32;
+        if self.primary.is_none() && attempt.is_multiple_of(n) {
+            // A full pass found no primary (a reconfiguration is under way): wait a little,
+            // longer each pass.
+            tokio::time::sleep(Duration::from_millis(5 * u64::from((attempt / n).min(20)))).await;
         }
     }
 

@@ -33,6 +33,8 @@ pub const MAX_COMMAND_BYTES: usize = 1024 * 1024;
 const LOG_TAIL_KEEP: u64 = 1024;
 /// Most entries sent in one Append.
 pub const MAX_APPEND_ENTRIES: usize = 4096;
+/// Appends in flight per peer: the next batch travels while the peer fsyncs the previous one.
+pub const APPEND_WINDOW: usize = 4;
 /// Outputs kept for `Watch { from_index }` replays.
 const WATCH_REPLAY: usize = 10_000;
 
@@ -70,6 +72,11 @@ pub struct PeerState {
     pub next_index: u64,
     /// Highest read round this peer acknowledged at our epoch.
     pub acked_round: u64,
+    /// Messages sent and not answered yet (at most `APPEND_WINDOW`).
+    pub in_flight: usize,
+    /// Commit index and read round carried by the last message sent.
+    pub sent_commit: u64,
+    pub sent_round: u64,
     pub reachable: bool,
 }
 
@@ -341,8 +348,13 @@ impl Node {
                         endpoint: m.endpoint.clone(),
                         voter: m.role() == MemberRole::Voter,
                         match_index: keep.map_or(0, |p| p.match_index),
-                        next_index: keep.map_or(last + 1, |p| p.next_index),
+                        // Messages of the old epoch are ignored when they return: resend
+                        // from what the peer is known to hold.
+                        next_index: keep.map_or(last + 1, |p| p.match_index + 1),
                         acked_round: 0,
+                        in_flight: 0,
+                        sent_commit: 0,
+                        sent_round: 0,
                         reachable: keep.is_some_and(|p| p.reachable),
                     },
                 );
@@ -584,15 +596,28 @@ impl Node {
         }
     }
 
-    /// Build the next message for `peer`, or None when it is up to date and no read waits.
-    pub fn next_message(&self, peer: &str, heartbeat_due: bool) -> Option<PeerMessage> {
+    /// Take the next message for `peer` (and count it as in flight), or None when the peer
+    /// has everything, no commit index or read round is news to it, no heartbeat is due, or
+    /// the window is full. Entries are sent optimistically: `next_index` moves past them at
+    /// once, and back to the peer's hint if it refuses.
+    pub fn next_message(&mut self, peer: &str, heartbeat_due: bool) -> Option<PeerMessage> {
         if self.role != Role::Primary {
             return None;
         }
+        let (last, commit, round, log_start) = (self.last_index(), self.commit_index, self.read_round, self.log_start);
         let p = self.peers.get(peer)?;
+        if p.in_flight >= APPEND_WINDOW {
+            return None;
+        }
         let config = self.config.clone();
-        if p.next_index < self.log_start {
+        if p.next_index < log_start {
+            if p.in_flight > 0 {
+                return None; // state transfer goes alone
+            }
             let snap = self.snapshot.clone()?;
+            let p = self.peers.get_mut(peer)?;
+            p.in_flight += 1;
+            p.next_index = snap.index + 1;
             return Some(PeerMessage::Snapshot(InstallSnapshotRequest {
                 epoch: self.epoch,
                 primary_id: self.id.clone(),
@@ -600,30 +625,33 @@ impl Node {
                 config,
             }));
         }
-        let has_new = p.next_index <= self.last_index();
-        let needs_commit = p.match_index < self.commit_index.min(self.last_index()) || p.acked_round < self.read_round;
-        if !(has_new || needs_commit || heartbeat_due) {
+        let has_new = p.next_index <= last;
+        let news = p.sent_commit < commit || p.sent_round < round;
+        if !(has_new || news || (heartbeat_due && p.in_flight == 0)) {
             return None;
         }
         let prev_index = p.next_index - 1;
         let prev_epoch = self.epoch_at(prev_index)?;
-        let entries: Vec<LogEntry> = (p.next_index..=self.last_index())
+        let entries: Vec<LogEntry> = (p.next_index..=last)
             .take(MAX_APPEND_ENTRIES)
             .filter_map(|i| self.entry(i).cloned())
             .collect();
-        Some(PeerMessage::Append(
-            AppendRequest {
-                epoch: self.epoch,
-                primary_id: self.id.clone(),
-                prev_index,
-                prev_epoch,
-                entries,
-                commit_index: self.commit_index,
-                machine: Some(self.identity.clone()),
-                config,
-            },
-            self.read_round,
-        ))
+        let req = AppendRequest {
+            epoch: self.epoch,
+            primary_id: self.id.clone(),
+            prev_index,
+            prev_epoch,
+            commit_index: commit,
+            machine: Some(self.identity.clone()),
+            config,
+            entries,
+        };
+        let p = self.peers.get_mut(peer)?;
+        p.in_flight += 1;
+        p.next_index = prev_index + req.entries.len() as u64 + 1;
+        p.sent_commit = commit;
+        p.sent_round = round;
+        Some(PeerMessage::Append(req, round))
     }
 
     /// A peer answered an Append/InstallSnapshot sent at `epoch`.
@@ -648,23 +676,33 @@ impl Node {
         let last = self.last_index();
         let Some(p) = self.peers.get_mut(peer) else { return };
         p.reachable = true;
+        p.in_flight = p.in_flight.saturating_sub(1);
         if resp.success {
             p.match_index = p.match_index.max(resp.match_index);
-            p.next_index = p.match_index + 1;
+            p.next_index = p.next_index.max(p.match_index + 1);
             p.acked_round = p.acked_round.max(round);
         } else {
             if !resp.error.is_empty() {
                 tracing::debug!(peer, error = %resp.error, "append refused");
             }
             p.next_index = resp.hint_index.max(1).min(last + 1);
+            // Whatever else is in flight was built on the refused prefix: resend it all.
+            p.sent_commit = 0;
+            p.sent_round = 0;
         }
         self.advance_commit();
         self.check_reads();
     }
 
+    /// A message to `peer` got no answer (connection error or timeout): resend from what
+    /// the peer is known to hold.
     pub fn on_peer_unreachable(&mut self, peer: &str) {
         if let Some(p) = self.peers.get_mut(peer) {
             p.reachable = false;
+            p.in_flight = p.in_flight.saturating_sub(1);
+            p.next_index = p.match_index + 1;
+            p.sent_commit = 0;
+            p.sent_round = 0;
         }
     }
 

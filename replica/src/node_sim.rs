@@ -131,16 +131,28 @@ fn run(seed: u64, steps: usize) {
                 let i = rng.below(net.len());
                 let m = net.swap_remove(i);
                 if rng.chance(5) {
-                    continue; // lost
+                    // Lost: the sender's RPC times out.
+                    match m {
+                        Msg::Request { from, to, .. } | Msg::Response { to: from, from: to, .. } if alive[from] => {
+                            nodes[from].on_peer_unreachable(IDS[to]);
+                        }
+                        _ => {}
+                    }
+                    continue;
                 }
                 match m {
+                    Msg::Request { from, to, .. } if !alive[to] => {
+                        if alive[from] {
+                            nodes[from].on_peer_unreachable(IDS[to]); // connection refused
+                        }
+                    }
                     Msg::Request {
                         from,
                         to,
                         epoch,
                         round,
                         msg,
-                    } if alive[to] => {
+                    } => {
                         let (resp, _ops) = match msg {
                             PeerMessage::Append(req, _) => nodes[to].handle_append(req),
                             PeerMessage::Snapshot(req) => nodes[to].handle_install(req),

@@ -35,7 +35,7 @@ fn put(client: &str, seq: u64, key: &str, value: &str) -> Command {
     }
 }
 
-fn append_for(primary: &Node, peer: &str) -> AppendRequest {
+fn append_for(primary: &mut Node, peer: &str) -> AppendRequest {
     match primary.next_message(peer, true) {
         Some(PeerMessage::Append(req, _)) => req,
         Some(PeerMessage::Snapshot(_)) => panic!("expected an append, got a snapshot"),
@@ -64,7 +64,7 @@ fn a_write_commits_only_when_every_voter_holds_it() {
     assert_eq!(a.commit_index, 0, "the primary alone does not commit");
     assert!(rx.try_recv().is_err());
 
-    let req = append_for(&a, "b");
+    let req = append_for(&mut a, "b");
     let (resp, ops) = b.handle_append(req);
     assert!(resp.success && resp.match_index == 1);
     assert!(matches!(ops.as_slice(), [StorageOp::Append(e)] if e.len() == 1));
@@ -76,7 +76,7 @@ fn a_write_commits_only_when_every_voter_holds_it() {
     assert_eq!(output, br#"{"previous":null}"#);
 
     // The backup applies once it hears the commit index.
-    let req = append_for(&a, "b");
+    let req = append_for(&mut a, "b");
     b.handle_append(req);
     b.apply_committed(&tx);
     assert_eq!(b.applied_index, 1);
@@ -87,7 +87,7 @@ fn durability_of_the_primary_counts_too() {
     let (mut a, mut b, tx) = pair();
     let (reply, _rx) = oneshot::channel();
     a.propose(put("c", 1, "k", "v"), reply).unwrap();
-    let (resp, _) = b.handle_append(append_for(&a, "b"));
+    let (resp, _) = b.handle_append(append_for(&mut a, "b"));
     a.on_peer_response("b", 1, 0, &resp);
     a.apply_committed(&tx);
     assert_eq!(a.commit_index, 0, "not durable on the primary yet");
@@ -102,7 +102,7 @@ fn a_primary_that_sees_a_newer_epoch_is_fenced_and_fails_pending_commands_as_unk
     a.propose(put("c", 1, "k", "v"), reply).unwrap();
     // The master moved on without a: b is primary of epoch 2.
     b.reconfigure(config(2, "b", &["b"], &[])).unwrap();
-    let (resp, _) = b.handle_append(append_for(&a, "b"));
+    let (resp, _) = b.handle_append(append_for(&mut a, "b"));
     assert!(!resp.success);
     assert_eq!(resp.epoch, 2);
     a.on_peer_response("b", 1, 0, &resp);
@@ -128,13 +128,16 @@ fn a_primary_that_sees_a_newer_epoch_is_fenced_and_fails_pending_commands_as_unk
 #[test]
 fn a_read_waits_for_every_voter_to_confirm_the_epoch() {
     let (mut a, mut b, tx) = pair();
+    // A message sent BEFORE the read arrives...
+    let Some(PeerMessage::Append(early, early_round)) = a.next_message("b", true) else {
+        panic!("heartbeat")
+    };
     let (reply, mut rx) = oneshot::channel();
     a.read(br#"{"op":"get","key":"k"}"#.to_vec(), reply);
     assert!(rx.try_recv().is_err(), "no read before the backup confirms");
-    // A response to a message sent BEFORE the read (round 0) does not confirm it.
-    let req = append_for(&a, "b");
-    let (resp, _) = b.handle_append(req);
-    a.on_peer_response("b", 1, 0, &resp);
+    // ...does not confirm it when its answer comes back.
+    let (resp, _) = b.handle_append(early);
+    a.on_peer_response("b", 1, early_round, &resp);
     a.apply_committed(&tx);
     assert!(rx.try_recv().is_err());
     let Some(PeerMessage::Append(req, round)) = a.next_message("b", false) else {
@@ -149,8 +152,8 @@ fn a_read_waits_for_every_voter_to_confirm_the_epoch() {
 
 #[test]
 fn a_backup_refuses_lower_epochs_other_primaries_and_other_machines() {
-    let (a, mut b, _tx) = pair();
-    let mut req = append_for(&a, "b");
+    let (mut a, mut b, _tx) = pair();
+    let mut req = append_for(&mut a, "b");
     b.reconfigure(config(2, "b", &["b"], &[])).unwrap();
     let (resp, _) = b.handle_append(req.clone());
     assert!(!resp.success && resp.error.contains("stale epoch"));
@@ -176,16 +179,16 @@ fn a_diverged_suffix_is_truncated_back_to_the_commit_index() {
     let (r1, _) = oneshot::channel();
     a.propose(put("c", 1, "k", "1"), r1).unwrap();
     a.on_durable(1);
-    let (resp, _) = b.handle_append(append_for(&a, "b"));
+    let (resp, _) = b.handle_append(append_for(&mut a, "b"));
     a.on_peer_response("b", 1, 0, &resp);
     a.apply_committed(&tx);
-    b.handle_append(append_for(&a, "b"));
+    b.handle_append(append_for(&mut a, "b"));
     b.apply_committed(&tx);
     assert_eq!(b.commit_index, 1);
     // a appends entry 2 (epoch 1) and b receives it, but it never commits.
     let (r2, _) = oneshot::channel();
     a.propose(put("c", 2, "k", "old"), r2).unwrap();
-    b.handle_append(append_for(&a, "b"));
+    b.handle_append(append_for(&mut a, "b"));
     assert_eq!(b.last_index(), 2);
 
     // New epoch: c (which only has entry 1) becomes primary, b its backup.
@@ -209,7 +212,7 @@ fn a_diverged_suffix_is_truncated_back_to_the_commit_index() {
     let (r3, _) = oneshot::channel();
     c.propose(put("d", 1, "k", "new"), r3).unwrap();
     // c first sends (prev = 1, entries [2@epoch2]); b's entry 2 is from epoch 1: conflict.
-    let (resp, _) = b.handle_append(append_for(&c, "b"));
+    let (resp, _) = b.handle_append(append_for(&mut c, "b"));
     assert!(resp.success, "{}", resp.error);
     assert_eq!(b.last_index(), 2);
     assert_eq!(b.epoch_at(2), Some(2), "the old uncommitted entry was replaced");
@@ -239,7 +242,7 @@ fn learners_are_not_in_the_write_set_and_get_a_snapshot_when_the_log_is_compacte
     a.log.drain(..3);
     let mut l = node("l");
     // The learner has nothing: it asks for entries from index 1, which are compacted away.
-    let (resp, _) = l.handle_append(append_for(&a, "l"));
+    let (resp, _) = l.handle_append(append_for(&mut a, "l"));
     assert!(!resp.success && resp.hint_index == 1, "{resp:?}");
     a.on_peer_response("l", 2, 0, &resp);
     let Some(PeerMessage::Snapshot(req)) = a.next_message("l", true) else {
@@ -250,7 +253,7 @@ fn learners_are_not_in_the_write_set_and_get_a_snapshot_when_the_log_is_compacte
     assert!(matches!(ops.last(), Some(StorageOp::Install(_))));
     assert_eq!(l.role, Role::Learner);
     a.on_peer_response("l", 2, 0, &resp);
-    let (resp, _) = l.handle_append(append_for(&a, "l"));
+    let (resp, _) = l.handle_append(append_for(&mut a, "l"));
     assert!(resp.success && resp.match_index == 6, "{resp:?}");
     l.apply_committed(&tx);
     assert_eq!(l.applied_index, 6);

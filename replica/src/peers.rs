@@ -41,63 +41,69 @@ pub fn start(shared: &Arc<Shared>) {
 }
 
 async fn replicate(shared: Arc<Shared>, peer: String, endpoint: String, epoch: u64) {
+    use futures::stream::{FuturesUnordered, StreamExt};
     let Some(channel) = connect_lazy(&endpoint) else {
         tracing::error!(peer, endpoint, "invalid peer endpoint");
         return;
     };
-    let mut client = PeerClient::new(channel)
+    let client = PeerClient::new(channel)
         .max_decoding_message_size(lockstep_proto::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(lockstep_proto::MAX_MESSAGE_BYTES);
     let mut changed = shared.changed.subscribe();
     let mut last_sent = tokio::time::Instant::now() - HEARTBEAT;
     let mut failures = 0u32;
+    let mut in_flight = FuturesUnordered::new();
     loop {
-        let msg = {
-            let node = shared.lock();
-            if node.epoch != epoch || !node.peers.contains_key(&peer) {
-                return;
-            }
-            node.next_message(&peer, last_sent.elapsed() >= HEARTBEAT)
-        };
-        let Some(msg) = msg else {
-            tokio::select! {
-                _ = changed.changed() => {}
-                _ = tokio::time::sleep_until(last_sent + HEARTBEAT) => {}
-            }
-            continue;
-        };
-        last_sent = tokio::time::Instant::now();
-        let (result, round) = match msg {
-            PeerMessage::Append(req, round) => (client.append(req).await, round),
-            PeerMessage::Snapshot(req) => {
-                tracing::info!(
-                    peer,
-                    index = req.snapshot.as_ref().map_or(0, |s| s.index),
-                    "sending snapshot (state transfer)"
-                );
-                (client.install_snapshot(req).await, 0)
-            }
-        };
-        match result {
-            Ok(resp) => {
-                failures = 0;
-                let resp = resp.into_inner();
-                {
-                    let mut node = shared.lock();
-                    node.on_peer_response(&peer, epoch, round, &resp);
-                    let ops = node.apply_committed(&shared.applied_tx);
-                    shared.writer.send_all(ops);
+        // Fill the window.
+        loop {
+            let msg = {
+                let mut node = shared.lock();
+                if node.epoch != epoch || !node.peers.contains_key(&peer) {
+                    return;
                 }
-                shared.after_change();
-            }
-            Err(status) => {
-                failures += 1;
-                shared.lock().on_peer_unreachable(&peer);
-                if failures == 1 || failures.is_multiple_of(50) {
-                    tracing::warn!(peer, endpoint, error = %status.message(), "peer unreachable");
+                node.next_message(&peer, last_sent.elapsed() >= HEARTBEAT)
+            };
+            let Some(msg) = msg else { break };
+            last_sent = tokio::time::Instant::now();
+            let mut client = client.clone();
+            in_flight.push(async move {
+                match msg {
+                    PeerMessage::Append(req, round) => (client.append(req).await, round),
+                    PeerMessage::Snapshot(req) => {
+                        tracing::info!(
+                            peer = %req.primary_id,
+                            index = req.snapshot.as_ref().map_or(0, |s| s.index),
+                            "sending snapshot (state transfer)"
+                        );
+                        (client.install_snapshot(req).await, 0)
+                    }
                 }
-                tokio::time::sleep(Duration::from_millis(20 * u64::from(failures.min(10)))).await;
-            }
+            });
+        }
+        tokio::select! {
+            Some((result, round)) = in_flight.next() => match result {
+                Ok(resp) => {
+                    failures = 0;
+                    let resp = resp.into_inner();
+                    {
+                        let mut node = shared.lock();
+                        node.on_peer_response(&peer, epoch, round, &resp);
+                        let ops = node.apply_committed(&shared.applied_tx);
+                        shared.writer.send_all(ops);
+                    }
+                    shared.after_change();
+                }
+                Err(status) => {
+                    failures += 1;
+                    shared.lock().on_peer_unreachable(&peer);
+                    if failures == 1 || failures.is_multiple_of(50) {
+                        tracing::warn!(peer, endpoint, error = %status.message(), "peer unreachable");
+                    }
+                    tokio::time::sleep(Duration::from_millis(10 * u64::from(failures.min(10)))).await;
+                }
+            },
+            _ = changed.changed() => {}
+            _ = tokio::time::sleep_until(last_sent + HEARTBEAT) => {}
         }
     }
 }

@@ -160,9 +160,25 @@ where
 #[tonic::async_trait]
 impl Peer for Services {
     async fn append(&self, request: Request<AppendRequest>) -> Result<Response<AppendResponse>, Status> {
+        let req = request.into_inner();
+        // The primary pipelines appends; on one HTTP/2 connection they can be handled out of
+        // order. Give the earlier ones a moment to land before refusing this one for a gap.
+        let mut changed = self.shared.changed.subscribe();
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(200);
+        loop {
+            {
+                let node = self.shared.lock();
+                if req.epoch != node.epoch || req.prev_index <= node.last_index() {
+                    break;
+                }
+            }
+            if tokio::time::timeout_at(deadline, changed.changed()).await.is_err() {
+                break;
+            }
+        }
         let (resp, durable) = {
             let mut node = self.shared.lock();
-            let (resp, mut ops) = node.handle_append(request.into_inner());
+            let (resp, mut ops) = node.handle_append(req);
             ops.extend(node.apply_committed(&self.shared.applied_tx));
             let durable = !ops.is_empty();
             self.shared.writer.send_all(ops);
