@@ -141,11 +141,10 @@ fn run(seed: u64, steps: usize) {
                     continue;
                 }
                 match m {
-                    Msg::Request { from, to, .. } if !alive[to] => {
-                        if alive[from] {
-                            nodes[from].on_peer_unreachable(IDS[to]); // connection refused
-                        }
+                    Msg::Request { from, to, .. } if !alive[to] && alive[from] => {
+                        nodes[from].on_peer_unreachable(IDS[to]); // connection refused
                     }
+                    Msg::Request { to, .. } if !alive[to] => {}
                     Msg::Request {
                         from,
                         to,
