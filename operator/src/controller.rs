@@ -58,7 +58,8 @@ pub struct Context {
     pub steady_requeue: Duration,
     /// Requeue interval while converging.
     pub busy_requeue: Duration,
-    unreachable: Mutex<HashMap<String, Timestamp>>,
+    /// Per pod uid: since when and last time its admin API failed.
+    unreachable: Mutex<HashMap<String, (Timestamp, Timestamp)>>,
     failures: Mutex<HashMap<String, u32>>,
     applied: Mutex<HashMap<String, String>>,
 }

@@ -149,7 +149,7 @@ pub async fn world(
     source: &Source,
     admin: &dyn ReplicaAdmin,
     mode: AdminAddress,
-    unreachable: &Mutex<HashMap<String, Timestamp>>,
+    unreachable: &Mutex<HashMap<String, (Timestamp, Timestamp)>>,
     rsm: &ReplicatedStateMachine,
     tuning: &Tuning,
     now: Timestamp,
@@ -189,8 +189,9 @@ pub async fn world(
                 Admin::Answered(s)
             }
             Some(Err(error)) => {
-                let since = *silent.entry(key).or_insert(now);
-                Admin::Failed { error, since }
+                let entry = silent.entry(key).or_insert((now, now));
+                entry.1 = now;
+                Admin::Failed { error, since: entry.0 }
             }
         };
         let node_lost = pod
@@ -204,6 +205,8 @@ pub async fn world(
             });
         replicas.push(ReplicaObservation { pod, admin, node_lost });
     }
+    // Forget replicas not seen failing for ten minutes (deleted pods, other clusters' gone).
+    silent.retain(|_, (_, last)| now.as_second().saturating_sub(last.as_second()) < 600);
     drop(silent);
     Ok(World {
         replicas,

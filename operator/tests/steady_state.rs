@@ -161,9 +161,10 @@ async fn two_hundred_objects_reach_ready_and_then_make_no_requests() {
     );
     let rss_after = rss_kib();
     println!(
-        "steady state, {OBJECTS} RSMs x {passes} passes (fake API + fake replicas, debug build): \
+        "steady state, {OBJECTS} RSMs x {passes} passes (fake API + fake replicas, {} build): \
          reconcile p50 {} us, p99 {} us, max {} us; {:.0} reconciles/s; API requests {}; \
          RSS {} -> {} KiB",
+        if cfg!(debug_assertions) { "debug" } else { "release" },
         latencies.value_at_quantile(0.5),
         latencies.value_at_quantile(0.99),
         latencies.max(),
