@@ -4,11 +4,9 @@
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use lockstep_planner::{Config, Role};
+use lockstep_planner::Config;
 use lockstep_proto::admin_client::AdminClient;
-use lockstep_proto::{
-    Configuration, Member, MemberRole, ReconfigureRequest, ResumeRequest, SealRequest, StatusRequest, StatusResponse,
-};
+use lockstep_proto::{ReconfigureRequest, ResumeRequest, SealRequest, StatusRequest, StatusResponse};
 
 /// Admin calls to one replica, addressed by `http://host:port`.
 pub trait ReplicaAdmin: Send + Sync {
@@ -18,24 +16,7 @@ pub trait ReplicaAdmin: Send + Sync {
     fn resume(&self, addr: String) -> BoxFuture<'_, Result<u64, String>>;
 }
 
-pub fn to_proto(config: &Config) -> Configuration {
-    Configuration {
-        epoch: config.epoch,
-        primary_id: config.primary.clone(),
-        members: config
-            .members
-            .iter()
-            .map(|m| Member {
-                id: m.id.clone(),
-                endpoint: m.endpoint.clone(),
-                role: match m.role {
-                    Role::Voter => MemberRole::Voter as i32,
-                    Role::Learner => MemberRole::Learner as i32,
-                },
-            })
-            .collect(),
-    }
-}
+pub use lockstep_planner::wire::to_proto;
 
 /// tonic client with connect and request timeouts.
 #[derive(Clone, Debug)]

@@ -12,8 +12,7 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
 use lockstep_planner as planner;
 use lockstep_planner::{
-    Config, ConfigMember, Desired, Health, MachineRef, Observed, ObservedReplica, ReplicaStatus, Role, Rollout,
-    RolloutPhase,
+    Config, ConfigMember, Desired, Health, MachineRef, Observed, ObservedReplica, Role, Rollout, RolloutPhase,
 };
 use lockstep_proto::StatusResponse;
 use lockstep_resource::{FailureModel, MachineStatus, MemberStatus, ReplicatedStateMachine, RolloutStatus};
@@ -335,17 +334,7 @@ pub fn running_machine(pod: &Pod) -> MachineRef {
     }
 }
 
-pub fn replica_status(s: &StatusResponse) -> ReplicaStatus {
-    ReplicaStatus {
-        epoch: s.epoch,
-        applied_index: s.applied_index,
-        commit_index: s.commit_index,
-        last_index: s.last_index,
-        sealed_at: (s.sealed_at > 0).then_some(s.sealed_at),
-        sealed_digest: (!s.sealed_digest.is_empty()).then(|| s.sealed_digest.clone()),
-        peer_match: s.peers.iter().map(|p| (p.id.clone(), p.match_index)).collect(),
-    }
-}
+pub use lockstep_planner::wire::replica_status;
 
 fn pod_name(pod: &Pod) -> String {
     pod.metadata.name.clone().unwrap_or_default()
