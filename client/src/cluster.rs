@@ -19,6 +19,9 @@ pub struct MasterState {
     pub faults_tolerated: u32,
     pub config: Option<Config>,
     pub rollout: Option<Rollout>,
+    /// Replica ordinals below this were used before and are never reused.
+    #[serde(default)]
+    pub next_ordinal: usize,
 }
 
 pub fn cluster_dir(data_dir: &Path, name: &str) -> PathBuf {

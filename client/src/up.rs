@@ -149,6 +149,7 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
             faults_tolerated: desired.faults_tolerated,
             config: None,
             rollout: None,
+            next_ordinal: 0,
         },
     };
     let mut m = Master {
@@ -377,6 +378,7 @@ impl Master {
             replicas,
             rollout: self.state.rollout.clone(),
             staged: true,
+            next_ordinal: self.state.next_ordinal,
         }
     }
 
@@ -479,7 +481,14 @@ impl Master {
 
     async fn execute(&mut self, action: Action) -> anyhow::Result<()> {
         match action {
-            Action::CreateReplica { id, .. } => self.spawn(&id, true)?,
+            Action::CreateReplica { id, .. } => {
+                // Never hand this ordinal out again, even after this replica is gone.
+                if let Some(n) = lockstep_planner::ordinal_of(&id) {
+                    self.state.next_ordinal = self.state.next_ordinal.max(n + 1);
+                    save_state(&self.dir, &self.state)?;
+                }
+                self.spawn(&id, true)?
+            }
             Action::Reconfigure { config, notify } => {
                 // Fence first: the decision is durable before any replica acts on it.
                 self.state.config = Some(config.clone());

@@ -55,6 +55,12 @@ fn kill_t_under_load(t: u32, victims: impl Fn(&LocalCluster) -> Vec<String>) {
     // The replacements are new replicas holding the whole state.
     let members = cluster.members();
     assert_eq!(members.len(), t as usize + 1);
+    for v in &victims {
+        assert!(
+            !members.contains(v),
+            "replacements get new names, {v} is not reused: {members:?}"
+        );
+    }
     let fresh: Vec<_> = members.iter().filter(|m| cluster.pid(m).as_raw() != 0).collect();
     assert_eq!(fresh.len(), t as usize + 1);
 

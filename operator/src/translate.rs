@@ -399,6 +399,9 @@ pub fn observed(rsm: &ReplicatedStateMachine, world: &World, tuning: &Tuning) ->
         replicas,
         rollout,
         staged,
+        // Not persisted on Kubernetes yet: a replacement may reuse a fenced replica's
+        // ordinal once its pod and claim are gone (the operator waits for that).
+        next_ordinal: 0,
     }
 }
 

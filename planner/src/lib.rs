@@ -170,6 +170,10 @@ pub struct Observed {
     /// Local backends: the new version is available (the binary exists); Kubernetes: the
     /// image was pulled on the nodes.
     pub staged: bool,
+    /// Ordinals below this were handed out before: new replicas never reuse them, so a
+    /// replacement never carries the name (and DNS name, logs) of the replica it replaces.
+    /// A backend persists `max(next_ordinal, ordinal + 1)` for every replica it creates.
+    pub next_ordinal: usize,
 }
 
 impl Observed {
@@ -234,13 +238,19 @@ fn ordinal(id: &str) -> Option<usize> {
     id.rsplit_once('-').and_then(|(_, n)| n.parse().ok())
 }
 
-/// The smallest ordinals not used by any known replica (in the config or observed).
+/// The ordinal of a replica id `{prefix}-{n}`.
+pub fn ordinal_of(id: &str) -> Option<usize> {
+    ordinal(id)
+}
+
+/// The smallest ordinals from `next_ordinal` on not used by any known replica (in the
+/// config or observed).
 fn free_ids(prefix: &str, observed: &Observed, count: usize) -> Vec<String> {
     let mut used: BTreeSet<usize> = observed.replicas.iter().filter_map(|r| ordinal(&r.id)).collect();
     if let Some(c) = &observed.config {
         used.extend(c.members.iter().filter_map(|m| ordinal(&m.id)));
     }
-    (0..)
+    (observed.next_ordinal..)
         .filter(|o| !used.contains(o))
         .take(count)
         .map(|o| replica_id(prefix, o))

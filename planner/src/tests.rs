@@ -258,6 +258,25 @@ fn replacement_is_created_added_as_learner_then_promoted() {
 }
 
 #[test]
+fn replacements_never_reuse_an_ordinal_handed_out_before() {
+    let o = Observed {
+        config: Some(config(4, "kv-0", vec![voter("kv-0")])),
+        replicas: vec![running("kv-0", 4, 20)],
+        next_ordinal: 2, // kv-1 existed and was fenced
+        ..Default::default()
+    };
+    let p = plan("kv", &desired(1), &o);
+    assert!(
+        p.actions.contains(&Action::CreateReplica {
+            id: "kv-2".into(),
+            machine: kv("1.0.0")
+        }),
+        "{:?}",
+        p.actions
+    );
+}
+
+#[test]
 fn at_most_t_replacements_in_flight() {
     let o = Observed {
         config: Some(config(4, "kv-0", vec![voter("kv-0")])),
