@@ -834,23 +834,8 @@ impl Node {
                 ops,
             );
         }
-        if req.epoch > self.epoch {
-            match &req.config {
-                Some(c) if c.epoch == req.epoch && c.primary_id == req.primary_id => {
-                    self.adopt(c.clone());
-                    ops.push(StorageOp::Config(c.clone()));
-                }
-                _ => {
-                    return (
-                        refuse(
-                            self.epoch,
-                            0,
-                            format!("epoch {} unknown here and no configuration sent", req.epoch),
-                        ),
-                        ops,
-                    );
-                }
-            }
+        if let Err(error) = self.adopt_from_primary(req.epoch, &req.primary_id, req.config.as_ref(), &mut ops) {
+            return (refuse(self.epoch, 0, error), ops);
         }
         let primary = self.config.as_ref().map(|c| c.primary_id.clone()).unwrap_or_default();
         if req.primary_id != primary
@@ -928,6 +913,28 @@ impl Node {
         )
     }
 
+    /// A message from the primary of a newer epoch carries that epoch's configuration:
+    /// adopt it (and queue it for the disk) before acting on the message.
+    fn adopt_from_primary(
+        &mut self,
+        epoch: u64,
+        primary_id: &str,
+        config: Option<&Configuration>,
+        ops: &mut Vec<StorageOp>,
+    ) -> Result<(), String> {
+        if epoch <= self.epoch {
+            return Ok(());
+        }
+        match config {
+            Some(c) if c.epoch == epoch && c.primary_id == primary_id => {
+                self.adopt(c.clone());
+                ops.push(StorageOp::Config(c.clone()));
+                Ok(())
+            }
+            _ => Err(format!("epoch {epoch} unknown here and no configuration sent")),
+        }
+    }
+
     fn truncate_after(&mut self, index: u64) {
         while self.last_index() > index && !self.log.is_empty() {
             self.log.pop_back();
@@ -958,23 +965,15 @@ impl Node {
                 ops,
             );
         };
-        if req.epoch > self.epoch {
-            match &req.config {
-                Some(c) if c.epoch == req.epoch && c.primary_id == req.primary_id => {
-                    self.adopt(c.clone());
-                    ops.push(StorageOp::Config(c.clone()));
-                }
-                _ => {
-                    return (
-                        AppendResponse {
-                            epoch: self.epoch,
-                            error: "unknown epoch".into(),
-                            ..Default::default()
-                        },
-                        ops,
-                    );
-                }
-            }
+        if let Err(error) = self.adopt_from_primary(req.epoch, &req.primary_id, req.config.as_ref(), &mut ops) {
+            return (
+                AppendResponse {
+                    epoch: self.epoch,
+                    error,
+                    ..Default::default()
+                },
+                ops,
+            );
         }
         if matches!(
             self.role,

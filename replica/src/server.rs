@@ -176,33 +176,32 @@ impl Peer for Services {
                 break;
             }
         }
-        let (resp, durable) = {
-            let mut node = self.shared.lock();
+        self.follow(|node| {
             let (resp, mut ops) = node.handle_append(req);
             ops.extend(node.apply_committed(&self.shared.applied_tx));
-            let durable = !ops.is_empty();
-            self.shared.writer.send_all(ops);
-            (resp, durable)
-        };
-        if durable && resp.success {
-            // Acknowledge only what is on disk.
-            self.shared
-                .writer
-                .barrier()
-                .await
-                .map_err(|_| Status::internal("storage stopped"))?;
-        }
-        self.shared.after_change();
-        Ok(Response::new(resp))
+            (resp, ops)
+        })
+        .await
     }
 
     async fn install_snapshot(
         &self,
         request: Request<InstallSnapshotRequest>,
     ) -> Result<Response<AppendResponse>, Status> {
+        self.follow(|node| node.handle_install(request.into_inner())).await
+    }
+}
+
+impl Services {
+    /// Backup side of a peer message: run `handle` under the lock, queue its storage ops in
+    /// order, and answer only once they are on disk.
+    async fn follow(
+        &self,
+        handle: impl FnOnce(&mut crate::node::Node) -> (AppendResponse, Vec<crate::writer::StorageOp>),
+    ) -> Result<Response<AppendResponse>, Status> {
         let (resp, durable) = {
             let mut node = self.shared.lock();
-            let (resp, ops) = node.handle_install(request.into_inner());
+            let (resp, ops) = handle(&mut node);
             let durable = !ops.is_empty();
             self.shared.writer.send_all(ops);
             (resp, durable)
