@@ -56,7 +56,7 @@ pub struct ReplicaArgs {
     #[arg(long)]
     pub no_fsync: bool,
     /// Take a snapshot (and compact the log) every this many applied entries.
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, env = "LOCKSTEP_SNAPSHOT_EVERY", default_value_t = 10_000)]
     pub snapshot_every: u64,
     /// Log as JSON lines instead of text.
     #[arg(long)]
