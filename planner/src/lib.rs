@@ -97,6 +97,15 @@ impl Config {
     pub fn voters(&self) -> impl Iterator<Item = &ConfigMember> {
         self.members.iter().filter(|m| m.role == Role::Voter)
     }
+    /// The next configuration: epoch + 1 with `primary` and `members`.
+    pub fn successor(&self, primary: String, members: Vec<ConfigMember>) -> Config {
+        Config {
+            epoch: self.epoch + 1,
+            primary,
+            members,
+        }
+    }
+
     pub fn learners(&self) -> impl Iterator<Item = &ConfigMember> {
         self.members.iter().filter(|m| m.role == Role::Learner)
     }
@@ -343,11 +352,7 @@ pub fn plan(prefix: &str, desired: &Desired, observed: &Observed) -> Plan {
             .filter(|m| !failed.iter().any(|(f, _)| f.id == m.id))
             .cloned()
             .collect();
-        let new = Config {
-            epoch: config.epoch + 1,
-            primary,
-            members,
-        };
+        let new = config.successor(primary, members);
         p.summary = format!(
             "fencing failed {}: epoch {} -> {} (primary {})",
             failed
@@ -404,11 +409,7 @@ pub fn plan(prefix: &str, desired: &Desired, observed: &Observed) -> Plan {
                 ..m.clone()
             })
             .collect();
-        let new = Config {
-            epoch: config.epoch + 1,
-            primary: config.primary.clone(),
-            members,
-        };
+        let new = config.successor(config.primary.clone(), members);
         p.summary = format!(
             "members {} moved: epoch {} -> {}",
             moved.join(", "),
@@ -460,11 +461,7 @@ pub fn plan(prefix: &str, desired: &Desired, observed: &Observed) -> Plan {
                 ..m.clone()
             })
             .collect();
-        let new = Config {
-            epoch: config.epoch + 1,
-            primary: config.primary.clone(),
-            members,
-        };
+        let new = config.successor(config.primary.clone(), members);
         p.summary = format!(
             "promoting caught-up learner(s) {}: epoch {} -> {}",
             promote.iter().copied().collect::<Vec<_>>().join(", "),
@@ -487,11 +484,7 @@ pub fn plan(prefix: &str, desired: &Desired, observed: &Observed) -> Plan {
             .map(|m| m.id.clone())
             .unwrap_or_default();
         let members = config.members.iter().filter(|m| m.id != victim).cloned().collect();
-        let new = Config {
-            epoch: config.epoch + 1,
-            primary: config.primary.clone(),
-            members,
-        };
+        let new = config.successor(config.primary.clone(), members);
         p.summary = format!(
             "shrinking to {n} replicas: removing {victim}, epoch {} -> {}",
             config.epoch, new.epoch
@@ -542,11 +535,7 @@ pub fn plan(prefix: &str, desired: &Desired, observed: &Observed) -> Plan {
             endpoint: r.endpoint.clone(),
             role: Role::Learner,
         }));
-        let new = Config {
-            epoch: config.epoch + 1,
-            primary: config.primary.clone(),
-            members,
-        };
+        let new = config.successor(config.primary.clone(), members);
         p.summary = format!(
             "adding {} as learner(s) for state transfer: epoch {} -> {}",
             ready_to_join
