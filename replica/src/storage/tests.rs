@@ -40,6 +40,15 @@ fn small_segments() -> StorageOptions {
     }
 }
 
+/// A fresh data dir holding entries 1..=last, synced; the storage is still open.
+fn written(opts: StorageOptions, last: u64) -> (tempfile::TempDir, Storage) {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (mut s, _) = Storage::open(tmp.path(), opts).expect("open");
+    s.append(&entries(1, last)).expect("append");
+    s.sync().expect("sync");
+    (tmp, s)
+}
+
 fn segment_files(dir: &Path) -> Vec<u64> {
     wal::list(&dir.join(LOG_DIR)).expect("list segments")
 }
@@ -168,10 +177,7 @@ fn append_must_be_contiguous() {
 
 #[test]
 fn torn_tail_is_truncated_and_valid_prefix_kept() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let (mut s, _) = Storage::open(tmp.path(), opts()).expect("open");
-    s.append(&entries(1, 10)).expect("append");
-    s.sync().expect("sync");
+    let (tmp, s) = written(opts(), 10);
     drop(s);
     let seg = tmp.path().join(LOG_DIR).join(wal::file_name(1));
     let good_len = fs::metadata(&seg).expect("meta").len();
@@ -211,10 +217,7 @@ fn torn_header_and_zero_fill_are_tails() {
 
 #[test]
 fn bad_checksum_on_last_record_is_a_torn_tail() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let (mut s, _) = Storage::open(tmp.path(), opts()).expect("open");
-    s.append(&entries(1, 10)).expect("append");
-    s.sync().expect("sync");
+    let (tmp, s) = written(opts(), 10);
     drop(s);
     let seg = tmp.path().join(LOG_DIR).join(wal::file_name(1));
     let len = fs::metadata(&seg).expect("meta").len();
@@ -225,10 +228,7 @@ fn bad_checksum_on_last_record_is_a_torn_tail() {
 
 #[test]
 fn checksum_failure_followed_by_valid_records_is_an_error() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let (mut s, _) = Storage::open(tmp.path(), opts()).expect("open");
-    s.append(&entries(1, 10)).expect("append");
-    s.sync().expect("sync");
+    let (tmp, s) = written(opts(), 10);
     let offset = s.segments[0].offsets[4];
     drop(s);
     let seg = tmp.path().join(LOG_DIR).join(wal::file_name(1));
@@ -246,10 +246,7 @@ fn checksum_failure_followed_by_valid_records_is_an_error() {
 fn corrupted_length_in_last_segment_is_an_error() {
     // A flipped high bit in a length field makes the record "extend past the end", but
     // intact records follow: must not be mistaken for a torn tail.
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let (mut s, _) = Storage::open(tmp.path(), opts()).expect("open");
-    s.append(&entries(1, 10)).expect("append");
-    s.sync().expect("sync");
+    let (tmp, s) = written(opts(), 10);
     let offset = s.segments[0].offsets[3];
     drop(s);
     let seg = tmp.path().join(LOG_DIR).join(wal::file_name(1));
@@ -260,10 +257,7 @@ fn corrupted_length_in_last_segment_is_an_error() {
 
 #[test]
 fn corruption_in_a_middle_segment_is_an_error() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let (mut s, _) = Storage::open(tmp.path(), small_segments()).expect("open");
-    s.append(&entries(1, 60)).expect("append");
-    s.sync().expect("sync");
+    let (tmp, s) = written(small_segments(), 60);
     drop(s);
     let segs = segment_files(tmp.path());
     assert!(segs.len() >= 3, "{segs:?}");
@@ -278,10 +272,7 @@ fn corruption_in_a_middle_segment_is_an_error() {
 
 #[test]
 fn truncated_middle_segment_is_an_error() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let (mut s, _) = Storage::open(tmp.path(), small_segments()).expect("open");
-    s.append(&entries(1, 60)).expect("append");
-    s.sync().expect("sync");
+    let (tmp, s) = written(small_segments(), 60);
     drop(s);
     let segs = segment_files(tmp.path());
     let first = tmp.path().join(LOG_DIR).join(wal::file_name(segs[0]));
@@ -294,10 +285,7 @@ fn truncated_middle_segment_is_an_error() {
 
 #[test]
 fn missing_middle_segment_is_a_gap_error() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let (mut s, _) = Storage::open(tmp.path(), small_segments()).expect("open");
-    s.append(&entries(1, 60)).expect("append");
-    s.sync().expect("sync");
+    let (tmp, s) = written(small_segments(), 60);
     drop(s);
     let segs = segment_files(tmp.path());
     fs::remove_file(tmp.path().join(LOG_DIR).join(wal::file_name(segs[1]))).expect("rm");
@@ -308,10 +296,7 @@ fn missing_middle_segment_is_a_gap_error() {
 
 #[test]
 fn missing_first_segment_without_snapshot_is_an_error() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let (mut s, _) = Storage::open(tmp.path(), small_segments()).expect("open");
-    s.append(&entries(1, 60)).expect("append");
-    s.sync().expect("sync");
+    let (tmp, s) = written(small_segments(), 60);
     drop(s);
     let segs = segment_files(tmp.path());
     fs::remove_file(tmp.path().join(LOG_DIR).join(wal::file_name(segs[0]))).expect("rm");
@@ -348,10 +333,7 @@ fn segments_roll_and_are_named_by_first_index() {
 
 #[test]
 fn truncate_after_then_reopen() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let (mut s, _) = Storage::open(tmp.path(), small_segments()).expect("open");
-    s.append(&entries(1, 80)).expect("append");
-    s.sync().expect("sync");
+    let (tmp, mut s) = written(small_segments(), 80);
     let before = segment_files(tmp.path()).len();
     s.truncate_after(30).expect("truncate");
     assert_eq!(s.last_index(), 30);
@@ -392,10 +374,7 @@ fn truncate_after_discards_unsynced_suffix_and_keeps_prefix() {
 
 #[test]
 fn snapshot_compaction_deletes_old_segments() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let (mut s, _) = Storage::open(tmp.path(), small_segments()).expect("open");
-    s.append(&entries(1, 100)).expect("append");
-    s.sync().expect("sync");
+    let (tmp, mut s) = written(small_segments(), 100);
     s.save_snapshot(&snap(40)).expect("snapshot 40");
     assert_eq!(s.first_index(), 41);
     assert_eq!(s.last_index(), 100);
@@ -451,10 +430,7 @@ fn snapshot_ahead_of_log_resets_it() {
 
 #[test]
 fn install_snapshot_discards_the_log() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let (mut s, _) = Storage::open(tmp.path(), small_segments()).expect("open");
-    s.append(&entries(1, 50)).expect("append");
-    s.sync().expect("sync");
+    let (tmp, mut s) = written(small_segments(), 50);
     s.save_snapshot(&snap(10)).expect("snapshot");
     // Install below the current last index: the divergent suffix goes too.
     s.install_snapshot(&snap(30)).expect("install");
@@ -485,10 +461,7 @@ fn install_snapshot_discards_the_log() {
 #[test]
 fn interrupted_install_is_completed_or_rolled_back() {
     // Crash after marker + snapshot but before the log was deleted: redo on open.
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let (mut s, _) = Storage::open(tmp.path(), opts()).expect("open");
-    s.append(&entries(1, 20)).expect("append");
-    s.sync().expect("sync");
+    let (tmp, s) = written(opts(), 20);
     drop(s);
     let marker = encode_framed(INSTALL_MAGIC, &8u64.to_le_bytes());
     fs::write(tmp.path().join(INSTALL_FILE), &marker).expect("marker");
@@ -501,10 +474,7 @@ fn interrupted_install_is_completed_or_rolled_back() {
     drop(s);
 
     // Crash after the marker but before the snapshot was written: keep the log.
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let (mut s, _) = Storage::open(tmp.path(), opts()).expect("open");
-    s.append(&entries(1, 20)).expect("append");
-    s.sync().expect("sync");
+    let (tmp, s) = written(opts(), 20);
     drop(s);
     let marker = encode_framed(INSTALL_MAGIC, &30u64.to_le_bytes());
     fs::write(tmp.path().join(INSTALL_FILE), &marker).expect("marker");
@@ -515,10 +485,7 @@ fn interrupted_install_is_completed_or_rolled_back() {
 
 #[test]
 fn corrupt_newest_snapshot_falls_back_to_older() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let (mut s, _) = Storage::open(tmp.path(), small_segments()).expect("open");
-    s.append(&entries(1, 100)).expect("append");
-    s.sync().expect("sync");
+    let (tmp, mut s) = written(small_segments(), 100);
     s.save_snapshot(&snap(40)).expect("snapshot");
     s.save_snapshot(&snap(80)).expect("snapshot");
     drop(s);
@@ -534,10 +501,7 @@ fn corrupt_newest_snapshot_falls_back_to_older() {
 #[test]
 fn snapshot_with_wrong_digest_falls_back() {
     // Checksummed frame intact but the digest does not match the data.
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let (mut s, _) = Storage::open(tmp.path(), opts()).expect("open");
-    s.append(&entries(1, 10)).expect("append");
-    s.sync().expect("sync");
+    let (tmp, mut s) = written(opts(), 10);
     s.save_snapshot(&snap(4)).expect("snapshot");
     drop(s);
     let mut lying = snap(7);
