@@ -238,6 +238,26 @@ pub struct Plan {
     pub summary: String,
 }
 
+impl Plan {
+    /// Move to the next epoch with `primary` and `members` (the one way every rule changes the
+    /// configuration), telling `notify` too, and say so: "`what`: epoch a -> b".
+    fn reconfigure(
+        &mut self,
+        from: &Config,
+        primary: String,
+        members: Vec<ConfigMember>,
+        notify: Vec<String>,
+        what: String,
+    ) {
+        let config = from.successor(primary, members);
+        self.summary = format!("{what}: epoch {} -> {}", from.epoch, config.epoch);
+        if config.primary != from.primary {
+            self.summary.push_str(&format!(" (primary {})", config.primary));
+        }
+        self.actions.push(Action::Reconfigure { config, notify });
+    }
+}
+
 /// Replica ids are `{prefix}-{ordinal}`.
 pub fn replica_id(prefix: &str, ordinal: usize) -> String {
     format!("{prefix}-{ordinal}")
@@ -352,24 +372,20 @@ pub fn plan(prefix: &str, desired: &Desired, observed: &Observed) -> Plan {
             .filter(|m| !failed.iter().any(|(f, _)| f.id == m.id))
             .cloned()
             .collect();
-        let new = config.successor(primary, members);
-        p.summary = format!(
-            "fencing failed {}: epoch {} -> {} (primary {})",
+        let what = format!(
+            "fencing failed {}",
             failed
                 .iter()
                 .map(|(m, r)| format!("{} ({r})", m.id))
                 .collect::<Vec<_>>()
-                .join(", "),
-            config.epoch,
-            new.epoch,
-            new.primary
+                .join(", ")
         );
         let notify = failed
             .iter()
             .filter(|(m, _)| observed.replica(&m.id).is_some())
             .map(|(m, _)| m.id.clone())
             .collect();
-        p.actions.push(Action::Reconfigure { config: new, notify });
+        p.reconfigure(config, primary, members, notify, what);
         for (m, reason) in &failed {
             if observed.replica(&m.id).is_some() {
                 p.actions.push(Action::DeleteReplica {
@@ -409,17 +425,8 @@ pub fn plan(prefix: &str, desired: &Desired, observed: &Observed) -> Plan {
                 ..m.clone()
             })
             .collect();
-        let new = config.successor(config.primary.clone(), members);
-        p.summary = format!(
-            "members {} moved: epoch {} -> {}",
-            moved.join(", "),
-            config.epoch,
-            new.epoch
-        );
-        p.actions.push(Action::Reconfigure {
-            config: new,
-            notify: vec![],
-        });
+        let what = format!("members {} moved", moved.join(", "));
+        p.reconfigure(config, config.primary.clone(), members, vec![], what);
         return p;
     }
 
@@ -461,17 +468,11 @@ pub fn plan(prefix: &str, desired: &Desired, observed: &Observed) -> Plan {
                 ..m.clone()
             })
             .collect();
-        let new = config.successor(config.primary.clone(), members);
-        p.summary = format!(
-            "promoting caught-up learner(s) {}: epoch {} -> {}",
-            promote.iter().copied().collect::<Vec<_>>().join(", "),
-            config.epoch,
-            new.epoch
+        let what = format!(
+            "promoting caught-up learner(s) {}",
+            promote.iter().copied().collect::<Vec<_>>().join(", ")
         );
-        p.actions.push(Action::Reconfigure {
-            config: new,
-            notify: vec![],
-        });
+        p.reconfigure(config, config.primary.clone(), members, vec![], what);
         return p;
     }
 
@@ -484,15 +485,8 @@ pub fn plan(prefix: &str, desired: &Desired, observed: &Observed) -> Plan {
             .map(|m| m.id.clone())
             .unwrap_or_default();
         let members = config.members.iter().filter(|m| m.id != victim).cloned().collect();
-        let new = config.successor(config.primary.clone(), members);
-        p.summary = format!(
-            "shrinking to {n} replicas: removing {victim}, epoch {} -> {}",
-            config.epoch, new.epoch
-        );
-        p.actions.push(Action::Reconfigure {
-            config: new,
-            notify: vec![victim.clone()],
-        });
+        let what = format!("shrinking to {n} replicas, removing {victim}");
+        p.reconfigure(config, config.primary.clone(), members, vec![victim.clone()], what);
         p.actions.push(Action::DeleteReplica {
             id: victim,
             reason: "faultsTolerated lowered".into(),
@@ -535,21 +529,15 @@ pub fn plan(prefix: &str, desired: &Desired, observed: &Observed) -> Plan {
             endpoint: r.endpoint.clone(),
             role: Role::Learner,
         }));
-        let new = config.successor(config.primary.clone(), members);
-        p.summary = format!(
-            "adding {} as learner(s) for state transfer: epoch {} -> {}",
+        let what = format!(
+            "adding {} as learner(s) for state transfer",
             ready_to_join
                 .iter()
                 .map(|r| r.id.as_str())
                 .collect::<Vec<_>>()
-                .join(", "),
-            config.epoch,
-            new.epoch
+                .join(", ")
         );
-        p.actions.push(Action::Reconfigure {
-            config: new,
-            notify: vec![],
-        });
+        p.reconfigure(config, config.primary.clone(), members, vec![], what);
         return p;
     }
 
