@@ -113,6 +113,8 @@ pub struct Node {
     read_round: u64,
     reads: Vec<PendingRead>,
     pending_seal: Vec<SealReply>,
+    /// Index of the newest seal barrier put in the log (it may have been truncated since).
+    last_seal: u64,
     sealed_digest: Option<Vec<u8>>,
     recent: VecDeque<AppliedEntry>,
     snapshot_every: u64,
@@ -187,6 +189,7 @@ impl Node {
             read_round: 0,
             reads: Vec::new(),
             pending_seal: Vec::new(),
+            last_seal: 0,
             sealed_digest: None,
             recent: VecDeque::new(),
             snapshot_every,
@@ -237,7 +240,7 @@ impl Node {
             if e.index != self.last_index() + 1 {
                 anyhow::bail!("recovered log has a gap at index {}", e.index);
             }
-            self.log.push_back(e);
+            self.push_entry(e);
         }
         self.durable_index = self.last_index();
         if let Some(c) = config {
@@ -466,12 +469,20 @@ impl Node {
         Ok(vec![entry])
     }
 
+    /// A seal barrier is in the log but not applied yet. O(1): this runs for every command.
     fn seal_ordered(&self) -> bool {
-        self.log
-            .iter()
-            .rev()
-            .take_while(|e| e.index > self.applied_index)
-            .any(|e| matches!(e.body, Some(Body::Seal(_))))
+        self.last_seal > self.applied_index
+            && self
+                .entry(self.last_seal)
+                .is_some_and(|e| matches!(e.body, Some(Body::Seal(_))))
+    }
+
+    /// Append to the in-memory log, remembering where the newest seal barrier is.
+    fn push_entry(&mut self, e: LogEntry) {
+        if matches!(e.body, Some(Body::Seal(_))) {
+            self.last_seal = e.index;
+        }
+        self.log.push_back(e);
     }
 
     /// Admin `Seal`: order the barrier at `at_index` (0 = next index), padding with no-ops.
@@ -513,7 +524,9 @@ impl Node {
                 machine: Some(self.identity.clone()),
             })),
         });
-        self.log.extend(out.iter().cloned());
+        for e in &out {
+            self.push_entry(e.clone());
+        }
         self.pending_seal.push(reply);
         Ok(out)
     }
@@ -890,7 +903,7 @@ impl Node {
                     ops,
                 );
             }
-            self.log.push_back(e.clone());
+            self.push_entry(e.clone());
             appended.push(e.clone());
         }
         if !appended.is_empty() {
