@@ -64,6 +64,9 @@ enum Cmd {
         /// Start from this log index (default: from now on).
         #[arg(long, default_value_t = 0)]
         from: u64,
+        /// Exit after the entry at this index (default: follow forever).
+        #[arg(long)]
+        until: Option<u64>,
     },
     /// Load generator: throughput and latency.
     Bench {
@@ -185,7 +188,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Status { output } => status(&cli, *output).await,
-        Cmd::Watch { from } => {
+        Cmd::Watch { from, until } => {
             let mut stream = client(&cli)?.watch(*from).await?;
             while let Some(e) = stream.message().await? {
                 let command = e.command.as_ref().map(|c| {
@@ -195,8 +198,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 let line = serde_json::json!({
                     "index": e.index, "epoch": e.epoch, "kind": e.kind, "command": command,
                     "output": String::from_utf8_lossy(&e.output),
+                    "machine": e.machine.as_ref().map(|m| format!("{} {}", m.name, m.version)),
                 });
                 println!("{line}");
+                if until.is_some_and(|u| e.index >= u) {
+                    break;
+                }
             }
             Ok(())
         }
@@ -227,7 +234,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 "bench: {clients} clients for {duration}s against {}",
                 endpoints.join(",")
             );
+            // Ctrl-C (SIGINT) ends the run early: in-flight operations finish, then the report
+            // and the history are written as at the end of the duration.
             let stop = Arc::new(AtomicBool::new(false));
+            let interrupted = tokio::spawn({
+                let stop = stop.clone();
+                async move {
+                    if tokio::signal::ctrl_c().await.is_ok() {
+                        eprintln!("\nbench: interrupted, finishing in-flight operations");
+                        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            });
             let progress = tokio::spawn({
                 let d = *duration;
                 async move {
@@ -240,6 +258,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             });
             let report = run_workload("lockstep", opts, |_| Client::new(endpoints.clone()), stop).await?;
             progress.abort();
+            interrupted.abort();
             println!("{report}");
             if let (Some(path), true) = (history, check) {
                 let h = lockstep_linearizability::parse_history(std::io::BufReader::new(std::fs::File::open(path)?))?;

@@ -4,6 +4,7 @@
 //! (the operator). [`from_yaml`] parses and validates it with the rules the API server
 //! enforces through the CRD's CEL validations ([`rules`]), with the same messages.
 
+pub mod rule_cases;
 pub mod rules;
 mod types;
 mod validate;

@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# The Kubernetes end-to-end entry point: a real cluster, the images built from this
+# workspace, the operator installed, the suite run, timings printed; on failure, everything a
+# person needs to see why (operator log, events, RSMs, replica logs).
+#
+#   e2e/run.sh                 # cluster: the one-node kit (../shared/k8s) where present,
+#                              # else kind where a container engine exists
+#   e2e/run.sh --fresh         # start from an empty cluster (kit: down --purge; kind: recreate)
+#   e2e/run.sh -- TEST_FILTER  # pass a filter (and other libtest args) to the suite
+#
+#   LOCKSTEP_E2E_CLUSTER=existing e2e/run.sh   # use $KUBECONFIG as it is; the images named by
+#                                              # LOCKSTEP_*_IMAGE must be pullable there
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+KIT="${K8S_KIT:-$ROOT/../shared/k8s}"
+cd "$ROOT"
+
+fresh=0
+filter=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --fresh) fresh=1; shift ;;
+    --) shift; filter=("$@"); break ;;
+    *) echo "usage: e2e/run.sh [--fresh] [-- TEST_FILTER...]" >&2; exit 2 ;;
+  esac
+done
+
+step() { printf '\n== e2e: %s (%s)\n' "$*" "$(date +%T)"; }
+started=$(date +%s)
+
+have_engine() {
+  { command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; } ||
+    { command -v podman >/dev/null 2>&1 && podman info >/dev/null 2>&1; }
+}
+
+cluster="${LOCKSTEP_E2E_CLUSTER:-}"
+if [ -z "$cluster" ]; then
+  if [ -x "$KIT/up.sh" ] && [ "$(id -u)" = 0 ]; then
+    cluster=kit
+  elif command -v kind >/dev/null 2>&1 && have_engine; then
+    cluster=kind
+  else
+    echo "e2e: no cluster: neither the one-node kit ($KIT/up.sh, run as root) nor kind with a container engine is available; set LOCKSTEP_E2E_CLUSTER=existing with a KUBECONFIG to use another cluster" >&2
+    exit 1
+  fi
+fi
+
+command -v kubectl >/dev/null 2>&1 || {
+  echo "e2e: kubectl is not on PATH (.ci/install-tools installs it)" >&2
+  exit 1
+}
+
+case "$cluster" in
+  kit)
+    step "starting the one-node Kubernetes kit"
+    if [ "$fresh" = 1 ]; then "$KIT/down.sh" --purge; fi
+    "$KIT/up.sh" | tail -n 3
+    export KUBECONFIG="${K8S_STATE:-/var/lib/k8s-kit}/kubeconfig"
+    step "building and loading images"
+    bash e2e/images.sh kit
+    ;;
+  kind)
+    export KIND_CLUSTER="${KIND_CLUSTER:-lockstep-e2e}"
+    if [ "$fresh" = 1 ]; then kind delete cluster --name "$KIND_CLUSTER" || true; fi
+    if ! kind get clusters 2>/dev/null | grep -qx "$KIND_CLUSTER"; then
+      step "creating kind cluster $KIND_CLUSTER"
+      printf 'kind: Cluster\napiVersion: kind.x-k8s.io/v1alpha4\nnodes:\n  - role: control-plane\n  - role: worker\n  - role: worker\n  - role: worker\n' |
+        kind create cluster --name "$KIND_CLUSTER" --wait 180s --config=-
+    fi
+    kcfg="$(mktemp)"
+    trap 'rm -f "$kcfg"' EXIT
+    kind get kubeconfig --name "$KIND_CLUSTER" >"$kcfg"
+    export KUBECONFIG="$kcfg"
+    if ! command -v docker >/dev/null 2>&1 || ! docker info >/dev/null 2>&1; then
+      export CONTAINER_ENGINE=podman KIND_EXPERIMENTAL_PROVIDER=podman
+    fi
+    step "building and loading images"
+    bash e2e/images.sh kind
+    ;;
+  existing)
+    : "${KUBECONFIG:?LOCKSTEP_E2E_CLUSTER=existing needs KUBECONFIG}"
+    ;;
+  *)
+    echo "e2e: unknown LOCKSTEP_E2E_CLUSTER=$cluster (kit, kind, existing)" >&2
+    exit 2
+    ;;
+esac
+kubectl version 2>/dev/null | sed 's/^/  /' || true
+ready_at=$(date +%s)
+
+diagnostics() {
+  step "FAILED — diagnostics"
+  local ns
+  for ns in $(kubectl get ns -o name | sed 's|namespace/||' | grep -E '^lockstep-'); do
+    echo "---- namespace $ns: objects"
+    kubectl -n "$ns" get rsm,pods,svc,pvc,pdb,leases -o wide 2>&1 || true
+    echo "---- namespace $ns: RSMs"
+    kubectl -n "$ns" get rsm -o yaml 2>&1 | sed -n '1,400p' || true
+    echo "---- namespace $ns: events"
+    kubectl -n "$ns" get events --sort-by=.lastTimestamp 2>&1 | tail -n 80 || true
+    local pod
+    for pod in $(kubectl -n "$ns" get pods -o name 2>/dev/null); do
+      echo "---- $ns/$pod: log (last 60 lines)"
+      kubectl -n "$ns" logs "$pod" --all-containers --tail=60 2>&1 || true
+      kubectl -n "$ns" logs "$pod" --all-containers --previous --tail=30 2>/dev/null | sed 's/^/[previous] /' || true
+    done
+  done
+}
+
+timings="$(mktemp)"
+export LOCKSTEP_E2E_TIMINGS="$timings"
+step "running the suite"
+set +e
+cargo test --locked -p lockstep-e2e --test e2e -- --ignored --test-threads=1 --nocapture "${filter[@]}"
+rc=$?
+set -e
+if [ "$rc" != 0 ]; then
+  diagnostics
+fi
+step "timings"
+sed 's/^E2E-TIMING /  /' "$timings"
+echo "  cluster + images ready: $((ready_at - started)) s; suite: $(($(date +%s) - ready_at)) s"
+rm -f "$timings"
+exit "$rc"

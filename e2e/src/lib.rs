@@ -1,0 +1,520 @@
+//! Helpers of the Kubernetes end-to-end suite (`e2e/tests/`): the cluster, `kubectl`, the
+//! images under test, an in-cluster client pod and a fault injector.
+//!
+//! The suite runs against whatever `KUBECONFIG` points to. `e2e/run.sh` is the entry point:
+//! it starts a cluster (the one-node kit where present, kind where a container engine
+//! exists), builds and loads the images from the workspace's release binaries, and runs the
+//! suite. Every wait in here waits for a state; timeouts only bound a failure.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::api::{Api, DeleteParams, PostParams};
+use kube::{Client, Resource};
+use lockstep_resource::ReplicatedStateMachine;
+use serde::de::DeserializeOwned;
+use serde_json::json;
+
+/// The namespace the plain manifests install the operator into.
+pub const OPERATOR_NS: &str = "lockstep-system";
+/// Where the fault injector runs (privileged, host PID namespace): never a replica's namespace.
+pub const FAULTS_NS: &str = "lockstep-e2e-faults";
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The images under test (built by `e2e/images.sh`).
+#[derive(Clone, Debug)]
+pub struct Images {
+    pub operator: String,
+    /// The replica image; its built-in machines report version 1.0.0.
+    pub replica: String,
+    /// The same image as `replica` under another tag (a promotion tag).
+    pub replica_alias: String,
+    /// A replica build whose built-in machines report version 1.1.0.
+    pub replica_next: String,
+    /// `lockstep`, `lockstep-check` and `lockstep-e2e-tool`.
+    pub tools: String,
+}
+
+fn env_or(var: &str, default: &str) -> String {
+    std::env::var(var).unwrap_or_else(|_| default.to_string())
+}
+
+impl Images {
+    pub fn from_env() -> Self {
+        let tag = env_or("LOCKSTEP_E2E_TAG", "e2e");
+        let repo = "ghcr.io/lockstep-dev";
+        Self {
+            operator: env_or("LOCKSTEP_OPERATOR_IMAGE", &format!("{repo}/lockstep-operator:{tag}")),
+            replica: env_or("LOCKSTEP_REPLICA_IMAGE", &format!("{repo}/lockstep-replica:{tag}")),
+            replica_alias: env_or(
+                "LOCKSTEP_REPLICA_IMAGE_ALIAS",
+                &format!("{repo}/lockstep-replica:{tag}-promoted"),
+            ),
+            replica_next: env_or(
+                "LOCKSTEP_REPLICA_IMAGE_NEXT",
+                &format!("{repo}/lockstep-replica:{tag}-next"),
+            ),
+            tools: env_or("LOCKSTEP_TOOLS_IMAGE", &format!("{repo}/lockstep-e2e-tools:{tag}")),
+        }
+    }
+}
+
+/// Runs `kubectl` from the repository root; the error carries its stderr.
+pub fn kubectl(args: &[&str]) -> anyhow::Result<String> {
+    kubectl_with_input(args, None)
+}
+
+pub fn kubectl_with_input(args: &[&str], input: Option<&str>) -> anyhow::Result<String> {
+    let mut child = Command::new("kubectl")
+        .args(args)
+        .current_dir(repo())
+        .stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running kubectl (is it on PATH?)")?;
+    if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
+        use std::io::Write;
+        stdin.write_all(input.as_bytes()).context("kubectl stdin")?;
+    }
+    let out = child.wait_with_output().context("kubectl")?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        bail!(
+            "kubectl {} failed: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim(),
+            String::from_utf8_lossy(&out.stdout).trim()
+        )
+    }
+}
+
+/// A client for the cluster; panics (the test fails) when there is none.
+pub async fn client() -> Client {
+    let client = Client::try_default().await.unwrap_or_else(|e| {
+        panic!("the e2e suite needs a Kubernetes cluster: no configuration ({e}); run e2e/run.sh or set KUBECONFIG")
+    });
+    match tokio::time::timeout(Duration::from_secs(20), client.apiserver_version()).await {
+        Ok(Ok(_)) => client,
+        other => panic!("the e2e suite needs a Kubernetes cluster: API not reachable ({other:?}); see e2e/README.md"),
+    }
+}
+
+/// Prints a measurement in a form the entry point collects (`E2E-TIMING name: value`).
+pub fn timing(name: &str, value: impl std::fmt::Display) {
+    let line = format!("E2E-TIMING {name}: {value}");
+    println!("{line}");
+    if let Ok(path) = std::env::var("LOCKSTEP_E2E_TIMINGS") {
+        use std::io::Write;
+        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+            let _ = writeln!(f, "{line}");
+        }
+    }
+}
+
+/// Deletes `name` if it exists, waits until it is gone, and creates it again. With
+/// `restricted`, Pod Security Admission enforces the `restricted` profile in it.
+pub async fn fresh_namespace(client: &Client, name: &str, restricted: bool) -> anyhow::Result<()> {
+    let nss: Api<Namespace> = Api::all(client.clone());
+    delete_namespace(client, name).await?;
+    let mut labels = json!({"app.kubernetes.io/part-of": "lockstep-e2e"});
+    if restricted {
+        labels["pod-security.kubernetes.io/enforce"] = json!("restricted");
+    }
+    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": name, "labels": labels}}))?;
+    nss.create(&PostParams::default(), &ns)
+        .await
+        .with_context(|| format!("creating namespace {name}"))?;
+    Ok(())
+}
+
+pub async fn delete_namespace(client: &Client, name: &str) -> anyhow::Result<()> {
+    let nss: Api<Namespace> = Api::all(client.clone());
+    let _ = nss.delete(name, &DeleteParams::background()).await;
+    wait_until(
+        &format!("namespace {name} deleted"),
+        Duration::from_secs(300),
+        || async { Ok(nss.get_opt(name).await?.is_none()) },
+    )
+    .await
+}
+
+/// Polls `check` until it returns true; fails after `timeout` with `what`.
+pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut check: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<bool>>,
+{
+    let deadline = Instant::now() + timeout;
+    let mut last_err = None;
+    loop {
+        match check().await {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(e) => last_err = Some(e),
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "timed out after {timeout:?} waiting for {what}{}",
+                last_err.map(|e| format!(" (last error: {e:#})")).unwrap_or_default()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Waits for an object of kind `K` to satisfy `pred`; returns it.
+pub async fn wait_for<K, F>(api: &Api<K>, name: &str, what: &str, timeout: Duration, pred: F) -> anyhow::Result<K>
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
+    F: Fn(&K) -> bool,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        let got = api.get_opt(name).await;
+        if let Ok(Some(obj)) = &got
+            && pred(obj)
+        {
+            return Ok(obj.clone());
+        }
+        if Instant::now() >= deadline {
+            bail!("timed out after {timeout:?} waiting for {name}: {what}; last seen: {got:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Is condition `type_` True for the object's current generation?
+pub fn condition(obj: &ReplicatedStateMachine, type_: &str) -> bool {
+    obj.status.as_ref().is_some_and(|s| {
+        s.conditions
+            .iter()
+            .any(|c| c.type_ == type_ && c.status == "True" && c.observed_generation == obj.metadata.generation)
+    })
+}
+
+/// The message of condition `type_`, if it is present.
+pub fn condition_message(obj: &ReplicatedStateMachine, type_: &str) -> Option<String> {
+    obj.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| c.message.clone())
+}
+
+pub fn epoch(obj: &ReplicatedStateMachine) -> i64 {
+    obj.status.as_ref().and_then(|s| s.epoch).unwrap_or(0)
+}
+
+pub fn primary(obj: &ReplicatedStateMachine) -> Option<String> {
+    obj.status.as_ref().and_then(|s| s.primary.clone())
+}
+
+/// A fail-stop key-value RSM.
+pub fn kv_rsm(name: &str, t: i32, version: &str, image: &str) -> ReplicatedStateMachine {
+    serde_json::from_value(json!({
+        "apiVersion": "lockstep.dev/v1alpha1", "kind": "ReplicatedStateMachine",
+        "metadata": {"name": name},
+        "spec": {"faultsTolerated": t, "failureModel": "FailStop",
+                 "machine": {"name": "kv", "version": version, "image": image},
+                 "storage": {"size": "256Mi"}}
+    }))
+    .expect("RSM fixture")
+}
+
+/// `kubectl wait --for=condition=Ready rsm/NAME`, as a user would.
+pub fn kubectl_wait_ready(ns: &str, name: &str, timeout: Duration) -> anyhow::Result<()> {
+    kubectl(&[
+        "-n",
+        ns,
+        "wait",
+        "--for=condition=Ready",
+        &format!("rsm/{name}"),
+        &format!("--timeout={}s", timeout.as_secs()),
+    ])
+    .map(|_| ())
+}
+
+/// The container id (`containerd://…`) of container `container` in a pod.
+pub async fn container_id(pods: &Api<Pod>, pod: &str, container: &str) -> anyhow::Result<String> {
+    let p = pods.get(pod).await?;
+    p.status
+        .and_then(|s| s.container_statuses)
+        .and_then(|cs| cs.into_iter().find(|c| c.name == container))
+        .and_then(|c| c.container_id)
+        .with_context(|| format!("pod {pod} has no running container {container}"))
+}
+
+fn pod_running(p: &Pod) -> bool {
+    p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+        && p.status
+            .as_ref()
+            .and_then(|s| s.container_statuses.as_ref())
+            .is_some_and(|cs| cs.iter().all(|c| c.ready))
+}
+
+async fn run_pod(client: &Client, ns: &str, pod: serde_json::Value) -> anyhow::Result<String> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let pod: Pod = serde_json::from_value(pod)?;
+    let name = pod.metadata.name.clone().unwrap_or_default();
+    match pods.create(&PostParams::default(), &pod).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.code == 409 => {}
+        Err(e) => return Err(e).with_context(|| format!("creating pod {ns}/{name}")),
+    }
+    wait_for(&pods, &name, "running", Duration::from_secs(180), pod_running).await?;
+    Ok(name)
+}
+
+/// A pod in the test's namespace with the `lockstep` CLI and `lockstep-check`: clients
+/// inside the cluster, talking to an RSM through its client Service. It passes the
+/// `restricted` Pod Security profile.
+pub struct ToolsPod {
+    pub ns: String,
+    pub name: String,
+}
+
+impl ToolsPod {
+    pub async fn start(client: &Client, ns: &str, images: &Images) -> anyhow::Result<Self> {
+        let name = run_pod(
+            client,
+            ns,
+            json!({
+                "metadata": {"name": "lockstep-tools", "labels": {"app.kubernetes.io/name": "lockstep-e2e-tools"}},
+                "spec": {
+                    "automountServiceAccountToken": false,
+                    "terminationGracePeriodSeconds": 1,
+                    "securityContext": {"runAsNonRoot": true, "runAsUser": 65532, "runAsGroup": 65532,
+                                        "seccompProfile": {"type": "RuntimeDefault"}},
+                    "containers": [{
+                        "name": "tools", "image": images.tools, "imagePullPolicy": "IfNotPresent",
+                        "command": ["/usr/local/bin/lockstep-e2e-tool", "idle"],
+                        "workingDir": "/work",
+                        "volumeMounts": [{"name": "work", "mountPath": "/work"}],
+                        "securityContext": {"allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true,
+                                            "capabilities": {"drop": ["ALL"]}}
+                    }],
+                    "volumes": [{"name": "work", "emptyDir": {}}]
+                }
+            }),
+        )
+        .await?;
+        Ok(Self { ns: ns.into(), name })
+    }
+
+    /// Runs a command in the pod; returns stdout, or an error with stderr.
+    pub fn exec(&self, cmd: &[&str]) -> anyhow::Result<String> {
+        let mut args = vec!["-n", self.ns.as_str(), "exec", self.name.as_str(), "--"];
+        args.extend_from_slice(cmd);
+        kubectl(&args)
+    }
+
+    /// Starts a command in the pod in the background (its output goes to the test's).
+    pub fn spawn(&self, cmd: &[&str]) -> anyhow::Result<std::process::Child> {
+        let mut args = vec!["-n", self.ns.as_str(), "exec", self.name.as_str(), "--"];
+        args.extend_from_slice(cmd);
+        Command::new("kubectl")
+            .args(&args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("kubectl exec")
+    }
+
+    /// `lockstep -c SERVICE:7000 ARGS...` inside the cluster.
+    pub fn lockstep(&self, service: &str, args: &[&str]) -> anyhow::Result<String> {
+        let target = format!("{service}:7000");
+        let mut cmd = vec!["lockstep", "-c", target.as_str()];
+        cmd.extend_from_slice(args);
+        self.exec(&cmd)
+    }
+}
+
+/// The fault injector: a privileged pod in the host's PID namespace (namespace
+/// `lockstep-e2e-faults`, outside any replica's) that signals a container's processes.
+pub struct Faults {
+    pod: String,
+}
+
+impl Faults {
+    pub async fn start(client: &Client, images: &Images) -> anyhow::Result<Self> {
+        let nss: Api<Namespace> = Api::all(client.clone());
+        if nss.get_opt(FAULTS_NS).await?.is_none() {
+            let ns: Namespace = serde_json::from_value(
+                json!({"metadata": {"name": FAULTS_NS, "labels": {"app.kubernetes.io/part-of": "lockstep-e2e"}}}),
+            )?;
+            match nss.create(&PostParams::default(), &ns).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 409 => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let pod = run_pod(
+            client,
+            FAULTS_NS,
+            json!({
+                "metadata": {"name": "lockstep-e2e-tool"},
+                "spec": {
+                    "hostPID": true,
+                    "terminationGracePeriodSeconds": 1,
+                    "containers": [{
+                        "name": "fault", "image": images.tools, "imagePullPolicy": "IfNotPresent",
+                        "command": ["/usr/local/bin/lockstep-e2e-tool", "idle"],
+                        "securityContext": {"privileged": true, "runAsUser": 0}
+                    }]
+                }
+            }),
+        )
+        .await?;
+        Ok(Self { pod })
+    }
+
+    /// Sends `signal` (KILL, STOP, CONT) to the processes of `container` in pod `ns/pod`.
+    pub async fn signal(
+        &self,
+        client: &Client,
+        ns: &str,
+        pod: &str,
+        container: &str,
+        signal: &str,
+    ) -> anyhow::Result<()> {
+        let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+        let id = container_id(&pods, pod, container).await?;
+        kubectl(&[
+            "-n",
+            FAULTS_NS,
+            "exec",
+            &self.pod,
+            "--",
+            "/usr/local/bin/lockstep-e2e-tool",
+            "signal",
+            signal,
+            &id,
+        ])
+        .map(|_| ())
+    }
+
+    /// `kill -9` of a replica's process.
+    pub async fn kill_replica(&self, client: &Client, ns: &str, pod: &str) -> anyhow::Result<()> {
+        self.signal(client, ns, pod, "replica", "KILL").await
+    }
+}
+
+/// Installs the CRD and the operator with the plain manifests (`kubectl apply -f crds/ -f
+/// manifests/`, as the README says), points it at the images under test, and waits until it
+/// is available. Idempotent.
+pub fn install_operator(images: &Images) -> anyhow::Result<()> {
+    kubectl(&["apply", "--server-side", "--force-conflicts", "-f", "crds/"])?;
+    kubectl(&[
+        "wait",
+        "--for=condition=Established",
+        "crd/replicatedstatemachines.lockstep.dev",
+        "--timeout=60s",
+    ])?;
+    kubectl(&["apply", "-f", "manifests/"])?;
+    let deploy = "deployment/lockstep-operator";
+    kubectl(&[
+        "-n",
+        OPERATOR_NS,
+        "set",
+        "image",
+        deploy,
+        &format!("operator={}", images.operator),
+    ])?;
+    kubectl(&[
+        "-n",
+        OPERATOR_NS,
+        "set",
+        "env",
+        deploy,
+        &format!("LOCKSTEP_REPLICA_IMAGE={}", images.replica),
+    ])?;
+    kubectl(&["-n", OPERATOR_NS, "rollout", "status", deploy, "--timeout=300s"])?;
+    Ok(())
+}
+
+/// The operator pod holding the leader Lease.
+pub fn operator_leader() -> anyhow::Result<String> {
+    let holder = kubectl(&[
+        "-n",
+        OPERATOR_NS,
+        "get",
+        "lease",
+        "lockstep-operator",
+        "-o",
+        "jsonpath={.spec.holderIdentity}",
+    ])?;
+    if holder.trim().is_empty() {
+        bail!("no operator holds the lease");
+    }
+    Ok(holder.trim().to_string())
+}
+
+/// A `lockstep bench` load with its history recorded, running inside the cluster until the
+/// test stops it (SIGINT: the bench finishes in-flight operations, then writes its report and
+/// history).
+pub struct Load<'a> {
+    tools: &'a ToolsPod,
+    child: std::process::Child,
+    history: String,
+}
+
+/// What a load saw.
+pub struct LoadOutcome {
+    pub report: String,
+    /// `lockstep-check`'s verdict (the check passed when this exists).
+    pub check: String,
+    /// The recorded history, one JSON object per line.
+    pub history: String,
+}
+
+impl<'a> Load<'a> {
+    /// `lockstep -c SERVICE:7000 bench --mix mixed` with `clients` clients over `keys` keys.
+    pub fn start(tools: &'a ToolsPod, service: &str, clients: usize, keys: usize, name: &str) -> anyhow::Result<Self> {
+        let history = format!("/work/{name}.jsonl");
+        let target = format!("{service}:7000");
+        let clients = clients.to_string();
+        let keys = keys.to_string();
+        let child = tools.spawn(&[
+            "lockstep",
+            "-c",
+            &target,
+            "bench",
+            "--clients",
+            &clients,
+            "--keys",
+            &keys,
+            "--duration",
+            "1800",
+            "--mix",
+            "mixed",
+            "--history",
+            &history,
+        ])?;
+        Ok(Self { tools, child, history })
+    }
+
+    /// Stops the load, waits for its report, and checks the history with `lockstep-check`.
+    pub fn finish(self) -> anyhow::Result<LoadOutcome> {
+        self.tools.exec(&["lockstep-e2e-tool", "pkill", "INT", "bench"])?;
+        let out = self.child.wait_with_output().context("waiting for the load")?;
+        let report = String::from_utf8_lossy(&out.stdout).into_owned();
+        if !out.status.success() {
+            bail!("the load failed: {report}{}", String::from_utf8_lossy(&out.stderr));
+        }
+        let check = self
+            .tools
+            .exec(&["lockstep-check", &self.history])
+            .context("lockstep-check: the history is not linearizable")?;
+        let history = self.tools.exec(&["lockstep-e2e-tool", "cat", &self.history])?;
+        Ok(LoadOutcome { report, check, history })
+    }
+}

@@ -1,0 +1,86 @@
+//! What `kubectl drain` does: an Eviction of one replica pod is allowed while the cluster is
+//! fully redundant and refused (429) while it is not.
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, EvictParams, PostParams};
+use lockstep_e2e::{condition, fresh_namespace, kubectl_wait_ready, kv_rsm, primary, wait_for};
+use lockstep_resource::ReplicatedStateMachine;
+
+use crate::common::setup;
+
+async fn evict(pods: &Api<Pod>, name: &str) -> Result<(), u16> {
+    match pods.evict(name, &EvictParams::default()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) => Err(s.code),
+        Err(e) => panic!("eviction of {name}: {e}"),
+    }
+}
+
+#[tokio::test]
+#[ignore = "needs a Kubernetes cluster: run e2e/run.sh"]
+async fn eviction_allowed_only_while_fully_redundant() {
+    let (client, images) = setup().await;
+    let ns = "lockstep-e2e-evict";
+    fresh_namespace(&client, ns, true).await.expect("namespace");
+    let api: Api<ReplicatedStateMachine> = Api::namespaced(client.clone(), ns);
+    api.create(&PostParams::default(), &kv_rsm("kv", 1, "1.0.0", &images.replica))
+        .await
+        .expect("RSM created");
+    kubectl_wait_ready(ns, "kv", Duration::from_secs(300)).expect("Ready");
+    // The disruption controller must have counted both replicas healthy.
+    let pdbs: Api<k8s_openapi::api::policy::v1::PodDisruptionBudget> = Api::namespaced(client.clone(), ns);
+    wait_for(
+        &pdbs,
+        "kv",
+        "the PDB to allow one disruption",
+        Duration::from_secs(120),
+        |p| p.status.as_ref().is_some_and(|s| s.disruptions_allowed == 1),
+    )
+    .await
+    .expect("PDB allows one disruption");
+
+    let obj = api.get("kv").await.expect("RSM");
+    let leader = primary(&obj).expect("primary");
+    let backup = obj
+        .status
+        .as_ref()
+        .and_then(|s| s.members.iter().find(|m| m.pod != leader).map(|m| m.pod.clone()))
+        .expect("a backup");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    evict(&pods, &backup)
+        .await
+        .expect("evicting one replica of a fully redundant cluster is allowed");
+
+    // Now redundancy is reduced until the replacement has caught up: the next one is refused.
+    wait_for(&api, "kv", "redundancy reduced", Duration::from_secs(120), |o| {
+        !condition(o, "Ready")
+    })
+    .await
+    .expect("not Ready");
+    assert_eq!(
+        evict(&pods, &leader).await,
+        Err(429),
+        "evicting the last up-to-date replica must be refused while redundancy is reduced"
+    );
+    wait_for(
+        &api,
+        "kv",
+        "Ready after the replacement",
+        Duration::from_secs(300),
+        |o| condition(o, "Ready"),
+    )
+    .await
+    .expect("Ready again");
+    wait_for(
+        &pdbs,
+        "kv",
+        "the PDB to allow a disruption again",
+        Duration::from_secs(120),
+        |p| p.status.as_ref().is_some_and(|s| s.disruptions_allowed == 1),
+    )
+    .await
+    .expect("disruption allowed again");
+    lockstep_e2e::delete_namespace(&client, ns).await.expect("cleanup");
+}
