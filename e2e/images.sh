@@ -11,7 +11,7 @@
 #   ghcr.io/lockstep-dev/lockstep-operator:TAG
 #   ghcr.io/lockstep-dev/lockstep-replica:TAG            built-in machines report 1.0.0
 #   ghcr.io/lockstep-dev/lockstep-replica:TAG-promoted   the same image, a second tag
-#   ghcr.io/lockstep-dev/lockstep-replica:TAG-next       a build whose machines report 1.1.0
+#   ghcr.io/lockstep-dev/lockstep-replica:TAG-next       kv 1.1.0 (replica/examples/kv_next.rs)
 #   ghcr.io/lockstep-dev/lockstep-e2e-tools:TAG          lockstep, lockstep-check, lockstep-e2e-tool
 set -euo pipefail
 
@@ -19,32 +19,28 @@ mode="${1:?usage: e2e/images.sh kit|kind}"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 TAG="${LOCKSTEP_E2E_TAG:-e2e}"
 REG="ghcr.io/lockstep-dev"
-NEXT_VERSION="${LOCKSTEP_E2E_NEXT_VERSION:-1.1.0}"
 KIT="${K8S_KIT:-$ROOT/../shared/k8s}"
 cd "$ROOT"
 
 step() { printf '== %s\n' "$*" >&2; }
 
-step "release build: operator, replica, CLI, checker, fault injector"
+step "release build: operator, replica (and the kv 1.1.0 example), CLI, checker, e2e tool"
+# One cargo invocation, always the same package set: features unify the same way every time,
+# so nothing is rebuilt twice.
 cargo build --release --locked \
   -p lockstep-operator --bin lockstep-operator \
-  -p lockstep-replica --bin lockstep-replica \
+  -p lockstep-replica --bin lockstep-replica --example kv_next \
   -p lockstep --bin lockstep \
   -p lockstep-linearizability --bin lockstep-check \
   -p lockstep-e2e --bin lockstep-e2e-tool
 out="$ROOT/target/e2e-images"
 rm -rf "$out"
-mkdir -p "$out/bin"
+mkdir -p "$out/bin" "$out/next"
 cp target/release/lockstep-operator target/release/lockstep-replica target/release/lockstep \
   target/release/lockstep-check target/release/lockstep-e2e-tool "$out/bin/"
-
-# A second replica build whose built-in machines report another version, as a user's new
+# A replica whose machine reports kv 1.1.0 (replica/examples/kv_next.rs), as a user's next
 # release would: the rollout test checks that the operator sees what replicas run.
-step "release build: replica reporting machine version $NEXT_VERSION"
-LOCKSTEP_BUILTIN_MACHINE_VERSION="$NEXT_VERSION" cargo build --release --locked \
-  -p lockstep-replica --bin lockstep-replica
-mkdir -p "$out/next"
-cp target/release/lockstep-replica "$out/next/lockstep-replica"
+cp target/release/examples/kv_next "$out/next/lockstep-replica"
 
 # rootfs DIR BINARY... : the binaries in /usr/local/bin, their shared libraries, the nonroot
 # user, /tmp and /data (owned by 65532).
