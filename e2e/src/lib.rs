@@ -170,10 +170,23 @@ where
     }
 }
 
+/// An object as JSON without the noise a person does not need to see why a wait failed
+/// (managed fields, the last-applied annotation).
+pub fn brief<K: serde::Serialize>(obj: &K) -> String {
+    let mut v = serde_json::to_value(obj).unwrap_or_default();
+    if let Some(meta) = v.get_mut("metadata").and_then(|m| m.as_object_mut()) {
+        meta.remove("managedFields");
+        if let Some(a) = meta.get_mut("annotations").and_then(|a| a.as_object_mut()) {
+            a.remove("kubectl.kubernetes.io/last-applied-configuration");
+        }
+    }
+    serde_json::to_string_pretty(&v).unwrap_or_default()
+}
+
 /// Waits for an object of kind `K` to satisfy `pred`; returns it.
 pub async fn wait_for<K, F>(api: &Api<K>, name: &str, what: &str, timeout: Duration, pred: F) -> anyhow::Result<K>
 where
-    K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
+    K: Resource + Clone + DeserializeOwned + serde::Serialize + std::fmt::Debug,
     F: Fn(&K) -> bool,
 {
     let deadline = Instant::now() + timeout;
@@ -185,7 +198,11 @@ where
             return Ok(obj.clone());
         }
         if Instant::now() >= deadline {
-            bail!("timed out after {timeout:?} waiting for {name}: {what}; last seen: {got:?}");
+            let seen = match &got {
+                Ok(Some(obj)) => brief(obj),
+                other => format!("{other:?}"),
+            };
+            bail!("timed out after {timeout:?} waiting for {name}: {what}; last seen: {seen}");
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
