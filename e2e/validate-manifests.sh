@@ -11,7 +11,7 @@ K8S_VERSION="${K8S_VERSION:-1.33.0}"
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 
-yamllint -d '{extends: relaxed, rules: {line-length: disable}}' crds manifests charts/lockstep/values.yaml charts/lockstep/Chart.yaml
+yamllint -d '{extends: relaxed, rules: {line-length: disable}}' crds manifests charts/lockstep/values.yaml charts/lockstep/Chart.yaml .github
 
 kubernetes-validate --strict --quiet -k "$K8S_VERSION" crds/*.yaml manifests/*.yaml
 
@@ -20,6 +20,13 @@ kubernetes-validate --strict --quiet -k "$K8S_VERSION" crds/*.yaml manifests/*.y
 "$HELM" template lockstep charts/lockstep --namespace lockstep-system >"$tmp/chart.yaml"
 # ServiceMonitor is a prometheus-operator CRD, not in the Kubernetes schemas: validate the rest.
 kubernetes-validate --strict --quiet -k "$K8S_VERSION" "$tmp/chart.yaml"
+# values.schema.json: a value of the wrong type fails with a message naming it.
+for bad in replicaCount=two image.pullPolicy=Sometimes leaderElection.enabled=maybe; do
+  if "$HELM" template lockstep charts/lockstep --set "$bad" >/dev/null 2>&1; then
+    echo "charts/lockstep/values.schema.json must reject --set $bad" >&2
+    exit 1
+  fi
+done
 if "$HELM" template lockstep charts/lockstep --set replicaCount=2 --set leaderElection.enabled=false >/dev/null 2>&1; then
   echo "chart must refuse replicaCount > 1 without leader election" >&2
   exit 1
