@@ -425,18 +425,17 @@ impl Faults {
     }
 }
 
-/// Installs the CRD and the operator with the plain manifests (`kubectl apply -f crds/ -f
-/// manifests/`, as the README says), points it at the images under test, and waits until it
-/// is available. Idempotent.
+/// Installs the CRD and the operator with the plain manifests (`kubectl apply --server-side
+/// -k manifests/`, as the README says), points it at the images under test, and waits until
+/// it is available. Idempotent.
 pub fn install_operator(images: &Images) -> anyhow::Result<()> {
-    kubectl(&["apply", "--server-side", "--force-conflicts", "-f", "crds/"])?;
+    kubectl(&["apply", "--server-side", "--force-conflicts", "-k", "manifests/"])?;
     kubectl(&[
         "wait",
         "--for=condition=Established",
         "crd/replicatedstatemachines.lockstep.dev",
         "--timeout=60s",
     ])?;
-    kubectl(&["apply", "-f", "manifests/"])?;
     let deploy = "deployment/lockstep-operator";
     kubectl(&[
         "-n",

@@ -4,7 +4,7 @@
 //! `--admin-address`):
 //!
 //! ```sh
-//! kubectl apply -f crds/
+//! kubectl apply --server-side -k crds/
 //! cargo run -p lockstep-operator --bin lockstep-operator -- --admin-address dns
 //! ```
 

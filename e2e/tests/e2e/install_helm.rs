@@ -41,22 +41,8 @@ fn split_image(image: &str) -> (&str, &str) {
 async fn helm_install_uninstall_keeps_crd_and_clusters() {
     let (client, images) = setup().await;
     // Start from nothing: remove the plain install and the CRD (no RSM exists between tests).
-    let _ = kubectl(&[
-        "delete",
-        "-f",
-        "manifests/",
-        "--ignore-not-found",
-        "--wait=true",
-        "--timeout=180s",
-    ]);
-    let _ = kubectl(&[
-        "delete",
-        "crd",
-        "replicatedstatemachines.lockstep.dev",
-        "--ignore-not-found",
-        "--wait=true",
-        "--timeout=180s",
-    ]);
+    kubectl(&["delete", "-k", "manifests/", "--ignore-not-found", "--wait=true", "--timeout=300s"])
+        .expect("plain install removed");
 
     let (repo, tag) = split_image(&images.operator);
     let out = helm(&[
