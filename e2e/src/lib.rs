@@ -425,35 +425,46 @@ impl Faults {
     }
 }
 
-/// Installs the CRD and the operator with the plain manifests (`kubectl apply --server-side
-/// -k manifests/`, as the README says), points it at the images under test, and waits until
-/// it is available. Idempotent.
+/// A kustomize overlay of `manifests/` (in `target/e2e-overlay/`) that points the operator at
+/// the images under test — what a user does to pin images. Returns its directory relative to
+/// the repository root.
+pub fn install_overlay(images: &Images) -> anyhow::Result<String> {
+    let dir = repo().join("target").join("e2e-overlay");
+    std::fs::create_dir_all(&dir).context("creating target/e2e-overlay")?;
+    let (name, tag) = images.operator.rsplit_once(':').unwrap_or((&images.operator, "latest"));
+    let kustomization = format!(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\n\
+         kind: Kustomization\n\
+         resources:\n  - ../../manifests\n\
+         images:\n  - name: ghcr.io/lockstep-dev/lockstep-operator\n    newName: {name}\n    newTag: {tag}\n\
+         patches:\n  - target: {{kind: Deployment, name: lockstep-operator}}\n    patch: |-\n      \
+         - op: add\n        path: /spec/template/spec/containers/0/env/-\n        \
+         value: {{name: LOCKSTEP_REPLICA_IMAGE, value: \"{}\"}}\n",
+        images.replica
+    );
+    std::fs::write(dir.join("kustomization.yaml"), kustomization).context("writing the overlay")?;
+    Ok("target/e2e-overlay".into())
+}
+
+/// Installs the CRD and the operator as the README says (`kubectl apply --server-side -k`),
+/// through [`install_overlay`], and waits until the operator is available. Idempotent.
 pub fn install_operator(images: &Images) -> anyhow::Result<()> {
-    kubectl(&["apply", "--server-side", "--force-conflicts", "-k", "manifests/"])?;
+    let overlay = install_overlay(images)?;
+    kubectl(&["apply", "--server-side", "--force-conflicts", "-k", &overlay])?;
     kubectl(&[
         "wait",
         "--for=condition=Established",
         "crd/replicatedstatemachines.lockstep.dev",
         "--timeout=60s",
     ])?;
-    let deploy = "deployment/lockstep-operator";
     kubectl(&[
         "-n",
         OPERATOR_NS,
-        "set",
-        "image",
-        deploy,
-        &format!("operator={}", images.operator),
+        "rollout",
+        "status",
+        "deployment/lockstep-operator",
+        "--timeout=300s",
     ])?;
-    kubectl(&[
-        "-n",
-        OPERATOR_NS,
-        "set",
-        "env",
-        deploy,
-        &format!("LOCKSTEP_REPLICA_IMAGE={}", images.replica),
-    ])?;
-    kubectl(&["-n", OPERATOR_NS, "rollout", "status", deploy, "--timeout=300s"])?;
     Ok(())
 }
 

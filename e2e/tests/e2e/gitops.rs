@@ -74,6 +74,37 @@ async fn reapplying_with_another_field_manager_changes_nothing_and_idle_stays_pu
         "re-apply started a rollout"
     );
 
+    // The install itself, re-applied by another manager: nothing changes either.
+    let overlay = lockstep_e2e::install_overlay(&images).expect("overlay");
+    let deployments: Api<k8s_openapi::api::apps::v1::Deployment> =
+        Api::namespaced(client.clone(), lockstep_e2e::OPERATOR_NS);
+    let op_before = deployments.get("lockstep-operator").await.expect("operator deployment");
+    lockstep_e2e::kubectl(&[
+        "apply",
+        "--server-side",
+        "--field-manager=argocd-controller",
+        "--force-conflicts",
+        "-k",
+        &overlay,
+    ])
+    .expect("install re-applied by another manager");
+    let op_after = deployments.get("lockstep-operator").await.expect("operator deployment");
+    assert_eq!(
+        op_before.metadata.generation, op_after.metadata.generation,
+        "re-applying the install changed the operator"
+    );
+    let diff = lockstep_e2e::kubectl(&[
+        "diff",
+        "--server-side",
+        "--field-manager=argocd-controller",
+        "-k",
+        &overlay,
+    ]);
+    assert!(
+        diff.is_ok(),
+        "kubectl diff -k shows a difference after re-apply: {diff:?}"
+    );
+
     // Idle for a minute: the operator writes nothing (no status churn).
     let rv = api.get("kv").await.expect("RSM").metadata.resource_version;
     let t0 = Instant::now();

@@ -41,8 +41,15 @@ fn split_image(image: &str) -> (&str, &str) {
 async fn helm_install_uninstall_keeps_crd_and_clusters() {
     let (client, images) = setup().await;
     // Start from nothing: remove the plain install and the CRD (no RSM exists between tests).
-    kubectl(&["delete", "-k", "manifests/", "--ignore-not-found", "--wait=true", "--timeout=300s"])
-        .expect("plain install removed");
+    kubectl(&[
+        "delete",
+        "-k",
+        "manifests/",
+        "--ignore-not-found",
+        "--wait=true",
+        "--timeout=300s",
+    ])
+    .expect("plain install removed");
 
     let (repo, tag) = split_image(&images.operator);
     let out = helm(&[
