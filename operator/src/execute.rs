@@ -9,7 +9,7 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
 use lockstep_planner::{self as planner, Action as Step, Config, MachineRef, Plan, Rollout};
-use lockstep_resource::ReplicatedStateMachine;
+use lockstep_resource::{ReplicatedStateMachine, ReplicatedStateMachineStatus};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -95,10 +95,11 @@ impl Executor<'_> {
 
     async fn step(&self, current: &mut ReplicatedStateMachine, step: &Step) -> Result<Outcome, Error> {
         match step {
-            Step::CreateReplica { id, machine } => self.create_replica(id, machine).await?,
+            Step::CreateReplica { id, machine } => return self.create_replica(current, id, machine).await,
             Step::Reconfigure { config, notify } => return self.reconfigure(current, config, notify).await,
             Step::PushConfig { id } => self.push_config(current, id).await,
-            Step::DeleteReplica { id, reason } => self.delete_replica(current, id, reason).await?,
+            Step::DeleteReplica { id, reason } => self.delete_replica(id, reason).await?,
+            Step::DeleteVolume { id } => self.delete_volume(id).await?,
             Step::Seal => self.seal(current).await,
             Step::Stage { machine } => self.stage(current, machine).await?,
             Step::RestartReplica { id, machine } => self.restart_replica(id, machine).await?,
@@ -106,6 +107,18 @@ impl Executor<'_> {
             Step::SetRollout { rollout } => return self.set_rollout(current, rollout.as_ref()).await,
         }
         Ok(Outcome::Continue)
+    }
+
+    /// Writes a change to the persisted state; false when the plan turned out stale.
+    async fn persist(
+        &self,
+        current: &mut ReplicatedStateMachine,
+        change: impl Fn(&ReplicatedStateMachineStatus) -> ReplicatedStateMachineStatus,
+    ) -> Result<bool, Error> {
+        let conflict = || {
+            self.ctx.metrics.status_conflicts.inc();
+        };
+        Ok(status::write_persisted(self.api, current, change, conflict).await?)
     }
 
     async fn event(&self, type_: EventType, reason: &str, action: &str, note: String) {
@@ -121,12 +134,27 @@ impl Executor<'_> {
         self.address_of(&config.primary)
     }
 
-    async fn create_replica(&self, id: &str, machine: &MachineRef) -> Result<(), Error> {
+    /// Records that the ordinal is handed out (so no replacement ever reuses this name or
+    /// volume), then creates the claim and the pod.
+    async fn create_replica(
+        &self,
+        current: &mut ReplicatedStateMachine,
+        id: &str,
+        machine: &MachineRef,
+    ) -> Result<Outcome, Error> {
         self.ctx.metrics.action("create_replica");
         if self.world.terminating_pvcs.contains(&names::pvc(id)) {
-            // The planner reuses a free ordinal; its old volume is still going away.
+            // An old volume of this name is still going away.
             tracing::info!(object = %key(self.rsm), replica = %id, "waiting for the old claim to be deleted");
-            return Ok(());
+            return Ok(Outcome::Continue);
+        }
+        if let Some(ordinal) = planner::ordinal_of(id)
+            && ordinal >= translate::persisted_next_ordinal(current)
+        {
+            let won = self.persist(current, |s| status::with_ordinal(s, ordinal)).await?;
+            if !won {
+                return Ok(Outcome::Stale);
+            }
         }
         if let Some(pvc) = build::replica_pvc(self.rsm, id)? {
             create_if_absent::<PersistentVolumeClaim>(self.ctx, &self.ns, &pvc).await?;
@@ -140,7 +168,7 @@ impl Executor<'_> {
             self.event(EventType::Normal, "CreatingReplica", "CreateReplica", note)
                 .await;
         }
-        Ok(())
+        Ok(Outcome::Continue)
     }
 
     /// Fence first: the epoch is decided when the API server stores it; only then is it
@@ -152,15 +180,7 @@ impl Executor<'_> {
         notify: &[String],
     ) -> Result<Outcome, Error> {
         self.ctx.metrics.action("reconfigure");
-        let won = status::write_persisted(
-            self.api,
-            current,
-            |s| status::with_config(s, config),
-            || {
-                self.ctx.metrics.status_conflicts.inc();
-            },
-        )
-        .await?;
+        let won = self.persist(current, |s| status::with_config(s, config)).await?;
         if !won {
             let note = format!(
                 "epoch {} was not recorded: the persisted configuration changed meanwhile; replanning",
@@ -207,7 +227,9 @@ impl Executor<'_> {
         }
     }
 
-    async fn delete_replica(&self, current: &ReplicatedStateMachine, id: &str, reason: &str) -> Result<(), Error> {
+    /// Stops a replica outside the configuration. Its volume stays (`delete_volume`, planned
+    /// once redundancy is fully restored).
+    async fn delete_replica(&self, id: &str, reason: &str) -> Result<(), Error> {
         self.ctx.metrics.action("delete_replica");
         let failed = reason.starts_with("fail-stopped");
         if failed {
@@ -222,10 +244,24 @@ impl Executor<'_> {
             self.event(type_, why, "DeleteReplica", format!("deleting {id}: {reason}"))
                 .await;
         }
-        // Its volume holds nothing the configuration needs any more.
-        let in_config = translate::persisted_config(current).is_some_and(|c| c.member(id).is_some());
-        if !in_config {
-            delete_if_present::<PersistentVolumeClaim>(self.ctx, &self.ns, &names::pvc(id)).await?;
+        Ok(())
+    }
+
+    /// Deletes the claim of a replica that left the configuration (planned only with every
+    /// voter running).
+    async fn delete_volume(&self, id: &str) -> Result<(), Error> {
+        self.ctx.metrics.action("delete_volume");
+        let claim = names::pvc(id);
+        if self.world.terminating_pvcs.contains(&claim) {
+            return Ok(());
+        }
+        if delete_if_present::<PersistentVolumeClaim>(self.ctx, &self.ns, &claim).await? {
+            let note = format!(
+                "deleting volume {claim} of {id}, which left the configuration: every voter runs again, \
+                 so it is no longer the last copy of anything"
+            );
+            self.event(EventType::Normal, "DeletingVolume", "DeleteVolume", note)
+                .await;
         }
         Ok(())
     }
@@ -326,15 +362,7 @@ impl Executor<'_> {
     ) -> Result<Outcome, Error> {
         self.ctx.metrics.action("set_rollout");
         let before = translate::persisted_rollout(current);
-        let won = status::write_persisted(
-            self.api,
-            current,
-            |s| status::with_rollout(s, rollout),
-            || {
-                self.ctx.metrics.status_conflicts.inc();
-            },
-        )
-        .await?;
+        let won = self.persist(current, |s| status::with_rollout(s, rollout)).await?;
         if !won {
             return Ok(Outcome::Stale);
         }

@@ -180,6 +180,7 @@ pub fn compute(
         upgrade_phase: rollout.map(|r| translate::phase_name(r.phase).to_string()),
         seal_index: rollout.and_then(|r| r.seal_index).and_then(|i| i64::try_from(i).ok()),
         rollout: rollout.map(translate::rollout_status),
+        next_ordinal: rsm.status.as_ref().and_then(|s| s.next_ordinal),
         conditions: conditions(plan, generation, previous, now),
     }
 }
@@ -211,6 +212,14 @@ pub fn with_config(status: &ReplicatedStateMachineStatus, config: &Config) -> Re
     }
     members.sort_by(|a, b| a.pod.cmp(&b.pod));
     s.members = members;
+    s
+}
+
+/// The status with `next_ordinal` raised past `ordinal` (before replica `ordinal` is created).
+pub fn with_ordinal(status: &ReplicatedStateMachineStatus, ordinal: usize) -> ReplicatedStateMachineStatus {
+    let mut s = status.clone();
+    let next = i64::try_from(ordinal).unwrap_or(i64::MAX - 1) + 1;
+    s.next_ordinal = Some(s.next_ordinal.unwrap_or(0).max(next));
     s
 }
 

@@ -178,6 +178,15 @@ fn phase_from(s: &str) -> Option<RolloutPhase> {
     })
 }
 
+/// `status.nextOrdinal`: ordinals below it were handed out before.
+pub fn persisted_next_ordinal(rsm: &ReplicatedStateMachine) -> usize {
+    rsm.status
+        .as_ref()
+        .and_then(|s| s.next_ordinal)
+        .and_then(|n| usize::try_from(n).ok())
+        .unwrap_or(0)
+}
+
 pub fn persisted_rollout(rsm: &ReplicatedStateMachine) -> Option<Rollout> {
     let r = rsm.status.as_ref()?.rollout.as_ref()?;
     Some(Rollout {
@@ -399,9 +408,12 @@ pub fn observed(rsm: &ReplicatedStateMachine, world: &World, tuning: &Tuning) ->
         replicas,
         rollout,
         staged,
-        // Not persisted on Kubernetes yet: a replacement may reuse a fenced replica's
-        // ordinal once its pod and claim are gone (the operator waits for that).
-        next_ordinal: 0,
+        next_ordinal: persisted_next_ordinal(rsm),
+        volumes: world
+            .pvcs
+            .iter()
+            .filter_map(|c| c.strip_prefix("data-").map(str::to_string))
+            .collect(),
     }
 }
 

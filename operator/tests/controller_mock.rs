@@ -154,7 +154,7 @@ async fn bootstrap_fence_replace_and_rejoin() {
     assert_eq!(h.writes(), Vec::<String>::new(), "steady state makes no writes");
 
     // kv-1 fail-stops: fence (epoch 2 without it, recorded first), push to the survivor,
-    // then delete the pod and its claim.
+    // then delete the pod; its claim stays while redundancy is reduced.
     fail_pod(&h.api, "kv-1", 137, "OOMKilled");
     h.reconcile("kv").await;
     let log = h.log();
@@ -162,27 +162,22 @@ async fn bootstrap_fence_replace_and_rejoin() {
     let push = position(&log, |l| l == "admin reconfigure kv-0 epoch 2");
     let delete = position(&log, |l| l == format!("DELETE {PODS}/kv-1"));
     assert!(put < push && push < delete, "fence, push, then delete: {log:#?}");
-    assert!(log.contains(&format!("DELETE {PVCS}/data-kv-1")), "{log:#?}");
+    assert!(
+        !log.contains(&format!("DELETE {PVCS}/data-kv-1")),
+        "the fenced replica's volume is kept while 1 of 2 voters runs: {log:#?}"
+    );
     assert_eq!(h.status("kv").epoch, Some(2));
     assert_eq!(h.metrics.replacements.get(), 1);
 
-    // The replacement (the planner reuses the free ordinal) gets a fresh pod and an empty
-    // volume, joins as a learner, is promoted.
-    let old_uid = |h: &Harness| {
-        lock(&h.api)
-            .objects
-            .get(&pod_path("kv-1"))
-            .map(|p| p["metadata"]["uid"].clone())
-    };
-    let before = old_uid(&h);
+    // The replacement gets a new name and an empty volume (the fenced ordinal is never
+    // reused: status.nextOrdinal), joins as a learner, is promoted.
     h.reconcile("kv").await;
     assert!(h.writes().contains(&format!("POST {PODS}")));
     assert!(h.writes().contains(&format!("POST {PVCS}")));
-    assert_eq!(pods(&h.api), vec!["kv-0", "kv-1"]);
-    assert_ne!(old_uid(&h), before, "a new pod");
+    assert_eq!(pods(&h.api), vec!["kv-0", "kv-2"]);
+    assert_eq!(h.status("kv").next_ordinal, Some(3));
     assert_eq!(h.condition("kv", "Degraded").0, "True", "1 of 2 voters");
-    lock(&h.admin.replicas).remove("http://10.0.0.2:7000");
-    h.run(&[("kv-1", "10.0.0.3", "n3")], "1.0.0");
+    h.run(&[("kv-2", "10.0.0.3", "n3")], "1.0.0");
     h.reconcile("kv").await; // learner
     assert_eq!(h.status("kv").epoch, Some(3));
     let roles: Vec<(String, Option<String>)> = h
@@ -191,13 +186,64 @@ async fn bootstrap_fence_replace_and_rejoin() {
         .iter()
         .map(|m| (m.pod.clone(), m.role.clone()))
         .collect();
-    assert!(roles.contains(&("kv-1".into(), Some("Learner".into()))), "{roles:?}");
+    assert!(roles.contains(&("kv-2".into(), Some("Learner".into()))), "{roles:?}");
+    assert!(
+        !h.writes().contains(&format!("DELETE {PVCS}/data-kv-1")),
+        "still a learner"
+    );
     h.reconcile("kv").await; // promoted
     assert_eq!(h.status("kv").epoch, Some(4));
+    // Full redundancy again: now the fenced replica's volume goes, with an event.
     h.reconcile("kv").await;
     assert_eq!(h.condition("kv", "Ready").0, "True");
     assert_eq!(h.condition("kv", "Degraded").0, "False");
+    assert!(
+        h.writes().contains(&format!("DELETE {PVCS}/data-kv-1")),
+        "{:#?}",
+        h.writes()
+    );
+    assert!(
+        event_notes(&h.api)
+            .iter()
+            .any(|n| n.contains("deleting volume data-kv-1"))
+    );
     assert_eq!(h.admin.epoch("10.0.0.3"), 4);
+}
+
+#[tokio::test]
+async fn simultaneous_failure_fences_nobody_and_deletes_no_volume() {
+    let h = harness();
+    bootstrapped_pods(&h).await;
+    h.reconcile("kv").await; // epoch 1
+    h.reconcile("kv").await; // ready
+    // Both replicas die; kv-1's pod still looks Running for a moment (its process is gone:
+    // the admin call fails, within the grace period).
+    fail_pod(&h.api, "kv-0", 137, "OOMKilled");
+    lock(&h.admin.replicas).remove("http://10.0.0.2:7000");
+    h.reconcile("kv").await;
+    let writes = h.writes();
+    assert_eq!(h.status("kv").epoch, Some(1), "no epoch whose only voter may be dead");
+    assert!(
+        !writes.iter().any(|l| l.contains("persistentvolumeclaims")),
+        "no volume touched: {writes:#?}"
+    );
+    assert!(!writes.iter().any(|l| l.starts_with("DELETE")), "{writes:#?}");
+    let (degraded, _, message) = h.condition("kv", "Degraded");
+    assert_eq!(degraded, "True");
+    assert!(
+        message.contains("no surviving voter of epoch 1 has answered"),
+        "{message}"
+    );
+    // kv-1's pod fails for good too: every voter is restarted from its own volume.
+    fail_pod(&h.api, "kv-1", 137, "OOMKilled");
+    h.reconcile("kv").await;
+    assert_eq!(h.status("kv").epoch, Some(1));
+    let writes = h.writes();
+    assert!(writes.contains(&format!("DELETE {PODS}/kv-0")) && writes.contains(&format!("DELETE {PODS}/kv-1")));
+    assert!(
+        !writes.iter().any(|l| l.contains("persistentvolumeclaims")),
+        "{writes:#?}"
+    );
 }
 
 async fn bootstrapped_pods(h: &Harness) {

@@ -181,7 +181,10 @@ impl FakeApi {
             Method::POST => {
                 let name = body["metadata"]["name"].as_str().unwrap_or_default().to_string();
                 if path.contains("/events") {
-                    return ok(201, &body);
+                    // Stored like any object, so tests read what a person would see.
+                    let p = format!("{path}/{name}");
+                    self.insert(&p, body);
+                    return ok(201, &self.objects[&p]);
                 }
                 let p = format!("{path}/{name}");
                 if self.objects.contains_key(&p) {
@@ -354,6 +357,19 @@ pub fn pods(api: &Mutex<FakeApi>) -> Vec<String> {
         .objects
         .keys()
         .filter_map(|k| k.strip_prefix(&prefix).map(str::to_string))
+        .collect()
+}
+
+/// The notes of the stored events (with their series count), in name order.
+pub fn event_notes(api: &Mutex<FakeApi>) -> Vec<String> {
+    lock(api)
+        .objects
+        .iter()
+        .filter(|(k, _)| k.contains("/events/"))
+        .map(|(_, v)| {
+            let count = v["series"]["count"].as_i64().unwrap_or(1);
+            format!("{} (x{count})", v["note"].as_str().unwrap_or_default())
+        })
         .collect()
 }
 
