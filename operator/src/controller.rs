@@ -16,7 +16,7 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{EventType, Recorder, Reporter};
+use kube::runtime::events::{EventType, Reporter};
 use kube::runtime::{Controller, WatchStreamExt, reflector, watcher};
 use kube::{Client, Resource, ResourceExt};
 use lockstep_planner::{self as planner, Plan};
@@ -25,7 +25,7 @@ use serde::de::DeserializeOwned;
 
 use crate::admin::ReplicaAdmin;
 use crate::build::{self, BuildError};
-use crate::events::publish;
+use crate::events::{Recorder, publish};
 use crate::execute::{Executor, Owned, create_if_absent, delete_if_present};
 use crate::guards::{self, FromDisk};
 use crate::metrics::Metrics;

@@ -211,6 +211,47 @@ async fn bootstrap_fence_replace_and_rejoin() {
 }
 
 #[tokio::test]
+async fn every_decision_is_an_event_with_its_own_message() {
+    // kube's Recorder aggregated by reason and kept the first note: after a fail-over people
+    // saw `Reconfigured (x4) "epoch 1 recorded ..."` while the cluster was at epoch 4.
+    let h = harness();
+    bootstrapped_pods(&h).await;
+    h.reconcile("kv").await; // epoch 1
+    h.reconcile("kv").await;
+    fail_pod(&h.api, "kv-1", 137, "OOMKilled");
+    h.reconcile("kv").await; // epoch 2
+    let notes = event_notes(&h.api);
+    let reconfigured: Vec<&String> = notes.iter().filter(|n| n.contains(" recorded (primary")).collect();
+    assert!(
+        reconfigured.iter().any(|n| n.starts_with("epoch 1 recorded"))
+            && reconfigured.iter().any(|n| n.starts_with("epoch 2 recorded")),
+        "each epoch visible with its own message: {notes:#?}"
+    );
+    assert!(reconfigured.iter().all(|n| n.ends_with("(x1)")), "{notes:#?}");
+}
+
+#[tokio::test]
+async fn exact_repeats_of_an_event_become_a_series() {
+    use kube::Resource;
+    let h = harness();
+    h.add("kv", rsm_json("kv", 1, "1.0.0", "img:1"));
+    let obj = rsm(&h.api, "kv").object_ref(&());
+    for note in ["same words", "same words", "other words"] {
+        h.ctx
+            .recorder
+            .publish(kube::runtime::events::EventType::Normal, "Test", "Test", note, &obj)
+            .await
+            .expect("published");
+    }
+    let notes = event_notes(&h.api);
+    assert_eq!(
+        notes,
+        vec!["same words (x2)".to_string(), "other words (x1)".to_string()],
+        "{notes:#?}"
+    );
+}
+
+#[tokio::test]
 async fn simultaneous_failure_fences_nobody_and_deletes_no_volume() {
     let h = harness();
     bootstrapped_pods(&h).await;
