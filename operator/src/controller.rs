@@ -172,7 +172,7 @@ async fn reconcile_inner(rsm: &ReplicatedStateMachine, ctx: &Context) -> Result<
     if !decision.desired.paused {
         apply_shared_objects(ctx, rsm, &ns, decision.observed.config.as_ref()).await?;
     }
-    recover_from_disk(ctx, rsm, &ns, &decision.from_disk).await?;
+    recover_from_disk(ctx, rsm, &ns, &decision.world, &decision.from_disk).await?;
     let executor = Executor {
         ctx,
         rsm,
@@ -240,7 +240,7 @@ fn decide(ctx: &Context, rsm: &ReplicatedStateMachine, desired: planner::Desired
     let observed = translate::observed(rsm, &world, &ctx.tuning);
     let mut plan = planner::plan(&rsm.name_any(), &desired, &observed);
     let crashed = guards::hold_startup_failures(&mut plan, &world, &observed, &desired);
-    let from_disk = guards::from_disk(&plan, &world, &observed, &desired, &ctx.tuning);
+    let from_disk = guards::from_disk(&mut plan, &world, &observed, &desired, &ctx.tuning);
     Decision {
         desired,
         observed,
@@ -281,9 +281,19 @@ async fn recover_from_disk(
     ctx: &Context,
     rsm: &ReplicatedStateMachine,
     ns: &str,
+    world: &World,
     from_disk: &FromDisk,
 ) -> Result<(), Error> {
-    for id in &from_disk.restart {
+    for (id, quick) in &from_disk.restart {
+        // The count first: it must survive the pod (the backoff of the next quick death).
+        if world.disk_restarts.get(id).copied().unwrap_or(0) != *quick {
+            let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), ns);
+            let patch =
+                serde_json::json!({"metadata": {"annotations": {names::DISK_RESTARTS_ANNOTATION: quick.to_string()}}});
+            claims
+                .patch(&names::pvc(id), &PatchParams::default(), &Patch::Merge(&patch))
+                .await?;
+        }
         if delete_if_present::<Pod>(ctx, ns, id).await? {
             let note = format!(
                 "every voter has stopped; restarting {id} from its volume {} (its pod is recreated with the same identity)",

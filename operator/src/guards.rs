@@ -1,6 +1,9 @@
 //! Guards the operator adds around the planner's verdict (pure functions of what was
 //! observed): the crash-loop hold and the restart of every voter from its disk.
 
+use std::time::Duration;
+
+use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use lockstep_planner::{self as planner, Action as Step, Health, MachineRef, Plan};
 
@@ -61,62 +64,119 @@ pub fn hold_startup_failures(
 pub struct FromDisk {
     /// Voters whose pod is gone: recreate it (same id, same volume).
     pub revive: Vec<(String, MachineRef)>,
-    /// Voters whose pod stopped: delete it (recreated on the next pass).
-    pub restart: Vec<String>,
+    /// Voters whose pod stopped: record the restart count on the claim, delete the pod
+    /// (recreated on the next pass).
+    pub restart: Vec<(String, u32)>,
+    /// Voters waiting out their crash-loop backoff: (id, seconds left).
+    pub backing_off: Vec<(String, u64)>,
 }
 
 impl FromDisk {
     pub fn is_empty(&self) -> bool {
-        self.revive.is_empty() && self.restart.is_empty()
+        self.revive.is_empty() && self.restart.is_empty() && self.backing_off.is_empty()
+    }
+}
+
+/// Backoff before restarting a replica from its disk after `quick` consecutive deaths within
+/// the start-up grace: none for the first, then 5 s, 10 s, 20 s ... up to 5 minutes.
+pub fn disk_restart_backoff(quick: u32) -> Duration {
+    match quick {
+        0 => Duration::ZERO,
+        n => Duration::from_secs(5u64 << (n - 1).min(6)).min(Duration::from_secs(300)),
     }
 }
 
 /// Every voter gone or stopped, but their volumes are intact: bring the same replicas back
-/// from their disks (not data-losing: a replica restarting from its disk has everything it
-/// acknowledged). Stopped pods are deleted first and recreated on the next pass. Pods that
-/// may still run (lost node, unreachable) are left alone: a second copy of a replica must
-/// never run beside a zombie.
+/// from their disks (not data-losing: a voter of the persisted configuration has run and
+/// joined, and restarting from its disk it has everything it acknowledged), whatever its
+/// uptime. A replica that dies again within the start-up grace is restarted with a growing
+/// backoff (count on its claim) and reported: Degraded names it and its last words. Stopped
+/// pods are deleted first and recreated on the next pass. Pods that may still run (lost
+/// node, unreachable) are left alone: a second copy of a replica must never run beside a
+/// zombie.
 pub fn from_disk(
-    plan: &Plan,
+    plan: &mut Plan,
     world: &World,
     observed: &planner::Observed,
     desired: &planner::Desired,
     tuning: &Tuning,
 ) -> FromDisk {
     let mut out = FromDisk::default();
-    // Stopped after running for a while (a replica that dies at startup would only die
-    // again: that is reported, not looped).
-    let stopped = |id: &str| {
-        world.replicas.iter().any(|o| {
-            o.pod.name_any() == id
-                && matches!(
-                    o.pod.status.as_ref().and_then(|s| s.phase.as_deref()),
-                    Some("Failed" | "Succeeded")
-                )
-                && translate::ran_for(&o.pod).is_some_and(|d| d >= tuning.startup_grace)
-        })
-    };
     let Some(config) = &observed.config else {
         return out;
+    };
+    let stopped_pod = |id: &str| {
+        world.replicas.iter().map(|o| &o.pod).find(|p| {
+            p.name_any() == id
+                && matches!(
+                    p.status.as_ref().and_then(|s| s.phase.as_deref()),
+                    Some("Failed" | "Succeeded")
+                )
+        })
     };
     if !plan.actions.is_empty()
         || desired.paused
         || plan.conditions.degraded.is_none()
         || !config
             .voters()
-            .all(|m| observed.replica(&m.id).is_none() || stopped(&m.id))
+            .all(|m| observed.replica(&m.id).is_none() || stopped_pod(&m.id).is_some())
     {
         return out;
     }
+    let now = world.now.unwrap_or_else(Timestamp::now);
+    let mut crashing = Vec::new();
     for m in config.voters() {
         if !world.pvcs.contains(&names::pvc(&m.id)) {
             continue;
         }
-        if observed.replica(&m.id).is_none() {
+        let Some(pod) = stopped_pod(&m.id) else {
             out.revive.push((m.id.clone(), desired.machine.clone()));
+            continue;
+        };
+        let before = world.disk_restarts.get(&m.id).copied().unwrap_or(0);
+        let quick = translate::ran_for(pod).is_none_or(|d| d < tuning.startup_grace);
+        if !quick {
+            out.restart.push((m.id.clone(), 0));
+            continue;
+        }
+        crashing.push(format!(
+            "{} died within {}s of starting ({} time(s) in a row): {}",
+            m.id,
+            tuning.startup_grace.as_secs(),
+            before + 1,
+            translate::termination_reason(pod)
+        ));
+        let wait = disk_restart_backoff(before);
+        let since = translate::finished_at(pod).map_or(0, |t| now.as_second().saturating_sub(t.as_second()));
+        let left = wait.as_secs().saturating_sub(u64::try_from(since).unwrap_or(0));
+        if left == 0 {
+            out.restart.push((m.id.clone(), before + 1));
         } else {
-            out.restart.push(m.id.clone());
+            out.backing_off.push((m.id.clone(), left));
         }
     }
+    if !crashing.is_empty() {
+        let mut why = format!(
+            "every voter stopped; restarting them from their volumes. {}",
+            crashing.join("; ")
+        );
+        if !out.backing_off.is_empty() {
+            let waits: Vec<String> = out.backing_off.iter().map(|(id, s)| format!("{id} in {s}s")).collect();
+            why.push_str(&format!(" (backing off: {})", waits.join(", ")));
+        }
+        plan.conditions.degraded = Some(why.clone());
+        plan.summary = why;
+    }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_restart_backoff_grows_to_five_minutes() {
+        let secs: Vec<u64> = (0..10).map(|n| disk_restart_backoff(n).as_secs()).collect();
+        assert_eq!(secs, vec![0, 5, 10, 20, 40, 80, 160, 300, 300, 300]);
+    }
 }

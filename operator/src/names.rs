@@ -20,6 +20,9 @@ pub const VERSION_ANNOTATION: &str = "lockstep.dev/machine-version";
 /// until the kubelet has restarted it with the new image.
 pub const PREVIOUS_VERSION_ANNOTATION: &str = "lockstep.dev/previous-machine-version";
 pub const PREVIOUS_IMAGE_ANNOTATION: &str = "lockstep.dev/previous-image";
+/// On a replica's claim: how many times in a row it was restarted from its disk after dying
+/// within the start-up grace (the crash-loop backoff of section 4 of operator-design.md).
+pub const DISK_RESTARTS_ANNOTATION: &str = "lockstep.dev/restarts-from-disk";
 /// Hash of the desired state of an applied object (skip no-op applies).
 pub const HASH_ANNOTATION: &str = "lockstep.dev/applied-hash";
 

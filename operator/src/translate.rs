@@ -72,6 +72,8 @@ pub struct World {
     pub pvcs: Vec<String>,
     /// Claims being deleted (a replica id is not reused until its old claim is gone).
     pub terminating_pvcs: Vec<String>,
+    /// Per replica id: consecutive quick restarts from disk (claim annotation).
+    pub disk_restarts: BTreeMap<String, u32>,
     pub now: Option<Timestamp>,
 }
 
@@ -257,6 +259,20 @@ pub fn termination_reason(pod: &Pod) -> String {
     let reason = status.and_then(|s| s.reason.clone()).unwrap_or_default();
     let message = status.and_then(|s| s.message.clone()).unwrap_or_default();
     format!("pod {phase} {reason} {message}").trim().to_string()
+}
+
+/// When the replica container terminated, if it did.
+pub fn finished_at(pod: &Pod) -> Option<Timestamp> {
+    Some(
+        replica_container(pod)?
+            .state
+            .as_ref()?
+            .terminated
+            .as_ref()?
+            .finished_at
+            .as_ref()?
+            .0,
+    )
 }
 
 /// How long the replica container ran before it terminated (None when it has not

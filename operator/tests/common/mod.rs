@@ -351,6 +351,21 @@ pub fn crash_at_start(api: &Mutex<FakeApi>, name: &str, message: &str) {
     api.insert(&p, pod);
 }
 
+/// A replica that exits right after it started, at a time that is still ahead of the
+/// operator's clock (so any backoff measured from it has not elapsed, however slow the test).
+pub fn crash_just_now(api: &Mutex<FakeApi>, name: &str, message: &str) {
+    fail_pod(api, name, 2, message);
+    let mut api = lock(api);
+    let p = pod_path(name);
+    let Some(mut pod) = api.objects.get(&p).cloned() else {
+        return;
+    };
+    let terminated = &mut pod["status"]["containerStatuses"][0]["state"]["terminated"];
+    terminated["startedAt"] = json!("2999-01-01T00:00:00Z");
+    terminated["finishedAt"] = json!("2999-01-01T00:00:01Z");
+    api.insert(&p, pod);
+}
+
 pub fn pods(api: &Mutex<FakeApi>) -> Vec<String> {
     let prefix = format!("/api/v1/namespaces/{NS}/pods/");
     lock(api)
