@@ -399,12 +399,18 @@ pub fn config_map(rsm: &ReplicatedStateMachine, config: Option<&Config>) -> Resu
 
 /// Voluntary disruptions (drains) take one replica at a time; the operator fences and
 /// replaces it before the next can go.
+///
+/// `minAvailable: n - 1` as an integer: a percentage or `maxUnavailable` needs a scale
+/// subresource on the owner, which the RSM does not have (every eviction got 429). Ready means
+/// a voter serving its role (replica `/readyz`), so one eviction is allowed while all n voters
+/// are ready and none while a replacement is still a learner.
 pub fn pdb(rsm: &ReplicatedStateMachine) -> Result<PodDisruptionBudget, BuildError> {
     let cluster = rsm.name_any();
+    let n = rsm.desired_replicas();
     Ok(PodDisruptionBudget {
         metadata: meta(rsm, names::pdb(&cluster), COMPONENT_REPLICA)?,
         spec: Some(PodDisruptionBudgetSpec {
-            max_unavailable: Some(IntOrString::Int(1)),
+            min_available: Some(IntOrString::Int((n - 1).max(0))),
             selector: Some(LabelSelector {
                 match_labels: Some(replica_selector(&cluster)),
                 ..Default::default()
@@ -624,7 +630,17 @@ mod tests {
         assert_eq!(spec.cluster_ip.as_deref(), Some("None"));
         assert_eq!(spec.publish_not_ready_addresses, Some(true));
         let pdb = pdb(&r).expect("builds");
-        assert_eq!(pdb.spec.and_then(|s| s.max_unavailable), Some(IntOrString::Int(1)));
+        let spec = pdb.spec.expect("spec");
+        assert_eq!(spec.max_unavailable, None, "needs a scale subresource the RSM lacks");
+        assert_eq!(
+            spec.min_available,
+            Some(IntOrString::Int(1)),
+            "t = 1: 2 voters, 1 may go"
+        );
+        let mut t2 = rsm("");
+        t2.spec.faults_tolerated = 2;
+        let min = super::pdb(&t2).ok().and_then(|p| p.spec?.min_available);
+        assert_eq!(min, Some(IntOrString::Int(2)), "t = 2: 3 voters, 1 may go");
         assert_eq!(
             content_hash(&peers_service(&r).ok()),
             content_hash(&peers_service(&r).ok())
