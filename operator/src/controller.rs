@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{ConfigMap, Node, PersistentVolumeClaim, Pod, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, PersistentVolumeClaim, Pod, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
@@ -206,7 +206,10 @@ async fn validate(
     let (reason, msg) = match rsm.validate() {
         Err(errors) => ("InvalidSpec", errors.to_string()),
         Ok(()) if desired.machine.image.is_none() => ("NoImage", BuildError::NoImage.to_string()),
-        Ok(()) => return Ok(Ok(desired)),
+        Ok(()) => match missing_secret(ctx, rsm).await? {
+            Some(msg) => ("MissingSecret", msg),
+            None => return Ok(Ok(desired)),
+        },
     };
     let generation = rsm.meta().generation;
     let previous = rsm.status.as_ref().map(|s| s.conditions.clone()).unwrap_or_default();
@@ -217,6 +220,24 @@ async fn validate(
         publish(ctx, rsm, EventType::Warning, reason, "Validate", msg).await;
     }
     Ok(Err(Action::requeue(Duration::from_secs(600))))
+}
+
+/// The Secret named by `spec.clientIdentities`, when it does not exist: replica pods that
+/// mount it would hang in ContainerCreating, so none are created until it does.
+async fn missing_secret(ctx: &Context, rsm: &ReplicatedStateMachine) -> Result<Option<String>, Error> {
+    let (Some(ids), Some(ns)) = (&rsm.spec.client_identities, rsm.namespace()) else {
+        return Ok(None);
+    };
+    let name = &ids.secret_ref.name;
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    match secrets.get_metadata_opt(name).await? {
+        Some(_) => Ok(None),
+        None => Ok(Some(format!(
+            "Secret {name} in namespace {ns} (spec.clientIdentities.secretRef) does not exist: replica pods \
+             mount it and cannot start without it, so none are created. Create it with the public key of \
+             each client, e.g. `kubectl -n {ns} create secret generic {name} --from-file=alice.pub`"
+        ))),
+    }
 }
 
 /// Step 2: pods, claims, nodes and every replica's Admin.Status.

@@ -44,9 +44,17 @@ pub fn hold_startup_failures(
     if crashed.is_empty() || desired.paused {
         return crashed;
     }
-    let why = crashed
+    // One line per distinct error, naming every replica that reported it.
+    let mut by_reason: Vec<(&str, Vec<&str>)> = Vec::new();
+    for (id, r) in &crashed {
+        match by_reason.iter_mut().find(|(reason, _)| reason == r) {
+            Some((_, ids)) => ids.push(id),
+            None => by_reason.push((r, vec![id])),
+        }
+    }
+    let why = by_reason
         .iter()
-        .map(|(id, r)| format!("{id}: {r}"))
+        .map(|(r, ids)| format!("{}: {r}", ids.join(", ")))
         .collect::<Vec<_>>()
         .join("; ");
     let msg = format!("replica failed at startup, not recreating it until the spec changes ({why})");
@@ -55,6 +63,8 @@ pub fn hold_startup_failures(
             && !matches!(a, Step::DeleteReplica { id, .. } if crashed.iter().any(|(c, _)| c == id))
     });
     plan.conditions.degraded = Some(msg.clone());
+    // Holding is not progressing: nothing changes until a person does.
+    plan.conditions.progressing = None;
     plan.summary = msg;
     crashed
 }

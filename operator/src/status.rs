@@ -67,10 +67,10 @@ pub fn conditions(plan: &Plan, generation: Option<i64>, previous: &[Condition], 
         condition(
             ct::PROGRESSING,
             c.progressing.is_some(),
-            if c.progressing.is_some() {
-                "Reconciling"
-            } else {
-                "Stable"
+            match (&c.progressing, &c.degraded) {
+                (Some(_), _) => "Reconciling",
+                (None, Some(_)) => "Holding",
+                (None, None) => "Stable",
             },
             c.progressing.clone().unwrap_or_else(|| summary.clone()),
             generation,
@@ -124,7 +124,7 @@ pub fn blocked_conditions(
     };
     let mut out = conditions(&plan, generation, previous, now);
     for c in &mut out {
-        if c.type_ == ct::READY || c.type_ == ct::DEGRADED {
+        if c.type_ == ct::READY || c.type_ == ct::DEGRADED || c.type_ == ct::PROGRESSING {
             c.reason = reason.into();
         }
     }

@@ -421,6 +421,42 @@ async fn replica_that_refuses_to_start_is_reported_not_crash_looped() {
     let (degraded, _, message) = h.condition("byz", "Degraded");
     assert_eq!(degraded, "True");
     assert!(message.contains("Byzantine is not available"), "{message}");
+    assert_eq!(
+        message.matches("Byzantine is not available").count(),
+        1,
+        "one line per distinct error: {message}"
+    );
+    assert!(message.contains("byz-0, byz-1, byz-2: "), "{message}");
+    assert_eq!(
+        h.condition("byz", "Progressing").0,
+        "False",
+        "holding is not progressing"
+    );
+}
+
+#[tokio::test]
+async fn missing_client_identities_secret_is_named_and_no_pods_are_created() {
+    let h = harness();
+    let mut obj = rsm_json("byz", 1, "1.0.0", "img:1");
+    obj["spec"]["failureModel"] = json!("Byzantine");
+    obj["spec"]["clientIdentities"] = json!({"secretRef": {"name": "byz-clients"}});
+    h.add("byz", obj);
+    h.reconcile("byz").await;
+    assert!(pods(&h.api).is_empty(), "pods that cannot start are not created");
+    let (degraded, reason, message) = h.condition("byz", "Degraded");
+    assert_eq!((degraded.as_str(), reason.as_str()), ("True", "MissingSecret"));
+    assert!(
+        message.contains("Secret byz-clients in namespace apps") && message.contains("kubectl -n apps create secret"),
+        "{message}"
+    );
+    assert_eq!(h.condition("byz", "Progressing").0, "False");
+    // Once it exists, the replicas are created.
+    lock(&h.api).insert(
+        "/api/v1/namespaces/apps/secrets/byz-clients",
+        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "byz-clients", "namespace": "apps"}}),
+    );
+    h.reconcile("byz").await;
+    assert_eq!(pods(&h.api), vec!["byz-0", "byz-1", "byz-2"]);
 }
 
 #[tokio::test]
