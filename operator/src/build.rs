@@ -137,10 +137,10 @@ pub fn replica_pod(rsm: &ReplicatedStateMachine, id: &str, machine: &MachineRef)
         labels.insert(REPLICA_LABEL.into(), id.into());
         labels.insert(MACHINE_LABEL.into(), machine.name.clone());
     }
-    metadata.annotations = Some(BTreeMap::from([(
-        VERSION_ANNOTATION.to_string(),
-        machine.version.clone(),
-    )]));
+    metadata.annotations = Some(BTreeMap::from([
+        (VERSION_ANNOTATION.to_string(), machine.version.clone()),
+        (IMAGE_ANNOTATION.to_string(), image.clone()),
+    ]));
 
     let volume = if ephemeral(rsm) {
         Volume {
@@ -170,12 +170,13 @@ pub fn replica_pod(rsm: &ReplicatedStateMachine, id: &str, machine: &MachineRef)
             }),
             ..Default::default()
         },
-        // Resolved at each container start, so a rollout restart sees the new version.
+        // Resolved at each container start, so after a rollout's image patch the replica
+        // reports the image it was really launched from (admin Status `launched_image`).
         EnvVar {
-            name: "LOCKSTEP_MACHINE_VERSION".into(),
+            name: "LOCKSTEP_IMAGE".into(),
             value_from: Some(EnvVarSource {
                 field_ref: Some(ObjectFieldSelector {
-                    field_path: format!("metadata.annotations['{VERSION_ANNOTATION}']"),
+                    field_path: format!("metadata.annotations['{IMAGE_ANNOTATION}']"),
                     ..Default::default()
                 }),
                 ..Default::default()
@@ -461,12 +462,13 @@ pub fn stage_pod(rsm: &ReplicatedStateMachine, replica_id: &str, node: &str, ima
 /// in annotations until the kubelet has restarted the container.
 pub fn restart_patch(pod: &Pod, machine: &MachineRef) -> Result<serde_json::Value, BuildError> {
     let image = machine.image.clone().ok_or(BuildError::NoImage)?;
-    let current = crate::translate::running_machine(pod);
+    let current = crate::translate::pod_machine(pod);
     Ok(serde_json::json!({
         "metadata": {
             "labels": { MACHINE_LABEL: machine.name },
             "annotations": {
                 VERSION_ANNOTATION: machine.version,
+                IMAGE_ANNOTATION: image,
                 PREVIOUS_VERSION_ANNOTATION: current.version,
                 PREVIOUS_IMAGE_ANNOTATION: current.image.unwrap_or_default(),
             }
@@ -619,6 +621,35 @@ mod tests {
         assert_eq!(p["spec"]["containers"][0]["image"], "img:2");
         assert_eq!(p["metadata"]["annotations"][PREVIOUS_IMAGE_ANNOTATION], "img:1");
         assert_eq!(p["metadata"]["annotations"][VERSION_ANNOTATION], "1.1.0");
+        assert_eq!(
+            p["metadata"]["annotations"][IMAGE_ANNOTATION], "img:2",
+            "the replica learns its image from this annotation at its next start"
+        );
+        let c = &pod.spec.as_ref().expect("spec").containers[0];
+        let env = c
+            .env
+            .iter()
+            .flatten()
+            .find(|e| e.name == "LOCKSTEP_IMAGE")
+            .expect("LOCKSTEP_IMAGE");
+        let field = env
+            .value_from
+            .as_ref()
+            .and_then(|v| v.field_ref.as_ref())
+            .map(|f| f.field_path.clone());
+        assert_eq!(field.as_deref(), Some("metadata.annotations['lockstep.dev/image']"));
+        assert!(
+            !c.env.iter().flatten().any(|e| e.name == "LOCKSTEP_MACHINE_VERSION"),
+            "read by nothing"
+        );
+        assert_eq!(
+            pod.metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(IMAGE_ANNOTATION))
+                .map(String::as_str),
+            Some("img:1")
+        );
     }
 
     #[test]

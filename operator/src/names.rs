@@ -16,6 +16,10 @@ pub const COMPONENT_STAGE: &str = "stage";
 
 /// Machine version the pod was created (or last restarted) for.
 pub const VERSION_ANNOTATION: &str = "lockstep.dev/machine-version";
+/// The replica container image the operator asked for, set in the same patch that changes
+/// the image; the replica reads it (env `LOCKSTEP_IMAGE`, downward API, resolved at each
+/// container start) and reports it back in its admin Status.
+pub const IMAGE_ANNOTATION: &str = "lockstep.dev/image";
 /// During a rollout restart: the machine the container ran before the image was changed,
 /// until the kubelet has restarted it with the new image.
 pub const PREVIOUS_VERSION_ANNOTATION: &str = "lockstep.dev/previous-machine-version";

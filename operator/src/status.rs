@@ -80,10 +80,10 @@ pub fn conditions(plan: &Plan, generation: Option<i64>, previous: &[Condition], 
         condition(
             ct::DEGRADED,
             c.degraded.is_some(),
-            if c.degraded.is_some() {
-                "RedundancyLost"
-            } else {
-                "FullRedundancy"
+            match (&c.degraded, &c.degraded_reason) {
+                (Some(_), Some(reason)) => reason.as_str(),
+                (Some(_), None) => "RedundancyLost",
+                (None, _) => "FullRedundancy",
             },
             c.degraded.clone().unwrap_or_default(),
             generation,

@@ -459,6 +459,80 @@ async fn missing_client_identities_secret_is_named_and_no_pods_are_created() {
     assert_eq!(pods(&h.api), vec!["byz-0", "byz-1", "byz-2"]);
 }
 
+fn set_machine(h: &Harness, version: &str, image: &str) {
+    let mut api = lock(&h.api);
+    let p = rsm_path("kv");
+    let mut obj = api.objects[&p].clone();
+    obj["spec"]["machine"]["version"] = json!(version);
+    obj["spec"]["machine"]["image"] = json!(image);
+    let generation = obj["metadata"]["generation"].as_i64().unwrap_or(1);
+    obj["metadata"]["generation"] = json!(generation + 1);
+    api.insert(&p, obj);
+}
+
+/// A ready cluster on 1.0.0/img:1, rolled out to `version`/`image` up to the image patch
+/// (phase Replacing): staged, sealed, both pods patched.
+async fn rollout_until_replacing(h: &Harness, version: &str, image: &str) {
+    bootstrapped_pods(h).await;
+    h.reconcile("kv").await; // epoch 1
+    h.reconcile("kv").await; // ready
+    set_machine(h, version, image);
+    h.reconcile("kv").await; // staging
+    run_pod(&h.api, "kv-stage-0", "10.9.9.9", "n1");
+    run_pod(&h.api, "kv-stage-1", "10.9.9.9", "n2");
+    h.reconcile("kv").await; // sealing
+    h.reconcile("kv").await; // replacing
+    assert_eq!(h.status("kv").upgrade_phase.as_deref(), Some("Replacing"));
+}
+
+#[tokio::test]
+async fn rollout_finishes_only_when_every_voter_reports_the_target_machine() {
+    let h = harness();
+    rollout_until_replacing(&h, "1.1.0", "img:2").await;
+    // The kubelet restarted both containers on img:2 (they report being launched from it),
+    // but the binary in img:2 reports 1.0.0: the image does not contain 1.1.0.
+    kubelet_restart(&h.api, "kv-0");
+    kubelet_restart(&h.api, "kv-1");
+    h.admin.set_launched("img:2");
+    for _ in 0..3 {
+        h.reconcile("kv").await;
+        assert_eq!(
+            h.status("kv").upgrade_phase.as_deref(),
+            Some("Replacing"),
+            "never finished"
+        );
+        assert!(!h.log().iter().any(|l| l.starts_with("admin resume")));
+    }
+    let (degraded, reason, message) = h.condition("kv", "Degraded");
+    assert_eq!((degraded.as_str(), reason.as_str()), ("True", "WrongMachineVersion"));
+    assert!(
+        message.contains("kv-0 runs img:2 but reports kv 1.0.0") && message.contains("does not contain the version"),
+        "{message}"
+    );
+    let versions: Vec<Option<String>> = h.status("kv").members.iter().map(|m| m.version.clone()).collect();
+    assert_eq!(
+        versions,
+        vec![Some("1.0.0".into()), Some("1.0.0".into())],
+        "what the replicas report"
+    );
+
+    // Setting spec.machine back rolls back: the pods go back to img:1, then commands resume.
+    set_machine(&h, "1.0.0", "img:1");
+    h.reconcile("kv").await; // retargeted
+    h.reconcile("kv").await; // image patched back
+    let image = |n: &str| lock(&h.api).objects[&pod_path(n)]["spec"]["containers"][0]["image"].clone();
+    assert_eq!((image("kv-0"), image("kv-1")), (json!("img:1"), json!("img:1")));
+    kubelet_restart(&h.api, "kv-0");
+    kubelet_restart(&h.api, "kv-1");
+    h.admin.set_launched("img:1");
+    h.reconcile("kv").await; // resuming
+    h.reconcile("kv").await; // done
+    assert_eq!(h.status("kv").upgrade_phase, None);
+    h.reconcile("kv").await;
+    assert_eq!(h.condition("kv", "Ready").0, "True");
+    assert_eq!(h.status("kv").current_version.as_deref(), Some("1.0.0"));
+}
+
 #[tokio::test]
 async fn lockstep_rollout_goes_through_every_phase() {
     let h = harness();
@@ -468,15 +542,7 @@ async fn lockstep_rollout_goes_through_every_phase() {
     assert_eq!(h.condition("kv", "Ready").0, "True");
 
     // New version and image.
-    {
-        let mut api = lock(&h.api);
-        let p = rsm_path("kv");
-        let mut obj = api.objects[&p].clone();
-        obj["spec"]["machine"]["version"] = json!("1.1.0");
-        obj["spec"]["machine"]["image"] = json!("img:2");
-        obj["metadata"]["generation"] = json!(2);
-        api.insert(&p, obj);
-    }
+    set_machine(&h, "1.1.0", "img:2");
     let phase = |h: &Harness| h.status("kv").upgrade_phase;
 
     // Staging: one pre-pull pod per node that runs a member, nothing stopped.

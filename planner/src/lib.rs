@@ -235,6 +235,9 @@ pub struct Conditions {
     pub progressing: Option<String>,
     /// Why the cluster cannot make progress on its own or has lost redundancy.
     pub degraded: Option<String>,
+    /// A machine-readable reason for `degraded` when it is not about redundancy (e.g.
+    /// `WrongMachineVersion`).
+    pub degraded_reason: Option<String>,
     pub paused: bool,
 }
 
@@ -840,6 +843,11 @@ fn rollout_step(desired: &Desired, observed: &Observed, config: &Config, p: &mut
                     rollout.to.version,
                     stale.len()
                 );
+                if let Some(why) = wrong_machine(observed, &rollout, &stale) {
+                    out.conditions.degraded = Some(why.clone());
+                    out.conditions.degraded_reason = Some("WrongMachineVersion".into());
+                    out.summary = why;
+                }
                 for m in stale {
                     out.actions.push(Action::RestartReplica {
                         id: m.id.clone(),
@@ -862,6 +870,38 @@ fn rollout_step(desired: &Desired, observed: &Observed, config: &Config, p: &mut
     }
     out.conditions.progressing = Some(out.summary.clone());
     Some(out)
+}
+
+/// Voters that restarted on the rollout's target image but report another machine: the image
+/// does not contain the version the spec names. The rollout halts there (it never resumes on
+/// a machine other than the target); setting spec.machine back retargets it (rollback).
+fn wrong_machine(observed: &Observed, rollout: &Rollout, stale: &[&ConfigMember]) -> Option<String> {
+    let image = rollout.to.image.as_deref()?;
+    let wrong: Vec<String> = stale
+        .iter()
+        .filter_map(|m| observed.replica(&m.id).filter(|_| is_running(observed, &m.id)))
+        .filter(|r| r.machine.image.as_deref() == Some(image))
+        .map(|r| {
+            format!(
+                "{} runs {image} but reports {} {}",
+                r.id, r.machine.name, r.machine.version
+            )
+        })
+        .collect();
+    if wrong.is_empty() {
+        return None;
+    }
+    Some(format!(
+        "rollout to {} {} halted: {}; the image does not contain the version the spec names. \
+         Set spec.machine back to {} {} to roll back, or name an image that contains {} {}",
+        rollout.to.name,
+        rollout.to.version,
+        wrong.join("; "),
+        rollout.from.name,
+        rollout.from.version,
+        rollout.to.name,
+        rollout.to.version
+    ))
 }
 
 fn fill_conditions(desired: &Desired, observed: &Observed, c: &mut Conditions) {

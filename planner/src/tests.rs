@@ -624,3 +624,59 @@ fn fenced_volume_is_kept_until_redundancy_is_restored() {
     o.replicas[1] = starting("kv-2");
     assert!(!deletes_volume(&plan("kv", &desired(1), &o), "kv-1"));
 }
+
+#[test]
+fn voter_on_the_target_image_reporting_another_version_halts_the_rollout() {
+    let img = |version: &str, image: &str| MachineRef {
+        image: Some(image.into()),
+        ..kv(version)
+    };
+    let d = Desired {
+        machine: img("1.1.0", "img:2"),
+        ..desired(1)
+    };
+    let mut o = steady(1, 3);
+    o.rollout = Some(Rollout {
+        from: img("1.0.0", "img:1"),
+        to: img("1.1.0", "img:2"),
+        phase: RolloutPhase::Replacing,
+        seal_index: Some(11),
+    });
+    // Both restarted on img:2, but the binary in it reports 1.0.0.
+    for r in &mut o.replicas {
+        r.machine = img("1.0.0", "img:2");
+    }
+    let p = plan("kv", &d, &o);
+    assert_eq!(set_rollout(&p), None, "never leaves Replacing: {:?}", p.actions);
+    assert!(!p.actions.iter().any(|a| matches!(a, Action::Resume { .. })));
+    assert_eq!(p.conditions.degraded_reason.as_deref(), Some("WrongMachineVersion"));
+    let why = p.conditions.degraded.unwrap_or_default();
+    assert!(
+        why.contains("kv-0 runs img:2 but reports kv 1.0.0") && why.contains("does not contain the version"),
+        "{why}"
+    );
+    // Reporting the target identity on the target image: resume.
+    for r in &mut o.replicas {
+        r.machine = img("1.1.0", "img:2");
+    }
+    let p = plan("kv", &d, &o);
+    assert!(p.actions.iter().any(|a| matches!(a, Action::Resume { .. })));
+    // The right version from the wrong image (an old image restarted): not done either.
+    o.replicas[1].machine = img("1.1.0", "img:1");
+    assert!(
+        !plan("kv", &d, &o)
+            .actions
+            .iter()
+            .any(|a| matches!(a, Action::Resume { .. }))
+    );
+    // Spec set back: the rollout is retargeted to the old machine (rollback).
+    for r in &mut o.replicas {
+        r.machine = img("1.0.0", "img:2");
+    }
+    let back = Desired {
+        machine: img("1.0.0", "img:1"),
+        ..desired(1)
+    };
+    let p = plan("kv", &back, &o);
+    assert_eq!(set_rollout(&p).flatten().map(|r| r.to), Some(img("1.0.0", "img:1")));
+}

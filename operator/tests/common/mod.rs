@@ -402,6 +402,8 @@ pub struct FakeReplica {
     pub applied: u64,
     pub sealed_at: u64,
     pub version: String,
+    /// What the replica reports as `launched_image` (empty: an older replica that does not).
+    pub image: String,
 }
 
 #[derive(Default)]
@@ -436,6 +438,13 @@ impl FakeAdmin {
             r.version = version.into();
         }
     }
+
+    /// Every replica reports it was launched from `image`.
+    pub fn set_launched(&self, image: &str) {
+        for r in lock(&self.replicas).values_mut() {
+            r.image = image.into();
+        }
+    }
 }
 
 fn status_of(r: &FakeReplica, all: &HashMap<String, FakeReplica>) -> StatusResponse {
@@ -465,6 +474,7 @@ fn status_of(r: &FakeReplica, all: &HashMap<String, FakeReplica>) -> StatusRespo
         }),
         config: r.config.clone(),
         sealed_at: r.sealed_at,
+        launched_image: r.image.clone(),
         sealed_digest: if r.sealed_at > 0 { vec![7; 32] } else { vec![] },
         peers: if primary {
             r.config

@@ -13,7 +13,14 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 pub const NAME: &str = "kv";
-pub const VERSION: &str = "1.0.0";
+/// The machine version, a packaging knob: `LOCKSTEP_BUILTIN_MACHINE_VERSION=1.1.0 cargo build`
+/// builds a replica whose built-in machines report 1.1.0 (e.g. the second image of a rollout
+/// test). The logic is the same; a replica still refuses a data dir written by another version
+/// unless it was sealed for a rollout.
+pub const VERSION: &str = match option_env!("LOCKSTEP_BUILTIN_MACHINE_VERSION") {
+    Some(v) => v,
+    None => "1.0.0",
+};
 pub const MAX_KEY_BYTES: usize = 4096;
 
 #[derive(Default)]
