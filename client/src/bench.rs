@@ -116,9 +116,12 @@ fn pad(s: String, size: usize) -> String {
     v
 }
 
-fn next_op(rng: &mut impl Rng, client: usize, n: u64, opts: &WorkloadOptions) -> Op {
-    let key = format!("k{}", rng.random_range(0..opts.keys.max(1)));
-    let value = pad(format!("c{client}-{n}"), opts.value_size);
+/// Keys and values carry the run's id (`{run}-k3`, `{run}-c1-42`): the history checker
+/// assumes every key starts absent, which holds on a store that earlier runs left full only
+/// when no key (or value) of this run was ever used before.
+fn next_op(rng: &mut impl Rng, run: &str, client: usize, n: u64, opts: &WorkloadOptions) -> Op {
+    let key = format!("{run}-k{}", rng.random_range(0..opts.keys.max(1)));
+    let value = pad(format!("{run}-c{client}-{n}"), opts.value_size);
     let roll = rng.random_range(0..100);
     let kind = match opts.mix {
         Mix::Write => OpKind::Put,
@@ -141,7 +144,11 @@ fn next_op(rng: &mut impl Rng, client: usize, n: u64, opts: &WorkloadOptions) ->
                 None
             } else {
                 Some(pad(
-                    format!("c{}-{}", rng.random_range(0..opts.clients.max(1)), n.saturating_sub(1)),
+                    format!(
+                        "{run}-c{}-{}",
+                        rng.random_range(0..opts.clients.max(1)),
+                        n.saturating_sub(1)
+                    ),
                     opts.value_size,
                 ))
             };
@@ -175,6 +182,8 @@ where
     F: Fn(usize) -> B,
 {
     let base = Instant::now();
+    // Unique to this run (see `next_op`).
+    let run: Arc<str> = format!("r{:016x}", rand::rng().random::<u64>()).into();
     let ns = move |t: Instant| t.duration_since(base).as_nanos() as u64;
     let done = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
@@ -184,6 +193,7 @@ where
         let stop = stop.clone();
         let done = done.clone();
         let record = opts.history.is_some();
+        let run = run.clone();
         tasks.push(tokio::spawn(async move {
             let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds");
             let mut entries = Vec::new();
@@ -193,7 +203,7 @@ where
             let end = base + opts.duration;
             while Instant::now() < end && !stop.load(Ordering::Relaxed) {
                 n += 1;
-                let op = next_op(&mut rng, i, n, &opts);
+                let op = next_op(&mut rng, &run, i, n, &opts);
                 let call = Instant::now();
                 let (outcome, output) = backend.run(&op).await;
                 let ret = Instant::now();

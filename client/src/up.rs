@@ -379,7 +379,21 @@ impl Master {
             rollout: self.state.rollout.clone(),
             staged: true,
             next_ordinal: self.state.next_ordinal,
+            volumes: self.data_dirs(),
         }
+    }
+
+    /// Replicas with a data directory (their "volume"), live or not.
+    fn data_dirs(&self) -> Vec<String> {
+        std::fs::read_dir(self.dir.join("replicas"))
+            .map(|entries| {
+                entries
+                    .filter_map(Result::ok)
+                    .filter(|e| e.path().is_dir())
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     fn report(&mut self, plan: &Plan, observed: &Observed) {
@@ -571,6 +585,15 @@ impl Master {
                 }
             }
             Action::Stage { .. } => {}
+            Action::DeleteVolume { id } => {
+                // Planned only with full redundancy, for a replica that left the configuration.
+                let live = self.replicas.contains_key(&id) || self.retiring.iter().any(|r| r.id == id);
+                let dir = self.dir.join("replicas").join(&id);
+                if !live && dir.exists() {
+                    std::fs::remove_dir_all(&dir).with_context(|| format!("cannot remove {}", dir.display()))?;
+                    self.say(&format!("deleted the data of {id}: redundancy is fully restored"));
+                }
+            }
             Action::SetRollout { rollout } => {
                 self.state.rollout = rollout;
                 save_state(&self.dir, &self.state)?;

@@ -137,10 +137,10 @@ pub fn replica_pod(rsm: &ReplicatedStateMachine, id: &str, machine: &MachineRef)
         labels.insert(REPLICA_LABEL.into(), id.into());
         labels.insert(MACHINE_LABEL.into(), machine.name.clone());
     }
-    metadata.annotations = Some(BTreeMap::from([(
-        VERSION_ANNOTATION.to_string(),
-        machine.version.clone(),
-    )]));
+    metadata.annotations = Some(BTreeMap::from([
+        (VERSION_ANNOTATION.to_string(), machine.version.clone()),
+        (IMAGE_ANNOTATION.to_string(), image.clone()),
+    ]));
 
     let volume = if ephemeral(rsm) {
         Volume {
@@ -170,12 +170,13 @@ pub fn replica_pod(rsm: &ReplicatedStateMachine, id: &str, machine: &MachineRef)
             }),
             ..Default::default()
         },
-        // Resolved at each container start, so a rollout restart sees the new version.
+        // Resolved at each container start, so after a rollout's image patch the replica
+        // reports the image it was really launched from (admin Status `launched_image`).
         EnvVar {
-            name: "LOCKSTEP_MACHINE_VERSION".into(),
+            name: "LOCKSTEP_IMAGE".into(),
             value_from: Some(EnvVarSource {
                 field_ref: Some(ObjectFieldSelector {
-                    field_path: format!("metadata.annotations['{VERSION_ANNOTATION}']"),
+                    field_path: format!("metadata.annotations['{IMAGE_ANNOTATION}']"),
                     ..Default::default()
                 }),
                 ..Default::default()
@@ -399,12 +400,18 @@ pub fn config_map(rsm: &ReplicatedStateMachine, config: Option<&Config>) -> Resu
 
 /// Voluntary disruptions (drains) take one replica at a time; the operator fences and
 /// replaces it before the next can go.
+///
+/// `minAvailable: n - 1` as an integer: a percentage or `maxUnavailable` needs a scale
+/// subresource on the owner, which the RSM does not have (every eviction got 429). Ready means
+/// a voter serving its role (replica `/readyz`), so one eviction is allowed while all n voters
+/// are ready and none while a replacement is still a learner.
 pub fn pdb(rsm: &ReplicatedStateMachine) -> Result<PodDisruptionBudget, BuildError> {
     let cluster = rsm.name_any();
+    let n = rsm.desired_replicas();
     Ok(PodDisruptionBudget {
         metadata: meta(rsm, names::pdb(&cluster), COMPONENT_REPLICA)?,
         spec: Some(PodDisruptionBudgetSpec {
-            max_unavailable: Some(IntOrString::Int(1)),
+            min_available: Some(IntOrString::Int((n - 1).max(0))),
             selector: Some(LabelSelector {
                 match_labels: Some(replica_selector(&cluster)),
                 ..Default::default()
@@ -455,12 +462,13 @@ pub fn stage_pod(rsm: &ReplicatedStateMachine, replica_id: &str, node: &str, ima
 /// in annotations until the kubelet has restarted the container.
 pub fn restart_patch(pod: &Pod, machine: &MachineRef) -> Result<serde_json::Value, BuildError> {
     let image = machine.image.clone().ok_or(BuildError::NoImage)?;
-    let current = crate::translate::running_machine(pod);
+    let current = crate::translate::pod_machine(pod);
     Ok(serde_json::json!({
         "metadata": {
             "labels": { MACHINE_LABEL: machine.name },
             "annotations": {
                 VERSION_ANNOTATION: machine.version,
+                IMAGE_ANNOTATION: image,
                 PREVIOUS_VERSION_ANNOTATION: current.version,
                 PREVIOUS_IMAGE_ANNOTATION: current.image.unwrap_or_default(),
             }
@@ -613,6 +621,35 @@ mod tests {
         assert_eq!(p["spec"]["containers"][0]["image"], "img:2");
         assert_eq!(p["metadata"]["annotations"][PREVIOUS_IMAGE_ANNOTATION], "img:1");
         assert_eq!(p["metadata"]["annotations"][VERSION_ANNOTATION], "1.1.0");
+        assert_eq!(
+            p["metadata"]["annotations"][IMAGE_ANNOTATION], "img:2",
+            "the replica learns its image from this annotation at its next start"
+        );
+        let c = &pod.spec.as_ref().expect("spec").containers[0];
+        let env = c
+            .env
+            .iter()
+            .flatten()
+            .find(|e| e.name == "LOCKSTEP_IMAGE")
+            .expect("LOCKSTEP_IMAGE");
+        let field = env
+            .value_from
+            .as_ref()
+            .and_then(|v| v.field_ref.as_ref())
+            .map(|f| f.field_path.clone());
+        assert_eq!(field.as_deref(), Some("metadata.annotations['lockstep.dev/image']"));
+        assert!(
+            !c.env.iter().flatten().any(|e| e.name == "LOCKSTEP_MACHINE_VERSION"),
+            "read by nothing"
+        );
+        assert_eq!(
+            pod.metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(IMAGE_ANNOTATION))
+                .map(String::as_str),
+            Some("img:1")
+        );
     }
 
     #[test]
@@ -624,7 +661,17 @@ mod tests {
         assert_eq!(spec.cluster_ip.as_deref(), Some("None"));
         assert_eq!(spec.publish_not_ready_addresses, Some(true));
         let pdb = pdb(&r).expect("builds");
-        assert_eq!(pdb.spec.and_then(|s| s.max_unavailable), Some(IntOrString::Int(1)));
+        let spec = pdb.spec.expect("spec");
+        assert_eq!(spec.max_unavailable, None, "needs a scale subresource the RSM lacks");
+        assert_eq!(
+            spec.min_available,
+            Some(IntOrString::Int(1)),
+            "t = 1: 2 voters, 1 may go"
+        );
+        let mut t2 = rsm("");
+        t2.spec.faults_tolerated = 2;
+        let min = super::pdb(&t2).ok().and_then(|p| p.spec?.min_available);
+        assert_eq!(min, Some(IntOrString::Int(2)), "t = 2: 3 voters, 1 may go");
         assert_eq!(
             content_hash(&peers_service(&r).ok()),
             content_hash(&peers_service(&r).ok())

@@ -1,29 +1,33 @@
-//! The reconcile loop: observe -> plan -> build -> apply -> update_status.
+//! The reconcile loop, one named step each: validate -> observe -> decide (plan + guards,
+//! pure) -> apply shared objects -> recover from disk -> execute the plan (`execute`) ->
+//! update status -> events.
 //!
-//! Only `observe`, `apply` (this file's action execution) and `status::write` talk to the
-//! API server or replicas; `translate`, `lockstep_planner::plan`, `build` and
-//! `status::compute` are pure.
+//! Only `observe`, the apply steps, `execute` and `status::write` talk to the API server or
+//! replicas; `translate`, `lockstep_planner::plan`, `guards`, `build` and `status::compute`
+//! are pure.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{ConfigMap, Node, PersistentVolumeClaim, Pod, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, PersistentVolumeClaim, Pod, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{EventType, Reporter};
 use kube::runtime::{Controller, WatchStreamExt, reflector, watcher};
 use kube::{Client, Resource, ResourceExt};
-use lockstep_planner::{self as planner, Action as Step, Config, Health, MachineRef, Plan};
+use lockstep_planner::{self as planner, Plan};
 use lockstep_resource::{ReplicatedStateMachine, condition_types as ct};
-use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::admin::ReplicaAdmin;
 use crate::build::{self, BuildError};
+use crate::events::{Recorder, publish};
+use crate::execute::{Executor, Owned, create_if_absent, delete_if_present};
+use crate::guards::{self, FromDisk};
 use crate::metrics::Metrics;
 use crate::names;
 use crate::observe::{self, AdminAddress, Source};
@@ -88,42 +92,15 @@ impl Context {
     }
 }
 
-fn key(rsm: &ReplicatedStateMachine) -> String {
+pub(crate) fn key(rsm: &ReplicatedStateMachine) -> String {
     format!("{}/{}", rsm.namespace().unwrap_or_default(), rsm.name_any())
-}
-
-async fn publish(
-    ctx: &Context,
-    rsm: &ReplicatedStateMachine,
-    type_: EventType,
-    reason: &str,
-    action: &str,
-    note: String,
-) {
-    let ev = Event {
-        type_,
-        reason: reason.into(),
-        note: Some(note.chars().take(1000).collect()),
-        action: action.into(),
-        secondary: None,
-    };
-    if let Err(e) = ctx.recorder.publish(&ev, &rsm.object_ref(&())).await {
-        tracing::warn!(object = %key(rsm), error = %e, "could not publish event");
-    }
 }
 
 /// Server-side apply of an owned object, only when it is missing or its content changed.
 /// The hash of the desired content travels on the object (`lockstep.dev/applied-hash`), so
 /// with watch caches an unchanged object costs no API request, even after a restart, and a
 /// deleted one is recreated. Without caches (tests) an in-process record is used.
-async fn apply<K>(ctx: &Context, ns: &str, obj: &K, store: Option<&reflector::Store<K>>) -> Result<(), Error>
-where
-    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-        + Clone
-        + Serialize
-        + DeserializeOwned
-        + std::fmt::Debug,
-{
+async fn apply<K: Owned>(ctx: &Context, ns: &str, obj: &K, store: Option<&reflector::Store<K>>) -> Result<(), Error> {
     let name = obj.name_any();
     let cache_key = format!("{}/{ns}/{name}", K::kind(&()));
     let hash = build::content_hash(obj);
@@ -152,63 +129,6 @@ where
     Ok(())
 }
 
-async fn create_if_absent<K>(ctx: &Context, ns: &str, obj: &K) -> Result<bool, Error>
-where
-    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-        + Clone
-        + Serialize
-        + DeserializeOwned
-        + std::fmt::Debug,
-{
-    let api: Api<K> = Api::namespaced(ctx.client.clone(), ns);
-    match api.create(&PostParams::default(), obj).await {
-        Ok(_) => Ok(true),
-        Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
-        Err(e) => Err(e.into()),
-    }
-}
-
-async fn delete_if_present<K>(ctx: &Context, ns: &str, name: &str) -> Result<bool, Error>
-where
-    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-        + Clone
-        + DeserializeOwned
-        + std::fmt::Debug,
-{
-    let api: Api<K> = Api::namespaced(ctx.client.clone(), ns);
-    match api.delete(name, &DeleteParams::background()).await {
-        Ok(_) => Ok(true),
-        Err(kube::Error::Api(s)) if s.code == 404 => Ok(false),
-        Err(e) => Err(e.into()),
-    }
-}
-
-/// The admin address of replica `id`, if its pod can be called.
-fn address_of(ctx: &Context, rsm: &ReplicatedStateMachine, world: &World, id: &str) -> Option<String> {
-    world
-        .replicas
-        .iter()
-        .find(|o| o.pod.name_any() == id)
-        .and_then(|o| observe::admin_address(&o.pod, rsm, ctx.admin_address))
-}
-
-/// Pods that exited before they ever answered, with the same machine the spec asks for:
-/// recreating them would only crash-loop (e.g. a replica that refuses the failure model).
-fn startup_failures(world: &World, observed: &planner::Observed, desired: &planner::Desired) -> Vec<(String, String)> {
-    observed
-        .replicas
-        .iter()
-        .filter(|r| matches!(r.health, Health::Failed { .. }) && r.status.is_none())
-        .filter(|r| r.machine.same_as(&desired.machine))
-        .filter(|r| observed.config.as_ref().is_none_or(|c| c.member(&r.id).is_none()))
-        .filter_map(|r| {
-            let obs = world.replicas.iter().find(|o| o.pod.name_any() == r.id)?;
-            let phase = obs.pod.status.as_ref()?.phase.as_deref()?;
-            (phase == "Failed" || phase == "Succeeded").then(|| (r.id.clone(), translate::termination_reason(&obs.pod)))
-        })
-        .collect()
-}
-
 /// One reconciliation of one object.
 pub async fn reconcile(rsm: Arc<ReplicatedStateMachine>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
@@ -227,48 +147,102 @@ pub async fn reconcile(rsm: Arc<ReplicatedStateMachine>, ctx: Arc<Context>) -> R
     result
 }
 
+/// What one reconcile decided: the planner's plan with the operator's guards applied.
+struct Decision {
+    desired: planner::Desired,
+    observed: planner::Observed,
+    world: World,
+    plan: Plan,
+    /// Replicas held by the crash-loop guard (id, why).
+    crashed: Vec<(String, String)>,
+    from_disk: FromDisk,
+}
+
 async fn reconcile_inner(rsm: &ReplicatedStateMachine, ctx: &Context) -> Result<Action, Error> {
     let ns = rsm.namespace().ok_or(Error::NoNamespace)?;
-    let cluster = rsm.name_any();
     let api: Api<ReplicatedStateMachine> = Api::namespaced(ctx.client.clone(), &ns);
     let mut current = rsm.clone();
     let now = Timestamp::now();
+    let desired = match validate(ctx, rsm, &api, &mut current, now).await? {
+        Ok(desired) => desired,
+        Err(blocked) => return Ok(blocked),
+    };
+    let world = observe_world(ctx, rsm, now).await?;
+    let decision = decide(ctx, rsm, desired, world);
+    if !decision.desired.paused {
+        apply_shared_objects(ctx, rsm, &ns, decision.observed.config.as_ref()).await?;
+    }
+    recover_from_disk(ctx, rsm, &ns, &decision.world, &decision.from_disk).await?;
+    let executor = Executor {
+        ctx,
+        rsm,
+        api: &api,
+        ns: ns.clone(),
+        world: &decision.world,
+        plan: &decision.plan,
+    };
+    if !executor.run(&mut current).await? {
+        ctx.metrics.status_conflicts.inc();
+        return Ok(Action::requeue(Duration::from_secs(1)));
+    }
+    if !update_status(ctx, rsm, &api, &mut current, &decision, now).await? {
+        return Ok(Action::requeue(Duration::from_secs(1)));
+    }
+    outcome_events(ctx, rsm, &decision).await;
+    Ok(requeue(ctx, &decision))
+}
+
+/// Step 1: admission should have rejected an invalid object; if it got in anyway (an older
+/// CRD, validation bypassed) report it on this object only and leave it alone. Returns the
+/// desired state, or the requeue of a blocked object.
+async fn validate(
+    ctx: &Context,
+    rsm: &ReplicatedStateMachine,
+    api: &Api<ReplicatedStateMachine>,
+    current: &mut ReplicatedStateMachine,
+    now: Timestamp,
+) -> Result<Result<planner::Desired, Action>, Error> {
+    let desired = translate::desired(rsm, ctx.default_image.as_deref());
+    let (reason, msg) = match rsm.validate() {
+        Err(errors) => ("InvalidSpec", errors.to_string()),
+        Ok(()) if desired.machine.image.is_none() => ("NoImage", BuildError::NoImage.to_string()),
+        Ok(()) => match missing_secret(ctx, rsm).await? {
+            Some(msg) => ("MissingSecret", msg),
+            None => return Ok(Ok(desired)),
+        },
+    };
     let generation = rsm.meta().generation;
     let previous = rsm.status.as_ref().map(|s| s.conditions.clone()).unwrap_or_default();
-
-    // Admission should have rejected an invalid object; if it got in anyway (an older CRD,
-    // validation bypassed) report it on this object only and leave it alone.
-    if let Err(errors) = rsm.validate() {
-        let mut s = rsm.status.clone().unwrap_or_default();
-        s.observed_generation = generation;
-        s.conditions = status::blocked_conditions("InvalidSpec", &errors.to_string(), generation, &previous, now);
-        if status::write(&api, &mut current, s).await? {
-            publish(
-                ctx,
-                rsm,
-                EventType::Warning,
-                "InvalidSpec",
-                "Validate",
-                errors.to_string(),
-            )
-            .await;
-        }
-        return Ok(Action::requeue(Duration::from_secs(600)));
+    let mut s = rsm.status.clone().unwrap_or_default();
+    s.observed_generation = generation;
+    s.conditions = status::blocked_conditions(reason, &msg, generation, &previous, now);
+    if status::write(api, current, s).await? {
+        publish(ctx, rsm, EventType::Warning, reason, "Validate", msg).await;
     }
-    let desired = translate::desired(rsm, ctx.default_image.as_deref());
-    if desired.machine.image.is_none() {
-        let msg = BuildError::NoImage.to_string();
-        let mut s = rsm.status.clone().unwrap_or_default();
-        s.observed_generation = generation;
-        s.conditions = status::blocked_conditions("NoImage", &msg, generation, &previous, now);
-        if status::write(&api, &mut current, s).await? {
-            publish(ctx, rsm, EventType::Warning, "NoImage", "Validate", msg).await;
-        }
-        return Ok(Action::requeue(Duration::from_secs(600)));
-    }
+    Ok(Err(Action::requeue(Duration::from_secs(600))))
+}
 
-    // observe
-    let world = observe::world(
+/// The Secret named by `spec.clientIdentities`, when it does not exist: replica pods that
+/// mount it would hang in ContainerCreating, so none are created until it does.
+async fn missing_secret(ctx: &Context, rsm: &ReplicatedStateMachine) -> Result<Option<String>, Error> {
+    let (Some(ids), Some(ns)) = (&rsm.spec.client_identities, rsm.namespace()) else {
+        return Ok(None);
+    };
+    let name = &ids.secret_ref.name;
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    match secrets.get_metadata_opt(name).await? {
+        Some(_) => Ok(None),
+        None => Ok(Some(format!(
+            "Secret {name} in namespace {ns} (spec.clientIdentities.secretRef) does not exist: replica pods \
+             mount it and cannot start without it, so none are created. Create it with the public key of \
+             each client, e.g. `kubectl -n {ns} create secret generic {name} --from-file=alice.pub`"
+        ))),
+    }
+}
+
+/// Step 2: pods, claims, nodes and every replica's Admin.Status.
+async fn observe_world(ctx: &Context, rsm: &ReplicatedStateMachine, now: Timestamp) -> Result<World, Error> {
+    Ok(observe::world(
         &ctx.client,
         &ctx.source,
         ctx.admin.as_ref(),
@@ -278,519 +252,167 @@ async fn reconcile_inner(rsm: &ReplicatedStateMachine, ctx: &Context) -> Result<
         &ctx.tuning,
         now,
     )
-    .await?;
+    .await?)
+}
+
+/// Step 3 (pure): the planner's verdict, shared with `lockstep up`, plus the operator's
+/// guards (crash-loop hold, restart from disk).
+fn decide(ctx: &Context, rsm: &ReplicatedStateMachine, desired: planner::Desired, world: World) -> Decision {
     let observed = translate::observed(rsm, &world, &ctx.tuning);
-
-    // plan (pure, shared with `lockstep up`)
-    let mut plan = planner::plan(&cluster, &desired, &observed);
-
-    // Crash-loop guard: a replica that exits before it ever answered, running exactly the
-    // machine the spec asks for, would fail the same way again. Report and hold.
-    let crashed = startup_failures(&world, &observed, &desired);
-    if !crashed.is_empty() && !desired.paused {
-        let why = crashed
-            .iter()
-            .map(|(id, r)| format!("{id}: {r}"))
-            .collect::<Vec<_>>()
-            .join("; ");
-        let msg = format!("replica failed at startup, not recreating it until the spec changes ({why})");
-        plan.actions.retain(|a| {
-            !matches!(a, Step::CreateReplica { .. })
-                && !matches!(a, Step::DeleteReplica { id, .. } if crashed.iter().any(|(c, _)| c == id))
-        });
-        plan.conditions.degraded = Some(msg.clone());
-        plan.summary = msg;
+    let mut plan = planner::plan(&rsm.name_any(), &desired, &observed);
+    let crashed = guards::hold_startup_failures(&mut plan, &world, &observed, &desired);
+    let from_disk = guards::from_disk(&mut plan, &world, &observed, &desired, &ctx.tuning);
+    Decision {
+        desired,
+        observed,
+        world,
+        plan,
+        crashed,
+        from_disk,
     }
+}
 
-    // Every voter gone or stopped, but their volumes are intact: bring the same replicas back
-    // from their disks (not data-losing: a replica restarting from its disk has everything it
-    // acknowledged). Stopped pods are deleted first and recreated on the next pass. Pods that
-    // may still run (lost node, unreachable) are left alone: a second copy of a replica must
-    // never run beside a zombie.
-    let mut revive: Vec<(String, MachineRef)> = Vec::new();
-    let mut restart_from_disk: Vec<String> = Vec::new();
-    // Stopped after running for a while (a replica that dies at startup would only die
-    // again: that is reported, not looped).
-    let stopped = |id: &str| {
-        world.replicas.iter().any(|o| {
-            o.pod.name_any() == id
-                && matches!(
-                    o.pod.status.as_ref().and_then(|s| s.phase.as_deref()),
-                    Some("Failed" | "Succeeded")
-                )
-                && translate::ran_for(&o.pod).is_some_and(|d| d >= ctx.tuning.startup_grace)
-        })
+/// Step 4: the Services, PDB and ConfigMap every cluster has (skipped while paused).
+async fn apply_shared_objects(
+    ctx: &Context,
+    rsm: &ReplicatedStateMachine,
+    ns: &str,
+    config: Option<&planner::Config>,
+) -> Result<(), Error> {
+    let caches = match &ctx.source {
+        Source::Cache(c) => Some(c),
+        Source::Api => None,
     };
-    if plan.actions.is_empty()
-        && !desired.paused
-        && let Some(config) = &observed.config
-        && plan.conditions.degraded.is_some()
-        && config
-            .voters()
-            .all(|m| observed.replica(&m.id).is_none() || stopped(&m.id))
-    {
-        for m in config.voters() {
-            if !world.pvcs.contains(&names::pvc(&m.id)) {
-                continue;
-            }
-            if observed.replica(&m.id).is_none() {
-                revive.push((m.id.clone(), desired.machine.clone()));
-            } else {
-                restart_from_disk.push(m.id.clone());
-            }
+    apply(ctx, ns, &build::peers_service(rsm)?, caches.map(|c| &c.services)).await?;
+    apply(ctx, ns, &build::client_service(rsm)?, caches.map(|c| &c.services)).await?;
+    apply(ctx, ns, &build::pdb(rsm)?, caches.map(|c| &c.pdbs)).await?;
+    apply(
+        ctx,
+        ns,
+        &build::config_map(rsm, config)?,
+        caches.map(|c| &c.config_maps),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Step 5: the guard's restart from disk (stopped pods deleted, gone ones recreated on their
+/// own volumes).
+async fn recover_from_disk(
+    ctx: &Context,
+    rsm: &ReplicatedStateMachine,
+    ns: &str,
+    world: &World,
+    from_disk: &FromDisk,
+) -> Result<(), Error> {
+    for (id, quick) in &from_disk.restart {
+        // The count first: it must survive the pod (the backoff of the next quick death).
+        if world.disk_restarts.get(id).copied().unwrap_or(0) != *quick {
+            let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), ns);
+            let patch =
+                serde_json::json!({"metadata": {"annotations": {names::DISK_RESTARTS_ANNOTATION: quick.to_string()}}});
+            claims
+                .patch(&names::pvc(id), &PatchParams::default(), &Patch::Merge(&patch))
+                .await?;
         }
-    }
-
-    // build + apply the shared objects (skipped while paused)
-    if !desired.paused {
-        let caches = match &ctx.source {
-            Source::Cache(c) => Some(c),
-            Source::Api => None,
-        };
-        apply(ctx, &ns, &build::peers_service(rsm)?, caches.map(|c| &c.services)).await?;
-        apply(ctx, &ns, &build::client_service(rsm)?, caches.map(|c| &c.services)).await?;
-        apply(ctx, &ns, &build::pdb(rsm)?, caches.map(|c| &c.pdbs)).await?;
-        apply(
-            ctx,
-            &ns,
-            &build::config_map(rsm, observed.config.as_ref())?,
-            caches.map(|c| &c.config_maps),
-        )
-        .await?;
-    }
-
-    for id in &restart_from_disk {
-        if delete_if_present::<Pod>(ctx, &ns, id).await? {
+        if delete_if_present::<Pod>(ctx, ns, id).await? {
+            let note = format!(
+                "every voter has stopped; restarting {id} from its volume {} (its pod is recreated with the same identity)",
+                names::pvc(id)
+            );
             publish(
                 ctx,
                 rsm,
                 EventType::Warning,
                 "RestartingFromDisk",
                 "DeleteReplica",
-                format!(
-                    "every voter has stopped; restarting {id} from its volume {} (its pod is recreated with the same identity)",
-                    names::pvc(id)
-                ),
+                note,
             )
             .await;
         }
     }
-    for (id, machine) in &revive {
+    for (id, machine) in &from_disk.revive {
         let pod = build::replica_pod(rsm, id, machine)?;
-        if create_if_absent(ctx, &ns, &pod).await? {
+        if create_if_absent(ctx, ns, &pod).await? {
+            let note = format!(
+                "every voter is gone; recreating {id} on its existing volume {}",
+                names::pvc(id)
+            );
             publish(
                 ctx,
                 rsm,
                 EventType::Warning,
                 "RecreatingFromDisk",
                 "CreateReplica",
-                format!(
-                    "every voter is gone; recreating {id} on its existing volume {}",
-                    names::pvc(id)
-                ),
+                note,
             )
             .await;
         }
     }
+    Ok(())
+}
 
-    // apply the plan's actions, in order; persisted state first
-    let acted = execute(ctx, rsm, &api, &mut current, &world, &plan).await?;
-    if !acted {
-        ctx.metrics.status_conflicts.inc();
-        return Ok(Action::requeue(Duration::from_secs(1)));
-    }
-
-    // update_status
-    let (config, rollout) = status::persisted(&current);
+/// Step 7: status from what is persisted now plus what was observed. False when the write
+/// conflicted (requeue soon).
+async fn update_status(
+    ctx: &Context,
+    rsm: &ReplicatedStateMachine,
+    api: &Api<ReplicatedStateMachine>,
+    current: &mut ReplicatedStateMachine,
+    d: &Decision,
+    now: Timestamp,
+) -> Result<bool, Error> {
+    let (config, rollout) = status::persisted(current);
     let mut s = status::compute(
-        &current,
+        current,
         config.as_ref(),
         rollout.as_ref(),
-        &plan,
-        &world,
-        &observed,
+        &d.plan,
+        &d.world,
+        &d.observed,
         now,
     );
-    s.conditions = status::conditions(&plan, generation, &previous, now);
-    let was_paused = previous.iter().any(|c| c.type_ == ct::PAUSED && c.status == "True");
-    match status::write(&api, &mut current, s).await {
-        Ok(_) => {}
+    // Conditions relative to what this reconcile started from.
+    let previous = rsm.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default();
+    s.conditions = status::conditions(&d.plan, rsm.meta().generation, previous, now);
+    match status::write(api, current, s).await {
+        Ok(_) => Ok(true),
         Err(WriteError::Conflict) => {
             ctx.metrics.status_conflicts.inc();
-            return Ok(Action::requeue(Duration::from_secs(1)));
+            Ok(false)
         }
-        Err(e) => return Err(e.into()),
+        Err(e) => Err(e.into()),
     }
-    if desired.paused != was_paused {
-        let (reason, note) = if desired.paused {
+}
+
+/// Step 8: events for what changed without an action (pause, holds, waiting).
+async fn outcome_events(ctx: &Context, rsm: &ReplicatedStateMachine, d: &Decision) {
+    let previous = rsm.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default();
+    let was = |type_: &str| previous.iter().any(|c| c.type_ == type_ && c.status == "True");
+    if d.desired.paused != was(ct::PAUSED) {
+        let (reason, note) = if d.desired.paused {
             ("Paused", "reconciliation paused by annotation: observing only")
         } else {
             ("Resumed", "reconciliation resumed")
         };
         publish(ctx, rsm, EventType::Normal, reason, "Pause", note.into()).await;
     }
-    if !crashed.is_empty() {
-        publish(
-            ctx,
-            rsm,
-            EventType::Warning,
-            "ReplicaStartupFailure",
-            "Hold",
-            plan.summary.clone(),
-        )
-        .await;
+    let summary = d.plan.summary.clone();
+    if !d.crashed.is_empty() {
+        publish(ctx, rsm, EventType::Warning, "ReplicaStartupFailure", "Hold", summary).await;
+    } else if d.plan.conditions.degraded.is_some() && d.plan.actions.is_empty() && !was(ct::DEGRADED) {
+        publish(ctx, rsm, EventType::Warning, "Degraded", "Wait", summary).await;
     }
-    if plan.conditions.degraded.is_some() && plan.actions.is_empty() && crashed.is_empty() {
-        let was_degraded = previous.iter().any(|c| c.type_ == ct::DEGRADED && c.status == "True");
-        if !was_degraded {
-            publish(ctx, rsm, EventType::Warning, "Degraded", "Wait", plan.summary.clone()).await;
-        }
-    }
+}
 
-    let busy = !plan.actions.is_empty()
-        || !revive.is_empty()
-        || !restart_from_disk.is_empty()
-        || plan.conditions.progressing.is_some();
-    Ok(Action::requeue(if busy && crashed.is_empty() {
+/// Converging objects are looked at again soon; steady (or held) ones at the resync period.
+fn requeue(ctx: &Context, d: &Decision) -> Action {
+    let busy = !d.plan.actions.is_empty() || !d.from_disk.is_empty() || d.plan.conditions.progressing.is_some();
+    Action::requeue(if busy && d.crashed.is_empty() {
         ctx.busy_requeue
     } else {
         ctx.steady_requeue
-    }))
-}
-
-/// Carries out the plan. Returns false when a persisted-state write lost a race (the plan
-/// is stale and nothing after it may run).
-async fn execute(
-    ctx: &Context,
-    rsm: &ReplicatedStateMachine,
-    api: &Api<ReplicatedStateMachine>,
-    current: &mut ReplicatedStateMachine,
-    world: &World,
-    plan: &Plan,
-) -> Result<bool, Error> {
-    let ns = rsm.namespace().ok_or(Error::NoNamespace)?;
-    let cluster = rsm.name_any();
-    if !plan.actions.is_empty() {
-        tracing::info!(object = %key(rsm), summary = %plan.summary, actions = plan.actions.len(), "plan");
-    }
-    for step in &plan.actions {
-        match step {
-            Step::CreateReplica { id, machine } => {
-                ctx.metrics.action("create_replica");
-                if world.terminating_pvcs.contains(&names::pvc(id)) {
-                    // The planner reuses a free ordinal; its old volume is still going away.
-                    tracing::info!(object = %key(rsm), replica = %id, "waiting for the old claim to be deleted");
-                    continue;
-                }
-                if let Some(pvc) = build::replica_pvc(rsm, id)? {
-                    create_if_absent::<PersistentVolumeClaim>(ctx, &ns, &pvc).await?;
-                }
-                let pod = build::replica_pod(rsm, id, machine)?;
-                if create_if_absent(ctx, &ns, &pod).await? {
-                    publish(
-                        ctx,
-                        rsm,
-                        EventType::Normal,
-                        "CreatingReplica",
-                        "CreateReplica",
-                        format!(
-                            "creating replica {id} ({} {}): {}",
-                            machine.name, machine.version, plan.summary
-                        ),
-                    )
-                    .await;
-                }
-            }
-            Step::Reconfigure { config, notify } => {
-                ctx.metrics.action("reconfigure");
-                // Fence first: the epoch is decided when the API server stores it.
-                let won = status::write_persisted(
-                    api,
-                    current,
-                    |s| status::with_config(s, config),
-                    || {
-                        ctx.metrics.status_conflicts.inc();
-                    },
-                )
-                .await?;
-                if !won {
-                    publish(
-                        ctx,
-                        rsm,
-                        EventType::Normal,
-                        "StalePlan",
-                        "Reconfigure",
-                        format!(
-                            "epoch {} was not recorded: the persisted configuration changed meanwhile; replanning",
-                            config.epoch
-                        ),
-                    )
-                    .await;
-                    return Ok(false);
-                }
-                publish(
-                    ctx,
-                    rsm,
-                    EventType::Normal,
-                    "Reconfigured",
-                    "Reconfigure",
-                    format!(
-                        "epoch {} recorded (primary {}, {} members): {}",
-                        config.epoch,
-                        config.primary,
-                        config.members.len(),
-                        plan.summary
-                    ),
-                )
-                .await;
-                push_config(
-                    ctx,
-                    rsm,
-                    world,
-                    config,
-                    config
-                        .members
-                        .iter()
-                        .map(|m| m.id.as_str())
-                        .chain(notify.iter().map(String::as_str)),
-                )
-                .await;
-            }
-            Step::PushConfig { id } => {
-                ctx.metrics.action("push_config");
-                if let Some(config) = translate::persisted_config(current) {
-                    push_config(ctx, rsm, world, &config, std::iter::once(id.as_str())).await;
-                }
-            }
-            Step::DeleteReplica { id, reason } => {
-                ctx.metrics.action("delete_replica");
-                let failed = reason.starts_with("fail-stopped");
-                if failed {
-                    ctx.metrics.replacements.inc();
-                }
-                if delete_if_present::<Pod>(ctx, &ns, id).await? {
-                    publish(
-                        ctx,
-                        rsm,
-                        if failed { EventType::Warning } else { EventType::Normal },
-                        if failed { "ReplacingReplica" } else { "RemovingReplica" },
-                        "DeleteReplica",
-                        format!("deleting {id}: {reason}"),
-                    )
-                    .await;
-                }
-                // Its volume holds nothing the configuration needs any more.
-                let in_config = translate::persisted_config(current).is_some_and(|c| c.member(id).is_some());
-                if !in_config {
-                    delete_if_present::<PersistentVolumeClaim>(ctx, &ns, &names::pvc(id)).await?;
-                }
-            }
-            Step::Seal => {
-                ctx.metrics.action("seal");
-                if let Some(addr) = primary_address(ctx, rsm, current, world) {
-                    match ctx.admin.seal(addr).await {
-                        Ok(index) => {
-                            publish(
-                                ctx,
-                                rsm,
-                                EventType::Normal,
-                                "Sealing",
-                                "Seal",
-                                format!("seal barrier ordered at index {index}: {}", plan.summary),
-                            )
-                            .await
-                        }
-                        Err(e) => tracing::warn!(object = %key(rsm), error = %e, "seal failed; will retry"),
-                    }
-                }
-            }
-            Step::Stage { machine } => {
-                ctx.metrics.action("stage");
-                let Some(image) = machine.image.as_deref() else {
-                    continue;
-                };
-                let Some(config) = translate::persisted_config(current) else {
-                    continue;
-                };
-                let mut created = 0;
-                for m in &config.members {
-                    let node = world
-                        .replicas
-                        .iter()
-                        .find(|o| o.pod.name_any() == m.id)
-                        .and_then(|o| o.pod.spec.as_ref()?.node_name.clone());
-                    if let Some(node) = node {
-                        let pod = build::stage_pod(rsm, &m.id, &node, image)?;
-                        if create_if_absent(ctx, &ns, &pod).await? {
-                            created += 1;
-                        }
-                    }
-                }
-                if created > 0 {
-                    publish(
-                        ctx,
-                        rsm,
-                        EventType::Normal,
-                        "Staging",
-                        "Stage",
-                        format!("pulling {image} on the nodes of {created} replica(s) before anything stops"),
-                    )
-                    .await;
-                }
-            }
-            Step::RestartReplica { id, machine } => {
-                ctx.metrics.action("restart_replica");
-                let Some(obs) = world.replicas.iter().find(|o| o.pod.name_any() == *id) else {
-                    continue;
-                };
-                let spec_image = obs
-                    .pod
-                    .spec
-                    .as_ref()
-                    .and_then(|s| s.containers.iter().find(|c| c.name == names::REPLICA_CONTAINER))
-                    .and_then(|c| c.image.clone());
-                let version = obs.pod.annotations().get(names::VERSION_ANNOTATION).cloned();
-                if spec_image == machine.image && version.as_deref() == Some(machine.version.as_str()) {
-                    continue; // already asked; waiting for the kubelet
-                }
-                let patch = build::restart_patch(&obs.pod, machine)?;
-                Api::<Pod>::namespaced(ctx.client.clone(), &ns)
-                    .patch(id, &PatchParams::default(), &Patch::Strategic(patch))
-                    .await?;
-                publish(
-                    ctx,
-                    rsm,
-                    EventType::Normal,
-                    "RestartingReplica",
-                    "RestartReplica",
-                    format!(
-                        "restarting {id} with {} {} from the snapshot at the seal",
-                        machine.name, machine.version
-                    ),
-                )
-                .await;
-            }
-            Step::Resume { machine } => {
-                ctx.metrics.action("resume");
-                if let Some(addr) = primary_address(ctx, rsm, current, world) {
-                    match ctx.admin.resume(addr).await {
-                        Ok(index) => {
-                            publish(
-                                ctx,
-                                rsm,
-                                EventType::Normal,
-                                "Resuming",
-                                "Resume",
-                                format!(
-                                    "commands resume under {} {} at index {index}",
-                                    machine.name, machine.version
-                                ),
-                            )
-                            .await
-                        }
-                        Err(e) => tracing::warn!(object = %key(rsm), error = %e, "resume failed; will retry"),
-                    }
-                }
-            }
-            Step::SetRollout { rollout } => {
-                ctx.metrics.action("set_rollout");
-                let before = translate::persisted_rollout(current);
-                let won = status::write_persisted(
-                    api,
-                    current,
-                    |s| status::with_rollout(s, rollout.as_ref()),
-                    || {
-                        ctx.metrics.status_conflicts.inc();
-                    },
-                )
-                .await?;
-                if !won {
-                    return Ok(false);
-                }
-                match (&before, rollout) {
-                    (None, Some(r)) => {
-                        ctx.metrics.rollouts_started.inc();
-                        publish(
-                            ctx,
-                            rsm,
-                            EventType::Normal,
-                            "RolloutStarted",
-                            "Rollout",
-                            format!("lockstep rollout {} -> {}", r.from.version, r.to.version),
-                        )
-                        .await;
-                    }
-                    (Some(b), None) => {
-                        ctx.metrics.rollouts_completed.inc();
-                        publish(
-                            ctx,
-                            rsm,
-                            EventType::Normal,
-                            "RolloutFinished",
-                            "Rollout",
-                            format!("rollout to {} finished: {}", b.to.version, plan.summary),
-                        )
-                        .await;
-                    }
-                    (_, Some(r)) => {
-                        publish(
-                            ctx,
-                            rsm,
-                            EventType::Normal,
-                            "RolloutPhase",
-                            "Rollout",
-                            format!("rollout to {}: {}", r.to.version, translate::phase_name(r.phase)),
-                        )
-                        .await;
-                    }
-                    (None, None) => {}
-                }
-                // Stage pods are done once the rollout leaves Staging.
-                if rollout
-                    .as_ref()
-                    .is_none_or(|r| r.phase != planner::RolloutPhase::Staging)
-                {
-                    for p in &world.stage_pods {
-                        delete_if_present::<Pod>(ctx, &ns, &p.name_any()).await?;
-                    }
-                }
-            }
-        }
-    }
-    let _ = cluster;
-    Ok(true)
-}
-
-fn primary_address(
-    ctx: &Context,
-    rsm: &ReplicatedStateMachine,
-    current: &ReplicatedStateMachine,
-    world: &World,
-) -> Option<String> {
-    let config = translate::persisted_config(current)?;
-    address_of(ctx, rsm, world, &config.primary)
-}
-
-/// Pushes `config` to the given replicas. Failures are logged: a replica that missed it
-/// reports the old epoch and the planner pushes again (PushConfig).
-async fn push_config<'a>(
-    ctx: &Context,
-    rsm: &ReplicatedStateMachine,
-    world: &World,
-    config: &Config,
-    ids: impl Iterator<Item = &'a str>,
-) {
-    let calls = ids
-        .filter_map(|id| address_of(ctx, rsm, world, id).map(|a| (id.to_string(), a)))
-        .map(|(id, addr)| {
-            let config = config.clone();
-            async move { (id, ctx.admin.reconfigure(addr, config).await) }
-        });
-    for (id, result) in futures::future::join_all(calls).await {
-        if let Err(e) = result {
-            tracing::warn!(object = %key(rsm), replica = %id, error = %e, "reconfigure push failed; will retry");
-        }
-    }
+    })
 }
 
 /// Exponential backoff per object: 1s, 2s, 4s ... 5 minutes. One object's errors never

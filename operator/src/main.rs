@@ -40,9 +40,12 @@ struct Cli {
     lease_namespace: String,
     #[arg(long, default_value = "lockstep-operator")]
     lease_name: String,
-    #[arg(long, default_value_t = 15)]
+    /// How long a Lease holds without renewal: the longest a frozen leader delays the next
+    /// decision (docs/operator-design.md section 8).
+    #[arg(long, default_value_t = 8)]
     lease_duration_seconds: u64,
-    #[arg(long, default_value_t = 10)]
+    /// A leader that could not renew for this long steps down (must be below the duration).
+    #[arg(long, default_value_t = 5)]
     renew_deadline_seconds: u64,
     /// Identity in the Lease (defaults to the pod name, else the host name).
     #[arg(long, env = "POD_NAME")]

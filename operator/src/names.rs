@@ -16,10 +16,17 @@ pub const COMPONENT_STAGE: &str = "stage";
 
 /// Machine version the pod was created (or last restarted) for.
 pub const VERSION_ANNOTATION: &str = "lockstep.dev/machine-version";
+/// The replica container image the operator asked for, set in the same patch that changes
+/// the image; the replica reads it (env `LOCKSTEP_IMAGE`, downward API, resolved at each
+/// container start) and reports it back in its admin Status.
+pub const IMAGE_ANNOTATION: &str = "lockstep.dev/image";
 /// During a rollout restart: the machine the container ran before the image was changed,
 /// until the kubelet has restarted it with the new image.
 pub const PREVIOUS_VERSION_ANNOTATION: &str = "lockstep.dev/previous-machine-version";
 pub const PREVIOUS_IMAGE_ANNOTATION: &str = "lockstep.dev/previous-image";
+/// On a replica's claim: how many times in a row it was restarted from its disk after dying
+/// within the start-up grace (the crash-loop backoff of section 4 of operator-design.md).
+pub const DISK_RESTARTS_ANNOTATION: &str = "lockstep.dev/restarts-from-disk";
 /// Hash of the desired state of an applied object (skip no-op applies).
 pub const HASH_ANNOTATION: &str = "lockstep.dev/applied-hash";
 

@@ -217,6 +217,14 @@ pub async fn world(
             .map(|p| p.name_any())
             .collect(),
         pvcs: pvcs.iter().map(|p| p.name_any()).collect(),
+        disk_restarts: pvcs
+            .iter()
+            .filter_map(|p| {
+                let id = p.name_any().strip_prefix("data-")?.to_string();
+                let n = p.annotations().get(names::DISK_RESTARTS_ANNOTATION)?.parse().ok()?;
+                Some((id, n))
+            })
+            .collect(),
         now: Some(now),
     })
 }

@@ -67,10 +67,10 @@ pub fn conditions(plan: &Plan, generation: Option<i64>, previous: &[Condition], 
         condition(
             ct::PROGRESSING,
             c.progressing.is_some(),
-            if c.progressing.is_some() {
-                "Reconciling"
-            } else {
-                "Stable"
+            match (&c.progressing, &c.degraded) {
+                (Some(_), _) => "Reconciling",
+                (None, Some(_)) => "Holding",
+                (None, None) => "Stable",
             },
             c.progressing.clone().unwrap_or_else(|| summary.clone()),
             generation,
@@ -80,10 +80,10 @@ pub fn conditions(plan: &Plan, generation: Option<i64>, previous: &[Condition], 
         condition(
             ct::DEGRADED,
             c.degraded.is_some(),
-            if c.degraded.is_some() {
-                "RedundancyLost"
-            } else {
-                "FullRedundancy"
+            match (&c.degraded, &c.degraded_reason) {
+                (Some(_), Some(reason)) => reason.as_str(),
+                (Some(_), None) => "RedundancyLost",
+                (None, _) => "FullRedundancy",
             },
             c.degraded.clone().unwrap_or_default(),
             generation,
@@ -124,7 +124,7 @@ pub fn blocked_conditions(
     };
     let mut out = conditions(&plan, generation, previous, now);
     for c in &mut out {
-        if c.type_ == ct::READY || c.type_ == ct::DEGRADED {
+        if c.type_ == ct::READY || c.type_ == ct::DEGRADED || c.type_ == ct::PROGRESSING {
             c.reason = reason.into();
         }
     }
@@ -180,6 +180,7 @@ pub fn compute(
         upgrade_phase: rollout.map(|r| translate::phase_name(r.phase).to_string()),
         seal_index: rollout.and_then(|r| r.seal_index).and_then(|i| i64::try_from(i).ok()),
         rollout: rollout.map(translate::rollout_status),
+        next_ordinal: rsm.status.as_ref().and_then(|s| s.next_ordinal),
         conditions: conditions(plan, generation, previous, now),
     }
 }
@@ -211,6 +212,14 @@ pub fn with_config(status: &ReplicatedStateMachineStatus, config: &Config) -> Re
     }
     members.sort_by(|a, b| a.pod.cmp(&b.pod));
     s.members = members;
+    s
+}
+
+/// The status with `next_ordinal` raised past `ordinal` (before replica `ordinal` is created).
+pub fn with_ordinal(status: &ReplicatedStateMachineStatus, ordinal: usize) -> ReplicatedStateMachineStatus {
+    let mut s = status.clone();
+    let next = i64::try_from(ordinal).unwrap_or(i64::MAX - 1) + 1;
+    s.next_ordinal = Some(s.next_ordinal.unwrap_or(0).max(next));
     s
 }
 

@@ -72,6 +72,8 @@ pub struct World {
     pub pvcs: Vec<String>,
     /// Claims being deleted (a replica id is not reused until its old claim is gone).
     pub terminating_pvcs: Vec<String>,
+    /// Per replica id: consecutive quick restarts from disk (claim annotation).
+    pub disk_restarts: BTreeMap<String, u32>,
     pub now: Option<Timestamp>,
 }
 
@@ -178,6 +180,15 @@ fn phase_from(s: &str) -> Option<RolloutPhase> {
     })
 }
 
+/// `status.nextOrdinal`: ordinals below it were handed out before.
+pub fn persisted_next_ordinal(rsm: &ReplicatedStateMachine) -> usize {
+    rsm.status
+        .as_ref()
+        .and_then(|s| s.next_ordinal)
+        .and_then(|n| usize::try_from(n).ok())
+        .unwrap_or(0)
+}
+
 pub fn persisted_rollout(rsm: &ReplicatedStateMachine) -> Option<Rollout> {
     let r = rsm.status.as_ref()?.rollout.as_ref()?;
     Some(Rollout {
@@ -250,6 +261,20 @@ pub fn termination_reason(pod: &Pod) -> String {
     format!("pod {phase} {reason} {message}").trim().to_string()
 }
 
+/// When the replica container terminated, if it did.
+pub fn finished_at(pod: &Pod) -> Option<Timestamp> {
+    Some(
+        replica_container(pod)?
+            .state
+            .as_ref()?
+            .terminated
+            .as_ref()?
+            .finished_at
+            .as_ref()?
+            .0,
+    )
+}
+
 /// How long the replica container ran before it terminated (None when it has not
 /// terminated or the times are unknown).
 pub fn ran_for(pod: &Pod) -> Option<Duration> {
@@ -302,9 +327,31 @@ pub fn classify(obs: &ReplicaObservation, now: Timestamp, tuning: &Tuning) -> He
     }
 }
 
-/// The machine a replica pod runs now. During a rollout restart the container runs the
-/// previous image until the kubelet has restarted it with the new one.
-pub fn running_machine(pod: &Pod) -> MachineRef {
+/// The machine a replica runs, as the replica itself reports it when it answers: its
+/// machine identity (name, version) and the image it was launched from (`launched_image`,
+/// from the `lockstep.dev/image` annotation at container start). Only for a replica that does
+/// not answer (or an older one that does not report its image) does the pod stand in.
+pub fn running_machine(obs: &ReplicaObservation) -> MachineRef {
+    let fallback = pod_machine(&obs.pod);
+    let Admin::Answered(s) = &obs.admin else {
+        return fallback;
+    };
+    let identity = s.machine.as_ref();
+    let reported =
+        |f: fn(&lockstep_proto::MachineIdentity) -> &String| identity.map(f).filter(|v| !v.is_empty()).cloned();
+    MachineRef {
+        name: reported(|m| &m.name).unwrap_or(fallback.name),
+        version: reported(|m| &m.version).unwrap_or(fallback.version),
+        image: Some(s.launched_image.clone())
+            .filter(|i| !i.is_empty())
+            .or(fallback.image),
+    }
+}
+
+/// The machine a replica pod runs now, from the pod alone (spec, annotations and the image
+/// the kubelet reports). During a rollout restart the container runs the previous image
+/// until the kubelet has restarted it with the new one.
+pub fn pod_machine(pod: &Pod) -> MachineRef {
     let meta = &pod.metadata;
     let annotation = |k: &str| meta.annotations.as_ref().and_then(|a| a.get(k)).cloned();
     let name = meta
@@ -383,7 +430,7 @@ pub fn observed(rsm: &ReplicatedStateMachine, world: &World, tuning: &Tuning) ->
             let id = pod_name(&o.pod);
             ObservedReplica {
                 endpoint: names::endpoint(cluster, namespace, &id),
-                machine: running_machine(&o.pod),
+                machine: running_machine(o),
                 health: classify(o, now, tuning),
                 status: match &o.admin {
                     Admin::Answered(s) => Some(replica_status(s)),
@@ -399,9 +446,12 @@ pub fn observed(rsm: &ReplicatedStateMachine, world: &World, tuning: &Tuning) ->
         replicas,
         rollout,
         staged,
-        // Not persisted on Kubernetes yet: a replacement may reuse a fenced replica's
-        // ordinal once its pod and claim are gone (the operator waits for that).
-        next_ordinal: 0,
+        next_ordinal: persisted_next_ordinal(rsm),
+        volumes: world
+            .pvcs
+            .iter()
+            .filter_map(|c| c.strip_prefix("data-").map(str::to_string))
+            .collect(),
     }
 }
 
@@ -540,6 +590,69 @@ mod tests {
             classify(&obs(pod("Pending", at(0)), Admin::NotAsked, None), at(100), &t),
             Health::Starting
         );
+    }
+
+    #[test]
+    fn a_second_tag_of_the_same_image_is_seen_from_what_the_replica_reports() {
+        // Rollout img:1 -> img:2, where img:2 is a second tag of the same image: the kubelet
+        // keeps reporting the name it first resolved (img:1).
+        let mut p = pod("Running", at(0));
+        p.metadata.labels = Some([(names::MACHINE_LABEL.to_string(), "kv".to_string())].into());
+        p.metadata.annotations = Some(
+            [
+                (names::VERSION_ANNOTATION, "1.1.0"),
+                (names::IMAGE_ANNOTATION, "img:2"),
+                (names::PREVIOUS_VERSION_ANNOTATION, "1.0.0"),
+                (names::PREVIOUS_IMAGE_ANNOTATION, "img:1"),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        );
+        p.spec = Some(k8s_openapi::api::core::v1::PodSpec {
+            containers: vec![k8s_openapi::api::core::v1::Container {
+                name: names::REPLICA_CONTAINER.into(),
+                image: Some("img:2".into()),
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        if let Some(c) = p
+            .status
+            .as_mut()
+            .and_then(|s| s.container_statuses.as_mut())
+            .and_then(|cs| cs.first_mut())
+        {
+            c.image = "docker.io/library/img:1".into();
+        }
+        // From the pod alone it looks like the restart never happened (the old bug: sealed
+        // forever).
+        assert_eq!(pod_machine(&p).version, "1.0.0");
+        // The replica answers: launched from img:2, machine kv 1.1.0.
+        let reporting = |version: &str| ReplicaObservation {
+            pod: p.clone(),
+            admin: Admin::Answered(Box::new(StatusResponse {
+                machine: Some(lockstep_proto::MachineIdentity {
+                    name: "kv".into(),
+                    version: version.into(),
+                    digest: String::new(),
+                }),
+                launched_image: "img:2".into(),
+                ..Default::default()
+            })),
+            node_lost: None,
+        };
+        assert_eq!(
+            running_machine(&reporting("1.1.0")),
+            MachineRef {
+                name: "kv".into(),
+                version: "1.1.0".into(),
+                image: Some("img:2".into())
+            }
+        );
+        // A replica that reports the old version from the new image is seen as exactly that.
+        let obs = reporting("1.0.0");
+        assert_eq!(running_machine(&obs).version, "1.0.0");
     }
 
     #[test]

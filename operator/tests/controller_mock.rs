@@ -154,7 +154,7 @@ async fn bootstrap_fence_replace_and_rejoin() {
     assert_eq!(h.writes(), Vec::<String>::new(), "steady state makes no writes");
 
     // kv-1 fail-stops: fence (epoch 2 without it, recorded first), push to the survivor,
-    // then delete the pod and its claim.
+    // then delete the pod; its claim stays while redundancy is reduced.
     fail_pod(&h.api, "kv-1", 137, "OOMKilled");
     h.reconcile("kv").await;
     let log = h.log();
@@ -162,27 +162,22 @@ async fn bootstrap_fence_replace_and_rejoin() {
     let push = position(&log, |l| l == "admin reconfigure kv-0 epoch 2");
     let delete = position(&log, |l| l == format!("DELETE {PODS}/kv-1"));
     assert!(put < push && push < delete, "fence, push, then delete: {log:#?}");
-    assert!(log.contains(&format!("DELETE {PVCS}/data-kv-1")), "{log:#?}");
+    assert!(
+        !log.contains(&format!("DELETE {PVCS}/data-kv-1")),
+        "the fenced replica's volume is kept while 1 of 2 voters runs: {log:#?}"
+    );
     assert_eq!(h.status("kv").epoch, Some(2));
     assert_eq!(h.metrics.replacements.get(), 1);
 
-    // The replacement (the planner reuses the free ordinal) gets a fresh pod and an empty
-    // volume, joins as a learner, is promoted.
-    let old_uid = |h: &Harness| {
-        lock(&h.api)
-            .objects
-            .get(&pod_path("kv-1"))
-            .map(|p| p["metadata"]["uid"].clone())
-    };
-    let before = old_uid(&h);
+    // The replacement gets a new name and an empty volume (the fenced ordinal is never
+    // reused: status.nextOrdinal), joins as a learner, is promoted.
     h.reconcile("kv").await;
     assert!(h.writes().contains(&format!("POST {PODS}")));
     assert!(h.writes().contains(&format!("POST {PVCS}")));
-    assert_eq!(pods(&h.api), vec!["kv-0", "kv-1"]);
-    assert_ne!(old_uid(&h), before, "a new pod");
+    assert_eq!(pods(&h.api), vec!["kv-0", "kv-2"]);
+    assert_eq!(h.status("kv").next_ordinal, Some(3));
     assert_eq!(h.condition("kv", "Degraded").0, "True", "1 of 2 voters");
-    lock(&h.admin.replicas).remove("http://10.0.0.2:7000");
-    h.run(&[("kv-1", "10.0.0.3", "n3")], "1.0.0");
+    h.run(&[("kv-2", "10.0.0.3", "n3")], "1.0.0");
     h.reconcile("kv").await; // learner
     assert_eq!(h.status("kv").epoch, Some(3));
     let roles: Vec<(String, Option<String>)> = h
@@ -191,13 +186,105 @@ async fn bootstrap_fence_replace_and_rejoin() {
         .iter()
         .map(|m| (m.pod.clone(), m.role.clone()))
         .collect();
-    assert!(roles.contains(&("kv-1".into(), Some("Learner".into()))), "{roles:?}");
+    assert!(roles.contains(&("kv-2".into(), Some("Learner".into()))), "{roles:?}");
+    assert!(
+        !h.writes().contains(&format!("DELETE {PVCS}/data-kv-1")),
+        "still a learner"
+    );
     h.reconcile("kv").await; // promoted
     assert_eq!(h.status("kv").epoch, Some(4));
+    // Full redundancy again: now the fenced replica's volume goes, with an event.
     h.reconcile("kv").await;
     assert_eq!(h.condition("kv", "Ready").0, "True");
     assert_eq!(h.condition("kv", "Degraded").0, "False");
+    assert!(
+        h.writes().contains(&format!("DELETE {PVCS}/data-kv-1")),
+        "{:#?}",
+        h.writes()
+    );
+    assert!(
+        event_notes(&h.api)
+            .iter()
+            .any(|n| n.contains("deleting volume data-kv-1"))
+    );
     assert_eq!(h.admin.epoch("10.0.0.3"), 4);
+}
+
+#[tokio::test]
+async fn every_decision_is_an_event_with_its_own_message() {
+    // kube's Recorder aggregated by reason and kept the first note: after a fail-over people
+    // saw `Reconfigured (x4) "epoch 1 recorded ..."` while the cluster was at epoch 4.
+    let h = harness();
+    bootstrapped_pods(&h).await;
+    h.reconcile("kv").await; // epoch 1
+    h.reconcile("kv").await;
+    fail_pod(&h.api, "kv-1", 137, "OOMKilled");
+    h.reconcile("kv").await; // epoch 2
+    let notes = event_notes(&h.api);
+    let reconfigured: Vec<&String> = notes.iter().filter(|n| n.contains(" recorded (primary")).collect();
+    assert!(
+        reconfigured.iter().any(|n| n.starts_with("epoch 1 recorded"))
+            && reconfigured.iter().any(|n| n.starts_with("epoch 2 recorded")),
+        "each epoch visible with its own message: {notes:#?}"
+    );
+    assert!(reconfigured.iter().all(|n| n.ends_with("(x1)")), "{notes:#?}");
+}
+
+#[tokio::test]
+async fn exact_repeats_of_an_event_become_a_series() {
+    use kube::Resource;
+    let h = harness();
+    h.add("kv", rsm_json("kv", 1, "1.0.0", "img:1"));
+    let obj = rsm(&h.api, "kv").object_ref(&());
+    for note in ["same words", "same words", "other words"] {
+        h.ctx
+            .recorder
+            .publish(kube::runtime::events::EventType::Normal, "Test", "Test", note, &obj)
+            .await
+            .expect("published");
+    }
+    let notes = event_notes(&h.api);
+    assert_eq!(
+        notes,
+        vec!["same words (x2)".to_string(), "other words (x1)".to_string()],
+        "{notes:#?}"
+    );
+}
+
+#[tokio::test]
+async fn simultaneous_failure_fences_nobody_and_deletes_no_volume() {
+    let h = harness();
+    bootstrapped_pods(&h).await;
+    h.reconcile("kv").await; // epoch 1
+    h.reconcile("kv").await; // ready
+    // Both replicas die; kv-1's pod still looks Running for a moment (its process is gone:
+    // the admin call fails, within the grace period).
+    fail_pod(&h.api, "kv-0", 137, "OOMKilled");
+    lock(&h.admin.replicas).remove("http://10.0.0.2:7000");
+    h.reconcile("kv").await;
+    let writes = h.writes();
+    assert_eq!(h.status("kv").epoch, Some(1), "no epoch whose only voter may be dead");
+    assert!(
+        !writes.iter().any(|l| l.contains("persistentvolumeclaims")),
+        "no volume touched: {writes:#?}"
+    );
+    assert!(!writes.iter().any(|l| l.starts_with("DELETE")), "{writes:#?}");
+    let (degraded, _, message) = h.condition("kv", "Degraded");
+    assert_eq!(degraded, "True");
+    assert!(
+        message.contains("no surviving voter of epoch 1 has answered"),
+        "{message}"
+    );
+    // kv-1's pod fails for good too: every voter is restarted from its own volume.
+    fail_pod(&h.api, "kv-1", 137, "OOMKilled");
+    h.reconcile("kv").await;
+    assert_eq!(h.status("kv").epoch, Some(1));
+    let writes = h.writes();
+    assert!(writes.contains(&format!("DELETE {PODS}/kv-0")) && writes.contains(&format!("DELETE {PODS}/kv-1")));
+    assert!(
+        !writes.iter().any(|l| l.contains("persistentvolumeclaims")),
+        "{writes:#?}"
+    );
 }
 
 async fn bootstrapped_pods(h: &Harness) {
@@ -334,6 +421,116 @@ async fn replica_that_refuses_to_start_is_reported_not_crash_looped() {
     let (degraded, _, message) = h.condition("byz", "Degraded");
     assert_eq!(degraded, "True");
     assert!(message.contains("Byzantine is not available"), "{message}");
+    assert_eq!(
+        message.matches("Byzantine is not available").count(),
+        1,
+        "one line per distinct error: {message}"
+    );
+    assert!(message.contains("byz-0, byz-1, byz-2: "), "{message}");
+    assert_eq!(
+        h.condition("byz", "Progressing").0,
+        "False",
+        "holding is not progressing"
+    );
+}
+
+#[tokio::test]
+async fn missing_client_identities_secret_is_named_and_no_pods_are_created() {
+    let h = harness();
+    let mut obj = rsm_json("byz", 1, "1.0.0", "img:1");
+    obj["spec"]["failureModel"] = json!("Byzantine");
+    obj["spec"]["clientIdentities"] = json!({"secretRef": {"name": "byz-clients"}});
+    h.add("byz", obj);
+    h.reconcile("byz").await;
+    assert!(pods(&h.api).is_empty(), "pods that cannot start are not created");
+    let (degraded, reason, message) = h.condition("byz", "Degraded");
+    assert_eq!((degraded.as_str(), reason.as_str()), ("True", "MissingSecret"));
+    assert!(
+        message.contains("Secret byz-clients in namespace apps") && message.contains("kubectl -n apps create secret"),
+        "{message}"
+    );
+    assert_eq!(h.condition("byz", "Progressing").0, "False");
+    // Once it exists, the replicas are created.
+    lock(&h.api).insert(
+        "/api/v1/namespaces/apps/secrets/byz-clients",
+        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "byz-clients", "namespace": "apps"}}),
+    );
+    h.reconcile("byz").await;
+    assert_eq!(pods(&h.api), vec!["byz-0", "byz-1", "byz-2"]);
+}
+
+fn set_machine(h: &Harness, version: &str, image: &str) {
+    let mut api = lock(&h.api);
+    let p = rsm_path("kv");
+    let mut obj = api.objects[&p].clone();
+    obj["spec"]["machine"]["version"] = json!(version);
+    obj["spec"]["machine"]["image"] = json!(image);
+    let generation = obj["metadata"]["generation"].as_i64().unwrap_or(1);
+    obj["metadata"]["generation"] = json!(generation + 1);
+    api.insert(&p, obj);
+}
+
+/// A ready cluster on 1.0.0/img:1, rolled out to `version`/`image` up to the image patch
+/// (phase Replacing): staged, sealed, both pods patched.
+async fn rollout_until_replacing(h: &Harness, version: &str, image: &str) {
+    bootstrapped_pods(h).await;
+    h.reconcile("kv").await; // epoch 1
+    h.reconcile("kv").await; // ready
+    set_machine(h, version, image);
+    h.reconcile("kv").await; // staging
+    run_pod(&h.api, "kv-stage-0", "10.9.9.9", "n1");
+    run_pod(&h.api, "kv-stage-1", "10.9.9.9", "n2");
+    h.reconcile("kv").await; // sealing
+    h.reconcile("kv").await; // replacing
+    assert_eq!(h.status("kv").upgrade_phase.as_deref(), Some("Replacing"));
+}
+
+#[tokio::test]
+async fn rollout_finishes_only_when_every_voter_reports_the_target_machine() {
+    let h = harness();
+    rollout_until_replacing(&h, "1.1.0", "img:2").await;
+    // The kubelet restarted both containers on img:2 (they report being launched from it),
+    // but the binary in img:2 reports 1.0.0: the image does not contain 1.1.0.
+    kubelet_restart(&h.api, "kv-0");
+    kubelet_restart(&h.api, "kv-1");
+    h.admin.set_launched("img:2");
+    for _ in 0..3 {
+        h.reconcile("kv").await;
+        assert_eq!(
+            h.status("kv").upgrade_phase.as_deref(),
+            Some("Replacing"),
+            "never finished"
+        );
+        assert!(!h.log().iter().any(|l| l.starts_with("admin resume")));
+    }
+    let (degraded, reason, message) = h.condition("kv", "Degraded");
+    assert_eq!((degraded.as_str(), reason.as_str()), ("True", "WrongMachineVersion"));
+    assert!(
+        message.contains("kv-0 runs img:2 but reports kv 1.0.0") && message.contains("does not contain the version"),
+        "{message}"
+    );
+    let versions: Vec<Option<String>> = h.status("kv").members.iter().map(|m| m.version.clone()).collect();
+    assert_eq!(
+        versions,
+        vec![Some("1.0.0".into()), Some("1.0.0".into())],
+        "what the replicas report"
+    );
+
+    // Setting spec.machine back rolls back: the pods go back to img:1, then commands resume.
+    set_machine(&h, "1.0.0", "img:1");
+    h.reconcile("kv").await; // retargeted
+    h.reconcile("kv").await; // image patched back
+    let image = |n: &str| lock(&h.api).objects[&pod_path(n)]["spec"]["containers"][0]["image"].clone();
+    assert_eq!((image("kv-0"), image("kv-1")), (json!("img:1"), json!("img:1")));
+    kubelet_restart(&h.api, "kv-0");
+    kubelet_restart(&h.api, "kv-1");
+    h.admin.set_launched("img:1");
+    h.reconcile("kv").await; // resuming
+    h.reconcile("kv").await; // done
+    assert_eq!(h.status("kv").upgrade_phase, None);
+    h.reconcile("kv").await;
+    assert_eq!(h.condition("kv", "Ready").0, "True");
+    assert_eq!(h.status("kv").current_version.as_deref(), Some("1.0.0"));
 }
 
 #[tokio::test]
@@ -345,15 +542,7 @@ async fn lockstep_rollout_goes_through_every_phase() {
     assert_eq!(h.condition("kv", "Ready").0, "True");
 
     // New version and image.
-    {
-        let mut api = lock(&h.api);
-        let p = rsm_path("kv");
-        let mut obj = api.objects[&p].clone();
-        obj["spec"]["machine"]["version"] = json!("1.1.0");
-        obj["spec"]["machine"]["image"] = json!("img:2");
-        obj["metadata"]["generation"] = json!(2);
-        api.insert(&p, obj);
-    }
+    set_machine(&h, "1.1.0", "img:2");
     let phase = |h: &Harness| h.status("kv").upgrade_phase;
 
     // Staging: one pre-pull pod per node that runs a member, nothing stopped.
@@ -439,8 +628,10 @@ async fn more_than_t_failures_wait_and_restart_the_same_replicas_from_disk() {
         "no new replicas: {writes:#?}"
     );
     assert!(
-        !writes.iter().any(|l| l.contains("persistentvolumeclaims")),
-        "volumes untouched: {writes:#?}"
+        !writes
+            .iter()
+            .any(|l| l.contains("persistentvolumeclaims") && !l.starts_with("PATCH")),
+        "volumes neither deleted nor created: {writes:#?}"
     );
     assert_eq!(h.status("kv").epoch, Some(1), "no new epoch without a surviving voter");
     let (degraded, _, message) = h.condition("kv", "Degraded");
@@ -462,10 +653,30 @@ async fn more_than_t_failures_wait_and_restart_the_same_replicas_from_disk() {
     h.reconcile("kv").await;
     assert_eq!(h.condition("kv", "Ready").0, "True");
 
-    // If they then die right at startup (e.g. they refuse their data), they are not
-    // restarted in a loop: reported and left for a person.
-    crash_at_start(&h.api, "kv-0", "data dir was written by kv 0.9.0 and is not sealed");
-    crash_at_start(&h.api, "kv-1", "data dir was written by kv 0.9.0 and is not sealed");
+    // Both die again right after starting (a second failure within the start-up grace):
+    // voters of the persisted configuration have run and joined, so they are restarted from
+    // their volumes again, whatever their uptime...
+    crash_at_start(&h.api, "kv-0", "killed again 1 s after start");
+    crash_at_start(&h.api, "kv-1", "killed again 1 s after start");
+    h.reconcile("kv").await;
+    let writes = h.writes();
+    assert!(
+        writes.contains(&format!("DELETE {PODS}/kv-0")) && writes.contains(&format!("DELETE {PODS}/kv-1")),
+        "restarted from disk after a quick death: {writes:#?}"
+    );
+    assert!(
+        writes.contains(&format!("PATCH {PVCS}/data-kv-0")),
+        "count recorded: {writes:#?}"
+    );
+    h.reconcile("kv").await;
+    assert_eq!(pods(&h.api), vec!["kv-0", "kv-1"], "recreated on their volumes");
+    assert_eq!(h.status("kv").epoch, Some(1));
+
+    // ...but one that dies at every start is restarted with a growing backoff, never in a
+    // tight loop, and Degraded names it with its last words.
+    h.run(&[("kv-0", "10.0.0.1", "n1"), ("kv-1", "10.0.0.2", "n2")], "1.0.0");
+    crash_just_now(&h.api, "kv-0", "data dir was written by kv 0.9.0 and is not sealed");
+    crash_just_now(&h.api, "kv-1", "data dir was written by kv 0.9.0 and is not sealed");
     h.reconcile("kv").await;
     h.reconcile("kv").await;
     let writes = h.writes();
@@ -473,9 +684,16 @@ async fn more_than_t_failures_wait_and_restart_the_same_replicas_from_disk() {
         !writes
             .iter()
             .any(|l| l.starts_with("DELETE") || l.starts_with("POST /api")),
-        "{writes:#?}"
+        "backing off: {writes:#?}"
     );
-    assert_eq!(h.condition("kv", "Degraded").0, "True");
+    let (degraded, _, message) = h.condition("kv", "Degraded");
+    assert_eq!(degraded, "True");
+    assert!(
+        message.contains("kv-0 died within 60s of starting (2 time(s) in a row)")
+            && message.contains("not sealed")
+            && message.contains("backing off: kv-0 in 5s"),
+        "{message}"
+    );
 }
 
 #[tokio::test]

@@ -183,6 +183,9 @@ pub struct Observed {
     /// replacement never carries the name (and DNS name, logs) of the replica it replaces.
     /// A backend persists `max(next_ordinal, ordinal + 1)` for every replica it creates.
     pub next_ordinal: usize,
+    /// Replicas whose data volume (PVC, data directory) exists. A volume outside the
+    /// configuration is kept until redundancy is fully restored (see [`Action::DeleteVolume`]).
+    pub volumes: Vec<String>,
 }
 
 impl Observed {
@@ -202,8 +205,13 @@ pub enum Action {
     Reconfigure { config: Config, notify: Vec<String> },
     /// Re-send the current configuration to a member that reports an older epoch.
     PushConfig { id: String },
-    /// Stop and remove a replica that is no longer part of the configuration.
+    /// Stop and remove a replica that is no longer part of the configuration. Its volume
+    /// stays: it may hold the only other copy of the data until redundancy is restored.
     DeleteReplica { id: String, reason: String },
+    /// Delete the data volume of a replica outside the configuration. Planned only while every
+    /// one of the n voters runs (full redundancy): before that, a fenced replica's disk may
+    /// be the last full copy if the survivors fail too.
+    DeleteVolume { id: String },
     /// Ask the primary to order a seal barrier through the log.
     Seal,
     /// Make the rollout's target version available (pull images / check the binary).
@@ -227,6 +235,9 @@ pub struct Conditions {
     pub progressing: Option<String>,
     /// Why the cluster cannot make progress on its own or has lost redundancy.
     pub degraded: Option<String>,
+    /// A machine-readable reason for `degraded` when it is not about redundancy (e.g.
+    /// `WrongMachineVersion`).
+    pub degraded_reason: Option<String>,
     pub paused: bool,
 }
 
@@ -279,6 +290,7 @@ fn free_ids(prefix: &str, observed: &Observed, count: usize) -> Vec<String> {
     if let Some(c) = &observed.config {
         used.extend(c.members.iter().filter_map(|m| ordinal(&m.id)));
     }
+    used.extend(observed.volumes.iter().filter_map(|v| ordinal(v)));
     (observed.next_ordinal..)
         .filter(|o| !used.contains(o))
         .take(count)
@@ -349,6 +361,29 @@ pub fn plan(prefix: &str, desired: &Desired, observed: &Observed) -> Plan {
             .voters()
             .filter(|m| !failed.iter().any(|(f, _)| f.id == m.id))
             .collect();
+        if !surviving_voters.is_empty() && !surviving_voters.iter().any(|m| is_running(observed, &m.id)) {
+            // A survivor that has not answered yet may be failing too (a pod that still looks
+            // Running for a moment): an epoch whose only voters are dead would fence the one
+            // replica that may come back with every write. Wait until a survivor answers.
+            let why = format!(
+                "{} failed; no surviving voter of epoch {} has answered yet ({}): \
+                 not moving to a new epoch until one is confirmed running",
+                failed
+                    .iter()
+                    .map(|(m, r)| format!("{} ({r})", m.id))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                config.epoch,
+                surviving_voters
+                    .iter()
+                    .map(|m| format!("{} starting", m.id))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            p.conditions.degraded = Some(why.clone());
+            p.summary = why;
+            return p;
+        }
         if surviving_voters.is_empty() {
             let why = format!(
                 "all {} voters of epoch {} failed ({}); every acknowledged write is on their disks: \
@@ -365,7 +400,13 @@ pub fn plan(prefix: &str, desired: &Desired, observed: &Observed) -> Plan {
             p.summary = why;
             return p;
         }
-        let primary = choose_primary(observed, Some(&config.primary), &surviving_voters);
+        // The new primary answers (or already is the primary and has not failed).
+        let candidates: Vec<&ConfigMember> = surviving_voters
+            .iter()
+            .copied()
+            .filter(|m| m.id == config.primary || is_running(observed, &m.id))
+            .collect();
+        let primary = choose_primary(observed, Some(&config.primary), &candidates);
         let members: Vec<ConfigMember> = config
             .members
             .iter()
@@ -539,6 +580,17 @@ pub fn plan(prefix: &str, desired: &Desired, observed: &Observed) -> Plan {
         );
         p.reconfigure(config, config.primary.clone(), members, vec![], what);
         return p;
+    }
+
+    // Volumes of replicas that left the configuration are deleted only with full
+    // redundancy: until then a fenced replica's disk may be the last full copy.
+    let full_redundancy = voters.len() >= n && voters.iter().all(|m| is_running(observed, &m.id));
+    if full_redundancy {
+        for v in &observed.volumes {
+            if !in_config.contains(v.as_str()) && observed.replica(v).is_none() {
+                p.actions.push(Action::DeleteVolume { id: v.clone() });
+            }
+        }
     }
 
     // 8. Still short: create replacements, at most t in flight (learners + joining).
@@ -791,6 +843,11 @@ fn rollout_step(desired: &Desired, observed: &Observed, config: &Config, p: &mut
                     rollout.to.version,
                     stale.len()
                 );
+                if let Some(why) = wrong_machine(observed, &rollout, &stale) {
+                    out.conditions.degraded = Some(why.clone());
+                    out.conditions.degraded_reason = Some("WrongMachineVersion".into());
+                    out.summary = why;
+                }
                 for m in stale {
                     out.actions.push(Action::RestartReplica {
                         id: m.id.clone(),
@@ -813,6 +870,38 @@ fn rollout_step(desired: &Desired, observed: &Observed, config: &Config, p: &mut
     }
     out.conditions.progressing = Some(out.summary.clone());
     Some(out)
+}
+
+/// Voters that restarted on the rollout's target image but report another machine: the image
+/// does not contain the version the spec names. The rollout halts there (it never resumes on
+/// a machine other than the target); setting spec.machine back retargets it (rollback).
+fn wrong_machine(observed: &Observed, rollout: &Rollout, stale: &[&ConfigMember]) -> Option<String> {
+    let image = rollout.to.image.as_deref()?;
+    let wrong: Vec<String> = stale
+        .iter()
+        .filter_map(|m| observed.replica(&m.id).filter(|_| is_running(observed, &m.id)))
+        .filter(|r| r.machine.image.as_deref() == Some(image))
+        .map(|r| {
+            format!(
+                "{} runs {image} but reports {} {}",
+                r.id, r.machine.name, r.machine.version
+            )
+        })
+        .collect();
+    if wrong.is_empty() {
+        return None;
+    }
+    Some(format!(
+        "rollout to {} {} halted: {}; the image does not contain the version the spec names. \
+         Set spec.machine back to {} {} to roll back, or name an image that contains {} {}",
+        rollout.to.name,
+        rollout.to.version,
+        wrong.join("; "),
+        rollout.from.name,
+        rollout.from.version,
+        rollout.to.name,
+        rollout.to.version
+    ))
 }
 
 fn fill_conditions(desired: &Desired, observed: &Observed, c: &mut Conditions) {

@@ -265,7 +265,18 @@ fn replacements_never_reuse_an_ordinal_handed_out_before() {
         next_ordinal: 2, // kv-1 existed and was fenced
         ..Default::default()
     };
-    let p = plan("kv", &desired(1), &o);
+    // The same when only kv-1's kept volume tells (no persisted next ordinal).
+    let kept = Observed {
+        next_ordinal: 0,
+        volumes: vec!["kv-0".into(), "kv-1".into()],
+        ..o.clone()
+    };
+    for o in [o, kept] {
+        replacement_is_kv_2(&plan("kv", &desired(1), &o));
+    }
+}
+
+fn replacement_is_kv_2(p: &Plan) {
     assert!(
         p.actions.contains(&Action::CreateReplica {
             id: "kv-2".into(),
@@ -525,4 +536,147 @@ fn no_rollout_while_repairing() {
     let p = plan("kv", &d, &o);
     assert!(set_rollout(&p).is_none());
     assert!(p.actions.iter().any(|a| matches!(a, Action::CreateReplica { .. })));
+}
+
+fn starting(id: &str) -> ObservedReplica {
+    ObservedReplica {
+        health: Health::Starting,
+        status: None,
+        ..running(id, 0, 0)
+    }
+}
+
+#[test]
+fn no_new_epoch_until_a_surviving_voter_is_confirmed_running() {
+    // Both voters of t = 1 died; kv-1's pod still looks alive for a moment (not answering).
+    // Fencing kv-0 into an epoch whose only voter is kv-1 would throw kv-0's full copy away
+    // if kv-1 is dead too: wait, report Degraded.
+    let mut o = steady(1, 3);
+    o.replicas[0].health = Health::Failed {
+        reason: "container exited with code 137".into(),
+    };
+    o.replicas[1] = starting("kv-1");
+    let p = plan("kv", &desired(1), &o);
+    assert!(
+        p.actions.is_empty(),
+        "no fence without a running survivor: {:?}",
+        p.actions
+    );
+    let why = p.conditions.degraded.unwrap_or_default();
+    assert!(why.contains("kv-0") && why.contains("kv-1 starting"), "{why}");
+
+    // kv-1 answers: now kv-0 is fenced and kv-1 leads.
+    o.replicas[1] = running("kv-1", 3, 10);
+    let c = reconfig(&plan("kv", &desired(1), &o)).clone();
+    assert_eq!((c.epoch, c.primary.as_str()), (4, "kv-1"));
+
+    // kv-1 fails too: every voter failed, nothing data-losing.
+    o.replicas[1].health = Health::Failed { reason: "gone".into() };
+    let p = plan("kv", &desired(1), &o);
+    assert!(p.actions.is_empty());
+}
+
+#[test]
+fn new_primary_is_one_that_answers() {
+    // t = 2: the primary failed; kv-1 has the longer log but does not answer yet, kv-2 does.
+    let mut o = steady(2, 7);
+    o.replicas[0].health = Health::Failed {
+        reason: "exited".into(),
+    };
+    o.replicas[1] = ObservedReplica {
+        health: Health::Starting,
+        ..running("kv-1", 7, 50)
+    };
+    o.replicas[2].status.as_mut().unwrap().last_index = 12;
+    let c = reconfig(&plan("kv", &desired(2), &o)).clone();
+    assert_eq!(c.primary, "kv-2");
+}
+
+fn deletes_volume(p: &Plan, id: &str) -> bool {
+    p.actions.contains(&Action::DeleteVolume { id: id.into() })
+}
+
+#[test]
+fn fenced_volume_is_kept_until_redundancy_is_restored() {
+    // kv-1 was fenced (epoch 4); its pod is gone, its volume remains.
+    let mut o = Observed {
+        config: Some(config(4, "kv-0", vec![voter("kv-0")])),
+        replicas: vec![running("kv-0", 4, 20)],
+        next_ordinal: 2,
+        volumes: vec!["kv-0".into(), "kv-1".into()],
+        ..Default::default()
+    };
+    let p = plan("kv", &desired(1), &o);
+    assert!(!deletes_volume(&p, "kv-1"), "1 of 2 voters: keep it: {:?}", p.actions);
+    replacement_is_kv_2(&p); // a new name and volume
+    // The replacement is a learner: still not fully redundant.
+    o.config = Some(config(5, "kv-0", vec![voter("kv-0"), learner("kv-2")]));
+    o.replicas = vec![running("kv-0", 5, 20), running("kv-2", 5, 20)];
+    o.volumes.push("kv-2".into());
+    assert!(!deletes_volume(&plan("kv", &desired(1), &o), "kv-1"));
+    // Promoted, both voters answer: now the fenced volume goes, and only it.
+    o.config = Some(config(6, "kv-0", vec![voter("kv-0"), voter("kv-2")]));
+    o.replicas = vec![running("kv-0", 6, 20), running("kv-2", 6, 20)];
+    let p = plan("kv", &desired(1), &o);
+    assert!(deletes_volume(&p, "kv-1"), "{:?}", p.actions);
+    assert!(!deletes_volume(&p, "kv-0") && !deletes_volume(&p, "kv-2"));
+    // A voter down again before that happened: kept.
+    o.replicas[1] = starting("kv-2");
+    assert!(!deletes_volume(&plan("kv", &desired(1), &o), "kv-1"));
+}
+
+#[test]
+fn voter_on_the_target_image_reporting_another_version_halts_the_rollout() {
+    let img = |version: &str, image: &str| MachineRef {
+        image: Some(image.into()),
+        ..kv(version)
+    };
+    let d = Desired {
+        machine: img("1.1.0", "img:2"),
+        ..desired(1)
+    };
+    let mut o = steady(1, 3);
+    o.rollout = Some(Rollout {
+        from: img("1.0.0", "img:1"),
+        to: img("1.1.0", "img:2"),
+        phase: RolloutPhase::Replacing,
+        seal_index: Some(11),
+    });
+    // Both restarted on img:2, but the binary in it reports 1.0.0.
+    for r in &mut o.replicas {
+        r.machine = img("1.0.0", "img:2");
+    }
+    let p = plan("kv", &d, &o);
+    assert_eq!(set_rollout(&p), None, "never leaves Replacing: {:?}", p.actions);
+    assert!(!p.actions.iter().any(|a| matches!(a, Action::Resume { .. })));
+    assert_eq!(p.conditions.degraded_reason.as_deref(), Some("WrongMachineVersion"));
+    let why = p.conditions.degraded.unwrap_or_default();
+    assert!(
+        why.contains("kv-0 runs img:2 but reports kv 1.0.0") && why.contains("does not contain the version"),
+        "{why}"
+    );
+    // Reporting the target identity on the target image: resume.
+    for r in &mut o.replicas {
+        r.machine = img("1.1.0", "img:2");
+    }
+    let p = plan("kv", &d, &o);
+    assert!(p.actions.iter().any(|a| matches!(a, Action::Resume { .. })));
+    // The right version from the wrong image (an old image restarted): not done either.
+    o.replicas[1].machine = img("1.1.0", "img:1");
+    assert!(
+        !plan("kv", &d, &o)
+            .actions
+            .iter()
+            .any(|a| matches!(a, Action::Resume { .. }))
+    );
+    // Spec set back: the rollout is retargeted to the old machine (rollback).
+    for r in &mut o.replicas {
+        r.machine = img("1.0.0", "img:2");
+    }
+    let back = Desired {
+        machine: img("1.0.0", "img:1"),
+        ..desired(1)
+    };
+    let p = plan("kv", &back, &o);
+    assert_eq!(set_rollout(&p).flatten().map(|r| r.to), Some(img("1.0.0", "img:1")));
 }

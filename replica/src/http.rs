@@ -20,9 +20,23 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
         (n.role, n.epoch)
     };
     let body = format!("{} epoch {epoch}\n", role.as_str());
+    if ready(role) {
+        (StatusCode::OK, body)
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, body)
+    }
+}
+
+/// Readiness decides two things on Kubernetes: which replicas the client Service sends to
+/// (a backup answers clients with a hint to the primary, which clients follow), and which
+/// count as healthy for the PodDisruptionBudget (`minAvailable: n - 1`). Only voters that
+/// serve their role count: a learner still catching up (a replacement), a fenced or removed
+/// replica, or one never configured must not, or an eviction could be allowed while
+/// redundancy is reduced.
+pub fn ready(role: Role) -> bool {
     match role {
-        Role::Primary | Role::Backup => (StatusCode::OK, body),
-        _ => (StatusCode::SERVICE_UNAVAILABLE, body),
+        Role::Primary | Role::Backup => true,
+        Role::Unconfigured | Role::Learner | Role::Removed | Role::Fenced => false,
     }
 }
 
@@ -34,4 +48,17 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
         )],
         shared.metrics.encode(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_serving_voters_are_ready() {
+        assert!(ready(Role::Primary) && ready(Role::Backup));
+        for r in [Role::Unconfigured, Role::Learner, Role::Removed, Role::Fenced] {
+            assert!(!ready(r), "{r:?} must not count as ready (Service, PDB)");
+        }
+    }
 }

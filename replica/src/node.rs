@@ -1093,6 +1093,8 @@ impl Node {
                 .collect(),
             snapshot_index: self.snapshot_index(),
             durable: self.durable,
+            // Filled in by the admin server (process environment, not protocol state).
+            launched_image: String::new(),
         }
     }
 }

@@ -250,7 +250,9 @@ impl Admin for Services {
     }
 
     async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
-        Ok(Response::new(self.shared.lock().status()))
+        let mut status = self.shared.lock().status();
+        status.launched_image = launched_image();
+        Ok(Response::new(status))
     }
 
     async fn seal(&self, request: Request<SealRequest>) -> Result<Response<SealResponse>, Status> {
@@ -303,4 +305,11 @@ impl Admin for Services {
         }
         Ok(Response::new(SnapshotResponse { index }))
     }
+}
+
+/// The image the master launched this process from (`LOCKSTEP_IMAGE`, set by the operator
+/// through the downward API), reported beside the machine identity so the master verifies
+/// what runs instead of trusting pod specs.
+pub fn launched_image() -> String {
+    std::env::var("LOCKSTEP_IMAGE").unwrap_or_default()
 }

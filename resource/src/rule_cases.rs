@@ -163,6 +163,26 @@ pub fn cases() -> Vec<(&'static str, Value, Expected)> {
             vec![("spec.storage.size", SIZE_MSG)],
         ),
         (
+            "size negative",
+            with(b(), "/spec/storage", json!({"size": "-1Gi"})),
+            vec![("spec.storage.size", SIZE_MSG)],
+        ),
+        (
+            "size fraction and exponent",
+            with(b(), "/spec/storage", json!({"size": "0.5Gi"})),
+            vec![],
+        ),
+        (
+            "size exponent",
+            with(b(), "/spec/storage", json!({"size": "1e9"})),
+            vec![],
+        ),
+        (
+            "size zero fraction",
+            with(b(), "/spec/storage", json!({"size": "0.000"})),
+            vec![("spec.storage.size", SIZE_MSG)],
+        ),
+        (
             "size zero",
             with(b(), "/spec/storage", json!({"size": "0"})),
             vec![("spec.storage.size", SIZE_MSG)],
@@ -183,3 +203,4 @@ pub fn cases() -> Vec<(&'static str, Value, Expected)> {
         ),
     ]
 }
+

@@ -6,6 +6,10 @@
 //! what `kubectl apply -f FILE` would. A test evaluates the CEL rules client-side (kube-cel) on
 //! the same fixtures to keep the two in step.
 //!
+//! Rules use only the CEL library of Kubernetes 1.28, the oldest release we support (no
+//! `quantity`, `ip`, `cidr`, `format`, `semver` or optional types); a test fails on any other
+//! function (`operator/tests/crd_committed.rs`).
+//!
 //! Regular expressions are written without backslashes (`[.]`, `[+]`) so the rule reads the same
 //! in Rust, JSON and YAML.
 
@@ -56,7 +60,10 @@ pub const EPHEMERAL_RULE: &str =
     "!has(self.ephemeral) || !self.ephemeral || (!has(self.size) && !has(self.storageClassName))";
 pub const EPHEMERAL_MSG: &str = "storage.ephemeral: true keeps replica data in an emptyDir; it cannot be combined with storage.size or storage.storageClassName";
 
-pub const SIZE_RULE: &str = "isQuantity(self) && quantity(self).isGreaterThan(quantity('0'))";
+/// A positive quantity (`<number><suffix>`, at least one non-zero digit, no minus sign), by
+/// regular expression: the CEL `quantity` library arrived only in Kubernetes 1.29, and the
+/// CRD must install on 1.28 (the minimum we support).
+pub const SIZE_RULE: &str = "size(self) <= 64 && self.matches('^[+]?([0-9]*[1-9][0-9]*([.][0-9]*)?|[0-9]*[.][0-9]*[1-9][0-9]*)(Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E|[eE][+-]?[0-9]+)?$')";
 pub const SIZE_MSG: &str = "storage.size must be a positive quantity such as 1Gi or 500Mi";
 
 pub const SUBDOMAIN_RULE: &str =

@@ -235,6 +235,10 @@ pub struct ReplicatedStateMachineStatus {
     /// The rollout in progress, as the configuration master persists it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout: Option<RolloutStatus>,
+    /// Replica ordinals below this were handed out before: a replacement never reuses the
+    /// name (and volume) of a replica it replaces. Persisted before a replica is created.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_ordinal: Option<i64>,
     /// Ready, Available, Progressing, Degraded, Paused.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]

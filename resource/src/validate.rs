@@ -109,7 +109,11 @@ impl ReplicatedStateMachine {
                 EPHEMERAL_MSG,
             );
             if let Some(size) = &st.size {
-                c.check(is_positive_quantity(size), "spec.storage.size", SIZE_MSG);
+                c.check(
+                    size.len() <= 64 && is_positive_quantity(size),
+                    "spec.storage.size",
+                    SIZE_MSG,
+                );
             }
             if let Some(class) = &st.storage_class_name {
                 c.check(

@@ -181,7 +181,10 @@ impl FakeApi {
             Method::POST => {
                 let name = body["metadata"]["name"].as_str().unwrap_or_default().to_string();
                 if path.contains("/events") {
-                    return ok(201, &body);
+                    // Stored like any object, so tests read what a person would see.
+                    let p = format!("{path}/{name}");
+                    self.insert(&p, body);
+                    return ok(201, &self.objects[&p]);
                 }
                 let p = format!("{path}/{name}");
                 if self.objects.contains_key(&p) {
@@ -348,12 +351,40 @@ pub fn crash_at_start(api: &Mutex<FakeApi>, name: &str, message: &str) {
     api.insert(&p, pod);
 }
 
+/// A replica that exits right after it started, at a time that is still ahead of the
+/// operator's clock (so any backoff measured from it has not elapsed, however slow the test).
+pub fn crash_just_now(api: &Mutex<FakeApi>, name: &str, message: &str) {
+    fail_pod(api, name, 2, message);
+    let mut api = lock(api);
+    let p = pod_path(name);
+    let Some(mut pod) = api.objects.get(&p).cloned() else {
+        return;
+    };
+    let terminated = &mut pod["status"]["containerStatuses"][0]["state"]["terminated"];
+    terminated["startedAt"] = json!("2999-01-01T00:00:00Z");
+    terminated["finishedAt"] = json!("2999-01-01T00:00:01Z");
+    api.insert(&p, pod);
+}
+
 pub fn pods(api: &Mutex<FakeApi>) -> Vec<String> {
     let prefix = format!("/api/v1/namespaces/{NS}/pods/");
     lock(api)
         .objects
         .keys()
         .filter_map(|k| k.strip_prefix(&prefix).map(str::to_string))
+        .collect()
+}
+
+/// The notes of the stored events (with their series count), in name order.
+pub fn event_notes(api: &Mutex<FakeApi>) -> Vec<String> {
+    lock(api)
+        .objects
+        .iter()
+        .filter(|(k, _)| k.contains("/events/"))
+        .map(|(_, v)| {
+            let count = v["series"]["count"].as_i64().unwrap_or(1);
+            format!("{} (x{count})", v["note"].as_str().unwrap_or_default())
+        })
         .collect()
 }
 
@@ -371,6 +402,8 @@ pub struct FakeReplica {
     pub applied: u64,
     pub sealed_at: u64,
     pub version: String,
+    /// What the replica reports as `launched_image` (empty: an older replica that does not).
+    pub image: String,
 }
 
 #[derive(Default)]
@@ -405,6 +438,13 @@ impl FakeAdmin {
             r.version = version.into();
         }
     }
+
+    /// Every replica reports it was launched from `image`.
+    pub fn set_launched(&self, image: &str) {
+        for r in lock(&self.replicas).values_mut() {
+            r.image = image.into();
+        }
+    }
 }
 
 fn status_of(r: &FakeReplica, all: &HashMap<String, FakeReplica>) -> StatusResponse {
@@ -434,6 +474,7 @@ fn status_of(r: &FakeReplica, all: &HashMap<String, FakeReplica>) -> StatusRespo
         }),
         config: r.config.clone(),
         sealed_at: r.sealed_at,
+        launched_image: r.image.clone(),
         sealed_digest: if r.sealed_at > 0 { vec![7; 32] } else { vec![] },
         peers: if primary {
             r.config
