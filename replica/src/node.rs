@@ -1093,6 +1093,7 @@ impl Node {
                 .collect(),
             snapshot_index: self.snapshot_index(),
             durable: self.durable,
+            byzantine: None,
         }
     }
 }
