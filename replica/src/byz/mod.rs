@@ -10,6 +10,7 @@
 pub mod inject;
 pub mod keys;
 pub mod order;
+pub mod service;
 
 use ed25519_dalek::SigningKey;
 use lockstep_proto::{ChainSig, SignedItem, StreamItem};
@@ -93,4 +94,93 @@ pub fn verify_prepared(p: &Prepared, signed: &SignedItem, chain: &[ChainSig]) ->
         valid = Vec::new();
     }
     Ok(valid)
+}
+
+/// δ when `spec.ordering.maxDelayMillis` is not set: fits one machine or a quiet LAN.
+pub const DEFAULT_MAX_DELAY_MILLIS: u64 = 10;
+
+/// `lockstep-replica --failure-model Byzantine`.
+pub async fn run(args: crate::ReplicaArgs, factory: crate::machine::MachineFactory) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let b = &args.byzantine;
+    let stability = order::Stability::parse(&b.stability).with_context(|| {
+        format!(
+            "--stability must be LamportClock or PhysicalClock, not '{}'",
+            b.stability
+        )
+    })?;
+    let master = b.master_public_key.as_deref().context(
+        "Byzantine mode needs the configuration master's public key (--master-public-key / LOCKSTEP_MASTER_PUBLIC_KEY)",
+    )?;
+    let master_public_key = keys::public_key_arg(master).context("--master-public-key")?;
+    let inject = match &b.inject {
+        None => None,
+        Some(s) if s.is_empty() => None,
+        Some(s) if inject::AVAILABLE => Some(inject::Behaviour::parse(s).map_err(anyhow::Error::msg)?),
+        Some(s) => anyhow::bail!(
+            "--inject {s}: this build has no fault injection (it needs the cargo feature `fault-injection`, \\
+             which release builds never enable)"
+        ),
+    };
+    if let Some(b) = inject {
+        tracing::warn!(
+            behaviour = b.name(),
+            "FAULT INJECTION: this replica behaves faultily on purpose"
+        );
+    }
+    let cfg = service::ByzConfig {
+        key_file: b.key_file.clone(),
+        master_public_key,
+        client_identities: b.client_identities.clone(),
+        ordering: service::OrderingArgs {
+            stability,
+            delay_us: b.max_delay_millis.max(1) * 1000,
+            skew_us: b.max_clock_skew_millis * 1000,
+        },
+        inject,
+    };
+    let (shared, services) = service::build(&args, cfg, crate::runtime::Runtime::new(factory()))?;
+    let grpc = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let http = tokio::net::TcpListener::bind(args.http)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.http))?;
+    let listening = crate::Listening {
+        id: args.id.clone(),
+        grpc: grpc.local_addr()?,
+        http: http.local_addr()?,
+        pid: std::process::id(),
+    };
+    crate::write_atomically(
+        &args.data_dir.join(crate::LISTENING_FILE),
+        &serde_json::to_vec(&listening)?,
+    )?;
+    tracing::info!(grpc = %listening.grpc, http = %listening.http, "listening (Byzantine mode)");
+    let max = lockstep_proto::MAX_MESSAGE_BYTES;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let grpc_server = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(
+            lockstep_proto::byzantine_server::ByzantineServer::new(services.clone()).max_decoding_message_size(max),
+        )
+        .add_service(lockstep_proto::admin_server::AdminServer::new(services.clone()).max_decoding_message_size(max))
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true)),
+            crate::wait_stop(stop_rx.clone()),
+        );
+    let http_server = axum::serve(http, service::http_router(shared.clone()))
+        .with_graceful_shutdown(crate::wait_stop(stop_rx.clone()));
+    let grpc_task = tokio::spawn(grpc_server);
+    let http_task = tokio::spawn(async move { http_server.await });
+    crate::shutdown_signal().await;
+    tracing::info!("shutting down");
+    let _ = stop_tx.send(true);
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+        let _ = grpc_task.await;
+        let _ = http_task.await;
+    })
+    .await;
+    let _ = shared.writer.barrier().await;
+    Ok(())
 }
