@@ -271,6 +271,7 @@ impl ByzClient {
         }
         drop(tx);
         let keys: HashMap<String, VerifyingKey> = replicas.iter().map(|(id, _, k)| (id.clone(), *k)).collect();
+        let identity = shared.identity.clone();
         let check = move |id: &str, r: Result<SignedReply, String>| -> Result<ReplyBody, (bool, String)> {
             let r = r.map_err(|e| (false, e))?;
             let key = keys.get(id).ok_or((true, "unknown replica".to_string()))?;
@@ -278,7 +279,7 @@ impl ByzClient {
                 return Err((true, "bad signature".into()));
             }
             let body = ReplyBody::decode(r.body.as_slice()).map_err(|e| (true, format!("undecodable: {e}")))?;
-            if body.replica != id || body.identity != shared.identity || (body.session, body.seq) != slot {
+            if body.replica != id || body.identity != identity || (body.session, body.seq) != slot {
                 return Err((true, "answer for another item".into()));
             }
             Ok(body)

@@ -863,7 +863,7 @@ impl Core {
     }
 
     /// Run one item at its place in the order.
-    fn execute(&mut self, item: &StreamItem, _now: u64, out: &mut Vec<Effect>) {
+    fn execute(&mut self, item: &StreamItem, now: u64, out: &mut Vec<Effect>) {
         let key = slot_of(item);
         let era = self.era.as_ref().map_or(0, |e| e.number);
         let from_master = item.identity == MASTER_IDENTITY;
@@ -922,7 +922,7 @@ impl Core {
                     durable_after: 0,
                 });
             }
-            Some(ItemBody::Admit(a)) if from_master => self.admit(a, item.ts, out),
+            Some(ItemBody::Admit(a)) if from_master => self.admit(a, item.ts, now, out),
             Some(ItemBody::Barrier(b)) if from_master => {
                 self.index += 1;
                 let entry = LogEntry {
@@ -950,7 +950,7 @@ impl Core {
         }
     }
 
-    fn admit(&mut self, a: &lockstep_proto::Admit, ts: u64, out: &mut Vec<Effect>) {
+    fn admit(&mut self, a: &lockstep_proto::Admit, ts: u64, now: u64, out: &mut Vec<Effect>) {
         let Some(open) = &a.open else { return };
         let Ok(item) = StreamItem::decode(open.item.as_slice()) else {
             return;
@@ -982,12 +982,12 @@ impl Core {
                 last_ts: 0,
                 horizon: 0,
                 ended: None,
-                last_decided_at: 0,
+                last_decided_at: now,
                 decided_upto: 1,
             },
         );
         // Items of this stream decided before its admission count now.
-        self.advance_decided(&sk, 0);
+        self.advance_decided(&sk, now);
         if let Some(body) = self.admitted_reply(&sk) {
             out.push(Effect::Admitted { stream: sk, body });
         }
@@ -1002,11 +1002,7 @@ impl Core {
                 session: sk.1,
                 next_seq: s.decided_upto.max(s.next_seq),
                 bound: self.bound(sk, s),
-                idle_micros: if s.last_decided_at == 0 {
-                    0
-                } else {
-                    now.saturating_sub(s.last_decided_at)
-                },
+                idle_micros: now.saturating_sub(s.last_decided_at),
             })
             .collect()
     }
