@@ -67,7 +67,10 @@ pub fn load_info(cluster_dir: &Path) -> anyhow::Result<Option<ClusterInfo>> {
 /// the public key in `client-identities/ID` (the directory the replicas read).
 pub fn add_client(cluster_dir: &Path, id: &str) -> anyhow::Result<VerifyingKey> {
     if id.is_empty() || id.starts_with('.') || id.contains('/') || id == keys::MASTER_IDENTITY {
-        anyhow::bail!("'{id}' cannot name a client (no '/', no leading '.', not '{}')", keys::MASTER_IDENTITY);
+        anyhow::bail!(
+            "'{id}' cannot name a client (no '/', no leading '.', not '{}')",
+            keys::MASTER_IDENTITY
+        );
     }
     let key = keys::load_or_create_signing_key(&cluster_dir.join(CLIENT_KEYS_DIR).join(format!("{id}.key")))?;
     let public = key.verifying_key();
@@ -126,8 +129,6 @@ struct Shared {
     key: SigningKey,
     stream: Mutex<StreamState>,
     tallies: Mutex<BTreeMap<String, Tally>>,
-    /// Smoothed latency of this client's requests (µs): how far ahead its items promise.
-    latency_us: Mutex<u64>,
 }
 
 pub struct ByzClient {
@@ -166,7 +167,6 @@ impl ByzClient {
     pub fn new(info: ClusterInfo, identity: &str, key: SigningKey) -> Result<ByzClient, ClientError> {
         let chans = channels(&info)?;
         let era = info.era;
-        let latency = (info.max_delay_millis * 1000 * 2 * (info.t as u64 + 1)).max(1000);
         Ok(ByzClient {
             shared: Arc::new(Shared {
                 info: Mutex::new(info),
@@ -183,7 +183,6 @@ impl ByzClient {
                     last_sent: Instant::now(),
                 }),
                 tallies: Mutex::new(BTreeMap::new()),
-                latency_us: Mutex::new(latency),
             }),
             request_session: format!("{:016x}", rand::random::<u64>()),
             request_seq: 0,
@@ -200,7 +199,10 @@ impl ByzClient {
     pub fn local(cluster_dir: &Path, identity: &str) -> anyhow::Result<ByzClient> {
         use anyhow::Context;
         let info = load_info(cluster_dir)?.with_context(|| {
-            format!("{} holds no Byzantine cluster info (is `lockstep up` running it?)", cluster_dir.display())
+            format!(
+                "{} holds no Byzantine cluster info (is `lockstep up` running it?)",
+                cluster_dir.display()
+            )
         })?;
         let key = client_key(cluster_dir, identity).with_context(|| {
             format!("no key for client '{identity}' (create one with `lockstep -c NAME add-client {identity}`)")
@@ -251,7 +253,12 @@ impl ByzClient {
     }
 
     /// Send `signed` to every replica; resolve when t+1 signed identical answers arrived.
-    async fn vote(shared: &Arc<Shared>, signed: &SignedItem, slot: (u64, u64), timeout: Duration) -> Result<Voted, String> {
+    async fn vote(
+        shared: &Arc<Shared>,
+        signed: &SignedItem,
+        slot: (u64, u64),
+        timeout: Duration,
+    ) -> Result<Voted, String> {
         let replicas = shared.keys.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let (t, machine) = {
             let i = shared.info.lock().unwrap_or_else(|e| e.into_inner());
@@ -259,13 +266,18 @@ impl ByzClient {
         };
         let (tx, mut rx) = mpsc::unbounded_channel::<(String, Result<SignedReply, String>)>();
         for (id, channel, _) in &replicas {
-            let mut c = ByzantineClient::new(channel.clone()).max_decoding_message_size(lockstep_proto::MAX_MESSAGE_BYTES);
+            let mut c =
+                ByzantineClient::new(channel.clone()).max_decoding_message_size(lockstep_proto::MAX_MESSAGE_BYTES);
             let mut req = tonic::Request::new(signed.clone());
             req.set_timeout(timeout);
             let tx = tx.clone();
             let id = id.clone();
             tokio::spawn(async move {
-                let r = c.submit(req).await.map(|r| r.into_inner()).map_err(|s| s.message().to_string());
+                let r = c
+                    .submit(req)
+                    .await
+                    .map(|r| r.into_inner())
+                    .map_err(|s| s.message().to_string());
                 let _ = tx.send((id, r));
             });
         }
@@ -294,7 +306,14 @@ impl ByzClient {
             match check(&id, r) {
                 Ok(body) => {
                     let m = body.machine.clone().unwrap_or_default();
-                    let key: VoteKey = (body.index, body.output.clone(), body.error.clone(), m.name, m.version, body.ts);
+                    let key: VoteKey = (
+                        body.index,
+                        body.output.clone(),
+                        body.error.clone(),
+                        m.name,
+                        m.version,
+                        body.ts,
+                    );
                     heard.insert(id.clone(), Ok(key.clone()));
                     let v = votes.entry(key.clone()).or_default();
                     v.push(id);
@@ -304,7 +323,13 @@ impl ByzClient {
                 }
                 Err((bad, why)) => {
                     if bad {
-                        shared.tallies.lock().unwrap_or_else(|e| e.into_inner()).entry(id.clone()).or_default().bad_signature += 1;
+                        shared
+                            .tallies
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .entry(id.clone())
+                            .or_default()
+                            .bad_signature += 1;
                     }
                     heard.insert(id, Err(why));
                 }
@@ -339,12 +364,19 @@ impl ByzClient {
                     tallies.entry(id.clone()).or_default().silent += 1;
                 }
             }
-            let said: Vec<String> = votes.values().map(|v| v.join("+")).collect();
+            let mut said: Vec<String> = votes.values().map(|v| format!("{} agreed", v.join("+"))).collect();
+            said.extend(
+                heard
+                    .iter()
+                    .filter_map(|(id, r)| r.as_ref().err().map(|e| format!("{id}: {e}"))),
+            );
+            if said.is_empty() {
+                said.push("no answer".into());
+            }
             return Err(format!(
-                "no {} replicas agreed within {timeout:?} ({} answer groups: {})",
+                "no {} replicas agreed within {timeout:?} ({})",
                 t + 1,
-                votes.len(),
-                said.join(", ")
+                said.join("; ")
             ));
         };
         let report = report_for(&key, &heard);
@@ -423,7 +455,14 @@ impl ByzClient {
                 body: Some(Body::Open(Noop {})),
             };
             let signed = lockstep_replica::byz::sign_item(&self.shared.key, &item);
-            match Self::vote(&self.shared, &signed, (session, 0), self.attempt_timeout.max(Duration::from_secs(5))).await {
+            match Self::vote(
+                &self.shared,
+                &signed,
+                (session, 0),
+                self.attempt_timeout.max(Duration::from_secs(5)),
+            )
+            .await
+            {
                 Ok(v) => {
                     let mut s = self.shared.stream.lock().unwrap_or_else(|e| e.into_inner());
                     *s = StreamState {
@@ -465,7 +504,7 @@ impl ByzClient {
                 if !due {
                     continue;
                 }
-                let promise = interval.as_micros() as u64 * 2;
+                let promise = interval.as_micros() as u64;
                 let signed = Self::next_item(&shared, Body::Noop(Noop {}), promise);
                 let replicas = shared.keys.lock().unwrap_or_else(|e| e.into_inner()).clone();
                 for (_, channel, _) in replicas {
@@ -500,8 +539,14 @@ impl ByzClient {
                 last = e.to_string();
                 break;
             }
-            let promise = *self.shared.latency_us.lock().unwrap_or_else(|e| e.into_inner());
-            let body = if query { Body::Query(cmd.clone()) } else { Body::Command(cmd.clone()) };
+            // Promise as far ahead as an idle stream's no-ops do: any further and this
+            // client's own next item would be placed in the future (and wait for it).
+            let promise = self.noop_interval.as_micros() as u64;
+            let body = if query {
+                Body::Query(cmd.clone())
+            } else {
+                Body::Command(cmd.clone())
+            };
             let signed = Self::next_item(&self.shared, body, promise);
             let slot = {
                 let s = self.shared.stream.lock().unwrap_or_else(|e| e.into_inner());
@@ -509,7 +554,6 @@ impl ByzClient {
             };
             // Resend the same item until t+1 agree or the deadline passes.
             loop {
-                let sent = Instant::now();
                 let left = self.deadline.saturating_sub(start.elapsed());
                 if left.is_zero() {
                     break;
@@ -517,9 +561,6 @@ impl ByzClient {
                 maybe_applied = maybe_applied || !query;
                 match Self::vote(&self.shared, &signed, slot, self.attempt_timeout.min(left)).await {
                     Ok(v) => {
-                        let mut l = self.shared.latency_us.lock().unwrap_or_else(|e| e.into_inner());
-                        let took = sent.elapsed().as_micros() as u64;
-                        *l = ((*l * 7 + took) / 8).clamp(1_000, 1_000_000);
                         self.last_vote = v.report.clone();
                         return Ok(v);
                     }
@@ -587,11 +628,22 @@ impl ByzClient {
         Ok(out["previous"].as_str().map(String::from))
     }
 
-    pub async fn cas(&mut self, key: &str, old: Option<&str>, new: Option<&str>) -> Result<(bool, Option<String>), ClientError> {
+    pub async fn cas(
+        &mut self,
+        key: &str,
+        old: Option<&str>,
+        new: Option<&str>,
+    ) -> Result<(bool, Option<String>), ClientError> {
         let out = self
-            .kv(serde_json::json!({"op": "cas", "key": key, "old": old, "new": new}), false)
+            .kv(
+                serde_json::json!({"op": "cas", "key": key, "old": old, "new": new}),
+                false,
+            )
             .await?;
-        Ok((out["swapped"].as_bool().unwrap_or(false), out["current"].as_str().map(String::from)))
+        Ok((
+            out["swapped"].as_bool().unwrap_or(false),
+            out["current"].as_str().map(String::from),
+        ))
     }
 
     /// A linearizable read: ordered like a command, voted like one.
@@ -624,16 +676,22 @@ impl ByzClient {
     }
 
     /// Applied entries, voted: an entry is passed on once t+1 replicas sent the same signed one.
-    pub async fn watch(&self, from_index: u64) -> Result<mpsc::Receiver<Result<(AppliedEntry, VoteReport), String>>, ClientError> {
+    pub async fn watch(
+        &self,
+        from_index: u64,
+    ) -> Result<mpsc::Receiver<Result<(AppliedEntry, VoteReport), String>>, ClientError> {
         let replicas = self.shared.keys.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let t = self.shared.info.lock().unwrap_or_else(|e| e.into_inner()).t;
         let (in_tx, mut in_rx) = mpsc::unbounded_channel::<(String, SignedApplied)>();
         for (id, channel, _) in &replicas {
-            let mut c = ByzantineClient::new(channel.clone()).max_decoding_message_size(lockstep_proto::MAX_MESSAGE_BYTES);
+            let mut c =
+                ByzantineClient::new(channel.clone()).max_decoding_message_size(lockstep_proto::MAX_MESSAGE_BYTES);
             let in_tx = in_tx.clone();
             let id = id.clone();
             tokio::spawn(async move {
-                let Ok(resp) = c.watch(WatchRequest { from_index }).await else { return };
+                let Ok(resp) = c.watch(WatchRequest { from_index }).await else {
+                    return;
+                };
                 let mut s = resp.into_inner();
                 while let Ok(Some(e)) = s.message().await {
                     if in_tx.send((id.clone(), e)).is_err() {
@@ -655,27 +713,32 @@ impl ByzClient {
                 if e.replica != id || !keys::verify(key, &e.entry, &e.signature) {
                     continue;
                 }
-                let Ok(entry) = AppliedEntry::decode(e.entry.as_slice()) else { continue };
+                let Ok(entry) = AppliedEntry::decode(e.entry.as_slice()) else {
+                    continue;
+                };
                 if next.is_some_and(|n| entry.index < n) {
                     continue;
                 }
                 pending.entry(entry.index).or_default().insert(id, e.entry);
                 // Emit every index in order that has t+1 identical copies.
-                loop {
-                    let Some((&index, votes)) = pending.first_key_value() else { break };
-                    if next.is_some_and(|n| index != n) && next.is_some() {
-                        // Wait for the expected index; drop anything older.
-                        if next.is_some_and(|n| index < n) {
-                            pending.pop_first();
-                            continue;
-                        }
+                while let Some((&index, votes)) = pending.first_key_value() {
+                    if next.is_some_and(|n| index < n) {
+                        pending.pop_first();
+                        continue;
+                    }
+                    if next.is_some_and(|n| index > n) {
+                        break; // wait for the expected index
                     }
                     let mut groups: BTreeMap<&Vec<u8>, Vec<&String>> = BTreeMap::new();
                     for (rid, bytes) in votes {
                         groups.entry(bytes).or_default().push(rid);
                     }
-                    let Some((bytes, agreed)) = groups.iter().find(|(_, v)| v.len() > t) else { break };
-                    let Ok(entry) = AppliedEntry::decode(bytes.as_slice()) else { break };
+                    let Some((bytes, agreed)) = groups.iter().find(|(_, v)| v.len() > t) else {
+                        break;
+                    };
+                    let Ok(entry) = AppliedEntry::decode(bytes.as_slice()) else {
+                        break;
+                    };
                     let report = VoteReport {
                         agreed: agreed.iter().map(|s| s.to_string()).collect(),
                         disagreed: votes
@@ -699,9 +762,29 @@ impl ByzClient {
 }
 
 impl Drop for ByzClient {
+    /// A dropped client closes its stream, so replicas stop waiting for it (best effort: a
+    /// client that cannot say goodbye is removed by the master after its timeout).
     fn drop(&mut self) {
         if let Some(t) = self.noop_task.take() {
             t.abort();
+        }
+        let open = self.shared.stream.lock().unwrap_or_else(|e| e.into_inner()).open;
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if !open {
+            return;
+        }
+        let signed = Self::next_item(&self.shared, Body::Close(Noop {}), 0);
+        self.end_stream();
+        let replicas = self.shared.keys.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        for (_, channel, _) in replicas {
+            let mut c = ByzantineClient::new(channel);
+            let mut req = tonic::Request::new(signed.clone());
+            req.set_timeout(Duration::from_secs(2));
+            handle.spawn(async move {
+                let _ = c.submit(req).await;
+            });
         }
     }
 }

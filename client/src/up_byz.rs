@@ -35,7 +35,11 @@ pub struct Ordering {
 
 pub const MASTER_KEY_FILE: &str = "master.key";
 const MASTER_STATE_FILE: &str = "byz-master.json";
-/// The master's stream ticks this often (a Lamport participant must keep moving).
+/// The master's stream promises this far ahead (a Lamport participant must keep moving, or
+/// promise not to send anything below some timestamp). Its own items (admissions, barriers)
+/// are placed at the end of the current promise, so this is also their added latency.
+const LEAD: Duration = Duration::from_millis(200);
+/// How often the ticker looks whether a new promise is due.
 const TICK: Duration = Duration::from_millis(20);
 
 struct StreamState {
@@ -43,6 +47,7 @@ struct StreamState {
     session: u64,
     seq: u64,
     last_ts: u64,
+    horizon: u64,
     endpoints: Vec<String>,
 }
 
@@ -74,7 +79,13 @@ fn now_us() -> u64 {
 }
 
 impl ByzMaster {
-    pub fn open(dir: &Path, name: &str, t: usize, ordering: Ordering, machine: MachineIdentity) -> anyhow::Result<ByzMaster> {
+    pub fn open(
+        dir: &Path,
+        name: &str,
+        t: usize,
+        ordering: Ordering,
+        machine: MachineIdentity,
+    ) -> anyhow::Result<ByzMaster> {
         let key = keys::load_or_create_signing_key(&dir.join(MASTER_KEY_FILE))?;
         // The CLI's own identity, so `lockstep -c NAME put ...` works out of the box.
         if !dir.join(IDENTITIES_DIR).join(crate::byz::DEFAULT_IDENTITY).exists() {
@@ -107,6 +118,7 @@ impl ByzMaster {
                 session: 0,
                 seq: 0,
                 last_ts: 0,
+                horizon: 0,
                 endpoints: Vec::new(),
             })),
             admitted: HashSet::new(),
@@ -179,11 +191,11 @@ impl ByzMaster {
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(TICK).await;
-                let item = {
+                let due = {
                     let s = stream.lock().unwrap_or_else(|e| e.into_inner());
-                    s.session != 0
+                    s.session != 0 && now_us() + (LEAD.as_micros() as u64) / 2 >= s.horizon
                 };
-                if item {
+                if due {
                     send(&stream, &key, Body::Noop(Noop {}));
                 }
             }
@@ -215,12 +227,17 @@ impl ByzMaster {
                     && item.era == era_no
                     && !self.admitted.contains(&(item.identity.clone(), item.session))
                 {
-                    opens.entry((item.identity.clone(), item.session)).or_insert_with(|| o.clone());
+                    opens
+                        .entry((item.identity.clone(), item.session))
+                        .or_insert_with(|| o.clone());
                 }
             }
             for st in &b.streams {
                 if st.identity != keys::MASTER_IDENTITY && st.idle_micros > self.client_timeout.as_micros() as u64 {
-                    stale.entry((st.identity.clone(), st.session)).or_default().push(st.next_seq);
+                    stale
+                        .entry((st.identity.clone(), st.session))
+                        .or_default()
+                        .push(st.next_seq);
                 }
             }
         }
@@ -248,11 +265,18 @@ impl ByzMaster {
             seqs.sort_unstable_by(|a, b| b.cmp(a));
             let seq = seqs[self.t];
             let slot = (identity.clone(), session, seq);
-            if self.tombstoned.get(&slot).is_some_and(|at| at.elapsed() < Duration::from_secs(5)) {
+            if self
+                .tombstoned
+                .get(&slot)
+                .is_some_and(|at| at.elapsed() < Duration::from_secs(5))
+            {
                 continue;
             }
             self.tombstoned.insert(slot, Instant::now());
-            println!("  removing stalled client stream {identity}/{session} at sequence {seq} (no item for {:?})", self.client_timeout);
+            println!(
+                "  removing stalled client stream {identity}/{session} at sequence {seq} (no item for {:?})",
+                self.client_timeout
+            );
             let item = StreamItem {
                 identity,
                 session,
@@ -271,7 +295,9 @@ impl ByzMaster {
     /// Order a barrier (seal: also seal the runtime) and wait until t+1 members of the current
     /// era report the same index and digest there.
     pub async fn barrier(&mut self, seal: bool, timeout: Duration) -> anyhow::Result<(u64, Vec<u8>)> {
-        let Some((era, _)) = self.era.clone() else { bail!("no era yet") };
+        let Some((era, _)) = self.era.clone() else {
+            bail!("no era yet")
+        };
         self.send(Body::Barrier(Barrier { seal }));
         let deadline = Instant::now() + timeout;
         loop {
@@ -279,7 +305,11 @@ impl ByzMaster {
                 return Ok(found);
             }
             if Instant::now() > deadline {
-                bail!("the barrier of era {} was not reached by {} members within {timeout:?}", era.number, self.t + 1);
+                bail!(
+                    "the barrier of era {} was not reached by {} members within {timeout:?}",
+                    era.number,
+                    self.t + 1
+                );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -287,7 +317,10 @@ impl ByzMaster {
 
     /// (index, digest) that t+1 members of `era` report at their barrier, if any.
     pub async fn barrier_reached(&self, era: &Era) -> Option<(u64, Vec<u8>)> {
-        let probes = era.members.iter().map(|m| async move { crate::status_of(&m.endpoint, Duration::from_millis(500)).await });
+        let probes = era
+            .members
+            .iter()
+            .map(|m| async move { crate::status_of(&m.endpoint, Duration::from_millis(500)).await });
         let mut counts: BTreeMap<(u64, Vec<u8>), usize> = BTreeMap::new();
         for s in futures::future::join_all(probes).await.into_iter().flatten() {
             if let Some(b) = s.byzantine
@@ -344,16 +377,8 @@ impl ByzMaster {
         self.machine = machine;
         self.era = Some((era.clone(), signed.clone()));
         self.persist()?;
-        {
-            let mut s = self.stream.lock().unwrap_or_else(|e| e.into_inner());
-            *s = StreamState {
-                era: era.number,
-                session,
-                seq: 0,
-                last_ts: s.last_ts,
-                endpoints: era.members.iter().map(|m| m.endpoint.clone()).collect(),
-            };
-        }
+        // Nothing of the new master stream goes out before the members hold the era.
+        self.stream.lock().unwrap_or_else(|e| e.into_inner()).session = 0;
         self.admitted.clear();
         let pushes = era.members.iter().map(|m| {
             let signed = signed.clone();
@@ -368,6 +393,17 @@ impl ByzMaster {
                 Ok(()) => ok += 1,
                 Err(e) => errors.push(format!("{id}: {e}")),
             }
+        }
+        {
+            let mut s = self.stream.lock().unwrap_or_else(|e| e.into_inner());
+            *s = StreamState {
+                era: era.number,
+                session,
+                seq: 0,
+                last_ts: s.last_ts,
+                horizon: 0,
+                endpoints: era.members.iter().map(|m| m.endpoint.clone()).collect(),
+            };
         }
         self.write_info()?;
         if ok <= self.t {
@@ -423,15 +459,17 @@ fn send(stream: &Mutex<StreamState>, key: &SigningKey, body: Body) {
             return;
         }
         s.seq += 1;
-        let ts = now_us().max(s.last_ts + 1);
+        // Keep the promise of the previous item.
+        let ts = now_us().max(s.last_ts + 1).max(s.horizon);
         s.last_ts = ts;
+        // Promise: nothing from the master below this.
+        s.horizon = ts + LEAD.as_micros() as u64;
         let item = StreamItem {
             identity: keys::MASTER_IDENTITY.into(),
             session: s.session,
             seq: s.seq,
             ts,
-            // Promise: nothing from the master below this, so it never holds others back.
-            horizon: ts + 4 * TICK.as_micros() as u64,
+            horizon: s.horizon,
             era: s.era,
             body: Some(body),
         };

@@ -122,6 +122,7 @@ impl ByzShared {
                     body,
                     durable_after,
                 } => {
+                    tracing::debug!(identity = %slot.0, seq = slot.2, index = body.index, "executed");
                     let durable = *self.durable.lock().unwrap_or_else(|e| e.into_inner());
                     if durable_after <= durable {
                         self.answer(&slot, body);
@@ -196,10 +197,8 @@ impl ByzShared {
                 // Peers with an even position get an altered copy, the others nothing.
                 if i % 2 == 0 {
                     let mut bad = relayed.clone();
-                    if let Some(item) = bad.item.as_mut() {
-                        if let Some(b) = item.item.last_mut() {
-                            *b ^= 0x55;
-                        }
+                    if let Some(b) = bad.item.as_mut().and_then(|item| item.item.last_mut()) {
+                        *b ^= 0x55;
                     }
                     let _ = tx.send(bad);
                 }
@@ -417,6 +416,7 @@ impl Byzantine for ByzServices {
                 .or_default()
                 .push(tx);
         }
+        tracing::debug!(identity = %item.identity, seq = item.seq, ts = item.ts, "submitted");
         let who = format!("client {}", item.identity);
         if let Err(why) = shared.ingest(&signed, &[], &who) {
             shared.waiters.lock().unwrap_or_else(|e| e.into_inner()).remove(&slot);
