@@ -128,7 +128,7 @@ struct Shared {
     identity: String,
     key: SigningKey,
     stream: Mutex<StreamState>,
-    tallies: Mutex<BTreeMap<String, Tally>>,
+    tallies: Arc<Mutex<BTreeMap<String, Tally>>>,
 }
 
 pub struct ByzClient {
@@ -182,7 +182,7 @@ impl ByzClient {
                     open: false,
                     last_sent: Instant::now(),
                 }),
-                tallies: Mutex::new(BTreeMap::new()),
+                tallies: Arc::new(Mutex::new(BTreeMap::new())),
             }),
             request_session: format!("{:016x}", rand::random::<u64>()),
             request_seq: 0,
@@ -214,6 +214,15 @@ impl ByzClient {
 
     pub fn info(&self) -> ClusterInfo {
         self.shared.info.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Count this client's votes into `sink` (shared by several clients) from now on.
+    pub fn with_tallies(self, sink: Arc<Mutex<BTreeMap<String, Tally>>>) -> ByzClient {
+        let mut me = self;
+        if let Some(shared) = Arc::get_mut(&mut me.shared) {
+            shared.tallies = sink;
+        }
+        me
     }
 
     pub fn tallies(&self) -> BTreeMap<String, Tally> {
@@ -400,16 +409,20 @@ impl ByzClient {
                     if !left.remove(&id) {
                         continue;
                     }
-                    let verdict = match check(&id, r) {
+                    let mut tallies = shared.tallies.lock().unwrap_or_else(|e| e.into_inner());
+                    let t = tallies.entry(id.clone()).or_default();
+                    match check(&id, r) {
                         Ok(body) => {
                             let m = body.machine.clone().unwrap_or_default();
-                            (body.index, body.output, body.error, m.name, m.version, body.ts) == key
+                            if (body.index, body.output, body.error, m.name, m.version, body.ts) == key {
+                                t.agreed += 1;
+                            } else {
+                                t.disagreed += 1;
+                            }
                         }
-                        Err(_) => false,
-                    };
-                    let mut tallies = shared.tallies.lock().unwrap_or_else(|e| e.into_inner());
-                    let t = tallies.entry(id).or_default();
-                    if verdict { t.agreed += 1 } else { t.disagreed += 1 }
+                        Err((true, _)) => t.bad_signature += 1,
+                        Err((false, _)) => t.silent += 1,
+                    }
                 }
                 let mut tallies = shared.tallies.lock().unwrap_or_else(|e| e.into_inner());
                 for id in left {

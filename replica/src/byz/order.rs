@@ -648,7 +648,7 @@ impl Core {
 
     /// The next stable stream head, if any (LamportClock).
     fn lamport_next(&self) -> Option<StreamKey> {
-        let mut heads: Vec<((u64, StreamKey), bool)> = Vec::new();
+        let mut heads: Vec<((u64, StreamKey), bool)> = Vec::new(); // (ts, stream)
         for (sk, s) in &self.streams {
             if s.ended.is_some() || s.decided_upto <= s.next_seq {
                 continue;
@@ -666,24 +666,18 @@ impl Core {
         }
         heads.sort();
         if self.reorder {
-            heads.reverse();
+            // Injected fault: run the newest decided item first, stable or not.
+            return heads.pop().map(|((_, sk), _)| sk);
         }
-        for ((ts, sk), _) in heads {
-            let stable = self.streams.iter().all(|(q, qs)| {
-                if *q == sk {
-                    return true;
-                }
-                let b = self.bound(q, qs);
-                (b, q) > (ts, &sk)
-            });
-            if stable || ts == 0 {
-                return Some(sk);
+        let ((ts, sk), _) = heads.into_iter().next()?;
+        let stable = self.streams.iter().all(|(q, qs)| {
+            if *q == sk {
+                return true;
             }
-            if !self.reorder {
-                return None;
-            }
-        }
-        None
+            let b = self.bound(q, qs);
+            (b, q) > (ts, &sk)
+        });
+        (stable || ts == 0).then_some(sk)
     }
 
     fn run_lamport(&mut self, sk: StreamKey, now: u64, out: &mut Vec<Effect>) {

@@ -34,6 +34,8 @@ const OPEN_SHOWN_US: u64 = 30_000_000;
 /// Items per relay message.
 const RELAY_BATCH: usize = 512;
 pub const ERA_FILE: &str = "era";
+/// A peer relaying an item stamped this long ago is replaying it.
+const REPLAY_AGE_US: u64 = 1_000_000;
 
 /// Ordering parameters from flags/env (the operator sets them from `spec.ordering`).
 #[derive(Clone, Debug)]
@@ -194,14 +196,15 @@ impl ByzShared {
         let senders = self.relays.lock().unwrap_or_else(|e| e.into_inner());
         for (i, tx) in senders.iter().enumerate() {
             if self.injected(Behaviour::EquivocateRelays) {
-                // Peers with an even position get an altered copy, the others nothing.
-                if i % 2 == 0 {
-                    let mut bad = relayed.clone();
-                    if let Some(b) = bad.item.as_mut().and_then(|item| item.item.last_mut()) {
+                // Each peer gets a different altered copy of what the client signed.
+                let mut bad = relayed.clone();
+                if let Some(item) = bad.item.as_mut() {
+                    let pos = i % item.item.len().max(1);
+                    if let Some(b) = item.item.get_mut(pos) {
                         *b ^= 0x55;
                     }
-                    let _ = tx.send(bad);
                 }
+                let _ = tx.send(bad);
                 continue;
             }
             let _ = tx.send(relayed.clone());
@@ -217,7 +220,13 @@ impl ByzShared {
             prepare(&core, signed, now)?
         };
         match &prepared.check {
-            Precheck::Known => return Ok(false),
+            Precheck::Known => {
+                // A relay of something long settled: a replay (honest relays are immediate).
+                if !from.starts_with("client ") && now.saturating_sub(prepared.item.ts) > REPLAY_AGE_US {
+                    self.lock().note(from, "replayed-item");
+                }
+                return Ok(false);
+            }
             Precheck::Reject(why) => {
                 self.lock().note(from, "refused-item");
                 return Err(why.clone());
@@ -315,11 +324,9 @@ fn spawn_relay_sender(
             }
             if replay {
                 // Send what was relayed before again, alongside the new items.
-                let old: Vec<Relayed> = history.iter().rev().take(8).cloned().collect();
+                let old: Vec<Relayed> = history.iter().take(8).cloned().collect();
                 history.extend(items.iter().cloned());
-                if history.len() > 1000 {
-                    history.drain(..500);
-                }
+                history.truncate(1000);
                 items.extend(old);
             }
             if forge {
@@ -389,7 +396,7 @@ impl Byzantine for ByzServices {
             .map_err(|e| Status::invalid_argument(format!("undecodable item: {e}")))?;
         if shared.injected(Behaviour::Silent) {
             // Accept nothing visibly, answer nobody.
-            let _ = shared.ingest(&signed, &[], "client");
+            let _ = shared.ingest(&signed, &[], "client -");
             std::future::pending::<()>().await;
         }
         let slot: SlotKey = (item.identity.clone(), item.session, item.seq);
