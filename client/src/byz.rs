@@ -188,7 +188,7 @@ impl ByzClient {
             request_seq: 0,
             deadline: Duration::from_secs(20),
             attempt_timeout: Duration::from_secs(3),
-            noop_interval: Duration::from_millis(20),
+            noop_interval: Duration::from_millis(50),
             reload_from: None,
             noop_task: None,
             last_vote: VoteReport::default(),

@@ -49,7 +49,13 @@ impl ByzCluster {
             .arg(&yaml)
             .arg("--data-dir")
             .arg(dir.path().join("data"))
+            // A loaded test machine delays no-ops: only remove a client stream when a test asks.
             .args(["--quiet", "--failure-timeout-ms", "5000"])
+            .args(if args.contains(&"--client-timeout-ms") {
+                &[][..]
+            } else {
+                &["--client-timeout-ms", "30000"][..]
+            })
             .args(args)
             .stdin(Stdio::null())
             .stdout(out.try_clone().expect("dup"))
