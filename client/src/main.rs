@@ -100,6 +100,13 @@ enum Cmd {
         /// Check the recorded history for linearizability at the end.
         #[arg(long)]
         check: bool,
+        /// Byzantine clusters: this many more clients stay connected but idle (they only send
+        /// signed no-ops), to measure what connected clients cost Lamport stability.
+        #[arg(long, default_value_t = 0)]
+        idle: usize,
+        /// Byzantine clusters: an idle client's no-op interval, in milliseconds.
+        #[arg(long, default_value_t = 50)]
+        noop_interval_ms: u64,
     },
     /// Run one replica process (what `up` starts; `lockstep-replica` is the same).
     Replica {
@@ -253,11 +260,28 @@ async fn byz_command(cli: &Cli, cmd: &Cmd) -> anyhow::Result<()> {
             mix,
             history,
             check,
+            idle,
+            noop_interval_ms,
         } => {
             let dir = byzantine(cli).context("not a Byzantine cluster")?;
+            let interval = Duration::from_millis((*noop_interval_ms).max(1));
+            let mut idlers = Vec::new();
+            for _ in 0..*idle {
+                let mut c = lockstep::byz::ByzClient::local(&dir, &cli.identity)?;
+                c.noop_interval = interval;
+                idlers.push(c);
+            }
+            for c in idlers.iter_mut() {
+                c.open().await?;
+            }
+            if *idle > 0 {
+                eprintln!("bench: {idle} idle clients connected (no-op every {noop_interval_ms} ms)");
+            }
             let mut pool = Vec::new();
             for _ in 0..*clients {
-                pool.push(Some(lockstep::byz::ByzClient::local(&dir, &cli.identity)?));
+                let mut c = lockstep::byz::ByzClient::local(&dir, &cli.identity)?;
+                c.noop_interval = interval;
+                pool.push(Some(c));
             }
             let pool = std::sync::Mutex::new(pool);
             let opts = WorkloadOptions {
@@ -281,6 +305,9 @@ async fn byz_command(cli: &Cli, cmd: &Cmd) -> anyhow::Result<()> {
             )
             .await?;
             println!("{report}");
+            for mut c in idlers {
+                c.close().await;
+            }
             if let (Some(path), true) = (history, check) {
                 let h = lockstep_linearizability::parse_history(std::io::BufReader::new(std::fs::File::open(path)?))?;
                 let r = lockstep_linearizability::check_kv(&h, Default::default());
@@ -497,6 +524,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             mix,
             history,
             check,
+            ..
         } => {
             let endpoints = resolve_endpoints(
                 cli.cluster

@@ -666,8 +666,30 @@ impl Core {
         }
         heads.sort();
         if self.reorder {
-            // Injected fault: run the newest decided item first, stable or not.
-            return heads.pop().map(|((_, sk), _)| sk);
+            // Injected fault: hold a decided command until another one is decided, then run the
+            // newer first (stable or not); everything else runs newest-first too.
+            let is_command = |sk: &StreamKey| {
+                self.streams.get(sk).is_some_and(|s| {
+                    matches!(
+                        self.slots.get(&(sk.0.clone(), sk.1, s.next_seq)).and_then(|x| x.decided.as_ref()),
+                        Some(Decision::Item(v)) if matches!(v.item.body, Some(ItemBody::Command(_)))
+                    )
+                })
+            };
+            let commands: Vec<&StreamKey> = heads
+                .iter()
+                .map(|((_, sk), _)| sk)
+                .filter(|sk| is_command(sk))
+                .collect();
+            if commands.len() >= 2 {
+                return commands.last().map(|sk| (*sk).clone());
+            }
+            return heads
+                .iter()
+                .rev()
+                .map(|((_, sk), _)| sk)
+                .find(|sk| !is_command(sk))
+                .cloned();
         }
         let ((ts, sk), _) = heads.into_iter().next()?;
         let stable = self.streams.iter().all(|(q, qs)| {

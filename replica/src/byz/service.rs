@@ -216,8 +216,14 @@ impl ByzShared {
     fn ingest(&self, signed: &SignedItem, chain: &[lockstep_proto::ChainSig], from: &str) -> Result<bool, String> {
         let now = now_micros();
         let prepared = {
-            let core = self.lock();
-            prepare(&core, signed, now)?
+            let mut core = self.lock();
+            match prepare(&core, signed, now) {
+                Ok(p) => p,
+                Err(why) => {
+                    core.note(from, "undecodable-item");
+                    return Err(why);
+                }
+            }
         };
         match &prepared.check {
             Precheck::Known => {
