@@ -283,11 +283,13 @@ async fn ticker(shared: Arc<ByzShared>) {
         let (effects, snapshot) = {
             let mut core = shared.lock();
             let effects = core.tick(now_micros());
-            let mut last = shared.last_snapshot.lock().unwrap_or_else(|e| e.into_inner());
-            let snapshot = (core.index >= *last + shared.snapshot_every && core.barrier.is_none()).then(|| {
-                *last = core.index;
-                core.snapshot()
-            });
+            let snapshot = {
+                let mut last = shared.last_snapshot.lock().unwrap_or_else(|e| e.into_inner());
+                (core.index >= *last + shared.snapshot_every && core.barrier.is_none()).then(|| {
+                    *last = core.index;
+                    core.snapshot()
+                })
+            };
             // Queue storage ops while holding the core lock: the log reaches the disk in order.
             shared.handle(effects);
             if let Some(s) = snapshot.clone() {
