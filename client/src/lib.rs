@@ -14,8 +14,10 @@
 //! ```
 
 pub mod bench;
+pub mod byz;
 pub mod cluster;
 pub mod up;
+pub mod up_byz;
 
 use lockstep_proto::{
     AppliedEntry, Command, ExecuteRequest, ExecuteResponse, ReadRequest, ReadResponse, StatusRequest, StatusResponse,

@@ -24,6 +24,10 @@ struct Cli {
     /// Where `lockstep up` keeps local clusters.
     #[arg(long, global = true, env = "LOCKSTEP_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
     data_dir: PathBuf,
+    /// Byzantine clusters: the client identity to sign with (its key is
+    /// `<data-dir>/<cluster>/clients/<identity>.key`).
+    #[arg(long, global = true, env = "LOCKSTEP_IDENTITY", default_value = lockstep::byz::DEFAULT_IDENTITY)]
+    identity: String,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -45,7 +49,20 @@ enum Cmd {
         /// Print decisions only, not the member table.
         #[arg(long)]
         quiet: bool,
+        /// Byzantine mode: remove a client stream that has not moved for this long (a crashed
+        /// client stalls Lamport stability until then).
+        #[arg(long, default_value_t = 3000)]
+        client_timeout_ms: u64,
+        /// Test builds only (cargo feature `fault-injection`): make a replica faulty, e.g.
+        /// `--inject replica-1=wrong-output`. Behaviours: wrong-output, silent,
+        /// equivocate-relays, forge-requests, replay-requests, reorder, corrupt-snapshot,
+        /// wrong-version.
+        #[arg(long, hide = !lockstep_replica::byz::inject::AVAILABLE)]
+        inject: Vec<String>,
     },
+    /// Byzantine clusters: create a client key pair (secret in `clients/NAME.key`, public key in
+    /// `client-identities/NAME`, the directory the replicas and the master read).
+    AddClient { name: String },
     /// Write KEY = VALUE (prints the previous value).
     Put { key: String, value: String },
     /// Read KEY (linearizable).
@@ -86,11 +103,18 @@ enum Cmd {
         /// Check the recorded history for linearizability at the end.
         #[arg(long)]
         check: bool,
+        /// Byzantine clusters: this many more clients stay connected but idle (they only send
+        /// signed no-ops), to measure what connected clients cost Lamport stability.
+        #[arg(long, default_value_t = 0)]
+        idle: usize,
+        /// Byzantine clusters: an idle client's no-op interval, in milliseconds.
+        #[arg(long, default_value_t = 50)]
+        noop_interval_ms: u64,
     },
     /// Run one replica process (what `up` starts; `lockstep-replica` is the same).
     Replica {
         #[command(flatten)]
-        args: lockstep_replica::ReplicaArgs,
+        args: Box<lockstep_replica::ReplicaArgs>,
     },
 }
 
@@ -103,7 +127,7 @@ enum Format {
 fn main() {
     let cli = Cli::parse();
     if let Cmd::Replica { args } = cli.command {
-        if let Err(e) = lockstep_replica::main_with(args, &lockstep_replica::builtin_machines()) {
+        if let Err(e) = lockstep_replica::main_with(*args, &lockstep_replica::builtin_machines()) {
             eprintln!("lockstep replica: error: {e:#}");
             std::process::exit(2);
         }
@@ -130,6 +154,276 @@ fn client(cli: &Cli) -> anyhow::Result<Client> {
     Ok(Client::new(resolve_endpoints(spec, &cli.data_dir)?))
 }
 
+fn cluster_dir_of(cli: &Cli) -> anyhow::Result<PathBuf> {
+    let spec = cli
+        .cluster
+        .as_deref()
+        .context("which cluster? pass -c NAME (a local cluster)")?;
+    Ok(lockstep::cluster::cluster_dir(&cli.data_dir, spec))
+}
+
+fn hex_key(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// The cluster directory when `-c` names a local Byzantine cluster.
+fn byzantine(cli: &Cli) -> Option<PathBuf> {
+    let dir = cluster_dir_of(cli).ok()?;
+    dir.join(lockstep::byz::INFO_FILE).exists().then_some(dir)
+}
+
+fn byz_client(cli: &Cli) -> anyhow::Result<lockstep::byz::ByzClient> {
+    let dir = byzantine(cli).context("not a Byzantine cluster")?;
+    lockstep::byz::ByzClient::local(&dir, &cli.identity)
+}
+
+/// Print who agreed and who did not (stderr, so stdout stays the answer).
+fn explain(c: &lockstep::byz::ByzClient) {
+    let v = &c.last_vote;
+    if !v.disagreed.is_empty() || !v.silent.is_empty() {
+        let mut parts = Vec::new();
+        for (id, what) in &v.disagreed {
+            parts.push(format!("{id} disagreed ({what})"));
+        }
+        if !v.silent.is_empty() {
+            parts.push(format!("no answer yet from {}", v.silent.join(", ")));
+        }
+        eprintln!("voted by {}; {}", v.agreed.join(", "), parts.join("; "));
+    }
+}
+
+async fn byz_command(cli: &Cli, cmd: &Cmd) -> anyhow::Result<()> {
+    match cmd {
+        Cmd::Put { key, value } => {
+            let mut c = byz_client(cli)?;
+            let prev = c.put(key, value).await;
+            c.close().await;
+            explain(&c);
+            println!("OK (previous: {})", show(prev?));
+        }
+        Cmd::Get { key } => {
+            let mut c = byz_client(cli)?;
+            let got = c.get(key).await;
+            c.close().await;
+            explain(&c);
+            match got? {
+                Some(v) => println!("{v}"),
+                None => {
+                    eprintln!("(not found)");
+                    std::process::exit(3);
+                }
+            }
+        }
+        Cmd::Delete { key } => {
+            let mut c = byz_client(cli)?;
+            let prev = c.delete(key).await;
+            c.close().await;
+            explain(&c);
+            println!("OK (previous: {})", show(prev?));
+        }
+        Cmd::Cas { key, old, new } => {
+            let opt = |s: &str| (s != "-").then(|| s.to_string());
+            let mut c = byz_client(cli)?;
+            let r = c.cas(key, opt(old).as_deref(), opt(new).as_deref()).await;
+            c.close().await;
+            explain(&c);
+            let (swapped, current) = r?;
+            println!(
+                "{} (current: {})",
+                if swapped { "SWAPPED" } else { "NOT SWAPPED" },
+                show(current)
+            );
+            if !swapped {
+                std::process::exit(4);
+            }
+        }
+        Cmd::Watch { from, until } => {
+            let c = byz_client(cli)?;
+            let mut rx = c.watch(*from).await?;
+            while let Some(item) = rx.recv().await {
+                let (e, vote) = item.map_err(anyhow::Error::msg)?;
+                let command = e.command.as_ref().map(|c| {
+                    serde_json::json!({"client": c.client_id, "sequence": c.sequence,
+                        "payload": String::from_utf8_lossy(&c.payload)})
+                });
+                let line = serde_json::json!({
+                    "index": e.index, "epoch": e.epoch, "kind": e.kind, "command": command,
+                    "output": String::from_utf8_lossy(&e.output),
+                    "machine": e.machine.as_ref().map(|m| format!("{} {}", m.name, m.version)),
+                    "votedBy": vote.agreed, "disagreed": vote.disagreed.iter().map(|d| d.0.clone()).collect::<Vec<_>>(),
+                });
+                println!("{line}");
+                if until.is_some_and(|u| e.index >= u) {
+                    break;
+                }
+            }
+        }
+        Cmd::Status { output } => byz_status(cli, *output).await?,
+        Cmd::Bench {
+            clients,
+            duration,
+            value_size,
+            keys,
+            mix,
+            history,
+            check,
+            idle,
+            noop_interval_ms,
+        } => {
+            let dir = byzantine(cli).context("not a Byzantine cluster")?;
+            let interval = Duration::from_millis((*noop_interval_ms).max(1));
+            let mut idlers = Vec::new();
+            for _ in 0..*idle {
+                let mut c = lockstep::byz::ByzClient::local(&dir, &cli.identity)?;
+                c.noop_interval = interval;
+                idlers.push(c);
+            }
+            for c in idlers.iter_mut() {
+                c.open().await?;
+            }
+            if *idle > 0 {
+                eprintln!("bench: {idle} idle clients connected (no-op every {noop_interval_ms} ms)");
+            }
+            let mut pool = Vec::new();
+            for _ in 0..*clients {
+                let mut c = lockstep::byz::ByzClient::local(&dir, &cli.identity)?;
+                c.noop_interval = interval;
+                pool.push(Some(c));
+            }
+            let pool = std::sync::Mutex::new(pool);
+            let opts = WorkloadOptions {
+                clients: *clients,
+                duration: Duration::from_secs(*duration),
+                value_size: *value_size,
+                keys: *keys,
+                mix: *mix,
+                history: history.clone(),
+            };
+            let report = run_workload(
+                "byzantine",
+                opts,
+                |i| {
+                    pool.lock()
+                        .ok()
+                        .and_then(|mut p| p.get_mut(i).and_then(Option::take))
+                        .expect("one prepared client per index")
+                },
+                Arc::new(AtomicBool::new(false)),
+            )
+            .await?;
+            println!("{report}");
+            for mut c in idlers {
+                c.close().await;
+            }
+            if let (Some(path), true) = (history, check) {
+                let h = lockstep_linearizability::parse_history(std::io::BufReader::new(std::fs::File::open(path)?))?;
+                let r = lockstep_linearizability::check_kv(&h, Default::default());
+                println!("history {}: {r}", path.display());
+                if !r.is_linearizable() {
+                    std::process::exit(1);
+                }
+            }
+        }
+        _ => anyhow::bail!("this command does not apply to a Byzantine cluster"),
+    }
+    Ok(())
+}
+
+/// Per replica: what it reports about itself, and how it voted on a few probe reads.
+async fn byz_status(cli: &Cli, output: Format) -> anyhow::Result<()> {
+    let mut c = byz_client(cli)?;
+    let mut probe_error = None;
+    for _ in 0..3 {
+        if let Err(e) = c.get("lockstep-status-probe").await {
+            probe_error = Some(e.to_string());
+            break;
+        }
+    }
+    c.close().await;
+    let tallies = c.tallies();
+    let info = c.info();
+    let mut rows = Vec::new();
+    for r in &info.replicas {
+        let s = lockstep::status_of(&r.endpoint, Duration::from_secs(2)).await;
+        let t = tallies.get(&r.id).cloned().unwrap_or_default();
+        rows.push((r.clone(), s, t));
+    }
+    // Evidence each replica holds against the others.
+    let mut reported: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for (r, s, _) in &rows {
+        if let Ok(s) = s {
+            for e in s.byzantine.iter().flat_map(|b| b.evidence.iter()) {
+                reported
+                    .entry(e.peer.clone())
+                    .or_default()
+                    .push(format!("{} x{} (seen by {})", e.kind, e.count, r.id));
+            }
+        }
+    }
+    match output {
+        Format::Json => {
+            let members: Vec<_> = rows
+                .iter()
+                .map(|(r, s, t)| match s {
+                    Ok(s) => serde_json::json!({
+                        "id": r.id, "endpoint": r.endpoint, "state": s.state, "era": s.epoch,
+                        "version": s.machine.as_ref().map(|m| m.version.clone()),
+                        "appliedIndex": s.applied_index,
+                        "votes": t, "evidence": reported.get(&r.id),
+                        "inject": s.byzantine.as_ref().map(|b| b.inject.clone()).filter(|i| !i.is_empty()),
+                    }),
+                    Err(e) => serde_json::json!({"id": r.id, "endpoint": r.endpoint, "state": "unreachable", "error": e, "votes": t}),
+                })
+                .collect();
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&serde_json::json!({
+                    "failureModel": "Byzantine", "t": info.t, "era": info.era, "stability": info.stability,
+                    "probe": probe_error.clone().unwrap_or_else(|| "ok".into()), "members": members
+                }))?
+            );
+        }
+        Format::Table => {
+            println!(
+                "Byzantine, t = {} ({} replicas, answers need {} matching), era {}, {}",
+                info.t,
+                info.replicas.len(),
+                info.t + 1,
+                info.era,
+                info.stability
+            );
+            println!(
+                "{:<10} {:<10} {:>5} {:<12} {:>8}  {:<24} EVIDENCE",
+                "ID", "STATE", "ERA", "VERSION", "INDEX", "VOTES agree/differ/silent"
+            );
+            for (r, s, t) in &rows {
+                let votes = format!("{}/{}/{}", t.agreed, t.disagreed + t.bad_signature, t.silent);
+                let evidence = reported.get(&r.id).map_or("-".to_string(), |v| v.join("; "));
+                match s {
+                    Ok(s) => println!(
+                        "{:<10} {:<10} {:>5} {:<12} {:>8}  {:<24} {}",
+                        r.id,
+                        s.state,
+                        s.epoch,
+                        s.machine.as_ref().map_or("?".into(), |m| m.version.clone()),
+                        s.applied_index,
+                        votes,
+                        evidence
+                    ),
+                    Err(e) => println!(
+                        "{:<10} {:<10} {:>5} {:<12} {:>8}  {:<24} {} ({e})",
+                        r.id, "unreachable", "-", "-", "-", votes, evidence
+                    ),
+                }
+            }
+            if let Some(e) = probe_error {
+                println!("probe reads failed: {e}");
+            }
+        }
+    }
+    Ok(())
+}
+
 fn show(v: Option<String>) -> String {
     v.unwrap_or_else(|| "(none)".into())
 }
@@ -142,8 +436,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             fenced_grace_ms,
             no_fsync,
             quiet,
+            client_timeout_ms,
+            inject,
         } => {
             lockstep_replica::init_tracing(false);
+            let mut injected = std::collections::BTreeMap::new();
+            for i in inject {
+                let (who, what) = i
+                    .split_once('=')
+                    .with_context(|| format!("--inject {i}: expected replica-N=BEHAVIOUR"))?;
+                lockstep_replica::byz::inject::Behaviour::parse(what).map_err(anyhow::Error::msg)?;
+                injected.insert(who.to_string(), what.to_string());
+            }
             lockstep::up::up(lockstep::up::UpOptions {
                 file: file.clone(),
                 data_dir: cli.data_dir.clone(),
@@ -151,9 +455,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 fenced_grace: Duration::from_millis(*fenced_grace_ms),
                 no_fsync: *no_fsync,
                 quiet: *quiet,
+                inject: injected,
+                client_timeout: Duration::from_millis(*client_timeout_ms),
             })
             .await
         }
+        Cmd::AddClient { name } => {
+            let dir = cluster_dir_of(&cli)?;
+            let key = lockstep::byz::add_client(&dir, name)?;
+            println!(
+                "client '{name}': public key {} in {}; secret key in {}",
+                hex_key(&key.to_bytes()),
+                dir.join(lockstep::byz::IDENTITIES_DIR).join(name).display(),
+                dir.join(lockstep::byz::CLIENT_KEYS_DIR)
+                    .join(format!("{name}.key"))
+                    .display()
+            );
+            Ok(())
+        }
+        cmd if byzantine(&cli).is_some() => byz_command(&cli, cmd).await,
         Cmd::Put { key, value } => {
             let prev = client(&cli)?.put(key, value).await?;
             println!("OK (previous: {})", show(prev));
@@ -215,6 +535,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             mix,
             history,
             check,
+            ..
         } => {
             let endpoints = resolve_endpoints(
                 cli.cluster

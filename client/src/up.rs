@@ -27,6 +27,10 @@ pub struct UpOptions {
     pub no_fsync: bool,
     /// Print a status table on every change.
     pub quiet: bool,
+    /// Byzantine mode, test builds only: replica id (or `replica-N`) -> injected behaviour.
+    pub inject: BTreeMap<String, String>,
+    /// Byzantine mode: remove a client stream that has not moved for this long.
+    pub client_timeout: Duration,
 }
 
 struct LocalReplica {
@@ -51,6 +55,11 @@ const TICK: Duration = Duration::from_millis(50);
 
 /// Read and check the resource for a local run.
 pub fn load_desired(file: &Path) -> anyhow::Result<(String, Desired)> {
+    load_resource(file).map(|(n, d, _)| (n, d))
+}
+
+/// The resource's name, what the planner needs, and (Byzantine) its ordering parameters.
+pub fn load_resource(file: &Path) -> anyhow::Result<(String, Desired, crate::up_byz::Ordering)> {
     let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
     let rsm =
         lockstep_resource::from_yaml(&text).with_context(|| format!("{} is not a valid resource", file.display()))?;
@@ -60,13 +69,6 @@ pub fn load_desired(file: &Path) -> anyhow::Result<(String, Desired)> {
         lockstep_resource::FailureModel::FailStop => FailureModel::FailStop,
         lockstep_resource::FailureModel::Byzantine => FailureModel::Byzantine,
     };
-    if model == FailureModel::Byzantine {
-        bail!(
-            "{}: failureModel Byzantine is not available yet: this lockstep runs FailStop clusters only (t+1 replicas). \
-             Use failureModel: FailStop",
-            file.display()
-        );
-    }
     let Some(factory) = lockstep_replica::machine::builtin(&spec.machine.name) else {
         bail!(
             "{}: machine '{}' is not built in (built-in: {}); run your own replica binary on Kubernetes instead",
@@ -96,7 +98,22 @@ pub fn load_desired(file: &Path) -> anyhow::Result<(String, Desired)> {
         },
         paused: false,
     };
-    Ok((name, desired))
+    let o = spec.ordering.clone().unwrap_or(lockstep_resource::OrderingSpec {
+        stability: None,
+        max_clock_skew_millis: None,
+        max_delay_millis: None,
+    });
+    let ordering = crate::up_byz::Ordering {
+        stability: match o.stability {
+            Some(lockstep_resource::Stability::PhysicalClock) => "PhysicalClock".into(),
+            _ => "LamportClock".into(),
+        },
+        max_delay_millis: o
+            .max_delay_millis
+            .map_or(lockstep_replica::byz::DEFAULT_MAX_DELAY_MILLIS, |v| v.max(1) as u64),
+        max_clock_skew_millis: o.max_clock_skew_millis.map_or(0, |v| v.max(0) as u64),
+    };
+    Ok((name, desired, ordering))
 }
 
 struct Master {
@@ -110,11 +127,12 @@ struct Master {
     began: Instant,
     last_summary: String,
     last_table: String,
+    byz: Option<crate::up_byz::ByzMaster>,
     _lock: std::fs::File,
 }
 
 pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
-    let (name, desired) = load_desired(&opts.file)?;
+    let (name, desired, ordering) = load_resource(&opts.file)?;
     let dir = cluster_dir(&opts.data_dir, &name);
     std::fs::create_dir_all(dir.join("replicas")).with_context(|| format!("cannot create {}", dir.display()))?;
     std::fs::create_dir_all(dir.join("logs"))?;
@@ -152,7 +170,25 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
             next_ordinal: 0,
         },
     };
+    let byz = if desired.failure_model == FailureModel::Byzantine {
+        if !opts.inject.is_empty() && !lockstep_replica::byz::inject::AVAILABLE {
+            bail!("--inject needs a build with the cargo feature `fault-injection` (test builds only)");
+        }
+        let machine = lockstep_replica::machine::builtin(&desired.machine.name)
+            .map(|f| f().identity())
+            .context("built-in machine")?;
+        let mut b = crate::up_byz::ByzMaster::open(&dir, &name, desired.faults_tolerated as usize, ordering, machine)?;
+        b.client_timeout = opts.client_timeout;
+        b.spawn_ticker();
+        Some(b)
+    } else {
+        if !opts.inject.is_empty() {
+            bail!("--inject applies to Byzantine clusters only");
+        }
+        None
+    };
     let mut m = Master {
+        byz,
         name: name.clone(),
         dir,
         desired,
@@ -166,10 +202,11 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
         _lock: lock,
     };
     m.say(&format!(
-        "lockstep up: cluster '{name}', machine {} {}, t = {} (FailStop: {} replicas), data in {}",
+        "lockstep up: cluster '{name}', machine {} {}, t = {} ({:?}: {} replicas), data in {}",
         m.desired.machine.name,
         m.desired.machine.version,
         m.desired.faults_tolerated,
+        m.desired.failure_model,
         m.desired.replicas(),
         m.dir.display()
     ));
@@ -230,6 +267,19 @@ impl Master {
         if self.opts.no_fsync {
             cmd.arg("--no-fsync");
         }
+        if let Some(b) = &self.byz {
+            cmd.args(b.replica_args());
+            let ordinal = lockstep_planner::ordinal_of(id).map(|n| format!("replica-{n}"));
+            if let Some(behaviour) = self
+                .opts
+                .inject
+                .get(id)
+                .or_else(|| ordinal.and_then(|o| self.opts.inject.get(&o)))
+            {
+                cmd.arg("--inject").arg(behaviour);
+                self.say(&format!("  {id} will be FAULTY on purpose: {behaviour}"));
+            }
+        }
         cmd.stdin(std::process::Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -275,11 +325,31 @@ impl Master {
                 _ = interval.tick() => {}
             }
             let observed = self.observe().await;
+            if let Some(b) = self.byz.as_mut() {
+                let statuses: BTreeMap<String, lockstep_proto::StatusResponse> = self
+                    .replicas
+                    .iter()
+                    .filter_map(|(id, r)| r.status.clone().map(|s| (id.clone(), s)))
+                    .collect();
+                b.learn_keys(&statuses);
+                b.on_statuses(&statuses);
+            }
             let plan = lockstep_planner::plan(&self.name, &self.desired, &observed);
             self.report(&plan, &observed);
+            let acting = Instant::now();
             for action in plan.actions {
                 if let Err(e) = self.execute(action).await {
                     self.say(&format!("error: {e:#}"));
+                }
+            }
+            // Time spent acting (a Byzantine era change waits for a barrier) is time nobody
+            // was observed: it must not count as the replicas' silence.
+            let took = acting.elapsed();
+            if took > TICK * 4 {
+                for r in self.replicas.values_mut() {
+                    if let Some(t) = r.last_ok.as_mut() {
+                        *t += took;
+                    }
                 }
             }
             self.reap_retiring();
@@ -503,6 +573,47 @@ impl Master {
                 }
                 self.spawn(&id, true)?
             }
+            Action::Reconfigure { config, notify } if self.byz.is_some() => {
+                self.state.config = Some(config.clone());
+                save_state(&self.dir, &self.state)?;
+                self.byz_era_change(&config, None).await?;
+                for id in notify {
+                    if let (Some(ep), Some(b)) = (self.endpoint_of(&id), self.byz.as_ref()) {
+                        let _ = b.push_current(&ep).await;
+                    }
+                }
+            }
+            Action::PushConfig { id } if self.byz.is_some() => {
+                let era = self.byz.as_ref().map_or(0, |b| b.era_number());
+                match self.state.config.clone() {
+                    Some(c) if c.epoch > era => self.byz_era_change(&c, None).await?,
+                    _ => {
+                        if let (Some(ep), Some(b)) = (self.endpoint_of(&id), self.byz.as_ref()) {
+                            let _ = b.push_current(&ep).await;
+                        }
+                    }
+                }
+            }
+            Action::Seal if self.byz.is_some() => {
+                if let Some(b) = self.byz.as_mut() {
+                    let (index, _) = b.barrier(true, Duration::from_secs(30)).await?;
+                    self.say(&format!(
+                        "sealed at index {index} (an ordered barrier of the master's stream)"
+                    ));
+                }
+            }
+            Action::Resume { machine } if self.byz.is_some() => {
+                let identity = lockstep_replica::machine::builtin(&machine.name)
+                    .map(|f| f().identity())
+                    .context("built-in machine")?;
+                if let Some(config) = self.state.config.clone() {
+                    let mut next = config.clone();
+                    next.epoch += 1;
+                    self.state.config = Some(next.clone());
+                    save_state(&self.dir, &self.state)?;
+                    self.byz_era_change(&next, Some(identity)).await?;
+                }
+            }
             Action::Reconfigure { config, notify } => {
                 // Fence first: the decision is durable before any replica acts on it.
                 self.state.config = Some(config.clone());
@@ -599,6 +710,41 @@ impl Master {
                 save_state(&self.dir, &self.state)?;
             }
         }
+        Ok(())
+    }
+
+    /// Byzantine mode: move to `config`'s era. The current era first runs to an ordered
+    /// barrier (t+1 members report the same index and state digest there, or the seal of a
+    /// rollout); the new era starts from that state, which new members fetch and verify.
+    async fn byz_era_change(
+        &mut self,
+        config: &lockstep_planner::Config,
+        resume: Option<lockstep_proto::MachineIdentity>,
+    ) -> anyhow::Result<()> {
+        let Some(b) = self.byz.as_mut() else { return Ok(()) };
+        let (start, digest) = match b.current_era().cloned() {
+            None => {
+                let factory =
+                    lockstep_replica::machine::builtin(&self.desired.machine.name).context("built-in machine")?;
+                let empty = lockstep_replica::runtime::Runtime::new(factory()).snapshot();
+                (0, lockstep_replica::runtime::digest(&empty))
+            }
+            Some(era) => match b.barrier_reached(&era).await {
+                Some(at) => at,
+                None => b.barrier(false, Duration::from_secs(30)).await?,
+            },
+        };
+        b.start_era(config, start, digest, resume).await?;
+        self.say(&format!(
+            "era {} started at index {start} with {} (signed by the master)",
+            config.epoch,
+            config
+                .members
+                .iter()
+                .map(|m| m.id.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
         Ok(())
     }
 

@@ -696,11 +696,17 @@ fn rollout_step(desired: &Desired, observed: &Observed, config: &Config, p: &mut
     let rollout = match &observed.rollout {
         Some(r) => r.clone(),
         None => {
-            let differs = config
+            let differing = config
                 .members
                 .iter()
-                .any(|m| current_version(&m.id).is_some_and(|v| !v.same_as(&desired.machine)));
-            if !differs {
+                .filter(|m| current_version(&m.id).is_some_and(|v| !v.same_as(&desired.machine)))
+                .count();
+            // Byzantine: up to t replicas may report anything; only t+1 reports are a fact.
+            let needed = match desired.failure_model {
+                FailureModel::FailStop => 1,
+                FailureModel::Byzantine => desired.faults_tolerated as usize + 1,
+            };
+            if differing < needed {
                 return None;
             }
             let from = config

@@ -7,6 +7,7 @@
 //! Build your own replica binary with your own machine by calling [`main_with`]; see
 //! `replica/examples/custom_machine.rs`.
 
+pub mod byz;
 pub mod http;
 pub mod machine;
 pub mod metrics;
@@ -61,6 +62,37 @@ pub struct ReplicaArgs {
     /// Log as JSON lines instead of text.
     #[arg(long)]
     pub log_json: bool,
+    #[command(flatten)]
+    pub byzantine: ByzantineArgs,
+}
+
+/// Flags of Byzantine mode (ignored in FailStop). On Kubernetes the operator sets the
+/// environment variables from `spec.ordering` and `spec.clientIdentities`; see docs/byzantine.md.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct ByzantineArgs {
+    /// This replica's Ed25519 key (64 hex characters). Default: `<data-dir>/replica.key`,
+    /// created on first start.
+    #[arg(long, env = "LOCKSTEP_REPLICA_KEY_FILE")]
+    pub key_file: Option<PathBuf>,
+    /// The configuration master's public key (hex), or a file holding it. Eras, admissions and
+    /// removals must carry its signature.
+    #[arg(long, env = "LOCKSTEP_MASTER_PUBLIC_KEY")]
+    pub master_public_key: Option<String>,
+    /// Directory of client public keys, one file per client named by the client id.
+    #[arg(long, env = "LOCKSTEP_CLIENT_IDENTITIES")]
+    pub client_identities: Option<PathBuf>,
+    /// `LamportClock` (default) or `PhysicalClock`.
+    #[arg(long, env = "LOCKSTEP_STABILITY", default_value = "LamportClock")]
+    pub stability: String,
+    /// δ: bound on message delay between processes, in milliseconds.
+    #[arg(long, env = "LOCKSTEP_MAX_DELAY_MILLIS", default_value_t = byz::DEFAULT_MAX_DELAY_MILLIS)]
+    pub max_delay_millis: u64,
+    /// ε: bound on clock skew between processes (PhysicalClock), in milliseconds.
+    #[arg(long, env = "LOCKSTEP_MAX_CLOCK_SKEW_MILLIS", default_value_t = 0)]
+    pub max_clock_skew_millis: u64,
+    /// Test builds only (cargo feature `fault-injection`): behave faultily.
+    #[arg(long, env = "LOCKSTEP_INJECT")]
+    pub inject: Option<String>,
 }
 
 /// Addresses a replica actually bound, written to `<data-dir>/listening.json`.
@@ -115,11 +147,7 @@ pub fn builtin_machines() -> Vec<(&'static str, MachineFactory)> {
 
 pub async fn run(args: ReplicaArgs, factory: MachineFactory) -> anyhow::Result<()> {
     if args.failure_model == FailureModel::Byzantine {
-        anyhow::bail!(
-            "failure model Byzantine is not available in this version of lockstep-replica: it runs FailStop \
-             (t+1 replicas, primary-backup) only. Byzantine mode (2t+1 replicas, signed requests, voted outputs) \
-             is planned; see docs/fail-stop-replication.md"
-        );
+        return byz::run(args, factory).await;
     }
     let opts = storage::StorageOptions {
         fsync: !args.no_fsync,
@@ -232,11 +260,11 @@ pub async fn run(args: ReplicaArgs, factory: MachineFactory) -> anyhow::Result<(
     Ok(())
 }
 
-async fn wait_stop(mut rx: tokio::sync::watch::Receiver<bool>) {
+pub(crate) async fn wait_stop(mut rx: tokio::sync::watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
 }
 
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).ok();
     let term_fut = async {

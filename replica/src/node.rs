@@ -1095,6 +1095,7 @@ impl Node {
             durable: self.durable,
             // Filled in by the admin server (process environment, not protocol state).
             launched_image: String::new(),
+            byzantine: None,
         }
     }
 }

@@ -203,4 +203,3 @@ pub fn cases() -> Vec<(&'static str, Value, Expected)> {
         ),
     ]
 }
-

@@ -46,9 +46,9 @@ pub const ORDERING_BYZANTINE_MSG: &str = "ordering applies only to failureModel:
 pub const CLIENT_IDENTITIES_BYZANTINE_RULE: &str = "!has(self.clientIdentities) || self.failureModel == 'Byzantine'";
 pub const CLIENT_IDENTITIES_BYZANTINE_MSG: &str = "clientIdentities applies only to failureModel: Byzantine (FailStop clients do not sign requests); remove spec.clientIdentities";
 
-pub const CLOCK_BOUNDS_RULE: &str = "(!has(self.maxClockSkewMillis) && !has(self.maxDelayMillis)) || (has(self.stability) && self.stability == 'PhysicalClock')";
-pub const CLOCK_BOUNDS_MSG: &str =
-    "ordering.maxClockSkewMillis and ordering.maxDelayMillis apply only to stability: PhysicalClock";
+pub const CLOCK_BOUNDS_RULE: &str =
+    "!has(self.maxClockSkewMillis) || (has(self.stability) && self.stability == 'PhysicalClock')";
+pub const CLOCK_BOUNDS_MSG: &str = "ordering.maxClockSkewMillis applies only to stability: PhysicalClock (both stabilities use maxDelayMillis, the delay bound of the relay agreement)";
 
 pub const MAX_SKEW_RULE: &str = "self >= 0 && self <= 60000";
 pub const MAX_SKEW_MSG: &str = "ordering.maxClockSkewMillis must be between 0 and 60000 (one minute)";

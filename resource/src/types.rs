@@ -138,7 +138,8 @@ pub struct OrderingSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new(MAX_SKEW_RULE).message(MAX_SKEW_MSG))]
     pub max_clock_skew_millis: Option<i64>,
-    /// Bound on message delay (PhysicalClock).
+    /// Bound on message delay between any two processes (both stabilities: requests count
+    /// as agreed only after relays had time to arrive; lockstep uses 10 ms when unset).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new(MAX_DELAY_RULE).message(MAX_DELAY_MSG))]
     pub max_delay_millis: Option<i64>,

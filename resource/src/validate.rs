@@ -82,8 +82,7 @@ impl ReplicatedStateMachine {
         }
         if let Some(o) = &s.ordering {
             c.check(
-                (o.max_clock_skew_millis.is_none() && o.max_delay_millis.is_none())
-                    || o.stability == Some(Stability::PhysicalClock),
+                o.max_clock_skew_millis.is_none() || o.stability == Some(Stability::PhysicalClock),
                 "spec.ordering",
                 CLOCK_BOUNDS_MSG,
             );

@@ -1,0 +1,831 @@
+//! Byzantine-mode client: signs every item of its stream, sends it to every replica, and
+//! accepts an answer only when t+1 replicas signed the same one (same output, log index,
+//! era and machine identity). It names the replicas that disagreed or stayed silent.
+//!
+//! A client opens a stream (the configuration master admits it), keeps it alive with signed
+//! no-ops while idle (Lamport stability needs every open stream to move on), and reopens it
+//! transparently when it ends (a new era, or a removal). Commands carry an exactly-once
+//! request session that survives reopening, so a retried command applies at most once.
+
+use crate::ClientError;
+use ed25519_dalek::{SigningKey, VerifyingKey};
+use lockstep_proto::{
+    AppliedEntry, ByzCommand, Noop, ReplyBody, SignedApplied, SignedItem, SignedReply, StreamItem, WatchRequest,
+    byzantine_client::ByzantineClient, stream_item::Body,
+};
+use lockstep_replica::byz::keys;
+use prost::Message;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tonic::transport::Channel;
+
+/// What a client must know about a Byzantine cluster (written by `lockstep up` to
+/// `<data-dir>/<name>/byzantine.json`; on Kubernetes, from the resource's status).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ClusterInfo {
+    pub name: String,
+    pub t: usize,
+    pub era: u64,
+    pub replicas: Vec<ReplicaInfo>,
+    pub stability: String,
+    pub max_delay_millis: u64,
+    /// Machine the replicas must report (name, version); answers naming another are not counted.
+    pub machine_name: String,
+    pub machine_version: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ReplicaInfo {
+    pub id: String,
+    pub endpoint: String,
+    /// Hex Ed25519 public key.
+    pub public_key: String,
+}
+
+pub const INFO_FILE: &str = "byzantine.json";
+pub const CLIENT_KEYS_DIR: &str = "clients";
+pub const IDENTITIES_DIR: &str = "client-identities";
+pub const DEFAULT_IDENTITY: &str = "cli";
+
+pub fn load_info(cluster_dir: &Path) -> anyhow::Result<Option<ClusterInfo>> {
+    use anyhow::Context;
+    let path = cluster_dir.join(INFO_FILE);
+    match std::fs::read(&path) {
+        Ok(b) => Ok(Some(
+            serde_json::from_slice(&b).with_context(|| format!("{} is not readable", path.display()))?,
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
+/// Create a client key pair in a local cluster's directory: the secret in `clients/ID.key`,
+/// the public key in `client-identities/ID` (the directory the replicas read).
+pub fn add_client(cluster_dir: &Path, id: &str) -> anyhow::Result<VerifyingKey> {
+    if id.is_empty() || id.starts_with('.') || id.contains('/') || id == keys::MASTER_IDENTITY {
+        anyhow::bail!(
+            "'{id}' cannot name a client (no '/', no leading '.', not '{}')",
+            keys::MASTER_IDENTITY
+        );
+    }
+    let key = keys::load_or_create_signing_key(&cluster_dir.join(CLIENT_KEYS_DIR).join(format!("{id}.key")))?;
+    let public = key.verifying_key();
+    let dir = cluster_dir.join(IDENTITIES_DIR);
+    std::fs::create_dir_all(&dir)?;
+    lockstep_replica::write_atomically(&dir.join(id), keys::encode_key(&public.to_bytes()).as_bytes())?;
+    Ok(public)
+}
+
+pub fn client_key(cluster_dir: &Path, id: &str) -> anyhow::Result<SigningKey> {
+    keys::load_signing_key(&cluster_dir.join(CLIENT_KEYS_DIR).join(format!("{id}.key")))
+}
+
+/// How replicas answered, per replica, over a client's lifetime.
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct Tally {
+    pub agreed: u64,
+    pub disagreed: u64,
+    pub silent: u64,
+    pub bad_signature: u64,
+}
+
+/// The vote behind one accepted answer.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VoteReport {
+    pub agreed: Vec<String>,
+    /// Replica and what it said instead.
+    pub disagreed: Vec<(String, String)>,
+    /// No (valid) answer by the time the vote was decided.
+    pub silent: Vec<String>,
+}
+
+/// An accepted (voted) answer.
+#[derive(Clone, Debug)]
+pub struct Voted {
+    pub index: u64,
+    pub output: Vec<u8>,
+    pub ts: u64,
+    pub report: VoteReport,
+}
+
+struct StreamState {
+    era: u64,
+    session: u64,
+    seq: u64,
+    last_ts: u64,
+    horizon: u64,
+    open: bool,
+    last_sent: Instant,
+}
+
+struct Shared {
+    info: Mutex<ClusterInfo>,
+    keys: Mutex<Vec<(String, Channel, VerifyingKey)>>,
+    identity: String,
+    key: SigningKey,
+    stream: Mutex<StreamState>,
+    tallies: Arc<Mutex<BTreeMap<String, Tally>>>,
+}
+
+pub struct ByzClient {
+    shared: Arc<Shared>,
+    request_session: String,
+    request_seq: u64,
+    /// How long one operation keeps trying.
+    pub deadline: Duration,
+    /// How long one attempt waits for t+1 matching answers before sending again.
+    pub attempt_timeout: Duration,
+    /// Idle streams send a signed no-op this often.
+    pub noop_interval: Duration,
+    /// Where to re-read the cluster info after an era change (a local cluster's directory).
+    pub reload_from: Option<PathBuf>,
+    noop_task: Option<tokio::task::JoinHandle<()>>,
+    /// The vote of the last accepted answer.
+    pub last_vote: VoteReport,
+}
+
+fn channels(info: &ClusterInfo) -> Result<Vec<(String, Channel, VerifyingKey)>, ClientError> {
+    info.replicas
+        .iter()
+        .map(|r| {
+            let key = keys::parse_public_key(r.public_key.as_bytes())
+                .map_err(|e| ClientError::Invalid(format!("public key of {}: {e}", r.id)))?;
+            Ok((r.id.clone(), crate::cluster_channel(&r.endpoint)?, key))
+        })
+        .collect()
+}
+
+fn now_us() -> u64 {
+    lockstep_replica::byz::now_micros()
+}
+
+impl ByzClient {
+    pub fn new(info: ClusterInfo, identity: &str, key: SigningKey) -> Result<ByzClient, ClientError> {
+        let chans = channels(&info)?;
+        let era = info.era;
+        Ok(ByzClient {
+            shared: Arc::new(Shared {
+                info: Mutex::new(info),
+                keys: Mutex::new(chans),
+                identity: identity.to_string(),
+                key,
+                stream: Mutex::new(StreamState {
+                    era,
+                    session: 0,
+                    seq: 0,
+                    last_ts: 0,
+                    horizon: 0,
+                    open: false,
+                    last_sent: Instant::now(),
+                }),
+                tallies: Arc::new(Mutex::new(BTreeMap::new())),
+            }),
+            request_session: format!("{:016x}", rand::random::<u64>()),
+            request_seq: 0,
+            deadline: Duration::from_secs(20),
+            attempt_timeout: Duration::from_secs(3),
+            noop_interval: Duration::from_millis(50),
+            reload_from: None,
+            noop_task: None,
+            last_vote: VoteReport::default(),
+        })
+    }
+
+    /// A client of a local cluster started by `lockstep up` (identity `cli` unless named).
+    pub fn local(cluster_dir: &Path, identity: &str) -> anyhow::Result<ByzClient> {
+        use anyhow::Context;
+        let info = load_info(cluster_dir)?.with_context(|| {
+            format!(
+                "{} holds no Byzantine cluster info (is `lockstep up` running it?)",
+                cluster_dir.display()
+            )
+        })?;
+        let key = client_key(cluster_dir, identity).with_context(|| {
+            format!("no key for client '{identity}' (create one with `lockstep -c NAME add-client {identity}`)")
+        })?;
+        let mut c = ByzClient::new(info, identity, key)?;
+        c.reload_from = Some(cluster_dir.to_path_buf());
+        Ok(c)
+    }
+
+    pub fn info(&self) -> ClusterInfo {
+        self.shared.info.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Count this client's votes into `sink` (shared by several clients) from now on.
+    pub fn with_tallies(self, sink: Arc<Mutex<BTreeMap<String, Tally>>>) -> ByzClient {
+        let mut me = self;
+        if let Some(shared) = Arc::get_mut(&mut me.shared) {
+            shared.tallies = sink;
+        }
+        me
+    }
+
+    pub fn tallies(&self) -> BTreeMap<String, Tally> {
+        self.shared.tallies.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn reload(&self) {
+        let Some(dir) = &self.reload_from else { return };
+        let Ok(Some(info)) = load_info(dir) else { return };
+        let mut cur = self.shared.info.lock().unwrap_or_else(|e| e.into_inner());
+        if info.era > cur.era
+            && let Ok(chans) = channels(&info)
+        {
+            *self.shared.keys.lock().unwrap_or_else(|e| e.into_inner()) = chans;
+            *cur = info;
+        }
+    }
+
+    /// Build and sign the stream's next item.
+    fn next_item(shared: &Shared, body: Body, promise_us: u64) -> SignedItem {
+        let mut s = shared.stream.lock().unwrap_or_else(|e| e.into_inner());
+        s.seq += 1;
+        let ts = now_us().max(s.last_ts + 1).max(s.horizon);
+        s.last_ts = ts;
+        s.horizon = ts + promise_us;
+        s.last_sent = Instant::now();
+        let item = StreamItem {
+            identity: shared.identity.clone(),
+            session: s.session,
+            seq: s.seq,
+            ts,
+            horizon: s.horizon,
+            era: s.era,
+            body: Some(body),
+        };
+        lockstep_replica::byz::sign_item(&shared.key, &item)
+    }
+
+    /// Send `signed` to every replica; resolve when t+1 signed identical answers arrived.
+    async fn vote(
+        shared: &Arc<Shared>,
+        signed: &SignedItem,
+        slot: (u64, u64),
+        timeout: Duration,
+    ) -> Result<Voted, String> {
+        let replicas = shared.keys.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let (t, machine) = {
+            let i = shared.info.lock().unwrap_or_else(|e| e.into_inner());
+            (i.t, (i.machine_name.clone(), i.machine_version.clone()))
+        };
+        let (tx, mut rx) = mpsc::unbounded_channel::<(String, Result<SignedReply, String>)>();
+        for (id, channel, _) in &replicas {
+            let mut c =
+                ByzantineClient::new(channel.clone()).max_decoding_message_size(lockstep_proto::MAX_MESSAGE_BYTES);
+            let mut req = tonic::Request::new(signed.clone());
+            req.set_timeout(timeout);
+            let tx = tx.clone();
+            let id = id.clone();
+            tokio::spawn(async move {
+                let r = c
+                    .submit(req)
+                    .await
+                    .map(|r| r.into_inner())
+                    .map_err(|s| s.message().to_string());
+                let _ = tx.send((id, r));
+            });
+        }
+        drop(tx);
+        let keys: HashMap<String, VerifyingKey> = replicas.iter().map(|(id, _, k)| (id.clone(), *k)).collect();
+        let identity = shared.identity.clone();
+        let check = move |id: &str, r: Result<SignedReply, String>| -> Result<ReplyBody, (bool, String)> {
+            let r = r.map_err(|e| (false, e))?;
+            let key = keys.get(id).ok_or((true, "unknown replica".to_string()))?;
+            if !keys::verify(key, &r.body, &r.signature) {
+                return Err((true, "bad signature".into()));
+            }
+            let body = ReplyBody::decode(r.body.as_slice()).map_err(|e| (true, format!("undecodable: {e}")))?;
+            if body.replica != id || body.identity != identity || (body.session, body.seq) != slot {
+                return Err((true, "answer for another item".into()));
+            }
+            Ok(body)
+        };
+        type VoteKey = (u64, Vec<u8>, String, String, String, u64);
+        let mut votes: BTreeMap<VoteKey, Vec<String>> = BTreeMap::new();
+        let mut heard: BTreeMap<String, Result<VoteKey, String>> = BTreeMap::new();
+        let deadline = tokio::time::Instant::now() + timeout;
+        let decided = loop {
+            let next = tokio::time::timeout_at(deadline, rx.recv()).await;
+            let Ok(Some((id, r))) = next else { break None };
+            match check(&id, r) {
+                Ok(body) => {
+                    let m = body.machine.clone().unwrap_or_default();
+                    let key: VoteKey = (
+                        body.index,
+                        body.output.clone(),
+                        body.error.clone(),
+                        m.name,
+                        m.version,
+                        body.ts,
+                    );
+                    heard.insert(id.clone(), Ok(key.clone()));
+                    let v = votes.entry(key.clone()).or_default();
+                    v.push(id);
+                    if v.len() > t && (key.3 == machine.0 && key.4 == machine.1) {
+                        break Some(key);
+                    }
+                }
+                Err((bad, why)) => {
+                    if bad {
+                        shared
+                            .tallies
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .entry(id.clone())
+                            .or_default()
+                            .bad_signature += 1;
+                    }
+                    heard.insert(id, Err(why));
+                }
+            }
+        };
+        let report_for = |key: &VoteKey, heard: &BTreeMap<String, Result<VoteKey, String>>| {
+            let mut report = VoteReport::default();
+            for (id, _, _) in &replicas {
+                match heard.get(id) {
+                    Some(Ok(k)) if k == key => report.agreed.push(id.clone()),
+                    Some(Ok(k)) => report.disagreed.push((
+                        id.clone(),
+                        format!(
+                            "index {} output {} {} (machine {} {})",
+                            k.0,
+                            String::from_utf8_lossy(&k.1),
+                            k.2,
+                            k.3,
+                            k.4
+                        ),
+                    )),
+                    Some(Err(why)) if why != "silent" => report.silent.push(id.clone()),
+                    _ => report.silent.push(id.clone()),
+                }
+            }
+            report
+        };
+        let Some(key) = decided else {
+            let mut tallies = shared.tallies.lock().unwrap_or_else(|e| e.into_inner());
+            for (id, _, _) in &replicas {
+                if !matches!(heard.get(id), Some(Ok(_))) {
+                    tallies.entry(id.clone()).or_default().silent += 1;
+                }
+            }
+            let mut said: Vec<String> = votes.values().map(|v| format!("{} agreed", v.join("+"))).collect();
+            said.extend(
+                heard
+                    .iter()
+                    .filter_map(|(id, r)| r.as_ref().err().map(|e| format!("{id}: {e}"))),
+            );
+            if said.is_empty() {
+                said.push("no answer".into());
+            }
+            return Err(format!(
+                "no {} replicas agreed within {timeout:?} ({})",
+                t + 1,
+                said.join("; ")
+            ));
+        };
+        let report = report_for(&key, &heard);
+        {
+            let mut tallies = shared.tallies.lock().unwrap_or_else(|e| e.into_inner());
+            for id in &report.agreed {
+                tallies.entry(id.clone()).or_default().agreed += 1;
+            }
+            for (id, _) in &report.disagreed {
+                tallies.entry(id.clone()).or_default().disagreed += 1;
+            }
+        }
+        // The others may still answer: count them when they do (or when they time out).
+        let pending: Vec<String> = report.silent.clone();
+        if !pending.is_empty() {
+            let shared = shared.clone();
+            let key = key.clone();
+            tokio::spawn(async move {
+                let mut left: std::collections::BTreeSet<String> = pending.into_iter().collect();
+                while let Ok(Some((id, r))) = tokio::time::timeout_at(deadline, rx.recv()).await {
+                    if !left.remove(&id) {
+                        continue;
+                    }
+                    let mut tallies = shared.tallies.lock().unwrap_or_else(|e| e.into_inner());
+                    let t = tallies.entry(id.clone()).or_default();
+                    match check(&id, r) {
+                        Ok(body) => {
+                            let m = body.machine.clone().unwrap_or_default();
+                            if (body.index, body.output, body.error, m.name, m.version, body.ts) == key {
+                                t.agreed += 1;
+                            } else {
+                                t.disagreed += 1;
+                            }
+                        }
+                        Err((true, _)) => t.bad_signature += 1,
+                        Err((false, _)) => t.silent += 1,
+                    }
+                }
+                let mut tallies = shared.tallies.lock().unwrap_or_else(|e| e.into_inner());
+                for id in left {
+                    tallies.entry(id).or_default().silent += 1;
+                }
+            });
+        }
+        if !key.2.is_empty() {
+            return Err(format!("refused: {}", key.2));
+        }
+        Ok(Voted {
+            index: key.0,
+            output: key.1,
+            ts: key.5,
+            report,
+        })
+    }
+
+    /// Open a stream (admitted by the master), unless one is open.
+    pub async fn open(&mut self) -> Result<(), ClientError> {
+        if self.shared.stream.lock().unwrap_or_else(|e| e.into_inner()).open {
+            return Ok(());
+        }
+        let start = Instant::now();
+        let mut last = String::new();
+        while start.elapsed() < self.deadline {
+            self.reload();
+            let era = self.shared.info.lock().unwrap_or_else(|e| e.into_inner()).era;
+            let session = loop {
+                let s = rand::random::<u64>() >> 1;
+                if s != 0 {
+                    break s;
+                }
+            };
+            let ts = now_us();
+            let item = StreamItem {
+                identity: self.shared.identity.clone(),
+                session,
+                seq: 0,
+                ts,
+                horizon: 0,
+                era,
+                body: Some(Body::Open(Noop {})),
+            };
+            let signed = lockstep_replica::byz::sign_item(&self.shared.key, &item);
+            match Self::vote(
+                &self.shared,
+                &signed,
+                (session, 0),
+                self.attempt_timeout.max(Duration::from_secs(5)),
+            )
+            .await
+            {
+                Ok(v) => {
+                    let mut s = self.shared.stream.lock().unwrap_or_else(|e| e.into_inner());
+                    *s = StreamState {
+                        era,
+                        session,
+                        seq: 0,
+                        last_ts: v.ts.saturating_sub(1),
+                        horizon: v.ts,
+                        open: true,
+                        last_sent: Instant::now(),
+                    };
+                    drop(s);
+                    self.start_noops();
+                    return Ok(());
+                }
+                Err(why) => last = why,
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Err(ClientError::Rejected(format!("could not open a stream: {last}")))
+    }
+
+    fn start_noops(&mut self) {
+        if let Some(t) = self.noop_task.take() {
+            t.abort();
+        }
+        let shared = self.shared.clone();
+        let interval = self.noop_interval;
+        self.noop_task = Some(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(interval / 2).await;
+                let due = {
+                    let s = shared.stream.lock().unwrap_or_else(|e| e.into_inner());
+                    if !s.open {
+                        return;
+                    }
+                    s.last_sent.elapsed() >= interval
+                };
+                if !due {
+                    continue;
+                }
+                let promise = interval.as_micros() as u64;
+                let signed = Self::next_item(&shared, Body::Noop(Noop {}), promise);
+                let replicas = shared.keys.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                for (_, channel, _) in replicas {
+                    let mut c = ByzantineClient::new(channel);
+                    let mut req = tonic::Request::new(signed.clone());
+                    req.set_timeout(Duration::from_secs(2));
+                    tokio::spawn(async move {
+                        let _ = c.submit(req).await;
+                    });
+                }
+            }
+        }));
+    }
+
+    fn end_stream(&self) {
+        self.shared.stream.lock().unwrap_or_else(|e| e.into_inner()).open = false;
+    }
+
+    /// Run one command or query through the order, voted.
+    async fn ordered(&mut self, payload: Vec<u8>, query: bool) -> Result<Voted, ClientError> {
+        self.request_seq += 1;
+        let cmd = ByzCommand {
+            request_session: self.request_session.clone(),
+            request_seq: self.request_seq,
+            payload,
+        };
+        let start = Instant::now();
+        let mut maybe_applied = false;
+        let mut last = String::new();
+        while start.elapsed() < self.deadline {
+            if let Err(e) = self.open().await {
+                last = e.to_string();
+                break;
+            }
+            // Promise as far ahead as an idle stream's no-ops do: any further and this
+            // client's own next item would be placed in the future (and wait for it).
+            let promise = self.noop_interval.as_micros() as u64;
+            let body = if query {
+                Body::Query(cmd.clone())
+            } else {
+                Body::Command(cmd.clone())
+            };
+            let signed = Self::next_item(&self.shared, body, promise);
+            let slot = {
+                let s = self.shared.stream.lock().unwrap_or_else(|e| e.into_inner());
+                (s.session, s.seq)
+            };
+            // Resend the same item until t+1 agree or the deadline passes.
+            loop {
+                let left = self.deadline.saturating_sub(start.elapsed());
+                if left.is_zero() {
+                    break;
+                }
+                maybe_applied = maybe_applied || !query;
+                match Self::vote(&self.shared, &signed, slot, self.attempt_timeout.min(left)).await {
+                    Ok(v) => {
+                        self.last_vote = v.report.clone();
+                        return Ok(v);
+                    }
+                    Err(why) if why.starts_with("refused: ") => {
+                        let why = why.trim_start_matches("refused: ").to_string();
+                        if why.starts_with("invalid") {
+                            return Err(ClientError::Invalid(why));
+                        }
+                        if why.starts_with("sealed") {
+                            return Err(ClientError::Rejected(why));
+                        }
+                        // The stream ended (era change, removal): this item did not run.
+                        last = why;
+                        self.end_stream();
+                        self.reload();
+                        break;
+                    }
+                    Err(why) => {
+                        last = why;
+                        if self.shared.stream.lock().unwrap_or_else(|e| e.into_inner()).era
+                            < self.shared.info.lock().unwrap_or_else(|e| e.into_inner()).era
+                        {
+                            self.end_stream();
+                            break;
+                        }
+                        self.reload();
+                        let newer = self.shared.info.lock().unwrap_or_else(|e| e.into_inner()).era;
+                        if newer > self.shared.stream.lock().unwrap_or_else(|e| e.into_inner()).era {
+                            self.end_stream();
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        Err(if maybe_applied {
+            ClientError::Unknown(last)
+        } else {
+            ClientError::Rejected(last)
+        })
+    }
+
+    pub async fn execute(&mut self, payload: Vec<u8>) -> Result<Voted, ClientError> {
+        self.ordered(payload, false).await
+    }
+
+    pub async fn query(&mut self, payload: Vec<u8>) -> Result<Voted, ClientError> {
+        self.ordered(payload, true).await
+    }
+
+    async fn kv(&mut self, cmd: serde_json::Value, query: bool) -> Result<serde_json::Value, ClientError> {
+        let v = self.ordered(cmd.to_string().into_bytes(), query).await?;
+        crate::parse_output(&v.output)
+    }
+
+    pub async fn put(&mut self, key: &str, value: &str) -> Result<Option<String>, ClientError> {
+        let out = self
+            .kv(serde_json::json!({"op": "put", "key": key, "value": value}), false)
+            .await?;
+        Ok(out["previous"].as_str().map(String::from))
+    }
+
+    pub async fn delete(&mut self, key: &str) -> Result<Option<String>, ClientError> {
+        let out = self.kv(serde_json::json!({"op": "delete", "key": key}), false).await?;
+        Ok(out["previous"].as_str().map(String::from))
+    }
+
+    pub async fn cas(
+        &mut self,
+        key: &str,
+        old: Option<&str>,
+        new: Option<&str>,
+    ) -> Result<(bool, Option<String>), ClientError> {
+        let out = self
+            .kv(
+                serde_json::json!({"op": "cas", "key": key, "old": old, "new": new}),
+                false,
+            )
+            .await?;
+        Ok((
+            out["swapped"].as_bool().unwrap_or(false),
+            out["current"].as_str().map(String::from),
+        ))
+    }
+
+    /// A linearizable read: ordered like a command, voted like one.
+    pub async fn get(&mut self, key: &str) -> Result<Option<String>, ClientError> {
+        let out = self.kv(serde_json::json!({"op": "get", "key": key}), true).await?;
+        Ok(out["value"].as_str().map(String::from))
+    }
+
+    /// Close the stream (the replicas stop waiting for it).
+    pub async fn close(&mut self) {
+        let open = self.shared.stream.lock().unwrap_or_else(|e| e.into_inner()).open;
+        if let Some(t) = self.noop_task.take() {
+            t.abort();
+        }
+        if !open {
+            return;
+        }
+        let signed = Self::next_item(&self.shared, Body::Close(Noop {}), 0);
+        self.end_stream();
+        let replicas = self.shared.keys.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let sends = replicas.into_iter().map(|(_, channel, _)| {
+            let mut c = ByzantineClient::new(channel);
+            let mut req = tonic::Request::new(signed.clone());
+            req.set_timeout(Duration::from_secs(2));
+            async move {
+                let _ = c.submit(req).await;
+            }
+        });
+        futures::future::join_all(sends).await;
+    }
+
+    /// Applied entries, voted: an entry is passed on once t+1 replicas sent the same signed one.
+    pub async fn watch(
+        &self,
+        from_index: u64,
+    ) -> Result<mpsc::Receiver<Result<(AppliedEntry, VoteReport), String>>, ClientError> {
+        let replicas = self.shared.keys.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let t = self.shared.info.lock().unwrap_or_else(|e| e.into_inner()).t;
+        let (in_tx, mut in_rx) = mpsc::unbounded_channel::<(String, SignedApplied)>();
+        for (id, channel, _) in &replicas {
+            let mut c =
+                ByzantineClient::new(channel.clone()).max_decoding_message_size(lockstep_proto::MAX_MESSAGE_BYTES);
+            let in_tx = in_tx.clone();
+            let id = id.clone();
+            tokio::spawn(async move {
+                let Ok(resp) = c.watch(WatchRequest { from_index }).await else {
+                    return;
+                };
+                let mut s = resp.into_inner();
+                while let Ok(Some(e)) = s.message().await {
+                    if in_tx.send((id.clone(), e)).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        drop(in_tx);
+        let keys: HashMap<String, VerifyingKey> = replicas.iter().map(|(id, _, k)| (id.clone(), *k)).collect();
+        let ids: Vec<String> = replicas.iter().map(|(id, _, _)| id.clone()).collect();
+        let (out_tx, out_rx) = mpsc::channel(256);
+        tokio::spawn(async move {
+            // index -> replica -> entry bytes
+            let mut pending: BTreeMap<u64, BTreeMap<String, Vec<u8>>> = BTreeMap::new();
+            let mut next: Option<u64> = (from_index > 0).then_some(from_index);
+            while let Some((id, e)) = in_rx.recv().await {
+                let Some(key) = keys.get(&id) else { continue };
+                if e.replica != id || !keys::verify(key, &e.entry, &e.signature) {
+                    continue;
+                }
+                let Ok(entry) = AppliedEntry::decode(e.entry.as_slice()) else {
+                    continue;
+                };
+                if next.is_some_and(|n| entry.index < n) {
+                    continue;
+                }
+                pending.entry(entry.index).or_default().insert(id, e.entry);
+                // Emit every index in order that has t+1 identical copies.
+                while let Some((&index, votes)) = pending.first_key_value() {
+                    if next.is_some_and(|n| index < n) {
+                        pending.pop_first();
+                        continue;
+                    }
+                    if next.is_some_and(|n| index > n) {
+                        break; // wait for the expected index
+                    }
+                    let mut groups: BTreeMap<&Vec<u8>, Vec<&String>> = BTreeMap::new();
+                    for (rid, bytes) in votes {
+                        groups.entry(bytes).or_default().push(rid);
+                    }
+                    let Some((bytes, agreed)) = groups.iter().find(|(_, v)| v.len() > t) else {
+                        break;
+                    };
+                    let Ok(entry) = AppliedEntry::decode(bytes.as_slice()) else {
+                        break;
+                    };
+                    let report = VoteReport {
+                        agreed: agreed.iter().map(|s| s.to_string()).collect(),
+                        disagreed: votes
+                            .iter()
+                            .filter(|(_, b)| *b != *bytes)
+                            .map(|(r, _)| (r.clone(), "a different entry".to_string()))
+                            .collect(),
+                        silent: ids.iter().filter(|r| !votes.contains_key(*r)).cloned().collect(),
+                    };
+                    pending.pop_first();
+                    next = Some(index + 1);
+                    if out_tx.send(Ok((entry, report))).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            let _ = out_tx.send(Err("every replica's watch stream ended".into())).await;
+        });
+        Ok(out_rx)
+    }
+}
+
+impl Drop for ByzClient {
+    /// A dropped client closes its stream, so replicas stop waiting for it (best effort: a
+    /// client that cannot say goodbye is removed by the master after its timeout).
+    fn drop(&mut self) {
+        if let Some(t) = self.noop_task.take() {
+            t.abort();
+        }
+        let open = self.shared.stream.lock().unwrap_or_else(|e| e.into_inner()).open;
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if !open {
+            return;
+        }
+        let signed = Self::next_item(&self.shared, Body::Close(Noop {}), 0);
+        self.end_stream();
+        let replicas = self.shared.keys.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        for (_, channel, _) in replicas {
+            let mut c = ByzantineClient::new(channel);
+            let mut req = tonic::Request::new(signed.clone());
+            req.set_timeout(Duration::from_secs(2));
+            handle.spawn(async move {
+                let _ = c.submit(req).await;
+            });
+        }
+    }
+}
+
+impl crate::bench::KvBackend for ByzClient {
+    async fn run(&mut self, op: &crate::bench::Op) -> (lockstep_linearizability::Outcome, Option<serde_json::Value>) {
+        use lockstep_linearizability::{OpKind, Outcome};
+        let result = match op.kind {
+            OpKind::Get => self.get(&op.key).await.map(|v| serde_json::json!({"value": v})),
+            OpKind::Put => self
+                .put(&op.key, op.value.as_deref().unwrap_or_default())
+                .await
+                .map(|p| serde_json::json!({"previous": p})),
+            OpKind::Delete => self.delete(&op.key).await.map(|p| serde_json::json!({"previous": p})),
+            OpKind::Cas => self
+                .cas(&op.key, op.old.as_deref(), op.new.as_deref())
+                .await
+                .map(|(s, c)| serde_json::json!({"swapped": s, "current": c})),
+        };
+        match result {
+            Ok(v) => (Outcome::Ok, Some(v)),
+            Err(ClientError::Unknown(_)) => (Outcome::Unknown, None),
+            Err(_) => (Outcome::Fail, None),
+        }
+    }
+}
+
+/// A path-friendly helper for tests and tools: the cluster directory of a local cluster.
+pub fn cluster_dir(data_dir: &Path, name: &str) -> PathBuf {
+    crate::cluster::cluster_dir(data_dir, name)
+}

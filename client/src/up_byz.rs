@@ -1,0 +1,503 @@
+//! `lockstep up` as the configuration master of a Byzantine cluster.
+//!
+//! Besides what it does in fail-stop mode (spawn, observe, plan), the master here:
+//! - holds the master key (`<cluster>/master.key`) whose public key every replica is started
+//!   with, and signs each era (members with their public keys, start index + state digest,
+//!   ordering bounds) before pushing it to the members;
+//! - runs its own signed stream: a Lamport participant that ticks, admits the streams clients
+//!   ask to open (pending opens appear in the replicas' status), removes streams that stopped
+//!   moving (a crashed client stalls Lamport stability) with a master-signed tombstone, and
+//!   orders barriers (an era change; a seal for a rollout);
+//! - writes `<cluster>/byzantine.json` for clients (members, public keys, t, era).
+
+use crate::byz::{ClusterInfo, IDENTITIES_DIR, INFO_FILE, ReplicaInfo};
+use anyhow::{Context, bail};
+use ed25519_dalek::SigningKey;
+use lockstep_planner::Config;
+use lockstep_proto::{
+    Admit, Barrier, ByzMember, Era, MachineIdentity, Noop, SignedEra, SignedItem, StatusResponse, StreamItem,
+    Tombstone, byzantine_client::ByzantineClient, stream_item::Body,
+};
+use lockstep_replica::byz::keys;
+use prost::Message;
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Ordering parameters from `spec.ordering` (with lockstep's defaults).
+#[derive(Clone, Debug)]
+pub struct Ordering {
+    pub stability: String,
+    pub max_delay_millis: u64,
+    pub max_clock_skew_millis: u64,
+}
+
+pub const MASTER_KEY_FILE: &str = "master.key";
+const MASTER_STATE_FILE: &str = "byz-master.json";
+/// The master's stream promises this far ahead (a Lamport participant must keep moving, or
+/// promise not to send anything below some timestamp). Its own items (admissions, barriers)
+/// are placed at the end of the current promise, so this is also their added latency.
+const LEAD: Duration = Duration::from_millis(200);
+/// How often the ticker looks whether a new promise is due.
+const TICK: Duration = Duration::from_millis(20);
+
+struct StreamState {
+    era: u64,
+    session: u64,
+    seq: u64,
+    last_ts: u64,
+    horizon: u64,
+    endpoints: Vec<String>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize, Default)]
+struct Persisted {
+    /// Hex of the last SignedEra pushed.
+    era: Option<String>,
+    /// Replica public keys as first reported (hex).
+    public_keys: BTreeMap<String, String>,
+}
+
+pub struct ByzMaster {
+    dir: PathBuf,
+    key: SigningKey,
+    pub t: usize,
+    pub ordering: Ordering,
+    pub machine: MachineIdentity,
+    name: String,
+    era: Option<(Era, SignedEra)>,
+    public_keys: BTreeMap<String, String>,
+    stream: Arc<Mutex<StreamState>>,
+    admitted: HashSet<(String, u64)>,
+    tombstoned: BTreeMap<(String, u64, u64), Instant>,
+    pub client_timeout: Duration,
+}
+
+fn now_us() -> u64 {
+    lockstep_replica::byz::now_micros()
+}
+
+impl ByzMaster {
+    pub fn open(
+        dir: &Path,
+        name: &str,
+        t: usize,
+        ordering: Ordering,
+        machine: MachineIdentity,
+    ) -> anyhow::Result<ByzMaster> {
+        let key = keys::load_or_create_signing_key(&dir.join(MASTER_KEY_FILE))?;
+        // The CLI's own identity, so `lockstep -c NAME put ...` works out of the box.
+        if !dir.join(IDENTITIES_DIR).join(crate::byz::DEFAULT_IDENTITY).exists() {
+            crate::byz::add_client(dir, crate::byz::DEFAULT_IDENTITY)?;
+        }
+        let persisted: Persisted = match std::fs::read(dir.join(MASTER_STATE_FILE)) {
+            Ok(b) => serde_json::from_slice(&b).context("byz-master.json is not readable")?,
+            Err(_) => Persisted::default(),
+        };
+        let era = match &persisted.era {
+            Some(h) => {
+                let bytes = hex::decode(h).context("byz-master.json: era")?;
+                let signed = SignedEra::decode(bytes.as_slice()).context("byz-master.json: era")?;
+                let era = Era::decode(signed.era.as_slice()).context("byz-master.json: era")?;
+                Some((era, signed))
+            }
+            None => None,
+        };
+        Ok(ByzMaster {
+            dir: dir.to_path_buf(),
+            key,
+            t,
+            ordering,
+            machine,
+            name: name.to_string(),
+            era,
+            public_keys: persisted.public_keys,
+            stream: Arc::new(Mutex::new(StreamState {
+                era: 0,
+                session: 0,
+                seq: 0,
+                last_ts: 0,
+                horizon: 0,
+                endpoints: Vec::new(),
+            })),
+            admitted: HashSet::new(),
+            tombstoned: BTreeMap::new(),
+            client_timeout: Duration::from_secs(3),
+        })
+    }
+
+    pub fn public_key_hex(&self) -> String {
+        hex::encode(self.key.verifying_key().to_bytes())
+    }
+
+    pub fn identities_dir(&self) -> PathBuf {
+        self.dir.join(IDENTITIES_DIR)
+    }
+
+    /// Extra flags for a replica process.
+    pub fn replica_args(&self) -> Vec<String> {
+        vec![
+            "--failure-model".into(),
+            "Byzantine".into(),
+            "--master-public-key".into(),
+            self.public_key_hex(),
+            "--client-identities".into(),
+            self.identities_dir().display().to_string(),
+            "--stability".into(),
+            self.ordering.stability.clone(),
+            "--max-delay-millis".into(),
+            self.ordering.max_delay_millis.to_string(),
+            "--max-clock-skew-millis".into(),
+            self.ordering.max_clock_skew_millis.to_string(),
+        ]
+    }
+
+    fn persist(&self) -> anyhow::Result<()> {
+        let p = Persisted {
+            era: self.era.as_ref().map(|(_, s)| hex::encode(s.encode_to_vec())),
+            public_keys: self.public_keys.clone(),
+        };
+        lockstep_replica::write_atomically(&self.dir.join(MASTER_STATE_FILE), &serde_json::to_vec_pretty(&p)?)?;
+        Ok(())
+    }
+
+    pub fn era_number(&self) -> u64 {
+        self.era.as_ref().map_or(0, |(e, _)| e.number)
+    }
+
+    /// Remember each replica's public key the first time it reports one (the master started
+    /// the process itself; on Kubernetes the operator creates the keys).
+    pub fn learn_keys(&mut self, statuses: &BTreeMap<String, StatusResponse>) {
+        let mut changed = false;
+        for (id, s) in statuses {
+            if let Some(b) = &s.byzantine
+                && b.public_key.len() == 32
+                && !self.public_keys.contains_key(id)
+            {
+                self.public_keys.insert(id.clone(), hex::encode(&b.public_key));
+                changed = true;
+            }
+        }
+        if changed {
+            let _ = self.persist();
+        }
+    }
+
+    /// Start the master's stream task (ticks). Call once.
+    pub fn spawn_ticker(&self) {
+        let stream = self.stream.clone();
+        let key = self.key.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(TICK).await;
+                let due = {
+                    let s = stream.lock().unwrap_or_else(|e| e.into_inner());
+                    s.session != 0 && now_us() + (LEAD.as_micros() as u64) / 2 >= s.horizon
+                };
+                if due {
+                    send(&stream, &key, Body::Noop(Noop {}));
+                }
+            }
+        });
+    }
+
+    /// Sign and send the master stream's next item to every member of the era.
+    fn send(&self, body: Body) {
+        send(&self.stream, &self.key, body);
+    }
+
+    /// Admit pending opens and remove stalled streams, from what the replicas report.
+    pub fn on_statuses(&mut self, statuses: &BTreeMap<String, StatusResponse>) {
+        let Some((era, _)) = &self.era else { return };
+        let era_no = era.number;
+        let members: BTreeSet<String> = era.members.iter().map(|m| m.id.clone()).collect();
+        let directory = keys::load_identity_dir(&self.identities_dir()).unwrap_or_default();
+        let mut opens: BTreeMap<(String, u64), SignedItem> = BTreeMap::new();
+        let mut stale: BTreeMap<(String, u64), Vec<u64>> = BTreeMap::new();
+        let mut at_barrier = false;
+        for (id, s) in statuses {
+            let Some(b) = &s.byzantine else { continue };
+            if !members.contains(id) || b.era != era_no {
+                continue;
+            }
+            at_barrier |= b.barrier_index > 0;
+            for o in &b.pending_opens {
+                if let Ok(item) = StreamItem::decode(o.item.as_slice())
+                    && item.era == era_no
+                    && !self.admitted.contains(&(item.identity.clone(), item.session))
+                {
+                    opens
+                        .entry((item.identity.clone(), item.session))
+                        .or_insert_with(|| o.clone());
+                }
+            }
+            for st in &b.streams {
+                if st.identity != keys::MASTER_IDENTITY && st.idle_micros > self.client_timeout.as_micros() as u64 {
+                    stale
+                        .entry((st.identity.clone(), st.session))
+                        .or_default()
+                        .push(st.next_seq);
+                }
+            }
+        }
+        if at_barrier {
+            return;
+        }
+        let floor_lead = 4 * 2 * (self.t as u64 + 1) * self.ordering.max_delay_millis * 1000 + 50_000;
+        for ((identity, session), open) in opens {
+            let Some(key) = directory.get(&identity) else { continue };
+            if !keys::verify(key, &open.item, &open.signature) {
+                continue;
+            }
+            self.admitted.insert((identity, session));
+            self.send(Body::Admit(Admit {
+                open: Some(open),
+                public_key: key.to_bytes().to_vec(),
+                floor: now_us() + floor_lead,
+            }));
+        }
+        for ((identity, session), mut seqs) in stale {
+            if seqs.len() <= self.t {
+                continue;
+            }
+            // The (t+1)-th highest: at least one correct replica has decided up to there.
+            seqs.sort_unstable_by(|a, b| b.cmp(a));
+            let seq = seqs[self.t];
+            let slot = (identity.clone(), session, seq);
+            if self
+                .tombstoned
+                .get(&slot)
+                .is_some_and(|at| at.elapsed() < Duration::from_secs(5))
+            {
+                continue;
+            }
+            self.tombstoned.insert(slot, Instant::now());
+            println!(
+                "  removing stalled client stream {identity}/{session} at sequence {seq} (no item for {:?})",
+                self.client_timeout
+            );
+            let item = StreamItem {
+                identity,
+                session,
+                seq,
+                ts: now_us(),
+                horizon: 0,
+                era: era_no,
+                body: Some(Body::Tombstone(Tombstone {})),
+            };
+            let signed = lockstep_replica::byz::sign_item(&self.key, &item);
+            let endpoints = self.stream.lock().unwrap_or_else(|e| e.into_inner()).endpoints.clone();
+            submit_all(&endpoints, signed);
+        }
+    }
+
+    /// Order a barrier (seal: also seal the runtime) and wait until t+1 members of the current
+    /// era report the same index and digest there.
+    pub async fn barrier(&mut self, seal: bool, timeout: Duration) -> anyhow::Result<(u64, Vec<u8>)> {
+        let Some((era, _)) = self.era.clone() else {
+            bail!("no era yet")
+        };
+        self.send(Body::Barrier(Barrier { seal }));
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(found) = self.barrier_reached(&era).await {
+                return Ok(found);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the barrier of era {} was not reached by {} members within {timeout:?}",
+                    era.number,
+                    self.t + 1
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// (index, digest) that t+1 members of `era` report at their barrier, if any.
+    pub async fn barrier_reached(&self, era: &Era) -> Option<(u64, Vec<u8>)> {
+        let probes = era
+            .members
+            .iter()
+            .map(|m| async move { crate::status_of(&m.endpoint, Duration::from_millis(500)).await });
+        let mut counts: BTreeMap<(u64, Vec<u8>), usize> = BTreeMap::new();
+        for s in futures::future::join_all(probes).await.into_iter().flatten() {
+            if let Some(b) = s.byzantine
+                && b.era == era.number
+                && b.barrier_index > 0
+            {
+                *counts.entry((b.barrier_index, b.barrier_digest)).or_default() += 1;
+            }
+        }
+        counts.into_iter().find(|(_, n)| *n > self.t).map(|(k, _)| k)
+    }
+
+    /// Sign the era of `config` (starting at `start` with state `digest`), push it to its
+    /// members and open a new master stream for it.
+    pub async fn start_era(
+        &mut self,
+        config: &Config,
+        start: u64,
+        digest: Vec<u8>,
+        resume: Option<MachineIdentity>,
+    ) -> anyhow::Result<()> {
+        let mut members = Vec::new();
+        for m in &config.members {
+            let key = self
+                .public_keys
+                .get(&m.id)
+                .with_context(|| format!("no public key known for {} yet", m.id))?;
+            members.push(ByzMember {
+                id: m.id.clone(),
+                endpoint: m.endpoint.clone(),
+                public_key: hex::decode(key)?,
+            });
+        }
+        let session = (rand::random::<u64>() >> 1).max(1);
+        let machine = resume.clone().unwrap_or_else(|| self.machine.clone());
+        let era = Era {
+            number: config.epoch,
+            start_index: start,
+            state_digest: digest,
+            members,
+            master_session: session,
+            machine: Some(machine.clone()),
+            resume: resume.is_some(),
+            faults: self.t as u32,
+            stability: self.ordering.stability.clone(),
+            max_delay_micros: self.ordering.max_delay_millis.max(1) * 1000,
+            max_skew_micros: self.ordering.max_clock_skew_millis * 1000,
+        };
+        let bytes = era.encode_to_vec();
+        let signed = SignedEra {
+            signature: keys::sign(&self.key, &bytes),
+            era: bytes,
+        };
+        self.machine = machine;
+        self.era = Some((era.clone(), signed.clone()));
+        self.persist()?;
+        // Nothing of the new master stream goes out before the members hold the era.
+        self.stream.lock().unwrap_or_else(|e| e.into_inner()).session = 0;
+        self.admitted.clear();
+        let pushes = era.members.iter().map(|m| {
+            let signed = signed.clone();
+            let ep = m.endpoint.clone();
+            let id = m.id.clone();
+            async move { (id, push_era(&ep, signed, Duration::from_secs(30)).await) }
+        });
+        let mut ok = 0;
+        let mut errors = Vec::new();
+        for (id, r) in futures::future::join_all(pushes).await {
+            match r {
+                Ok(()) => ok += 1,
+                Err(e) => errors.push(format!("{id}: {e}")),
+            }
+        }
+        {
+            let mut s = self.stream.lock().unwrap_or_else(|e| e.into_inner());
+            *s = StreamState {
+                era: era.number,
+                session,
+                seq: 0,
+                last_ts: s.last_ts,
+                horizon: 0,
+                endpoints: era.members.iter().map(|m| m.endpoint.clone()).collect(),
+            };
+        }
+        self.write_info()?;
+        if ok <= self.t {
+            bail!("era {} reached only {ok} members: {}", era.number, errors.join("; "));
+        }
+        if !errors.is_empty() {
+            println!("  era {}: not yet at {}", era.number, errors.join("; "));
+        }
+        Ok(())
+    }
+
+    /// Re-send the current era to one replica.
+    pub async fn push_current(&self, endpoint: &str) -> anyhow::Result<()> {
+        let Some((_, signed)) = &self.era else { return Ok(()) };
+        push_era(endpoint, signed.clone(), Duration::from_secs(5))
+            .await
+            .map_err(anyhow::Error::msg)
+    }
+
+    pub fn current_era(&self) -> Option<&Era> {
+        self.era.as_ref().map(|(e, _)| e)
+    }
+
+    fn write_info(&self) -> anyhow::Result<()> {
+        let Some((era, _)) = &self.era else { return Ok(()) };
+        let info = ClusterInfo {
+            name: self.name.clone(),
+            t: self.t,
+            era: era.number,
+            replicas: era
+                .members
+                .iter()
+                .map(|m| ReplicaInfo {
+                    id: m.id.clone(),
+                    endpoint: m.endpoint.clone(),
+                    public_key: hex::encode(&m.public_key),
+                })
+                .collect(),
+            stability: self.ordering.stability.clone(),
+            max_delay_millis: self.ordering.max_delay_millis,
+            machine_name: self.machine.name.clone(),
+            machine_version: self.machine.version.clone(),
+        };
+        lockstep_replica::write_atomically(&self.dir.join(INFO_FILE), &serde_json::to_vec_pretty(&info)?)?;
+        Ok(())
+    }
+}
+
+fn send(stream: &Mutex<StreamState>, key: &SigningKey, body: Body) {
+    let (signed, endpoints) = {
+        let mut s = stream.lock().unwrap_or_else(|e| e.into_inner());
+        if s.session == 0 {
+            return;
+        }
+        s.seq += 1;
+        // Keep the promise of the previous item.
+        let ts = now_us().max(s.last_ts + 1).max(s.horizon);
+        s.last_ts = ts;
+        // Promise: nothing from the master below this.
+        s.horizon = ts + LEAD.as_micros() as u64;
+        let item = StreamItem {
+            identity: keys::MASTER_IDENTITY.into(),
+            session: s.session,
+            seq: s.seq,
+            ts,
+            horizon: s.horizon,
+            era: s.era,
+            body: Some(body),
+        };
+        (lockstep_replica::byz::sign_item(key, &item), s.endpoints.clone())
+    };
+    submit_all(&endpoints, signed);
+}
+
+fn submit_all(endpoints: &[String], signed: SignedItem) {
+    for ep in endpoints {
+        let Ok(ch) = crate::cluster_channel(ep) else { continue };
+        let mut c = ByzantineClient::new(ch);
+        let mut req = tonic::Request::new(signed.clone());
+        req.set_timeout(Duration::from_secs(2));
+        tokio::spawn(async move {
+            let _ = c.submit(req).await;
+        });
+    }
+}
+
+async fn push_era(endpoint: &str, signed: SignedEra, timeout: Duration) -> Result<(), String> {
+    let ch = crate::cluster_channel(endpoint).map_err(|e| e.to_string())?;
+    let mut c = ByzantineClient::new(ch).max_decoding_message_size(lockstep_proto::MAX_MESSAGE_BYTES);
+    let mut req = tonic::Request::new(signed);
+    req.set_timeout(timeout);
+    match tokio::time::timeout(timeout, c.start_era(req)).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(s)) => Err(s.message().to_string()),
+        Err(_) => Err("timed out".into()),
+    }
+}

@@ -1,0 +1,177 @@
+//! Test harness for Byzantine mode: a real `lockstep up` running 2t+1 real replica processes
+//! on loopback, some of them made faulty with `--inject` (test builds only).
+#![allow(dead_code)]
+
+use lockstep::byz::ByzClient;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct ByzCluster {
+    pub name: String,
+    pub dir: tempfile::TempDir,
+    pub t: usize,
+    up: Option<Child>,
+}
+
+pub fn lockstep_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_lockstep")
+}
+
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+impl ByzCluster {
+    /// `ordering` is the YAML of `spec.ordering` (or empty); `args` go to `lockstep up`.
+    pub fn start(name: &str, t: usize, ordering: &str, args: &[&str]) -> ByzCluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let yaml = dir.path().join("rsm.yaml");
+        std::fs::write(
+            &yaml,
+            format!(
+                "apiVersion: lockstep.dev/v1alpha1\nkind: ReplicatedStateMachine\nmetadata:\n  name: {name}\nspec:\n  faultsTolerated: {t}\n  failureModel: Byzantine\n  machine:\n    name: kv\n    version: \"1.0.0\"\n{ordering}"
+            ),
+        )
+        .expect("yaml");
+        let out = std::fs::File::create(dir.path().join("up.out")).expect("up.out");
+        let up = Command::new(lockstep_bin())
+            .arg("up")
+            .arg(&yaml)
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            // A loaded test machine delays no-ops: only remove a client stream when a test asks.
+            .args(["--quiet", "--failure-timeout-ms", "5000"])
+            .args(if args.contains(&"--client-timeout-ms") {
+                &[][..]
+            } else {
+                &["--client-timeout-ms", "30000"][..]
+            })
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().expect("dup"))
+            .stderr(out)
+            .spawn()
+            .expect("spawn lockstep up");
+        let c = ByzCluster {
+            name: name.into(),
+            dir,
+            t,
+            up: Some(up),
+        };
+        c.wait_members(2 * t + 1, Duration::from_secs(60));
+        c
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn cluster_dir(&self) -> PathBuf {
+        self.data_dir().join(&self.name)
+    }
+
+    pub fn up_output(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("up.out")).unwrap_or_default()
+    }
+
+    pub fn log(&self, id: &str) -> String {
+        std::fs::read_to_string(self.cluster_dir().join("logs").join(format!("{id}.log"))).unwrap_or_default()
+    }
+
+    pub fn info(&self) -> Option<lockstep::byz::ClusterInfo> {
+        lockstep::byz::load_info(&self.cluster_dir()).ok().flatten()
+    }
+
+    pub fn status(&self, id: &str) -> Option<lockstep_proto::StatusResponse> {
+        let info = self.info()?;
+        let r = info.replicas.iter().find(|r| r.id == id)?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .ok()?;
+        rt.block_on(lockstep::status_of(&r.endpoint, Duration::from_secs(2)))
+            .ok()
+    }
+
+    /// Wait until `n` replicas of the newest era report themselves members of it.
+    pub fn wait_members(&self, n: usize, timeout: Duration) {
+        let ok = wait_until(timeout, || {
+            let Some(info) = self.info() else { return false };
+            info.replicas.len() == n
+                && info.replicas.iter().all(|r| {
+                    self.status(&r.id)
+                        .is_some_and(|s| s.epoch == info.era && s.state == "member")
+                })
+        });
+        assert!(
+            ok,
+            "cluster not ready within {timeout:?}; lockstep up said:\n{}",
+            self.up_output()
+        );
+    }
+
+    pub fn client(&self) -> ByzClient {
+        ByzClient::local(&self.cluster_dir(), lockstep::byz::DEFAULT_IDENTITY).expect("client")
+    }
+
+    pub fn replica_ids(&self) -> Vec<String> {
+        self.info()
+            .map(|i| i.replicas.into_iter().map(|r| r.id).collect())
+            .unwrap_or_default()
+    }
+
+    pub fn pid(&self, id: &str) -> Option<Pid> {
+        let bytes = std::fs::read(
+            self.cluster_dir()
+                .join("replicas")
+                .join(id)
+                .join(lockstep_replica::LISTENING_FILE),
+        )
+        .ok()?;
+        let l: lockstep_replica::Listening = serde_json::from_slice(&bytes).ok()?;
+        Some(Pid::from_raw(l.pid as i32))
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut up) = self.up.take() {
+            let _ = kill(Pid::from_raw(up.id() as i32), Signal::SIGINT);
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = up.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = up.kill();
+            let _ = up.wait();
+        }
+    }
+}
+
+impl Drop for ByzCluster {
+    fn drop(&mut self) {
+        let ids: Vec<String> = std::fs::read_dir(self.cluster_dir().join("replicas"))
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        self.stop();
+        for id in ids {
+            if let Some(p) = self.pid(&id) {
+                let _ = kill(p, Signal::SIGKILL);
+            }
+        }
+    }
+}

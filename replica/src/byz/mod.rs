@@ -1,0 +1,186 @@
+//! Byzantine mode (n = 2t + 1): Schneider's state machine approach with signed client
+//! requests, relays with a delay bound (agreement), ordering by stability (Lamport or
+//! physical clocks) and outputs voted by the clients. See `docs/byzantine.md`.
+//!
+//! - [`keys`]: key files and signatures;
+//! - [`order`]: the sans-IO protocol core (agreement windows, stability, execution);
+//! - [`service`]: the I/O shell (gRPC service, relays to peers, storage, eras);
+//! - [`inject`]: test-only faults (cargo feature `fault-injection`).
+
+pub mod inject;
+pub mod keys;
+pub mod order;
+pub mod service;
+
+use ed25519_dalek::SigningKey;
+use lockstep_proto::{ChainSig, SignedItem, StreamItem};
+use prost::Message;
+
+/// Sign an item as its owner.
+pub fn sign_item(key: &SigningKey, item: &StreamItem) -> SignedItem {
+    let bytes = item.encode_to_vec();
+    SignedItem {
+        signature: keys::sign(key, &bytes),
+        item: bytes,
+    }
+}
+
+/// A replica's relay signature on an item of `era`.
+pub fn chain_sig(replica: &str, key: &SigningKey, era: u64, signed: &SignedItem) -> ChainSig {
+    ChainSig {
+        replica: replica.to_string(),
+        signature: keys::sign(key, &keys::relay_message(era, &keys::sha256(&signed.item))),
+    }
+}
+
+/// Local wall-clock time in microseconds (the `now` every core call takes).
+pub fn now_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+/// An incoming item after the cheap checks done under the core's lock.
+pub struct Prepared {
+    pub item: StreamItem,
+    pub check: order::Precheck,
+    era: u64,
+    self_id: String,
+    members: Vec<(String, ed25519_dalek::VerifyingKey)>,
+}
+
+/// Decode `signed` and ask the core what verifying it takes (call with the lock held).
+pub fn prepare(core: &order::Core, signed: &SignedItem, now: u64) -> Result<Prepared, String> {
+    let item = StreamItem::decode(signed.item.as_slice()).map_err(|e| format!("undecodable item: {e}"))?;
+    let d = keys::sha256(&signed.item);
+    let check = core.precheck(&item, &d, now);
+    let (era, members) = core.era.as_ref().map_or((0, Vec::new()), |e| {
+        (e.number, e.members.iter().map(|(id, _, k)| (id.clone(), *k)).collect())
+    });
+    Ok(Prepared {
+        item,
+        check,
+        era,
+        self_id: core.id.clone(),
+        members,
+    })
+}
+
+/// Verify the item's signature and keep the valid relay signatures (distinct members other
+/// than this replica). Run without the lock: this is where the CPU goes.
+pub fn verify_prepared(p: &Prepared, signed: &SignedItem, chain: &[ChainSig]) -> Result<Vec<ChainSig>, String> {
+    let order::Precheck::Verify { key, need_chain } = &p.check else {
+        return Ok(Vec::new());
+    };
+    if !keys::verify(key, &signed.item, &signed.signature) {
+        return Err(format!("bad signature on an item of '{}'", p.item.identity));
+    }
+    let mut valid: Vec<ChainSig> = Vec::new();
+    if *need_chain {
+        let msg = keys::relay_message(p.era, &keys::sha256(&signed.item));
+        for c in chain {
+            if c.replica == p.self_id || valid.iter().any(|v| v.replica == c.replica) {
+                continue;
+            }
+            let Some((_, k)) = p.members.iter().find(|(id, _)| *id == c.replica) else {
+                continue;
+            };
+            if keys::verify(k, &msg, &c.signature) {
+                valid.push(c.clone());
+            }
+        }
+    } else {
+        // Keep the chain as it came (it is only forwarded, never counted, unless verified).
+        valid = Vec::new();
+    }
+    Ok(valid)
+}
+
+/// δ when `spec.ordering.maxDelayMillis` is not set: fits one machine or a quiet LAN.
+pub const DEFAULT_MAX_DELAY_MILLIS: u64 = 10;
+
+/// `lockstep-replica --failure-model Byzantine`.
+pub async fn run(args: crate::ReplicaArgs, factory: crate::machine::MachineFactory) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let b = &args.byzantine;
+    let stability = order::Stability::parse(&b.stability).with_context(|| {
+        format!(
+            "--stability must be LamportClock or PhysicalClock, not '{}'",
+            b.stability
+        )
+    })?;
+    let master = b.master_public_key.as_deref().context(
+        "Byzantine mode needs the configuration master's public key (--master-public-key / LOCKSTEP_MASTER_PUBLIC_KEY)",
+    )?;
+    let master_public_key = keys::public_key_arg(master).context("--master-public-key")?;
+    let inject = match &b.inject {
+        None => None,
+        Some(s) if s.is_empty() => None,
+        Some(s) if inject::AVAILABLE => Some(inject::Behaviour::parse(s).map_err(anyhow::Error::msg)?),
+        Some(s) => anyhow::bail!(
+            "--inject {s}: this build has no fault injection (it needs the cargo feature `fault-injection`, \\
+             which release builds never enable)"
+        ),
+    };
+    if let Some(b) = inject {
+        tracing::warn!(
+            behaviour = b.name(),
+            "FAULT INJECTION: this replica behaves faultily on purpose"
+        );
+    }
+    let cfg = service::ByzConfig {
+        key_file: b.key_file.clone(),
+        master_public_key,
+        client_identities: b.client_identities.clone(),
+        ordering: service::OrderingArgs {
+            stability,
+            delay_us: b.max_delay_millis.max(1) * 1000,
+            skew_us: b.max_clock_skew_millis * 1000,
+        },
+        inject,
+    };
+    let (shared, services) = service::build(&args, cfg, crate::runtime::Runtime::new(factory()))?;
+    let grpc = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let http = tokio::net::TcpListener::bind(args.http)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.http))?;
+    let listening = crate::Listening {
+        id: args.id.clone(),
+        grpc: grpc.local_addr()?,
+        http: http.local_addr()?,
+        pid: std::process::id(),
+    };
+    crate::write_atomically(
+        &args.data_dir.join(crate::LISTENING_FILE),
+        &serde_json::to_vec(&listening)?,
+    )?;
+    tracing::info!(grpc = %listening.grpc, http = %listening.http, "listening (Byzantine mode)");
+    let max = lockstep_proto::MAX_MESSAGE_BYTES;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let grpc_server = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(
+            lockstep_proto::byzantine_server::ByzantineServer::new(services.clone()).max_decoding_message_size(max),
+        )
+        .add_service(lockstep_proto::admin_server::AdminServer::new(services.clone()).max_decoding_message_size(max))
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true)),
+            crate::wait_stop(stop_rx.clone()),
+        );
+    let http_server = axum::serve(http, service::http_router(shared.clone()))
+        .with_graceful_shutdown(crate::wait_stop(stop_rx.clone()));
+    let grpc_task = tokio::spawn(grpc_server);
+    let http_task = tokio::spawn(async move { http_server.await });
+    crate::shutdown_signal().await;
+    tracing::info!("shutting down");
+    let _ = stop_tx.send(true);
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+        let _ = grpc_task.await;
+        let _ = http_task.await;
+    })
+    .await;
+    let _ = shared.writer.barrier().await;
+    Ok(())
+}

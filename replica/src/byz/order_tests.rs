@@ -1,0 +1,412 @@
+//! The core driven by hand and by a small simulated network: every replica gets the same
+//! decisions and runs the same log, whatever the arrival order within the delay bound,
+//! including a client that signs two items for one sequence number.
+
+use super::*;
+use crate::byz::{chain_sig, keys, prepare, sign_item, verify_prepared};
+use crate::machine::kv::Kv;
+use ed25519_dalek::SigningKey;
+use lockstep_proto::{Admit, ByzCommand, Tombstone};
+
+const DELTA: u64 = 1_000; // δ = 1 ms
+
+struct Sim {
+    cores: Vec<Core>,
+    rkeys: Vec<SigningKey>,
+    master: SigningKey,
+    clients: BTreeMap<String, SigningKey>,
+    /// (time, tiebreak) -> (to, item, chain)
+    queue: BTreeMap<(u64, u64), (usize, SignedItem, Vec<ChainSig>)>,
+    n: u64,
+    now: u64,
+    logs: Vec<Vec<(u64, Vec<u8>)>>,
+    ended: Vec<Vec<(SlotKey, String)>>,
+    /// Delay of a relay from i to j.
+    relay_delay: fn(usize, usize) -> u64,
+}
+
+fn key(b: u8) -> SigningKey {
+    SigningKey::from_bytes(&[b; 32])
+}
+
+impl Sim {
+    fn new(n: usize, stability: Stability) -> Sim {
+        let rkeys: Vec<SigningKey> = (0..n).map(|i| key(10 + i as u8)).collect();
+        let master = key(1);
+        let clients: BTreeMap<String, SigningKey> = [("alice".to_string(), key(2)), ("bob".to_string(), key(3))]
+            .into_iter()
+            .collect();
+        let directory: BTreeMap<_, _> = clients.iter().map(|(k, v)| (k.clone(), v.verifying_key())).collect();
+        let timing = Timing {
+            stability,
+            t: (n - 1) / 2,
+            delay_us: DELTA,
+            skew_us: 500,
+        };
+        let members: Vec<_> = rkeys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| (format!("r{i}"), String::new(), k.verifying_key()))
+            .collect();
+        let cores = (0..n)
+            .map(|i| {
+                let mut c = Core::new(
+                    format!("r{i}"),
+                    Runtime::new(Box::new(Kv::default())),
+                    master.verifying_key(),
+                    directory.clone(),
+                );
+                c.start_era(
+                    EraParams {
+                        number: 1,
+                        start_index: 0,
+                        members: members.clone(),
+                        master_session: 7,
+                        timing,
+                    },
+                    None,
+                );
+                c
+            })
+            .collect();
+        Sim {
+            cores,
+            rkeys,
+            master,
+            clients,
+            queue: BTreeMap::new(),
+            n: 0,
+            now: 0,
+            logs: vec![Vec::new(); n],
+            ended: vec![Vec::new(); n],
+            relay_delay: |_, _| DELTA / 2,
+        }
+    }
+
+    fn send(&mut self, at: u64, to: usize, item: SignedItem) {
+        self.n += 1;
+        self.queue.insert((at, self.n), (to, item, Vec::new()));
+    }
+
+    fn send_all(&mut self, at: u64, item: SignedItem) {
+        for i in 0..self.cores.len() {
+            self.send(at, i, item.clone());
+        }
+    }
+
+    fn deliver(&mut self, to: usize, signed: SignedItem, chain: Vec<ChainSig>) {
+        let now = self.now;
+        let prepared = prepare(&self.cores[to], &signed, now).expect("decodable");
+        let valid = match verify_prepared(&prepared, &signed, &chain) {
+            Ok(v) => v,
+            Err(_) => return,
+        };
+        if !matches!(prepared.check, Precheck::Verify { .. }) {
+            return;
+        }
+        if matches!(prepared.item.body, Some(ItemBody::Open(_))) {
+            return;
+        }
+        if let Offer::Accepted { mut chain } = self.cores[to].offer(signed.clone(), prepared.item, valid, now) {
+            chain.push(chain_sig(&format!("r{to}"), &self.rkeys[to], 1, &signed));
+            for j in 0..self.cores.len() {
+                if j != to {
+                    let d = (self.relay_delay)(to, j);
+                    self.n += 1;
+                    self.queue.insert((now + d, self.n), (j, signed.clone(), chain.clone()));
+                }
+            }
+        }
+    }
+
+    fn tick_all(&mut self) {
+        for i in 0..self.cores.len() {
+            for e in self.cores[i].tick(self.now) {
+                match e {
+                    Effect::Log(entry) => {
+                        if let Some(lockstep_proto::log_entry::Body::Command(c)) = entry.body {
+                            self.logs[i].push((entry.index, c.payload));
+                        }
+                    }
+                    Effect::Reply { slot, body, .. } if !body.error.is_empty() => {
+                        self.ended[i].push((slot, body.error))
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    fn run_until(&mut self, end: u64) {
+        loop {
+            let next_msg = self.queue.keys().next().map(|k| k.0);
+            let next_deadline = self.cores.iter().filter_map(|c| c.next_deadline()).min();
+            let next = match (next_msg, next_deadline) {
+                (Some(a), Some(b)) => a.min(b),
+                (Some(a), None) => a,
+                (None, Some(b)) => b,
+                (None, None) => break,
+            };
+            if next > end {
+                break;
+            }
+            self.now = self.now.max(next);
+            while let Some((&(at, n), _)) = self.queue.first_key_value() {
+                if at > self.now {
+                    break;
+                }
+                let Some((to, item, chain)) = self.queue.remove(&(at, n)) else {
+                    break;
+                };
+                self.deliver(to, item, chain);
+            }
+            self.tick_all();
+        }
+        self.now = end;
+        self.tick_all();
+    }
+
+    fn item(&self, who: &str, session: u64, seq: u64, ts: u64, horizon: u64, body: ItemBody) -> SignedItem {
+        let item = StreamItem {
+            identity: who.to_string(),
+            session,
+            seq,
+            ts,
+            horizon,
+            era: 1,
+            body: Some(body),
+        };
+        let k = if who == MASTER_IDENTITY || matches!(item.body, Some(ItemBody::Tombstone(_))) {
+            &self.master
+        } else {
+            &self.clients[who]
+        };
+        sign_item(k, &item)
+    }
+
+    fn put(&self, who: &str, seq: u64, ts: u64, value: &str) -> SignedItem {
+        self.item(
+            who,
+            1,
+            seq,
+            ts,
+            0,
+            ItemBody::Command(ByzCommand {
+                request_session: "s".into(),
+                request_seq: seq,
+                payload: format!(r#"{{"op":"put","key":"k","value":"{value}"}}"#).into_bytes(),
+            }),
+        )
+    }
+
+    fn admit(&self, seq: u64, ts: u64, who: &str, floor: u64) -> SignedItem {
+        let open = self.item(who, 1, 0, ts, 0, ItemBody::Open(Noop {}));
+        self.item(
+            MASTER_IDENTITY,
+            7,
+            seq,
+            ts,
+            0,
+            ItemBody::Admit(Admit {
+                open: Some(open),
+                public_key: self.clients[who].verifying_key().to_bytes().to_vec(),
+                floor,
+            }),
+        )
+    }
+
+    fn master_tick(&self, seq: u64, ts: u64) -> SignedItem {
+        self.item(MASTER_IDENTITY, 7, seq, ts, 0, ItemBody::Noop(Noop {}))
+    }
+
+    fn values(&self, i: usize) -> Vec<String> {
+        self.logs[i]
+            .iter()
+            .map(|(_, p)| String::from_utf8_lossy(p).into_owned())
+            .collect()
+    }
+
+    fn assert_agree(&self) {
+        for i in 1..self.cores.len() {
+            assert_eq!(self.logs[0], self.logs[i], "replica {i} ran a different log");
+            assert_eq!(self.cores[0].state_digest(), self.cores[i].state_digest());
+        }
+    }
+}
+
+/// Admit alice and bob (floors 100), then have the master tick far ahead.
+fn admitted(stability: Stability) -> Sim {
+    let mut s = Sim::new(3, stability);
+    let a = s.admit(1, 10, "alice", 100);
+    let b = s.admit(2, 11, "bob", 100);
+    s.send_all(0, a);
+    s.send_all(0, b);
+    let t = s.master_tick(3, 1_000_000);
+    s.send_all(0, t);
+    s.run_until(20 * DELTA);
+    s
+}
+
+#[test]
+fn lamport_runs_stable_items_in_timestamp_order_everywhere() {
+    let mut s = admitted(Stability::Lamport);
+    // bob's item has the smaller timestamp but reaches replica 2 last.
+    let a = s.put("alice", 1, 200, "a");
+    let b = s.put("bob", 1, 150, "b");
+    s.send_all(30 * DELTA, a);
+    for i in 0..2 {
+        s.send(30 * DELTA, i, b.clone());
+    }
+    s.send(31 * DELTA, 2, b);
+    s.run_until(40 * DELTA);
+    assert_eq!(
+        s.values(0).len(),
+        1,
+        "bob's ts 150 is stable (alice is past it); alice's 200 waits for bob to move past it"
+    );
+    let a2 = s.item("alice", 1, 2, 300, 0, ItemBody::Noop(Noop {}));
+    let b2 = s.item("bob", 1, 2, 301, 0, ItemBody::Noop(Noop {}));
+    s.send_all(41 * DELTA, a2);
+    s.send_all(41 * DELTA, b2);
+    s.run_until(60 * DELTA);
+    assert_eq!(s.logs[0].len(), 2, "{:?}", s.values(0));
+    assert!(
+        s.values(0)[0].contains(r#""value":"b""#),
+        "bob (ts 150) runs first: {:?}",
+        s.values(0)
+    );
+    s.assert_agree();
+}
+
+#[test]
+fn a_horizon_promise_makes_an_item_stable_without_waiting_for_the_next_message() {
+    let mut s = admitted(Stability::Lamport);
+    let a = s.put("alice", 1, 200, "a");
+    // bob promises nothing below 10_000 with a no-op.
+    let b = s.item("bob", 1, 1, 150, 10_000, ItemBody::Noop(Noop {}));
+    s.send_all(30 * DELTA, a);
+    s.send_all(30 * DELTA, b);
+    s.run_until(40 * DELTA);
+    assert_eq!(s.values(0).len(), 1);
+    s.assert_agree();
+}
+
+#[test]
+fn a_client_signing_two_items_for_one_sequence_ends_its_stream_at_every_replica() {
+    let mut s = admitted(Stability::Lamport);
+    let x = s.put("alice", 1, 200, "x");
+    let y = s.put("alice", 1, 201, "y");
+    // x reaches replica 0 first, y the others a bit later (within the delay bound).
+    s.send(30 * DELTA, 0, x);
+    s.send(30 * DELTA + DELTA / 3, 1, y.clone());
+    s.send(30 * DELTA + DELTA / 2, 2, y);
+    let b = s.put("bob", 1, 300, "b");
+    s.send_all(30 * DELTA, b);
+    let b2 = s.item("bob", 1, 2, 400, 0, ItemBody::Noop(Noop {}));
+    s.send_all(31 * DELTA, b2);
+    s.run_until(60 * DELTA);
+    s.assert_agree();
+    assert_eq!(s.values(0).len(), 1, "only bob's put ran: {:?}", s.values(0));
+    for i in 0..3 {
+        assert!(
+            s.ended[i]
+                .iter()
+                .any(|(k, why)| k.0 == "alice" && why.contains("different items")),
+            "replica {i}: {:?}",
+            s.ended[i]
+        );
+    }
+}
+
+#[test]
+fn a_second_version_after_the_decision_is_ignored_everywhere() {
+    let mut s = admitted(Stability::Lamport);
+    let x = s.put("alice", 1, 200, "x");
+    s.send_all(30 * DELTA, x);
+    s.run_until(40 * DELTA);
+    let y = s.put("alice", 1, 201, "y");
+    s.send(50 * DELTA, 1, y);
+    let (a2, b) = (
+        s.item("alice", 1, 2, 300, 0, ItemBody::Noop(Noop {})),
+        s.item("bob", 1, 1, 400, 0, ItemBody::Noop(Noop {})),
+    );
+    s.send_all(51 * DELTA, a2);
+    s.send_all(51 * DELTA, b);
+    s.run_until(70 * DELTA);
+    assert_eq!(s.values(1), vec![r#"{"op":"put","key":"k","value":"x"}"#.to_string()]);
+    s.assert_agree();
+}
+
+#[test]
+fn a_tombstone_from_the_master_ends_a_silent_client_and_unblocks_the_others() {
+    let mut s = admitted(Stability::Lamport);
+    let b = s.put("bob", 1, 200, "b");
+    s.send_all(30 * DELTA, b);
+    s.run_until(40 * DELTA);
+    assert!(s.logs[0].is_empty(), "alice never sent anything: bob's item waits");
+    let tomb = s.item("alice", 1, 1, 0, 0, ItemBody::Tombstone(Tombstone {}));
+    s.send_all(41 * DELTA, tomb);
+    s.run_until(60 * DELTA);
+    assert_eq!(s.values(0).len(), 1);
+    s.assert_agree();
+}
+
+#[test]
+fn physical_clock_orders_by_timestamp_at_ts_plus_delta() {
+    let mut s = Sim::new(3, Stability::Physical);
+    let a = s.admit(1, 10, "alice", 100);
+    let b = s.admit(2, 11, "bob", 100);
+    s.send_all(10, a);
+    s.send_all(11, b);
+    s.run_until(50 * DELTA);
+    let x = s.put("alice", 1, 60 * DELTA + 5, "a");
+    let y = s.put("bob", 1, 60 * DELTA, "b");
+    s.send_all(60 * DELTA + 10, x);
+    s.send(60 * DELTA + 20, 0, y.clone());
+    s.send(60 * DELTA + 400, 1, y.clone());
+    s.send(60 * DELTA + 900, 2, y);
+    let delta = s.cores[0].era.as_ref().map(|e| e.timing.execute_at(0)).unwrap_or(0);
+    s.run_until(60 * DELTA + delta - 10);
+    assert!(s.logs[0].is_empty(), "nothing runs before ts + Δ");
+    s.run_until(80 * DELTA + delta);
+    assert_eq!(s.values(0).len(), 2);
+    assert!(s.values(0)[0].contains(r#""value":"b""#));
+    s.assert_agree();
+}
+
+#[test]
+fn forged_and_unknown_items_are_refused_before_the_core_sees_them() {
+    let s = admitted(Stability::Lamport);
+    let good = s.put("alice", 1, 200, "x");
+    let mut forged = good.clone();
+    forged.signature[0] ^= 1;
+    let p = prepare(&s.cores[0], &forged, 0).expect("decodable");
+    assert!(verify_prepared(&p, &forged, &[]).is_err());
+    let stranger = {
+        let item = StreamItem {
+            identity: "mallory".into(),
+            session: 1,
+            seq: 1,
+            era: 1,
+            ts: 5,
+            ..Default::default()
+        };
+        sign_item(&key(9), &item)
+    };
+    let p = prepare(&s.cores[0], &stranger, 0).expect("decodable");
+    assert!(matches!(p.check, Precheck::Reject(ref why) if why.contains("unknown client")));
+    let wrong_era = {
+        let item = StreamItem {
+            identity: "alice".into(),
+            session: 1,
+            seq: 1,
+            era: 9,
+            ts: 5,
+            ..Default::default()
+        };
+        sign_item(&s.clients["alice"], &item)
+    };
+    let p = prepare(&s.cores[0], &wrong_era, 0).expect("decodable");
+    assert!(matches!(p.check, Precheck::Reject(_)));
+    let _ = keys::sha256(b"");
+}

@@ -1,0 +1,968 @@
+//! The I/O shell of a Byzantine-mode replica: the `Byzantine` gRPC service (clients submit
+//! signed items, peers relay them, the master starts eras), the `Admin` status, the ticker
+//! that drives [`Core::tick`], per-peer relay senders, the storage thread and the signed
+//! `Watch` stream. All protocol decisions are in [`super::order`].
+
+use super::inject::Behaviour;
+use super::keys;
+use super::order::{Core, Effect, EraParams, Offer, Precheck, SlotKey, Stability, StreamKey, Timing};
+use super::{chain_sig, now_micros, prepare, verify_prepared};
+use crate::metrics::Metrics;
+use crate::writer::{StorageOp, WriterHandle};
+use ed25519_dalek::SigningKey;
+use lockstep_proto::{
+    AppliedEntry, ByzStatus, Configuration, Era, EraAck, FetchSnapshotRequest, Member, MemberRole, PeerProgress,
+    RelayAck, RelayBatch, Relayed, ReplyBody, ResumeRequest, ResumeResponse, SealRequest, SealResponse, SignedApplied,
+    SignedEra, SignedItem, SignedReply, Snapshot, SnapshotRequest, SnapshotResponse, StatusRequest, StatusResponse,
+    WatchRequest, admin_server::Admin, byzantine_client::ByzantineClient, byzantine_server::Byzantine,
+    stream_item::Body as ItemBody,
+};
+use prost::Message;
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::sync::{Notify, broadcast, mpsc, oneshot};
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+/// How long a submitted command waits for its execution before the client is told to retry.
+const EXECUTE_TIMEOUT: Duration = Duration::from_secs(20);
+/// Open requests are shown to the master this long.
+const OPEN_SHOWN_US: u64 = 30_000_000;
+/// Items per relay message.
+const RELAY_BATCH: usize = 512;
+pub const ERA_FILE: &str = "era";
+/// A peer relaying an item stamped this long ago is replaying it.
+const REPLAY_AGE_US: u64 = 1_000_000;
+
+/// Ordering parameters from flags/env (the operator sets them from `spec.ordering`).
+#[derive(Clone, Debug)]
+pub struct OrderingArgs {
+    pub stability: Stability,
+    pub delay_us: u64,
+    pub skew_us: u64,
+}
+
+pub struct ByzShared {
+    pub id: String,
+    core: Mutex<Core>,
+    signing: SigningKey,
+    master_key: ed25519_dalek::VerifyingKey,
+    pub writer: WriterHandle,
+    durable: Mutex<u64>,
+    waiters: Mutex<HashMap<SlotKey, Vec<oneshot::Sender<ReplyBody>>>>,
+    open_waiters: Mutex<HashMap<StreamKey, Vec<oneshot::Sender<ReplyBody>>>>,
+    deferred: Mutex<BTreeMap<u64, Vec<(SlotKey, ReplyBody)>>>,
+    wake: Notify,
+    relays: Mutex<Vec<mpsc::UnboundedSender<Relayed>>>,
+    peers_applied: Mutex<BTreeMap<String, u64>>,
+    pub applied_tx: broadcast::Sender<SignedApplied>,
+    pub metrics: Metrics,
+    data_dir: PathBuf,
+    pub ordering: OrderingArgs,
+    pub inject: Option<Behaviour>,
+    snapshot_every: u64,
+    last_snapshot: Mutex<u64>,
+    era_lock: tokio::sync::Mutex<()>,
+}
+
+impl ByzShared {
+    pub fn lock(&self) -> MutexGuard<'_, Core> {
+        self.core.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn injected(&self, b: Behaviour) -> bool {
+        self.inject == Some(b)
+    }
+
+    /// Sign a reply (after the injected faults that change what is said).
+    fn sign_reply(&self, mut body: ReplyBody) -> SignedReply {
+        if self.injected(Behaviour::WrongOutput) && (body.seq > 0 || !body.output.is_empty()) {
+            body.output = br#"{"previous":"forged-by-a-faulty-replica","value":"forged"}"#.to_vec();
+        }
+        if self.injected(Behaviour::WrongVersion)
+            && let Some(m) = body.machine.as_mut()
+        {
+            m.version = "6.6.6".into();
+        }
+        let bytes = body.encode_to_vec();
+        SignedReply {
+            signature: keys::sign(&self.signing, &bytes),
+            body: bytes,
+        }
+    }
+
+    fn sign_applied(&self, mut e: AppliedEntry) -> SignedApplied {
+        if self.injected(Behaviour::WrongOutput) {
+            e.output = b"forged".to_vec();
+        }
+        let bytes = e.encode_to_vec();
+        SignedApplied {
+            replica: self.id.clone(),
+            signature: keys::sign(&self.signing, &bytes),
+            entry: bytes,
+        }
+    }
+
+    fn answer(&self, slot: &SlotKey, body: ReplyBody) {
+        let waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner()).remove(slot);
+        for w in waiters.into_iter().flatten() {
+            let _ = w.send(body.clone());
+        }
+    }
+
+    /// Carry out what the core decided.
+    fn handle(&self, effects: Vec<Effect>) {
+        let mut appends = Vec::new();
+        for e in effects {
+            match e {
+                Effect::Log(entry) => appends.push(entry),
+                Effect::Reply {
+                    slot,
+                    body,
+                    durable_after,
+                } => {
+                    tracing::debug!(identity = %slot.0, seq = slot.2, index = body.index, "executed");
+                    let durable = *self.durable.lock().unwrap_or_else(|e| e.into_inner());
+                    if durable_after <= durable {
+                        self.answer(&slot, body);
+                    } else {
+                        self.deferred
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .entry(durable_after)
+                            .or_default()
+                            .push((slot, body));
+                    }
+                }
+                Effect::Admitted { stream, body } => {
+                    let waiters = self
+                        .open_waiters
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&stream);
+                    for w in waiters.into_iter().flatten() {
+                        let _ = w.send(body.clone());
+                    }
+                }
+                Effect::Barrier { index, snapshot } => {
+                    if !appends.is_empty() {
+                        self.writer.send(StorageOp::Append(std::mem::take(&mut appends)));
+                    }
+                    tracing::info!(index, digest = %hex::encode(&snapshot.digest), "at a barrier: snapshot taken, waiting for the next era");
+                    *self.last_snapshot.lock().unwrap_or_else(|e| e.into_inner()) = index;
+                    self.writer.send(StorageOp::Snapshot(snapshot));
+                }
+                Effect::Applied(entry) => {
+                    if self.applied_tx.receiver_count() > 0 {
+                        let _ = self.applied_tx.send(self.sign_applied(entry));
+                    }
+                }
+            }
+        }
+        if !appends.is_empty() {
+            self.metrics
+                .commands
+                .get_or_create(&crate::metrics::ResultLabel { result: "ok".into() })
+                .inc_by(appends.len() as u64);
+            self.writer.send(StorageOp::Append(appends));
+        }
+    }
+
+    fn on_durable(&self, index: u64) {
+        *self.durable.lock().unwrap_or_else(|e| e.into_inner()) = index;
+        let ready: Vec<(SlotKey, ReplyBody)> = {
+            let mut d = self.deferred.lock().unwrap_or_else(|e| e.into_inner());
+            let later = d.split_off(&(index + 1));
+            let now = std::mem::replace(&mut *d, later);
+            now.into_values().flatten().collect()
+        };
+        for (slot, body) in ready {
+            self.answer(&slot, body);
+        }
+    }
+
+    fn relay(&self, signed: &SignedItem, mut chain: Vec<lockstep_proto::ChainSig>, era: u64) {
+        if self.injected(Behaviour::Silent) {
+            return;
+        }
+        chain.push(chain_sig(&self.id, &self.signing, era, signed));
+        let relayed = Relayed {
+            item: Some(signed.clone()),
+            chain,
+        };
+        let senders = self.relays.lock().unwrap_or_else(|e| e.into_inner());
+        for (i, tx) in senders.iter().enumerate() {
+            if self.injected(Behaviour::EquivocateRelays) {
+                // Each peer gets a different altered copy of what the client signed.
+                let mut bad = relayed.clone();
+                if let Some(item) = bad.item.as_mut() {
+                    let pos = i % item.item.len().max(1);
+                    if let Some(b) = item.item.get_mut(pos) {
+                        *b ^= 0x55;
+                    }
+                }
+                let _ = tx.send(bad);
+                continue;
+            }
+            let _ = tx.send(relayed.clone());
+        }
+    }
+
+    /// Verify and offer one item (from a client, or relayed by `from`). Returns whether it
+    /// was accepted, or why it was refused.
+    fn ingest(&self, signed: &SignedItem, chain: &[lockstep_proto::ChainSig], from: &str) -> Result<bool, String> {
+        let now = now_micros();
+        let prepared = {
+            let mut core = self.lock();
+            match prepare(&core, signed, now) {
+                Ok(p) => p,
+                Err(why) => {
+                    core.note(from, "undecodable-item");
+                    return Err(why);
+                }
+            }
+        };
+        match &prepared.check {
+            Precheck::Known => {
+                // A relay of something long settled: a replay (honest relays are immediate).
+                if !from.starts_with("client ") && now.saturating_sub(prepared.item.ts) > REPLAY_AGE_US {
+                    self.lock().note(from, "replayed-item");
+                }
+                return Ok(false);
+            }
+            Precheck::Reject(why) => {
+                self.lock().note(from, "refused-item");
+                return Err(why.clone());
+            }
+            Precheck::Verify { .. } => {}
+        }
+        let valid = match verify_prepared(&prepared, signed, chain) {
+            Ok(v) => v,
+            Err(why) => {
+                self.lock().note(from, "bad-signature");
+                return Err(why);
+            }
+        };
+        if matches!(prepared.item.body, Some(ItemBody::Open(_))) {
+            return Ok(true);
+        }
+        let (offer, era) = {
+            let mut core = self.lock();
+            let era = core.era.as_ref().map_or(0, |e| e.number);
+            (core.offer(signed.clone(), prepared.item, valid, now_micros()), era)
+        };
+        match offer {
+            Offer::Accepted { chain } => {
+                self.relay(signed, chain, era);
+                self.wake.notify_one();
+                Ok(true)
+            }
+            Offer::Ignored(_) => Ok(false),
+            Offer::Rejected(why) => Err(why),
+        }
+    }
+}
+
+/// The ticker: decide what is due, execute what is stable, act on it.
+async fn ticker(shared: Arc<ByzShared>) {
+    loop {
+        let deadline = shared.lock().next_deadline();
+        let now = now_micros();
+        let wait = deadline.map_or(Duration::from_millis(50), |d| {
+            Duration::from_micros(d.saturating_sub(now)).min(Duration::from_millis(50))
+        });
+        if !wait.is_zero() {
+            tokio::select! {
+                _ = shared.wake.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+        let (effects, snapshot) = {
+            let mut core = shared.lock();
+            let effects = core.tick(now_micros());
+            let snapshot = {
+                let mut last = shared.last_snapshot.lock().unwrap_or_else(|e| e.into_inner());
+                (core.index >= *last + shared.snapshot_every && core.barrier.is_none()).then(|| {
+                    *last = core.index;
+                    core.snapshot()
+                })
+            };
+            // Queue storage ops while holding the core lock: the log reaches the disk in order.
+            shared.handle(effects);
+            if let Some(s) = snapshot.clone() {
+                shared.writer.send(StorageOp::Snapshot(s));
+            }
+            (core.index, snapshot.is_some())
+        };
+        let _ = (effects, snapshot);
+        shared.metrics.applied_index.set(effects as i64);
+    }
+}
+
+/// One task per peer: drain relayed items and send them in batches.
+fn spawn_relay_sender(
+    shared: Arc<ByzShared>,
+    peer: String,
+    endpoint: String,
+    era: u64,
+) -> mpsc::UnboundedSender<Relayed> {
+    let (tx, mut rx) = mpsc::unbounded_channel::<Relayed>();
+    tokio::spawn(async move {
+        let Some(channel) = crate::peers::connect_lazy(&endpoint) else {
+            tracing::error!(peer, endpoint, "invalid peer endpoint");
+            return;
+        };
+        let mut client = ByzantineClient::new(channel)
+            .max_decoding_message_size(lockstep_proto::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(lockstep_proto::MAX_MESSAGE_BYTES);
+        let replay = shared.injected(Behaviour::ReplayRequests);
+        let forge = shared.injected(Behaviour::ForgeRequests);
+        let mut history: Vec<Relayed> = Vec::new();
+        let mut failures = 0u32;
+        while let Some(first) = rx.recv().await {
+            let mut items = vec![first];
+            while items.len() < RELAY_BATCH {
+                match rx.try_recv() {
+                    Ok(r) => items.push(r),
+                    Err(_) => break,
+                }
+            }
+            if replay {
+                // Send what was relayed before again, alongside the new items.
+                let old: Vec<Relayed> = history.iter().take(8).cloned().collect();
+                history.extend(items.iter().cloned());
+                history.truncate(1000);
+                items.extend(old);
+            }
+            if forge {
+                let mut fakes = Vec::new();
+                for r in &items {
+                    if let Some(item) = &r.item {
+                        // The same item under a signature that is not the client's, and an
+                        // item from a client nobody registered.
+                        let mut f = item.clone();
+                        f.signature = keys::sign(&shared.signing, &f.item);
+                        fakes.push(Relayed {
+                            item: Some(f),
+                            chain: r.chain.clone(),
+                        });
+                        if let Ok(mut si) = lockstep_proto::StreamItem::decode(item.item.as_slice()) {
+                            si.identity = "mallory".into();
+                            fakes.push(Relayed {
+                                item: Some(super::sign_item(&shared.signing, &si)),
+                                chain: Vec::new(),
+                            });
+                        }
+                    }
+                }
+                items.extend(fakes);
+            }
+            let applied_index = shared.lock().index;
+            let batch = RelayBatch {
+                from: shared.id.clone(),
+                era,
+                applied_index,
+                items,
+            };
+            let mut req = Request::new(batch);
+            req.set_timeout(Duration::from_secs(2));
+            match client.relay(req).await {
+                Ok(_) => failures = 0,
+                Err(status) => {
+                    failures += 1;
+                    if failures == 1 || failures.is_multiple_of(100) {
+                        tracing::warn!(peer, error = %status.message(), "relay failed");
+                    }
+                }
+            }
+            if shared.lock().era.as_ref().map_or(0, |e| e.number) != era {
+                return;
+            }
+        }
+    });
+    tx
+}
+
+#[derive(Clone)]
+pub struct ByzServices {
+    pub shared: Arc<ByzShared>,
+}
+
+fn reply_wait_status() -> Status {
+    Status::unavailable("outcome unknown: not executed in time here; retry with the same item")
+}
+
+#[tonic::async_trait]
+impl Byzantine for ByzServices {
+    async fn submit(&self, request: Request<SignedItem>) -> Result<Response<SignedReply>, Status> {
+        let shared = &self.shared;
+        let signed = request.into_inner();
+        let item = lockstep_proto::StreamItem::decode(signed.item.as_slice())
+            .map_err(|e| Status::invalid_argument(format!("undecodable item: {e}")))?;
+        if shared.injected(Behaviour::Silent) {
+            // Accept nothing visibly, answer nobody.
+            let _ = shared.ingest(&signed, &[], "client -");
+            std::future::pending::<()>().await;
+        }
+        let slot: SlotKey = (item.identity.clone(), item.session, item.seq);
+        let is_open = matches!(item.body, Some(ItemBody::Open(_)));
+        let wants_reply = matches!(item.body, Some(ItemBody::Command(_)) | Some(ItemBody::Query(_)));
+        let (tx, rx) = oneshot::channel();
+        if is_open {
+            shared
+                .open_waiters
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry((item.identity.clone(), item.session))
+                .or_default()
+                .push(tx);
+        } else if wants_reply {
+            if let Some(body) = shared.lock().cached_reply(&slot) {
+                return Ok(Response::new(shared.sign_reply(body)));
+            }
+            shared
+                .waiters
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(slot.clone())
+                .or_default()
+                .push(tx);
+        }
+        tracing::debug!(identity = %item.identity, seq = item.seq, ts = item.ts, "submitted");
+        let who = format!("client {}", item.identity);
+        if let Err(why) = shared.ingest(&signed, &[], &who) {
+            shared.waiters.lock().unwrap_or_else(|e| e.into_inner()).remove(&slot);
+            return Err(Status::permission_denied(why));
+        }
+        if is_open {
+            let admitted = {
+                let mut core = shared.lock();
+                core.offer_open(signed.clone(), &item, now_micros())
+            };
+            if let Some(body) = admitted {
+                return Ok(Response::new(shared.sign_reply(body)));
+            }
+        } else if !wants_reply {
+            // No-ops and closes: accepted; nothing to vote on.
+            return Ok(Response::new(SignedReply::default()));
+        } else if let Some(body) = shared.lock().cached_reply(&slot) {
+            return Ok(Response::new(shared.sign_reply(body)));
+        }
+        match tokio::time::timeout(EXECUTE_TIMEOUT, rx).await {
+            Ok(Ok(body)) => Ok(Response::new(shared.sign_reply(body))),
+            _ => Err(reply_wait_status()),
+        }
+    }
+
+    async fn relay(&self, request: Request<RelayBatch>) -> Result<Response<RelayAck>, Status> {
+        let batch = request.into_inner();
+        let shared = &self.shared;
+        {
+            let core = shared.lock();
+            let known = core
+                .era
+                .as_ref()
+                .is_some_and(|e| e.members.iter().any(|(id, _, _)| *id == batch.from));
+            if !known {
+                return Err(Status::permission_denied(format!(
+                    "{} is not a member of this era",
+                    batch.from
+                )));
+            }
+        }
+        shared
+            .peers_applied
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(batch.from.clone(), batch.applied_index);
+        for r in batch.items {
+            let Some(item) = r.item else { continue };
+            let _ = shared.ingest(&item, &r.chain, &batch.from);
+        }
+        Ok(Response::new(RelayAck {}))
+    }
+
+    async fn start_era(&self, request: Request<SignedEra>) -> Result<Response<EraAck>, Status> {
+        let signed = request.into_inner();
+        start_era(&self.shared, signed).await.map(Response::new)
+    }
+
+    async fn fetch_snapshot(&self, request: Request<FetchSnapshotRequest>) -> Result<Response<Snapshot>, Status> {
+        let index = request.into_inner().index;
+        let mut snap = {
+            let core = self.shared.lock();
+            if core.index != index {
+                return Err(Status::failed_precondition(format!(
+                    "this replica is at index {}, not {index}",
+                    core.index
+                )));
+            }
+            core.snapshot()
+        };
+        if self.shared.injected(Behaviour::CorruptSnapshot) {
+            if let Some(b) = snap.data.last_mut() {
+                *b ^= 0xff;
+            }
+            snap.data.extend_from_slice(b"corrupt");
+        }
+        Ok(Response::new(snap))
+    }
+
+    type WatchStream = Pin<Box<dyn Stream<Item = Result<SignedApplied, Status>> + Send>>;
+
+    async fn watch(&self, request: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        let from = request.into_inner().from_index;
+        let shared = self.shared.clone();
+        let mut live = shared.applied_tx.subscribe();
+        let replay = {
+            let core = shared.lock();
+            if from == 0 {
+                Vec::new()
+            } else {
+                core.replay_from(from)
+                    .ok_or_else(|| Status::out_of_range(format!("index {from} is no longer available for replay")))?
+            }
+        };
+        let mut next = replay.last().map_or(from, |e| e.index + 1);
+        let (tx, rx) = mpsc::channel(256);
+        tokio::spawn(async move {
+            if shared.injected(Behaviour::Silent) {
+                std::future::pending::<()>().await;
+            }
+            for e in replay {
+                if tx.send(Ok(shared.sign_applied(e))).await.is_err() {
+                    return;
+                }
+            }
+            loop {
+                match live.recv().await {
+                    Ok(e) => {
+                        let index = AppliedEntry::decode(e.entry.as_slice()).map_or(0, |a| a.index);
+                        if index < next {
+                            continue;
+                        }
+                        next = index + 1;
+                        if tx.send(Ok(e)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        let _ = tx
+                            .send(Err(Status::data_loss(format!(
+                                "watcher fell {n} entries behind; resume with from_index {next}"
+                            ))))
+                            .await;
+                        return;
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+}
+
+/// Adopt a master-signed era: check it, bring the state to its start (state transfer from a
+/// member whose snapshot matches the digest the era names), then start ordering.
+async fn start_era(shared: &Arc<ByzShared>, signed: SignedEra) -> Result<EraAck, Status> {
+    let _serial = shared.era_lock.lock().await;
+    if !keys::verify(&shared.master_key, &signed.era, &signed.signature) {
+        shared.lock().note("master?", "bad-era-signature");
+        return Err(Status::permission_denied(
+            "era is not signed by the configuration master",
+        ));
+    }
+    let era =
+        Era::decode(signed.era.as_slice()).map_err(|e| Status::invalid_argument(format!("undecodable era: {e}")))?;
+    let params = era_params(&era, &shared.ordering).map_err(Status::invalid_argument)?;
+    {
+        let core = shared.lock();
+        if let Some(cur) = &core.era {
+            if cur.number == era.number {
+                return Ok(EraAck { number: era.number });
+            }
+            if cur.number > era.number {
+                return Err(Status::failed_precondition(format!(
+                    "stale era {} (this replica is in era {})",
+                    era.number, cur.number
+                )));
+            }
+        }
+    }
+    if !params.members.iter().any(|(id, _, _)| *id == shared.id) {
+        let mut core = shared.lock();
+        core.era = None;
+        tracing::info!(era = era.number, "removed from the membership: serving nothing");
+        return Ok(EraAck { number: era.number });
+    }
+    let in_place = {
+        let core = shared.lock();
+        core.index == era.start_index && core.state_digest() == era.state_digest
+    };
+    if !in_place {
+        transfer_state(shared, &era, &params).await?;
+    }
+    let effects = {
+        let mut core = shared.lock();
+        let resume = era.resume.then(|| era.machine.clone()).flatten();
+        let out = core.start_era(params.clone(), resume);
+        shared.handle(out.clone());
+        out
+    };
+    let _ = effects;
+    lockstep_replica_write_era(&shared.data_dir, &signed).map_err(|e| Status::internal(format!("{e:#}")))?;
+    shared
+        .writer
+        .barrier()
+        .await
+        .map_err(|_| Status::internal("storage stopped"))?;
+    // New relay senders for the new members.
+    let senders = params
+        .members
+        .iter()
+        .filter(|(id, _, _)| *id != shared.id)
+        .map(|(id, endpoint, _)| spawn_relay_sender(shared.clone(), id.clone(), endpoint.clone(), era.number))
+        .collect();
+    *shared.relays.lock().unwrap_or_else(|e| e.into_inner()) = senders;
+    shared.metrics.epoch.set(era.number as i64);
+    tracing::info!(
+        era = era.number,
+        start = era.start_index,
+        members = params.members.len(),
+        stability = params.timing.stability.as_str(),
+        delay_us = params.timing.delay_us,
+        "started era"
+    );
+    shared.wake.notify_one();
+    Ok(EraAck { number: era.number })
+}
+
+fn lockstep_replica_write_era(dir: &std::path::Path, signed: &SignedEra) -> anyhow::Result<()> {
+    crate::write_atomically(&dir.join(ERA_FILE), &signed.encode_to_vec())?;
+    Ok(())
+}
+
+/// Fetch the era's start state from its members until one serves a snapshot whose digest is
+/// the one the master signed (t+1 replicas reported it at the barrier).
+async fn transfer_state(shared: &Arc<ByzShared>, era: &Era, params: &EraParams) -> Result<(), Status> {
+    let mut last = String::from("no member to fetch from");
+    for attempt in 0..50u32 {
+        for (id, endpoint, _) in params.members.iter().filter(|(id, _, _)| *id != shared.id) {
+            let Some(channel) = crate::peers::connect_lazy(endpoint) else {
+                continue;
+            };
+            let mut client = ByzantineClient::new(channel).max_decoding_message_size(lockstep_proto::MAX_MESSAGE_BYTES);
+            match client
+                .fetch_snapshot(FetchSnapshotRequest { index: era.start_index })
+                .await
+            {
+                Ok(resp) => {
+                    let snap = resp.into_inner();
+                    let data_digest = crate::runtime::digest(&snap.data);
+                    if data_digest != era.state_digest || snap.index != era.start_index {
+                        tracing::warn!(peer = %id, "peer offered a snapshot that does not match the era's digest: refused");
+                        shared.lock().note(id, "corrupt-snapshot");
+                        last = format!("{id} offered a snapshot with the wrong digest");
+                        continue;
+                    }
+                    let snap = Snapshot {
+                        digest: data_digest,
+                        ..snap
+                    };
+                    shared
+                        .lock()
+                        .install(&snap)
+                        .map_err(|e| Status::internal(format!("{e:#}")))?;
+                    shared.writer.send(StorageOp::Install(snap));
+                    tracing::info!(from = %id, index = era.start_index, "installed the era's start state (state transfer)");
+                    return Ok(());
+                }
+                Err(s) => last = format!("{id}: {}", s.message()),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt.min(10) + 1))).await;
+    }
+    Err(Status::unavailable(format!(
+        "cannot get the state at index {} with the era's digest: {last}",
+        era.start_index
+    )))
+}
+
+pub fn era_params(era: &Era, ordering: &OrderingArgs) -> Result<EraParams, String> {
+    let stability = Stability::parse(&era.stability).ok_or_else(|| format!("unknown stability '{}'", era.stability))?;
+    if stability != ordering.stability
+        || era.max_delay_micros != ordering.delay_us
+        || era.max_skew_micros != ordering.skew_us
+    {
+        return Err(format!(
+            "the era's ordering ({} delay {} µs skew {} µs) differs from this replica's flags ({} delay {} µs skew {} µs): \
+             every replica must use the same bounds",
+            era.stability,
+            era.max_delay_micros,
+            era.max_skew_micros,
+            ordering.stability.as_str(),
+            ordering.delay_us,
+            ordering.skew_us
+        ));
+    }
+    let mut members = Vec::new();
+    for m in &era.members {
+        let key = keys::public_key_from_bytes(&m.public_key).map_err(|e| format!("member {}: {e}", m.id))?;
+        members.push((m.id.clone(), m.endpoint.clone(), key));
+    }
+    Ok(EraParams {
+        number: era.number,
+        start_index: era.start_index,
+        members,
+        master_session: era.master_session,
+        timing: Timing {
+            stability,
+            t: era.faults as usize,
+            delay_us: ordering.delay_us,
+            skew_us: ordering.skew_us,
+        },
+    })
+}
+
+impl ByzShared {
+    pub fn status(&self) -> StatusResponse {
+        let now = now_micros();
+        let core = self.lock();
+        let peers = self.peers_applied.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let sealed_at = core.runtime().sealed_at().unwrap_or(0);
+        let state = match (&core.era, &core.barrier) {
+            (None, _) => "unconfigured",
+            (Some(_), Some(_)) if sealed_at > 0 => "sealed",
+            (Some(_), Some(_)) => "barrier",
+            (Some(_), None) if sealed_at > 0 => "sealed",
+            (Some(_), None) => "member",
+        };
+        let mut machine = core.machine.clone();
+        if self.injected(Behaviour::WrongVersion) {
+            machine.version = "6.6.6".into();
+        }
+        let era_number = core.era.as_ref().map_or(0, |e| e.number);
+        StatusResponse {
+            id: self.id.clone(),
+            epoch: era_number,
+            state: state.into(),
+            applied_index: core.index,
+            commit_index: core.index,
+            last_index: core.index,
+            machine: Some(machine),
+            config: core.era.as_ref().map(|e| Configuration {
+                epoch: e.number,
+                primary_id: String::new(),
+                members: e
+                    .members
+                    .iter()
+                    .map(|(id, ep, _)| Member {
+                        id: id.clone(),
+                        endpoint: ep.clone(),
+                        role: MemberRole::Voter as i32,
+                    })
+                    .collect(),
+            }),
+            launched_image: crate::server::launched_image(),
+            sealed_at,
+            sealed_digest: if sealed_at > 0 {
+                core.barrier.as_ref().map(|b| b.1.clone()).unwrap_or_default()
+            } else {
+                Vec::new()
+            },
+            peers: peers
+                .into_iter()
+                .map(|(id, match_index)| PeerProgress {
+                    id,
+                    match_index,
+                    reachable: true,
+                })
+                .collect(),
+            snapshot_index: *self.last_snapshot.lock().unwrap_or_else(|e| e.into_inner()),
+            durable: true,
+            byzantine: Some(ByzStatus {
+                era: era_number,
+                public_key: self.signing.verifying_key().to_bytes().to_vec(),
+                barrier_index: core.barrier.as_ref().map_or(0, |b| b.0),
+                barrier_digest: core.barrier.as_ref().map(|b| b.1.clone()).unwrap_or_default(),
+                pending_opens: core.pending_opens(now, OPEN_SHOWN_US),
+                streams: core.stream_status(now),
+                evidence: core.evidence(),
+                pending_items: core.pending_items() as u64,
+                inject: self.inject.map(|b| b.name().to_string()).unwrap_or_default(),
+            }),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for ByzServices {
+    async fn reconfigure(
+        &self,
+        _: Request<lockstep_proto::ReconfigureRequest>,
+    ) -> Result<Response<lockstep_proto::ReconfigureResponse>, Status> {
+        Err(Status::failed_precondition(
+            "Byzantine replicas take their membership from master-signed eras (Byzantine/StartEra), not Reconfigure",
+        ))
+    }
+
+    async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        Ok(Response::new(self.shared.status()))
+    }
+
+    async fn seal(&self, _: Request<SealRequest>) -> Result<Response<SealResponse>, Status> {
+        Err(Status::failed_precondition(
+            "in Byzantine mode the seal is an ordered item of the configuration master's stream",
+        ))
+    }
+
+    async fn resume(&self, _: Request<ResumeRequest>) -> Result<Response<ResumeResponse>, Status> {
+        Err(Status::failed_precondition(
+            "in Byzantine mode a sealed cluster resumes with the next master-signed era",
+        ))
+    }
+
+    async fn take_snapshot(&self, _: Request<SnapshotRequest>) -> Result<Response<SnapshotResponse>, Status> {
+        let snap = self.shared.lock().snapshot();
+        let index = snap.index;
+        self.shared.writer.send(StorageOp::Snapshot(snap));
+        Ok(Response::new(SnapshotResponse { index }))
+    }
+}
+
+/// Everything a Byzantine replica needs besides the common replica flags.
+pub struct ByzConfig {
+    pub key_file: Option<PathBuf>,
+    pub master_public_key: ed25519_dalek::VerifyingKey,
+    pub client_identities: Option<PathBuf>,
+    pub ordering: OrderingArgs,
+    pub inject: Option<Behaviour>,
+}
+
+/// Start a Byzantine replica: recover, serve, tick. Returns the shared state and the gRPC
+/// services to mount; the caller owns the listeners.
+pub fn build(
+    args: &crate::ReplicaArgs,
+    cfg: ByzConfig,
+    runtime: crate::runtime::Runtime,
+) -> anyhow::Result<(Arc<ByzShared>, ByzServices)> {
+    use anyhow::Context;
+    let key_path = cfg
+        .key_file
+        .clone()
+        .unwrap_or_else(|| args.data_dir.join(keys::REPLICA_KEY_FILE));
+    std::fs::create_dir_all(&args.data_dir)?;
+    let signing = if cfg.key_file.is_some() {
+        keys::load_signing_key(&key_path)?
+    } else {
+        keys::load_or_create_signing_key(&key_path)?
+    };
+    crate::write_atomically(
+        &args.data_dir.join(keys::REPLICA_PUB_FILE),
+        keys::encode_key(&signing.verifying_key().to_bytes()).as_bytes(),
+    )?;
+    let directory = match &cfg.client_identities {
+        Some(dir) => keys::load_identity_dir(dir)?,
+        None => BTreeMap::new(),
+    };
+    let opts = crate::storage::StorageOptions {
+        fsync: !args.no_fsync,
+        ..Default::default()
+    };
+    let (mut storage, recovered) = crate::storage::Storage::open(&args.data_dir, opts)
+        .with_context(|| format!("cannot open data dir {}", args.data_dir.display()))?;
+    match &recovered.identity {
+        Some(id) if *id != args.id => anyhow::bail!(
+            "data dir {} belongs to replica '{id}', not '{}'",
+            args.data_dir.display(),
+            args.id
+        ),
+        Some(_) => {}
+        None => storage.save_identity(&args.id)?,
+    }
+    let mut core = Core::new(args.id.clone(), runtime, cfg.master_public_key, directory);
+    core.reorder = cfg.inject == Some(Behaviour::Reorder);
+    let snapshot_index = recovered.snapshot.as_ref().map_or(0, |s| s.index);
+    core.recover(recovered.snapshot, recovered.entries)?;
+    tracing::info!(id = %args.id, index = core.index, "recovered from disk; waiting for an era from the configuration master");
+    let (applied_tx, _) = broadcast::channel(4096);
+    let shared = Arc::new_cyclic(|weak: &std::sync::Weak<ByzShared>| {
+        let weak = weak.clone();
+        let writer = crate::writer::spawn(
+            storage,
+            Box::new(move |durable, written, took| {
+                let Some(shared) = weak.upgrade() else { return };
+                if written > 0 {
+                    shared.metrics.fsyncs.inc();
+                    shared.metrics.fsync_seconds.observe(took.as_secs_f64());
+                    shared.metrics.entries_per_fsync.observe(written as f64);
+                }
+                shared.on_durable(durable);
+            }),
+        );
+        ByzShared {
+            id: args.id.clone(),
+            core: Mutex::new(core),
+            signing,
+            master_key: cfg.master_public_key,
+            writer,
+            durable: Mutex::new(0),
+            waiters: Mutex::new(HashMap::new()),
+            open_waiters: Mutex::new(HashMap::new()),
+            deferred: Mutex::new(BTreeMap::new()),
+            wake: Notify::new(),
+            relays: Mutex::new(Vec::new()),
+            peers_applied: Mutex::new(BTreeMap::new()),
+            applied_tx,
+            metrics: Metrics::default(),
+            data_dir: args.data_dir.clone(),
+            ordering: cfg.ordering.clone(),
+            inject: cfg.inject,
+            snapshot_every: args.snapshot_every.max(1),
+            last_snapshot: Mutex::new(snapshot_index),
+            era_lock: tokio::sync::Mutex::new(()),
+        }
+    });
+    {
+        let index = shared.lock().index;
+        *shared.durable.lock().unwrap_or_else(|e| e.into_inner()) = index;
+    }
+    tokio::spawn(ticker(shared.clone()));
+    let services = ByzServices { shared: shared.clone() };
+    Ok((shared, services))
+}
+
+/// `/healthz`, `/readyz` (a member of an era, not at a barrier) and `/metrics`.
+pub fn http_router(shared: Arc<ByzShared>) -> axum::Router {
+    use axum::{extract::State, http::StatusCode, routing::get};
+    axum::Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(|State(s): State<Arc<ByzShared>>| async move {
+                let st = s.status();
+                let body = format!("{} era {}\n", st.state, st.epoch);
+                if st.state == "member" {
+                    (StatusCode::OK, body)
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, body)
+                }
+            }),
+        )
+        .route(
+            "/metrics",
+            get(|State(s): State<Arc<ByzShared>>| async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    s.metrics.encode(),
+                )
+            }),
+        )
+        .with_state(shared)
+}
