@@ -13,6 +13,11 @@ pub struct ResultLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MethodLabel {
+    pub method: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ActionLabel {
     pub action: String,
 }
@@ -28,6 +33,10 @@ pub struct Metrics {
     pub rollouts_completed: Counter,
     pub status_conflicts: Counter,
     pub leader: Gauge,
+    /// Requests this process sent to the API server (a watch counts once, when it starts).
+    pub api_requests: Family<MethodLabel, Counter>,
+    /// Resident set size, read from /proc when /metrics is scraped.
+    pub resident_memory: Gauge,
 }
 
 impl Default for Metrics {
@@ -42,6 +51,8 @@ impl Default for Metrics {
         let rollouts_completed = Counter::default();
         let status_conflicts = Counter::default();
         let leader = Gauge::default();
+        let api_requests = Family::<MethodLabel, Counter>::default();
+        let resident_memory = Gauge::default();
         registry.register(
             "reconciles",
             "Reconciliations by result (ok, error)",
@@ -75,6 +86,16 @@ impl Default for Metrics {
             status_conflicts.clone(),
         );
         registry.register("leader", "1 when this instance holds the leader lease", leader.clone());
+        registry.register(
+            "kube_api_requests",
+            "Requests sent to the Kubernetes API server, by HTTP method (a watch counts once)",
+            api_requests.clone(),
+        );
+        registry.register(
+            "resident_memory_bytes",
+            "Resident memory of the operator process",
+            resident_memory.clone(),
+        );
         Self {
             registry,
             reconciles,
@@ -86,12 +107,17 @@ impl Default for Metrics {
             rollouts_completed,
             status_conflicts,
             leader,
+            api_requests,
+            resident_memory,
         }
     }
 }
 
 impl Metrics {
     pub fn encode(&self) -> String {
+        if let Some(rss) = resident_memory_bytes() {
+            self.resident_memory.set(rss);
+        }
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
             out.clear();
@@ -99,7 +125,32 @@ impl Metrics {
         out
     }
 
+    /// A layer for the kube client that counts every request by method.
+    pub fn api_request_layer(
+        self: &std::sync::Arc<Self>,
+    ) -> tower::util::MapRequestLayer<
+        impl Fn(http::Request<kube::client::Body>) -> http::Request<kube::client::Body> + Clone + use<>,
+    > {
+        let metrics = self.clone();
+        tower::util::MapRequestLayer::new(move |req: http::Request<kube::client::Body>| {
+            metrics
+                .api_requests
+                .get_or_create(&MethodLabel {
+                    method: req.method().as_str().to_string(),
+                })
+                .inc();
+            req
+        })
+    }
+
     pub fn action(&self, name: &str) {
         self.actions.get_or_create(&ActionLabel { action: name.into() }).inc();
     }
+}
+
+/// Resident set size of this process in bytes (Linux: /proc/self/statm).
+fn resident_memory_bytes() -> Option<i64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: i64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
 }
