@@ -87,6 +87,11 @@ case "$cluster" in
     ;;
 esac
 kubectl version 2>/dev/null | sed 's/^/  /' || true
+if [ -d target/e2e-images/bin ]; then
+  # Rolls the operator when its image was rebuilt under the same tag (e2e/src/lib.rs).
+  LOCKSTEP_E2E_BUILD="$(cat target/e2e-images/bin/* | sha256sum | cut -c1-16)"
+  export LOCKSTEP_E2E_BUILD
+fi
 ready_at=$(date +%s)
 
 diagnostics() {

@@ -74,6 +74,14 @@ fn channel(endpoint: &str) -> Result<Channel, ClientError> {
         .map_err(|e| ClientError::Invalid(format!("bad endpoint {endpoint}: {e}")))
 }
 
+/// True for errors raised before a connection existed (refused, no route, name not
+/// resolved): the request was never sent, so it certainly did not take effect. A Service
+/// whose endpoints are not programmed yet refuses connections this way.
+fn never_sent(status: &Status) -> bool {
+    let m = status.message();
+    status.code() == Code::Unavailable && (m.starts_with("tcp connect error") || m.starts_with("dns error"))
+}
+
 fn new_client_id() -> String {
     use rand::Rng;
     let n: u64 = rand::rng().random();
@@ -238,7 +246,7 @@ impl Client {
                 }
                 Err(status) => {
                     let refused = self.route(&endpoint, &status);
-                    if !refused {
+                    if !refused && !never_sent(&status) {
                         maybe_applied = true;
                     }
                     last_error = format!("{endpoint}: {}", status.message());
@@ -384,5 +392,24 @@ pub async fn status_of(endpoint: &str, timeout: Duration) -> Result<StatusRespon
         Ok(Ok(r)) => Ok(r.into_inner()),
         Ok(Err(s)) => Err(s.message().to_string()),
         Err(_) => Err(format!("no answer within {timeout:?}")),
+    }
+}
+
+#[cfg(test)]
+mod connect_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_refused_connection_is_certainly_not_applied() {
+        // A port nothing listens on: every attempt is refused before anything is sent.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let mut c = Client::new(vec![format!("127.0.0.1:{port}")]);
+        c.deadline = Duration::from_millis(700);
+        let err = c.put("k", "v").await.expect_err("nothing listens");
+        assert!(err.certainly_not_applied(), "{err}");
+        assert!(err.to_string().contains("connect"), "{err}");
     }
 }

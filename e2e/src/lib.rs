@@ -439,11 +439,25 @@ pub fn install_overlay(images: &Images) -> anyhow::Result<String> {
          images:\n  - name: ghcr.io/lockstep-dev/lockstep-operator\n    newName: {name}\n    newTag: {tag}\n\
          patches:\n  - target: {{kind: Deployment, name: lockstep-operator}}\n    patch: |-\n      \
          - op: add\n        path: /spec/template/spec/containers/0/env/-\n        \
-         value: {{name: LOCKSTEP_REPLICA_IMAGE, value: \"{}\"}}\n",
-        images.replica
+         value: {{name: LOCKSTEP_REPLICA_IMAGE, value: \"{}\"}}\n{}",
+        images.replica,
+        build_annotation_patch()
     );
     std::fs::write(dir.join("kustomization.yaml"), kustomization).context("writing the overlay")?;
     Ok("target/e2e-overlay".into())
+}
+
+/// With `LOCKSTEP_E2E_BUILD` set (e2e/run.sh sets it to a hash of the binaries in the images),
+/// a pod-template annotation carrying it: an image rebuilt under the same tag then rolls the
+/// operator's pods, so a second run on one cluster never tests the previous build's operator.
+fn build_annotation_patch() -> String {
+    match std::env::var("LOCKSTEP_E2E_BUILD") {
+        Ok(build) if !build.is_empty() => format!(
+            "      - op: add\n        path: /spec/template/metadata/annotations\n        \
+             value: {{lockstep.dev/e2e-build: \"{build}\"}}\n"
+        ),
+        _ => String::new(),
+    }
 }
 
 /// Installs the CRD and the operator as the README says (`kubectl apply --server-side -k`),

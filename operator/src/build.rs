@@ -260,7 +260,7 @@ pub fn replica_pod(rsm: &ReplicatedStateMachine, id: &str, machine: &MachineRef)
                 ..Default::default()
             },
         ]),
-        readiness_probe: Some(http_probe("/readyz", 5, 3)),
+        readiness_probe: Some(http_probe("/readyz", 2, 3)),
         liveness_probe: Some(http_probe("/healthz", 10, 3)),
         resources: rsm.spec.resources.clone(),
         volume_mounts: Some(volume_mounts),

@@ -374,7 +374,8 @@ async fn update_status(
     );
     // Conditions relative to what this reconcile started from.
     let previous = rsm.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default();
-    s.conditions = status::conditions(&d.plan, rsm.meta().generation, previous, now);
+    let plan = status::gate_on_pod_readiness(&d.plan, config.as_ref(), &d.world);
+    s.conditions = status::conditions(&plan, rsm.meta().generation, previous, now);
     match status::write(api, current, s).await {
         Ok(_) => Ok(true),
         Err(WriteError::Conflict) => {

@@ -106,6 +106,48 @@ pub fn conditions(plan: &Plan, generation: Option<i64>, previous: &[Condition], 
     ]
 }
 
+/// Kubernetes' own view gates `Ready`: a cluster whose voters all serve is Ready only once
+/// the kubelet marked their pods ready too, because the client Service routes only to ready
+/// pods — `kubectl wait --for=condition=Ready` followed by a request through the Service must
+/// find an endpoint. Returns the plan with `ready` cleared and the reason in the summary when
+/// some voter pod is not ready yet.
+pub fn gate_on_pod_readiness(plan: &Plan, config: Option<&Config>, world: &World) -> Plan {
+    let mut plan = plan.clone();
+    if !plan.conditions.ready {
+        return plan;
+    }
+    let unready: Vec<&str> = config
+        .map(|c| {
+            c.voters()
+                .map(|m| m.id.as_str())
+                .filter(|id| {
+                    !world
+                        .replicas
+                        .iter()
+                        .any(|r| r.pod.name_any() == *id && pod_ready(&r.pod))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if !unready.is_empty() {
+        plan.conditions.ready = false;
+        plan.summary = format!(
+            "every voter serves; waiting for the kubelet to mark {} ready (readiness probe) so the Service routes to {}",
+            unready.join(", "),
+            if unready.len() == 1 { "it" } else { "them" }
+        );
+        plan.conditions.progressing.get_or_insert_with(|| plan.summary.clone());
+    }
+    plan
+}
+
+fn pod_ready(pod: &k8s_openapi::api::core::v1::Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
 /// Conditions for an object the operator refuses to act on (invalid spec, missing image).
 pub fn blocked_conditions(
     reason: &str,
@@ -324,6 +366,56 @@ mod tests {
         assert_eq!(ready(&flipped).last_transition_time, Time(t1));
         assert_eq!(ready(&flipped).status, "False");
         assert_eq!(flipped.len(), 5);
+    }
+
+    #[test]
+    fn ready_waits_for_the_kubelet_to_mark_voter_pods_ready() {
+        use crate::translate::{Admin, ReplicaObservation};
+        use k8s_openapi::api::core::v1::{Pod, PodCondition, PodStatus};
+        let pod = |name: &str, ready: &str| ReplicaObservation {
+            pod: Pod {
+                metadata: kube::api::ObjectMeta {
+                    name: Some(name.into()),
+                    ..Default::default()
+                },
+                status: Some(PodStatus {
+                    conditions: Some(vec![PodCondition {
+                        type_: "Ready".into(),
+                        status: ready.into(),
+                        ..Default::default()
+                    }]),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            admin: Admin::NotAsked,
+            node_lost: None,
+        };
+        let voter = |id: &str| ConfigMember {
+            id: id.into(),
+            endpoint: "e".into(),
+            role: Role::Voter,
+        };
+        let config = Config {
+            epoch: 1,
+            primary: "kv-0".into(),
+            members: vec![voter("kv-0"), voter("kv-1")],
+        };
+        let mut plan = Plan::default();
+        plan.conditions.ready = true;
+        let mut world = World {
+            replicas: vec![pod("kv-0", "True"), pod("kv-1", "False")],
+            ..Default::default()
+        };
+        let gated = gate_on_pod_readiness(&plan, Some(&config), &world);
+        assert!(!gated.conditions.ready);
+        assert!(
+            gated.summary.contains("kv-1") && !gated.summary.contains("kv-0"),
+            "{}",
+            gated.summary
+        );
+        world.replicas[1] = pod("kv-1", "True");
+        assert!(gate_on_pod_readiness(&plan, Some(&config), &world).conditions.ready);
     }
 
     #[test]

@@ -308,6 +308,7 @@ pub fn run_pod(api: &Mutex<FakeApi>, name: &str, ip: &str, node: &str) {
     pod["spec"]["nodeName"] = json!(node);
     pod["status"] = json!({
         "phase": "Running", "podIP": ip,
+        "conditions": [{"type": "Ready", "status": "True"}],
         "containerStatuses": [{"name": container, "image": image, "imageID": format!("sha256:{name}"),
             "ready": true, "restartCount": 0, "state": {"running": {"startedAt": "2026-01-01T00:00:00Z"}}}]
     });
@@ -333,6 +334,7 @@ pub fn fail_pod(api: &Mutex<FakeApi>, name: &str, exit_code: i32, message: &str)
         return;
     };
     pod["status"]["phase"] = json!("Failed");
+    pod["status"]["conditions"] = json!([{"type": "Ready", "status": "False"}]);
     pod["status"]["containerStatuses"][0]["state"] = json!({"terminated": {
         "exitCode": exit_code, "reason": "Error", "message": message,
         "startedAt": "2026-01-01T00:00:00Z", "finishedAt": "2026-01-01T01:00:00Z"}});
