@@ -25,10 +25,15 @@ pub fn startup_failures(
         .filter(|r| observed.config.as_ref().is_none_or(|c| c.member(&r.id).is_none()))
         .filter_map(|r| {
             let obs = world.replicas.iter().find(|o| o.pod.name_any() == r.id)?;
-            let phase = obs.pod.status.as_ref()?.phase.as_deref()?;
-            (phase == "Failed" || phase == "Succeeded").then(|| (r.id.clone(), translate::termination_reason(&obs.pod)))
+            crashed_by_itself(&obs.pod).then(|| (r.id.clone(), translate::termination_reason(&obs.pod)))
         })
         .collect()
+}
+
+/// The replica process failed on its own: not stopped by a deletion or eviction (SIGTERM,
+/// then a clean exit 0) — those are no reason to stop creating replicas.
+fn crashed_by_itself(pod: &k8s_openapi::api::core::v1::Pod) -> bool {
+    pod.metadata.deletion_timestamp.is_none() && pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Failed")
 }
 
 /// Crash-loop guard: a replica that exits before it ever answered, running exactly the
@@ -183,6 +188,27 @@ pub fn from_disk(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_evicted_or_cleanly_stopped_pod_is_no_startup_failure() {
+        use k8s_openapi::api::core::v1::{Pod, PodStatus};
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+        let pod = |phase: &str, deleted: bool| Pod {
+            metadata: kube::api::ObjectMeta {
+                deletion_timestamp: deleted.then(|| Time(Timestamp::UNIX_EPOCH)),
+                ..Default::default()
+            },
+            status: Some(PodStatus {
+                phase: Some(phase.into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert!(crashed_by_itself(&pod("Failed", false)));
+        assert!(!crashed_by_itself(&pod("Failed", true)), "being deleted (evicted)");
+        assert!(!crashed_by_itself(&pod("Succeeded", false)), "exit 0 after SIGTERM");
+        assert!(!crashed_by_itself(&pod("Running", false)));
+    }
 
     #[test]
     fn disk_restart_backoff_grows_to_five_minutes() {

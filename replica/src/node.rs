@@ -108,6 +108,11 @@ pub struct Node {
     pub durable_index: u64,
     pub commit_index: u64,
     pub applied_index: u64,
+    /// The last index this replica held when it became primary (of this epoch, or again
+    /// after a restart from disk). Any of those entries may already have been acknowledged to
+    /// a client — by the previous primary, or by this one before it restarted — while this
+    /// replica's commit index lags, so a read is answered only once they are applied too.
+    read_floor: u64,
     pub peers: BTreeMap<String, PeerState>,
     pending: HashMap<u64, ExecuteReply>,
     read_round: u64,
@@ -183,6 +188,7 @@ impl Node {
             snapshot: None,
             durable_index: 0,
             commit_index: 0,
+            read_floor: 0,
             applied_index: 0,
             peers: BTreeMap::new(),
             pending: HashMap::new(),
@@ -342,6 +348,9 @@ impl Node {
         };
         let last = self.last_index();
         let old_peers = std::mem::take(&mut self.peers);
+        if self.role == Role::Primary && !was_primary {
+            self.read_floor = last;
+        }
         if self.role == Role::Primary {
             for m in config.members.iter().filter(|m| m.id != self.id) {
                 let keep = old_peers.get(&m.id).filter(|_| was_primary);
@@ -567,7 +576,7 @@ impl Node {
         self.read_round += 1;
         self.reads.push(PendingRead {
             round: self.read_round,
-            index: self.commit_index,
+            index: self.commit_index.max(self.read_floor),
             query,
             reply,
         });

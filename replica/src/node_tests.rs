@@ -280,3 +280,91 @@ fn reconfigure_refuses_stale_and_conflicting_configurations() {
     let err = a.reconfigure(config(6, "x", &["a"], &["x"])).unwrap_err();
     assert!(err.message().contains("not a voter"));
 }
+
+/// Writes `k = v` through `a` to both replicas and acknowledges it, without `b` hearing the
+/// commit index.
+fn acknowledged_write_b_has_not_seen_committed(a: &mut Node, b: &mut Node, tx: &broadcast::Sender<AppliedEntry>) {
+    let (reply, mut rx) = oneshot::channel();
+    a.propose(put("c", 1, "k", "v"), reply).unwrap();
+    a.on_durable(1);
+    let (resp, _) = b.handle_append(append_for(a, "b"));
+    b.on_durable(1);
+    a.on_peer_response("b", 1, 0, &resp);
+    a.apply_committed(tx);
+    rx.try_recv().expect("acknowledged").expect("ok");
+    assert_eq!(b.commit_index, 0, "b has not heard the commit index yet");
+}
+
+fn get_k(n: &mut Node) -> oneshot::Receiver<Result<ReadResponse, Status>> {
+    let (reply, rx) = oneshot::channel();
+    n.read(br#"{"op":"get","key":"k"}"#.to_vec(), reply);
+    rx
+}
+
+#[test]
+fn a_new_primary_reads_only_after_applying_what_it_inherited() {
+    // t = 2: a primary, b and c backups; k = v is acknowledged, b and c never hear the commit.
+    let (tx, _) = broadcast::channel(1024);
+    let epoch1 = config(1, "a", &["a", "b", "c"], &[]);
+    let (mut a, mut b, mut c) = (node("a"), node("b"), node("c"));
+    for n in [&mut a, &mut b, &mut c] {
+        n.reconfigure(epoch1.clone()).unwrap();
+    }
+    let (reply, mut acked) = oneshot::channel();
+    a.propose(put("c", 1, "k", "v"), reply).unwrap();
+    a.on_durable(1);
+    for (id, n) in [("b", &mut b), ("c", &mut c)] {
+        let (resp, _) = n.handle_append(append_for(&mut a, id));
+        n.on_durable(1);
+        a.on_peer_response(id, 1, 0, &resp);
+    }
+    a.apply_committed(&tx);
+    acked.try_recv().expect("acknowledged").expect("ok");
+    assert_eq!((b.commit_index, c.commit_index), (0, 0));
+    // a fails; epoch 2: b primary, c backup. A read confirmed by c's first answer...
+    let epoch2 = config(2, "b", &["b", "c"], &[]);
+    b.reconfigure(epoch2.clone()).unwrap();
+    c.reconfigure(epoch2).unwrap();
+    let mut rx = get_k(&mut b);
+    let Some(PeerMessage::Append(req, round)) = b.next_message("c", true) else {
+        panic!("a read needs a round")
+    };
+    let (resp, _) = c.handle_append(req);
+    b.on_peer_response("c", 2, round, &resp);
+    // ...is answered only from a state that holds the acknowledged write.
+    assert!(
+        rx.try_recv().is_err(),
+        "no read from a state without the acknowledged write"
+    );
+    b.apply_committed(&tx);
+    let out = rx.try_recv().expect("answered").expect("ok");
+    assert_eq!(out.output, br#"{"value":"v"}"#, "an acknowledged write must be visible");
+}
+
+#[test]
+fn a_primary_restarted_from_disk_reads_only_after_recommitting_its_log() {
+    let (mut a, mut b, tx) = pair();
+    acknowledged_write_b_has_not_seen_committed(&mut a, &mut b, &tx);
+    // Both restart from disk: the log is there, the commit index (not persisted) is 0.
+    let log: Vec<LogEntry> = (1..=1).filter_map(|i| a.entry(i).cloned()).collect();
+    let conf = config(1, "a", &["a", "b"], &[]);
+    let mut a = node("a");
+    a.recover(Some(conf.clone()), None, log.clone()).unwrap();
+    let mut b = node("b");
+    b.recover(Some(conf), None, log).unwrap();
+    let mut rx = get_k(&mut a);
+    // The read round alone (a heartbeat that does not yet carry a commit) is not enough...
+    let Some(PeerMessage::Append(req, round)) = a.next_message("b", true) else {
+        panic!("a read needs a round")
+    };
+    let (resp, _) = b.handle_append(req);
+    a.on_peer_response("b", 1, round, &resp);
+    assert!(
+        rx.try_recv().is_err(),
+        "no read from the empty state before the log is re-applied"
+    );
+    // ...the backup's match index commits the recovered entry; once applied, the read answers.
+    a.apply_committed(&tx);
+    let out = rx.try_recv().expect("answered").expect("ok");
+    assert_eq!(out.output, br#"{"value":"v"}"#);
+}
