@@ -40,9 +40,24 @@ impl GrpcAdmin {
             .map_err(|e| format!("bad address {addr}: {e}"))?
             .connect_timeout(self.connect_timeout)
             .timeout(self.request_timeout);
-        let channel = endpoint.connect().await.map_err(|e| format!("connect {addr}: {e}"))?;
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|e| format!("connect {addr}: {}", chain(&e)))?;
         Ok(AdminClient::new(channel))
     }
+}
+
+/// An error and its sources ("transport error: tcp connect error: Connection refused").
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    s
 }
 
 fn rpc_err(addr: &str, e: tonic::Status) -> String {

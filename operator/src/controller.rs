@@ -17,17 +17,20 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{EventType, Reporter};
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{Controller, WatchStreamExt, reflector, watcher};
 use kube::{Client, Resource, ResourceExt};
 use lockstep_planner::{self as planner, Plan};
 use lockstep_resource::{ReplicatedStateMachine, condition_types as ct};
 use serde::de::DeserializeOwned;
+use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::admin::ReplicaAdmin;
 use crate::build::{self, BuildError};
 use crate::events::{Recorder, publish};
 use crate::execute::{Executor, Owned, create_if_absent, delete_if_present};
 use crate::guards::{self, FromDisk};
+use crate::liveness::Liveness;
 use crate::metrics::Metrics;
 use crate::names;
 use crate::observe::{self, AdminAddress, Source};
@@ -66,6 +69,10 @@ pub struct Context {
     unreachable: Mutex<HashMap<String, (Timestamp, Timestamp)>>,
     failures: Mutex<HashMap<String, u32>>,
     applied: Mutex<HashMap<String, String>>,
+    /// Connections held to replicas to notice a dead process at once (off in tests that
+    /// have no replicas); its events trigger reconciles in [`run`].
+    liveness: Option<Arc<Liveness>>,
+    liveness_events: Mutex<Option<UnboundedReceiver<ObjectRef<ReplicatedStateMachine>>>>,
 }
 
 impl Context {
@@ -88,7 +95,18 @@ impl Context {
             unreachable: Mutex::default(),
             failures: Mutex::default(),
             applied: Mutex::default(),
+            liveness: None,
+            liveness_events: Mutex::default(),
         }
+    }
+
+    /// Hold a connection to every running replica and reconcile as soon as one closes
+    /// ([`crate::liveness`]).
+    pub fn with_liveness(mut self) -> Self {
+        let (liveness, events) = Liveness::new();
+        self.liveness = Some(liveness);
+        self.liveness_events = Mutex::new(Some(events));
+        self
     }
 }
 
@@ -248,6 +266,7 @@ async fn observe_world(ctx: &Context, rsm: &ReplicatedStateMachine, now: Timesta
         ctx.admin.as_ref(),
         ctx.admin_address,
         &ctx.unreachable,
+        ctx.liveness.as_deref(),
         rsm,
         &ctx.tuning,
         now,
@@ -478,11 +497,16 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
     let client = ctx.client.clone();
     let rsms = Api::<ReplicatedStateMachine>::all(client.clone());
     let owned = watcher::Config::default().labels(&format!("{}={}", names::MANAGED_BY_LABEL, names::MANAGER));
-    Controller::new(rsms, watcher::Config::default().any_semantic())
+    let mut controller = Controller::new(rsms, watcher::Config::default().any_semantic())
         .owns(Api::<Pod>::all(client.clone()), owned.clone())
         .owns(Api::<Service>::all(client.clone()), owned.clone())
         .owns(Api::<ConfigMap>::all(client.clone()), owned.clone())
-        .owns(Api::<PodDisruptionBudget>::all(client.clone()), owned)
+        .owns(Api::<PodDisruptionBudget>::all(client.clone()), owned);
+    let events = ctx.liveness_events.lock().unwrap_or_else(|e| e.into_inner()).take();
+    if let Some(events) = events {
+        controller = controller.reconcile_on(tokio_stream::wrappers::UnboundedReceiverStream::new(events));
+    }
+    controller
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {

@@ -195,7 +195,7 @@ mod tests {
         use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
         let pod = |phase: &str, deleted: bool| Pod {
             metadata: kube::api::ObjectMeta {
-                deletion_timestamp: deleted.then(|| Time(Timestamp::UNIX_EPOCH)),
+                deletion_timestamp: deleted.then_some(Time(Timestamp::UNIX_EPOCH)),
                 ..Default::default()
             },
             status: Some(PodStatus {

@@ -16,6 +16,7 @@ pub mod execute;
 pub mod guards;
 pub mod http;
 pub mod leader;
+pub mod liveness;
 pub mod metrics;
 pub mod names;
 pub mod observe;

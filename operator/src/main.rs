@@ -197,7 +197,7 @@ async fn main() -> anyhow::Result<()> {
             );
         }
     }
-    let mut ctx = Context::new(client.clone(), Arc::new(GrpcAdmin::default()), metrics.clone(), source);
+    let mut ctx = Context::new(client.clone(), Arc::new(GrpcAdmin::default()), metrics.clone(), source).with_liveness();
     ctx.default_image = cli.default_replica_image.clone();
     ctx.admin_address = if cli.admin_address == "dns" {
         AdminAddress::Dns

@@ -13,6 +13,7 @@ use kube::{Client, ResourceExt};
 use lockstep_resource::ReplicatedStateMachine;
 
 use crate::admin::ReplicaAdmin;
+use crate::liveness::Liveness;
 use crate::names;
 use crate::translate::{Admin, ReplicaObservation, Tuning, World};
 
@@ -150,6 +151,7 @@ pub async fn world(
     admin: &dyn ReplicaAdmin,
     mode: AdminAddress,
     unreachable: &Mutex<HashMap<String, (Timestamp, Timestamp)>>,
+    liveness: Option<&Liveness>,
     rsm: &ReplicatedStateMachine,
     tuning: &Tuning,
     now: Timestamp,
@@ -163,6 +165,9 @@ pub async fn world(
         .filter(|p| component(p) == names::COMPONENT_REPLICA || component(p) == names::COMPONENT_STAGE)
         .partition(|p| component(p) == names::COMPONENT_REPLICA);
 
+    if let Some(l) = liveness {
+        l.watch(rsm, &replica_pods);
+    }
     let calls = replica_pods.iter().map(|pod| {
         let addr = admin_address(pod, rsm, mode);
         async move {
@@ -186,6 +191,9 @@ pub async fn world(
             Some(Ok(s)) => {
                 let s = Box::new(s);
                 silent.remove(&key);
+                if let Some(l) = liveness {
+                    l.answered(rsm, &pod);
+                }
                 Admin::Answered(s)
             }
             Some(Err(error)) => {
@@ -203,7 +211,13 @@ pub async fn world(
                 None if !nodes.is_empty() => Some(format!("node {n} no longer exists")),
                 None => None,
             });
-        replicas.push(ReplicaObservation { pod, admin, node_lost });
+        let connection_lost = liveness.is_some_and(|l| l.connection_lost(rsm, &pod));
+        replicas.push(ReplicaObservation {
+            pod,
+            admin,
+            node_lost,
+            connection_lost,
+        });
     }
     // Forget replicas not seen failing for ten minutes (deleted pods, other clusters' gone).
     silent.retain(|_, (_, last)| now.as_second().saturating_sub(last.as_second()) < 600);

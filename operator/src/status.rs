@@ -390,6 +390,7 @@ mod tests {
             },
             admin: Admin::NotAsked,
             node_lost: None,
+            connection_lost: false,
         };
         let voter = |id: &str| ConfigMember {
             id: id.into(),

@@ -60,6 +60,8 @@ pub struct ReplicaObservation {
     pub admin: Admin,
     /// Why the pod's node is considered lost, if it is.
     pub node_lost: Option<String>,
+    /// The replica closed the connection the operator held to it ([`crate::liveness`]).
+    pub connection_lost: bool,
 }
 
 /// Everything observed about one cluster.
@@ -308,6 +310,10 @@ pub fn classify(obs: &ReplicaObservation, now: Timestamp, tuning: &Tuning) -> He
     match &obs.admin {
         Admin::Answered(_) => Health::Running,
         Admin::NotAsked => Health::Starting,
+        // A live process never refuses connections on its own listening port.
+        Admin::Failed { error, .. } if obs.connection_lost && error.starts_with("connect ") => Health::Failed {
+            reason: format!("replica process gone: it closed the operator's connection and refuses new ones ({error})"),
+        },
         Admin::Failed { error, since } => {
             let started = replica_container(pod)
                 .and_then(|c| c.state.as_ref())
@@ -548,7 +554,12 @@ mod tests {
     #[test]
     fn fail_stop_detector() {
         let t = Tuning::default();
-        let obs = |pod: Pod, admin: Admin, node_lost: Option<String>| ReplicaObservation { pod, admin, node_lost };
+        let obs = |pod: Pod, admin: Admin, node_lost: Option<String>| ReplicaObservation {
+            pod,
+            admin,
+            node_lost,
+            connection_lost: false,
+        };
         let answered = Admin::Answered(Box::default());
         assert_eq!(
             classify(&obs(pod("Running", at(0)), answered.clone(), None), at(100), &t),
@@ -590,6 +601,25 @@ mod tests {
             classify(&obs(pod("Pending", at(0)), Admin::NotAsked, None), at(100), &t),
             Health::Starting
         );
+        // The replica closed the operator's connection and refuses new ones: its process is
+        // gone, whatever its uptime. A closed connection alone (it still answers, or fails
+        // in another way) is not enough.
+        let refused = Admin::Failed {
+            error: "connect http://10.0.0.1:7000: transport error: tcp connect error: Connection refused".into(),
+            since: at(100),
+        };
+        let mut gone = obs(pod("Running", at(95)), refused.clone(), None);
+        gone.connection_lost = true;
+        assert!(matches!(
+            classify(&gone, at(100), &t),
+            Health::Failed { reason } if reason.contains("process gone")
+        ));
+        assert_eq!(
+            classify(&obs(pod("Running", at(95)), refused, None), at(100), &t),
+            Health::Starting
+        );
+        gone.admin = silent(at(100));
+        assert_eq!(classify(&gone, at(100), &t), Health::Starting);
     }
 
     #[test]
@@ -641,6 +671,7 @@ mod tests {
                 ..Default::default()
             })),
             node_lost: None,
+            connection_lost: false,
         };
         assert_eq!(
             running_machine(&reporting("1.1.0")),
