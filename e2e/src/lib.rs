@@ -423,6 +423,28 @@ impl Faults {
     pub async fn kill_replica(&self, client: &Client, ns: &str, pod: &str) -> anyhow::Result<()> {
         self.signal(client, ns, pod, "replica", "KILL").await
     }
+
+    /// `kill -9` of several replicas' processes at the same instant (one tool invocation), so
+    /// the operator cannot act between the deaths.
+    pub async fn kill_replicas_at_once(&self, client: &Client, ns: &str, pods: &[String]) -> anyhow::Result<()> {
+        let api: Api<Pod> = Api::namespaced(client.clone(), ns);
+        let mut ids = Vec::new();
+        for pod in pods {
+            ids.push(container_id(&api, pod, "replica").await?);
+        }
+        let mut args = vec![
+            "-n",
+            FAULTS_NS,
+            "exec",
+            &self.pod,
+            "--",
+            "/usr/local/bin/lockstep-e2e-tool",
+            "signal",
+            "KILL",
+        ];
+        args.extend(ids.iter().map(String::as_str));
+        kubectl(&args).map(|_| ())
+    }
 }
 
 /// A kustomize overlay of `manifests/` (in `target/e2e-overlay/`) that points the operator at

@@ -8,7 +8,8 @@
 //! or a freeze looks like to Kubernetes and to the replica's peers.
 //!
 //! ```text
-//! lockstep-e2e-tool signal KILL <container-id>      # containerd://… prefixes are accepted
+//! lockstep-e2e-tool signal KILL <container-id>...   # containerd://… prefixes are accepted;
+//!                                                   # several ids: all found first, then signalled
 //! lockstep-e2e-tool signal STOP <container-id>
 //! lockstep-e2e-tool signal CONT <container-id>
 //! lockstep-e2e-tool idle                            # keep the pod running
@@ -63,20 +64,30 @@ fn pids_of(proc_root: &Path, container: &str) -> Vec<i32> {
     pids
 }
 
-fn signal(name: &str, container: &str) -> anyhow::Result<()> {
+/// Signals every process of each container; the processes of all containers are found before
+/// the first signal, so several replicas fail at (nearly) the same instant.
+fn signal(name: &str, containers: &[&str]) -> anyhow::Result<()> {
     let sig = parse_signal(name)?;
-    let id = bare_id(container);
-    if id.len() < 12 {
-        bail!("container id {id:?} is too short to identify one container");
+    let mut targets = Vec::new();
+    for container in containers {
+        let id = bare_id(container);
+        if id.len() < 12 {
+            bail!("container id {id:?} is too short to identify one container");
+        }
+        let pids = pids_of(Path::new("/proc"), id);
+        if pids.is_empty() {
+            bail!("no process of container {id} is visible (is this pod running with hostPID?)");
+        }
+        targets.push((id, pids));
     }
-    let pids = pids_of(Path::new("/proc"), id);
-    if pids.is_empty() {
-        bail!("no process of container {id} is visible (is this pod running with hostPID?)");
+    for (_, pids) in &targets {
+        for pid in pids {
+            kill(Pid::from_raw(*pid), sig).with_context(|| format!("sending {sig} to pid {pid}"))?;
+        }
     }
-    for pid in &pids {
-        kill(Pid::from_raw(*pid), sig).with_context(|| format!("sending {sig} to pid {pid}"))?;
+    for (id, pids) in &targets {
+        println!("sent {sig} to {} process(es) of container {id}: {pids:?}", pids.len());
     }
-    println!("sent {sig} to {} process(es) of container {id}: {pids:?}", pids.len());
     Ok(())
 }
 
@@ -108,7 +119,7 @@ fn pkill(name: &str, pattern: &str) -> anyhow::Result<()> {
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
-        ["signal", sig, container] => signal(sig, container),
+        ["signal", sig, containers @ ..] if !containers.is_empty() => signal(sig, containers),
         ["pkill", sig, pattern] => pkill(sig, pattern),
         ["cat", file] => {
             use std::io::Write;
