@@ -46,6 +46,11 @@ if [ -z "$cluster" ]; then
   fi
 fi
 
+if ! command -v helm >/dev/null 2>&1 || ! command -v kubectl >/dev/null 2>&1; then
+  # The Helm install test needs helm; .ci/install-tools fetches it (and kubectl when missing).
+  PATH="$(bash .ci/install-tools):$PATH"
+  export PATH
+fi
 command -v kubectl >/dev/null 2>&1 || {
   echo "e2e: kubectl is not on PATH (.ci/install-tools installs it)" >&2
   exit 1

@@ -39,6 +39,8 @@ fn split_image(image: &str) -> (&str, &str) {
 #[tokio::test]
 #[ignore = "needs a Kubernetes cluster: run e2e/run.sh"]
 async fn helm_install_uninstall_keeps_crd_and_clusters() {
+    // Before anything is uninstalled: without helm the suite would be left with no operator.
+    helm(&["version", "--short"]);
     let (client, images) = setup().await;
     // Start from nothing: remove the plain install and the CRD (no RSM exists between tests).
     kubectl(&[
