@@ -223,8 +223,8 @@ impl ByzMaster {
         }
     }
 
-    /// Start the master's stream task (ticks). Call once.
-    pub fn spawn_ticker(&self) {
+    /// Start the master's stream task (ticks). Call once; abort the handle to stop it.
+    pub fn spawn_ticker(&self) -> tokio::task::JoinHandle<()> {
         let stream = self.stream.clone();
         let key = self.key.clone();
         tokio::spawn(async move {
@@ -238,7 +238,7 @@ impl ByzMaster {
                     send(&stream, &key, Body::Noop(Noop {}));
                 }
             }
-        });
+        })
     }
 
     /// Sign and send the master stream's next item to every member of the era.

@@ -66,6 +66,8 @@ pub struct Context {
     unreachable: Mutex<HashMap<String, (Timestamp, Timestamp)>>,
     failures: Mutex<HashMap<String, u32>>,
     applied: Mutex<HashMap<String, String>>,
+    /// Byzantine mode: the configuration master task of each resource (leader only).
+    pub masters: crate::byzantine::master::Masters,
 }
 
 impl Context {
@@ -88,6 +90,7 @@ impl Context {
             unreachable: Mutex::default(),
             failures: Mutex::default(),
             applied: Mutex::default(),
+            masters: Default::default(),
         }
     }
 }
@@ -173,6 +176,9 @@ async fn reconcile_inner(rsm: &ReplicatedStateMachine, ctx: &Context) -> Result<
         apply_shared_objects(ctx, rsm, &ns, decision.observed.config.as_ref()).await?;
     }
     recover_from_disk(ctx, rsm, &ns, &decision.world, &decision.from_disk).await?;
+    if crate::byzantine::is_byzantine(rsm) && !decision.desired.paused {
+        crate::byzantine::prepare(ctx, rsm, &ns, &current, &decision.plan).await?;
+    }
     let executor = Executor {
         ctx,
         rsm,
@@ -375,6 +381,7 @@ async fn update_status(
     // Conditions relative to what this reconcile started from.
     let previous = rsm.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default();
     s.conditions = status::conditions(&d.plan, rsm.meta().generation, previous, now);
+    s.byzantine = crate::byzantine::publish(ctx, rsm);
     match status::write(api, current, s).await {
         Ok(_) => Ok(true),
         Err(WriteError::Conflict) => {
@@ -475,6 +482,7 @@ pub fn caches(client: &Client) -> (Source, impl futures::Stream<Item = ()> + Sen
 /// Runs the controller until `shutdown` resolves (then finishes in-flight reconciles).
 pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
     let client = ctx.client.clone();
+    let masters = ctx.clone();
     let rsms = Api::<ReplicatedStateMachine>::all(client.clone());
     let owned = watcher::Config::default().labels(&format!("{}={}", names::MANAGED_BY_LABEL, names::MANAGER));
     Controller::new(rsms, watcher::Config::default().any_semantic())
@@ -490,4 +498,6 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
             }
         })
         .await;
+    // Not the leader any more (or stopping): no master stream may go on from here.
+    masters.masters.stop_all();
 }
