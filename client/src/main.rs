@@ -511,7 +511,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if file.exists() {
                 anyhow::bail!("{} exists: not overwriting a key", file.display());
             }
-            lockstep_replica::byz::keys::write_private(file, lockstep_replica::byz::keys::encode_key(&key.to_bytes()).as_bytes())?;
+            lockstep_replica::byz::keys::write_private(
+                file,
+                lockstep_replica::byz::keys::encode_key(&key.to_bytes()).as_bytes(),
+            )?;
             println!("{}", hex_key(&key.verifying_key().to_bytes()));
             Ok(())
         }

@@ -43,7 +43,9 @@ async fn keys_exist_before_the_pods_and_the_master_key_is_published() {
     obj["spec"]["failureModel"] = json!("Byzantine");
     lock(&api).insert(&rsm_path("byz"), obj);
 
-    reconcile(Arc::new(rsm(&api, "byz")), ctx.clone()).await.expect("reconcile");
+    reconcile(Arc::new(rsm(&api, "byz")), ctx.clone())
+        .await
+        .expect("reconcile");
     let writes: Vec<String> = lock(&log).iter().filter(|l| l.starts_with("POST")).cloned().collect();
     let at = |needle: &str| {
         writes
@@ -53,7 +55,10 @@ async fn keys_exist_before_the_pods_and_the_master_key_is_published() {
     };
     let first_pod = at("POST /api/v1/namespaces/apps/pods");
     assert_eq!(
-        writes[..first_pod].iter().filter(|l| l.starts_with(&format!("POST {SECRETS}"))).count(),
+        writes[..first_pod]
+            .iter()
+            .filter(|l| l.starts_with(&format!("POST {SECRETS}")))
+            .count(),
         4,
         "three replica keys and the master's, before any pod: {writes:#?}"
     );
@@ -72,7 +77,10 @@ async fn keys_exist_before_the_pods_and_the_master_key_is_published() {
                 .any(|v| v["secret"]["secretName"] == json!(format!("{id}-byz-key"))),
             "pod {i} mounts its own key: {volumes:#?}"
         );
-        let env = pod["spec"]["containers"][0]["env"].as_array().cloned().unwrap_or_default();
+        let env = pod["spec"]["containers"][0]["env"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
         let master = env
             .iter()
             .find(|e| e["name"] == "LOCKSTEP_MASTER_PUBLIC_KEY")
@@ -88,12 +96,16 @@ async fn keys_exist_before_the_pods_and_the_master_key_is_published() {
 
     // The next reconcile publishes the key clients verify eras with; the master Secret is
     // neither read again nor replaced (the task keeps it).
-    reconcile(Arc::new(rsm(&api, "byz")), ctx.clone()).await.expect("reconcile");
+    reconcile(Arc::new(rsm(&api, "byz")), ctx.clone())
+        .await
+        .expect("reconcile");
     let status = rsm(&api, "byz").status.unwrap_or_default();
     let byz = status.byzantine.expect("status.byzantine");
     assert_eq!(byz.master_public_key, public.trim());
     assert!(
-        !lock(&log).iter().any(|l| l.contains("secrets/byz-byz-master") && !l.starts_with("GET")),
+        !lock(&log)
+            .iter()
+            .any(|l| l.contains("secrets/byz-byz-master") && !l.starts_with("GET")),
         "the master key is never rewritten"
     );
 
@@ -102,9 +114,16 @@ async fn keys_exist_before_the_pods_and_the_master_key_is_published() {
         run_pod(&api, name, &format!("10.0.1.{i}"), "n1");
         admin.add(&format!("10.0.1.{i}"), name, "1.0.0");
     }
-    reconcile(Arc::new(rsm(&api, "byz")), ctx.clone()).await.expect("reconcile");
-    reconcile(Arc::new(rsm(&api, "byz")), ctx.clone()).await.expect("reconcile");
-    assert!(rsm(&api, "byz").status.unwrap_or_default().epoch.is_some(), "epoch recorded");
+    reconcile(Arc::new(rsm(&api, "byz")), ctx.clone())
+        .await
+        .expect("reconcile");
+    reconcile(Arc::new(rsm(&api, "byz")), ctx.clone())
+        .await
+        .expect("reconcile");
+    assert!(
+        rsm(&api, "byz").status.unwrap_or_default().epoch.is_some(),
+        "epoch recorded"
+    );
     assert!(
         !lock(&log).iter().any(|l| l.starts_with("admin reconfigure")),
         "{:#?}",

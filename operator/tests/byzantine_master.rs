@@ -189,15 +189,24 @@ async fn operator_master_serves_fails_over_and_replaces_a_member() {
         );
         eps.push(replica(&dir, &id, &key, &master_key, &identities).await);
     }
-    let first = config(1, &[("kv-byz-0", &eps[0]), ("kv-byz-1", &eps[1]), ("kv-byz-2", &eps[2])]);
+    let first = config(
+        1,
+        &[("kv-byz-0", &eps[0]), ("kv-byz-1", &eps[1]), ("kv-byz-2", &eps[2])],
+    );
 
     let masters = master::Masters::default();
-    masters.ensure("apps/kv-byz", || master::start(setup(&api, &master_key), Some(first.clone())));
+    masters.ensure("apps/kv-byz", || {
+        master::start(setup(&api, &master_key), Some(first.clone()))
+    });
     let mut c = connect(&eps[0], &master_key, &alice_file).await;
     assert_eq!(c.put("k", "v").await.expect("voted put"), None);
     assert_eq!(c.get("k").await.expect("voted get").as_deref(), Some("v"));
     assert!(
-        objects::era_in(&serde_json::from_value(lock(&api).objects[&format!("{SECRETS}/kv-byz-byz-master")].clone()).expect("Secret")).is_some(),
+        objects::era_in(
+            &serde_json::from_value(lock(&api).objects[&format!("{SECRETS}/kv-byz-byz-master")].clone())
+                .expect("Secret")
+        )
+        .is_some(),
         "the era is recorded in the master Secret"
     );
 
@@ -205,16 +214,25 @@ async fn operator_master_serves_fails_over_and_replaces_a_member() {
     masters.stop_all();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let runner = masters
-        .ensure("apps/kv-byz", || master::start(setup(&api, &master_key), Some(first.clone())))
+        .ensure("apps/kv-byz", || {
+            master::start(setup(&api, &master_key), Some(first.clone()))
+        })
         .expect("runner");
     assert_eq!(c.put("k2", "v2").await.expect("voted put after fail-over"), None);
 
     // kv-byz-2 replaced by kv-byz-3: a barrier, a new era, state transfer.
-    let second = config(2, &[("kv-byz-0", &eps[0]), ("kv-byz-1", &eps[1]), ("kv-byz-3", &eps[3])]);
+    let second = config(
+        2,
+        &[("kv-byz-0", &eps[0]), ("kv-byz-1", &eps[1]), ("kv-byz-3", &eps[3])],
+    );
     runner.want(Some(second));
     let start = Instant::now();
     while era_of(&eps[3]).await < 2 {
-        assert!(start.elapsed() < Duration::from_secs(60), "era 2 never reached kv-byz-3: {:?}", runner.seen().error);
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "era 2 never reached kv-byz-3: {:?}",
+            runner.seen().error
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     c.close().await;

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use kube::api::Api;
 use lockstep_e2e::{
-    Faults, ToolsPod, condition, epoch, fresh_namespace, kubectl, kubectl_with_input, kubectl_wait_ready, repo,
+    Faults, ToolsPod, condition, epoch, fresh_namespace, kubectl, kubectl_wait_ready, kubectl_with_input, repo,
     wait_for, wait_until,
 };
 use lockstep_resource::ReplicatedStateMachine;
@@ -104,7 +104,11 @@ async fn byzantine_rsm_votes_and_replaces_killed_and_deleted_replicas() {
     kubectl_wait_ready(NS, NAME, Duration::from_secs(300)).expect("Ready");
     let api: Api<ReplicatedStateMachine> = Api::namespaced(client.clone(), NS);
     let o = api.get(NAME).await.expect("RSM");
-    assert_eq!(o.status.as_ref().and_then(|s| s.ready_replicas), Some(3), "2t+1 = 3 replicas");
+    assert_eq!(
+        o.status.as_ref().and_then(|s| s.ready_replicas),
+        Some(3),
+        "2t+1 = 3 replicas"
+    );
     let master = master_key(&o);
     assert_eq!(master.len(), 64, "status.byzantine.masterPublicKey: {master:?}");
 

@@ -196,7 +196,10 @@ impl Task {
 
     async fn resource_gone(&self) -> bool {
         let api: Api<Secret> = Api::namespaced(self.setup.client.clone(), &self.setup.namespace);
-        matches!(api.get_opt(&objects::master_secret_name(&self.setup.name)).await, Ok(None))
+        matches!(
+            api.get_opt(&objects::master_secret_name(&self.setup.name)).await,
+            Ok(None)
+        )
     }
 
     fn note_error(&self, error: Option<String>) {
@@ -261,7 +264,9 @@ impl Task {
 
     /// The era's master stream runs, or is resumed; members lacking the era get it.
     async fn keep_era_going(&mut self, statuses: &BTreeMap<String, StatusResponse>) {
-        let Some(era) = self.setup.master.current_era().cloned() else { return };
+        let Some(era) = self.setup.master.current_era().cloned() else {
+            return;
+        };
         if !self.setup.master.streaming() && self.setup.master.resume_stream(statuses) {
             tracing::info!(object = %self.setup.name, era = era.number, "master stream running");
         }
@@ -317,7 +322,11 @@ impl Task {
     }
 
     /// Barrier, sign, record, push. The era is in the Secret before any replica sees it.
-    async fn change_era(&mut self, target: &Config, statuses: &BTreeMap<String, StatusResponse>) -> Result<(), EraError> {
+    async fn change_era(
+        &mut self,
+        target: &Config,
+        statuses: &BTreeMap<String, StatusResponse>,
+    ) -> Result<(), EraError> {
         if self.setup.master.current_era().is_some() && !self.setup.master.streaming() {
             return Err(EraError::NotYet(
                 "the current era's master stream is not running yet (fewer than t + 1 members report it)".into(),
@@ -332,8 +341,7 @@ impl Task {
             .await
             .map_err(|e| EraError::NotYet(format!("{e:#}")))?;
         let t = self.setup.master.t;
-        self.setup.master.machine =
-            agreed_machine(statuses, t).unwrap_or_else(|| self.setup.machine.clone());
+        self.setup.master.machine = agreed_machine(statuses, t).unwrap_or_else(|| self.setup.machine.clone());
         self.setup
             .master
             .sign_era(target, start, digest, None)
@@ -343,9 +351,13 @@ impl Task {
         };
         let api: Api<Secret> = Api::namespaced(self.setup.client.clone(), &self.setup.namespace);
         let secret = objects::master_secret_name(&self.setup.name);
-        api.patch(&secret, &PatchParams::default(), &Patch::Merge(objects::era_patch(&signed)))
-            .await
-            .map_err(|e| EraError::Fatal(format!("recording era {} in Secret {secret}: {e}", target.epoch)))?;
+        api.patch(
+            &secret,
+            &PatchParams::default(),
+            &Patch::Merge(objects::era_patch(&signed)),
+        )
+        .await
+        .map_err(|e| EraError::Fatal(format!("recording era {} in Secret {secret}: {e}", target.epoch)))?;
         tracing::info!(object = %self.setup.name, era = target.epoch, start, members = target.members.len(),
             "era signed and recorded; pushing it");
         self.last_push.clear();

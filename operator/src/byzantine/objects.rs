@@ -67,7 +67,11 @@ pub fn master_secret(rsm: &ReplicatedStateMachine, key: &SigningKey) -> Result<S
             text(hex::encode(key.verifying_key().to_bytes())),
         ),
     ]);
-    secret(rsm, master_secret_name(&rsm.metadata.name.clone().unwrap_or_default()), data)
+    secret(
+        rsm,
+        master_secret_name(&rsm.metadata.name.clone().unwrap_or_default()),
+        data,
+    )
 }
 
 /// A replica's key Secret.

@@ -40,10 +40,12 @@ pub fn status(master_public_key: &str, seen: &Seen) -> ByzantineStatus {
         entry.era = s.byzantine.as_ref().and_then(|b| i64::try_from(b.era).ok());
     }
     for (reporter, e) in evidence(&seen.statuses) {
-        let entry = replicas.entry(e.peer.clone()).or_insert_with(|| ByzantineReplicaStatus {
-            id: e.peer.clone(),
-            ..Default::default()
-        });
+        let entry = replicas
+            .entry(e.peer.clone())
+            .or_insert_with(|| ByzantineReplicaStatus {
+                id: e.peer.clone(),
+                ..Default::default()
+            });
         entry.evidence.push(ByzantineEvidence {
             kind: e.kind.clone(),
             count: i64::try_from(e.count).unwrap_or(i64::MAX),
@@ -120,7 +122,14 @@ mod tests {
                 reported_by: "kv-0".into()
             }]
         );
-        assert!(s.replicas.iter().find(|r| r.id == "kv-0").expect("kv-0").evidence.is_empty());
+        assert!(
+            s.replicas
+                .iter()
+                .find(|r| r.id == "kv-0")
+                .expect("kv-0")
+                .evidence
+                .is_empty()
+        );
     }
 
     #[test]
@@ -128,7 +137,10 @@ mod tests {
         let key = keys::random_signing_key().verifying_key();
         let secret = Secret {
             data: Some(BTreeMap::from([
-                ("alice".to_string(), ByteString(hex::encode(key.to_bytes()).into_bytes())),
+                (
+                    "alice".to_string(),
+                    ByteString(hex::encode(key.to_bytes()).into_bytes()),
+                ),
                 ("..data".to_string(), ByteString(b"x".to_vec())),
                 ("bob".to_string(), ByteString(b"not a key".to_vec())),
             ])),
