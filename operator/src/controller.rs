@@ -241,7 +241,8 @@ async fn missing_secret(ctx: &Context, rsm: &ReplicatedStateMachine) -> Result<O
         None => Ok(Some(format!(
             "Secret {name} in namespace {ns} (spec.clientIdentities.secretRef) does not exist: replica pods \
              mount it and cannot start without it, so none are created. Create it with the public key of \
-             each client, e.g. `kubectl -n {ns} create secret generic {name} --from-file=alice.pub`"
+             each client under its name, e.g. `kubectl -n {ns} create secret generic {name} \
+             --from-literal=alice=$(lockstep keygen alice.key)`"
         ))),
     }
 }
