@@ -46,6 +46,7 @@ const REPUSH_EVERY: Duration = Duration::from_secs(2);
 /// How often the task looks whether its resource still exists (its master Secret is owned by
 /// the resource and garbage-collected with it); a deleted resource's master stops.
 const EXISTS_EVERY: Duration = Duration::from_secs(30);
+const IDENTITIES_EVERY: Duration = Duration::from_secs(1);
 
 /// What the master last saw, for status and metrics.
 #[derive(Clone, Debug, Default)]
@@ -139,6 +140,7 @@ pub fn start(setup: Setup, config: Option<Config>) -> Runner {
         target: rx,
         seen: seen.clone(),
         last_push: BTreeMap::new(),
+        identities: None,
         _ticker: ticker,
     };
     Runner {
@@ -154,6 +156,9 @@ struct Task {
     target: watch::Receiver<Option<Config>>,
     seen: Arc<Mutex<Seen>>,
     last_push: BTreeMap<String, Instant>,
+    /// Client identities as last read, and when (an unknown client retrying its open must not
+    /// make the master read the Secret every 100 ms).
+    identities: Option<(Instant, BTreeMap<String, VerifyingKey>)>,
     /// The master stream's ticks stop with the task (abort included).
     _ticker: TickerGuard,
 }
@@ -285,8 +290,20 @@ impl Task {
         }
     }
 
+    /// Client public keys from the `spec.clientIdentities` Secret, read at most once a second.
+    async fn client_identities(&mut self) -> BTreeMap<String, VerifyingKey> {
+        if let Some((at, ids)) = &self.identities
+            && at.elapsed() < IDENTITIES_EVERY
+        {
+            return ids.clone();
+        }
+        let ids = self.read_client_identities().await;
+        self.identities = Some((Instant::now(), ids.clone()));
+        ids
+    }
+
     /// Client public keys from the `spec.clientIdentities` Secret (identity -> key).
-    async fn client_identities(&self) -> BTreeMap<String, VerifyingKey> {
+    async fn read_client_identities(&self) -> BTreeMap<String, VerifyingKey> {
         let Some(name) = &self.setup.identities_secret else {
             return BTreeMap::new();
         };
