@@ -508,13 +508,13 @@ impl ByzMaster {
     }
 
     /// After a fail-over (a new operator leader) the current era's master stream goes on
-    /// where the old master left it: sequence number and timestamp bound as t + 1 members of
-    /// the era report them (the (t+1)-th highest is at most what some correct member holds, and
-    /// correct members agree once relays settled). False while fewer than t + 1 report it.
+    /// where the old master left it: the sequence number and timestamp bound that t + 1 members
+    /// of the era report identically. Correct members agree once relays settled (the delay
+    /// bound), and t faulty ones cannot make up a value t + 1 report. False until then.
     pub fn resume_stream(&mut self, statuses: &BTreeMap<String, StatusResponse>) -> bool {
         let Some((era, _)) = &self.era else { return false };
         let members: BTreeSet<&str> = era.members.iter().map(|m| m.id.as_str()).collect();
-        let mut reports: Vec<(u64, u64)> = statuses
+        let reports: Vec<(u64, u64)> = statuses
             .iter()
             .filter(|(id, _)| members.contains(id.as_str()))
             .filter_map(|(_, s)| s.byzantine.as_ref())
@@ -526,11 +526,13 @@ impl ByzMaster {
                     .map(|st| (st.next_seq, st.bound))
             })
             .collect();
-        if reports.len() <= self.t {
-            return false;
+        let mut counts: BTreeMap<(u64, u64), usize> = BTreeMap::new();
+        for r in reports {
+            *counts.entry(r).or_default() += 1;
         }
-        reports.sort_unstable_by(|a, b| b.cmp(a));
-        let (next_seq, bound) = reports[self.t];
+        let Some(((next_seq, bound), _)) = counts.into_iter().find(|(_, n)| *n > self.t) else {
+            return false;
+        };
         let mut s = self.stream.lock().unwrap_or_else(|e| e.into_inner());
         *s = StreamState {
             era: era.number,
