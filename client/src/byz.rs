@@ -143,6 +143,8 @@ pub struct ByzClient {
     pub noop_interval: Duration,
     /// Where to re-read the cluster info after an era change (a local cluster's directory).
     pub reload_from: Option<PathBuf>,
+    /// Or where to re-learn it from the replicas' signed era (`byz_discover`).
+    pub discover: Option<crate::byz_discover::Discovery>,
     noop_task: Option<tokio::task::JoinHandle<()>>,
     /// The vote of the last accepted answer.
     pub last_vote: VoteReport,
@@ -190,6 +192,7 @@ impl ByzClient {
             attempt_timeout: Duration::from_secs(3),
             noop_interval: Duration::from_millis(50),
             reload_from: None,
+            discover: None,
             noop_task: None,
             last_vote: VoteReport::default(),
         })
@@ -229,9 +232,33 @@ impl ByzClient {
         self.shared.tallies.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    fn reload(&self) {
-        let Some(dir) = &self.reload_from else { return };
-        let Ok(Some(info)) = load_info(dir) else { return };
+    /// A client of a cluster learned from one address (inside Kubernetes: the client
+    /// Service), verified with the master's public key; its secret key from `key_file`.
+    pub async fn discover(
+        discovery: crate::byz_discover::Discovery,
+        identity: &str,
+        key_file: &Path,
+    ) -> anyhow::Result<ByzClient> {
+        use anyhow::Context;
+        let key = keys::load_signing_key(key_file)
+            .with_context(|| format!("no key for client '{identity}' in {}", key_file.display()))?;
+        let info = crate::byz_discover::discover(&discovery, Duration::from_secs(5))
+            .await
+            .map_err(anyhow::Error::msg)?;
+        let mut c = ByzClient::new(info, identity, key)?;
+        c.discover = Some(discovery);
+        Ok(c)
+    }
+
+    async fn reload(&self) {
+        let info = if let Some(dir) = &self.reload_from {
+            load_info(dir).ok().flatten()
+        } else if let Some(d) = &self.discover {
+            crate::byz_discover::discover(d, Duration::from_secs(2)).await.ok()
+        } else {
+            None
+        };
+        let Some(info) = info else { return };
         let mut cur = self.shared.info.lock().unwrap_or_else(|e| e.into_inner());
         if info.era > cur.era
             && let Ok(chans) = channels(&info)
@@ -449,7 +476,7 @@ impl ByzClient {
         let start = Instant::now();
         let mut last = String::new();
         while start.elapsed() < self.deadline {
-            self.reload();
+            self.reload().await;
             let era = self.shared.info.lock().unwrap_or_else(|e| e.into_inner()).era;
             let session = loop {
                 let s = rand::random::<u64>() >> 1;
@@ -588,7 +615,7 @@ impl ByzClient {
                         // The stream ended (era change, removal): this item did not run.
                         last = why;
                         self.end_stream();
-                        self.reload();
+                        self.reload().await;
                         break;
                     }
                     Err(why) => {
@@ -599,7 +626,7 @@ impl ByzClient {
                             self.end_stream();
                             break;
                         }
-                        self.reload();
+                        self.reload().await;
                         let newer = self.shared.info.lock().unwrap_or_else(|e| e.into_inner()).era;
                         if newer > self.shared.stream.lock().unwrap_or_else(|e| e.into_inner()).era {
                             self.end_stream();

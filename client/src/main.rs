@@ -28,6 +28,16 @@ struct Cli {
     /// `<data-dir>/<cluster>/clients/<identity>.key`).
     #[arg(long, global = true, env = "LOCKSTEP_IDENTITY", default_value = lockstep::byz::DEFAULT_IDENTITY)]
     identity: String,
+    /// Byzantine clusters reached by address (e.g. a Kubernetes client Service, `-c kv-byz:7000`):
+    /// the configuration master's public key (hex). The client learns members, endpoints and
+    /// replica keys from the era the replicas report, and believes it only with this signature.
+    /// On Kubernetes: `kubectl get rsm NAME -o jsonpath='{.status.byzantine.masterPublicKey}'`.
+    #[arg(long, global = true, env = "LOCKSTEP_MASTER_PUBLIC_KEY")]
+    master_public_key: Option<String>,
+    /// With --master-public-key: the client's secret key file (from `lockstep keygen`);
+    /// default `<identity>.key` in the current directory.
+    #[arg(long, global = true, env = "LOCKSTEP_IDENTITY_KEY")]
+    identity_key: Option<PathBuf>,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -63,6 +73,10 @@ enum Cmd {
     /// Byzantine clusters: create a client key pair (secret in `clients/NAME.key`, public key in
     /// `client-identities/NAME`, the directory the replicas and the master read).
     AddClient { name: String },
+    /// Create a client key pair for a Byzantine cluster not run by `lockstep up` (Kubernetes):
+    /// the secret key goes to FILE (never overwritten), the public key (hex) to stdout — put it
+    /// in the `spec.clientIdentities` Secret under the client's name.
+    Keygen { file: PathBuf },
     /// Write KEY = VALUE (prints the previous value).
     Put { key: String, value: String },
     /// Read KEY (linearizable).
@@ -172,9 +186,29 @@ fn byzantine(cli: &Cli) -> Option<PathBuf> {
     dir.join(lockstep::byz::INFO_FILE).exists().then_some(dir)
 }
 
-fn byz_client(cli: &Cli) -> anyhow::Result<lockstep::byz::ByzClient> {
-    let dir = byzantine(cli).context("not a Byzantine cluster")?;
-    lockstep::byz::ByzClient::local(&dir, &cli.identity)
+/// A Byzantine cluster: a local one, or one reached by address with the master's key.
+fn byz_mode(cli: &Cli) -> bool {
+    byzantine(cli).is_some() || cli.master_public_key.is_some()
+}
+
+async fn byz_client(cli: &Cli) -> anyhow::Result<lockstep::byz::ByzClient> {
+    if let Some(dir) = byzantine(cli) {
+        return lockstep::byz::ByzClient::local(&dir, &cli.identity);
+    }
+    let master = cli.master_public_key.as_deref().context("not a Byzantine cluster")?;
+    let master = lockstep_replica::byz::keys::public_key_arg(master).context("--master-public-key")?;
+    let endpoint = cli
+        .cluster
+        .as_deref()
+        .and_then(|c| c.split(',').next())
+        .context("which cluster? pass -c HOST:PORT")?
+        .to_string();
+    let key_file = cli
+        .identity_key
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("{}.key", cli.identity)));
+    let discovery = lockstep::byz_discover::Discovery { endpoint, master };
+    lockstep::byz::ByzClient::discover(discovery, &cli.identity, &key_file).await
 }
 
 /// Print who agreed and who did not (stderr, so stdout stays the answer).
@@ -195,14 +229,14 @@ fn explain(c: &lockstep::byz::ByzClient) {
 async fn byz_command(cli: &Cli, cmd: &Cmd) -> anyhow::Result<()> {
     match cmd {
         Cmd::Put { key, value } => {
-            let mut c = byz_client(cli)?;
+            let mut c = byz_client(cli).await?;
             let prev = c.put(key, value).await;
             c.close().await;
             explain(&c);
             println!("OK (previous: {})", show(prev?));
         }
         Cmd::Get { key } => {
-            let mut c = byz_client(cli)?;
+            let mut c = byz_client(cli).await?;
             let got = c.get(key).await;
             c.close().await;
             explain(&c);
@@ -215,7 +249,7 @@ async fn byz_command(cli: &Cli, cmd: &Cmd) -> anyhow::Result<()> {
             }
         }
         Cmd::Delete { key } => {
-            let mut c = byz_client(cli)?;
+            let mut c = byz_client(cli).await?;
             let prev = c.delete(key).await;
             c.close().await;
             explain(&c);
@@ -223,7 +257,7 @@ async fn byz_command(cli: &Cli, cmd: &Cmd) -> anyhow::Result<()> {
         }
         Cmd::Cas { key, old, new } => {
             let opt = |s: &str| (s != "-").then(|| s.to_string());
-            let mut c = byz_client(cli)?;
+            let mut c = byz_client(cli).await?;
             let r = c.cas(key, opt(old).as_deref(), opt(new).as_deref()).await;
             c.close().await;
             explain(&c);
@@ -238,7 +272,7 @@ async fn byz_command(cli: &Cli, cmd: &Cmd) -> anyhow::Result<()> {
             }
         }
         Cmd::Watch { from, until } => {
-            let c = byz_client(cli)?;
+            let c = byz_client(cli).await?;
             let mut rx = c.watch(*from).await?;
             while let Some(item) = rx.recv().await {
                 let (e, vote) = item.map_err(anyhow::Error::msg)?;
@@ -270,11 +304,10 @@ async fn byz_command(cli: &Cli, cmd: &Cmd) -> anyhow::Result<()> {
             idle,
             noop_interval_ms,
         } => {
-            let dir = byzantine(cli).context("not a Byzantine cluster")?;
             let interval = Duration::from_millis((*noop_interval_ms).max(1));
             let mut idlers = Vec::new();
             for _ in 0..*idle {
-                let mut c = lockstep::byz::ByzClient::local(&dir, &cli.identity)?;
+                let mut c = byz_client(cli).await?;
                 c.noop_interval = interval;
                 idlers.push(c);
             }
@@ -286,7 +319,7 @@ async fn byz_command(cli: &Cli, cmd: &Cmd) -> anyhow::Result<()> {
             }
             let mut pool = Vec::new();
             for _ in 0..*clients {
-                let mut c = lockstep::byz::ByzClient::local(&dir, &cli.identity)?;
+                let mut c = byz_client(cli).await?;
                 c.noop_interval = interval;
                 pool.push(Some(c));
             }
@@ -331,7 +364,7 @@ async fn byz_command(cli: &Cli, cmd: &Cmd) -> anyhow::Result<()> {
 
 /// Per replica: what it reports about itself, and how it voted on a few probe reads.
 async fn byz_status(cli: &Cli, output: Format) -> anyhow::Result<()> {
-    let mut c = byz_client(cli)?;
+    let mut c = byz_client(cli).await?;
     let mut probe_error = None;
     for _ in 0..3 {
         if let Err(e) = c.get("lockstep-status-probe").await {
@@ -473,7 +506,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        cmd if byzantine(&cli).is_some() => byz_command(&cli, cmd).await,
+        Cmd::Keygen { file } => {
+            let key = lockstep_replica::byz::keys::random_signing_key();
+            if file.exists() {
+                anyhow::bail!("{} exists: not overwriting a key", file.display());
+            }
+            lockstep_replica::byz::keys::write_private(
+                file,
+                lockstep_replica::byz::keys::encode_key(&key.to_bytes()).as_bytes(),
+            )?;
+            println!("{}", hex_key(&key.verifying_key().to_bytes()));
+            Ok(())
+        }
+        cmd if byz_mode(&cli) => byz_command(&cli, cmd).await,
         Cmd::Put { key, value } => {
             let prev = client(&cli)?.put(key, value).await?;
             println!("OK (previous: {})", show(prev));

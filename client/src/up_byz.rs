@@ -9,6 +9,11 @@
 //!   moving (a crashed client stalls Lamport stability) with a master-signed tombstone, and
 //!   orders barriers (an era change; a seal for a rollout);
 //! - writes `<cluster>/byzantine.json` for clients (members, public keys, t, era).
+//!
+//! The Kubernetes operator runs the same master (`from_parts`, with no directory): it keeps the
+//! key and the signed era in a Secret instead of files, passes the client identity directory
+//! it reads from the `spec.clientIdentities` Secret, and after a fail-over continues the
+//! master stream from what t + 1 replicas report (`resume_stream`).
 
 use crate::byz::{ClusterInfo, IDENTITIES_DIR, INFO_FILE, ReplicaInfo};
 use anyhow::{Context, bail};
@@ -60,7 +65,8 @@ struct Persisted {
 }
 
 pub struct ByzMaster {
-    dir: PathBuf,
+    /// `lockstep up`: where the key, state and client info live. None: the caller persists.
+    dir: Option<PathBuf>,
     key: SigningKey,
     pub t: usize,
     pub ordering: Ordering,
@@ -104,15 +110,32 @@ impl ByzMaster {
             }
             None => None,
         };
-        Ok(ByzMaster {
-            dir: dir.to_path_buf(),
+        let mut m = ByzMaster::from_parts(key, name, t, ordering, machine, None, persisted.public_keys);
+        m.dir = Some(dir.to_path_buf());
+        m.era = era;
+        Ok(m)
+    }
+
+    /// A master whose key and last signed era are kept by the caller (the operator: a Secret).
+    pub fn from_parts(
+        key: SigningKey,
+        name: &str,
+        t: usize,
+        ordering: Ordering,
+        machine: MachineIdentity,
+        era: Option<SignedEra>,
+        public_keys: BTreeMap<String, String>,
+    ) -> ByzMaster {
+        let era = era.and_then(|signed| Era::decode(signed.era.as_slice()).ok().map(|e| (e, signed)));
+        ByzMaster {
+            dir: None,
             key,
             t,
             ordering,
             machine,
             name: name.to_string(),
             era,
-            public_keys: persisted.public_keys,
+            public_keys,
             stream: Arc::new(Mutex::new(StreamState {
                 era: 0,
                 session: 0,
@@ -124,7 +147,7 @@ impl ByzMaster {
             admitted: HashSet::new(),
             tombstoned: BTreeMap::new(),
             client_timeout: Duration::from_secs(3),
-        })
+        }
     }
 
     pub fn public_key_hex(&self) -> String {
@@ -132,7 +155,22 @@ impl ByzMaster {
     }
 
     pub fn identities_dir(&self) -> PathBuf {
-        self.dir.join(IDENTITIES_DIR)
+        self.dir.as_deref().unwrap_or(Path::new(".")).join(IDENTITIES_DIR)
+    }
+
+    /// The last era signed (the caller persists it before `open_era` pushes it).
+    pub fn signed_era(&self) -> Option<&SignedEra> {
+        self.era.as_ref().map(|(_, s)| s)
+    }
+
+    /// A replica's public key (hex), as the operator created it.
+    pub fn set_public_key(&mut self, id: &str, hex_key: String) {
+        self.public_keys.insert(id.to_string(), hex_key);
+    }
+
+    /// Whether the master's stream for the current era is running (opened or resumed).
+    pub fn streaming(&self) -> bool {
+        self.stream.lock().unwrap_or_else(|e| e.into_inner()).session != 0
     }
 
     /// Extra flags for a replica process.
@@ -154,11 +192,12 @@ impl ByzMaster {
     }
 
     fn persist(&self) -> anyhow::Result<()> {
+        let Some(dir) = &self.dir else { return Ok(()) };
         let p = Persisted {
             era: self.era.as_ref().map(|(_, s)| hex::encode(s.encode_to_vec())),
             public_keys: self.public_keys.clone(),
         };
-        lockstep_replica::write_atomically(&self.dir.join(MASTER_STATE_FILE), &serde_json::to_vec_pretty(&p)?)?;
+        lockstep_replica::write_atomically(&dir.join(MASTER_STATE_FILE), &serde_json::to_vec_pretty(&p)?)?;
         Ok(())
     }
 
@@ -184,8 +223,8 @@ impl ByzMaster {
         }
     }
 
-    /// Start the master's stream task (ticks). Call once.
-    pub fn spawn_ticker(&self) {
+    /// Start the master's stream task (ticks). Call once; abort the handle to stop it.
+    pub fn spawn_ticker(&self) -> tokio::task::JoinHandle<()> {
         let stream = self.stream.clone();
         let key = self.key.clone();
         tokio::spawn(async move {
@@ -199,7 +238,7 @@ impl ByzMaster {
                     send(&stream, &key, Body::Noop(Noop {}));
                 }
             }
-        });
+        })
     }
 
     /// Sign and send the master stream's next item to every member of the era.
@@ -207,12 +246,38 @@ impl ByzMaster {
         send(&self.stream, &self.key, body);
     }
 
-    /// Admit pending opens and remove stalled streams, from what the replicas report.
+    /// Admit pending opens and remove stalled streams, from what the replicas report (client
+    /// keys from the local identity directory).
     pub fn on_statuses(&mut self, statuses: &BTreeMap<String, StatusResponse>) {
+        let directory = keys::load_identity_dir(&self.identities_dir()).unwrap_or_default();
+        self.on_statuses_with(statuses, &directory);
+    }
+
+    /// Whether some member reports an Open this master has not admitted yet (the operator
+    /// reads the client identity Secret only then).
+    pub fn has_unadmitted_opens(&self, statuses: &BTreeMap<String, StatusResponse>) -> bool {
+        let era_no = self.era_number();
+        statuses.values().filter_map(|s| s.byzantine.as_ref()).any(|b| {
+            b.era == era_no
+                && b.pending_opens.iter().any(|o| {
+                    StreamItem::decode(o.item.as_slice())
+                        .is_ok_and(|i| i.era == era_no && !self.admitted.contains(&(i.identity, i.session)))
+                })
+        })
+    }
+
+    /// `on_statuses` with the client identity directory given (identity -> public key).
+    pub fn on_statuses_with(
+        &mut self,
+        statuses: &BTreeMap<String, StatusResponse>,
+        directory: &BTreeMap<String, ed25519_dalek::VerifyingKey>,
+    ) {
+        if !self.streaming() {
+            return;
+        }
         let Some((era, _)) = &self.era else { return };
         let era_no = era.number;
         let members: BTreeSet<String> = era.members.iter().map(|m| m.id.clone()).collect();
-        let directory = keys::load_identity_dir(&self.identities_dir()).unwrap_or_default();
         let mut opens: BTreeMap<(String, u64), SignedItem> = BTreeMap::new();
         let mut stale: BTreeMap<(String, u64), Vec<u64>> = BTreeMap::new();
         let mut at_barrier = false;
@@ -273,10 +338,15 @@ impl ByzMaster {
                 continue;
             }
             self.tombstoned.insert(slot, Instant::now());
-            println!(
-                "  removing stalled client stream {identity}/{session} at sequence {seq} (no item for {:?})",
+            let note = format!(
+                "removing stalled client stream {identity}/{session} at sequence {seq} (no item for {:?})",
                 self.client_timeout
             );
+            if self.dir.is_some() {
+                println!("  {note}");
+            } else {
+                tracing::info!(cluster = %self.name, "{note}");
+            }
             let item = StreamItem {
                 identity,
                 session,
@@ -342,6 +412,20 @@ impl ByzMaster {
         digest: Vec<u8>,
         resume: Option<MachineIdentity>,
     ) -> anyhow::Result<()> {
+        self.sign_era(config, start, digest, resume)?;
+        self.persist()?;
+        self.open_era().await
+    }
+
+    /// Sign the era of `config` and make it the current one, without telling anyone yet: the
+    /// caller persists it (`signed_era`) and then calls `open_era`.
+    pub fn sign_era(
+        &mut self,
+        config: &Config,
+        start: u64,
+        digest: Vec<u8>,
+        resume: Option<MachineIdentity>,
+    ) -> anyhow::Result<()> {
         let mut members = Vec::new();
         for m in &config.members {
             let key = self
@@ -375,11 +459,19 @@ impl ByzMaster {
             era: bytes,
         };
         self.machine = machine;
-        self.era = Some((era.clone(), signed.clone()));
-        self.persist()?;
+        self.era = Some((era, signed));
         // Nothing of the new master stream goes out before the members hold the era.
         self.stream.lock().unwrap_or_else(|e| e.into_inner()).session = 0;
         self.admitted.clear();
+        Ok(())
+    }
+
+    /// Push the current (signed, persisted) era to its members and open its master stream.
+    pub async fn open_era(&mut self) -> anyhow::Result<()> {
+        let Some((era, signed)) = self.era.clone() else {
+            bail!("no era signed yet")
+        };
+        let session = era.master_session;
         let pushes = era.members.iter().map(|m| {
             let signed = signed.clone();
             let ep = m.endpoint.clone();
@@ -409,10 +501,63 @@ impl ByzMaster {
         if ok <= self.t {
             bail!("era {} reached only {ok} members: {}", era.number, errors.join("; "));
         }
-        if !errors.is_empty() {
+        if !errors.is_empty() && self.dir.is_some() {
             println!("  era {}: not yet at {}", era.number, errors.join("; "));
         }
         Ok(())
+    }
+
+    /// After a fail-over (a new operator leader) the current era's master stream goes on
+    /// where the old master left it: the sequence number and timestamp bound that t + 1 members
+    /// of the era report identically. Correct members agree once relays settled (the delay
+    /// bound), and t faulty ones cannot make up a value t + 1 report. False until then.
+    pub fn resume_stream(&mut self, statuses: &BTreeMap<String, StatusResponse>) -> bool {
+        let Some((era, _)) = &self.era else { return false };
+        let members: BTreeSet<&str> = era.members.iter().map(|m| m.id.as_str()).collect();
+        let reports: Vec<(u64, u64)> = statuses
+            .iter()
+            .filter(|(id, _)| members.contains(id.as_str()))
+            .filter_map(|(_, s)| s.byzantine.as_ref())
+            .filter(|b| b.era == era.number)
+            .filter_map(|b| {
+                b.streams
+                    .iter()
+                    .find(|st| st.identity == keys::MASTER_IDENTITY && st.session == era.master_session)
+                    .map(|st| (st.next_seq, st.bound))
+            })
+            .collect();
+        let mut counts: BTreeMap<(u64, u64), usize> = BTreeMap::new();
+        for r in reports {
+            *counts.entry(r).or_default() += 1;
+        }
+        let Some(((next_seq, bound), _)) = counts.into_iter().find(|(_, n)| *n > self.t) else {
+            return false;
+        };
+        let mut s = self.stream.lock().unwrap_or_else(|e| e.into_inner());
+        *s = StreamState {
+            era: era.number,
+            session: era.master_session,
+            seq: next_seq.saturating_sub(1),
+            last_ts: bound.saturating_sub(1),
+            horizon: bound,
+            endpoints: era.members.iter().map(|m| m.endpoint.clone()).collect(),
+        };
+        true
+    }
+
+    /// The state the next era starts from: the current era's barrier (ordered now unless t + 1
+    /// members already stand at one), or, before the first era, the state t + 1 replicas hold
+    /// (`genesis_state`).
+    pub async fn next_era_state(&mut self, endpoints: &[String], timeout: Duration) -> anyhow::Result<(u64, Vec<u8>)> {
+        match self.current_era().cloned() {
+            None => genesis_state(endpoints, self.t, timeout)
+                .await
+                .context("no t + 1 replicas hold the same initial state yet"),
+            Some(era) => match self.barrier_reached(&era).await {
+                Some(at) => Ok(at),
+                None => self.barrier(false, timeout).await,
+            },
+        }
     }
 
     /// Re-send the current era to one replica.
@@ -428,7 +573,9 @@ impl ByzMaster {
     }
 
     fn write_info(&self) -> anyhow::Result<()> {
-        let Some((era, _)) = &self.era else { return Ok(()) };
+        let (Some((era, _)), Some(dir)) = (&self.era, &self.dir) else {
+            return Ok(());
+        };
         let info = ClusterInfo {
             name: self.name.clone(),
             t: self.t,
@@ -447,9 +594,32 @@ impl ByzMaster {
             machine_name: self.machine.name.clone(),
             machine_version: self.machine.version.clone(),
         };
-        lockstep_replica::write_atomically(&self.dir.join(INFO_FILE), &serde_json::to_vec_pretty(&info)?)?;
+        lockstep_replica::write_atomically(&dir.join(INFO_FILE), &serde_json::to_vec_pretty(&info)?)?;
         Ok(())
     }
+}
+
+/// Before the first era: the (index, digest) of the state t + 1 replicas serve as their
+/// snapshot at their own applied index (new replicas: the machine's empty state at 0). The
+/// master does not need to know the machine: a custom image's empty state is what its replicas
+/// report. None until t + 1 agree.
+pub async fn genesis_state(endpoints: &[String], t: usize, timeout: Duration) -> Option<(u64, Vec<u8>)> {
+    let probes = endpoints.iter().map(|ep| async move {
+        let status = crate::status_of(ep, timeout).await.ok()?;
+        let ch = crate::cluster_channel(ep).ok()?;
+        let mut c = ByzantineClient::new(ch).max_decoding_message_size(lockstep_proto::MAX_MESSAGE_BYTES);
+        let mut req = tonic::Request::new(lockstep_proto::FetchSnapshotRequest {
+            index: status.applied_index,
+        });
+        req.set_timeout(timeout);
+        let snap = c.fetch_snapshot(req).await.ok()?.into_inner();
+        Some((snap.index, lockstep_replica::runtime::digest(&snap.data)))
+    });
+    let mut counts: BTreeMap<(u64, Vec<u8>), usize> = BTreeMap::new();
+    for found in futures::future::join_all(probes).await.into_iter().flatten() {
+        *counts.entry(found).or_default() += 1;
+    }
+    counts.into_iter().filter(|(_, n)| *n > t).map(|(k, _)| k).max()
 }
 
 fn send(stream: &Mutex<StreamState>, key: &SigningKey, body: Body) {

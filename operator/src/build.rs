@@ -44,7 +44,7 @@ pub fn owner_reference(rsm: &ReplicatedStateMachine) -> Result<OwnerReference, B
     rsm.controller_owner_ref(&()).ok_or(BuildError::NoUid)
 }
 
-fn meta(rsm: &ReplicatedStateMachine, name: String, component: &str) -> Result<ObjectMeta, BuildError> {
+pub(crate) fn meta(rsm: &ReplicatedStateMachine, name: String, component: &str) -> Result<ObjectMeta, BuildError> {
     let cluster = rsm.name_any();
     let mut labels = cluster_labels(&cluster);
     labels.insert(COMPONENT_LABEL.into(), component.into());
@@ -228,6 +228,12 @@ pub fn replica_pod(rsm: &ReplicatedStateMachine, id: &str, machine: &MachineRef)
             value: Some(CLIENT_IDENTITIES_DIR.into()),
             ..Default::default()
         });
+    }
+    if rsm.spec.failure_model == lockstep_resource::FailureModel::Byzantine {
+        let (more_env, mount, key_volume) = crate::byzantine::objects::pod_additions(&cluster, id);
+        env.extend(more_env);
+        volume_mounts.push(mount);
+        volumes.push(key_volume);
     }
     let container = Container {
         name: REPLICA_CONTAINER.into(),

@@ -73,6 +73,8 @@ pub struct Context {
     /// have no replicas); its events trigger reconciles in [`run`].
     liveness: Option<Arc<Liveness>>,
     liveness_events: Mutex<Option<UnboundedReceiver<ObjectRef<ReplicatedStateMachine>>>>,
+    /// Byzantine mode: the configuration master task of each resource (leader only).
+    pub masters: crate::byzantine::master::Masters,
 }
 
 impl Context {
@@ -97,6 +99,7 @@ impl Context {
             applied: Mutex::default(),
             liveness: None,
             liveness_events: Mutex::default(),
+            masters: Default::default(),
         }
     }
 
@@ -191,6 +194,9 @@ async fn reconcile_inner(rsm: &ReplicatedStateMachine, ctx: &Context) -> Result<
         apply_shared_objects(ctx, rsm, &ns, decision.observed.config.as_ref()).await?;
     }
     recover_from_disk(ctx, rsm, &ns, &decision.world, &decision.from_disk).await?;
+    if crate::byzantine::is_byzantine(rsm) && !decision.desired.paused {
+        crate::byzantine::prepare(ctx, rsm, &ns, &current, &decision.plan).await?;
+    }
     let executor = Executor {
         ctx,
         rsm,
@@ -253,7 +259,8 @@ async fn missing_secret(ctx: &Context, rsm: &ReplicatedStateMachine) -> Result<O
         None => Ok(Some(format!(
             "Secret {name} in namespace {ns} (spec.clientIdentities.secretRef) does not exist: replica pods \
              mount it and cannot start without it, so none are created. Create it with the public key of \
-             each client, e.g. `kubectl -n {ns} create secret generic {name} --from-file=alice.pub`"
+             each client under its name, e.g. `kubectl -n {ns} create secret generic {name} \
+             --from-literal=alice=$(lockstep keygen alice.key)`"
         ))),
     }
 }
@@ -395,6 +402,7 @@ async fn update_status(
     let previous = rsm.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default();
     let plan = status::gate_on_pod_readiness(&d.plan, config.as_ref(), &d.world);
     s.conditions = status::conditions(&plan, rsm.meta().generation, previous, now);
+    s.byzantine = crate::byzantine::publish(ctx, rsm);
     match status::write(api, current, s).await {
         Ok(_) => Ok(true),
         Err(WriteError::Conflict) => {
@@ -495,6 +503,7 @@ pub fn caches(client: &Client) -> (Source, impl futures::Stream<Item = ()> + Sen
 /// Runs the controller until `shutdown` resolves (then finishes in-flight reconciles).
 pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
     let client = ctx.client.clone();
+    let masters = ctx.clone();
     let rsms = Api::<ReplicatedStateMachine>::all(client.clone());
     let owned = watcher::Config::default().labels(&format!("{}={}", names::MANAGED_BY_LABEL, names::MANAGER));
     let mut controller = Controller::new(rsms, watcher::Config::default().any_semantic())
@@ -515,4 +524,6 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
             }
         })
         .await;
+    // Not the leader any more (or stopping): no master stream may go on from here.
+    masters.masters.stop_all();
 }

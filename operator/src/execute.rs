@@ -213,6 +213,11 @@ impl Executor<'_> {
     /// Pushes `config` to the given replicas. Failures are logged: a replica that missed it
     /// reports the old epoch and the planner pushes again (PushConfig).
     async fn push_to<'a>(&self, config: &Config, ids: impl Iterator<Item = &'a str>) {
+        if crate::byzantine::is_byzantine(self.rsm) {
+            // Byzantine replicas take membership only from master-signed eras.
+            crate::byzantine::push(self.ctx, self.rsm, config);
+            return;
+        }
         let calls = ids
             .filter_map(|id| self.address_of(id).map(|a| (id.to_string(), a)))
             .map(|(id, addr)| {

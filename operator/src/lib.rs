@@ -9,6 +9,7 @@
 
 pub mod admin;
 pub mod build;
+pub mod byzantine;
 pub mod controller;
 pub mod crd;
 pub mod events;

@@ -22,6 +22,16 @@ pub struct ActionLabel {
     pub action: String,
 }
 
+/// Byzantine mode: evidence `reporter` holds against `replica` of resource `namespace/name`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EvidenceLabel {
+    pub namespace: String,
+    pub name: String,
+    pub replica: String,
+    pub kind: String,
+    pub reporter: String,
+}
+
 pub struct Metrics {
     pub registry: Registry,
     pub reconciles: Family<ResultLabel, Counter>,
@@ -37,6 +47,7 @@ pub struct Metrics {
     pub api_requests: Family<MethodLabel, Counter>,
     /// Resident set size, read from /proc when /metrics is scraped.
     pub resident_memory: Gauge,
+    pub byzantine_evidence: Family<EvidenceLabel, Gauge>,
 }
 
 impl Default for Metrics {
@@ -53,6 +64,12 @@ impl Default for Metrics {
         let leader = Gauge::default();
         let api_requests = Family::<MethodLabel, Counter>::default();
         let resident_memory = Gauge::default();
+        let byzantine_evidence = Family::<EvidenceLabel, Gauge>::default();
+        registry.register(
+            "byzantine_evidence",
+            "Byzantine mode: evidence (bad signatures, refused relays, equivocation, corrupt snapshots) one replica reports against another",
+            byzantine_evidence.clone(),
+        );
         registry.register(
             "reconciles",
             "Reconciliations by result (ok, error)",
@@ -109,6 +126,7 @@ impl Default for Metrics {
             leader,
             api_requests,
             resident_memory,
+            byzantine_evidence,
         }
     }
 }

@@ -224,6 +224,8 @@ pub fn compute(
         rollout: rollout.map(translate::rollout_status),
         next_ordinal: rsm.status.as_ref().and_then(|s| s.next_ordinal),
         conditions: conditions(plan, generation, previous, now),
+        // Filled by the Byzantine step (`byzantine::report`).
+        byzantine: None,
     }
 }
 

@@ -244,6 +244,48 @@ pub struct ReplicatedStateMachineStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
+    /// Byzantine mode: what the operator, as configuration master, publishes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub byzantine: Option<ByzantineStatus>,
+}
+
+/// Byzantine mode, as the configuration master (the operator) sees it.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ByzantineStatus {
+    /// The master's Ed25519 public key (hex). Clients verify the era replicas report with it:
+    /// `lockstep -c NAME:7000 --master-public-key KEY ...`.
+    pub master_public_key: String,
+    /// The era the master signed last (members, keys and bounds change only between eras).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub era: Option<i64>,
+    /// Per replica: what the other replicas hold against it. A replica that is faulty but
+    /// keeps running is never replaced by the operator; this is where it shows.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replicas: Vec<ByzantineReplicaStatus>,
+}
+
+/// One replica in Byzantine mode.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ByzantineReplicaStatus {
+    pub id: String,
+    /// The era it reports being in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub era: Option<i64>,
+    /// Evidence against it (bad signatures, refused or replayed relays, equivocation,
+    /// corrupt snapshots) as reported by other replicas.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub evidence: Vec<ByzantineEvidence>,
+}
+
+/// Evidence one replica reports against another.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ByzantineEvidence {
+    pub kind: String,
+    pub count: i64,
+    pub reported_by: String,
 }
 
 /// A lockstep rollout in progress: from one machine to another, phase by phase.

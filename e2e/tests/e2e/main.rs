@@ -8,6 +8,7 @@
 
 mod admission;
 mod beyond_t;
+mod byzantine;
 mod byzantine_example;
 mod common;
 mod deletion;

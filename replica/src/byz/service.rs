@@ -66,6 +66,8 @@ pub struct ByzShared {
     snapshot_every: u64,
     last_snapshot: Mutex<u64>,
     era_lock: tokio::sync::Mutex<()>,
+    /// The encoded SignedEra of the current era (reported in status for clients).
+    signed_era: Mutex<Vec<u8>>,
 }
 
 impl ByzShared {
@@ -614,6 +616,7 @@ async fn start_era(shared: &Arc<ByzShared>, signed: SignedEra) -> Result<EraAck,
     };
     let _ = effects;
     lockstep_replica_write_era(&shared.data_dir, &signed).map_err(|e| Status::internal(format!("{e:#}")))?;
+    *shared.signed_era.lock().unwrap_or_else(|e| e.into_inner()) = signed.encode_to_vec();
     shared
         .writer
         .barrier()
@@ -793,6 +796,11 @@ impl ByzShared {
                 evidence: core.evidence(),
                 pending_items: core.pending_items() as u64,
                 inject: self.inject.map(|b| b.name().to_string()).unwrap_or_default(),
+                signed_era: if core.era.is_some() {
+                    self.signed_era.lock().unwrap_or_else(|e| e.into_inner()).clone()
+                } else {
+                    Vec::new()
+                },
             }),
         }
     }
@@ -924,6 +932,7 @@ pub fn build(
             snapshot_every: args.snapshot_every.max(1),
             last_snapshot: Mutex::new(snapshot_index),
             era_lock: tokio::sync::Mutex::new(()),
+            signed_era: Mutex::new(Vec::new()),
         }
     });
     {

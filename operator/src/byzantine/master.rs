@@ -1,0 +1,420 @@
+//! The operator as the configuration master of Byzantine clusters: one task per resource,
+//! running only in the operator that holds the leader Lease (the controller, and so these
+//! tasks, run only there; `Masters::stop_all` ends them when the controller stops).
+//!
+//! The protocol logic is `lockstep::up_byz::ByzMaster`, the same code `lockstep up` runs; this
+//! file only feeds it (replica statuses, client keys from the `spec.clientIdentities` Secret,
+//! replica public keys from the key Secrets the operator created) and persists what it signs.
+//!
+//! Every 100 ms the task polls the replicas of the current era and of the target
+//! configuration, then:
+//! 1. without a running master stream (a fresh start, a fail-over, a new era): pushes the
+//!    persisted era to members that lack it and continues the era's master stream from what
+//!    t + 1 members report (`ByzMaster::resume_stream`) — the one code path for a fresh era
+//!    and for a new leader;
+//! 2. admits streams clients ask to open and removes stalled ones (`on_statuses_with`);
+//! 3. when the persisted configuration (status, written by the reconcile's Reconfigure) has
+//!    a newer epoch than the era: orders a barrier, signs the next era, records it in the
+//!    master Secret (before anyone sees it), and pushes it.
+//!
+//! Sequence numbers and timestamps of the master stream are not stored: they are recovered
+//! from the replicas, which must agree on them anyway. Only the key and the signed era (with
+//! its master session) are, because replicas cannot give those back trustworthily: a
+//! replica could not prove which session is the newest, and the key must never leave the
+//! operator.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ed25519_dalek::VerifyingKey;
+use k8s_openapi::api::core::v1::Secret;
+use kube::Client;
+use kube::api::{Api, Patch, PatchParams};
+use lockstep::up_byz::ByzMaster;
+use lockstep_planner::Config;
+use lockstep_proto::{MachineIdentity, StatusResponse};
+use lockstep_replica::byz::keys;
+use tokio::sync::watch;
+
+use super::objects;
+
+const POLL: Duration = Duration::from_millis(100);
+const STATUS_TIMEOUT: Duration = Duration::from_secs(1);
+const BARRIER_TIMEOUT: Duration = Duration::from_secs(30);
+const REPUSH_EVERY: Duration = Duration::from_secs(2);
+/// How often the task looks whether its resource still exists (its master Secret is owned by
+/// the resource and garbage-collected with it); a deleted resource's master stops.
+const EXISTS_EVERY: Duration = Duration::from_secs(30);
+const IDENTITIES_EVERY: Duration = Duration::from_secs(1);
+
+/// What the master last saw, for status and metrics.
+#[derive(Clone, Debug, Default)]
+pub struct Seen {
+    pub era: u64,
+    pub statuses: BTreeMap<String, StatusResponse>,
+    pub error: Option<String>,
+}
+
+/// One resource's master task.
+pub struct Runner {
+    target: watch::Sender<Option<Config>>,
+    seen: Arc<Mutex<Seen>>,
+    task: tokio::task::JoinHandle<()>,
+    pub master_public_key: String,
+}
+
+impl Runner {
+    /// Hand the master the configuration persisted in status (it moves the era there).
+    pub fn want(&self, config: Option<Config>) {
+        self.target.send_if_modified(|cur| {
+            let changed = *cur != config;
+            *cur = config;
+            changed
+        });
+    }
+
+    pub fn seen(&self) -> Seen {
+        self.seen.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+}
+
+/// The master tasks of this operator, by `namespace/name`.
+#[derive(Default)]
+pub struct Masters {
+    runners: Mutex<HashMap<String, Arc<Runner>>>,
+}
+
+impl Masters {
+    pub fn get(&self, key: &str) -> Option<Arc<Runner>> {
+        let runners = self.runners.lock().ok()?;
+        runners.get(key).filter(|r| !r.task.is_finished()).cloned()
+    }
+
+    /// Starts the task of `key` unless one runs.
+    pub fn ensure(&self, key: &str, start: impl FnOnce() -> Runner) -> Option<Arc<Runner>> {
+        let mut runners = self.runners.lock().ok()?;
+        if let Some(r) = runners.get(key).filter(|r| !r.task.is_finished()) {
+            return Some(r.clone());
+        }
+        let r = Arc::new(start());
+        runners.insert(key.to_string(), r.clone());
+        Some(r)
+    }
+
+    pub fn stop(&self, key: &str) {
+        if let Some(r) = self.runners.lock().ok().and_then(|mut m| m.remove(key)) {
+            r.task.abort();
+        }
+    }
+
+    /// Leadership lost or shutting down: no master stream may go on from here.
+    pub fn stop_all(&self) {
+        if let Ok(mut m) = self.runners.lock() {
+            for (_, r) in m.drain() {
+                r.task.abort();
+            }
+        }
+    }
+}
+
+/// Everything a master task needs.
+pub struct Setup {
+    pub client: Client,
+    pub namespace: String,
+    pub name: String,
+    pub identities_secret: Option<String>,
+    pub master: ByzMaster,
+    /// The machine to name in an era when t + 1 replicas do not agree on one yet.
+    pub machine: MachineIdentity,
+}
+
+/// Starts a master task.
+pub fn start(setup: Setup, config: Option<Config>) -> Runner {
+    let (target, rx) = watch::channel(config);
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let master_public_key = setup.master.public_key_hex();
+    let ticker = TickerGuard(setup.master.spawn_ticker());
+    let task = Task {
+        setup,
+        target: rx,
+        seen: seen.clone(),
+        last_push: BTreeMap::new(),
+        identities: None,
+        _ticker: ticker,
+    };
+    Runner {
+        target,
+        seen,
+        task: tokio::spawn(task.run()),
+        master_public_key,
+    }
+}
+
+struct Task {
+    setup: Setup,
+    target: watch::Receiver<Option<Config>>,
+    seen: Arc<Mutex<Seen>>,
+    last_push: BTreeMap<String, Instant>,
+    /// Client identities as last read, and when (an unknown client retrying its open must not
+    /// make the master read the Secret every 100 ms).
+    identities: Option<(Instant, BTreeMap<String, VerifyingKey>)>,
+    /// The master stream's ticks stop with the task (abort included).
+    _ticker: TickerGuard,
+}
+
+struct TickerGuard(tokio::task::JoinHandle<()>);
+
+impl Drop for TickerGuard {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// An error after which the task must not go on (its memory may be ahead of the Secret).
+struct Fatal(String);
+
+impl Task {
+    async fn run(mut self) {
+        let who = format!("{}/{}", self.setup.namespace, self.setup.name);
+        tracing::info!(object = %who, era = self.setup.master.era_number(), "Byzantine master started");
+        let mut checked = Instant::now();
+        loop {
+            if checked.elapsed() > EXISTS_EVERY {
+                checked = Instant::now();
+                if self.resource_gone().await {
+                    tracing::info!(object = %who, "resource deleted: its Byzantine master stops");
+                    return;
+                }
+            }
+            match self.iteration().await {
+                Ok(()) => {}
+                Err(Fatal(e)) => {
+                    tracing::error!(object = %who, error = %e, "Byzantine master stops; the next reconcile restarts it");
+                    self.note_error(Some(e));
+                    return;
+                }
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    async fn resource_gone(&self) -> bool {
+        let api: Api<Secret> = Api::namespaced(self.setup.client.clone(), &self.setup.namespace);
+        matches!(
+            api.get_opt(&objects::master_secret_name(&self.setup.name)).await,
+            Ok(None)
+        )
+    }
+
+    fn note_error(&self, error: Option<String>) {
+        if let Ok(mut s) = self.seen.lock() {
+            s.error = error;
+        }
+    }
+
+    async fn iteration(&mut self) -> Result<(), Fatal> {
+        let target = self.target.borrow().clone();
+        let statuses = self.poll(target.as_ref()).await;
+        if let Ok(mut s) = self.seen.lock() {
+            s.era = self.setup.master.era_number();
+            s.statuses = statuses.clone();
+        }
+        self.keep_era_going(&statuses).await;
+        if self.setup.master.streaming() {
+            let directory = if self.setup.master.has_unadmitted_opens(&statuses) {
+                self.client_identities().await
+            } else {
+                BTreeMap::new()
+            };
+            self.setup.master.on_statuses_with(&statuses, &directory);
+        }
+        if let Some(target) = target
+            && target.epoch > self.setup.master.era_number()
+        {
+            match self.change_era(&target, &statuses).await {
+                Ok(()) => self.note_error(None),
+                Err(EraError::Fatal(e)) => return Err(Fatal(e)),
+                Err(EraError::NotYet(e)) => {
+                    tracing::info!(object = %self.setup.name, epoch = target.epoch, reason = %e, "next era not started yet");
+                    self.note_error(Some(e));
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Status of every replica of the current era and of the target configuration, by id.
+    async fn poll(&self, target: Option<&Config>) -> BTreeMap<String, StatusResponse> {
+        let mut endpoints: BTreeMap<String, String> = BTreeMap::new();
+        if let Some(era) = self.setup.master.current_era() {
+            for m in &era.members {
+                endpoints.insert(m.id.clone(), m.endpoint.clone());
+            }
+        }
+        for m in target.iter().flat_map(|c| c.members.iter()) {
+            endpoints.insert(m.id.clone(), m.endpoint.clone());
+        }
+        let probes = endpoints.into_iter().map(|(id, ep)| async move {
+            let s = lockstep::status_of(&ep, STATUS_TIMEOUT).await;
+            (id, s)
+        });
+        futures::future::join_all(probes)
+            .await
+            .into_iter()
+            .filter_map(|(id, s)| s.ok().map(|s| (id, s)))
+            .collect()
+    }
+
+    /// The era's master stream runs, or is resumed; members lacking the era get it.
+    async fn keep_era_going(&mut self, statuses: &BTreeMap<String, StatusResponse>) {
+        let Some(era) = self.setup.master.current_era().cloned() else {
+            return;
+        };
+        if !self.setup.master.streaming() && self.setup.master.resume_stream(statuses) {
+            tracing::info!(object = %self.setup.name, era = era.number, "master stream running");
+        }
+        for m in &era.members {
+            let behind = statuses
+                .get(&m.id)
+                .and_then(|s| s.byzantine.as_ref())
+                .is_some_and(|b| b.era < era.number);
+            let due = self.last_push.get(&m.id).is_none_or(|t| t.elapsed() > REPUSH_EVERY);
+            if behind && due {
+                self.last_push.insert(m.id.clone(), Instant::now());
+                if let Err(e) = self.setup.master.push_current(&m.endpoint).await {
+                    tracing::info!(object = %self.setup.name, replica = %m.id, error = %e, "era push failed; will retry");
+                }
+            }
+        }
+    }
+
+    /// Client public keys from the `spec.clientIdentities` Secret, read at most once a second.
+    async fn client_identities(&mut self) -> BTreeMap<String, VerifyingKey> {
+        if let Some((at, ids)) = &self.identities
+            && at.elapsed() < IDENTITIES_EVERY
+        {
+            return ids.clone();
+        }
+        let ids = self.read_client_identities().await;
+        self.identities = Some((Instant::now(), ids.clone()));
+        ids
+    }
+
+    /// Client public keys from the `spec.clientIdentities` Secret (identity -> key).
+    async fn read_client_identities(&self) -> BTreeMap<String, VerifyingKey> {
+        let Some(name) = &self.setup.identities_secret else {
+            return BTreeMap::new();
+        };
+        let api: Api<Secret> = Api::namespaced(self.setup.client.clone(), &self.setup.namespace);
+        match api.get_opt(name).await {
+            Ok(Some(s)) => super::report::identities_in(&s),
+            Ok(None) => BTreeMap::new(),
+            Err(e) => {
+                tracing::warn!(object = %self.setup.name, secret = %name, error = %e, "cannot read client identities");
+                BTreeMap::new()
+            }
+        }
+    }
+
+    /// Public keys of `config`'s members from their key Secrets (created by the operator
+    /// before the pods).
+    async fn learn_member_keys(&mut self, config: &Config) -> Result<(), String> {
+        let api: Api<Secret> = Api::namespaced(self.setup.client.clone(), &self.setup.namespace);
+        for m in &config.members {
+            let name = objects::replica_key_secret_name(&m.id);
+            let secret = api
+                .get_opt(&name)
+                .await
+                .map_err(|e| format!("reading Secret {name}: {e}"))?
+                .ok_or_else(|| format!("Secret {name} (the key of {}) does not exist yet", m.id))?;
+            let key = objects::key_in(&secret, objects::REPLICA_KEY)
+                .ok_or_else(|| format!("Secret {name} holds no valid {}", objects::REPLICA_KEY))?;
+            self.setup
+                .master
+                .set_public_key(&m.id, hex::encode(key.verifying_key().to_bytes()));
+        }
+        Ok(())
+    }
+
+    /// Barrier, sign, record, push. The era is in the Secret before any replica sees it.
+    async fn change_era(
+        &mut self,
+        target: &Config,
+        statuses: &BTreeMap<String, StatusResponse>,
+    ) -> Result<(), EraError> {
+        if self.setup.master.current_era().is_some() && !self.setup.master.streaming() {
+            return Err(EraError::NotYet(
+                "the current era's master stream is not running yet (fewer than t + 1 members report it)".into(),
+            ));
+        }
+        self.learn_member_keys(target).await.map_err(EraError::NotYet)?;
+        let endpoints: Vec<String> = target.members.iter().map(|m| m.endpoint.clone()).collect();
+        let (start, digest) = self
+            .setup
+            .master
+            .next_era_state(&endpoints, BARRIER_TIMEOUT)
+            .await
+            .map_err(|e| EraError::NotYet(format!("{e:#}")))?;
+        let t = self.setup.master.t;
+        self.setup.master.machine = agreed_machine(statuses, t).unwrap_or_else(|| self.setup.machine.clone());
+        self.setup
+            .master
+            .sign_era(target, start, digest, None)
+            .map_err(|e| EraError::NotYet(format!("{e:#}")))?;
+        let Some(signed) = self.setup.master.signed_era().cloned() else {
+            return Err(EraError::Fatal("signed era vanished".into()));
+        };
+        let api: Api<Secret> = Api::namespaced(self.setup.client.clone(), &self.setup.namespace);
+        let secret = objects::master_secret_name(&self.setup.name);
+        api.patch(
+            &secret,
+            &PatchParams::default(),
+            &Patch::Merge(objects::era_patch(&signed)),
+        )
+        .await
+        .map_err(|e| EraError::Fatal(format!("recording era {} in Secret {secret}: {e}", target.epoch)))?;
+        tracing::info!(object = %self.setup.name, era = target.epoch, start, members = target.members.len(),
+            "era signed and recorded; pushing it");
+        self.last_push.clear();
+        for m in &target.members {
+            self.last_push.insert(m.id.clone(), Instant::now());
+            if let Err(e) = self.setup.master.push_current(&m.endpoint).await {
+                tracing::info!(object = %self.setup.name, replica = %m.id, error = %e, "era push failed; will retry");
+            }
+        }
+        Ok(())
+    }
+}
+
+enum EraError {
+    /// Try again later.
+    NotYet(String),
+    /// The in-memory master may be ahead of the Secret: restart from the Secret.
+    Fatal(String),
+}
+
+/// The machine identity t + 1 replicas report (what clients will see in answers).
+pub fn agreed_machine(statuses: &BTreeMap<String, StatusResponse>, t: usize) -> Option<MachineIdentity> {
+    let mut counts: BTreeMap<(String, String, String), usize> = BTreeMap::new();
+    for m in statuses.values().filter_map(|s| s.machine.as_ref()) {
+        *counts
+            .entry((m.name.clone(), m.version.clone(), m.digest.clone()))
+            .or_default() += 1;
+    }
+    counts
+        .into_iter()
+        .find(|(_, n)| *n > t)
+        .map(|((name, version, digest), _)| MachineIdentity { name, version, digest })
+}
+
+/// The master key of a Secret, or a fresh one.
+pub fn master_key_of(secret: &Secret) -> Option<ed25519_dalek::SigningKey> {
+    objects::key_in(secret, objects::MASTER_KEY)
+}
+
+/// A fresh random key (master or replica).
+pub fn fresh_key() -> ed25519_dalek::SigningKey {
+    keys::random_signing_key()
+}

@@ -1,0 +1,143 @@
+//! Byzantine mode on Kubernetes: the operator is the configuration master (docs/byzantine.md,
+//! "On Kubernetes").
+//!
+//! - `objects`: the Secrets it owns (master key + signed era; one key per replica) and what a
+//!   replica pod mounts (pure);
+//! - `master`: one task per resource, in the leader only, driving `lockstep::up_byz::ByzMaster`
+//!   (eras, the master stream, admissions, removals, barriers);
+//! - `report`: `.status.byzantine` and metrics from what the replicas report (pure).
+//!
+//! The reconcile calls `prepare` before executing a plan, `push` from its Reconfigure and
+//! PushConfig actions (instead of the fail-stop Admin.Reconfigure) and `publish` when writing
+//! status.
+
+pub mod master;
+pub mod objects;
+pub mod report;
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::ResourceExt;
+use kube::api::Api;
+use lockstep::up_byz::{ByzMaster, Ordering};
+use lockstep_planner::{Action as Step, Config, Plan};
+use lockstep_proto::MachineIdentity;
+use lockstep_resource::{ByzantineStatus, FailureModel, ReplicatedStateMachine, Stability};
+
+use crate::controller::{Context, Error, key};
+use crate::execute::create_if_absent;
+use crate::metrics::EvidenceLabel;
+use crate::translate;
+
+pub fn is_byzantine(rsm: &ReplicatedStateMachine) -> bool {
+    rsm.spec.failure_model == FailureModel::Byzantine
+}
+
+/// The ordering bounds of `spec.ordering` with the replicas' defaults (an era whose bounds
+/// differ from a replica's flags is refused, so these must be the replicas' values).
+pub fn ordering(rsm: &ReplicatedStateMachine) -> Ordering {
+    let o = rsm.spec.ordering.as_ref();
+    Ordering {
+        stability: match o.and_then(|o| o.stability) {
+            Some(Stability::PhysicalClock) => "PhysicalClock".into(),
+            _ => "LamportClock".into(),
+        },
+        max_delay_millis: o
+            .and_then(|o| o.max_delay_millis)
+            .map_or(lockstep_replica::byz::DEFAULT_MAX_DELAY_MILLIS, |v| v.max(1) as u64),
+        max_clock_skew_millis: o.and_then(|o| o.max_clock_skew_millis).map_or(0, |v| v.max(0) as u64),
+    }
+}
+
+/// Before a plan runs: key Secrets for the replicas it creates, the master Secret, and the
+/// master task with the persisted configuration.
+pub async fn prepare(
+    ctx: &Context,
+    rsm: &ReplicatedStateMachine,
+    ns: &str,
+    current: &ReplicatedStateMachine,
+    plan: &Plan,
+) -> Result<(), Error> {
+    for step in &plan.actions {
+        if let Step::CreateReplica { id, .. } = step {
+            let secret = objects::replica_key_secret(rsm, id, &master::fresh_key())?;
+            create_if_absent(ctx, ns, &secret).await?;
+        }
+    }
+    let config = translate::persisted_config(current);
+    if let Some(runner) = ctx.masters.get(&key(rsm)) {
+        runner.want(config);
+        return Ok(());
+    }
+    let secret = master_secret(ctx, rsm, ns).await?;
+    let Some(master_key) = master::master_key_of(&secret) else {
+        tracing::error!(object = %key(rsm), secret = %secret.name_any(), "the master Secret holds no valid key");
+        return Ok(());
+    };
+    let machine = MachineIdentity {
+        name: rsm.spec.machine.name.clone(),
+        version: rsm.spec.machine.version.clone(),
+        digest: String::new(),
+    };
+    let t = usize::try_from(rsm.spec.faults_tolerated).unwrap_or(1);
+    let byz = ByzMaster::from_parts(
+        master_key,
+        &rsm.name_any(),
+        t,
+        ordering(rsm),
+        machine.clone(),
+        objects::era_in(&secret),
+        BTreeMap::new(),
+    );
+    let setup = master::Setup {
+        client: ctx.client.clone(),
+        namespace: ns.to_string(),
+        name: rsm.name_any(),
+        identities_secret: rsm.spec.client_identities.as_ref().map(|c| c.secret_ref.name.clone()),
+        master: byz,
+        machine,
+    };
+    ctx.masters.ensure(&key(rsm), || master::start(setup, config));
+    Ok(())
+}
+
+/// The master Secret, created with a fresh key when missing (never replaced: replicas trust
+/// only the key they were started with).
+async fn master_secret(ctx: &Context, rsm: &ReplicatedStateMachine, ns: &str) -> Result<Secret, Error> {
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let name = objects::master_secret_name(&rsm.name_any());
+    if let Some(s) = api.get_opt(&name).await? {
+        return Ok(s);
+    }
+    let fresh = objects::master_secret(rsm, &master::fresh_key())?;
+    create_if_absent(ctx, ns, &fresh).await?;
+    Ok(api.get(&name).await?)
+}
+
+/// A Reconfigure/PushConfig of a Byzantine resource: the master moves the era there.
+pub fn push(ctx: &Context, rsm: &ReplicatedStateMachine, config: &Config) {
+    if let Some(runner) = ctx.masters.get(&key(rsm)) {
+        runner.want(Some(config.clone()));
+    }
+}
+
+/// `.status.byzantine`, and the evidence metrics.
+pub fn publish(ctx: &Context, rsm: &ReplicatedStateMachine) -> Option<ByzantineStatus> {
+    let runner = ctx.masters.get(&key(rsm))?;
+    let seen = runner.seen();
+    for (reporter, e) in report::evidence(&seen.statuses) {
+        let labels = EvidenceLabel {
+            namespace: rsm.namespace().unwrap_or_default(),
+            name: rsm.name_any(),
+            replica: e.peer.clone(),
+            kind: e.kind.clone(),
+            reporter: reporter.to_string(),
+        };
+        ctx.metrics
+            .byzantine_evidence
+            .get_or_create(&labels)
+            .set(i64::try_from(e.count).unwrap_or(i64::MAX));
+    }
+    Some(report::status(&runner.master_public_key, &seen))
+}
