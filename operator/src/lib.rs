@@ -8,6 +8,7 @@
 //! (pure compute, optimistic-concurrency write).
 
 pub mod admin;
+pub mod adopt;
 pub mod build;
 pub mod controller;
 pub mod crd;
@@ -20,5 +21,6 @@ pub mod liveness;
 pub mod metrics;
 pub mod names;
 pub mod observe;
+pub mod rsm_metrics;
 pub mod status;
 pub mod translate;

@@ -37,6 +37,8 @@ pub struct Metrics {
     pub api_requests: Family<MethodLabel, Counter>,
     /// Resident set size, read from /proc when /metrics is scraped.
     pub resident_memory: Gauge,
+    /// Per-RSM gauges (`rsm_*{namespace, name}`).
+    pub rsm: crate::rsm_metrics::RsmGauges,
 }
 
 impl Default for Metrics {
@@ -96,6 +98,8 @@ impl Default for Metrics {
             "Resident memory of the operator process",
             resident_memory.clone(),
         );
+        let rsm = crate::rsm_metrics::RsmGauges::default();
+        rsm.register(&mut registry);
         Self {
             registry,
             reconciles,
@@ -109,6 +113,7 @@ impl Default for Metrics {
             leader,
             api_requests,
             resident_memory,
+            rsm,
         }
     }
 }
@@ -118,6 +123,7 @@ impl Metrics {
         if let Some(rss) = resident_memory_bytes() {
             self.resident_memory.set(rss);
         }
+        self.rsm.refresh();
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
             out.clear();
