@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Static checks of everything under crds/, manifests/ and charts/ (no cluster needed):
 #   yamllint, kubernetes-validate (strict, against Kubernetes 1.33), helm lint + template,
-#   and the examples against the CRD's own openAPIV3Schema with check-jsonschema.
-# Tools: pip install yamllint kubernetes-validate check-jsonschema; kubectl (kustomize) and
+#   the examples against the CRD's own openAPIV3Schema with check-jsonschema, and the chart's
+#   alerts and Grafana dashboard (e2e/check-observability.py).
+# Tools: pip install yamllint kubernetes-validate check-jsonschema promql-parser; kubectl (kustomize) and
 # helm v4 on PATH (or $HELM).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -12,7 +13,7 @@ K8S_VERSION="${K8S_VERSION:-1.33.0}"
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 
-yamllint -d '{extends: relaxed, rules: {line-length: disable}}' crds manifests charts/lockstep/values.yaml charts/lockstep/Chart.yaml .github
+yamllint -d '{extends: relaxed, rules: {line-length: disable}}' crds manifests charts/lockstep/values.yaml charts/lockstep/Chart.yaml charts/lockstep/files .github
 
 # The kustomizations build (what `kubectl apply -k` and GitOps tools read), and what they
 # build is valid.
@@ -23,6 +24,9 @@ kubernetes-validate --strict --quiet -k "$K8S_VERSION" "$tmp/crds.yaml" "$tmp/in
 
 "$HELM" lint charts/lockstep
 "$HELM" lint charts/lockstep --set metrics.serviceMonitor.enabled=true
+"$HELM" lint charts/lockstep --set metrics.prometheusRule.enabled=true --set metrics.grafanaDashboard.enabled=true
+# Alerts parse as PromQL over metrics the code registers; the dashboard parses and shows them.
+python3 e2e/check-observability.py "$HELM"
 "$HELM" template lockstep charts/lockstep --namespace lockstep-system >"$tmp/chart.yaml"
 # ServiceMonitor is a prometheus-operator CRD, not in the Kubernetes schemas: validate the rest.
 kubernetes-validate --strict --quiet -k "$K8S_VERSION" "$tmp/chart.yaml"

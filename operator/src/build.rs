@@ -57,6 +57,16 @@ pub(crate) fn meta(rsm: &ReplicatedStateMachine, name: String, component: &str) 
     })
 }
 
+/// `spec.storage.retainOnDelete`: claims without an owner reference, kept when the RSM is
+/// deleted (see [`crate::adopt`]).
+pub fn retain_on_delete(rsm: &ReplicatedStateMachine) -> bool {
+    rsm.spec
+        .storage
+        .as_ref()
+        .and_then(|s| s.retain_on_delete)
+        .unwrap_or(false)
+}
+
 fn ephemeral(rsm: &ReplicatedStateMachine) -> bool {
     rsm.spec.storage.as_ref().and_then(|s| s.ephemeral).unwrap_or(false)
 }
@@ -309,6 +319,9 @@ pub fn replica_pvc(rsm: &ReplicatedStateMachine, id: &str) -> Result<Option<Pers
     let mut metadata = meta(rsm, names::pvc(id), COMPONENT_REPLICA)?;
     if let Some(labels) = metadata.labels.as_mut() {
         labels.insert(REPLICA_LABEL.into(), id.into());
+    }
+    if retain_on_delete(rsm) {
+        metadata.owner_references = None;
     }
     Ok(Some(PersistentVolumeClaim {
         metadata,

@@ -189,6 +189,11 @@ async fn reconcile_inner(rsm: &ReplicatedStateMachine, ctx: &Context) -> Result<
         Err(blocked) => return Ok(blocked),
     };
     let world = observe_world(ctx, rsm, now).await?;
+    if !desired.paused
+        && let Some(action) = crate::adopt::step(ctx, rsm, &api, &mut current, &world).await?
+    {
+        return Ok(action);
+    }
     let decision = decide(ctx, rsm, desired, world);
     if !decision.desired.paused {
         apply_shared_objects(ctx, rsm, &ns, decision.observed.config.as_ref()).await?;
@@ -403,6 +408,9 @@ async fn update_status(
     let plan = status::gate_on_pod_readiness(&d.plan, config.as_ref(), &d.world);
     s.conditions = status::conditions(&plan, rsm.meta().generation, previous, now);
     s.byzantine = crate::byzantine::publish(ctx, rsm);
+    ctx.metrics
+        .rsm
+        .record(&rsm.namespace().unwrap_or_default(), &rsm.name_any(), &s);
     match status::write(api, current, s).await {
         Ok(_) => Ok(true),
         Err(WriteError::Conflict) => {
@@ -511,6 +519,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
         .owns(Api::<Service>::all(client.clone()), owned.clone())
         .owns(Api::<ConfigMap>::all(client.clone()), owned.clone())
         .owns(Api::<PodDisruptionBudget>::all(client.clone()), owned);
+    let pruner = tokio::spawn(prune_rsm_gauges(ctx.clone(), controller.store()));
     let events = ctx.liveness_events.lock().unwrap_or_else(|e| e.into_inner()).take();
     if let Some(events) = events {
         controller = controller.reconcile_on(tokio_stream::wrappers::UnboundedReceiverStream::new(events));
@@ -526,4 +535,16 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
         .await;
     // Not the leader any more (or stopping): no master stream may go on from here.
     masters.masters.stop_all();
+    pruner.abort();
+}
+
+/// Drop the per-RSM gauges of deleted RSMs (a deleted RSM is never reconciled again).
+async fn prune_rsm_gauges(ctx: Arc<Context>, rsms: reflector::Store<ReplicatedStateMachine>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(30));
+    loop {
+        tick.tick().await;
+        ctx.metrics
+            .rsm
+            .retain(|ns, name| rsms.get(&ObjectRef::new(name).within(ns)).is_some());
+    }
 }

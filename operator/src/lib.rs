@@ -8,6 +8,7 @@
 //! (pure compute, optimistic-concurrency write).
 
 pub mod admin;
+pub mod adopt;
 pub mod build;
 pub mod byzantine;
 pub mod controller;
@@ -21,5 +22,6 @@ pub mod liveness;
 pub mod metrics;
 pub mod names;
 pub mod observe;
+pub mod rsm_metrics;
 pub mod status;
 pub mod translate;

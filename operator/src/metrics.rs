@@ -48,6 +48,8 @@ pub struct Metrics {
     /// Resident set size, read from /proc when /metrics is scraped.
     pub resident_memory: Gauge,
     pub byzantine_evidence: Family<EvidenceLabel, Gauge>,
+    /// Per-RSM gauges (`rsm_*{namespace, name}`).
+    pub rsm: crate::rsm_metrics::RsmGauges,
 }
 
 impl Default for Metrics {
@@ -113,6 +115,8 @@ impl Default for Metrics {
             "Resident memory of the operator process",
             resident_memory.clone(),
         );
+        let rsm = crate::rsm_metrics::RsmGauges::default();
+        rsm.register(&mut registry);
         Self {
             registry,
             reconciles,
@@ -127,6 +131,7 @@ impl Default for Metrics {
             api_requests,
             resident_memory,
             byzantine_evidence,
+            rsm,
         }
     }
 }
@@ -136,6 +141,7 @@ impl Metrics {
         if let Some(rss) = resident_memory_bytes() {
             self.resident_memory.set(rss);
         }
+        self.rsm.refresh();
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
             out.clear();

@@ -225,9 +225,15 @@ pub async fn world(
     Ok(World {
         replicas,
         stage_pods,
+        // A claim still owned by a deleted RSM of the same name is about to be collected.
         terminating_pvcs: pvcs
             .iter()
-            .filter(|p| p.metadata.deletion_timestamp.is_some())
+            .filter(|p| p.metadata.deletion_timestamp.is_some() || crate::adopt::owned_by_other(p, rsm))
+            .map(|p| p.name_any())
+            .collect(),
+        owned_pvcs: pvcs
+            .iter()
+            .filter(|p| crate::adopt::owned_by(p, rsm))
             .map(|p| p.name_any())
             .collect(),
         pvcs: pvcs.iter().map(|p| p.name_any()).collect(),

@@ -74,6 +74,9 @@ pub struct World {
     pub pvcs: Vec<String>,
     /// Claims being deleted (a replica id is not reused until its old claim is gone).
     pub terminating_pvcs: Vec<String>,
+    /// Claims whose owner reference names this RSM (the others have none: `retainOnDelete`,
+    /// or kept from a deleted RSM of the same name).
+    pub owned_pvcs: Vec<String>,
     /// Per replica id: consecutive quick restarts from disk (claim annotation).
     pub disk_restarts: BTreeMap<String, u32>,
     pub now: Option<Timestamp>,

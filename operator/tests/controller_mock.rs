@@ -760,3 +760,97 @@ async fn changing_t_grows_and_shrinks_through_epochs() {
     assert_eq!(h.condition("kv", "Ready").0, "True");
     assert_eq!(h.status("kv").ready_replicas, Some(2));
 }
+
+/// What the garbage collector does when the RSM is deleted: every object whose owner
+/// reference names it goes too.
+fn delete_rsm_and_collect_garbage(h: &Harness, name: &str) {
+    let mut api = lock(&h.api);
+    let uid = api.objects.remove(&rsm_path(name)).expect("RSM exists")["metadata"]["uid"].clone();
+    api.objects.retain(|_, obj| {
+        let owners = obj["metadata"]["ownerReferences"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        !owners.iter().any(|o| o["uid"] == uid)
+    });
+}
+
+#[tokio::test]
+async fn retained_volumes_outlive_the_rsm_and_a_new_one_adopts_their_configuration() {
+    let h = harness();
+    let mut kv = rsm_json("kv", 1, "1.0.0", "img:1");
+    kv["spec"]["storage"] = json!({"retainOnDelete": true});
+    h.add("kv", kv.clone());
+    h.reconcile("kv").await;
+    let claim = format!("{PVCS}/data-kv-0");
+    let owners = lock(&h.api).objects[&claim]["metadata"]["ownerReferences"].clone();
+    assert!(owners.is_null(), "a retained claim has no owner: {owners}");
+    h.run(&[("kv-0", "10.0.0.1", "n1"), ("kv-1", "10.0.0.2", "n2")], "1.0.0");
+    h.reconcile("kv").await;
+    assert_eq!(h.status("kv").epoch, Some(1));
+    assert_eq!(h.admin.epoch("10.0.0.1"), 1);
+
+    // kubectl delete rsm kv: pods, Services... go; the claims (and the data on them) stay.
+    delete_rsm_and_collect_garbage(&h, "kv");
+    assert_eq!(pods(&h.api), Vec::<String>::new());
+    assert!(lock(&h.api).objects.contains_key(&claim));
+
+    // A new RSM of the same name: the same replicas come back on their volumes...
+    h.add("kv", kv);
+    h.reconcile("kv").await;
+    let log = h.writes();
+    assert_eq!(count(&log, &format!("POST {PODS}")), 2, "{log:#?}");
+    assert_eq!(count(&log, &format!("POST {PVCS}")), 0, "no new claims: {log:#?}");
+    assert_eq!(pods(&h.api), vec!["kv-0", "kv-1"]);
+    assert_eq!(h.status("kv").epoch, None, "nothing decided before the replicas answer");
+    // ... (the kubelet starts them; the fake replicas behind the same addresses kept their
+    // configuration, as the real ones keep it on disk) ...
+    run_pod(&h.api, "kv-0", "10.0.0.1", "n1");
+    run_pod(&h.api, "kv-1", "10.0.0.2", "n2");
+    h.reconcile("kv").await;
+    // ... and their configuration becomes the master's, without a new epoch or a push.
+    let status = h.status("kv");
+    assert_eq!((status.epoch, status.primary.as_deref()), (Some(1), Some("kv-0")));
+    assert_eq!(status.next_ordinal, Some(2));
+    let log = h.log();
+    assert!(!log.iter().any(|l| l.starts_with("admin reconfigure")), "{log:#?}");
+    assert!(
+        event_notes(&h.api)
+            .iter()
+            .any(|n| n.contains("adopted configuration epoch 1")),
+        "{:#?}",
+        event_notes(&h.api)
+    );
+    h.reconcile("kv").await;
+    let writes = h.writes();
+    assert!(
+        !writes
+            .iter()
+            .any(|l| l.starts_with("POST") && !l.contains("/events") || l.starts_with("DELETE")),
+        "steady after adoption: {writes:#?}"
+    );
+    assert_eq!(h.status("kv").epoch, Some(1));
+}
+
+#[tokio::test]
+async fn claims_follow_retain_on_delete_when_it_changes() {
+    let h = harness();
+    bootstrapped_pods(&h).await;
+    h.reconcile("kv").await;
+    let claim = format!("{PVCS}/data-kv-0");
+    assert!(lock(&h.api).objects[&claim]["metadata"]["ownerReferences"].is_array());
+    {
+        let mut api = lock(&h.api);
+        let obj = api.objects.get_mut(&rsm_path("kv")).expect("RSM");
+        obj["spec"]["storage"] = json!({"retainOnDelete": true});
+    }
+    h.reconcile("kv").await;
+    assert!(h.writes().contains(&format!("PATCH {claim}")), "{:#?}", h.writes());
+    assert!(lock(&h.api).objects[&claim]["metadata"]["ownerReferences"].is_null());
+    h.reconcile("kv").await;
+    assert!(
+        !h.writes().iter().any(|l| l.contains("persistentvolumeclaims")),
+        "steady: {:#?}",
+        h.writes()
+    );
+}

@@ -24,6 +24,18 @@ pub struct Metrics {
     pub fsync_seconds: Histogram,
     pub entries_per_fsync: Histogram,
     pub snapshots: Counter,
+    /// Seconds from receiving a client request to answering it, by method (Execute, Read).
+    pub request_seconds: Family<MethodLabel, Histogram>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MethodLabel {
+    pub method: String,
+}
+
+/// 100 µs .. ~3.3 s: a commit is one network round trip plus one fsync on every voter.
+fn request_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0001, 2.0, 16))
 }
 
 impl Default for Metrics {
@@ -40,6 +52,7 @@ impl Default for Metrics {
             fsync_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             entries_per_fsync: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
             snapshots: Counter::default(),
+            request_seconds: Family::new_with_constructor(request_histogram),
         };
         m.registry
             .register("commands", "Client commands by result", m.commands.clone());
@@ -69,6 +82,11 @@ impl Default for Metrics {
             m.entries_per_fsync.clone(),
         );
         m.registry.register("snapshots", "Snapshots taken", m.snapshots.clone());
+        m.registry.register(
+            "request_seconds",
+            "Client request latency by method (Execute, Read), including rejected requests",
+            m.request_seconds.clone(),
+        );
         m
     }
 }
@@ -82,9 +100,68 @@ impl Metrics {
     pub fn count_read(&self, result: &str) {
         self.reads.get_or_create(&ResultLabel { result: result.into() }).inc();
     }
+    pub fn observe_request(&self, method: &str, took: std::time::Duration) {
+        self.request_seconds
+            .get_or_create(&MethodLabel { method: method.into() })
+            .observe(took.as_secs_f64());
+    }
     pub fn encode(&self) -> String {
         let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn request_latency_is_a_histogram_per_method() {
+        let m = Metrics::default();
+        m.observe_request("Execute", Duration::from_millis(3));
+        m.observe_request("Execute", Duration::from_secs(10));
+        m.observe_request("Read", Duration::from_micros(50));
+        let text = m.encode();
+        assert!(
+            text.contains("# TYPE lockstep_replica_request_seconds histogram"),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"lockstep_replica_request_seconds_count{method="Execute"} 2"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"lockstep_replica_request_seconds_count{method="Read"} 1"#),
+            "{text}"
+        );
+        // 10 s is past the last bound (3.3 s): only in +Inf.
+        let last_finite = text
+            .lines()
+            .filter(|l| l.starts_with("lockstep_replica_request_seconds_bucket") && l.contains(r#"method="Execute""#))
+            .rfind(|l| !l.contains("+Inf"))
+            .expect("finite buckets");
+        assert!(last_finite.ends_with(" 1"), "{last_finite}");
+        assert!(
+            text.contains(r#"lockstep_replica_request_seconds_bucket{le="+Inf",method="Execute"} 2"#),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn indexes_and_fsync_latency_are_exported() {
+        let m = Metrics::default();
+        m.commit_index.set(7);
+        m.applied_index.set(5);
+        m.fsync_seconds.observe(0.002);
+        let text = m.encode();
+        assert!(text.contains("lockstep_replica_commit_index 7"), "{text}");
+        assert!(text.contains("lockstep_replica_applied_index 5"), "{text}");
+        assert!(
+            text.contains("# TYPE lockstep_replica_fsync_seconds histogram"),
+            "{text}"
+        );
+        assert!(text.contains("lockstep_replica_fsync_seconds_count 1"), "{text}");
     }
 }

@@ -24,32 +24,7 @@ pub struct Services {
 }
 
 impl Services {
-    async fn wait<T>(&self, rx: oneshot::Receiver<Result<T, Status>>, what: &str) -> Result<T, Status> {
-        match tokio::time::timeout(COMMIT_TIMEOUT, rx).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(unknown_outcome(format!("{what} was dropped"))),
-            Err(_) => Err(unknown_outcome(format!(
-                "{what} not committed within {COMMIT_TIMEOUT:?}"
-            ))),
-        }
-    }
-
-    /// Queue `entries` for the disk. Call with the node lock held, so entries reach the
-    /// storage thread in log order.
-    fn enqueue(&self, entries: Vec<lockstep_proto::LogEntry>) {
-        if !entries.is_empty() {
-            self.shared.writer.send(crate::writer::StorageOp::Append(entries));
-        }
-    }
-
-    fn machine(&self) -> lockstep_proto::MachineIdentity {
-        self.shared.lock().identity.clone()
-    }
-}
-
-#[tonic::async_trait]
-impl Client for Services {
-    async fn execute(&self, request: Request<ExecuteRequest>) -> Result<Response<ExecuteResponse>, Status> {
+    async fn execute_inner(&self, request: Request<ExecuteRequest>) -> Result<Response<ExecuteResponse>, Status> {
         let command = request
             .into_inner()
             .command
@@ -80,7 +55,7 @@ impl Client for Services {
         }))
     }
 
-    async fn read(&self, request: Request<ReadRequest>) -> Result<Response<ReadResponse>, Status> {
+    async fn read_inner(&self, request: Request<ReadRequest>) -> Result<Response<ReadResponse>, Status> {
         let (tx, rx) = oneshot::channel();
         self.shared.lock().read(request.into_inner().query, tx);
         self.shared.poke();
@@ -92,6 +67,45 @@ impl Client for Services {
             .metrics
             .count_read(if result.is_ok() { "ok" } else { "error" });
         result.map(Response::new)
+    }
+
+    async fn wait<T>(&self, rx: oneshot::Receiver<Result<T, Status>>, what: &str) -> Result<T, Status> {
+        match tokio::time::timeout(COMMIT_TIMEOUT, rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(unknown_outcome(format!("{what} was dropped"))),
+            Err(_) => Err(unknown_outcome(format!(
+                "{what} not committed within {COMMIT_TIMEOUT:?}"
+            ))),
+        }
+    }
+
+    /// Queue `entries` for the disk. Call with the node lock held, so entries reach the
+    /// storage thread in log order.
+    fn enqueue(&self, entries: Vec<lockstep_proto::LogEntry>) {
+        if !entries.is_empty() {
+            self.shared.writer.send(crate::writer::StorageOp::Append(entries));
+        }
+    }
+
+    fn machine(&self) -> lockstep_proto::MachineIdentity {
+        self.shared.lock().identity.clone()
+    }
+}
+
+#[tonic::async_trait]
+impl Client for Services {
+    async fn execute(&self, request: Request<ExecuteRequest>) -> Result<Response<ExecuteResponse>, Status> {
+        let started = std::time::Instant::now();
+        let result = self.execute_inner(request).await;
+        self.shared.metrics.observe_request("Execute", started.elapsed());
+        result
+    }
+
+    async fn read(&self, request: Request<ReadRequest>) -> Result<Response<ReadResponse>, Status> {
+        let started = std::time::Instant::now();
+        let result = self.read_inner(request).await;
+        self.shared.metrics.observe_request("Read", started.elapsed());
+        result
     }
 
     type WatchStream = Pin<Box<dyn Stream<Item = Result<AppliedEntry, Status>> + Send>>;

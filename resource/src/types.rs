@@ -170,6 +170,10 @@ pub struct StorageSpec {
     /// Keep replica data in an emptyDir: lost with the pod, recovered by state transfer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ephemeral: Option<bool>,
+    /// Keep the claims when the RSM is deleted (default false: they are deleted with it). A
+    /// new RSM of the same name and namespace starts its replicas on them, with their data.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retain_on_delete: Option<bool>,
 }
 
 /// Placement of replica pods.
