@@ -61,6 +61,13 @@ case "$cluster" in
     step "starting the one-node Kubernetes kit"
     if [ "$fresh" = 1 ]; then "$KIT/down.sh" --purge; fi
     "$KIT/up.sh" | tail -n 3
+    # up.sh rewrites kube-proxy's configuration file, which makes an already running kube-proxy
+    # exit (a second run of this script on a running kit); without it no Service ClusterIP
+    # works. A second pass starts it again (nothing is running then to be stopped by the rewrite).
+    proxy_pid="${K8S_STATE:-/var/lib/k8s-kit}/run/kube-proxy.pid"
+    if ! { [ -f "$proxy_pid" ] && kill -0 "$(cat "$proxy_pid")" 2>/dev/null; }; then
+      "$KIT/up.sh" | tail -n 1
+    fi
     export KUBECONFIG="${K8S_STATE:-/var/lib/k8s-kit}/kubeconfig"
     step "building and loading images"
     bash e2e/images.sh kit
