@@ -218,6 +218,18 @@ fn secs_between(earlier: Timestamp, later: Timestamp) -> u64 {
     u64::try_from(d).unwrap_or(0)
 }
 
+/// The pod's spec names another image than its replica container runs: the kubelet is
+/// restarting the container in place for a rollout, and a closed connection is expected.
+fn image_change_pending(pod: &Pod) -> bool {
+    let spec_image = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.containers.iter().find(|c| c.name == names::REPLICA_CONTAINER))
+        .and_then(|c| c.image.as_deref());
+    let running_image = replica_container(pod).map(|c| c.image.as_str());
+    spec_image.is_some() && running_image.is_some() && spec_image != running_image
+}
+
 fn replica_container(pod: &Pod) -> Option<&k8s_openapi::api::core::v1::ContainerStatus> {
     pod.status
         .as_ref()?
@@ -314,9 +326,15 @@ pub fn classify(obs: &ReplicaObservation, now: Timestamp, tuning: &Tuning) -> He
         Admin::Answered(_) => Health::Running,
         Admin::NotAsked => Health::Starting,
         // A live process never refuses connections on its own listening port.
-        Admin::Failed { error, .. } if obs.connection_lost && error.starts_with("connect ") => Health::Failed {
-            reason: format!("replica process gone: it closed the operator's connection and refuses new ones ({error})"),
-        },
+        Admin::Failed { error, .. }
+            if obs.connection_lost && error.starts_with("connect ") && !image_change_pending(pod) =>
+        {
+            Health::Failed {
+                reason: format!(
+                    "replica process gone: it closed the operator's connection and refuses new ones ({error})"
+                ),
+            }
+        }
         Admin::Failed { error, since } => {
             let started = replica_container(pod)
                 .and_then(|c| c.state.as_ref())
