@@ -639,6 +639,27 @@ mod tests {
             classify(&obs(pod("Running", at(95)), refused, None), at(100), &t),
             Health::Starting
         );
+        // A rollout's in-place restart (spec names the new image, the container still the
+        // old one) closes the connection too: not a death.
+        let mut restarting = gone.clone();
+        restarting.pod.spec = Some(k8s_openapi::api::core::v1::PodSpec {
+            containers: vec![k8s_openapi::api::core::v1::Container {
+                name: names::REPLICA_CONTAINER.into(),
+                image: Some("img:2".into()),
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        if let Some(c) = restarting
+            .pod
+            .status
+            .as_mut()
+            .and_then(|s| s.container_statuses.as_mut())
+            .and_then(|cs| cs.first_mut())
+        {
+            c.image = "img:1".into();
+        }
+        assert_eq!(classify(&restarting, at(100), &t), Health::Starting);
         gone.admin = silent(at(100));
         assert_eq!(classify(&gone, at(100), &t), Health::Starting);
     }
