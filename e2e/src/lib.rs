@@ -581,3 +581,11 @@ impl<'a> Load<'a> {
         Ok(LoadOutcome { report, check, history })
     }
 }
+
+/// Creates `rsm` in `ns` and waits (as a user would, `kubectl wait`) until it is Ready.
+pub async fn create_ready(client: &Client, ns: &str, rsm: &ReplicatedStateMachine) -> Api<ReplicatedStateMachine> {
+    let api: Api<ReplicatedStateMachine> = Api::namespaced(client.clone(), ns);
+    api.create(&PostParams::default(), rsm).await.expect("RSM created");
+    kubectl_wait_ready(ns, &kube::ResourceExt::name_any(rsm), Duration::from_secs(300)).expect("Ready");
+    api
+}

@@ -5,9 +5,8 @@
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::PersistentVolumeClaim;
-use kube::api::{Api, ListParams, PostParams};
-use lockstep_e2e::{Faults, ToolsPod, condition, fresh_namespace, kubectl_wait_ready, kv_rsm, timing, wait_for};
-use lockstep_resource::ReplicatedStateMachine;
+use kube::api::{Api, ListParams};
+use lockstep_e2e::{Faults, ToolsPod, condition, fresh_namespace, kv_rsm, timing, wait_for};
 
 use crate::common::setup;
 
@@ -23,11 +22,7 @@ async fn every_replica_killed_twice_in_a_row_comes_back_from_disk() {
     let (client, images) = setup().await;
     let ns = "lockstep-e2e-beyond-t";
     fresh_namespace(&client, ns, true).await.expect("namespace");
-    let api: Api<ReplicatedStateMachine> = Api::namespaced(client.clone(), ns);
-    api.create(&PostParams::default(), &kv_rsm("kv", 1, "1.0.0", &images.replica))
-        .await
-        .expect("RSM created");
-    kubectl_wait_ready(ns, "kv", Duration::from_secs(300)).expect("Ready");
+    let api = lockstep_e2e::create_ready(&client, ns, &kv_rsm("kv", 1, "1.0.0", &images.replica)).await;
     let tools = ToolsPod::start(&client, ns, &images).await.expect("tools pod");
     let faults = Faults::start(&client, &images).await.expect("fault injector");
     let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), ns);

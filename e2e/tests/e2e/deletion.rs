@@ -16,11 +16,7 @@ async fn deleting_an_rsm_removes_what_it_owns() {
     let (client, images) = setup().await;
     let ns = "lockstep-e2e-delete";
     fresh_namespace(&client, ns, true).await.expect("namespace");
-    let api: Api<ReplicatedStateMachine> = Api::namespaced(client.clone(), ns);
-    api.create(&PostParams::default(), &kv_rsm("kv", 1, "1.0.0", &images.replica))
-        .await
-        .expect("RSM created");
-    kubectl_wait_ready(ns, "kv", Duration::from_secs(300)).expect("Ready");
+    let api = lockstep_e2e::create_ready(&client, ns, &kv_rsm("kv", 1, "1.0.0", &images.replica)).await;
     let owned = ListParams::default().labels("lockstep.dev/cluster=kv");
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
     let services: Api<Service> = Api::namespaced(client.clone(), ns);

@@ -10,9 +10,8 @@
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, EvictParams, PostParams};
-use lockstep_e2e::{OPERATOR_NS, condition, fresh_namespace, kubectl, kubectl_wait_ready, kv_rsm, primary, wait_for};
-use lockstep_resource::ReplicatedStateMachine;
+use kube::api::{Api, EvictParams};
+use lockstep_e2e::{OPERATOR_NS, condition, fresh_namespace, kubectl, kv_rsm, primary, wait_for};
 
 use crate::common::setup;
 
@@ -30,11 +29,7 @@ async fn eviction_allowed_only_while_fully_redundant() {
     let (client, images) = setup().await;
     let ns = "lockstep-e2e-evict";
     fresh_namespace(&client, ns, true).await.expect("namespace");
-    let api: Api<ReplicatedStateMachine> = Api::namespaced(client.clone(), ns);
-    api.create(&PostParams::default(), &kv_rsm("kv", 1, "1.0.0", &images.replica))
-        .await
-        .expect("RSM created");
-    kubectl_wait_ready(ns, "kv", Duration::from_secs(300)).expect("Ready");
+    let api = lockstep_e2e::create_ready(&client, ns, &kv_rsm("kv", 1, "1.0.0", &images.replica)).await;
     // The disruption controller must have counted both replicas healthy.
     let pdbs: Api<k8s_openapi::api::policy::v1::PodDisruptionBudget> = Api::namespaced(client.clone(), ns);
     wait_for(

@@ -5,13 +5,10 @@
 use std::time::{Duration, Instant};
 
 use kube::Client;
-use kube::api::{Api, PostParams};
 use lockstep_e2e::{
-    Faults, Images, Load, ToolsPod, condition, epoch, fresh_namespace, kubectl_wait_ready, kv_rsm, primary, timing,
-    wait_for, wait_until,
+    Faults, Images, Load, ToolsPod, condition, epoch, fresh_namespace, kv_rsm, primary, timing, wait_for, wait_until,
 };
 use lockstep_linearizability::{HistoryEntry, OpKind, Outcome};
-use lockstep_resource::ReplicatedStateMachine;
 
 use crate::common::setup;
 
@@ -62,11 +59,7 @@ pub async fn wait_for_progress(tools: &ToolsPod, service: &str, n: u64) {
 /// checks the outcome.
 pub async fn kill_primary_under_load(client: &Client, images: &Images, ns: &str, t: i32) {
     fresh_namespace(client, ns, true).await.expect("namespace");
-    let api: Api<ReplicatedStateMachine> = Api::namespaced(client.clone(), ns);
-    api.create(&PostParams::default(), &kv_rsm("kv", t, "1.0.0", &images.replica))
-        .await
-        .expect("RSM created");
-    kubectl_wait_ready(ns, "kv", Duration::from_secs(300)).expect("Ready");
+    let api = lockstep_e2e::create_ready(client, ns, &kv_rsm("kv", t, "1.0.0", &images.replica)).await;
     let tools = ToolsPod::start(client, ns, images).await.expect("tools pod");
     let faults = Faults::start(client, images).await.expect("fault injector");
     let obj = api.get("kv").await.expect("RSM");

@@ -4,12 +4,11 @@
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use lockstep_e2e::{
-    Faults, OPERATOR_NS, condition, epoch, fresh_namespace, kubectl_wait_ready, kv_rsm, operator_leader, primary,
-    timing, wait_for, wait_until,
+    Faults, OPERATOR_NS, condition, epoch, fresh_namespace, kv_rsm, operator_leader, primary, timing, wait_for,
+    wait_until,
 };
-use lockstep_resource::ReplicatedStateMachine;
 use serde_json::json;
 
 use crate::common::setup;
@@ -29,11 +28,7 @@ async fn a_new_operator_leader_finishes_a_replacement_and_a_rollout() {
     let (client, images) = setup().await;
     let ns = "lockstep-e2e-opfail";
     fresh_namespace(&client, ns, true).await.expect("namespace");
-    let api: Api<ReplicatedStateMachine> = Api::namespaced(client.clone(), ns);
-    api.create(&PostParams::default(), &kv_rsm("kv", 1, "1.0.0", &images.replica))
-        .await
-        .expect("RSM created");
-    kubectl_wait_ready(ns, "kv", Duration::from_secs(300)).expect("Ready");
+    let api = lockstep_e2e::create_ready(&client, ns, &kv_rsm("kv", 1, "1.0.0", &images.replica)).await;
     let faults = Faults::start(&client, &images).await.expect("fault injector");
 
     // Mid-replacement: a replica dies, the epoch moves on, then the leader goes.

@@ -5,10 +5,8 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use kube::api::{Api, Patch, PatchParams, PostParams};
-use lockstep_e2e::{
-    Load, ToolsPod, condition, condition_message, fresh_namespace, kubectl_wait_ready, kv_rsm, timing, wait_for,
-};
+use kube::api::{Patch, PatchParams};
+use lockstep_e2e::{Load, ToolsPod, condition, condition_message, fresh_namespace, kv_rsm, timing, wait_for};
 use lockstep_resource::ReplicatedStateMachine;
 use serde_json::{Value, json};
 
@@ -70,11 +68,7 @@ async fn rollout_under_load_runs_each_index_on_one_version() {
     let (client, images) = setup().await;
     let ns = "lockstep-e2e-rollout";
     fresh_namespace(&client, ns, true).await.expect("namespace");
-    let api: Api<ReplicatedStateMachine> = Api::namespaced(client.clone(), ns);
-    api.create(&PostParams::default(), &kv_rsm("kv", 1, "1.0.0", &images.replica))
-        .await
-        .expect("RSM created");
-    kubectl_wait_ready(ns, "kv", Duration::from_secs(300)).expect("Ready");
+    let api = lockstep_e2e::create_ready(&client, ns, &kv_rsm("kv", 1, "1.0.0", &images.replica)).await;
     let tools = ToolsPod::start(&client, ns, &images).await.expect("tools pod");
     let load = Load::start(&tools, "kv", 4, 50, "rollout").expect("load");
     wait_for_progress(&tools, "kv", 200).await;
@@ -171,11 +165,7 @@ async fn rollout_to_a_second_tag_and_to_a_wrong_image() {
     let (client, images) = setup().await;
     let ns = "lockstep-e2e-tags";
     fresh_namespace(&client, ns, true).await.expect("namespace");
-    let api: Api<ReplicatedStateMachine> = Api::namespaced(client.clone(), ns);
-    api.create(&PostParams::default(), &kv_rsm("kv", 1, "1.0.0", &images.replica))
-        .await
-        .expect("RSM created");
-    kubectl_wait_ready(ns, "kv", Duration::from_secs(300)).expect("Ready");
+    let api = lockstep_e2e::create_ready(&client, ns, &kv_rsm("kv", 1, "1.0.0", &images.replica)).await;
     let tools = ToolsPod::start(&client, ns, &images).await.expect("tools pod");
 
     // A promotion tag: the same image under another name. The rollout finishes and the

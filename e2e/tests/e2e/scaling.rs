@@ -3,8 +3,8 @@
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
-use lockstep_e2e::{Load, ToolsPod, condition, fresh_namespace, kubectl_wait_ready, kv_rsm, timing, wait_for};
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use lockstep_e2e::{Load, ToolsPod, condition, fresh_namespace, kv_rsm, timing, wait_for};
 use lockstep_resource::ReplicatedStateMachine;
 use serde_json::json;
 
@@ -36,11 +36,7 @@ async fn t_from_1_to_2_and_back_under_load() {
     let (client, images) = setup().await;
     let ns = "lockstep-e2e-scale";
     fresh_namespace(&client, ns, true).await.expect("namespace");
-    let api: Api<ReplicatedStateMachine> = Api::namespaced(client.clone(), ns);
-    api.create(&PostParams::default(), &kv_rsm("kv", 1, "1.0.0", &images.replica))
-        .await
-        .expect("RSM created");
-    kubectl_wait_ready(ns, "kv", Duration::from_secs(300)).expect("Ready");
+    let api = lockstep_e2e::create_ready(&client, ns, &kv_rsm("kv", 1, "1.0.0", &images.replica)).await;
     let tools = ToolsPod::start(&client, ns, &images).await.expect("tools pod");
     let load = Load::start(&tools, "kv", 4, 50, "scale").expect("load");
     wait_for_progress(&tools, "kv", 100).await;
