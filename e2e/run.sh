@@ -34,6 +34,51 @@ have_engine() {
     { command -v podman >/dev/null 2>&1 && podman info >/dev/null 2>&1; }
 }
 
+KIT_STATE="${K8S_STATE:-/var/lib/k8s-kit}"
+kit_pid_alive() { [ -f "$KIT_STATE/run/$1.pid" ] && kill -0 "$(cat "$KIT_STATE/run/$1.pid")" 2>/dev/null; }
+kit_healthy() {
+  local c
+  for c in containerd etcd apiserver controller-manager scheduler kubelet kube-proxy volumes dns; do
+    kit_pid_alive "$c" || return 1
+  done
+  curl -sf http://127.0.0.1:10256/healthz >/dev/null &&
+    KUBECONFIG="$KIT_STATE/kubeconfig" kubectl get --raw /readyz >/dev/null 2>&1
+}
+# Starts the kit unless every component already runs. Two traps in running up.sh again:
+# it rewrites kube-proxy's configuration file, which makes a running kube-proxy exit (after
+# up.sh has seen it alive), so kube-proxy is stopped first and up.sh starts a fresh one; and
+# its `ip addr show | grep -q` check can lose a SIGPIPE race under pipefail when the bridge
+# address already exists ("Address already assigned", about 1 run in 10 here), so a failed
+# up.sh is tried again, up to 20 times.
+start_kit() {
+  if kit_healthy; then echo "  the kit is already running"; return 0; fi
+  if kit_pid_alive kube-proxy; then
+    local proxy
+    proxy="$(cat "$KIT_STATE/run/kube-proxy.pid")"
+    kill "$proxy" || true
+    for _ in $(seq 50); do kill -0 "$proxy" 2>/dev/null || break; sleep 0.2; done
+    kill -9 "$proxy" 2>/dev/null || true
+  fi
+  local attempt out
+  out="$(mktemp)"
+  for attempt in $(seq 20); do
+    if "$KIT/up.sh" >"$out" 2>&1; then
+      tail -n 2 "$out"
+      break
+    fi
+    echo "e2e: the kit's up.sh failed (attempt $attempt of 20):" >&2
+    tail -n 5 "$out" | sed 's/^/  /' >&2
+    if [ "$attempt" = 20 ] || ! grep -q "Address already assigned" "$out"; then
+      rm -f "$out"
+      return 1
+    fi
+  done
+  rm -f "$out"
+  for _ in $(seq 60); do kit_healthy && return 0; sleep 1; done
+  echo "e2e: the kit did not become healthy within 60 s (pid files in $KIT_STATE/run, logs in $KIT_STATE/logs)" >&2
+  return 1
+}
+
 cluster="${LOCKSTEP_E2E_CLUSTER:-}"
 if [ -z "$cluster" ]; then
   if [ -x "$KIT/up.sh" ] && [ "$(id -u)" = 0 ]; then
@@ -60,14 +105,7 @@ case "$cluster" in
   kit)
     step "starting the one-node Kubernetes kit"
     if [ "$fresh" = 1 ]; then "$KIT/down.sh" --purge; fi
-    "$KIT/up.sh" | tail -n 3
-    # up.sh rewrites kube-proxy's configuration file, which makes an already running kube-proxy
-    # exit (a second run of this script on a running kit); without it no Service ClusterIP
-    # works. A second pass starts it again (nothing is running then to be stopped by the rewrite).
-    proxy_pid="${K8S_STATE:-/var/lib/k8s-kit}/run/kube-proxy.pid"
-    if ! { [ -f "$proxy_pid" ] && kill -0 "$(cat "$proxy_pid")" 2>/dev/null; }; then
-      "$KIT/up.sh" | tail -n 1
-    fi
+    start_kit
     export KUBECONFIG="${K8S_STATE:-/var/lib/k8s-kit}/kubeconfig"
     step "building and loading images"
     bash e2e/images.sh kit
