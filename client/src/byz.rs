@@ -33,9 +33,33 @@ pub struct ClusterInfo {
     pub replicas: Vec<ReplicaInfo>,
     pub stability: String,
     pub max_delay_millis: u64,
+    /// ε (PhysicalClock); absent in files written before it was recorded.
+    #[serde(default)]
+    pub max_skew_millis: u64,
     /// Machine the replicas must report (name, version); answers naming another are not counted.
     pub machine_name: String,
     pub machine_version: String,
+}
+
+impl ClusterInfo {
+    /// How long the order itself holds an item before it can run, whatever the load: Δ after
+    /// the item's timestamp (`PhysicalClock`), or the agreement's decision delay after the
+    /// first replica hears it (`LamportClock`). Every wait for an answer adds this, or a
+    /// cluster with a large δ (Kubernetes: hundreds of ms) could never answer in time.
+    pub fn ordering_delay(&self) -> Duration {
+        let timing = lockstep_replica::byz::order::Timing {
+            stability: lockstep_replica::byz::order::Stability::parse(&self.stability)
+                .unwrap_or(lockstep_replica::byz::order::Stability::Lamport),
+            t: self.t,
+            delay_us: self.max_delay_millis.saturating_mul(1000),
+            skew_us: self.max_skew_millis.saturating_mul(1000),
+        };
+        let us = match timing.stability {
+            lockstep_replica::byz::order::Stability::Physical => timing.execute_at(0),
+            lockstep_replica::byz::order::Stability::Lamport => timing.decide_at(0),
+        };
+        Duration::from_micros(us)
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -468,6 +492,14 @@ impl ByzClient {
         })
     }
 
+    fn ordering_delay(&self) -> Duration {
+        self.shared
+            .info
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .ordering_delay()
+    }
+
     /// Open a stream (admitted by the master), unless one is open.
     pub async fn open(&mut self) -> Result<(), ClientError> {
         if self.shared.stream.lock().unwrap_or_else(|e| e.into_inner()).open {
@@ -495,11 +527,14 @@ impl ByzClient {
                 body: Some(Body::Open(Noop {})),
             };
             let signed = lockstep_replica::byz::sign_item(&self.shared.key, &item);
+            // Two ordered items stand between an open and its answer: the open itself and
+            // the master's admission.
+            let order = 2 * self.ordering_delay();
             match Self::vote(
                 &self.shared,
                 &signed,
                 (session, 0),
-                self.attempt_timeout.max(Duration::from_secs(5)),
+                self.attempt_timeout.max(Duration::from_secs(5)) + order,
             )
             .await
             {
@@ -599,7 +634,8 @@ impl ByzClient {
                     break;
                 }
                 maybe_applied = maybe_applied || !query;
-                match Self::vote(&self.shared, &signed, slot, self.attempt_timeout.min(left)).await {
+                let attempt = (self.attempt_timeout + self.ordering_delay()).min(left);
+                match Self::vote(&self.shared, &signed, slot, attempt).await {
                     Ok(v) => {
                         self.last_vote = v.report.clone();
                         return Ok(v);
@@ -855,4 +891,47 @@ impl crate::bench::KvBackend for ByzClient {
 /// A path-friendly helper for tests and tools: the cluster directory of a local cluster.
 pub fn cluster_dir(data_dir: &Path, name: &str) -> PathBuf {
     crate::cluster::cluster_dir(data_dir, name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(stability: &str, t: usize, delay: u64, skew: u64) -> ClusterInfo {
+        ClusterInfo {
+            name: "kv".into(),
+            t,
+            era: 1,
+            replicas: vec![],
+            stability: stability.into(),
+            max_delay_millis: delay,
+            max_skew_millis: skew,
+            machine_name: "kv".into(),
+            machine_version: "1.0.0".into(),
+        }
+    }
+
+    #[test]
+    fn waits_grow_with_the_ordering_bounds() {
+        // The Kubernetes example: Δ = ε + δ + (t+1)(δ+ε) + ε = 50 + 500 + 2·550 + 50 ms.
+        let k8s = info("PhysicalClock", 1, 500, 50).ordering_delay();
+        assert!(
+            k8s >= Duration::from_millis(1700) && k8s < Duration::from_millis(1701),
+            "{k8s:?}"
+        );
+        // LamportClock decides a slot 2(t+1)δ after it is first heard.
+        let lamport = info("LamportClock", 2, 10, 0).ordering_delay();
+        assert!(
+            lamport >= Duration::from_millis(60) && lamport < Duration::from_millis(61),
+            "{lamport:?}"
+        );
+    }
+
+    #[test]
+    fn cluster_files_without_a_skew_still_parse() {
+        let old = r#"{"name":"kv","t":1,"era":2,"replicas":[],"stability":"LamportClock",
+            "max_delay_millis":10,"machine_name":"kv","machine_version":"1.0.0"}"#;
+        let parsed: ClusterInfo = serde_json::from_str(old).expect("parses");
+        assert_eq!(parsed.max_skew_millis, 0);
+    }
 }

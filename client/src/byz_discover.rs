@@ -51,6 +51,7 @@ pub fn info_of(name: &str, era: &Era) -> ClusterInfo {
             .collect(),
         stability: era.stability.clone(),
         max_delay_millis: era.max_delay_micros / 1000,
+        max_skew_millis: era.max_skew_micros / 1000,
         machine_name: machine.name,
         machine_version: machine.version,
     }

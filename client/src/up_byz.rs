@@ -591,6 +591,7 @@ impl ByzMaster {
                 .collect(),
             stability: self.ordering.stability.clone(),
             max_delay_millis: self.ordering.max_delay_millis,
+            max_skew_millis: self.ordering.max_clock_skew_millis,
             machine_name: self.machine.name.clone(),
             machine_version: self.machine.version.clone(),
         };

@@ -107,6 +107,16 @@ pub async fn client() -> Client {
     }
 }
 
+/// A client that returns 429/503/504 as they come instead of retrying them (kube's default
+/// retries a refused eviction for minutes; the eviction test needs to see the refusal).
+pub async fn client_without_retry() -> Client {
+    let mut config = kube::Config::infer()
+        .await
+        .unwrap_or_else(|e| panic!("the e2e suite needs a Kubernetes cluster: no configuration ({e})"));
+    config.default_retry = false;
+    Client::try_from(config).unwrap_or_else(|e| panic!("building a Kubernetes client: {e}"))
+}
+
 /// Prints a measurement in a form the entry point collects (`E2E-TIMING name: value`).
 pub fn timing(name: &str, value: impl std::fmt::Display) {
     let line = format!("E2E-TIMING {name}: {value}");

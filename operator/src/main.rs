@@ -110,9 +110,13 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_tracing(cli.log_json);
     let metrics = Arc::new(Metrics::default());
-    let config = kube::Config::infer()
+    let mut config = kube::Config::infer()
         .await
         .context("no Kubernetes configuration (in-cluster service account or KUBECONFIG)")?;
+    // kube retries 429/503/504 by itself, up to 15 times with a backoff that grows to minutes:
+    // one throttled call would hold a reconcile (or the Lease renewal) that long. The
+    // controller's per-object backoff and the Lease's retry period retry instead, in seconds.
+    config.default_retry = false;
     let client = kube::client::ClientBuilder::try_from(config)
         .context("building the Kubernetes client")?
         .with_layer(&metrics.api_request_layer())

@@ -49,7 +49,7 @@ async fn eviction_allowed_only_while_fully_redundant() {
         .as_ref()
         .and_then(|s| s.members.iter().find(|m| m.pod != leader).map(|m| m.pod.clone()))
         .expect("a backup");
-    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let pods: Api<Pod> = Api::namespaced(lockstep_e2e::client_without_retry().await, ns);
     let operator = StoppedOperator::stop();
     evict(&pods, &backup)
         .await
@@ -61,12 +61,24 @@ async fn eviction_allowed_only_while_fully_redundant() {
         "evicting the last up-to-date replica must be refused while redundancy is reduced"
     );
     drop(operator);
+    // The status still says Ready from before the operator stopped: wait for the evicted
+    // backup to be gone from the members.
     wait_for(
         &api,
         "kv",
         "Ready after the replacement",
         Duration::from_secs(300),
-        |o| condition(o, "Ready"),
+        |o| {
+            condition(o, "Ready")
+                && o.status.as_ref().is_some_and(|s| {
+                    let voters: Vec<_> = s
+                        .members
+                        .iter()
+                        .filter(|m| m.role.as_deref() == Some("Voter"))
+                        .collect();
+                    voters.len() == 2 && voters.iter().all(|m| m.pod != backup)
+                })
+        },
     )
     .await
     .expect("Ready again");
