@@ -167,15 +167,10 @@ timings="$(mktemp)"
 export LOCKSTEP_E2E_TIMINGS="$timings"
 # The fault injector pod outlives runs; recreate it so it runs the tool just built.
 kubectl -n lockstep-e2e-faults delete pod lockstep-e2e-tool --ignore-not-found --wait=true >/dev/null
-# Known failing, left out until fixed (issue 7): on the real cluster a Byzantine RSM becomes
-# Ready but a client's stream is never admitted ("could not open a stream: no 2 replicas agreed").
-# A filter given on the command line runs what it names, known failing or not.
-known_failing=(--skip byzantine::byzantine_rsm_votes_and_replaces_killed_and_deleted_replicas)
-if [ "${#filter[@]}" -gt 0 ]; then known_failing=(); fi
 step "running the suite"
 set +e
 cargo test --locked -p lockstep-e2e --test e2e -- --ignored --test-threads=1 --nocapture \
-  "${known_failing[@]}" "${filter[@]}"
+  "${filter[@]}"
 rc=$?
 set -e
 if [ "$rc" != 0 ]; then

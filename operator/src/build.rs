@@ -581,6 +581,11 @@ mod tests {
         let mut r = lockstep_resource::from_yaml(text).expect("example");
         r.metadata.namespace = Some("apps".into());
         r.metadata.uid = Some("u-2".into());
+        r.spec.ordering = Some(lockstep_resource::OrderingSpec {
+            stability: Some(lockstep_resource::Stability::PhysicalClock),
+            max_clock_skew_millis: Some(50),
+            max_delay_millis: Some(500),
+        });
         let pod = replica_pod(&r, "kv-byz-0", &kv()).expect("builds");
         let spec = pod.spec.expect("spec");
         let c = &spec.containers[0];

@@ -103,7 +103,7 @@ impl Executor<'_> {
             Step::Seal => self.seal(current).await,
             Step::Stage { machine } => self.stage(current, machine).await?,
             Step::RestartReplica { id, machine } => self.restart_replica(id, machine).await?,
-            Step::Resume { machine } => self.resume(current, machine).await,
+            Step::Resume { machine } => return self.resume(current, machine).await,
             Step::SetRollout { rollout } => return self.set_rollout(current, rollout.as_ref()).await,
         }
         Ok(Outcome::Continue)
@@ -273,6 +273,14 @@ impl Executor<'_> {
 
     async fn seal(&self, current: &ReplicatedStateMachine) {
         self.ctx.metrics.action("seal");
+        if crate::byzantine::is_byzantine(self.rsm) {
+            // The seal is a barrier of the master's ordered stream.
+            if crate::byzantine::seal(self.ctx, self.rsm) {
+                let note = format!("sealing barrier ordered in the master stream: {}", self.plan.summary);
+                self.event(EventType::Normal, "Sealing", "Seal", note).await;
+            }
+            return;
+        }
         let Some(addr) = self.primary_address(current) else {
             return;
         };
@@ -342,8 +350,51 @@ impl Executor<'_> {
         Ok(())
     }
 
-    async fn resume(&self, current: &ReplicatedStateMachine, machine: &MachineRef) {
+    async fn resume(&self, current: &mut ReplicatedStateMachine, machine: &MachineRef) -> Result<Outcome, Error> {
         self.ctx.metrics.action("resume");
+        if crate::byzantine::is_byzantine(self.rsm) {
+            return self.resume_byzantine(current, machine).await;
+        }
+        self.resume_fail_stop(current, machine).await;
+        Ok(Outcome::Continue)
+    }
+
+    /// Byzantine: a sealed cluster resumes with the next master-signed era. Its configuration
+    /// (same members, next epoch) is persisted first, once: while the master has not reached
+    /// the persisted epoch, an era change is already on its way.
+    async fn resume_byzantine(
+        &self,
+        current: &mut ReplicatedStateMachine,
+        machine: &MachineRef,
+    ) -> Result<Outcome, Error> {
+        let Some(config) = translate::persisted_config(current) else {
+            return Ok(Outcome::Continue);
+        };
+        let Some(era) = crate::byzantine::master_era(self.ctx, self.rsm) else {
+            return Ok(Outcome::Continue);
+        };
+        crate::byzantine::resume_under(self.ctx, self.rsm, machine);
+        if era < config.epoch {
+            return Ok(Outcome::Continue);
+        }
+        let next = Config {
+            epoch: config.epoch + 1,
+            ..config
+        };
+        let won = self.persist(current, |s| status::with_config(s, &next)).await?;
+        if !won {
+            return Ok(Outcome::Stale);
+        }
+        crate::byzantine::push(self.ctx, self.rsm, &next);
+        let note = format!(
+            "commands resume under {} {} with era {} (signed by the master once t + 1 members report it)",
+            machine.name, machine.version, next.epoch
+        );
+        self.event(EventType::Normal, "Resuming", "Resume", note).await;
+        Ok(Outcome::Continue)
+    }
+
+    async fn resume_fail_stop(&self, current: &ReplicatedStateMachine, machine: &MachineRef) {
         let Some(addr) = self.primary_address(current) else {
             return;
         };

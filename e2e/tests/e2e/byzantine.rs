@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use kube::api::Api;
+use kube::api::{Api, PatchParams};
 use lockstep_e2e::{
     Faults, ToolsPod, condition, epoch, fresh_namespace, kubectl, kubectl_wait_ready, kubectl_with_input, repo,
     wait_for, wait_until,
@@ -133,8 +133,32 @@ async fn byzantine_rsm_votes_and_replaces_killed_and_deleted_replicas() {
     let o = replaced(&api, &victim, epoch(&o)).await;
     voted_eventually(&tools, &master, &["get", "greeting"], "hello").await;
     voted_eventually(&tools, &master, &["get", "after-kill"], "yes").await;
-    let byz = o.status.and_then(|s| s.byzantine).expect("status.byzantine");
+    let byz = o.status.clone().and_then(|s| s.byzantine).expect("status.byzantine");
     println!("status.byzantine: {byz:?}");
     assert_eq!(byz.master_public_key, master, "the master key never changes");
+
+    // A lockstep rollout: the seal is a barrier of the master's stream, every replica restarts
+    // on the new image from its sealed state, and the next era resumes under the new machine.
+    api.patch(
+        NAME,
+        &PatchParams::default(),
+        &crate::rollout::set_machine("1.1.0", &images.replica_next),
+    )
+    .await
+    .expect("version changed");
+    let done = wait_for(
+        &api,
+        NAME,
+        "Byzantine rollout to 1.1.0 finished, every member reporting 1.1.0",
+        Duration::from_secs(600),
+        |o| crate::rollout::rollout_done(o, "1.1.0"),
+    )
+    .await
+    .expect("Byzantine rollout");
+    assert!(epoch(&done) > epoch(&o), "the rollout resumes in a new era");
+    voted_eventually(&tools, &master, &["get", "after-kill"], "yes").await;
+    voted_eventually(&tools, &master, &["put", "after-rollout", "1.1.0"], "OK").await;
+    let status = voted(&tools, &master, &["status", "-o", "json"]).expect("voted status");
+    assert!(status.contains("1.1.0"), "the voted answers name kv 1.1.0: {status}");
     lockstep_e2e::delete_namespace(&client, NS).await.expect("cleanup");
 }

@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use crate::common::setup;
 use crate::failover::{longest_write_pause, wait_for_progress};
 
-fn set_machine(version: &str, image: &str) -> Patch<Value> {
+pub(crate) fn set_machine(version: &str, image: &str) -> Patch<Value> {
     Patch::Merge(json!({"spec": {"machine": {"version": version, "image": image}}}))
 }
 
@@ -24,7 +24,7 @@ fn all_report(o: &ReplicatedStateMachine, version: &str) -> bool {
         .is_some_and(|s| !s.members.is_empty() && s.members.iter().all(|m| m.version.as_deref() == Some(version)))
 }
 
-fn rollout_done(o: &ReplicatedStateMachine, version: &str) -> bool {
+pub(crate) fn rollout_done(o: &ReplicatedStateMachine, version: &str) -> bool {
     condition(o, "Ready")
         && o.status
             .as_ref()

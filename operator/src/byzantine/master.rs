@@ -56,9 +56,21 @@ pub struct Seen {
     pub error: Option<String>,
 }
 
+/// What the reconcile asked of the master for a lockstep rollout (docs/byzantine.md, "On
+/// Kubernetes"): a seal barrier in the current era, and the machine the next era resumes under.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RolloutWish {
+    /// Order a sealing barrier (once per era).
+    pub seal: bool,
+    /// (name, version): the next era resumes the sealed runtime under this machine, with the
+    /// identity (digest included) t + 1 of its members report.
+    pub resume: Option<(String, String)>,
+}
+
 /// One resource's master task.
 pub struct Runner {
     target: watch::Sender<Option<Config>>,
+    wish: Arc<Mutex<RolloutWish>>,
     seen: Arc<Mutex<Seen>>,
     task: tokio::task::JoinHandle<()>,
     pub master_public_key: String,
@@ -76,6 +88,21 @@ impl Runner {
 
     pub fn seen(&self) -> Seen {
         self.seen.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// A rollout's Seal step: the master orders a sealing barrier in the current era.
+    pub fn seal(&self) {
+        if let Ok(mut w) = self.wish.lock() {
+            w.seal = true;
+        }
+    }
+
+    /// A rollout's Resume step: the next era (the caller persisted its configuration) resumes
+    /// under `name` `version`.
+    pub fn resume_under(&self, name: &str, version: &str) {
+        if let Ok(mut w) = self.wish.lock() {
+            w.resume = Some((name.to_string(), version.to_string()));
+        }
     }
 }
 
@@ -132,12 +159,15 @@ pub struct Setup {
 /// Starts a master task.
 pub fn start(setup: Setup, config: Option<Config>) -> Runner {
     let (target, rx) = watch::channel(config);
+    let wish = Arc::new(Mutex::new(RolloutWish::default()));
     let seen = Arc::new(Mutex::new(Seen::default()));
     let master_public_key = setup.master.public_key_hex();
     let ticker = TickerGuard(setup.master.spawn_ticker());
     let task = Task {
         setup,
         target: rx,
+        wish: wish.clone(),
+        sealed_era: None,
         seen: seen.clone(),
         last_push: BTreeMap::new(),
         identities: None,
@@ -145,6 +175,7 @@ pub fn start(setup: Setup, config: Option<Config>) -> Runner {
     };
     Runner {
         target,
+        wish,
         seen,
         task: tokio::spawn(task.run()),
         master_public_key,
@@ -154,6 +185,10 @@ pub fn start(setup: Setup, config: Option<Config>) -> Runner {
 struct Task {
     setup: Setup,
     target: watch::Receiver<Option<Config>>,
+    wish: Arc<Mutex<RolloutWish>>,
+    /// The era in which this task ordered a sealing barrier (one per era is enough: execution
+    /// stops at it until the next era).
+    sealed_era: Option<u64>,
     seen: Arc<Mutex<Seen>>,
     last_push: BTreeMap<String, Instant>,
     /// Client identities as last read, and when (an unknown client retrying its open must not
@@ -229,6 +264,7 @@ impl Task {
             };
             self.setup.master.on_statuses_with(&statuses, &directory);
         }
+        self.seal_if_asked(&statuses).await;
         if let Some(target) = target
             && target.epoch > self.setup.master.era_number()
         {
@@ -338,6 +374,65 @@ impl Task {
         Ok(())
     }
 
+    /// A rollout's seal: one sealing barrier in the current era, unless t + 1 members already
+    /// stand sealed at one.
+    async fn seal_if_asked(&mut self, statuses: &BTreeMap<String, StatusResponse>) {
+        let wanted = self.wish.lock().map(|w| w.seal).unwrap_or(false);
+        let Some(era) = self.setup.master.current_era().cloned() else {
+            return;
+        };
+        if !wanted || self.sealed_era == Some(era.number) || !self.setup.master.streaming() {
+            return;
+        }
+        let sealed = era
+            .members
+            .iter()
+            .filter(|m| statuses.get(&m.id).is_some_and(|s| s.sealed_at > 0))
+            .count();
+        self.sealed_era = Some(era.number);
+        if sealed > self.setup.master.t {
+            return;
+        }
+        match self.setup.master.barrier(true, BARRIER_TIMEOUT).await {
+            Ok((index, _)) => {
+                tracing::info!(object = %self.setup.name, era = era.number, index, "sealing barrier reached")
+            }
+            Err(e) => {
+                // Ordered; the rollout waits for the members to report it (or for the era).
+                tracing::warn!(object = %self.setup.name, era = era.number, error = %format!("{e:#}"),
+                    "sealing barrier not reached yet")
+            }
+        }
+        if let Ok(mut w) = self.wish.lock() {
+            w.seal = false;
+        }
+    }
+
+    /// The machine the next era resumes under, when the reconcile asked for one: the identity
+    /// t + 1 members of `target` report with the asked name and version (their restarted
+    /// binaries), digest included.
+    fn resume_machine(
+        &self,
+        target: &Config,
+        statuses: &BTreeMap<String, StatusResponse>,
+    ) -> Result<Option<MachineIdentity>, EraError> {
+        let Some((name, version)) = self.wish.lock().ok().and_then(|w| w.resume.clone()) else {
+            return Ok(None);
+        };
+        let members: BTreeMap<String, StatusResponse> = statuses
+            .iter()
+            .filter(|(id, _)| target.members.iter().any(|m| &m.id == *id))
+            .map(|(id, s)| (id.clone(), s.clone()))
+            .collect();
+        match agreed_machine(&members, self.setup.master.t) {
+            Some(m) if m.name == name && m.version == version => Ok(Some(m)),
+            other => Err(EraError::NotYet(format!(
+                "resuming under {name} {version}: t + 1 members must report it first (they agree on {})",
+                other.map_or("nothing yet".to_string(), |m| format!("{} {}", m.name, m.version))
+            ))),
+        }
+    }
+
     /// Barrier, sign, record, push. The era is in the Secret before any replica sees it.
     async fn change_era(
         &mut self,
@@ -358,11 +453,21 @@ impl Task {
             .await
             .map_err(|e| EraError::NotYet(format!("{e:#}")))?;
         let t = self.setup.master.t;
-        self.setup.master.machine = agreed_machine(statuses, t).unwrap_or_else(|| self.setup.machine.clone());
+        let resume = self.resume_machine(target, statuses)?;
+        if resume.is_none() {
+            self.setup.master.machine = agreed_machine(statuses, t).unwrap_or_else(|| self.setup.machine.clone());
+        }
         self.setup
             .master
-            .sign_era(target, start, digest, None)
+            .sign_era(target, start, digest, resume.clone())
             .map_err(|e| EraError::NotYet(format!("{e:#}")))?;
+        if let Some(m) = &resume
+            && let Ok(mut w) = self.wish.lock()
+        {
+            *w = RolloutWish::default();
+            tracing::info!(object = %self.setup.name, era = target.epoch, machine = %format!("{} {}", m.name, m.version),
+                "the next era resumes the sealed state under the new machine");
+        }
         let Some(signed) = self.setup.master.signed_era().cloned() else {
             return Err(EraError::Fatal("signed era vanished".into()));
         };

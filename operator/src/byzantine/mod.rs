@@ -122,6 +122,23 @@ pub fn push(ctx: &Context, rsm: &ReplicatedStateMachine, config: &Config) {
     }
 }
 
+/// A rollout's Seal step; false when no master runs for the resource (yet).
+pub fn seal(ctx: &Context, rsm: &ReplicatedStateMachine) -> bool {
+    ctx.masters.get(&key(rsm)).map(|r| r.seal()).is_some()
+}
+
+/// A rollout's Resume step: the next era resumes under `machine`.
+pub fn resume_under(ctx: &Context, rsm: &ReplicatedStateMachine, machine: &lockstep_planner::MachineRef) {
+    if let Some(r) = ctx.masters.get(&key(rsm)) {
+        r.resume_under(&machine.name, &machine.version);
+    }
+}
+
+/// The era the resource's master last saw itself in.
+pub fn master_era(ctx: &Context, rsm: &ReplicatedStateMachine) -> Option<u64> {
+    ctx.masters.get(&key(rsm)).map(|r| r.seen().era)
+}
+
 /// `.status.byzantine`, and the evidence metrics.
 pub fn publish(ctx: &Context, rsm: &ReplicatedStateMachine) -> Option<ByzantineStatus> {
     let runner = ctx.masters.get(&key(rsm))?;
