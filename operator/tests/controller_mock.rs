@@ -21,6 +21,11 @@ struct Harness {
 }
 
 fn harness() -> Harness {
+    harness_with(|_| {})
+}
+
+/// A harness whose context `configure` adjusts first (operator flags).
+fn harness_with(configure: impl FnOnce(&mut Context)) -> Harness {
     let log = Log::default();
     let api = Arc::new(Mutex::new(FakeApi {
         log: log.clone(),
@@ -31,16 +36,12 @@ fn harness() -> Harness {
         ..Default::default()
     });
     let metrics = Arc::new(Metrics::default());
-    let ctx = Arc::new(Context::new(
-        client(api.clone()),
-        admin.clone(),
-        metrics.clone(),
-        Source::Api,
-    ));
+    let mut ctx = Context::new(client(api.clone()), admin.clone(), metrics.clone(), Source::Api);
+    configure(&mut ctx);
     Harness {
         api,
         admin,
-        ctx,
+        ctx: Arc::new(ctx),
         log,
         metrics,
     }
@@ -214,24 +215,11 @@ async fn network_policy_shape_and_owner() {
 /// `--network-policy=false`: the operator leaves NetworkPolicies to the user.
 #[tokio::test]
 async fn network_policy_can_be_left_to_the_user() {
-    let log = Log::default();
-    let api = Arc::new(Mutex::new(FakeApi {
-        log: log.clone(),
-        ..Default::default()
-    }));
-    let mut ctx = Context::new(
-        client(api.clone()),
-        Arc::new(FakeAdmin::default()),
-        Arc::new(Metrics::default()),
-        Source::Api,
-    );
-    ctx.network_policy = None;
-    lock(&api).insert(&rsm_path("kv"), rsm_json("kv", 1, "1.0.0", "img:1"));
-    reconcile(Arc::new(rsm(&api, "kv")), Arc::new(ctx))
-        .await
-        .expect("reconcile");
-    let log = lock(&log).clone();
-    assert!(log.iter().any(|l| l.starts_with(&format!("POST {PODS}"))), "{log:#?}");
+    let h = harness_with(|ctx| ctx.network_policy = None);
+    h.add("kv", rsm_json("kv", 1, "1.0.0", "img:1"));
+    h.reconcile("kv").await;
+    let log = h.writes();
+    assert_eq!(count(&log, &format!("POST {PODS}")), 2, "{log:#?}");
     assert!(!log.iter().any(|l| l.contains("networkpolicies")), "{log:#?}");
 }
 
