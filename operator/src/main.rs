@@ -5,8 +5,11 @@
 //!
 //! ```sh
 //! kubectl apply --server-side -k crds/
-//! cargo run -p lockstep-operator --bin lockstep-operator -- --admin-address dns
+//! cargo run -p lockstep-operator --bin lockstep-operator -- --admin-address dns --network-policy=false
 //! ```
+//!
+//! (`--network-policy=false`: the NetworkPolicies the operator creates admit only its in-cluster
+//! pods; see docs/security.md.)
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
