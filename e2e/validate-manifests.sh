@@ -30,8 +30,36 @@ python3 e2e/check-observability.py "$HELM"
 "$HELM" template lockstep charts/lockstep --namespace lockstep-system >"$tmp/chart.yaml"
 # ServiceMonitor is a prometheus-operator CRD, not in the Kubernetes schemas: validate the rest.
 kubernetes-validate --strict --quiet -k "$K8S_VERSION" "$tmp/chart.yaml"
+# One least-privilege ClusterRole, two install paths: the chart's rules are the manifests' rules.
+# Both operator Deployments satisfy Pod Security Admission `restricted` (explicitly, not by the
+# image's defaults), and the chart renders the networkPolicy switch.
+python3 - "$tmp/install.yaml" "$tmp/chart.yaml" <<'PY'
+import sys, yaml
+def docs(path):
+    return [d for d in yaml.safe_load_all(open(path)) if d]
+def one(ds, kind):
+    found = [d for d in ds if d["kind"] == kind]
+    assert len(found) == 1, f"one {kind}, found {len(found)}"
+    return found[0]
+install, chart = docs(sys.argv[1]), docs(sys.argv[2])
+if one(install, "ClusterRole")["rules"] != one(chart, "ClusterRole")["rules"]:
+    sys.exit("the chart's ClusterRole rules differ from manifests/01-rbac.yaml")
+for name, ds in (("manifests", install), ("chart", chart)):
+    spec = one(ds, "Deployment")["spec"]["template"]["spec"]
+    pod = spec.get("securityContext", {})
+    assert pod.get("runAsNonRoot") is True and isinstance(pod.get("runAsUser"), int) and pod["runAsUser"] > 0, name
+    assert pod.get("seccompProfile", {}).get("type") == "RuntimeDefault", name
+    for c in spec["containers"]:
+        sc = c.get("securityContext", {})
+        assert sc.get("allowPrivilegeEscalation") is False and sc.get("readOnlyRootFilesystem") is True, name
+        assert sc.get("capabilities", {}).get("drop") == ["ALL"], name
+PY
+if ! "$HELM" template lockstep charts/lockstep --set networkPolicy.enabled=false | grep -q -- '--network-policy=false'; then
+  echo "chart: networkPolicy.enabled=false must reach the operator as --network-policy=false" >&2
+  exit 1
+fi
 # values.schema.json: a value of the wrong type fails with a message naming it.
-for bad in replicaCount=two image.pullPolicy=Sometimes leaderElection.enabled=maybe; do
+for bad in replicaCount=two image.pullPolicy=Sometimes leaderElection.enabled=maybe networkPolicy.enabled=maybe; do
   if "$HELM" template lockstep charts/lockstep --set "$bad" >/dev/null 2>&1; then
     echo "charts/lockstep/values.schema.json must reject --set $bad" >&2
     exit 1

@@ -12,6 +12,9 @@ use k8s_openapi::api::core::v1::{
     SeccompProfile, SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
     VolumeResourceRequirements, WeightedPodAffinityTerm,
 };
+use k8s_openapi::api::networking::v1::{
+    NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec,
+};
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, OwnerReference};
@@ -438,6 +441,103 @@ pub fn pdb(rsm: &ReplicatedStateMachine) -> Result<PodDisruptionBudget, BuildErr
             ..Default::default()
         }),
         status: None,
+    })
+}
+
+/// Where the operator's own pods run, so the NetworkPolicy of every cluster lets them in.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OperatorPods {
+    /// The operator's namespace (its `POD_NAMESPACE`).
+    pub namespace: String,
+    /// Labels every operator pod carries (a subset of its pod template's labels).
+    pub labels: BTreeMap<String, String>,
+}
+
+impl Default for OperatorPods {
+    /// The install of `manifests/` (the chart's pods carry the same name label).
+    fn default() -> Self {
+        Self {
+            namespace: "lockstep-system".into(),
+            labels: BTreeMap::from([(NAME_LABEL.to_string(), MANAGER.to_string())]),
+        }
+    }
+}
+
+fn tcp_port(port: i32) -> NetworkPolicyPort {
+    NetworkPolicyPort {
+        port: Some(IntOrString::Int(port)),
+        protocol: Some("TCP".into()),
+        ..Default::default()
+    }
+}
+
+/// Ingress to the replica pods of one cluster (docs/security.md). Egress is not restricted.
+///
+/// - gRPC (peer and admin APIs, and the client API on the same port): from the cluster's
+///   own replicas and the operator's pods;
+/// - gRPC for clients: from `spec.network.clientFrom`, or from everywhere when it is absent
+///   (an empty list adds no rule: an ingress rule with no sources would admit everyone);
+/// - HTTP (/healthz, /readyz, /metrics): from the operator's pods (liveness connections,
+///   section 4 of operator-design.md) and from pods of the cluster's namespace. Kubelet
+///   probes come from the pod's own node, which a NetworkPolicy cannot block.
+pub fn network_policy(rsm: &ReplicatedStateMachine, operator: &OperatorPods) -> Result<NetworkPolicy, BuildError> {
+    let cluster = rsm.name_any();
+    let replicas = NetworkPolicyPeer {
+        pod_selector: Some(LabelSelector {
+            match_labels: Some(replica_selector(&cluster)),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let operator_pods = NetworkPolicyPeer {
+        namespace_selector: Some(LabelSelector {
+            match_labels: Some(BTreeMap::from([(
+                "kubernetes.io/metadata.name".to_string(),
+                operator.namespace.clone(),
+            )])),
+            ..Default::default()
+        }),
+        pod_selector: Some(LabelSelector {
+            match_labels: Some(operator.labels.clone()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let same_namespace = NetworkPolicyPeer {
+        pod_selector: Some(LabelSelector::default()),
+        ..Default::default()
+    };
+    let mut ingress = vec![NetworkPolicyIngressRule {
+        from: Some(vec![replicas, operator_pods.clone()]),
+        ports: Some(vec![tcp_port(GRPC_PORT)]),
+    }];
+    let client_from = rsm.spec.network.as_ref().and_then(|n| n.client_from.clone());
+    match client_from {
+        None => ingress.push(NetworkPolicyIngressRule {
+            from: None,
+            ports: Some(vec![tcp_port(GRPC_PORT)]),
+        }),
+        Some(peers) if peers.is_empty() => {}
+        Some(peers) => ingress.push(NetworkPolicyIngressRule {
+            from: Some(peers),
+            ports: Some(vec![tcp_port(GRPC_PORT)]),
+        }),
+    }
+    ingress.push(NetworkPolicyIngressRule {
+        from: Some(vec![operator_pods, same_namespace]),
+        ports: Some(vec![tcp_port(HTTP_PORT)]),
+    });
+    Ok(NetworkPolicy {
+        metadata: meta(rsm, names::network_policy(&cluster), COMPONENT_REPLICA)?,
+        spec: Some(NetworkPolicySpec {
+            pod_selector: Some(LabelSelector {
+                match_labels: Some(replica_selector(&cluster)),
+                ..Default::default()
+            }),
+            policy_types: Some(vec!["Ingress".into()]),
+            ingress: Some(ingress),
+            ..Default::default()
+        }),
     })
 }
 

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, PersistentVolumeClaim, Pod, Secret, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
@@ -61,6 +62,9 @@ pub struct Context {
     pub default_image: Option<String>,
     pub source: Source,
     pub admin_address: AdminAddress,
+    /// Where the operator's pods run, for the NetworkPolicy of every cluster; `None`: the
+    /// operator manages no NetworkPolicies (`--network-policy=false`).
+    pub network_policy: Option<build::OperatorPods>,
     /// Requeue interval when nothing is changing.
     pub steady_requeue: Duration,
     /// Requeue interval while converging.
@@ -92,6 +96,7 @@ impl Context {
             default_image: None,
             source,
             admin_address: AdminAddress::PodIp,
+            network_policy: Some(build::OperatorPods::default()),
             steady_requeue: Duration::from_secs(60),
             busy_requeue: Duration::from_secs(2),
             unreachable: Mutex::default(),
@@ -303,7 +308,8 @@ fn decide(ctx: &Context, rsm: &ReplicatedStateMachine, desired: planner::Desired
     }
 }
 
-/// Step 4: the Services, PDB and ConfigMap every cluster has (skipped while paused).
+/// Step 4: the Services, PDB, ConfigMap and NetworkPolicy every cluster has (skipped while
+/// paused).
 async fn apply_shared_objects(
     ctx: &Context,
     rsm: &ReplicatedStateMachine,
@@ -324,6 +330,15 @@ async fn apply_shared_objects(
         caches.map(|c| &c.config_maps),
     )
     .await?;
+    if let Some(operator) = &ctx.network_policy {
+        apply(
+            ctx,
+            ns,
+            &build::network_policy(rsm, operator)?,
+            caches.map(|c| &c.network_policies),
+        )
+        .await?;
+    }
     Ok(())
 }
 
@@ -493,8 +508,9 @@ pub fn caches(client: &Client) -> (Source, impl futures::Stream<Item = ()> + Sen
     let (nodes, s3) = cached(Api::<Node>::all(client.clone()), watcher::Config::default());
     let (services, s4) = cached(Api::<Service>::all(client.clone()), managed.clone());
     let (config_maps, s5) = cached(Api::<ConfigMap>::all(client.clone()), managed.clone());
-    let (pdbs, s6) = cached(Api::<PodDisruptionBudget>::all(client.clone()), managed);
-    let drive = futures::stream::select_all([s1, s2, s3, s4, s5, s6]);
+    let (pdbs, s6) = cached(Api::<PodDisruptionBudget>::all(client.clone()), managed.clone());
+    let (network_policies, s7) = cached(Api::<NetworkPolicy>::all(client.clone()), managed);
+    let drive = futures::stream::select_all([s1, s2, s3, s4, s5, s6, s7]);
     (
         Source::Cache(observe::Caches {
             pods,
@@ -503,6 +519,7 @@ pub fn caches(client: &Client) -> (Source, impl futures::Stream<Item = ()> + Sen
             services,
             config_maps,
             pdbs,
+            network_policies,
         }),
         drive,
     )
@@ -518,7 +535,8 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
         .owns(Api::<Pod>::all(client.clone()), owned.clone())
         .owns(Api::<Service>::all(client.clone()), owned.clone())
         .owns(Api::<ConfigMap>::all(client.clone()), owned.clone())
-        .owns(Api::<PodDisruptionBudget>::all(client.clone()), owned);
+        .owns(Api::<PodDisruptionBudget>::all(client.clone()), owned.clone())
+        .owns(Api::<NetworkPolicy>::all(client.clone()), owned);
     let pruner = tokio::spawn(prune_rsm_gauges(ctx.clone(), controller.store()));
     let events = ctx.liveness_events.lock().unwrap_or_else(|e| e.into_inner()).take();
     if let Some(events) = events {

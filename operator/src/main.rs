@@ -5,9 +5,13 @@
 //!
 //! ```sh
 //! kubectl apply --server-side -k crds/
-//! cargo run -p lockstep-operator --bin lockstep-operator -- --admin-address dns
+//! cargo run -p lockstep-operator --bin lockstep-operator -- --admin-address dns --network-policy=false
 //! ```
+//!
+//! (`--network-policy=false`: the NetworkPolicies the operator creates admit only its in-cluster
+//! pods; see docs/security.md.)
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -57,12 +61,38 @@ struct Cli {
     /// when running outside the cluster with a route to the service network).
     #[arg(long, default_value = "pod-ip", value_parser = ["pod-ip", "dns"])]
     admin_address: String,
+    /// Own a NetworkPolicy per resource that admits only the replicas' peers, the operator and
+    /// clients to the replica pods (docs/security.md). `false`: create none (manage your own).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    network_policy: bool,
+    /// The operator's namespace: its pods are let into every replica pod (NetworkPolicy).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "lockstep-system")]
+    operator_namespace: String,
+    /// Labels every operator pod carries (`k=v,k=v`), for the NetworkPolicy of each resource.
+    #[arg(long, default_value = "app.kubernetes.io/name=lockstep-operator", value_parser = parse_labels)]
+    operator_pod_labels: BTreeMap<String, String>,
     /// Requeue interval of a converged object (seconds).
     #[arg(long, default_value_t = 60)]
     resync_seconds: u64,
     /// Log as JSON lines.
     #[arg(long)]
     log_json: bool,
+}
+
+fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, String> {
+    let labels: BTreeMap<String, String> = s
+        .split(',')
+        .filter(|kv| !kv.trim().is_empty())
+        .map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+                .ok_or_else(|| format!("{kv:?} is not key=value"))
+        })
+        .collect::<Result<_, _>>()?;
+    if labels.is_empty() {
+        return Err("at least one label: an empty selector would admit every pod of the namespace".into());
+    }
+    Ok(labels)
 }
 
 fn init_tracing(json: bool) {
@@ -194,10 +224,11 @@ async fn main() -> anyhow::Result<()> {
             let _ = c.services.wait_until_ready().await;
             let _ = c.config_maps.wait_until_ready().await;
             let _ = c.pdbs.wait_until_ready().await;
+            let _ = c.network_policies.wait_until_ready().await;
         };
         if tokio::time::timeout(Duration::from_secs(60), wait).await.is_err() {
             anyhow::bail!(
-                "watch caches did not fill within 60s (RBAC for pods, persistentvolumeclaims, nodes, services, configmaps, poddisruptionbudgets?)"
+                "watch caches did not fill within 60s (RBAC for pods, persistentvolumeclaims, nodes, services, configmaps, poddisruptionbudgets, networkpolicies?)"
             );
         }
     }
@@ -208,6 +239,10 @@ async fn main() -> anyhow::Result<()> {
     } else {
         AdminAddress::PodIp
     };
+    ctx.network_policy = cli.network_policy.then(|| lockstep_operator::build::OperatorPods {
+        namespace: cli.operator_namespace.clone(),
+        labels: cli.operator_pod_labels.clone(),
+    });
     ctx.steady_requeue = Duration::from_secs(cli.resync_seconds.max(5));
     let ctx = Arc::new(ctx);
 

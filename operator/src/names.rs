@@ -55,6 +55,11 @@ pub fn pdb(cluster: &str) -> String {
     cluster.to_string()
 }
 
+/// The NetworkPolicy guarding the replica pods of one cluster.
+pub fn network_policy(cluster: &str) -> String {
+    cluster.to_string()
+}
+
 pub fn pvc(replica_id: &str) -> String {
     format!("data-{replica_id}")
 }

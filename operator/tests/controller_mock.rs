@@ -21,6 +21,11 @@ struct Harness {
 }
 
 fn harness() -> Harness {
+    harness_with(|_| {})
+}
+
+/// A harness whose context `configure` adjusts first (operator flags).
+fn harness_with(configure: impl FnOnce(&mut Context)) -> Harness {
     let log = Log::default();
     let api = Arc::new(Mutex::new(FakeApi {
         log: log.clone(),
@@ -31,16 +36,12 @@ fn harness() -> Harness {
         ..Default::default()
     });
     let metrics = Arc::new(Metrics::default());
-    let ctx = Arc::new(Context::new(
-        client(api.clone()),
-        admin.clone(),
-        metrics.clone(),
-        Source::Api,
-    ));
+    let mut ctx = Context::new(client(api.clone()), admin.clone(), metrics.clone(), Source::Api);
+    configure(&mut ctx);
     Harness {
         api,
         admin,
-        ctx,
+        ctx: Arc::new(ctx),
         log,
         metrics,
     }
@@ -103,6 +104,124 @@ fn count(log: &[String], needle: &str) -> usize {
 
 const PODS: &str = "/api/v1/namespaces/apps/pods";
 const PVCS: &str = "/api/v1/namespaces/apps/persistentvolumeclaims";
+const NETPOLS: &str = "/apis/networking.k8s.io/v1/namespaces/apps/networkpolicies";
+
+/// The pods the operator creates satisfy Pod Security Admission `restricted` (the e2e
+/// namespaces enforce it) and never get an API token: the replica does not talk to the API
+/// server.
+#[tokio::test]
+async fn replica_pods_are_restricted_without_api_token() {
+    let h = harness();
+    h.add("kv", rsm_json("kv", 1, "1.0.0", "img:1"));
+    h.reconcile("kv").await;
+    for name in ["kv-0", "kv-1"] {
+        let pod = lock(&h.api).objects[&format!("{PODS}/{name}")].clone();
+        let spec = &pod["spec"];
+        assert_eq!(spec["automountServiceAccountToken"], json!(false), "{name}");
+        assert_eq!(
+            spec["securityContext"],
+            json!({"runAsNonRoot": true, "runAsUser": 65532, "runAsGroup": 65532, "fsGroup": 65532,
+                   "seccompProfile": {"type": "RuntimeDefault"}}),
+            "{name}: a numeric non-root user (PSA cannot check a user name) and a data volume it can write"
+        );
+        let containers = spec["containers"].as_array().expect("containers");
+        assert_eq!(containers.len(), 1);
+        assert_eq!(
+            containers[0]["securityContext"],
+            json!({"allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true, "runAsNonRoot": true,
+                   "capabilities": {"drop": ["ALL"]}}),
+            "{name}"
+        );
+        assert!(spec.get("initContainers").is_none() && spec.get("hostNetwork").is_none());
+        // Read-only root: the only writable mount is the data volume.
+        let mounts = containers[0]["volumeMounts"].as_array().expect("mounts");
+        assert_eq!(mounts.len(), 1, "{mounts:?}");
+        assert_eq!(mounts[0]["mountPath"], json!("/data"));
+    }
+}
+
+/// One NetworkPolicy per RSM, owned by it like the Service and the PDB: the gRPC port from
+/// the cluster's own replicas and the operator (peer and admin APIs) and from everyone for
+/// clients; the HTTP port from the operator and the namespace.
+#[tokio::test]
+async fn network_policy_shape_and_owner() {
+    let h = harness();
+    h.add("kv", rsm_json("kv", 1, "1.0.0", "img:1"));
+    h.reconcile("kv").await;
+    assert!(h.writes().contains(&format!("PATCH {NETPOLS}/kv")), "{:#?}", h.writes());
+    let np = lock(&h.api).objects[&format!("{NETPOLS}/kv")].clone();
+    let owner = &np["metadata"]["ownerReferences"][0];
+    assert_eq!(
+        (&owner["kind"], &owner["name"], &owner["controller"]),
+        (&json!("ReplicatedStateMachine"), &json!("kv"), &json!(true))
+    );
+    assert_eq!(
+        np["metadata"]["labels"]["app.kubernetes.io/managed-by"],
+        json!("lockstep-operator"),
+        "in the operator's filtered watch"
+    );
+    let replicas = json!({"matchLabels": {"lockstep.dev/cluster": "kv", "app.kubernetes.io/component": "replica"}});
+    let operator = json!({
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "lockstep-system"}},
+        "podSelector": {"matchLabels": {"app.kubernetes.io/name": "lockstep-operator"}}
+    });
+    let grpc = json!([{"port": 7000, "protocol": "TCP"}]);
+    let http = json!([{"port": 8080, "protocol": "TCP"}]);
+    assert_eq!(
+        np["spec"],
+        json!({
+            "podSelector": replicas,
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {"from": [{"podSelector": replicas}, operator], "ports": grpc},
+                {"ports": grpc},
+                {"from": [operator, {"podSelector": {}}], "ports": http},
+            ]
+        })
+    );
+
+    // spec.network.clientFrom narrows the client rule; the replicas and the operator keep
+    // their access.
+    let mut obj = rsm_json("kv", 1, "1.0.0", "img:1");
+    let clients = json!([{"podSelector": {"matchLabels": {"role": "kv-client"}}}]);
+    obj["spec"]["network"] = json!({"clientFrom": clients});
+    h.add("kv", obj);
+    h.reconcile("kv").await;
+    assert!(
+        h.writes().contains(&format!("PATCH {NETPOLS}/kv")),
+        "re-applied on change"
+    );
+    let ingress = lock(&h.api).objects[&format!("{NETPOLS}/kv")]["spec"]["ingress"].clone();
+    assert_eq!(ingress[0]["from"], json!([{"podSelector": replicas}, operator]));
+    assert_eq!(ingress[1], json!({"from": clients, "ports": grpc}));
+
+    // An empty list: no client rule at all (a rule without sources would admit everyone).
+    let mut obj = rsm_json("kv", 1, "1.0.0", "img:1");
+    obj["spec"]["network"] = json!({"clientFrom": []});
+    h.add("kv", obj);
+    h.reconcile("kv").await;
+    let ingress = lock(&h.api).objects[&format!("{NETPOLS}/kv")]["spec"]["ingress"].clone();
+    assert_eq!(ingress.as_array().map(Vec::len), Some(2), "{ingress:#}");
+    assert!(
+        ingress
+            .as_array()
+            .into_iter()
+            .flatten()
+            .all(|r| r.get("from").is_some()),
+        "every rule names its sources: {ingress:#}"
+    );
+}
+
+/// `--network-policy=false`: the operator leaves NetworkPolicies to the user.
+#[tokio::test]
+async fn network_policy_can_be_left_to_the_user() {
+    let h = harness_with(|ctx| ctx.network_policy = None);
+    h.add("kv", rsm_json("kv", 1, "1.0.0", "img:1"));
+    h.reconcile("kv").await;
+    let log = h.writes();
+    assert_eq!(count(&log, &format!("POST {PODS}")), 2, "{log:#?}");
+    assert!(!log.iter().any(|l| l.contains("networkpolicies")), "{log:#?}");
+}
 
 #[tokio::test]
 async fn bootstrap_fence_replace_and_rejoin() {
@@ -119,6 +238,7 @@ async fn bootstrap_fence_replace_and_rejoin() {
         "/api/v1/namespaces/apps/services/kv",
         "/apis/policy/v1/namespaces/apps/poddisruptionbudgets/kv",
         "/api/v1/namespaces/apps/configmaps/kv-config",
+        "/apis/networking.k8s.io/v1/namespaces/apps/networkpolicies/kv",
     ] {
         assert!(
             log.contains(&format!("PATCH {obj}")),

@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use common::*;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, PersistentVolumeClaim, Pod, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::runtime::reflector;
 use kube::runtime::watcher;
@@ -94,6 +95,7 @@ async fn two_hundred_objects_reach_ready_and_then_make_no_requests() {
     let (services, mut services_w) = reflector::store::<Service>();
     let (config_maps, mut config_maps_w) = reflector::store::<ConfigMap>();
     let (pdbs, mut pdbs_w) = reflector::store::<PodDisruptionBudget>();
+    let (network_policies, mut network_policies_w) = reflector::store::<NetworkPolicy>();
     for o in objects_of::<Service>(&api, "services") {
         services_w.apply_watcher_event(&watcher::Event::Apply(o));
     }
@@ -102,6 +104,9 @@ async fn two_hundred_objects_reach_ready_and_then_make_no_requests() {
     }
     for o in objects_of::<PodDisruptionBudget>(&api, "poddisruptionbudgets") {
         pdbs_w.apply_watcher_event(&watcher::Event::Apply(o));
+    }
+    for o in objects_of::<NetworkPolicy>(&api, "networkpolicies") {
+        network_policies_w.apply_watcher_event(&watcher::Event::Apply(o));
     }
     for p in objects_of::<Pod>(&api, "pods") {
         pods_w.apply_watcher_event(&watcher::Event::Apply(p));
@@ -116,6 +121,7 @@ async fn two_hundred_objects_reach_ready_and_then_make_no_requests() {
         services,
         config_maps,
         pdbs,
+        network_policies,
     };
     let cached = Arc::new(Context::new(
         client,

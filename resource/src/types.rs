@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{Affinity, ResourceRequirements, Toleration, TopologySpreadConstraint};
+use k8s_openapi::api::networking::v1::NetworkPolicyPeer;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
@@ -75,6 +76,10 @@ pub struct ReplicatedStateMachineSpec {
     /// Public keys of the clients allowed to sign requests (Byzantine mode).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_identities: Option<ClientIdentities>,
+
+    /// Who may reach the replicas over the network (the operator's NetworkPolicy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkSpec>,
 }
 
 /// The failure model the cluster is built for.
@@ -189,6 +194,19 @@ pub struct SchedulingSpec {
     pub affinity: Option<Affinity>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub topology_spread_constraints: Option<Vec<TopologySpreadConstraint>>,
+}
+
+/// Network access to the replica pods. The operator owns one NetworkPolicy per resource: the
+/// gRPC port from the resource's own replicas and the operator always, and from `clientFrom`
+/// for clients; /healthz, /readyz and /metrics from the operator and the resource's namespace.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkSpec {
+    /// Sources allowed to connect to the client (gRPC) port, as in a NetworkPolicy ingress
+    /// rule. Absent: every source. An empty list: no client beyond the resource's own replicas
+    /// and the operator. (The port also carries the peer and admin APIs.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_from: Option<Vec<NetworkPolicyPeer>>,
 }
 
 /// Where the replicas find the public keys of clients allowed to sign requests.

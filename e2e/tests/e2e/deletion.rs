@@ -1,9 +1,11 @@
-//! Deleting an RSM removes its pods, Services, ConfigMap and PDB (owner references), and its
+//! Deleting an RSM removes its pods, Services, ConfigMap, PDB and NetworkPolicy (owner
+//! references), and its
 //! volumes as docs/operator-design.md says, unless `spec.storage.retainOnDelete` keeps them.
 
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use lockstep_e2e::{ToolsPod, epoch, fresh_namespace, kubectl_wait_ready, kv_rsm, wait_until};
 use lockstep_resource::ReplicatedStateMachine;
@@ -21,20 +23,23 @@ async fn deleting_an_rsm_removes_what_it_owns() {
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
     let services: Api<Service> = Api::namespaced(client.clone(), ns);
     let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), ns);
+    let policies: Api<NetworkPolicy> = Api::namespaced(client.clone(), ns);
     assert_eq!(pods.list(&owned).await.expect("pods").items.len(), 2);
     assert_eq!(services.list(&owned).await.expect("services").items.len(), 2);
     assert_eq!(pvcs.list(&owned).await.expect("claims").items.len(), 2);
+    assert_eq!(policies.list(&owned).await.expect("policies").items.len(), 1);
 
     api.delete("kv", &DeleteParams::foreground())
         .await
         .expect("RSM deleted");
     wait_until(
-        "pods, Services and claims of kv removed",
+        "pods, Services, claims and the NetworkPolicy of kv removed",
         Duration::from_secs(180),
         || async {
             Ok(pods.list(&owned).await?.items.is_empty()
                 && services.list(&owned).await?.items.is_empty()
-                && pvcs.list(&owned).await?.items.is_empty())
+                && pvcs.list(&owned).await?.items.is_empty()
+                && policies.list(&owned).await?.items.is_empty())
         },
     )
     .await

@@ -170,6 +170,7 @@ impl FakeApi {
                             | "configmaps"
                             | "replicatedstatemachines"
                             | "poddisruptionbudgets"
+                            | "networkpolicies"
                             | "nodes"
                     )
                 }) =>
