@@ -83,15 +83,15 @@ fn master_key(o: &ReplicatedStateMachine) -> String {
         .unwrap_or_default()
 }
 
-fn apply_example(images: &lockstep_e2e::Images, tools: &ToolsPod) {
+fn apply_example(ns: &str, images: &lockstep_e2e::Images, tools: &ToolsPod) {
     let public = tools
         .exec(&["lockstep", "keygen", "/work/alice.key"])
         .expect("client key");
     let literal = format!("--from-literal=alice={}", public.trim());
-    kubectl(&["-n", NS, "create", "secret", "generic", "kv-byz-clients", &literal]).expect("client Secret");
+    kubectl(&["-n", ns, "create", "secret", "generic", "kv-byz-clients", &literal]).expect("client Secret");
     let text = std::fs::read_to_string(repo().join("manifests/examples/kv-byzantine.yaml")).expect("example");
     let text = text.replace("ghcr.io/lockstep-dev/lockstep-replica:0.1.0", &images.replica);
-    kubectl_with_input(&["-n", NS, "apply", "-f", "-"], Some(&text)).expect("example applies");
+    kubectl_with_input(&["-n", ns, "apply", "-f", "-"], Some(&text)).expect("example applies");
 }
 
 #[tokio::test]
@@ -100,7 +100,7 @@ async fn byzantine_rsm_votes_and_replaces_killed_and_deleted_replicas() {
     let (client, images) = setup().await;
     fresh_namespace(&client, NS, true).await.expect("namespace");
     let tools = ToolsPod::start(&client, NS, &images).await.expect("tools pod");
-    apply_example(&images, &tools);
+    apply_example(NS, &images, &tools);
     kubectl_wait_ready(NS, NAME, Duration::from_secs(300)).expect("Ready");
     let api: Api<ReplicatedStateMachine> = Api::namespaced(client.clone(), NS);
     let o = api.get(NAME).await.expect("RSM");
@@ -133,9 +133,27 @@ async fn byzantine_rsm_votes_and_replaces_killed_and_deleted_replicas() {
     let o = replaced(&api, &victim, epoch(&o)).await;
     voted_eventually(&tools, &master, &["get", "greeting"], "hello").await;
     voted_eventually(&tools, &master, &["get", "after-kill"], "yes").await;
-    let byz = o.status.clone().and_then(|s| s.byzantine).expect("status.byzantine");
+    let byz = o.status.and_then(|s| s.byzantine).expect("status.byzantine");
     println!("status.byzantine: {byz:?}");
     assert_eq!(byz.master_public_key, master, "the master key never changes");
+
+    lockstep_e2e::delete_namespace(&client, NS).await.expect("cleanup");
+}
+
+#[tokio::test]
+#[ignore = "needs a Kubernetes cluster: run e2e/run.sh"]
+async fn byzantine_rollout_seals_restarts_and_resumes_under_the_new_machine() {
+    const ROLLOUT_NS: &str = "lockstep-e2e-byz-rollout";
+    let (client, images) = setup().await;
+    fresh_namespace(&client, ROLLOUT_NS, true).await.expect("namespace");
+    let tools = ToolsPod::start(&client, ROLLOUT_NS, &images).await.expect("tools pod");
+    apply_example(ROLLOUT_NS, &images, &tools);
+    kubectl_wait_ready(ROLLOUT_NS, NAME, Duration::from_secs(300)).expect("Ready");
+    let api: Api<ReplicatedStateMachine> = Api::namespaced(client.clone(), ROLLOUT_NS);
+    let o = api.get(NAME).await.expect("RSM");
+    let master = master_key(&o);
+    let out = voted(&tools, &master, &["put", "before-rollout", "1.0.0"]).expect("voted put");
+    assert!(out.contains("OK"), "{out}");
 
     // A lockstep rollout: the seal is a barrier of the master's stream, every replica restarts
     // on the new image from its sealed state, and the next era resumes under the new machine.
@@ -150,15 +168,17 @@ async fn byzantine_rsm_votes_and_replaces_killed_and_deleted_replicas() {
         &api,
         NAME,
         "Byzantine rollout to 1.1.0 finished, every member reporting 1.1.0",
-        Duration::from_secs(600),
+        Duration::from_secs(300),
         |o| crate::rollout::rollout_done(o, "1.1.0"),
     )
     .await
     .expect("Byzantine rollout");
     assert!(epoch(&done) > epoch(&o), "the rollout resumes in a new era");
-    voted_eventually(&tools, &master, &["get", "after-kill"], "yes").await;
+    voted_eventually(&tools, &master, &["get", "before-rollout"], "1.0.0").await;
     voted_eventually(&tools, &master, &["put", "after-rollout", "1.1.0"], "OK").await;
     let status = voted(&tools, &master, &["status", "-o", "json"]).expect("voted status");
     assert!(status.contains("1.1.0"), "the voted answers name kv 1.1.0: {status}");
-    lockstep_e2e::delete_namespace(&client, NS).await.expect("cleanup");
+    lockstep_e2e::delete_namespace(&client, ROLLOUT_NS)
+        .await
+        .expect("cleanup");
 }

@@ -168,6 +168,7 @@ pub fn start(setup: Setup, config: Option<Config>) -> Runner {
         target: rx,
         wish: wish.clone(),
         sealed_era: None,
+        sealed_state: None,
         seen: seen.clone(),
         last_push: BTreeMap::new(),
         identities: None,
@@ -189,6 +190,10 @@ struct Task {
     /// The era in which this task ordered a sealing barrier (one per era is enough: execution
     /// stops at it until the next era).
     sealed_era: Option<u64>,
+    /// (era, index, digest) of the sealing barrier t + 1 members reached: a resumed era starts
+    /// there. Kept here because members restarted on the new image report no era (they wait
+    /// for the next one) and so no barrier digest.
+    sealed_state: Option<(u64, u64, Vec<u8>)>,
     seen: Arc<Mutex<Seen>>,
     last_push: BTreeMap<String, Instant>,
     /// Client identities as last read, and when (an unknown client retrying its open must not
@@ -381,6 +386,9 @@ impl Task {
         let Some(era) = self.setup.master.current_era().cloned() else {
             return;
         };
+        if let Some((index, digest)) = sealed_barrier(&era, statuses, self.setup.master.t) {
+            self.sealed_state = Some((era.number, index, digest));
+        }
         if !wanted || self.sealed_era == Some(era.number) || !self.setup.master.streaming() {
             return;
         }
@@ -394,8 +402,9 @@ impl Task {
             return;
         }
         match self.setup.master.barrier(true, BARRIER_TIMEOUT).await {
-            Ok((index, _)) => {
-                tracing::info!(object = %self.setup.name, era = era.number, index, "sealing barrier reached")
+            Ok((index, digest)) => {
+                tracing::info!(object = %self.setup.name, era = era.number, index, "sealing barrier reached");
+                self.sealed_state = Some((era.number, index, digest));
             }
             Err(e) => {
                 // Ordered; the rollout waits for the members to report it (or for the era).
@@ -433,27 +442,59 @@ impl Task {
         }
     }
 
+    /// Where a resumed era starts: the sealing barrier of the current era, if t + 1 members of
+    /// `target` are sealed at its index.
+    fn resume_state(
+        &self,
+        target: &Config,
+        statuses: &BTreeMap<String, StatusResponse>,
+    ) -> Result<(u64, Vec<u8>), EraError> {
+        let era = self.setup.master.era_number();
+        let Some((sealed_era, index, digest)) = self.sealed_state.clone().filter(|s| s.0 == era) else {
+            return Err(EraError::NotYet(format!(
+                "no sealing barrier of era {era} is known to this master (a new operator leader after the seal cannot resume yet)"
+            )));
+        };
+        let at = target
+            .members
+            .iter()
+            .filter(|m| statuses.get(&m.id).is_some_and(|s| s.sealed_at == index))
+            .count();
+        if at <= self.setup.master.t {
+            return Err(EraError::NotYet(format!(
+                "only {at} members stand sealed at index {index} of era {sealed_era}"
+            )));
+        }
+        Ok((index, digest))
+    }
+
     /// Barrier, sign, record, push. The era is in the Secret before any replica sees it.
     async fn change_era(
         &mut self,
         target: &Config,
         statuses: &BTreeMap<String, StatusResponse>,
     ) -> Result<(), EraError> {
-        if self.setup.master.current_era().is_some() && !self.setup.master.streaming() {
+        let resume = self.resume_machine(target, statuses)?;
+        if resume.is_none() && self.setup.master.current_era().is_some() && !self.setup.master.streaming() {
             return Err(EraError::NotYet(
                 "the current era's master stream is not running yet (fewer than t + 1 members report it)".into(),
             ));
         }
         self.learn_member_keys(target).await.map_err(EraError::NotYet)?;
-        let endpoints: Vec<String> = target.members.iter().map(|m| m.endpoint.clone()).collect();
-        let (start, digest) = self
-            .setup
-            .master
-            .next_era_state(&endpoints, BARRIER_TIMEOUT)
-            .await
-            .map_err(|e| EraError::NotYet(format!("{e:#}")))?;
+        let (start, digest) = match &resume {
+            // Members restarted on the new image wait, sealed, for the next era: it starts at
+            // the sealing barrier, which t + 1 of them must still stand at.
+            Some(_) => self.resume_state(target, statuses)?,
+            None => {
+                let endpoints: Vec<String> = target.members.iter().map(|m| m.endpoint.clone()).collect();
+                self.setup
+                    .master
+                    .next_era_state(&endpoints, BARRIER_TIMEOUT)
+                    .await
+                    .map_err(|e| EraError::NotYet(format!("{e:#}")))?
+            }
+        };
         let t = self.setup.master.t;
-        let resume = self.resume_machine(target, statuses)?;
         if resume.is_none() {
             self.setup.master.machine = agreed_machine(statuses, t).unwrap_or_else(|| self.setup.machine.clone());
         }
@@ -498,6 +539,26 @@ enum EraError {
     NotYet(String),
     /// The in-memory master may be ahead of the Secret: restart from the Secret.
     Fatal(String),
+}
+
+/// (index, digest) of a sealing barrier of `era` that t + 1 of its members report.
+fn sealed_barrier(
+    era: &lockstep_proto::Era,
+    statuses: &BTreeMap<String, StatusResponse>,
+    t: usize,
+) -> Option<(u64, Vec<u8>)> {
+    let mut counts: BTreeMap<(u64, Vec<u8>), usize> = BTreeMap::new();
+    for m in &era.members {
+        if let Some(s) = statuses.get(&m.id)
+            && s.sealed_at > 0
+            && let Some(b) = &s.byzantine
+            && b.era == era.number
+            && b.barrier_index == s.sealed_at
+        {
+            *counts.entry((b.barrier_index, b.barrier_digest.clone())).or_default() += 1;
+        }
+    }
+    counts.into_iter().find(|(_, n)| *n > t).map(|(k, _)| k)
 }
 
 /// The machine identity t + 1 replicas report (what clients will see in answers).
