@@ -3,7 +3,8 @@
 //! way docs/byzantine.md says, voted writes and reads through the `lockstep` CLI inside the
 //! cluster (knowing only the client Service and the master public key from status), and a
 //! replica killed (`kill -9`) and then one deleted: each is replaced through a new era with
-//! state transfer, and the data is still there.
+//! state transfer, and the data is still there. A second resource is rolled out to 1.1.0: the
+//! seal is a barrier of the master's stream, and the next era resumes under the new machine.
 
 use std::time::Duration;
 
