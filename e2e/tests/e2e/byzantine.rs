@@ -95,16 +95,26 @@ fn apply_example(ns: &str, images: &lockstep_e2e::Images, tools: &ToolsPod) {
     kubectl_with_input(&["-n", ns, "apply", "-f", "-"], Some(&text)).expect("example applies");
 }
 
+/// A fresh namespace with a tools pod and the example applied, Ready.
+async fn example_ready(
+    client: &kube::Client,
+    ns: &str,
+    images: &lockstep_e2e::Images,
+) -> (ToolsPod, Api<ReplicatedStateMachine>, ReplicatedStateMachine) {
+    fresh_namespace(client, ns, true).await.expect("namespace");
+    let tools = ToolsPod::start(client, ns, images).await.expect("tools pod");
+    apply_example(ns, images, &tools);
+    kubectl_wait_ready(ns, NAME, Duration::from_secs(300)).expect("Ready");
+    let api: Api<ReplicatedStateMachine> = Api::namespaced(client.clone(), ns);
+    let o = api.get(NAME).await.expect("RSM");
+    (tools, api, o)
+}
+
 #[tokio::test]
 #[ignore = "needs a Kubernetes cluster: run e2e/run.sh"]
 async fn byzantine_rsm_votes_and_replaces_killed_and_deleted_replicas() {
     let (client, images) = setup().await;
-    fresh_namespace(&client, NS, true).await.expect("namespace");
-    let tools = ToolsPod::start(&client, NS, &images).await.expect("tools pod");
-    apply_example(NS, &images, &tools);
-    kubectl_wait_ready(NS, NAME, Duration::from_secs(300)).expect("Ready");
-    let api: Api<ReplicatedStateMachine> = Api::namespaced(client.clone(), NS);
-    let o = api.get(NAME).await.expect("RSM");
+    let (tools, api, o) = example_ready(&client, NS, &images).await;
     assert_eq!(
         o.status.as_ref().and_then(|s| s.ready_replicas),
         Some(3),
@@ -146,12 +156,7 @@ async fn byzantine_rsm_votes_and_replaces_killed_and_deleted_replicas() {
 async fn byzantine_rollout_seals_restarts_and_resumes_under_the_new_machine() {
     const ROLLOUT_NS: &str = "lockstep-e2e-byz-rollout";
     let (client, images) = setup().await;
-    fresh_namespace(&client, ROLLOUT_NS, true).await.expect("namespace");
-    let tools = ToolsPod::start(&client, ROLLOUT_NS, &images).await.expect("tools pod");
-    apply_example(ROLLOUT_NS, &images, &tools);
-    kubectl_wait_ready(ROLLOUT_NS, NAME, Duration::from_secs(300)).expect("Ready");
-    let api: Api<ReplicatedStateMachine> = Api::namespaced(client.clone(), ROLLOUT_NS);
-    let o = api.get(NAME).await.expect("RSM");
+    let (tools, api, o) = example_ready(&client, ROLLOUT_NS, &images).await;
     let master = master_key(&o);
     let out = voted(&tools, &master, &["put", "before-rollout", "1.0.0"]).expect("voted put");
     assert!(out.contains("OK"), "{out}");
