@@ -784,48 +784,38 @@ fn rollout_step(desired: &Desired, observed: &Observed, config: &Config, p: &mut
                 });
             }
         }
-        RolloutPhase::Sealing => {
-            let seals: BTreeSet<Option<u64>> = statuses.iter().map(|s| s.and_then(|s| s.sealed_at)).collect();
-            let digests: BTreeSet<Option<&Vec<u8>>> = statuses
-                .iter()
-                .map(|s| s.and_then(|s| s.sealed_digest.as_ref()))
-                .collect();
-            match (seals.len(), seals.iter().next().copied().flatten()) {
-                (1, Some(index)) if digests.len() == 1 => {
-                    out.summary = format!(
-                        "rollout to {}: all voters sealed at {index}, replacing",
-                        rollout.to.version
-                    );
-                    out.actions.push(Action::SetRollout {
-                        rollout: Some(Rollout {
-                            phase: RolloutPhase::Replacing,
-                            seal_index: Some(index),
-                            ..rollout.clone()
-                        }),
+        RolloutPhase::Sealing => match sealed_barrier(desired, &statuses) {
+            Barrier::Agreed(index) => {
+                out.summary = format!("rollout to {}: voters sealed at {index}, replacing", rollout.to.version);
+                out.actions.push(Action::SetRollout {
+                    rollout: Some(Rollout {
+                        phase: RolloutPhase::Replacing,
+                        seal_index: Some(index),
+                        ..rollout.clone()
+                    }),
+                });
+                for m in &voters {
+                    out.actions.push(Action::RestartReplica {
+                        id: m.id.clone(),
+                        machine: rollout.to.clone(),
                     });
-                    for m in &voters {
-                        out.actions.push(Action::RestartReplica {
-                            id: m.id.clone(),
-                            machine: rollout.to.clone(),
-                        });
-                    }
-                }
-                (1, Some(index)) => {
-                    let why = format!(
-                        "rollout to {}: voters sealed at {index} with DIFFERENT snapshots; stopped",
-                        rollout.to.version
-                    );
-                    out.conditions.degraded = Some(why.clone());
-                    out.summary = why;
-                }
-                _ => {
-                    out.summary = format!("rollout to {}: waiting for every voter to seal", rollout.to.version);
-                    if statuses.iter().all(|s| s.is_some_and(|s| s.sealed_at.is_none())) {
-                        out.actions.push(Action::Seal); // idempotent: the primary seals once
-                    }
                 }
             }
-        }
+            Barrier::Diverged(index) => {
+                let why = format!(
+                    "rollout to {}: voters sealed at {index} with DIFFERENT snapshots; stopped",
+                    rollout.to.version
+                );
+                out.conditions.degraded = Some(why.clone());
+                out.summary = why;
+            }
+            Barrier::Waiting => {
+                out.summary = format!("rollout to {}: waiting for the voters to seal", rollout.to.version);
+                if statuses.iter().all(|s| s.is_some_and(|s| s.sealed_at.is_none())) {
+                    out.actions.push(Action::Seal); // idempotent: the primary seals once
+                }
+            }
+        },
         RolloutPhase::Replacing => {
             let stale: Vec<&ConfigMember> = voters
                 .iter()
@@ -863,7 +853,11 @@ fn rollout_step(desired: &Desired, observed: &Observed, config: &Config, p: &mut
             }
         }
         RolloutPhase::Resuming => {
-            if statuses.iter().all(|s| s.is_some_and(|s| s.sealed_at.is_none())) {
+            let resumed = statuses
+                .iter()
+                .filter(|s| s.is_some_and(|s| s.sealed_at.is_none()))
+                .count();
+            if resumed >= vouching(desired, statuses.len()) {
                 out.summary = format!("rollout to {} done", rollout.to.version);
                 out.actions.push(Action::SetRollout { rollout: None });
             } else {
@@ -876,6 +870,44 @@ fn rollout_step(desired: &Desired, observed: &Observed, config: &Config, p: &mut
     }
     out.conditions.progressing = Some(out.summary.clone());
     Some(out)
+}
+
+/// How many voters' reports make a fact: every voter's for fail-stop (all of them are
+/// honest), t + 1 for Byzantine (up to t may report anything, or lag behind).
+fn vouching(desired: &Desired, voters: usize) -> usize {
+    match desired.failure_model {
+        FailureModel::FailStop => voters,
+        FailureModel::Byzantine => (desired.faults_tolerated as usize + 1).min(voters),
+    }
+}
+
+/// Where the voters stand on the rollout's sealing barrier.
+#[derive(Debug, PartialEq, Eq)]
+enum Barrier {
+    /// Enough voters (see [`vouching`]) sealed at this index with the same snapshot.
+    Agreed(u64),
+    /// Every voter sealed at this index, but their snapshots differ (fail-stop: a bug).
+    Diverged(u64),
+    Waiting,
+}
+
+fn sealed_barrier(desired: &Desired, statuses: &[Option<&ReplicaStatus>]) -> Barrier {
+    let mut groups: BTreeMap<(u64, Option<&Vec<u8>>), usize> = BTreeMap::new();
+    for s in statuses.iter().flatten() {
+        if let Some(index) = s.sealed_at {
+            *groups.entry((index, s.sealed_digest.as_ref())).or_default() += 1;
+        }
+    }
+    let needed = vouching(desired, statuses.len());
+    if let Some(((index, _), _)) = groups.iter().find(|(_, n)| **n >= needed) {
+        return Barrier::Agreed(*index);
+    }
+    let indexes: BTreeSet<u64> = groups.keys().map(|(i, _)| *i).collect();
+    let all_sealed = groups.values().sum::<usize>() == statuses.len();
+    match (indexes.len(), indexes.first()) {
+        (1, Some(index)) if all_sealed && desired.failure_model == FailureModel::FailStop => Barrier::Diverged(*index),
+        _ => Barrier::Waiting,
+    }
 }
 
 /// Voters that restarted on the rollout's target image but report another machine: the image

@@ -496,6 +496,53 @@ fn seal_with_different_snapshots_stops_the_rollout() {
 }
 
 #[test]
+fn byzantine_seal_needs_t_plus_one_matching_voters_not_all() {
+    let d = Desired {
+        machine: kv("2.0.0"),
+        failure_model: FailureModel::Byzantine,
+        ..desired(1)
+    };
+    let ids = ["kv-0", "kv-1", "kv-2"];
+    let mut o = Observed {
+        config: Some(config(3, "kv-0", ids.iter().map(|i| voter(i)).collect())),
+        replicas: ids.iter().map(|i| running(i, 3, 10)).collect(),
+        rollout: Some(rollout_at(RolloutPhase::Sealing, None)),
+        ..Default::default()
+    };
+    let seal = |o: &mut Observed, i: usize, digest: u8| {
+        let s = o.replicas[i].status.as_mut().unwrap();
+        s.sealed_at = Some(11);
+        s.sealed_digest = Some(vec![digest]);
+    };
+    // One sealed, and one (faulty) sealed with another snapshot: no t + 1 agree yet.
+    seal(&mut o, 0, 1);
+    seal(&mut o, 2, 9);
+    let p = plan("kv", &d, &o);
+    assert_eq!(set_rollout(&p), None, "{:?}", p.actions);
+    assert!(p.conditions.degraded.is_none());
+    // A second voter with the same snapshot: t + 1 vouch for it; the third (lagging or
+    // lying) is replaced with the rest and state-transfers from the barrier.
+    seal(&mut o, 1, 1);
+    let p = plan("kv", &d, &o);
+    assert_eq!(
+        set_rollout(&p).flatten(),
+        Some(rollout_at(RolloutPhase::Replacing, Some(11)))
+    );
+    let restarts = p
+        .actions
+        .iter()
+        .filter(|a| matches!(a, Action::RestartReplica { .. }))
+        .count();
+    assert_eq!(restarts, 3);
+    // Resuming: done once t + 1 voters are unsealed.
+    o.rollout = Some(rollout_at(RolloutPhase::Resuming, Some(11)));
+    o.replicas[0].status.as_mut().unwrap().sealed_at = None;
+    assert_ne!(set_rollout(&plan("kv", &d, &o)), Some(None));
+    o.replicas[1].status.as_mut().unwrap().sealed_at = None;
+    assert_eq!(set_rollout(&plan("kv", &d, &o)), Some(None));
+}
+
+#[test]
 fn interrupted_rollout_rolls_back_or_retargets() {
     // Back to the old version while sealing: resume under the old one.
     let mut o = steady(1, 3);

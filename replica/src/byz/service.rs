@@ -18,7 +18,7 @@ use lockstep_proto::{
     stream_item::Body as ItemBody,
 };
 use prost::Message;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -33,6 +33,8 @@ const EXECUTE_TIMEOUT: Duration = Duration::from_secs(20);
 const OPEN_SHOWN_US: u64 = 30_000_000;
 /// Items per relay message.
 const RELAY_BATCH: usize = 512;
+/// Unacknowledged relays kept for one peer while it cannot be reached.
+const RELAY_BACKLOG: usize = 100_000;
 pub const ERA_FILE: &str = "era";
 /// A peer relaying an item stamped this long ago is replaying it.
 const REPLAY_AGE_US: u64 = 1_000_000;
@@ -213,9 +215,15 @@ impl ByzShared {
         }
     }
 
-    /// Verify and offer one item (from a client, or relayed by `from`). Returns whether it
-    /// was accepted, or why it was refused.
-    fn ingest(&self, signed: &SignedItem, chain: &[lockstep_proto::ChainSig], from: &str) -> Result<bool, String> {
+    /// Verify and offer one item (from a client, or relayed by `from`; `resent` when the relay
+    /// is a retry of one that failed). Returns whether it was accepted, or why it was refused.
+    fn ingest(
+        &self,
+        signed: &SignedItem,
+        chain: &[lockstep_proto::ChainSig],
+        from: &str,
+        resent: bool,
+    ) -> Result<bool, String> {
         let now = now_micros();
         let prepared = {
             let mut core = self.lock();
@@ -229,8 +237,9 @@ impl ByzShared {
         };
         match &prepared.check {
             Precheck::Known => {
-                // A relay of something long settled: a replay (honest relays are immediate).
-                if !from.starts_with("client ") && now.saturating_sub(prepared.item.ts) > REPLAY_AGE_US {
+                // A relay of something long settled: a replay (honest relays are immediate, or
+                // marked as resent after a failure).
+                if !from.starts_with("client ") && !resent && now.saturating_sub(prepared.item.ts) > REPLAY_AGE_US {
                     self.lock().note(from, "replayed-item");
                 }
                 return Ok(false);
@@ -323,15 +332,32 @@ fn spawn_relay_sender(
         let replay = shared.injected(Behaviour::ReplayRequests);
         let forge = shared.injected(Behaviour::ForgeRequests);
         let mut history: Vec<Relayed> = Vec::new();
+        // What this peer has not acknowledged yet, oldest first. A relay that fails (the peer
+        // is not up yet, its name does not resolve yet, it has not started this era yet) is
+        // sent again: a replica that misses relays can never execute past the gap.
+        let mut pending: VecDeque<Relayed> = VecDeque::new();
         let mut failures = 0u32;
-        while let Some(first) = rx.recv().await {
-            let mut items = vec![first];
-            while items.len() < RELAY_BATCH {
-                match rx.try_recv() {
-                    Ok(r) => items.push(r),
-                    Err(_) => break,
+        loop {
+            if pending.is_empty() {
+                match rx.recv().await {
+                    Some(r) => pending.push_back(r),
+                    None => return,
                 }
             }
+            while let Ok(r) = rx.try_recv() {
+                pending.push_back(r);
+            }
+            if pending.len() > RELAY_BACKLOG {
+                let dropped = pending.len() - RELAY_BACKLOG;
+                pending.drain(..dropped);
+                tracing::warn!(
+                    peer,
+                    dropped,
+                    "relay backlog full: oldest relays dropped (the peer will need a new era to catch up)"
+                );
+            }
+            let take = pending.len().min(RELAY_BATCH);
+            let mut items: Vec<Relayed> = pending.iter().take(take).cloned().collect();
             if replay {
                 // Send what was relayed before again, alongside the new items.
                 let old: Vec<Relayed> = history.iter().take(8).cloned().collect();
@@ -340,27 +366,7 @@ fn spawn_relay_sender(
                 items.extend(old);
             }
             if forge {
-                let mut fakes = Vec::new();
-                for r in &items {
-                    if let Some(item) = &r.item {
-                        // The same item under a signature that is not the client's, and an
-                        // item from a client nobody registered.
-                        let mut f = item.clone();
-                        f.signature = keys::sign(&shared.signing, &f.item);
-                        fakes.push(Relayed {
-                            item: Some(f),
-                            chain: r.chain.clone(),
-                        });
-                        if let Ok(mut si) = lockstep_proto::StreamItem::decode(item.item.as_slice()) {
-                            si.identity = "mallory".into();
-                            fakes.push(Relayed {
-                                item: Some(super::sign_item(&shared.signing, &si)),
-                                chain: Vec::new(),
-                            });
-                        }
-                    }
-                }
-                items.extend(fakes);
+                items.extend(forgeries(&shared, &items));
             }
             let applied_index = shared.lock().index;
             let batch = RelayBatch {
@@ -368,16 +374,22 @@ fn spawn_relay_sender(
                 era,
                 applied_index,
                 items,
+                retry: failures > 0,
             };
             let mut req = Request::new(batch);
             req.set_timeout(Duration::from_secs(2));
             match client.relay(req).await {
-                Ok(_) => failures = 0,
+                Ok(_) => {
+                    pending.drain(..take);
+                    failures = 0;
+                }
                 Err(status) => {
                     failures += 1;
                     if failures == 1 || failures.is_multiple_of(100) {
-                        tracing::warn!(peer, error = %status.message(), "relay failed");
+                        tracing::warn!(peer, failures, backlog = pending.len(), error = %status.message(), "relay failed: will retry");
                     }
+                    let backoff = Duration::from_millis(20u64 << failures.min(7)).min(Duration::from_secs(2));
+                    tokio::time::sleep(backoff).await;
                 }
             }
             if shared.lock().era.as_ref().map_or(0, |e| e.number) != era {
@@ -386,6 +398,29 @@ fn spawn_relay_sender(
         }
     });
     tx
+}
+
+/// Fault injection: each item under a signature that is not the client's, and an item from a
+/// client nobody registered.
+fn forgeries(shared: &ByzShared, items: &[Relayed]) -> Vec<Relayed> {
+    let mut fakes = Vec::new();
+    for r in items {
+        let Some(item) = &r.item else { continue };
+        let mut f = item.clone();
+        f.signature = keys::sign(&shared.signing, &f.item);
+        fakes.push(Relayed {
+            item: Some(f),
+            chain: r.chain.clone(),
+        });
+        if let Ok(mut si) = lockstep_proto::StreamItem::decode(item.item.as_slice()) {
+            si.identity = "mallory".into();
+            fakes.push(Relayed {
+                item: Some(super::sign_item(&shared.signing, &si)),
+                chain: Vec::new(),
+            });
+        }
+    }
+    fakes
 }
 
 #[derive(Clone)]
@@ -406,7 +441,7 @@ impl Byzantine for ByzServices {
             .map_err(|e| Status::invalid_argument(format!("undecodable item: {e}")))?;
         if shared.injected(Behaviour::Silent) {
             // Accept nothing visibly, answer nobody.
-            let _ = shared.ingest(&signed, &[], "client -");
+            let _ = shared.ingest(&signed, &[], "client -", false);
             std::future::pending::<()>().await;
         }
         let slot: SlotKey = (item.identity.clone(), item.session, item.seq);
@@ -435,7 +470,7 @@ impl Byzantine for ByzServices {
         }
         tracing::debug!(identity = %item.identity, seq = item.seq, ts = item.ts, "submitted");
         let who = format!("client {}", item.identity);
-        if let Err(why) = shared.ingest(&signed, &[], &who) {
+        if let Err(why) = shared.ingest(&signed, &[], &who, false) {
             shared.waiters.lock().unwrap_or_else(|e| e.into_inner()).remove(&slot);
             return Err(Status::permission_denied(why));
         }
@@ -482,7 +517,7 @@ impl Byzantine for ByzServices {
             .insert(batch.from.clone(), batch.applied_index);
         for r in batch.items {
             let Some(item) = r.item else { continue };
-            let _ = shared.ingest(&item, &r.chain, &batch.from);
+            let _ = shared.ingest(&item, &r.chain, &batch.from, batch.retry);
         }
         Ok(Response::new(RelayAck {}))
     }
