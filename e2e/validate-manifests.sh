@@ -24,6 +24,8 @@ kubernetes-validate --strict --quiet -k "$K8S_VERSION" "$tmp/crds.yaml" "$tmp/in
 
 "$HELM" lint charts/lockstep
 "$HELM" lint charts/lockstep --set metrics.serviceMonitor.enabled=true
+"$HELM" lint charts/lockstep --set metrics.replicaPodMonitor.enabled=true
+"$HELM" lint charts/lockstep --set metrics.replicaPodMonitor.enabled=true --set 'metrics.replicaPodMonitor.namespaces={a,b}'
 "$HELM" lint charts/lockstep --set metrics.prometheusRule.enabled=true --set metrics.grafanaDashboard.enabled=true
 # Alerts parse as PromQL over metrics the code registers; the dashboard parses and shows them.
 python3 e2e/check-observability.py "$HELM"
