@@ -531,6 +531,69 @@ pub fn operator_leader() -> anyhow::Result<String> {
     Ok(holder.trim().to_string())
 }
 
+/// The operator leader's `/metrics` text, through the API server's pod proxy (what a
+/// Prometheus in the cluster would scrape).
+pub fn operator_metrics() -> anyhow::Result<String> {
+    let leader = operator_leader()?;
+    kubectl(&[
+        "get",
+        "--raw",
+        &format!("/api/v1/namespaces/{OPERATOR_NS}/pods/{leader}:8080/proxy/metrics"),
+    ])
+}
+
+/// The value of the operator's per-RSM gauge `metric` for `namespace`/`name` in a scrape.
+pub fn rsm_gauge(scrape: &str, metric: &str, namespace: &str, name: &str) -> Option<f64> {
+    let ns = format!("namespace=\"{namespace}\"");
+    let nm = format!("name=\"{name}\"");
+    scrape
+        .lines()
+        .filter(|l| l.starts_with(&format!("{metric}{{")))
+        .find(|l| l.contains(&ns) && l.contains(&nm))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Scrapes the operator's `/metrics` in the background until dropped, keeping every
+/// (degraded, epoch) pair of one RSM's gauges in the order seen.
+pub struct GaugeRecorder {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Vec<(f64, f64)>>>,
+}
+
+impl GaugeRecorder {
+    pub fn start(namespace: &str, name: &str) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (ns, nm, flag) = (namespace.to_string(), name.to_string(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let mut seen: Vec<(f64, f64)> = Vec::new();
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok(text) = operator_metrics() {
+                    let degraded = rsm_gauge(&text, "lockstep_operator_rsm_degraded", &ns, &nm);
+                    let epoch = rsm_gauge(&text, "lockstep_operator_rsm_epoch", &ns, &nm);
+                    if let (Some(d), Some(e)) = (degraded, epoch)
+                        && seen.last() != Some(&(d, e))
+                    {
+                        seen.push((d, e));
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            seen
+        });
+        GaugeRecorder {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Every distinct (degraded, epoch) seen, in order.
+    pub fn finish(mut self) -> Vec<(f64, f64)> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.take().and_then(|t| t.join().ok()).unwrap_or_default()
+    }
+}
+
 /// A `lockstep bench` load with its history recorded, running inside the cluster until the
 /// test stops it (SIGINT: the bench finishes in-flight operations, then writes its report and
 /// history).

@@ -68,6 +68,9 @@ pub async fn kill_primary_under_load(client: &Client, images: &Images, ns: &str,
 
     let load = Load::start(&tools, "kv", 4, 50, "kill").expect("load started");
     wait_for_progress(&tools, "kv", 200).await;
+    // Issue 10: the operator's per-RSM gauges, scraped as Prometheus would, follow the
+    // fail-over (degraded 1 then 0, the epoch rises).
+    let gauges = lockstep_e2e::GaugeRecorder::start(ns, "kv");
     let killed = Instant::now();
     faults
         .kill_replica(client, ns, &victim)
@@ -98,6 +101,29 @@ pub async fn kill_primary_under_load(client: &Client, images: &Images, ns: &str,
     timing(
         &format!("t={t}: primary killed -> full redundancy"),
         format!("{:.1?}", killed.elapsed()),
+    );
+    let healed_epoch = epoch(&api.get("kv").await.expect("RSM"));
+    wait_until(
+        "the operator's gauges show the healed RSM",
+        Duration::from_secs(60),
+        || async {
+            let text = lockstep_e2e::operator_metrics()?;
+            let g = |m| lockstep_e2e::rsm_gauge(&text, m, ns, "kv");
+            Ok(g("lockstep_operator_rsm_degraded") == Some(0.0)
+                && g("lockstep_operator_rsm_epoch").is_some_and(|e| e >= healed_epoch as f64))
+        },
+    )
+    .await
+    .expect("gauges healed");
+    let seen = gauges.finish();
+    let first_degraded = seen.iter().position(|(d, _)| *d == 1.0);
+    assert!(
+        first_degraded.is_some_and(|i| seen[i..].iter().any(|(d, _)| *d == 0.0)),
+        "lockstep_operator_rsm_degraded did not go 1 then 0 during the fail-over: {seen:?}"
+    );
+    assert!(
+        seen.iter().any(|(_, e)| *e > before as f64),
+        "lockstep_operator_rsm_epoch never rose above {before}: {seen:?}"
     );
     // Every decision is visible with its own message: the latest epoch is in an event.
     let healed = api.get("kv").await.expect("RSM");

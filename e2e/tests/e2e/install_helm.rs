@@ -1,6 +1,7 @@
 //! The Helm install path on a real cluster: install the chart (CRD included) where nothing is
 //! installed, run an RSM, `helm uninstall` keeps the CRD and the running cluster, and the
-//! plain manifests installed afterwards adopt it.
+//! plain manifests installed afterwards adopt it. On the way, `helm upgrade` to a chart with a
+//! changed CRD (and back) changes the CRD on the cluster while the RSM keeps serving.
 
 use std::time::Duration;
 
@@ -27,6 +28,101 @@ fn helm(args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stdout)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+const CRD: &str = "replicatedstatemachines.lockstep.dev";
+const CRD_TEMPLATE: &str = "templates/crds/replicatedstatemachines.lockstep.dev.yaml";
+
+/// A copy of the chart whose CRD changed as a new release's would: a new optional spec field
+/// (`upgradeProbe`) and a new printer column.
+fn chart_with_changed_crd() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let status = std::process::Command::new("cp")
+        .arg("-r")
+        .arg(lockstep_e2e::repo().join("charts/lockstep/."))
+        .arg(dir.path())
+        .status()
+        .expect("cp");
+    assert!(status.success(), "copy of the chart");
+    let path = dir.path().join(CRD_TEMPLATE);
+    let crd = std::fs::read_to_string(&path).expect("CRD template");
+    let spec_props = "            properties:\n              clientIdentities:\n";
+    assert!(crd.contains(spec_props), "the CRD template's spec properties moved: update this test");
+    let changed = crd
+        .replacen(
+            spec_props,
+            "            properties:\n              upgradeProbe:\n                description: Added by the e2e chart upgrade test.\n                nullable: true\n                type: string\n              clientIdentities:\n",
+            1,
+        )
+        .replacen(
+            "  - additionalPrinterColumns:\n",
+            "  - additionalPrinterColumns:\n    - jsonPath: .spec.upgradeProbe\n      name: Probe\n      priority: 1\n      type: string\n",
+            1,
+        );
+    std::fs::write(&path, changed).expect("changed CRD");
+    dir
+}
+
+fn crd_has_upgrade_probe() -> bool {
+    kubectl(&[
+        "get",
+        "crd",
+        CRD,
+        "-o",
+        "jsonpath={.spec.versions[0].schema.openAPIV3Schema.properties.spec.properties.upgradeProbe.type}",
+    ])
+    .expect("CRD")
+    .trim()
+        == "string"
+}
+
+/// Sets `spec.upgradeProbe` on the RSM (refused or pruned while the CRD does not know it) and
+/// returns what the API server stored.
+fn set_upgrade_probe(ns: &str, value: &str) -> String {
+    let _ = kubectl(&[
+        "-n",
+        ns,
+        "patch",
+        "rsm",
+        "kv",
+        "--type=merge",
+        "-p",
+        &format!("{{\"spec\":{{\"upgradeProbe\":\"{value}\"}}}}"),
+    ]);
+    kubectl(&["-n", ns, "get", "rsm", "kv", "-o", "jsonpath={.spec.upgradeProbe}"])
+        .expect("RSM")
+        .trim()
+        .to_string()
+}
+
+/// `helm upgrade` to a chart whose CRD changed, and back: the CRD on the cluster follows the
+/// chart both ways, and the running RSM keeps serving throughout (docs/install-paths.md).
+async fn upgrade_crd_with_helm(api: &Api<ReplicatedStateMachine>, tools: &ToolsPod, ns: &str) {
+    assert!(!crd_has_upgrade_probe());
+    assert_eq!(set_upgrade_probe(ns, "before"), "", "a field the CRD does not define was stored");
+    let changed = chart_with_changed_crd();
+    let chart = changed.path().to_str().expect("utf-8 path");
+    println!(
+        "{}",
+        helm(&["upgrade", "lockstep", chart, "--namespace", OPERATOR_NS, "--reuse-values", "--wait", "--timeout", "5m"])
+    );
+    assert!(crd_has_upgrade_probe(), "helm upgrade did not change the CRD");
+    assert_eq!(set_upgrade_probe(ns, "after"), "after", "the upgraded CRD's new field was not stored");
+    let wide = kubectl(&["-n", ns, "get", "rsm", "kv", "-o", "wide"]).expect("get -o wide");
+    assert!(wide.contains("PROBE") && wide.contains("after"), "no new printer column: {wide}");
+    assert!(
+        tools.lockstep("kv", &["put", "upgraded", "1"]).expect("write").contains("OK"),
+        "the RSM stopped serving across the CRD upgrade"
+    );
+    // Back to the repository's chart: the field goes from the schema (a stored value is kept
+    // in etcd but pruned on the next write) and the RSM stays Ready.
+    helm(&["upgrade", "lockstep", "charts/lockstep", "--namespace", OPERATOR_NS, "--reuse-values", "--wait", "--timeout", "5m"]);
+    assert!(!crd_has_upgrade_probe(), "helm upgrade back did not restore the CRD");
+    wait_for(api, "kv", "Ready after the CRD upgrades", Duration::from_secs(120), |o| {
+        condition(o, "Ready")
+    })
+    .await
+    .expect("Ready");
 }
 
 fn split_image(image: &str) -> (&str, &str) {
@@ -94,6 +190,8 @@ async fn helm_install_uninstall_keeps_crd_and_clusters() {
             .expect("write")
             .contains("OK")
     );
+
+    upgrade_crd_with_helm(&api, &tools, ns).await;
 
     helm(&["uninstall", "lockstep", "--namespace", OPERATOR_NS, "--wait"]);
     kubectl(&["get", "crd", "replicatedstatemachines.lockstep.dev"]).expect("helm uninstall keeps the CRD");
