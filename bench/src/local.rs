@@ -61,6 +61,11 @@ impl LocalCluster {
         })
     }
 
+    /// The client certificate `lockstep up` wrote (TLS is its default).
+    pub fn transport(&self) -> anyhow::Result<lockstep::Transport> {
+        lockstep::pki::local_client_transport(&self.dir)
+    }
+
     pub fn state(&self) -> anyhow::Result<Option<MasterState>> {
         load_state(&self.dir)
     }
@@ -82,7 +87,7 @@ impl LocalCluster {
             }
             match self.check(replicas).await {
                 Ok(h) => {
-                    let mut c = lockstep::Client::new(h.endpoints.clone());
+                    let mut c = lockstep::Client::new(h.endpoints.clone()).with_transport(self.transport()?);
                     c.deadline = Duration::from_secs(2);
                     match c.put("bench-ready", "1").await {
                         Ok(_) => return Ok(h),
@@ -109,7 +114,7 @@ impl LocalCluster {
             );
         }
         for m in &config.members {
-            let s = lockstep::status_of(&m.endpoint, Duration::from_millis(500))
+            let s = lockstep::status_of(&self.transport()?, &m.endpoint, Duration::from_millis(500))
                 .await
                 .map_err(|e| anyhow::anyhow!("{}: {e}", m.id))?;
             let want = if m.id == config.primary { "primary" } else { "backup" };

@@ -512,7 +512,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         history: None,
     };
     let ls_endpoints = healthy.endpoints.clone();
-    let ls_make = |_: usize| lockstep::Client::new(ls_endpoints.clone());
+    let ls_transport = ls.transport()?;
+    let ls_make = |_: usize| lockstep::Client::new(ls_endpoints.clone()).with_transport(ls_transport.clone());
 
     // 3: throughput and latency.
     if args.warmup > 0 {

@@ -147,6 +147,7 @@ struct StreamState {
 }
 
 struct Shared {
+    transport: crate::Transport,
     info: Mutex<ClusterInfo>,
     keys: Mutex<Vec<(String, Channel, VerifyingKey)>>,
     identity: String,
@@ -174,13 +175,16 @@ pub struct ByzClient {
     pub last_vote: VoteReport,
 }
 
-fn channels(info: &ClusterInfo) -> Result<Vec<(String, Channel, VerifyingKey)>, ClientError> {
+fn channels(
+    transport: &crate::Transport,
+    info: &ClusterInfo,
+) -> Result<Vec<(String, Channel, VerifyingKey)>, ClientError> {
     info.replicas
         .iter()
         .map(|r| {
             let key = keys::parse_public_key(r.public_key.as_bytes())
                 .map_err(|e| ClientError::Invalid(format!("public key of {}: {e}", r.id)))?;
-            Ok((r.id.clone(), crate::cluster_channel(&r.endpoint)?, key))
+            Ok((r.id.clone(), crate::cluster_channel(transport, &r.endpoint)?, key))
         })
         .collect()
 }
@@ -190,11 +194,17 @@ fn now_us() -> u64 {
 }
 
 impl ByzClient {
-    pub fn new(info: ClusterInfo, identity: &str, key: SigningKey) -> Result<ByzClient, ClientError> {
-        let chans = channels(&info)?;
+    pub fn new(
+        transport: crate::Transport,
+        info: ClusterInfo,
+        identity: &str,
+        key: SigningKey,
+    ) -> Result<ByzClient, ClientError> {
+        let chans = channels(&transport, &info)?;
         let era = info.era;
         Ok(ByzClient {
             shared: Arc::new(Shared {
+                transport,
                 info: Mutex::new(info),
                 keys: Mutex::new(chans),
                 identity: identity.to_string(),
@@ -234,7 +244,8 @@ impl ByzClient {
         let key = client_key(cluster_dir, identity).with_context(|| {
             format!("no key for client '{identity}' (create one with `lockstep -c NAME add-client {identity}`)")
         })?;
-        let mut c = ByzClient::new(info, identity, key)?;
+        let transport = crate::pki::local_client_transport(cluster_dir)?;
+        let mut c = ByzClient::new(transport, info, identity, key)?;
         c.reload_from = Some(cluster_dir.to_path_buf());
         Ok(c)
     }
@@ -269,7 +280,7 @@ impl ByzClient {
         let info = crate::byz_discover::discover(&discovery, Duration::from_secs(5))
             .await
             .map_err(anyhow::Error::msg)?;
-        let mut c = ByzClient::new(info, identity, key)?;
+        let mut c = ByzClient::new(discovery.transport.clone(), info, identity, key)?;
         c.discover = Some(discovery);
         Ok(c)
     }
@@ -285,7 +296,7 @@ impl ByzClient {
         let Some(info) = info else { return };
         let mut cur = self.shared.info.lock().unwrap_or_else(|e| e.into_inner());
         if info.era > cur.era
-            && let Ok(chans) = channels(&info)
+            && let Ok(chans) = channels(&self.shared.transport, &info)
         {
             *self.shared.keys.lock().unwrap_or_else(|e| e.into_inner()) = chans;
             *cur = info;

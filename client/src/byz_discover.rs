@@ -22,6 +22,8 @@ use std::time::Duration;
 pub struct Discovery {
     pub endpoint: String,
     pub master: VerifyingKey,
+    /// How to reach the replicas (TLS or plaintext).
+    pub transport: crate::Transport,
 }
 
 /// The era in `signed`, if the master signed it.
@@ -58,8 +60,13 @@ pub fn info_of(name: &str, era: &Era) -> ClusterInfo {
 }
 
 /// The newest master-signed era among what `endpoints` report.
-async fn newest(endpoints: &[String], master: &VerifyingKey, timeout: Duration) -> Option<Era> {
-    let probes = endpoints.iter().map(|ep| crate::status_of(ep, timeout));
+async fn newest(
+    transport: &crate::Transport,
+    endpoints: &[String],
+    master: &VerifyingKey,
+    timeout: Duration,
+) -> Option<Era> {
+    let probes = endpoints.iter().map(|ep| crate::status_of(transport, ep, timeout));
     futures::future::join_all(probes)
         .await
         .into_iter()
@@ -70,7 +77,7 @@ async fn newest(endpoints: &[String], master: &VerifyingKey, timeout: Duration) 
 
 /// Learn the cluster behind `d.endpoint` (and the members of the era found there).
 pub async fn discover(d: &Discovery, timeout: Duration) -> Result<ClusterInfo, String> {
-    let first = newest(std::slice::from_ref(&d.endpoint), &d.master, timeout)
+    let first = newest(&d.transport, std::slice::from_ref(&d.endpoint), &d.master, timeout)
         .await
         .ok_or_else(|| {
             format!(
@@ -81,7 +88,7 @@ pub async fn discover(d: &Discovery, timeout: Duration) -> Result<ClusterInfo, S
             )
         })?;
     let members: Vec<String> = first.members.iter().map(|m| m.endpoint.clone()).collect();
-    let best = match newest(&members, &d.master, timeout).await {
+    let best = match newest(&d.transport, &members, &d.master, timeout).await {
         Some(e) if e.number > first.number => e,
         _ => first,
     };

@@ -22,6 +22,10 @@ pub struct MasterState {
     /// Replica ordinals below this were used before and are never reused.
     #[serde(default)]
     pub next_ordinal: usize,
+    /// `lockstep up --insecure`: the replicas speak plaintext (else mutual TLS with the
+    /// certificates in `tls/`, see [`crate::pki`]).
+    #[serde(default)]
+    pub insecure: bool,
 }
 
 pub fn cluster_dir(data_dir: &Path, name: &str) -> PathBuf {

@@ -17,6 +17,7 @@ pub mod bench;
 pub mod byz;
 pub mod byz_discover;
 pub mod cluster;
+pub mod pki;
 pub mod up;
 pub mod up_byz;
 
@@ -24,9 +25,10 @@ use lockstep_proto::{
     AppliedEntry, Command, ExecuteRequest, ExecuteResponse, ReadRequest, ReadResponse, StatusRequest, StatusResponse,
     WatchRequest, admin_client::AdminClient, client_client::ClientClient,
 };
+pub use lockstep_replica::tls::{PeerIdentity, Role, Transport};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 /// How long an endpoint whose connection failed is skipped.
@@ -65,14 +67,28 @@ pub fn endpoint_url(s: &str) -> String {
     }
 }
 
-fn channel(endpoint: &str) -> Result<Channel, ClientError> {
-    Endpoint::from_shared(endpoint.to_string())
+fn channel(transport: &Transport, endpoint: &str) -> Result<Channel, ClientError> {
+    transport
+        .endpoint(endpoint)
         .map(|e| {
             e.connect_timeout(Duration::from_millis(500))
                 .tcp_nodelay(true)
                 .connect_lazy()
         })
         .map_err(|e| ClientError::Invalid(format!("bad endpoint {endpoint}: {e}")))
+}
+
+/// A hint for errors of a plaintext client: a replica that requires TLS closes the
+/// connection of a client without a certificate.
+fn plaintext_hint(transport: &Transport, status: &Status) -> String {
+    let m = status.message();
+    let refused_h2 = m.contains("h2 protocol error") || (status.code() == Code::Unavailable && !never_sent(status));
+    if transport.is_tls() || !refused_h2 {
+        return String::new();
+    }
+    " (if the replicas run with TLS — the default of `lockstep up` — pass --tls-ca, --tls-cert and --tls-key, \
+     or use -c NAME for a local cluster)"
+        .into()
 }
 
 /// True for errors raised before a connection existed (refused, no route, name not
@@ -90,6 +106,7 @@ fn new_client_id() -> String {
 }
 
 pub struct Client {
+    transport: Transport,
     endpoints: Vec<String>,
     channels: HashMap<String, Channel>,
     primary: Option<String>,
@@ -108,6 +125,7 @@ pub struct Client {
 impl Client {
     pub fn new(endpoints: Vec<String>) -> Client {
         Client {
+            transport: Transport::plaintext(),
             endpoints: endpoints.iter().map(|e| endpoint_url(e)).collect(),
             channels: HashMap::new(),
             primary: None,
@@ -118,6 +136,17 @@ impl Client {
             deadline: Duration::from_secs(10),
             attempt_timeout: Duration::from_secs(6),
         }
+    }
+
+    /// Talk mutual TLS (or plaintext) as `transport` says; plaintext by default.
+    pub fn with_transport(mut self, transport: Transport) -> Client {
+        self.transport = transport;
+        self.channels.clear();
+        self
+    }
+
+    pub fn transport(&self) -> &Transport {
+        &self.transport
     }
 
     pub fn with_client_id(mut self, id: impl Into<String>) -> Client {
@@ -137,7 +166,7 @@ impl Client {
         if let Some(c) = self.channels.get(endpoint) {
             return Ok(c.clone());
         }
-        let c = channel(endpoint)?;
+        let c = channel(&self.transport, endpoint)?;
         self.channels.insert(endpoint.to_string(), c.clone());
         Ok(c)
     }
@@ -250,7 +279,11 @@ impl Client {
                     if !refused && !never_sent(&status) {
                         maybe_applied = true;
                     }
-                    last_error = format!("{endpoint}: {}", status.message());
+                    last_error = format!(
+                        "{endpoint}: {}{}",
+                        status.message(),
+                        plaintext_hint(&self.transport, &status)
+                    );
                     if status.message().contains("sealed") && start.elapsed() > Duration::from_secs(1) && !maybe_applied
                     {
                         return Err(ClientError::Rejected(last_error));
@@ -288,7 +321,11 @@ impl Client {
                 }
                 Err(status) => {
                     self.route(&endpoint, &status);
-                    last_error = format!("{endpoint}: {}", status.message());
+                    last_error = format!(
+                        "{endpoint}: {}{}",
+                        status.message(),
+                        plaintext_hint(&self.transport, &status)
+                    );
                 }
             }
             attempt += 1;
@@ -346,7 +383,7 @@ impl Client {
         let endpoints = self.endpoints.clone();
         let mut out = Vec::new();
         for e in endpoints {
-            out.push((e.clone(), status_of(&e, Duration::from_secs(2)).await));
+            out.push((e.clone(), status_of(&self.transport, &e, Duration::from_secs(2)).await));
         }
         out
     }
@@ -378,14 +415,69 @@ pub fn parse_output(bytes: &[u8]) -> Result<serde_json::Value, ClientError> {
     Ok(v)
 }
 
+/// Channels to replicas, one per endpoint, reused: callers that talk to the same replicas
+/// again and again (the configuration masters) pay for a connection — with TLS a handshake —
+/// once, not per call. Bound to the tokio runtime the channels are first made on. Cheap to
+/// clone (the clones share the channels).
+#[derive(Clone, Debug, Default)]
+pub struct Channels {
+    transport: Transport,
+    map: std::sync::Arc<std::sync::Mutex<HashMap<String, Channel>>>,
+}
+
+impl Channels {
+    pub fn new(transport: Transport) -> Channels {
+        Channels {
+            transport,
+            map: Default::default(),
+        }
+    }
+
+    pub fn transport(&self) -> &Transport {
+        &self.transport
+    }
+
+    /// The channel to `endpoint` (made on first use).
+    pub fn get(&self, endpoint: &str) -> Result<Channel, ClientError> {
+        let key = endpoint_url(endpoint);
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = map.get(&key) {
+            return Ok(c.clone());
+        }
+        let c = channel(&self.transport, &key)?;
+        map.insert(key, c.clone());
+        Ok(c)
+    }
+
+    /// Forget the channels of endpoints `keep` says no to (replicas gone).
+    pub fn retain(&self, keep: impl Fn(&str) -> bool) {
+        self.map
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|e, _| keep(e));
+    }
+
+    /// Admin status of `endpoint` over its channel.
+    pub async fn status(&self, endpoint: &str, timeout: Duration) -> Result<StatusResponse, String> {
+        let ch = self.get(endpoint).map_err(|e| e.to_string())?;
+        status_on(ch, timeout).await
+    }
+}
+
 /// A lazily connecting channel to one replica.
-pub fn cluster_channel(endpoint: &str) -> Result<Channel, ClientError> {
-    channel(&endpoint_url(endpoint))
+pub fn cluster_channel(transport: &Transport, endpoint: &str) -> Result<Channel, ClientError> {
+    channel(transport, &endpoint_url(endpoint))
 }
 
 /// One replica's admin status.
-pub async fn status_of(endpoint: &str, timeout: Duration) -> Result<StatusResponse, String> {
-    let ch = channel(&endpoint_url(endpoint)).map_err(|e| e.to_string())?;
+pub async fn status_of(transport: &Transport, endpoint: &str, timeout: Duration) -> Result<StatusResponse, String> {
+    let ch = channel(transport, &endpoint_url(endpoint)).map_err(|e| e.to_string())?;
+    status_on(ch, timeout).await
+}
+
+/// Admin status over an existing channel (callers that ask often keep one per replica: with
+/// TLS a new connection costs a handshake).
+pub async fn status_on(ch: Channel, timeout: Duration) -> Result<StatusResponse, String> {
     let mut c = AdminClient::new(ch);
     let mut req = tonic::Request::new(StatusRequest {});
     req.set_timeout(timeout);

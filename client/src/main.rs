@@ -38,8 +38,30 @@ struct Cli {
     /// default `<identity>.key` in the current directory.
     #[arg(long, global = true, env = "LOCKSTEP_IDENTITY_KEY")]
     identity_key: Option<PathBuf>,
+    #[command(flatten)]
+    tls: ClientTls,
     #[command(subcommand)]
     command: Cmd,
+}
+
+/// How the CLI reaches the replicas (given before the subcommand). Default: a local cluster
+/// (`-c NAME`) with the certificates `lockstep up` wrote; endpoints (`-c host:port`) in
+/// plaintext unless these are given.
+#[derive(clap::Args)]
+struct ClientTls {
+    /// CA certificate (PEM) the replicas' certificates must chain to.
+    #[arg(long, env = "LOCKSTEP_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) with a `lockstep://client/<name>` SAN URI.
+    #[arg(long, env = "LOCKSTEP_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, env = "LOCKSTEP_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// Plaintext even for a local cluster whose certificates exist (replicas started with
+    /// --insecure, as the operator runs them until TLS on Kubernetes lands).
+    #[arg(long, env = "LOCKSTEP_INSECURE", conflicts_with_all = ["tls_ca", "tls_cert", "tls_key"])]
+    insecure: bool,
 }
 
 #[derive(Subcommand)]
@@ -69,6 +91,10 @@ enum Cmd {
         /// wrong-version.
         #[arg(long, hide = !lockstep_replica::byz::inject::AVAILABLE)]
         inject: Vec<String>,
+        /// Run the replicas WITHOUT transport security: plaintext gRPC, every caller accepted
+        /// (benchmarks of the TLS cost). Default: mutual TLS with certificates made here.
+        #[arg(long = "insecure")]
+        insecure_replicas: bool,
     },
     /// Byzantine clusters: create a client key pair (secret in `clients/NAME.key`, public key in
     /// `client-identities/NAME`, the directory the replicas and the master read).
@@ -165,7 +191,26 @@ fn client(cli: &Cli) -> anyhow::Result<Client> {
         .cluster
         .as_deref()
         .context("which cluster? pass -c NAME (a local cluster) or -c host:port,...")?;
-    Ok(Client::new(resolve_endpoints(spec, &cli.data_dir)?))
+    Ok(Client::new(resolve_endpoints(spec, &cli.data_dir)?).with_transport(transport(cli)?))
+}
+
+/// TLS from the flags, else a local cluster's own certificates, else plaintext.
+fn transport(cli: &Cli) -> anyhow::Result<lockstep::Transport> {
+    let t = &cli.tls;
+    if t.insecure {
+        return Ok(lockstep::Transport::plaintext());
+    }
+    match (&t.tls_ca, &t.tls_cert, &t.tls_key) {
+        (Some(ca), Some(cert), Some(key)) => return lockstep::Transport::load(ca, cert, key),
+        (None, None, None) => {}
+        _ => anyhow::bail!("--tls-ca, --tls-cert and --tls-key go together: pass all three"),
+    }
+    match cli.cluster.as_deref() {
+        Some(spec) if !spec.contains(':') && !spec.contains(',') => {
+            lockstep::pki::local_client_transport(&lockstep::cluster::cluster_dir(&cli.data_dir, spec))
+        }
+        _ => Ok(lockstep::Transport::plaintext()),
+    }
 }
 
 fn cluster_dir_of(cli: &Cli) -> anyhow::Result<PathBuf> {
@@ -207,7 +252,11 @@ async fn byz_client(cli: &Cli) -> anyhow::Result<lockstep::byz::ByzClient> {
         .identity_key
         .clone()
         .unwrap_or_else(|| PathBuf::from(format!("{}.key", cli.identity)));
-    let discovery = lockstep::byz_discover::Discovery { endpoint, master };
+    let discovery = lockstep::byz_discover::Discovery {
+        endpoint,
+        master,
+        transport: transport(cli)?,
+    };
     lockstep::byz::ByzClient::discover(discovery, &cli.identity, &key_file).await
 }
 
@@ -376,8 +425,9 @@ async fn byz_status(cli: &Cli, output: Format) -> anyhow::Result<()> {
     let tallies = c.tallies();
     let info = c.info();
     let mut rows = Vec::new();
+    let transport = transport(cli)?;
     for r in &info.replicas {
-        let s = lockstep::status_of(&r.endpoint, Duration::from_secs(2)).await;
+        let s = lockstep::status_of(&transport, &r.endpoint, Duration::from_secs(2)).await;
         let t = tallies.get(&r.id).cloned().unwrap_or_default();
         rows.push((r.clone(), s, t));
     }
@@ -471,6 +521,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             quiet,
             client_timeout_ms,
             inject,
+            insecure_replicas,
         } => {
             lockstep_replica::init_tracing(false);
             let mut injected = std::collections::BTreeMap::new();
@@ -490,6 +541,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 quiet: *quiet,
                 inject: injected,
                 client_timeout: Duration::from_millis(*client_timeout_ms),
+                insecure: *insecure_replicas,
             })
             .await
         }
@@ -622,7 +674,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     eprintln!();
                 }
             });
-            let report = run_workload("lockstep", opts, |_| Client::new(endpoints.clone()), stop).await?;
+            let transport = transport(&cli)?;
+            let report = run_workload(
+                "lockstep",
+                opts,
+                |_| Client::new(endpoints.clone()).with_transport(transport.clone()),
+                stop,
+            )
+            .await?;
             progress.abort();
             interrupted.abort();
             println!("{report}");

@@ -31,6 +31,8 @@ pub struct UpOptions {
     pub inject: BTreeMap<String, String>,
     /// Byzantine mode: remove a client stream that has not moved for this long.
     pub client_timeout: Duration,
+    /// Run the replicas without TLS (plaintext, anyone may call anything).
+    pub insecure: bool,
 }
 
 struct LocalReplica {
@@ -128,6 +130,13 @@ struct Master {
     last_summary: String,
     last_table: String,
     byz: Option<crate::up_byz::ByzMaster>,
+    /// The cluster's certificates (None: `--insecure`).
+    pki: Option<crate::pki::LocalPki>,
+    /// How this master calls the replicas: its admin certificate, or plaintext.
+    transport: crate::Transport,
+    /// One channel per replica endpoint for the status probes (a TLS handshake per probe,
+    /// every 50 ms per replica, would be a waste).
+    probe_channels: BTreeMap<String, tonic::transport::Channel>,
     _lock: std::fs::File,
 }
 
@@ -147,7 +156,7 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
             dir.display()
         );
     }
-    let state = match load_state(&dir)? {
+    let mut state = match load_state(&dir)? {
         Some(mut s) => {
             if s.machine.name != desired.machine.name {
                 bail!(
@@ -168,8 +177,21 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
             config: None,
             rollout: None,
             next_ordinal: 0,
+            insecure: false,
         },
     };
+    let pki = if opts.insecure {
+        None
+    } else {
+        Some(crate::pki::LocalPki::open(&dir, &name).context("cannot make the cluster's TLS certificates")?)
+    };
+    let transport = match &pki {
+        Some(p) => p.admin.transport()?,
+        None => crate::Transport::plaintext(),
+    };
+    // The CLI reads the mode from here (`-c NAME`).
+    state.insecure = opts.insecure;
+    save_state(&dir, &state)?;
     let byz = if desired.failure_model == FailureModel::Byzantine {
         if !opts.inject.is_empty() && !lockstep_replica::byz::inject::AVAILABLE {
             bail!("--inject needs a build with the cargo feature `fault-injection` (test builds only)");
@@ -178,6 +200,7 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
             .map(|f| f().identity())
             .context("built-in machine")?;
         let mut b = crate::up_byz::ByzMaster::open(&dir, &name, desired.faults_tolerated as usize, ordering, machine)?;
+        b.set_transport(transport.clone());
         b.client_timeout = opts.client_timeout;
         b.spawn_ticker();
         Some(b)
@@ -189,6 +212,9 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
     };
     let mut m = Master {
         byz,
+        pki,
+        transport,
+        probe_channels: BTreeMap::new(),
         name: name.clone(),
         dir,
         desired,
@@ -210,6 +236,13 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
         m.desired.replicas(),
         m.dir.display()
     ));
+    match &m.pki {
+        Some(p) => m.say(&format!(
+            "mutual TLS on every replica port; certificates in {} (the CLI finds them with -c {name})",
+            p.dir.display()
+        )),
+        None => m.say("WARNING: --insecure: the replicas speak plaintext gRPC and accept every caller"),
+    }
     // Restart: bring back every member of the persisted configuration from its data dir.
     if let Some(config) = m.state.config.clone() {
         m.say(&format!(
@@ -266,6 +299,23 @@ impl Master {
             .arg(&self.desired.machine.name);
         if self.opts.no_fsync {
             cmd.arg("--no-fsync");
+        }
+        // The transport is this master's decision, never an inherited environment's.
+        for var in [
+            "LOCKSTEP_INSECURE",
+            "LOCKSTEP_TLS_CA",
+            "LOCKSTEP_TLS_CERT",
+            "LOCKSTEP_TLS_KEY",
+        ] {
+            cmd.env_remove(var);
+        }
+        match &self.pki {
+            Some(p) => {
+                cmd.args(p.replica(id)?.args());
+            }
+            None => {
+                cmd.arg("--insecure");
+            }
         }
         if let Some(b) = &self.byz {
             cmd.args(b.replica_args());
@@ -375,13 +425,29 @@ impl Master {
             }
         }
         // Admin status, all at once.
-        let probes: Vec<_> = self
+        let live: Vec<(String, String)> = self
             .replicas
             .values()
             .filter(|r| r.exited.is_none())
             .filter_map(|r| r.endpoint.clone().map(|e| (r.id.clone(), e)))
-            .map(|(id, e)| async move { (id, crate::status_of(&e, Duration::from_millis(300)).await) })
             .collect();
+        self.probe_channels.retain(|e, _| live.iter().any(|(_, l)| l == e));
+        let mut probes = Vec::new();
+        for (id, e) in live {
+            let ch = match self.probe_channels.get(&e) {
+                Some(ch) => Ok(ch.clone()),
+                None => crate::cluster_channel(&self.transport, &e).inspect(|ch| {
+                    self.probe_channels.insert(e.clone(), ch.clone());
+                }),
+            };
+            probes.push(async move {
+                let status = match ch {
+                    Ok(ch) => crate::status_on(ch, Duration::from_millis(300)).await,
+                    Err(err) => Err(err.to_string()),
+                };
+                (id, status)
+            });
+        }
         for (id, result) in futures::future::join_all(probes).await {
             if let Some(r) = self.replicas.get_mut(&id) {
                 match result {
@@ -538,11 +604,13 @@ impl Master {
         out
     }
 
-    async fn push(endpoint: &str, config: &lockstep_proto::Configuration, timeout: Duration) -> Result<(), String> {
-        let ch = tonic::transport::Endpoint::from_shared(endpoint.to_string())
-            .map_err(|e| e.to_string())?
-            .connect_timeout(timeout)
-            .connect_lazy();
+    async fn push(
+        transport: &crate::Transport,
+        endpoint: &str,
+        config: &lockstep_proto::Configuration,
+        timeout: Duration,
+    ) -> Result<(), String> {
+        let ch = transport.endpoint(endpoint)?.connect_timeout(timeout).connect_lazy();
         let mut c = AdminClient::new(ch);
         let mut req = tonic::Request::new(lockstep_proto::ReconfigureRequest {
             config: Some(config.clone()),
@@ -622,7 +690,7 @@ impl Master {
                 // The primary first: a member that learns the new epoch before the primary
                 // would fence it until the primary hears of the epoch too.
                 if let Some(p) = config.member(&config.primary)
-                    && let Err(e) = Self::push(&p.endpoint, &proto, Duration::from_secs(1)).await
+                    && let Err(e) = Self::push(&self.transport, &p.endpoint, &proto, Duration::from_secs(1)).await
                 {
                     self.say(&format!(
                         "  could not give epoch {} to primary {} yet: {e}",
@@ -637,7 +705,8 @@ impl Master {
                         let proto = proto.clone();
                         let ep = m.endpoint.clone();
                         let id = m.id.clone();
-                        async move { (id, Self::push(&ep, &proto, Duration::from_secs(1)).await) }
+                        let transport = self.transport.clone();
+                        async move { (id, Self::push(&transport, &ep, &proto, Duration::from_secs(1)).await) }
                     })
                     .collect();
                 for (id, r) in futures::future::join_all(pushes).await {
@@ -648,15 +717,22 @@ impl Master {
                 for id in notify {
                     if let Some(ep) = self.endpoint_of(&id) {
                         let proto = proto.clone();
+                        let transport = self.transport.clone();
                         tokio::spawn(async move {
-                            let _ = Self::push(&ep, &proto, Duration::from_secs(5)).await;
+                            let _ = Self::push(&transport, &ep, &proto, Duration::from_secs(5)).await;
                         });
                     }
                 }
             }
             Action::PushConfig { id } => {
                 if let (Some(c), Some(ep)) = (self.state.config.clone(), self.endpoint_of(&id)) {
-                    let _ = Self::push(&ep, &lockstep_planner::wire::to_proto(&c), Duration::from_secs(1)).await;
+                    let _ = Self::push(
+                        &self.transport,
+                        &ep,
+                        &lockstep_planner::wire::to_proto(&c),
+                        Duration::from_secs(1),
+                    )
+                    .await;
                 }
             }
             Action::DeleteReplica { id, reason } => {
@@ -678,14 +754,14 @@ impl Master {
             }
             Action::Seal => {
                 if let Some(ep) = self.primary_endpoint() {
-                    let mut c = AdminClient::new(crate::cluster_channel(&ep)?);
+                    let mut c = AdminClient::new(crate::cluster_channel(&self.transport, &ep)?);
                     let r = c.seal(lockstep_proto::SealRequest { at_index: 0 }).await?;
                     self.say(&format!("sealed at index {}", r.into_inner().index));
                 }
             }
             Action::Resume { .. } => {
                 if let Some(ep) = self.primary_endpoint() {
-                    let mut c = AdminClient::new(crate::cluster_channel(&ep)?);
+                    let mut c = AdminClient::new(crate::cluster_channel(&self.transport, &ep)?);
                     c.resume(lockstep_proto::ResumeRequest {}).await?;
                 }
             }

@@ -54,6 +54,7 @@ struct StreamState {
     last_ts: u64,
     horizon: u64,
     endpoints: Vec<String>,
+    channels: crate::Channels,
 }
 
 #[derive(serde::Serialize, serde::Deserialize, Default)]
@@ -78,6 +79,9 @@ pub struct ByzMaster {
     admitted: HashSet<(String, u64)>,
     tombstoned: BTreeMap<(String, u64, u64), Instant>,
     pub client_timeout: Duration,
+    /// How the master calls the replicas (the admin certificate, or plaintext), one channel
+    /// per replica.
+    channels: crate::Channels,
 }
 
 fn now_us() -> u64 {
@@ -143,11 +147,20 @@ impl ByzMaster {
                 last_ts: 0,
                 horizon: 0,
                 endpoints: Vec::new(),
+                channels: crate::Channels::default(),
             })),
             admitted: HashSet::new(),
             tombstoned: BTreeMap::new(),
             client_timeout: Duration::from_secs(3),
+            channels: crate::Channels::default(),
         }
+    }
+
+    /// Call the replicas with `transport` (plaintext by default).
+    pub fn set_transport(&mut self, transport: crate::Transport) {
+        let channels = crate::Channels::new(transport);
+        self.stream.lock().unwrap_or_else(|e| e.into_inner()).channels = channels.clone();
+        self.channels = channels;
     }
 
     pub fn public_key_hex(&self) -> String {
@@ -357,8 +370,11 @@ impl ByzMaster {
                 body: Some(Body::Tombstone(Tombstone {})),
             };
             let signed = lockstep_replica::byz::sign_item(&self.key, &item);
-            let endpoints = self.stream.lock().unwrap_or_else(|e| e.into_inner()).endpoints.clone();
-            submit_all(&endpoints, signed);
+            submit_all(
+                &self.channels,
+                &self.stream.lock().unwrap_or_else(|e| e.into_inner()).endpoints,
+                signed,
+            );
         }
     }
 
@@ -390,7 +406,7 @@ impl ByzMaster {
         let probes = era
             .members
             .iter()
-            .map(|m| async move { crate::status_of(&m.endpoint, Duration::from_millis(500)).await });
+            .map(|m| async move { self.channels.status(&m.endpoint, Duration::from_millis(500)).await });
         let mut counts: BTreeMap<(u64, Vec<u8>), usize> = BTreeMap::new();
         for s in futures::future::join_all(probes).await.into_iter().flatten() {
             if let Some(b) = s.byzantine
@@ -476,7 +492,8 @@ impl ByzMaster {
             let signed = signed.clone();
             let ep = m.endpoint.clone();
             let id = m.id.clone();
-            async move { (id, push_era(&ep, signed, Duration::from_secs(30)).await) }
+            let channels = self.channels.clone();
+            async move { (id, push_era(&channels, &ep, signed, Duration::from_secs(30)).await) }
         });
         let mut ok = 0;
         let mut errors = Vec::new();
@@ -495,8 +512,12 @@ impl ByzMaster {
                 last_ts: s.last_ts,
                 horizon: 0,
                 endpoints: era.members.iter().map(|m| m.endpoint.clone()).collect(),
+                channels: self.channels.clone(),
             };
         }
+        // Channels to replicas that left with the previous era go.
+        self.channels
+            .retain(|e| era.members.iter().any(|m| crate::endpoint_url(&m.endpoint) == e));
         self.write_info()?;
         if ok <= self.t {
             bail!("era {} reached only {ok} members: {}", era.number, errors.join("; "));
@@ -541,6 +562,7 @@ impl ByzMaster {
             last_ts: bound.saturating_sub(1),
             horizon: bound,
             endpoints: era.members.iter().map(|m| m.endpoint.clone()).collect(),
+            channels: self.channels.clone(),
         };
         true
     }
@@ -550,7 +572,7 @@ impl ByzMaster {
     /// (`genesis_state`).
     pub async fn next_era_state(&mut self, endpoints: &[String], timeout: Duration) -> anyhow::Result<(u64, Vec<u8>)> {
         match self.current_era().cloned() {
-            None => genesis_state(endpoints, self.t, timeout)
+            None => genesis_state(self.channels.transport(), endpoints, self.t, timeout)
                 .await
                 .context("no t + 1 replicas hold the same initial state yet"),
             Some(era) => match self.barrier_reached(&era).await {
@@ -563,7 +585,7 @@ impl ByzMaster {
     /// Re-send the current era to one replica.
     pub async fn push_current(&self, endpoint: &str) -> anyhow::Result<()> {
         let Some((_, signed)) = &self.era else { return Ok(()) };
-        push_era(endpoint, signed.clone(), Duration::from_secs(5))
+        push_era(&self.channels, endpoint, signed.clone(), Duration::from_secs(5))
             .await
             .map_err(anyhow::Error::msg)
     }
@@ -604,10 +626,15 @@ impl ByzMaster {
 /// snapshot at their own applied index (new replicas: the machine's empty state at 0). The
 /// master does not need to know the machine: a custom image's empty state is what its replicas
 /// report. None until t + 1 agree.
-pub async fn genesis_state(endpoints: &[String], t: usize, timeout: Duration) -> Option<(u64, Vec<u8>)> {
+pub async fn genesis_state(
+    transport: &crate::Transport,
+    endpoints: &[String],
+    t: usize,
+    timeout: Duration,
+) -> Option<(u64, Vec<u8>)> {
     let probes = endpoints.iter().map(|ep| async move {
-        let status = crate::status_of(ep, timeout).await.ok()?;
-        let ch = crate::cluster_channel(ep).ok()?;
+        let status = crate::status_of(transport, ep, timeout).await.ok()?;
+        let ch = crate::cluster_channel(transport, ep).ok()?;
         let mut c = ByzantineClient::new(ch).max_decoding_message_size(lockstep_proto::MAX_MESSAGE_BYTES);
         let mut req = tonic::Request::new(lockstep_proto::FetchSnapshotRequest {
             index: status.applied_index,
@@ -624,7 +651,7 @@ pub async fn genesis_state(endpoints: &[String], t: usize, timeout: Duration) ->
 }
 
 fn send(stream: &Mutex<StreamState>, key: &SigningKey, body: Body) {
-    let (signed, endpoints) = {
+    let (signed, endpoints, channels) = {
         let mut s = stream.lock().unwrap_or_else(|e| e.into_inner());
         if s.session == 0 {
             return;
@@ -644,14 +671,20 @@ fn send(stream: &Mutex<StreamState>, key: &SigningKey, body: Body) {
             era: s.era,
             body: Some(body),
         };
-        (lockstep_replica::byz::sign_item(key, &item), s.endpoints.clone())
+        (
+            lockstep_replica::byz::sign_item(key, &item),
+            s.endpoints.clone(),
+            s.channels.clone(),
+        )
     };
-    submit_all(&endpoints, signed);
+    submit_all(&channels, &endpoints, signed);
 }
 
-fn submit_all(endpoints: &[String], signed: SignedItem) {
+fn submit_all(channels: &crate::Channels, endpoints: &[String], signed: SignedItem) {
     for ep in endpoints {
-        let Ok(ch) = crate::cluster_channel(ep) else { continue };
+        let Ok(ch) = channels.get(ep) else {
+            continue;
+        };
         let mut c = ByzantineClient::new(ch);
         let mut req = tonic::Request::new(signed.clone());
         req.set_timeout(Duration::from_secs(2));
@@ -661,8 +694,13 @@ fn submit_all(endpoints: &[String], signed: SignedItem) {
     }
 }
 
-async fn push_era(endpoint: &str, signed: SignedEra, timeout: Duration) -> Result<(), String> {
-    let ch = crate::cluster_channel(endpoint).map_err(|e| e.to_string())?;
+async fn push_era(
+    channels: &crate::Channels,
+    endpoint: &str,
+    signed: SignedEra,
+    timeout: Duration,
+) -> Result<(), String> {
+    let ch = channels.get(endpoint).map_err(|e| e.to_string())?;
     let mut c = ByzantineClient::new(ch).max_decoding_message_size(lockstep_proto::MAX_MESSAGE_BYTES);
     let mut req = tonic::Request::new(signed);
     req.set_timeout(timeout);

@@ -8,10 +8,18 @@ use lockstep_proto::{Command, ExecuteRequest, ReadRequest, client_client::Client
 use nix::sys::signal::Signal;
 use std::time::Duration;
 
-async fn add(endpoint: &str, client: &str, seq: u64, amount: i64) -> Result<serde_json::Value, tonic::Status> {
-    let mut c = ClientClient::connect(endpoint.to_string())
-        .await
-        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+async fn add(
+    t: &lockstep::Transport,
+    endpoint: &str,
+    client: &str,
+    seq: u64,
+    amount: i64,
+) -> Result<serde_json::Value, tonic::Status> {
+    let mut c = ClientClient::new(
+        common::connect(t, endpoint)
+            .await
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))?,
+    );
     let payload = serde_json::json!({"op": "add", "amount": amount})
         .to_string()
         .into_bytes();
@@ -27,8 +35,8 @@ async fn add(endpoint: &str, client: &str, seq: u64, amount: i64) -> Result<serd
     Ok(serde_json::from_slice(&r.into_inner().output).expect("json output"))
 }
 
-async fn value(endpoint: &str) -> i64 {
-    let mut c = ClientClient::connect(endpoint.to_string()).await.expect("connect");
+async fn value(t: &lockstep::Transport, endpoint: &str) -> i64 {
+    let mut c = ClientClient::new(common::connect(t, endpoint).await.expect("connect"));
     let r = c
         .read(ReadRequest {
             query: br#"{"op":"get"}"#.to_vec(),
@@ -45,19 +53,20 @@ fn retried_requests_apply_once_even_across_failover() {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let primary = cluster.primary();
     let ep = cluster.endpoint(&primary);
+    let t = cluster.transport();
     rt.block_on(async {
-        assert_eq!(add(&ep, "alice", 1, 5).await.expect("first")["value"], 5);
+        assert_eq!(add(&t, &ep, "alice", 1, 5).await.expect("first")["value"], 5);
         // Same (client, sequence): the original answer, no second application.
-        assert_eq!(add(&ep, "alice", 1, 5).await.expect("retry")["value"], 5);
+        assert_eq!(add(&t, &ep, "alice", 1, 5).await.expect("retry")["value"], 5);
         // Another client in between, then alice retries again: still the first answer.
-        assert_eq!(add(&ep, "bob", 1, 100).await.expect("bob")["value"], 105);
-        assert_eq!(add(&ep, "alice", 1, 5).await.expect("retry 2")["value"], 5);
+        assert_eq!(add(&t, &ep, "bob", 1, 100).await.expect("bob")["value"], 105);
+        assert_eq!(add(&t, &ep, "alice", 1, 5).await.expect("retry 2")["value"], 5);
         // An older sequence than the last applied one is refused.
-        assert_eq!(add(&ep, "alice", 2, 1).await.expect("alice 2")["value"], 106);
-        let stale = add(&ep, "alice", 1, 5).await.expect_err("older sequence");
+        assert_eq!(add(&t, &ep, "alice", 2, 1).await.expect("alice 2")["value"], 106);
+        let stale = add(&t, &ep, "alice", 1, 5).await.expect_err("older sequence");
         assert_eq!(stale.code(), tonic::Code::FailedPrecondition, "{stale:?}");
         assert!(stale.message().contains("older"), "{}", stale.message());
-        assert_eq!(add(&ep, "alice", 3, 1).await.expect("alice 3")["value"], 107);
+        assert_eq!(add(&t, &ep, "alice", 3, 1).await.expect("alice 3")["value"], 107);
     });
 
     // The answer to alice's seq 3 was "lost"; the primary dies; alice retries on the new one.
@@ -71,9 +80,9 @@ fn retried_requests_apply_once_even_across_failover() {
     );
     let new_ep = cluster.endpoint(&cluster.primary());
     rt.block_on(async {
-        let retry = add(&new_ep, "alice", 3, 1).await.expect("retry on the new primary");
+        let retry = add(&t, &new_ep, "alice", 3, 1).await.expect("retry on the new primary");
         assert_eq!(retry["value"], 107, "the retry returns the original answer");
-        assert_eq!(value(&new_ep).await, 107, "and the add was applied once");
-        assert_eq!(add(&new_ep, "alice", 4, 1).await.expect("alice 4")["value"], 108);
+        assert_eq!(value(&t, &new_ep).await, 107, "and the add was applied once");
+        assert_eq!(add(&t, &new_ep, "alice", 4, 1).await.expect("alice 4")["value"], 108);
     });
 }

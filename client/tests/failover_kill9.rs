@@ -19,6 +19,7 @@ fn kill_t_under_load(t: u32, victims: impl Fn(&LocalCluster) -> Vec<String>) {
     let history = cluster.dir.path().join("history.jsonl");
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let endpoints = cluster.endpoints();
+    let transport = cluster.transport();
     let opts = WorkloadOptions {
         clients: 6,
         duration: Duration::from_secs(8),
@@ -31,7 +32,7 @@ fn kill_t_under_load(t: u32, victims: impl Fn(&LocalCluster) -> Vec<String>) {
     let load = rt.spawn(run_workload(
         "lockstep",
         opts,
-        move |_| lockstep::Client::new(endpoints.clone()),
+        move |_| lockstep::Client::new(endpoints.clone()).with_transport(transport.clone()),
         Arc::new(AtomicBool::new(false)),
     ));
     std::thread::sleep(Duration::from_millis(1500));

@@ -22,6 +22,7 @@ fn paused_primary_is_fenced_by_epoch() {
 
     let history = cluster.dir.path().join("history.jsonl");
     let endpoints = cluster.endpoints();
+    let transport = cluster.transport();
     let load = rt.spawn(run_workload(
         "lockstep",
         WorkloadOptions {
@@ -32,7 +33,7 @@ fn paused_primary_is_fenced_by_epoch() {
             mix: Mix::Mixed,
             history: Some(history.clone()),
         },
-        move |_| lockstep::Client::new(endpoints.clone()),
+        move |_| lockstep::Client::new(endpoints.clone()).with_transport(transport.clone()),
         Arc::new(AtomicBool::new(false)),
     ));
     std::thread::sleep(Duration::from_millis(1000));
@@ -53,7 +54,7 @@ fn paused_primary_is_fenced_by_epoch() {
 
     cluster.signal(&old, Signal::SIGCONT);
     // Talk to the old primary ONLY.
-    let mut stale = lockstep::Client::new(vec![old_endpoint.clone()]);
+    let mut stale = lockstep::Client::new(vec![old_endpoint.clone()]).with_transport(cluster.transport());
     stale.deadline = Duration::from_secs(3);
     let write = rt.block_on(stale.put("x", "from-the-fenced-primary"));
     assert!(write.is_err(), "the fenced primary acknowledged a write: {write:?}");
@@ -63,7 +64,11 @@ fn paused_primary_is_fenced_by_epoch() {
         "the fenced primary must refuse reads by epoch, got {read:?}"
     );
     let status = rt
-        .block_on(lockstep::status_of(&old_endpoint, Duration::from_secs(2)))
+        .block_on(lockstep::status_of(
+            &cluster.transport(),
+            &old_endpoint,
+            Duration::from_secs(2),
+        ))
         .expect("old primary answers");
     assert!(
         matches!(status.state.as_str(), "fenced" | "removed"),

@@ -51,9 +51,7 @@ fn garbage_and_oversized_messages_never_crash_a_replica() {
         let ep = format!("http://{}", l.grpc);
         rt.block_on(async {
             // Oversized gRPC request: refused with an error, not a crash.
-            let mut c = ClientClient::connect(ep.clone())
-                .await
-                .expect("connect")
+            let mut c = ClientClient::new(common::connect(&cluster.transport(), &ep).await.expect("connect"))
                 .max_encoding_message_size(64 * 1024 * 1024);
             let big = ExecuteRequest {
                 command: Some(Command {
@@ -106,7 +104,13 @@ fn garbage_and_oversized_messages_never_crash_a_replica() {
                 "{err:?}"
             );
             // Garbage peer traffic: an Append with no machine and an absurd epoch-less body.
-            let mut p = PeerClient::connect(ep.clone()).await.expect("connect peer");
+            // From a member (a client's certificate may not call the peer service).
+            let peer = members.iter().find(|o| *o != m).expect("another member");
+            let mut p = PeerClient::new(
+                common::connect(&cluster.replica_transport(peer), &ep)
+                    .await
+                    .expect("connect peer"),
+            );
             let r = p
                 .append(lockstep_proto::AppendRequest::default())
                 .await

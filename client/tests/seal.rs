@@ -24,15 +24,19 @@ fn seal_stops_every_replica_at_one_index_with_identical_snapshots() {
         members
             .iter()
             .map(|m| {
-                rt.block_on(lockstep::status_of(&cluster.endpoint(m), Duration::from_secs(2)))
-                    .expect("status")
+                rt.block_on(lockstep::status_of(
+                    &cluster.transport(),
+                    &cluster.endpoint(m),
+                    Duration::from_secs(2),
+                ))
+                .expect("status")
             })
             .collect::<Vec<_>>()
     };
     let last = statuses(&cluster).iter().map(|s| s.last_index).max().unwrap_or(0);
     let at = last + 10; // padded with no-ops up to N
     let sealed = rt.block_on(async {
-        let mut admin = AdminClient::connect(ep.clone()).await.expect("admin");
+        let mut admin = AdminClient::new(common::connect(&cluster.admin_transport(), &ep).await.expect("admin"));
         // Sealing below the current index is refused with a clear message.
         let early = admin.seal(SealRequest { at_index: 1 }).await.expect_err("too early");
         assert!(early.message().contains("already reached"), "{}", early.message());
@@ -87,7 +91,7 @@ fn seal_stops_every_replica_at_one_index_with_identical_snapshots() {
 
     // Resume: commands flow again.
     rt.block_on(async {
-        let mut admin = AdminClient::connect(ep.clone()).await.expect("admin");
+        let mut admin = AdminClient::new(common::connect(&cluster.admin_transport(), &ep).await.expect("admin"));
         admin.resume(ResumeRequest {}).await.expect("resume");
     });
     assert_eq!(

@@ -33,7 +33,11 @@ fn replacement_joins_from_a_snapshot_and_can_take_over() {
     });
     let primary = cluster.primary();
     let status = rt
-        .block_on(lockstep::status_of(&cluster.endpoint(&primary), Duration::from_secs(2)))
+        .block_on(lockstep::status_of(
+            &cluster.transport(),
+            &cluster.endpoint(&primary),
+            Duration::from_secs(2),
+        ))
         .expect("status");
     assert!(
         status.snapshot_index >= 2000,
@@ -59,6 +63,7 @@ fn replacement_joins_from_a_snapshot_and_can_take_over() {
     );
     let s = rt
         .block_on(lockstep::status_of(
+            &cluster.transport(),
             &cluster.endpoint(&newcomer),
             Duration::from_secs(2),
         ))

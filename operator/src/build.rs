@@ -198,6 +198,15 @@ pub fn replica_pod(rsm: &ReplicatedStateMachine, id: &str, machine: &MachineRef)
         },
     ];
     let mut env = env;
+    // Phase 1 of transport security covers `lockstep up` only: on Kubernetes the replicas
+    // speak plaintext gRPC, explicitly (a replica refuses to start with neither TLS nor this).
+    // An env var, not a flag: an older replica image ignores it instead of failing to parse.
+    // TLS here (a per-RSM CA in Secrets, rotation) is phase 2: docs/security.md.
+    env.push(EnvVar {
+        name: "LOCKSTEP_INSECURE".into(),
+        value: Some("true".into()),
+        ..Default::default()
+    });
     if let Some(o) = &rsm.spec.ordering {
         let mut set = |name: &str, value: Option<String>| {
             if let Some(value) = value {
@@ -622,6 +631,26 @@ mod tests {
             version: "1.0.0".into(),
             image: Some("img:1".into()),
         }
+    }
+
+    #[test]
+    fn replicas_on_kubernetes_run_insecure_explicitly_until_tls_lands_there() {
+        let pod = replica_pod(&rsm(""), "kv-0", &kv()).expect("builds");
+        let c = &pod.spec.as_ref().expect("spec").containers[0];
+        assert!(
+            c.env
+                .iter()
+                .flatten()
+                .any(|e| e.name == "LOCKSTEP_INSECURE" && e.value.as_deref() == Some("true")),
+            "a replica refuses to start without TLS or an explicit --insecure"
+        );
+        // The flag the replica reads from that variable.
+        let args = lockstep_replica::tls::TlsArgs {
+            insecure: true,
+            ..Default::default()
+        };
+        assert!(!args.replica_transport().expect("plaintext").is_tls());
+        assert!(lockstep_replica::tls::TlsArgs::default().replica_transport().is_err());
     }
 
     #[test]

@@ -16,6 +16,7 @@ pub mod peers;
 pub mod runtime;
 pub mod server;
 pub mod storage;
+pub mod tls;
 pub mod writer;
 
 use anyhow::Context;
@@ -64,6 +65,9 @@ pub struct ReplicaArgs {
     pub log_json: bool,
     #[command(flatten)]
     pub byzantine: ByzantineArgs,
+    /// Transport security: mutual TLS (`--tls-*`) or an explicit `--insecure`.
+    #[command(flatten)]
+    pub tls: tls::TlsArgs,
 }
 
 /// Flags of Byzantine mode (ignored in FailStop). On Kubernetes the operator sets the
@@ -145,9 +149,30 @@ pub fn builtin_machines() -> Vec<(&'static str, MachineFactory)> {
         .collect()
 }
 
+/// The replica's transport from its flags (refusing to start with neither TLS nor
+/// `--insecure`), announced in the log.
+pub fn transport(args: &ReplicaArgs) -> anyhow::Result<tls::Transport> {
+    let transport = args.tls.replica_transport()?;
+    match transport.identity() {
+        Some(id) => tracing::info!(identity = %id.uri(), "mutual TLS on every gRPC service"),
+        None => tls::warn_insecure(&format!("replica {}", args.id)),
+    }
+    Ok(transport)
+}
+
 pub async fn run(args: ReplicaArgs, factory: MachineFactory) -> anyhow::Result<()> {
+    let transport = transport(&args)?;
+    if let Some(id) = transport.identity()
+        && (id.role != tls::Role::Replica || id.name != args.id)
+    {
+        anyhow::bail!(
+            "--tls-cert is the certificate of {id}, not of replica '{}' (its SAN URI must be lockstep://replica/{})",
+            args.id,
+            args.id
+        );
+    }
     if args.failure_model == FailureModel::Byzantine {
-        return byz::run(args, factory).await;
+        return byz::run(args, factory, transport).await;
     }
     let opts = storage::StorageOptions {
         fsync: !args.no_fsync,
@@ -207,6 +232,7 @@ pub async fn run(args: ReplicaArgs, factory: MachineFactory) -> anyhow::Result<(
             applied_tx,
             writer,
             metrics: Default::default(),
+            transport: transport.clone(),
         }
     });
     if is_primary {
@@ -232,8 +258,31 @@ pub async fn run(args: ReplicaArgs, factory: MachineFactory) -> anyhow::Result<(
     let services = server::Services { shared: shared.clone() };
     let max = lockstep_proto::MAX_MESSAGE_BYTES;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let grpc_server = tonic::transport::Server::builder()
+    let members: tls::Membership = {
+        let shared = Arc::downgrade(&shared);
+        Arc::new(move |id: &str| {
+            let Some(shared) = shared.upgrade() else {
+                return Err(("and this replica is shutting down".into(), 0));
+            };
+            let node = shared.lock();
+            match &node.config {
+                Some(c) if c.members.iter().any(|m| m.id == id) => Ok(()),
+                Some(c) => Err((
+                    format!(
+                        "not a member of epoch {} ({})",
+                        c.epoch,
+                        c.members.iter().map(|m| m.id.as_str()).collect::<Vec<_>>().join(", ")
+                    ),
+                    node.epoch,
+                )),
+                None => Err(("and this replica has no configuration yet".into(), node.epoch)),
+            }
+        })
+    };
+    let grpc_server = transport
+        .server()?
         .tcp_nodelay(true)
+        .layer(tls::AuthorizeLayer::new(&transport, members))
         .add_service(lockstep_proto::client_server::ClientServer::new(services.clone()).max_decoding_message_size(max))
         .add_service(lockstep_proto::peer_server::PeerServer::new(services.clone()).max_decoding_message_size(max))
         .add_service(lockstep_proto::admin_server::AdminServer::new(services.clone()).max_decoding_message_size(max))

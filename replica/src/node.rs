@@ -134,6 +134,8 @@ pub struct Shared {
     pub applied_tx: broadcast::Sender<AppliedEntry>,
     pub writer: WriterHandle,
     pub metrics: Metrics,
+    /// How this replica reaches its peers (mutual TLS or plaintext).
+    pub transport: crate::tls::Transport,
 }
 
 impl Shared {

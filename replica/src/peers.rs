@@ -4,6 +4,7 @@
 //! it waits for new entries, a read that needs confirming, or the heartbeat interval.
 
 use crate::node::{PeerMessage, Shared};
+use crate::tls::Transport;
 use lockstep_proto::peer_client::PeerClient;
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,8 +13,8 @@ use tonic::transport::{Channel, Endpoint};
 pub const HEARTBEAT: Duration = Duration::from_millis(100);
 const RPC_TIMEOUT: Duration = Duration::from_secs(2);
 
-pub fn connect_lazy(endpoint: &str) -> Option<Channel> {
-    Endpoint::from_shared(endpoint.to_string()).ok().map(|e| {
+pub fn connect_lazy(transport: &Transport, endpoint: &str) -> Option<Channel> {
+    transport.endpoint(endpoint).ok().map(|e: Endpoint| {
         e.connect_timeout(Duration::from_millis(500))
             .tcp_nodelay(true)
             .timeout(RPC_TIMEOUT)
@@ -42,7 +43,7 @@ pub fn start(shared: &Arc<Shared>) {
 
 async fn replicate(shared: Arc<Shared>, peer: String, endpoint: String, epoch: u64) {
     use futures::stream::{FuturesUnordered, StreamExt};
-    let Some(channel) = connect_lazy(&endpoint) else {
+    let Some(channel) = connect_lazy(&shared.transport, &endpoint) else {
         tracing::error!(peer, endpoint, "invalid peer endpoint");
         return;
     };
@@ -91,6 +92,14 @@ async fn replicate(shared: Arc<Shared>, peer: String, endpoint: String, epoch: u
                         let ops = node.apply_committed(&shared.applied_tx);
                         shared.writer.send_all(ops);
                     }
+                    shared.after_change();
+                }
+                Err(status) if crate::tls::refused_epoch(&status).is_some_and(|e| e > epoch) => {
+                    // Refused as a non-member by a replica at a newer epoch: this replica
+                    // was removed, so it is fenced (as an AppendResponse at that epoch says).
+                    let their = crate::tls::refused_epoch(&status).unwrap_or(epoch);
+                    let resp = lockstep_proto::AppendResponse { epoch: their, ..Default::default() };
+                    shared.lock().on_peer_response(&peer, epoch, round, &resp);
                     shared.after_change();
                 }
                 Err(status) => {

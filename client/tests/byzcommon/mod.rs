@@ -99,8 +99,12 @@ impl ByzCluster {
             .enable_all()
             .build()
             .ok()?;
-        rt.block_on(lockstep::status_of(&r.endpoint, Duration::from_secs(2)))
-            .ok()
+        rt.block_on(lockstep::status_of(
+            &self.transport(),
+            &r.endpoint,
+            Duration::from_secs(2),
+        ))
+        .ok()
     }
 
     /// Wait until `n` replicas of the newest era report themselves members of it.
@@ -118,6 +122,11 @@ impl ByzCluster {
             "cluster not ready within {timeout:?}; lockstep up said:\n{}",
             self.up_output()
         );
+    }
+
+    /// The CLI's client certificate of this cluster (`lockstep up` made it).
+    pub fn transport(&self) -> lockstep::Transport {
+        lockstep::pki::local_client_transport(&self.cluster_dir()).expect("client certificate")
     }
 
     pub fn client(&self) -> ByzClient {

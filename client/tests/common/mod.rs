@@ -128,7 +128,42 @@ impl LocalCluster {
     }
 
     pub fn client(&self) -> lockstep::Client {
-        lockstep::Client::new(self.endpoints())
+        lockstep::Client::new(self.endpoints()).with_transport(self.transport())
+    }
+
+    /// The CLI's client certificate of this cluster (`lockstep up` made it).
+    pub fn transport(&self) -> lockstep::Transport {
+        lockstep::pki::local_client_transport(&self.cluster_dir()).expect("client certificate")
+    }
+
+    /// The admin certificate `lockstep up` calls the replicas with.
+    pub fn admin_transport(&self) -> lockstep::Transport {
+        self.tls_files("admin").transport().expect("admin certificate")
+    }
+
+    /// The certificate `lockstep up` issued to replica `id`.
+    pub fn replica_transport(&self, id: &str) -> lockstep::Transport {
+        self.tls_files(&format!("replicas/{id}"))
+            .transport()
+            .expect("replica certificate")
+    }
+
+    pub fn tls_files(&self, stem: &str) -> lockstep::pki::TlsFiles {
+        let dir = self.cluster_dir().join(lockstep::pki::TLS_DIR);
+        lockstep::pki::TlsFiles {
+            ca: dir.join("ca.pem"),
+            cert: dir.join(format!("{stem}.pem")),
+            key: dir.join(format!("{stem}.key")),
+        }
+    }
+
+    /// Admin status of one replica, as a client may ask for it.
+    pub fn status(&self, endpoint: &str, timeout: Duration) -> Result<lockstep_proto::StatusResponse, String> {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("rt")
+            .block_on(lockstep::status_of(&self.transport(), endpoint, timeout))
     }
 
     pub fn signal(&self, id: &str, sig: Signal) {
@@ -148,8 +183,9 @@ impl LocalCluster {
             .enable_all()
             .build()
             .expect("rt");
+        let transport = self.transport();
         config.members.iter().all(|m| {
-            rt.block_on(lockstep::status_of(&m.endpoint, Duration::from_millis(500)))
+            rt.block_on(lockstep::status_of(&transport, &m.endpoint, Duration::from_millis(500)))
                 .is_ok_and(|s| s.epoch == config.epoch && (s.state == "primary" || s.state == "backup"))
         })
     }
@@ -214,6 +250,14 @@ impl Drop for LocalCluster {
             let _ = kill(p, Signal::SIGKILL);
         }
     }
+}
+
+/// A connected channel to `endpoint` with `transport`.
+pub async fn connect(
+    transport: &lockstep::Transport,
+    endpoint: &str,
+) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    transport.endpoint(endpoint).expect("endpoint").connect().await
 }
 
 pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {

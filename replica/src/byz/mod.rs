@@ -100,7 +100,11 @@ pub fn verify_prepared(p: &Prepared, signed: &SignedItem, chain: &[ChainSig]) ->
 pub const DEFAULT_MAX_DELAY_MILLIS: u64 = 10;
 
 /// `lockstep-replica --failure-model Byzantine`.
-pub async fn run(args: crate::ReplicaArgs, factory: crate::machine::MachineFactory) -> anyhow::Result<()> {
+pub async fn run(
+    args: crate::ReplicaArgs,
+    factory: crate::machine::MachineFactory,
+    transport: crate::tls::Transport,
+) -> anyhow::Result<()> {
     use anyhow::Context;
     let b = &args.byzantine;
     let stability = order::Stability::parse(&b.stability).with_context(|| {
@@ -138,6 +142,7 @@ pub async fn run(args: crate::ReplicaArgs, factory: crate::machine::MachineFacto
             skew_us: b.max_clock_skew_millis * 1000,
         },
         inject,
+        transport: transport.clone(),
     };
     let (shared, services) = service::build(&args, cfg, crate::runtime::Runtime::new(factory()))?;
     let grpc = tokio::net::TcpListener::bind(args.listen)
@@ -159,8 +164,35 @@ pub async fn run(args: crate::ReplicaArgs, factory: crate::machine::MachineFacto
     tracing::info!(grpc = %listening.grpc, http = %listening.http, "listening (Byzantine mode)");
     let max = lockstep_proto::MAX_MESSAGE_BYTES;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let grpc_server = tonic::transport::Server::builder()
+    let members: crate::tls::Membership = {
+        let shared = std::sync::Arc::downgrade(&shared);
+        std::sync::Arc::new(move |id: &str| {
+            let Some(shared) = shared.upgrade() else {
+                return Err(("and this replica is shutting down".into(), 0));
+            };
+            let core = shared.lock();
+            match &core.era {
+                Some(e) if e.members.iter().any(|(m, _, _)| m == id) => Ok(()),
+                Some(e) => Err((
+                    format!(
+                        "not a member of era {} ({})",
+                        e.number,
+                        e.members
+                            .iter()
+                            .map(|(m, _, _)| m.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                    e.number,
+                )),
+                None => Err(("and this replica is in no era yet".into(), 0)),
+            }
+        })
+    };
+    let grpc_server = transport
+        .server()?
         .tcp_nodelay(true)
+        .layer(crate::tls::AuthorizeLayer::new(&transport, members))
         .add_service(
             lockstep_proto::byzantine_server::ByzantineServer::new(services.clone()).max_decoding_message_size(max),
         )

@@ -73,6 +73,7 @@ pub struct ByzShared {
     era_lock: tokio::sync::Mutex<()>,
     /// The encoded SignedEra of the current era (reported in status for clients).
     signed_era: Mutex<Vec<u8>>,
+    transport: crate::tls::Transport,
 }
 
 impl ByzShared {
@@ -325,7 +326,7 @@ fn spawn_relay_sender(
 ) -> mpsc::UnboundedSender<Relayed> {
     let (tx, mut rx) = mpsc::unbounded_channel::<Relayed>();
     tokio::spawn(async move {
-        let Some(channel) = crate::peers::connect_lazy(&endpoint) else {
+        let Some(channel) = crate::peers::connect_lazy(&shared.transport, &endpoint) else {
             tracing::error!(peer, endpoint, "invalid peer endpoint");
             return;
         };
@@ -498,7 +499,18 @@ impl Byzantine for ByzServices {
     }
 
     async fn relay(&self, request: Request<RelayBatch>) -> Result<Response<RelayAck>, Status> {
+        // With TLS the sender is who its certificate says (the layer checked it is a member).
+        let caller = request.extensions().get::<crate::tls::PeerIdentity>().cloned();
         let batch = request.into_inner();
+        if let Some(who) = caller
+            && who.role == crate::tls::Role::Replica
+            && who.name != batch.from
+        {
+            return Err(Status::permission_denied(format!(
+                "relay claims to come from '{}' but the caller is {who}",
+                batch.from
+            )));
+        }
         let shared = &self.shared;
         {
             let core = shared.lock();
@@ -692,7 +704,7 @@ async fn transfer_state(shared: &Arc<ByzShared>, era: &Era, params: &EraParams) 
     let mut last = String::from("no member to fetch from");
     for attempt in 0..50u32 {
         for (id, endpoint, _) in params.members.iter().filter(|(id, _, _)| *id != shared.id) {
-            let Some(channel) = crate::peers::connect_lazy(endpoint) else {
+            let Some(channel) = crate::peers::connect_lazy(&shared.transport, endpoint) else {
                 continue;
             };
             let mut client = ByzantineClient::new(channel).max_decoding_message_size(lockstep_proto::MAX_MESSAGE_BYTES);
@@ -886,6 +898,8 @@ pub struct ByzConfig {
     pub client_identities: Option<PathBuf>,
     pub ordering: OrderingArgs,
     pub inject: Option<Behaviour>,
+    /// How this replica reaches its peers (mutual TLS or plaintext).
+    pub transport: crate::tls::Transport,
 }
 
 /// Start a Byzantine replica: recover, serve, tick. Returns the shared state and the gRPC
@@ -966,6 +980,7 @@ pub fn build(
             metrics: Metrics::default(),
             data_dir: args.data_dir.clone(),
             ordering: cfg.ordering.clone(),
+            transport: cfg.transport.clone(),
             inject: cfg.inject,
             snapshot_every: args.snapshot_every.max(1),
             last_snapshot: Mutex::new(snapshot_index),

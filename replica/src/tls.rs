@@ -1,0 +1,528 @@
+//! Transport security: mutual TLS on the replica's gRPC port, and who may call what.
+//!
+//! Every gRPC connection of a replica (client, peer and admin services, and the Byzantine
+//! service) is TLS with a client certificate that chains to the cluster's CA. The identity of
+//! the caller is a SAN URI in its certificate, `lockstep://<role>/<name>`:
+//!
+//! | role      | certificate of                        | may call                                   |
+//! | --------- | ------------------------------------- | ------------------------------------------ |
+//! | `replica` | a replica, `<name>` = its replica id   | peer RPCs if a member, client RPCs, Status |
+//! | `admin`   | the configuration master (`up`)       | everything                                 |
+//! | `client`  | a client                              | client RPCs and admin Status               |
+//!
+//! [`AuthorizeLayer`] enforces the table on every request (a tower layer on the whole
+//! server, so no handler can forget it); see docs/security.md for what was rejected.
+
+use anyhow::Context;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll};
+use std::time::Duration;
+use tonic::Status;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
+
+/// Scheme of the identity URI in a certificate's subject alternative names.
+pub const IDENTITY_SCHEME: &str = "lockstep://";
+
+/// What a certificate's holder is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Role {
+    Replica,
+    Admin,
+    Client,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Replica => "replica",
+            Role::Admin => "admin",
+            Role::Client => "client",
+        }
+    }
+}
+
+/// Who called: read from the verified client certificate.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PeerIdentity {
+    pub role: Role,
+    pub name: String,
+}
+
+impl PeerIdentity {
+    pub fn new(role: Role, name: impl Into<String>) -> PeerIdentity {
+        PeerIdentity {
+            role,
+            name: name.into(),
+        }
+    }
+
+    /// `lockstep://<role>/<name>`, the SAN URI that carries it.
+    pub fn uri(&self) -> String {
+        format!("{IDENTITY_SCHEME}{}/{}", self.role.as_str(), self.name)
+    }
+
+    pub fn parse_uri(uri: &str) -> Option<PeerIdentity> {
+        let rest = uri.strip_prefix(IDENTITY_SCHEME)?;
+        let (role, name) = rest.split_once('/')?;
+        let role = match role {
+            "replica" => Role::Replica,
+            "admin" => Role::Admin,
+            "client" => Role::Client,
+            _ => return None,
+        };
+        (!name.is_empty() && !name.contains('/')).then(|| PeerIdentity::new(role, name))
+    }
+
+    /// The identity in a DER certificate: its one `lockstep://` SAN URI.
+    pub fn from_certificate(der: &[u8]) -> Result<PeerIdentity, String> {
+        use x509_parser::prelude::*;
+        let (_, cert) = X509Certificate::from_der(der).map_err(|e| format!("unparsable certificate: {e}"))?;
+        let san = cert
+            .subject_alternative_name()
+            .map_err(|e| format!("bad subjectAltName: {e}"))?;
+        let mut found = Vec::new();
+        for name in san.iter().flat_map(|s| s.value.general_names.iter()) {
+            if let GeneralName::URI(uri) = name
+                && uri.starts_with(IDENTITY_SCHEME)
+            {
+                found.push(PeerIdentity::parse_uri(uri).ok_or_else(|| format!("malformed identity URI '{uri}'"))?);
+            }
+        }
+        match found.len() {
+            1 => Ok(found.remove(0)),
+            0 => Err(format!(
+                "certificate '{}' carries no {IDENTITY_SCHEME}<role>/<name> URI",
+                cert.subject()
+            )),
+            _ => Err(format!(
+                "certificate '{}' carries more than one {IDENTITY_SCHEME} URI",
+                cert.subject()
+            )),
+        }
+    }
+}
+
+impl fmt::Display for PeerIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} '{}'", self.role.as_str(), self.name)
+    }
+}
+
+/// `--tls-ca`, `--tls-cert`, `--tls-key`, `--insecure`: the replica's flags.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct TlsArgs {
+    /// CA certificate (PEM): every caller's certificate, and every replica this one calls,
+    /// must chain to it.
+    #[arg(long, env = "LOCKSTEP_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// This process's certificate (PEM), with its identity as SAN URI `lockstep://<role>/<name>`.
+    #[arg(long, env = "LOCKSTEP_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, env = "LOCKSTEP_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// Plaintext gRPC: no encryption and anyone who reaches the port may call anything.
+    #[arg(long, env = "LOCKSTEP_INSECURE", conflicts_with_all = ["tls_ca", "tls_cert", "tls_key"])]
+    pub insecure: bool,
+}
+
+/// What a replica refuses to start without.
+pub const NEED_TLS: &str = "no transport security configured: pass --tls-ca FILE --tls-cert FILE --tls-key FILE \
+     (or LOCKSTEP_TLS_CA/LOCKSTEP_TLS_CERT/LOCKSTEP_TLS_KEY) for mutual TLS, or --insecure (LOCKSTEP_INSECURE=true) \
+     to accept plaintext from anyone";
+
+impl TlsArgs {
+    /// The files, if all three are given; an error if only some are.
+    pub fn files(&self) -> anyhow::Result<Option<(PathBuf, PathBuf, PathBuf)>> {
+        match (&self.tls_ca, &self.tls_cert, &self.tls_key) {
+            (None, None, None) => Ok(None),
+            (Some(ca), Some(cert), Some(key)) => Ok(Some((ca.clone(), cert.clone(), key.clone()))),
+            _ => anyhow::bail!("--tls-ca, --tls-cert and --tls-key go together: pass all three"),
+        }
+    }
+
+    /// A replica's transport: TLS, or plaintext only when asked for explicitly.
+    pub fn replica_transport(&self) -> anyhow::Result<Transport> {
+        if self.insecure {
+            return Ok(Transport::plaintext());
+        }
+        match self.files()? {
+            Some((ca, cert, key)) => Transport::load(&ca, &cert, &key),
+            None => anyhow::bail!(NEED_TLS),
+        }
+    }
+}
+
+/// The PEM material of one TLS identity and the CA it trusts.
+pub struct TlsMaterial {
+    ca: Vec<u8>,
+    cert: Vec<u8>,
+    key: Vec<u8>,
+    /// The identity in `cert`.
+    pub identity: PeerIdentity,
+    /// Where it was loaded from (for messages).
+    pub source: String,
+}
+
+impl fmt::Debug for TlsMaterial {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsMaterial")
+            .field("identity", &self.identity)
+            .field("source", &self.source)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How this process talks gRPC: plaintext, or mutual TLS with one identity. Cheap to clone.
+#[derive(Clone, Debug, Default)]
+pub struct Transport {
+    tls: Option<Arc<TlsMaterial>>,
+}
+
+/// TLS handshake bound (a caller that never finishes its handshake holds nothing longer).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl Transport {
+    pub fn plaintext() -> Transport {
+        Transport { tls: None }
+    }
+
+    /// Mutual TLS from PEM bytes.
+    pub fn from_pem(ca: Vec<u8>, cert: Vec<u8>, key: Vec<u8>, source: String) -> anyhow::Result<Transport> {
+        use rustls_pki_types::CertificateDer;
+        use rustls_pki_types::pem::PemObject;
+        let leaf = CertificateDer::pem_slice_iter(&cert)
+            .next()
+            .context("no certificate in it")?
+            .context("unreadable PEM certificate")?;
+        let identity = PeerIdentity::from_certificate(&leaf).map_err(anyhow::Error::msg)?;
+        CertificateDer::pem_slice_iter(&ca)
+            .next()
+            .context("no CA certificate")?
+            .context("unreadable PEM CA certificate")?;
+        Ok(Transport {
+            tls: Some(Arc::new(TlsMaterial {
+                ca,
+                cert,
+                key,
+                identity,
+                source,
+            })),
+        })
+    }
+
+    /// Mutual TLS from PEM files.
+    pub fn load(ca: &Path, cert: &Path, key: &Path) -> anyhow::Result<Transport> {
+        let read = |p: &Path| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
+        Transport::from_pem(read(ca)?, read(cert)?, read(key)?, cert.display().to_string())
+            .with_context(|| format!("TLS certificate {} (CA {})", cert.display(), ca.display()))
+    }
+
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// This process's own identity (TLS only).
+    pub fn identity(&self) -> Option<&PeerIdentity> {
+        self.tls.as_ref().map(|t| &t.identity)
+    }
+
+    pub fn material(&self) -> Option<&TlsMaterial> {
+        self.tls.as_deref()
+    }
+
+    /// The server side: our certificate, and client certificates required and verified
+    /// against the CA.
+    pub fn server_config(&self) -> Option<ServerTlsConfig> {
+        self.tls.as_ref().map(|t| {
+            ServerTlsConfig::new()
+                .identity(Identity::from_pem(&t.cert, &t.key))
+                .client_ca_root(Certificate::from_pem(&t.ca))
+                .client_auth_optional(false)
+                .timeout(HANDSHAKE_TIMEOUT)
+        })
+    }
+
+    /// A tonic server builder with this transport's TLS (if any).
+    pub fn server(&self) -> anyhow::Result<tonic::transport::Server> {
+        let builder = tonic::transport::Server::builder();
+        match self.server_config() {
+            Some(c) => builder
+                .tls_config(c)
+                .context("cannot use the TLS certificate and key (--tls-cert/--tls-key)"),
+            None => Ok(builder),
+        }
+    }
+
+    /// An endpoint for `address` (`host:port`, `http://host:port` or `https://host:port`; the
+    /// scheme follows this transport, not the address): `https` with our client certificate
+    /// and the server verified against the CA, or `http`.
+    pub fn endpoint(&self, address: &str) -> Result<Endpoint, String> {
+        let a = address.trim();
+        let host_port = a
+            .strip_prefix("http://")
+            .or_else(|| a.strip_prefix("https://"))
+            .unwrap_or(a)
+            .trim_end_matches('/');
+        match &self.tls {
+            None if a.starts_with("https://") => Err(format!(
+                "{a} asks for TLS but no certificates are configured: pass --tls-ca, --tls-cert and --tls-key"
+            )),
+            None => Endpoint::from_shared(format!("http://{host_port}")).map_err(|e| format!("bad address {a}: {e}")),
+            Some(t) => {
+                let tls = ClientTlsConfig::new()
+                    .ca_certificate(Certificate::from_pem(&t.ca))
+                    .identity(Identity::from_pem(&t.cert, &t.key))
+                    .timeout(HANDSHAKE_TIMEOUT);
+                Endpoint::from_shared(format!("https://{host_port}"))
+                    .map_err(|e| format!("bad address {a}: {e}"))?
+                    .tls_config(tls)
+                    .map_err(|e| format!("TLS for {a}: {e}"))
+            }
+        }
+    }
+}
+
+/// Who may call an RPC (by its gRPC path).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// Any caller with a valid certificate (client RPCs, the read-only admin Status).
+    Authenticated,
+    /// The configuration master only.
+    Admin,
+    /// A replica that is a member of this replica's current configuration.
+    Member,
+    /// Any replica of the cluster (state transfer to a replica not yet in this one's era).
+    Replica,
+}
+
+/// The access rule of each RPC. Unknown paths need admin (the router answers UNIMPLEMENTED
+/// to an admin; nobody else learns what exists).
+pub fn access(path: &str) -> Access {
+    let (service, method) = path.trim_start_matches('/').split_once('/').unwrap_or((path, ""));
+    match (service, method) {
+        ("lockstep.v1.Client", _) => Access::Authenticated,
+        ("lockstep.v1.Admin", "Status") => Access::Authenticated,
+        ("lockstep.v1.Admin", _) => Access::Admin,
+        ("lockstep.v1.Peer", _) => Access::Member,
+        ("lockstep.v1.Byzantine", "Submit" | "Watch") => Access::Authenticated,
+        ("lockstep.v1.Byzantine", "Relay") => Access::Member,
+        ("lockstep.v1.Byzantine", "FetchSnapshot") => Access::Replica,
+        ("lockstep.v1.Byzantine", "StartEra") => Access::Admin,
+        _ => Access::Admin,
+    }
+}
+
+/// The members of this replica's current configuration (or era): `Ok` if `id` is one, else
+/// `Err` with what this replica knows (for the refusal message) and its epoch.
+pub type Membership = Arc<dyn Fn(&str) -> Result<(), (String, u64)> + Send + Sync>;
+
+/// Metadata of a peer refusal: the refusing replica's epoch. A replica that was removed from
+/// the configuration learns from it that it is fenced, as it would from an epoch in an
+/// `AppendResponse` (the refusal comes from an authenticated replica of the cluster).
+pub const EPOCH_METADATA: &str = "x-lockstep-epoch";
+
+/// The epoch a peer refusal carries (see [`EPOCH_METADATA`]).
+pub fn refused_epoch(status: &Status) -> Option<u64> {
+    if status.code() != tonic::Code::PermissionDenied {
+        return None;
+    }
+    status.metadata().get(EPOCH_METADATA)?.to_str().ok()?.parse().ok()
+}
+
+/// Decide one call: `identity` is None for a connection without TLS (plaintext servers
+/// admit everything; a TLS server always has one, the handshake demands it).
+pub fn authorize(path: &str, identity: Option<&PeerIdentity>, members: &Membership) -> Result<(), Status> {
+    let Some(who) = identity else {
+        return Err(Status::unauthenticated(format!(
+            "{path} needs a client certificate chained to the cluster's CA; none was presented"
+        )));
+    };
+    match (access(path), who.role) {
+        (_, Role::Admin) | (Access::Authenticated, _) => Ok(()),
+        (Access::Replica, Role::Replica) => Ok(()),
+        (Access::Member, Role::Replica) => members(&who.name).map_err(|(why, epoch)| {
+            let mut metadata = tonic::metadata::MetadataMap::new();
+            if let Ok(v) = epoch.to_string().parse() {
+                metadata.insert(EPOCH_METADATA, v);
+            }
+            Status::with_metadata(
+                tonic::Code::PermissionDenied,
+                format!("{path} is for members of this replica's configuration; the caller is {who}, {why}"),
+                metadata,
+            )
+        }),
+        (need, _) => Err(Status::permission_denied(format!(
+            "{path} needs {}; the caller is {who}",
+            match need {
+                Access::Admin => "the admin identity (lockstep://admin/...)",
+                Access::Member | Access::Replica => "a replica identity (lockstep://replica/<member id>)",
+                Access::Authenticated => "a certificate",
+            }
+        ))),
+    }
+}
+
+/// The tower layer that authorizes every request of a TLS server (see [`authorize`]). On a
+/// plaintext server (`--insecure`) it lets everything through.
+#[derive(Clone)]
+pub struct AuthorizeLayer {
+    tls: bool,
+    members: Membership,
+}
+
+impl AuthorizeLayer {
+    pub fn new(transport: &Transport, members: Membership) -> AuthorizeLayer {
+        AuthorizeLayer {
+            tls: transport.is_tls(),
+            members,
+        }
+    }
+}
+
+impl<S> tower::Layer<S> for AuthorizeLayer {
+    type Service = Authorize<S>;
+    fn layer(&self, inner: S) -> Authorize<S> {
+        Authorize {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Authorize<S> {
+    inner: S,
+    layer: AuthorizeLayer,
+}
+
+/// The identity of the caller of a request, from the TLS connection it came on.
+pub fn caller<B>(request: &http::Request<B>) -> Option<Result<PeerIdentity, String>> {
+    use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+    let certs = request
+        .extensions()
+        .get::<TlsConnectInfo<TcpConnectInfo>>()
+        .and_then(|i| i.peer_certs())?;
+    Some(
+        certs
+            .first()
+            .ok_or_else(|| "empty certificate chain".to_string())
+            .and_then(|leaf| PeerIdentity::from_certificate(leaf)),
+    )
+}
+
+impl<S, B, ResBody> tower::Service<http::Request<B>> for Authorize<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<ResBody>>,
+    S::Future: Send + 'static,
+    ResBody: Default,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = futures::future::Either<S::Future, std::future::Ready<Result<S::Response, S::Error>>>;
+
+    fn poll_ready(&mut self, cx: &mut TaskContext<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        if !self.layer.tls {
+            return futures::future::Either::Left(self.inner.call(request));
+        }
+        let path = request.uri().path().to_string();
+        let decision = match caller(&request) {
+            Some(Ok(who)) => {
+                let decision = authorize(&path, Some(&who), &self.layer.members).inspect_err(|s| {
+                    tracing::warn!(path, caller = %who, "refused: {}", s.message());
+                });
+                // Handlers that need the caller (a relay's sender) find it here.
+                request.extensions_mut().insert(who);
+                decision
+            }
+            Some(Err(why)) => Err(Status::unauthenticated(format!(
+                "{path}: the client certificate has no usable identity: {why}"
+            ))),
+            None => authorize(&path, None, &self.layer.members),
+        };
+        match decision {
+            Ok(()) => futures::future::Either::Left(self.inner.call(request)),
+            Err(status) => futures::future::Either::Right(std::future::ready(Ok(status.into_http()))),
+        }
+    }
+}
+
+/// Log loudly that this process runs without transport security.
+pub fn warn_insecure(what: &str) {
+    tracing::warn!(
+        "INSECURE: {what} speaks plaintext gRPC and accepts every caller (--insecure); \
+         anyone who reaches the port can reconfigure, seal or read this replica"
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn members(ids: &'static [&'static str]) -> Membership {
+        Arc::new(move |id: &str| {
+            if ids.contains(&id) {
+                Ok(())
+            } else {
+                Err((format!("which is not one of {ids:?}"), 7))
+            }
+        })
+    }
+
+    #[test]
+    fn identity_uri_round_trips_and_rejects_junk() {
+        let id = PeerIdentity::new(Role::Replica, "kv-2");
+        assert_eq!(id.uri(), "lockstep://replica/kv-2");
+        assert_eq!(PeerIdentity::parse_uri(&id.uri()), Some(id));
+        for bad in [
+            "lockstep://replica/",
+            "lockstep://root/x",
+            "https://replica/x",
+            "lockstep://replica/a/b",
+        ] {
+            assert_eq!(PeerIdentity::parse_uri(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn who_may_call_what() {
+        let m = members(&["kv-0", "kv-1"]);
+        let admin = PeerIdentity::new(Role::Admin, "up");
+        let client = PeerIdentity::new(Role::Client, "cli");
+        let member = PeerIdentity::new(Role::Replica, "kv-1");
+        let stranger = PeerIdentity::new(Role::Replica, "kv-9");
+        let ok = |p: &str, who: &PeerIdentity| authorize(p, Some(who), &m).is_ok();
+        for p in [
+            "/lockstep.v1.Admin/Reconfigure",
+            "/lockstep.v1.Admin/Seal",
+            "/lockstep.v1.Peer/Append",
+            "/lockstep.v1.Byzantine/StartEra",
+        ] {
+            assert!(ok(p, &admin), "{p}");
+        }
+        assert!(ok("/lockstep.v1.Client/Execute", &client));
+        assert!(ok("/lockstep.v1.Admin/Status", &client));
+        assert!(ok("/lockstep.v1.Byzantine/Submit", &client));
+        assert!(ok("/lockstep.v1.Peer/Append", &member));
+        assert!(ok("/lockstep.v1.Byzantine/FetchSnapshot", &stranger));
+        let denied = authorize("/lockstep.v1.Admin/Seal", Some(&client), &m).unwrap_err();
+        assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+        assert!(denied.message().contains("client 'cli'"), "{}", denied.message());
+        let denied = authorize("/lockstep.v1.Peer/Append", Some(&stranger), &m).unwrap_err();
+        assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+        assert!(denied.message().contains("replica 'kv-9'"), "{}", denied.message());
+        assert_eq!(refused_epoch(&denied), Some(7), "the refusal tells the epoch");
+        assert!(!ok("/lockstep.v1.Peer/Append", &client));
+        assert!(!ok("/lockstep.v1.Byzantine/Relay", &stranger));
+        assert!(!ok("/lockstep.v1.Byzantine/StartEra", &member));
+        assert!(!ok("/grpc.reflection.v1.ServerReflection/Info", &client));
+        let none = authorize("/lockstep.v1.Client/Execute", None, &m).unwrap_err();
+        assert_eq!(none.code(), tonic::Code::Unauthenticated);
+    }
+}
