@@ -18,6 +18,7 @@
 //! ```
 
 mod etcd;
+mod floor;
 mod local;
 mod procs;
 
@@ -170,6 +171,8 @@ struct Results {
     memory: Vec<Memory>,
     failovers: Vec<Failover>,
     failover_median_ms: Option<f64>,
+    /// The physical floor of one durable replicated write, measured in this run.
+    floor: Option<floor::Floor>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -441,6 +444,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
         );
     }
 
+    // The floor first, on a quiet machine: nothing else of ours runs yet.
+    let floor = match floor::measure(&base) {
+        Ok(f) => {
+            println!(
+                "floor: loopback round trip p50 {:.0} µs, 256-byte append + fdatasync p50 {:.0} µs -> durable replicated write floor (2 round trips + 1 fdatasync) {:.0} µs",
+                f.loopback_rtt_p50_us, f.fdatasync_256b_p50_us, f.write_floor_us
+            );
+            Some(f)
+        }
+        Err(e) => {
+            eprintln!("floor: not measured: {e:#}");
+            None
+        }
+    };
+
     // 1 + 2: both clusters.
     let mut ls = local::LocalCluster::start(&lockstep_bin, &manifest, &base.join("lockstep"))?;
     let t0 = Instant::now();
@@ -621,6 +639,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         memory,
         failovers,
         failover_median_ms,
+        floor,
     };
     print_summary(&results, &args);
     if let Some(path) = &args.json {
@@ -766,6 +785,17 @@ fn print_summary(r: &Results, args: &Args) {
                 );
             }
         }
+    }
+    if let (Some(f), Some(one)) = (&r.floor, by("lockstep", 1)) {
+        println!();
+        println!(
+            "single-client write p50 {} ms = {:.2} x the floor ({:.0} µs = 2 x loopback round trip {:.0} µs + fdatasync {:.0} µs; target <= 2)",
+            fmt_ms(one.report.p50_us),
+            one.report.p50_us as f64 / f.write_floor_us,
+            f.write_floor_us,
+            f.loopback_rtt_p50_us,
+            f.fdatasync_256b_p50_us
+        );
     }
     if !r.failovers.is_empty() {
         println!();

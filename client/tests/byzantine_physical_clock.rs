@@ -57,7 +57,10 @@ fn physical_clock_orders_concurrent_clients_and_outvotes_a_wrong_replica() {
     let file = std::fs::File::open(&history).expect("history file");
     let parsed = lockstep_linearizability::parse_history(std::io::BufReader::new(file)).expect("parse history");
     let result = lockstep_linearizability::check_kv(&parsed, lockstep_linearizability::CheckLimits::default());
-    assert!(result.is_linearizable(), "PhysicalClock history is not linearizable: {result}");
+    assert!(
+        result.is_linearizable(),
+        "PhysicalClock history is not linearizable: {result}"
+    );
     let faulty = "bphys-2".to_string();
     let named = || {
         tallies

@@ -47,7 +47,10 @@ fn chart_with_changed_crd() -> tempfile::TempDir {
     let path = dir.path().join(CRD_TEMPLATE);
     let crd = std::fs::read_to_string(&path).expect("CRD template");
     let spec_props = "            properties:\n              clientIdentities:\n";
-    assert!(crd.contains(spec_props), "the CRD template's spec properties moved: update this test");
+    assert!(
+        crd.contains(spec_props),
+        "the CRD template's spec properties moved: update this test"
+    );
     let changed = crd
         .replacen(
             spec_props,
@@ -99,28 +102,66 @@ fn set_upgrade_probe(ns: &str, value: &str) -> String {
 /// chart both ways, and the running RSM keeps serving throughout (docs/install-paths.md).
 async fn upgrade_crd_with_helm(api: &Api<ReplicatedStateMachine>, tools: &ToolsPod, ns: &str) {
     assert!(!crd_has_upgrade_probe());
-    assert_eq!(set_upgrade_probe(ns, "before"), "", "a field the CRD does not define was stored");
+    assert_eq!(
+        set_upgrade_probe(ns, "before"),
+        "",
+        "a field the CRD does not define was stored"
+    );
     let changed = chart_with_changed_crd();
     let chart = changed.path().to_str().expect("utf-8 path");
     println!(
         "{}",
-        helm(&["upgrade", "lockstep", chart, "--namespace", OPERATOR_NS, "--reuse-values", "--wait", "--timeout", "5m"])
+        helm(&[
+            "upgrade",
+            "lockstep",
+            chart,
+            "--namespace",
+            OPERATOR_NS,
+            "--reuse-values",
+            "--wait",
+            "--timeout",
+            "5m"
+        ])
     );
     assert!(crd_has_upgrade_probe(), "helm upgrade did not change the CRD");
-    assert_eq!(set_upgrade_probe(ns, "after"), "after", "the upgraded CRD's new field was not stored");
+    assert_eq!(
+        set_upgrade_probe(ns, "after"),
+        "after",
+        "the upgraded CRD's new field was not stored"
+    );
     let wide = kubectl(&["-n", ns, "get", "rsm", "kv", "-o", "wide"]).expect("get -o wide");
-    assert!(wide.contains("PROBE") && wide.contains("after"), "no new printer column: {wide}");
     assert!(
-        tools.lockstep("kv", &["put", "upgraded", "1"]).expect("write").contains("OK"),
+        wide.contains("PROBE") && wide.contains("after"),
+        "no new printer column: {wide}"
+    );
+    assert!(
+        tools
+            .lockstep("kv", &["put", "upgraded", "1"])
+            .expect("write")
+            .contains("OK"),
         "the RSM stopped serving across the CRD upgrade"
     );
     // Back to the repository's chart: the field goes from the schema (a stored value is kept
     // in etcd but pruned on the next write) and the RSM stays Ready.
-    helm(&["upgrade", "lockstep", "charts/lockstep", "--namespace", OPERATOR_NS, "--reuse-values", "--wait", "--timeout", "5m"]);
+    helm(&[
+        "upgrade",
+        "lockstep",
+        "charts/lockstep",
+        "--namespace",
+        OPERATOR_NS,
+        "--reuse-values",
+        "--wait",
+        "--timeout",
+        "5m",
+    ]);
     assert!(!crd_has_upgrade_probe(), "helm upgrade back did not restore the CRD");
-    wait_for(api, "kv", "Ready after the CRD upgrades", Duration::from_secs(120), |o| {
-        condition(o, "Ready")
-    })
+    wait_for(
+        api,
+        "kv",
+        "Ready after the CRD upgrades",
+        Duration::from_secs(120),
+        |o| condition(o, "Ready"),
+    )
     .await
     .expect("Ready");
 }
