@@ -36,11 +36,41 @@ const RELAY_BATCH: usize = 512;
 /// Unacknowledged relays kept for one peer while it cannot be reached.
 const RELAY_BACKLOG: usize = 100_000;
 pub const ERA_FILE: &str = "era";
-/// A peer relaying an item stamped this long ago is replaying it. Honest relays go out the
-/// moment an item is first accepted; this leaves room for a loaded machine and a first TLS
-/// handshake (1 s named honest replicas on a loaded 2-core machine). Resent relays (after a
-/// failure) are marked and never count.
-const REPLAY_AGE_US: u64 = 3_000_000;
+/// Relayed items remembered per peer to recognise replays (their hashes, oldest forgotten).
+const RELAYED_REMEMBERED: usize = 200_000;
+
+/// What each peer relayed in this era, to recognise a replay without looking at clocks: an
+/// honest replica relays an item once, when it first accepts it, and marks a batch it sends
+/// again after a failure as `retry`. (Judging by the item's age named slow honest replicas
+/// on a loaded machine.)
+#[derive(Default)]
+struct RelayedBy {
+    era: u64,
+    peers: HashMap<String, (std::collections::HashSet<u64>, VecDeque<u64>)>,
+}
+
+impl RelayedBy {
+    /// Records that `peer` relayed `bytes` in `era`; true when it had relayed them before.
+    fn repeated(&mut self, era: u64, peer: &str, bytes: &[u8]) -> bool {
+        use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+        if era != self.era {
+            self.era = era;
+            self.peers.clear();
+        }
+        let h = BuildHasherDefault::<DefaultHasher>::default().hash_one(bytes);
+        let (set, order) = self.peers.entry(peer.to_string()).or_default();
+        if !set.insert(h) {
+            return true;
+        }
+        order.push_back(h);
+        if order.len() > RELAYED_REMEMBERED
+            && let Some(old) = order.pop_front()
+        {
+            set.remove(&old);
+        }
+        false
+    }
+}
 
 /// Ordering parameters from flags/env (the operator sets them from `spec.ordering`).
 #[derive(Clone, Debug)]
@@ -63,6 +93,7 @@ pub struct ByzShared {
     wake: Notify,
     relays: Mutex<Vec<mpsc::UnboundedSender<Relayed>>>,
     peers_applied: Mutex<BTreeMap<String, u64>>,
+    relayed_by: Mutex<RelayedBy>,
     pub applied_tx: broadcast::Sender<SignedApplied>,
     pub metrics: Metrics,
     data_dir: PathBuf,
@@ -219,15 +250,9 @@ impl ByzShared {
         }
     }
 
-    /// Verify and offer one item (from a client, or relayed by `from`; `resent` when the relay
-    /// is a retry of one that failed). Returns whether it was accepted, or why it was refused.
-    fn ingest(
-        &self,
-        signed: &SignedItem,
-        chain: &[lockstep_proto::ChainSig],
-        from: &str,
-        resent: bool,
-    ) -> Result<bool, String> {
+    /// Verify and offer one item (from a client, or relayed by `from`). Returns whether it
+    /// was accepted, or why it was refused.
+    fn ingest(&self, signed: &SignedItem, chain: &[lockstep_proto::ChainSig], from: &str) -> Result<bool, String> {
         let now = now_micros();
         let prepared = {
             let mut core = self.lock();
@@ -241,11 +266,6 @@ impl ByzShared {
         };
         match &prepared.check {
             Precheck::Known => {
-                // A relay of something long settled: a replay (honest relays are immediate, or
-                // marked as resent after a failure).
-                if !from.starts_with("client ") && !resent && now.saturating_sub(prepared.item.ts) > REPLAY_AGE_US {
-                    self.lock().note(from, "replayed-item");
-                }
                 return Ok(false);
             }
             Precheck::Reject(why) => {
@@ -445,7 +465,7 @@ impl Byzantine for ByzServices {
             .map_err(|e| Status::invalid_argument(format!("undecodable item: {e}")))?;
         if shared.injected(Behaviour::Silent) {
             // Accept nothing visibly, answer nobody.
-            let _ = shared.ingest(&signed, &[], "client -", false);
+            let _ = shared.ingest(&signed, &[], "client -");
             std::future::pending::<()>().await;
         }
         let slot: SlotKey = (item.identity.clone(), item.session, item.seq);
@@ -474,7 +494,7 @@ impl Byzantine for ByzServices {
         }
         tracing::debug!(identity = %item.identity, seq = item.seq, ts = item.ts, "submitted");
         let who = format!("client {}", item.identity);
-        if let Err(why) = shared.ingest(&signed, &[], &who, false) {
+        if let Err(why) = shared.ingest(&signed, &[], &who) {
             shared.waiters.lock().unwrap_or_else(|e| e.into_inner()).remove(&slot);
             return Err(Status::permission_denied(why));
         }
@@ -532,7 +552,16 @@ impl Byzantine for ByzServices {
             .insert(batch.from.clone(), batch.applied_index);
         for r in batch.items {
             let Some(item) = r.item else { continue };
-            let _ = shared.ingest(&item, &r.chain, &batch.from, batch.retry);
+            if !batch.retry
+                && shared.relayed_by.lock().unwrap_or_else(|e| e.into_inner()).repeated(
+                    batch.era,
+                    &batch.from,
+                    &item.item,
+                )
+            {
+                shared.lock().note(&batch.from, "replayed-item");
+            }
+            let _ = shared.ingest(&item, &r.chain, &batch.from);
         }
         Ok(Response::new(RelayAck {}))
     }
@@ -976,6 +1005,7 @@ pub fn build(
             wake: Notify::new(),
             relays: Mutex::new(Vec::new()),
             peers_applied: Mutex::new(BTreeMap::new()),
+            relayed_by: Mutex::new(RelayedBy::default()),
             applied_tx,
             metrics: Metrics::default(),
             data_dir: args.data_dir.clone(),
