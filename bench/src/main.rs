@@ -664,6 +664,7 @@ async fn failover_trial(
     let state = Arc::new(ProbeState::default());
     let stop = Arc::new(AtomicBool::new(false));
     let endpoints = h.endpoints.clone();
+    let transport = ls.transport()?;
     let load = tokio::spawn({
         let state = state.clone();
         let stop = stop.clone();
@@ -673,7 +674,7 @@ async fn failover_trial(
                 "failover",
                 o,
                 move |_| Probe {
-                    inner: lockstep::Client::new(endpoints.clone()),
+                    inner: lockstep::Client::new(endpoints.clone()).with_transport(transport.clone()),
                     state: state.clone(),
                 },
                 stop,
