@@ -58,6 +58,24 @@ pub enum Mix {
     Write,
     /// 50% get, 30% put, 10% cas, 10% delete (history checking).
     Mixed,
+    /// Only linearizable gets (read throughput).
+    Read,
+    /// 90% linearizable get, 10% put.
+    ReadMostly,
+    /// 50% linearizable get, 50% put.
+    Half,
+}
+
+impl Mix {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mix::Write => "write",
+            Mix::Mixed => "mixed",
+            Mix::Read => "read",
+            Mix::ReadMostly => "90/10 read/write",
+            Mix::Half => "50/50 read/write",
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -129,6 +147,11 @@ fn next_op(rng: &mut impl Rng, run: &str, client: usize, n: u64, opts: &Workload
         Mix::Mixed if roll < 80 => OpKind::Put,
         Mix::Mixed if roll < 90 => OpKind::Cas,
         Mix::Mixed => OpKind::Delete,
+        Mix::Read => OpKind::Get,
+        Mix::ReadMostly if roll < 90 => OpKind::Get,
+        Mix::ReadMostly => OpKind::Put,
+        Mix::Half if roll < 50 => OpKind::Get,
+        Mix::Half => OpKind::Put,
     };
     match kind {
         OpKind::Put => Op {
