@@ -59,6 +59,10 @@ pub fn info_of(name: &str, era: &Era) -> ClusterInfo {
     }
 }
 
+/// How often (within the timeout) the first endpoint is asked for an era before discovery
+/// gives up.
+const DISCOVERY_ATTEMPTS: usize = 8;
+
 /// The newest master-signed era among what `endpoints` report.
 async fn newest(
     transport: &crate::Transport,
@@ -77,16 +81,30 @@ async fn newest(
 
 /// Learn the cluster behind `d.endpoint` (and the members of the era found there).
 pub async fn discover(d: &Discovery, timeout: Duration) -> Result<ClusterInfo, String> {
-    let first = newest(&d.transport, std::slice::from_ref(&d.endpoint), &d.master, timeout)
-        .await
-        .ok_or_else(|| {
-            format!(
-                "{} reports no era signed by master key {} (not a Byzantine replica, not configured yet, \
+    // Behind a Service, each connection may reach another replica, and a replica that has
+    // not been given the era yet (it started last) reports none: ask again, a few times, so
+    // one replica that is behind does not decide for the cluster.
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut first = None;
+    for _ in 0..DISCOVERY_ATTEMPTS {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        first = newest(&d.transport, std::slice::from_ref(&d.endpoint), &d.master, left).await;
+        if first.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200).min(left)).await;
+    }
+    let first = first.ok_or_else(|| {
+        format!(
+            "{} reports no era signed by master key {} (not a Byzantine replica, not configured yet, \
                  or another master key)",
-                d.endpoint,
-                hex::encode(d.master.to_bytes())
-            )
-        })?;
+            d.endpoint,
+            hex::encode(d.master.to_bytes())
+        )
+    })?;
     let members: Vec<String> = first.members.iter().map(|m| m.endpoint.clone()).collect();
     let best = match newest(&d.transport, &members, &d.master, timeout).await {
         Some(e) if e.number > first.number => e,
