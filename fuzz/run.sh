@@ -23,8 +23,9 @@ started=$(date +%s)
 say() { printf '== fuzz: %s (%ss)\n' "$*" "$(($(date +%s) - started))"; }
 
 if ! cargo fuzz --version >/dev/null 2>&1; then
-    say "installing cargo-fuzz"
-    cargo install cargo-fuzz --locked
+    version="${CARGO_FUZZ_VERSION:-0.13.2}"
+    say "installing cargo-fuzz $version"
+    cargo install cargo-fuzz --locked --version "$version"
 fi
 
 # cargo fuzz builds with -Z flags (sanitizer coverage instrumentation, ASan); stable rustc
