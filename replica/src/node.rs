@@ -213,6 +213,9 @@ impl Node {
         entries: Vec<LogEntry>,
     ) -> anyhow::Result<()> {
         if let Some(s) = snapshot {
+            if s.index > crate::storage::MAX_INDEX {
+                anyhow::bail!("snapshot index {} is out of range", s.index);
+            }
             self.runtime
                 .restore(&s.data)
                 .map_err(|e| anyhow::anyhow!("cannot restore snapshot at index {}: {e}", s.index))?;
@@ -702,7 +705,9 @@ impl Node {
         p.reachable = true;
         p.in_flight = p.in_flight.saturating_sub(1);
         if resp.success {
-            p.match_index = p.match_index.max(resp.match_index);
+            // A peer cannot hold more than this primary has sent: a larger claim is garbage
+            // (and `match_index + 1` must not overflow).
+            p.match_index = p.match_index.max(resp.match_index.min(last));
             p.next_index = p.next_index.max(p.match_index + 1);
             p.acked_round = p.acked_round.max(round);
         } else {
@@ -908,6 +913,12 @@ impl Node {
                 self.truncate_after(e.index - 1);
                 ops.push(StorageOp::Truncate(e.index - 1));
             }
+            if e.index > crate::storage::MAX_INDEX {
+                return (
+                    refuse(self.epoch, 0, format!("entry index {} is out of range", e.index)),
+                    ops,
+                );
+            }
             if e.index != self.last_index() + 1 {
                 return (
                     refuse(self.epoch, self.last_index() + 1, "non-contiguous entries".into()),
@@ -1007,6 +1018,16 @@ impl Node {
                 AppendResponse {
                     epoch: self.epoch,
                     error: "not a follower".into(),
+                    ..Default::default()
+                },
+                ops,
+            );
+        }
+        if snap.index > crate::storage::MAX_INDEX {
+            return (
+                AppendResponse {
+                    epoch: self.epoch,
+                    error: format!("snapshot index {} is out of range", snap.index),
                     ..Default::default()
                 },
                 ops,

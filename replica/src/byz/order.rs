@@ -280,6 +280,9 @@ impl Core {
     /// Rebuild from disk: the runtime state at `index` (snapshot + log).
     pub fn recover(&mut self, snapshot: Option<Snapshot>, entries: Vec<LogEntry>) -> anyhow::Result<()> {
         if let Some(s) = snapshot {
+            if s.index > crate::storage::MAX_INDEX {
+                anyhow::bail!("snapshot index {} is out of range", s.index);
+            }
             self.runtime
                 .restore(&s.data)
                 .map_err(|e| anyhow::anyhow!("cannot restore snapshot at index {}: {e}", s.index))?;
@@ -331,6 +334,9 @@ impl Core {
     pub fn install(&mut self, snap: &Snapshot) -> anyhow::Result<()> {
         if digest(&snap.data) != snap.digest {
             anyhow::bail!("snapshot data does not match its digest");
+        }
+        if snap.index > crate::storage::MAX_INDEX {
+            anyhow::bail!("snapshot index {} is out of range", snap.index);
         }
         self.runtime
             .restore(&snap.data)

@@ -34,6 +34,11 @@ use files::{
     sync_dir, write_atomic,
 };
 
+/// The largest index a log entry or snapshot may carry. One below `u64::MAX`, so the index
+/// after any valid one exists; a file claiming more is corrupt (a log that really reached it
+/// would take hundreds of thousands of years at a million entries a second).
+pub const MAX_INDEX: u64 = u64::MAX - 1;
+
 const LOCK_FILE: &str = "LOCK";
 const CONFIG_FILE: &str = "config";
 const IDENTITY_FILE: &str = "identity";

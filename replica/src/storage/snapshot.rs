@@ -47,13 +47,19 @@ pub(crate) fn encode(s: &Snapshot) -> Vec<u8> {
 /// Loads and fully verifies `dir/snapshot-<index>.snap`.
 pub(crate) fn load(dir: &Path, index: u64) -> Result<Snapshot, StorageError> {
     let path = dir.join(file_name(index));
-    let data = fs::read(&path).map_err(io_err("read", &path))?;
-    let payload = decode_framed(&path, SNAPSHOT_MAGIC, &data)?;
     let corrupt = |reason: String| StorageError::Corrupt {
         path: path.clone(),
         offset: 0,
         reason,
     };
+    if index > super::MAX_INDEX {
+        return Err(corrupt(format!(
+            "snapshot index {index} is above the largest possible index {}",
+            super::MAX_INDEX
+        )));
+    }
+    let data = fs::read(&path).map_err(io_err("read", &path))?;
+    let payload = decode_framed(&path, SNAPSHOT_MAGIC, &data)?;
     let snap = Snapshot::decode(payload).map_err(|e| corrupt(format!("undecodable Snapshot message: {e}")))?;
     if snap.index != index {
         return Err(corrupt(format!(

@@ -133,6 +133,17 @@ pub(crate) fn scan(log_dir: &Path, first: u64) -> Result<Scanned, StorageError> 
                     reason: format!("checksum ok but payload is not a LogEntry: {e}"),
                 })?;
                 let expected = first + entries.len() as u64;
+                if entry.index > super::MAX_INDEX {
+                    return Err(StorageError::Corrupt {
+                        path: path.clone(),
+                        offset: off as u64,
+                        reason: format!(
+                            "entry has index {}, above the largest possible index {}",
+                            entry.index,
+                            super::MAX_INDEX
+                        ),
+                    });
+                }
                 if entry.index != expected {
                     return Err(StorageError::Corrupt {
                         path: path.clone(),
