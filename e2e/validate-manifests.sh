@@ -60,6 +60,12 @@ if ! "$HELM" template lockstep charts/lockstep --set networkPolicy.enabled=false
   echo "chart: networkPolicy.enabled=false must reach the operator as --network-policy=false" >&2
   exit 1
 fi
+# NOTES shows the replica image the operator will use.
+if ! "$HELM" install --dry-run=client lockstep charts/lockstep --set replicaImage=registry.example/replica:9 |
+  grep -q 'image: registry.example/replica:9}'; then
+  echo "chart NOTES must show the configured replicaImage" >&2
+  exit 1
+fi
 # values.schema.json: a value of the wrong type fails with a message naming it.
 for bad in replicaCount=two image.pullPolicy=Sometimes leaderElection.enabled=maybe networkPolicy.enabled=maybe; do
   if "$HELM" template lockstep charts/lockstep --set "$bad" >/dev/null 2>&1; then
