@@ -61,8 +61,9 @@ if ! "$HELM" template lockstep charts/lockstep --set networkPolicy.enabled=false
   exit 1
 fi
 # NOTES shows the replica image the operator will use.
-if ! "$HELM" install --dry-run=client lockstep charts/lockstep --set replicaImage=registry.example/replica:9 |
-  grep -q 'image: registry.example/replica:9}'; then
+# (Into a file first: `helm ... | grep -q` fails under pipefail when grep exits early.)
+"$HELM" install --dry-run=client lockstep charts/lockstep --set replicaImage=registry.example/replica:9 >"$tmp/notes.txt"
+if ! grep -q 'image: registry.example/replica:9}' "$tmp/notes.txt"; then
   echo "chart NOTES must show the configured replicaImage" >&2
   exit 1
 fi
