@@ -56,7 +56,8 @@ for name, ds in (("manifests", install), ("chart", chart)):
         assert sc.get("allowPrivilegeEscalation") is False and sc.get("readOnlyRootFilesystem") is True, name
         assert sc.get("capabilities", {}).get("drop") == ["ALL"], name
 PY
-if ! "$HELM" template lockstep charts/lockstep --set networkPolicy.enabled=false | grep -q -- '--network-policy=false'; then
+"$HELM" template lockstep charts/lockstep --set networkPolicy.enabled=false >"$tmp/no-policy.yaml"
+if ! grep -q -- '--network-policy=false' "$tmp/no-policy.yaml"; then
   echo "chart: networkPolicy.enabled=false must reach the operator as --network-policy=false" >&2
   exit 1
 fi
