@@ -34,15 +34,19 @@ pub struct LocalCluster {
 }
 
 impl LocalCluster {
-    /// `lockstep up FILE --data-dir DATA --quiet` (fsync on: no `--no-fsync`).
-    pub fn start(bin: &Path, manifest: &Path, data_dir: &Path) -> anyhow::Result<LocalCluster> {
+    /// `lockstep up FILE --data-dir DATA --quiet` (fsync on: no `--no-fsync`); plaintext with
+    /// `insecure` (`up --insecure`), mutual TLS otherwise.
+    pub fn start(bin: &Path, manifest: &Path, data_dir: &Path, insecure: bool) -> anyhow::Result<LocalCluster> {
         let (name, _) = lockstep::up::load_desired(manifest)?;
         std::fs::create_dir_all(data_dir)?;
         let log = data_dir.join("up.log");
         let out = std::fs::File::create(&log)?;
         let mut cmd = Command::new(bin);
-        cmd.arg("up")
-            .arg(manifest)
+        cmd.arg("up");
+        if insecure {
+            cmd.arg("--insecure");
+        }
+        cmd.arg(manifest)
             .arg("--data-dir")
             .arg(data_dir)
             .arg("--quiet")

@@ -81,6 +81,10 @@ struct Args {
     /// Where the temporary data dirs go. Must be a real disk, not tmpfs, or fsync is free.
     #[arg(long)]
     work_dir: Option<PathBuf>,
+    /// Run lockstep plaintext (`lockstep up --insecure`), as etcd runs here, to compare the
+    /// two with the same transport; TLS (the default of `up`) otherwise.
+    #[arg(long)]
+    insecure: bool,
     /// Keep the data dirs and logs after the run (their path is printed).
     #[arg(long)]
     keep: bool,
@@ -500,7 +504,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let floor_before = measure_floor(&base, "start");
 
     // 1 + 2: both clusters.
-    let mut ls = local::LocalCluster::start(&lockstep_bin, &manifest, &base.join("lockstep"))?;
+    let mut ls = local::LocalCluster::start(&lockstep_bin, &manifest, &base.join("lockstep"), args.insecure)?;
     let t0 = Instant::now();
     let healthy = ls.wait_healthy(2, Duration::from_secs(60)).await?;
     println!(
@@ -791,7 +795,14 @@ fn print_summary(r: &Results, args: &Args) {
     if let Some(v) = &r.machine.etcd {
         println!("etcd:    {v}, 3 members on loopback, default durability (WAL fsync)");
     }
-    println!("lockstep: 2 replicas (t = 1, FailStop), fsync on");
+    println!(
+        "lockstep: 2 replicas (t = 1, FailStop), fsync on, {}",
+        if args.insecure {
+            "plaintext (--insecure)"
+        } else {
+            "mutual TLS"
+        }
+    );
     println!(
         "load:    {}-byte values, {} keys, {}s per run; reads are linearizable on both",
         args.value_size, args.keys, args.duration
