@@ -6,12 +6,7 @@
 
 mod byzcommon;
 
-use byzcommon::ByzCluster;
-use lockstep::bench::{Mix, WorkloadOptions, run_workload};
-use lockstep::byz::Tally;
-use std::collections::BTreeMap;
-use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex};
+use byzcommon::{ByzCluster, Tallies};
 use std::time::Duration;
 
 /// Behaviours seen in the answers (named by the voters) and in relays (named by replicas).
@@ -30,36 +25,9 @@ fn faulty_run(t: usize, behaviour: &str) {
     let name = format!("bf{t}{short}");
     let cluster = ByzCluster::start(&name, t, "", &args);
     let faulty: Vec<String> = (1..=t).map(|i| format!("{name}-{i}")).collect();
-    let history = cluster.dir.path().join("history.jsonl");
-    let tallies = Arc::new(Mutex::new(BTreeMap::<String, Tally>::new()));
+    let tallies = Tallies::default();
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let report = rt
-        .block_on(async {
-            let clients: Vec<_> = (0..4)
-                .map(|_| Some(cluster.client().with_tallies(tallies.clone())))
-                .collect();
-            let pool = Mutex::new(clients);
-            run_workload(
-                "byzantine",
-                WorkloadOptions {
-                    clients: 4,
-                    duration: Duration::from_secs(4),
-                    value_size: 8,
-                    keys: 6,
-                    mix: Mix::Mixed,
-                    history: Some(history.clone()),
-                },
-                |i| {
-                    pool.lock()
-                        .ok()
-                        .and_then(|mut p| p.get_mut(i).and_then(Option::take))
-                        .expect("a client per index")
-                },
-                Arc::new(AtomicBool::new(false)),
-            )
-            .await
-        })
-        .expect("workload");
+    let (report, history) = cluster.voted_workload(&rt, "byzantine", &tallies);
     // Progress despite t faulty replicas (a loaded 2-core machine is slow: a few suffice).
     assert!(
         report.ok >= 4,
@@ -67,7 +35,7 @@ fn faulty_run(t: usize, behaviour: &str) {
         cluster.up_output()
     );
     // Everything accepted is consistent with one correct replica's history.
-    let n = byzcommon_check(&history);
+    let n = byzcommon::assert_linearizable(&history);
     // Answers still on their way when a vote was decided are counted when they arrive or
     // time out: wait for that.
     let named = |id: &String| {
@@ -117,18 +85,6 @@ fn faulty_run(t: usize, behaviour: &str) {
         }
     }
     eprintln!("t={t} {behaviour}: {report}; {n} operations linearizable; votes {tallies:?}");
-}
-
-fn byzcommon_check(path: &std::path::Path) -> usize {
-    let file = std::fs::File::open(path).expect("history file");
-    let history = lockstep_linearizability::parse_history(std::io::BufReader::new(file)).expect("parse history");
-    let result = lockstep_linearizability::check_kv(&history, lockstep_linearizability::CheckLimits::default());
-    assert!(
-        result.is_linearizable(),
-        "history {} is not linearizable: {result}",
-        path.display()
-    );
-    history.len()
 }
 
 #[test]

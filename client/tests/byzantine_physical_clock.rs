@@ -6,12 +6,7 @@
 
 mod byzcommon;
 
-use byzcommon::ByzCluster;
-use lockstep::bench::{Mix, WorkloadOptions, run_workload};
-use lockstep::byz::Tally;
-use std::collections::BTreeMap;
-use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex};
+use byzcommon::{ByzCluster, Tallies};
 use std::time::Duration;
 
 #[test]
@@ -19,48 +14,15 @@ fn physical_clock_orders_concurrent_clients_and_outvotes_a_wrong_replica() {
     // δ leaves room for a loaded 2-core machine; ε is small: every process reads one clock.
     let ordering = "  ordering:\n    stability: PhysicalClock\n    maxDelayMillis: 200\n    maxClockSkewMillis: 20\n";
     let cluster = ByzCluster::start("bphys", 1, ordering, &["--inject", "replica-2=wrong-output"]);
-    let history = cluster.dir.path().join("history.jsonl");
-    let tallies = Arc::new(Mutex::new(BTreeMap::<String, Tally>::new()));
+    let tallies = Tallies::default();
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let report = rt
-        .block_on(async {
-            let clients: Vec<_> = (0..4)
-                .map(|_| Some(cluster.client().with_tallies(tallies.clone())))
-                .collect();
-            let pool = Mutex::new(clients);
-            run_workload(
-                "byzantine-physical",
-                WorkloadOptions {
-                    clients: 4,
-                    duration: Duration::from_secs(4),
-                    value_size: 8,
-                    keys: 6,
-                    mix: Mix::Mixed,
-                    history: Some(history.clone()),
-                },
-                |i| {
-                    pool.lock()
-                        .ok()
-                        .and_then(|mut p| p.get_mut(i).and_then(Option::take))
-                        .expect("a client per index")
-                },
-                Arc::new(AtomicBool::new(false)),
-            )
-            .await
-        })
-        .expect("workload");
+    let (report, history) = cluster.voted_workload(&rt, "byzantine-physical", &tallies);
     assert!(
         report.ok >= 4,
         "PhysicalClock: too few accepted operations: {report}\n{}",
         cluster.up_output()
     );
-    let file = std::fs::File::open(&history).expect("history file");
-    let parsed = lockstep_linearizability::parse_history(std::io::BufReader::new(file)).expect("parse history");
-    let result = lockstep_linearizability::check_kv(&parsed, lockstep_linearizability::CheckLimits::default());
-    assert!(
-        result.is_linearizable(),
-        "PhysicalClock history is not linearizable: {result}"
-    );
+    let n = byzcommon::assert_linearizable(&history);
     let faulty = "bphys-2".to_string();
     let named = || {
         tallies
@@ -80,5 +42,5 @@ fn physical_clock_orders_concurrent_clients_and_outvotes_a_wrong_replica() {
         assert_eq!(t.disagreed, 0, "correct {id} was counted as disagreeing: {tallies:?}");
         assert!(t.agreed > 0, "correct {id} never agreed: {tallies:?}");
     }
-    eprintln!("PhysicalClock t=1: {report}; {} operations linearizable", parsed.len());
+    eprintln!("PhysicalClock t=1: {report}; {n} operations linearizable");
 }

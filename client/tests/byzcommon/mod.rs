@@ -2,11 +2,16 @@
 //! on loopback, some of them made faulty with `--inject` (test builds only).
 #![allow(dead_code)]
 
-use lockstep::byz::ByzClient;
+use lockstep::bench::{Mix, Report, WorkloadOptions, run_workload};
+use lockstep::byz::{ByzClient, Tally};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
+use std::collections::BTreeMap;
+use std::path::Path;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub struct ByzCluster {
@@ -31,7 +36,60 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     false
 }
 
+/// How each replica's answers voted, per replica id, as the clients counted them.
+pub type Tallies = Arc<Mutex<BTreeMap<String, Tally>>>;
+
+/// Asserts that the recorded history at `path` is linearizable (what one correct replica
+/// gives); returns its number of operations.
+pub fn assert_linearizable(path: &Path) -> usize {
+    let file = std::fs::File::open(path).expect("history file");
+    let history = lockstep_linearizability::parse_history(std::io::BufReader::new(file)).expect("parse history");
+    let result = lockstep_linearizability::check_kv(&history, lockstep_linearizability::CheckLimits::default());
+    assert!(
+        result.is_linearizable(),
+        "history {} is not linearizable: {result}",
+        path.display()
+    );
+    history.len()
+}
+
 impl ByzCluster {
+    /// Four concurrent voting clients run the mixed workload over 6 keys for 4 s, recording
+    /// the history in `history.jsonl` of the cluster's directory (returned) and counting
+    /// every replica's votes into `tallies`. Runs on `rt`: answers still on their way when a
+    /// vote was decided are counted only while the caller keeps it alive.
+    pub fn voted_workload(&self, rt: &tokio::runtime::Runtime, run: &str, tallies: &Tallies) -> (Report, PathBuf) {
+        let history = self.dir.path().join("history.jsonl");
+        let report = rt
+            .block_on(async {
+                let clients: Vec<_> = (0..4)
+                    .map(|_| Some(self.client().with_tallies(tallies.clone())))
+                    .collect();
+                let pool = Mutex::new(clients);
+                run_workload(
+                    run,
+                    WorkloadOptions {
+                        clients: 4,
+                        duration: Duration::from_secs(4),
+                        value_size: 8,
+                        keys: 6,
+                        mix: Mix::Mixed,
+                        history: Some(history.clone()),
+                    },
+                    |i| {
+                        pool.lock()
+                            .ok()
+                            .and_then(|mut p| p.get_mut(i).and_then(Option::take))
+                            .expect("a client per index")
+                    },
+                    Arc::new(AtomicBool::new(false)),
+                )
+                .await
+            })
+            .expect("workload");
+        (report, history)
+    }
+
     /// `ordering` is the YAML of `spec.ordering` (or empty); `args` go to `lockstep up`.
     pub fn start(name: &str, t: usize, ordering: &str, args: &[&str]) -> ByzCluster {
         let dir = tempfile::tempdir().expect("tempdir");

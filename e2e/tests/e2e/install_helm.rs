@@ -98,6 +98,21 @@ fn set_upgrade_probe(ns: &str, value: &str) -> String {
         .to_string()
 }
 
+/// `helm upgrade` of the release to `chart`, keeping its values.
+fn helm_upgrade(chart: &str) -> String {
+    helm(&[
+        "upgrade",
+        "lockstep",
+        chart,
+        "--namespace",
+        OPERATOR_NS,
+        "--reuse-values",
+        "--wait",
+        "--timeout",
+        "5m",
+    ])
+}
+
 /// `helm upgrade` to a chart whose CRD changed, and back: the CRD on the cluster follows the
 /// chart both ways, and the running RSM keeps serving throughout (docs/install-paths.md).
 async fn upgrade_crd_with_helm(api: &Api<ReplicatedStateMachine>, tools: &ToolsPod, ns: &str) {
@@ -109,20 +124,37 @@ async fn upgrade_crd_with_helm(api: &Api<ReplicatedStateMachine>, tools: &ToolsP
     );
     let changed = chart_with_changed_crd();
     let chart = changed.path().to_str().expect("utf-8 path");
-    println!(
-        "{}",
-        helm(&[
-            "upgrade",
-            "lockstep",
-            chart,
-            "--namespace",
-            OPERATOR_NS,
-            "--reuse-values",
-            "--wait",
-            "--timeout",
-            "5m"
-        ])
+    println!("{}", helm_upgrade(chart));
+    assert!(crd_has_upgrade_probe(), "helm upgrade did not change the CRD");
+    assert_eq!(
+        set_upgrade_probe(ns, "after"),
+        "after",
+        "the upgraded CRD's new field was not stored"
     );
+    let wide = kubectl(&["-n", ns, "get", "rsm", "kv", "-o", "wide"]).expect("get -o wide");
+    assert!(
+        wide.contains("PROBE") && wide.contains("after"),
+        "no new printer column: {wide}"
+    );
+    assert!(
+        tools
+            .lockstep("kv", &["put", "upgraded", "1"])
+            .expect("write")
+            .contains("OK"),
+        "the RSM stopped serving across the CRD upgrade"
+    );
+    // Back to the repository's chart: the field goes from the schema (a stored value is kept
+    // in etcd but pruned on the next write) and the RSM stays Ready.
+    helm_upgrade("charts/lockstep");
+    assert!(!crd_has_upgrade_probe());
+    assert_eq!(
+        set_upgrade_probe(ns, "before"),
+        "",
+        "a field the CRD does not define was stored"
+    );
+    let changed = chart_with_changed_crd();
+    let chart = changed.path().to_str().expect("utf-8 path");
+    println!("{}", helm_upgrade(chart));
     assert!(crd_has_upgrade_probe(), "helm upgrade did not change the CRD");
     assert_eq!(
         set_upgrade_probe(ns, "after"),
