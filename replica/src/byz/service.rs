@@ -550,17 +550,26 @@ impl Byzantine for ByzServices {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(batch.from.clone(), batch.applied_index);
+        if !batch.retry {
+            // One lock per batch, not per item.
+            let replayed = {
+                let mut seen = shared.relayed_by.lock().unwrap_or_else(|e| e.into_inner());
+                batch
+                    .items
+                    .iter()
+                    .filter_map(|r| r.item.as_ref())
+                    .filter(|item| seen.repeated(batch.era, &batch.from, &item.item))
+                    .count()
+            };
+            if replayed > 0 {
+                let mut core = shared.lock();
+                for _ in 0..replayed {
+                    core.note(&batch.from, "replayed-item");
+                }
+            }
+        }
         for r in batch.items {
             let Some(item) = r.item else { continue };
-            if !batch.retry
-                && shared.relayed_by.lock().unwrap_or_else(|e| e.into_inner()).repeated(
-                    batch.era,
-                    &batch.from,
-                    &item.item,
-                )
-            {
-                shared.lock().note(&batch.from, "replayed-item");
-            }
             let _ = shared.ingest(&item, &r.chain, &batch.from);
         }
         Ok(Response::new(RelayAck {}))
