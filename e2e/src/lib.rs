@@ -534,7 +534,11 @@ pub fn operator_leader() -> anyhow::Result<String> {
 /// The operator leader's `/metrics` text, through the API server's pod proxy (what a
 /// Prometheus in the cluster would scrape).
 pub fn operator_metrics() -> anyhow::Result<String> {
-    let leader = operator_leader()?;
+    operator_metrics_of(&operator_leader()?)
+}
+
+/// `/metrics` of the operator pod `leader` (see [`operator_metrics`]).
+pub fn operator_metrics_of(leader: &str) -> anyhow::Result<String> {
     kubectl(&[
         "get",
         "--raw",
@@ -567,8 +571,14 @@ impl GaugeRecorder {
         let (ns, nm, flag) = (namespace.to_string(), name.to_string(), stop.clone());
         let thread = std::thread::spawn(move || {
             let mut seen: Vec<(f64, f64)> = Vec::new();
+            // Looked up once, and again only when a scrape fails (the leader moved).
+            let mut leader = operator_leader().ok();
             while !flag.load(std::sync::atomic::Ordering::Relaxed) {
-                if let Ok(text) = operator_metrics() {
+                if leader.is_none() {
+                    leader = operator_leader().ok();
+                }
+                let scrape = leader.as_deref().map(operator_metrics_of);
+                if let Some(Ok(text)) = scrape {
                     let degraded = rsm_gauge(&text, "lockstep_operator_rsm_degraded", &ns, &nm);
                     let epoch = rsm_gauge(&text, "lockstep_operator_rsm_epoch", &ns, &nm);
                     if let (Some(d), Some(e)) = (degraded, epoch)
@@ -576,6 +586,8 @@ impl GaugeRecorder {
                     {
                         seen.push((d, e));
                     }
+                } else {
+                    leader = None; // moved: look it up again
                 }
                 std::thread::sleep(Duration::from_millis(250));
             }
