@@ -95,9 +95,27 @@ impl Ca {
         load_ca(tls_dir)
     }
 
+    /// A CA from its certificate and private key (PEM), as kept in a file or a Secret.
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> anyhow::Result<Ca> {
+        use rustls_pki_types::pem::PemObject;
+        let key = KeyPair::from_pem(key_pem).context("unreadable CA private key")?;
+        let der = rustls_pki_types::CertificateDer::from_pem_slice(cert_pem.as_bytes())
+            .context("unreadable CA certificate")?;
+        let issuer = Issuer::from_ca_cert_der(&der, key).context("CA certificate and key do not go together")?;
+        Ok(Ca {
+            issuer,
+            pem: cert_pem.to_string(),
+        })
+    }
+
     /// The CA certificate, PEM.
     pub fn pem(&self) -> &str {
         &self.pem
+    }
+
+    /// The CA's private key, PEM (to keep it: a file of mode 0600, or a Secret).
+    pub fn key_pem(&self) -> String {
+        self.issuer.key().serialize_pem()
     }
 
     /// A leaf certificate for `who`; `hosts` (DNS names or IP addresses) make it usable by a
@@ -202,16 +220,20 @@ impl LocalPki {
 /// The CA in `dir`, if it is there, readable, and valid for long enough.
 fn load_ca(dir: &Path) -> Option<Ca> {
     let pem = std::fs::read_to_string(dir.join("ca.pem")).ok()?;
-    let key = KeyPair::from_pem(&std::fs::read_to_string(dir.join("ca.key")).ok()?).ok()?;
+    let key = std::fs::read_to_string(dir.join("ca.key")).ok()?;
+    if time_left(&pem)? < CA_RENEW_BEFORE {
+        return None;
+    }
+    Ca::from_pem(&pem, &key).ok()
+}
+
+/// How long the (first) certificate in `pem` stays valid; `None` if it is unreadable or
+/// already expired.
+pub fn time_left(pem: &str) -> Option<Duration> {
     use rustls_pki_types::pem::PemObject;
     let der = rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).ok()?;
     let (_, parsed) = x509_parser::parse_x509_certificate(&der).ok()?;
-    let left = parsed.validity().time_to_expiration()?;
-    if left < time::Duration::try_from(CA_RENEW_BEFORE).ok()? {
-        return None;
-    }
-    let issuer = Issuer::from_ca_cert_der(&der, key).ok()?;
-    Some(Ca { issuer, pem })
+    Duration::try_from(parsed.validity().time_to_expiration()?).ok()
 }
 
 /// The client transport of a local cluster started by `lockstep up`, as the CLI uses it

@@ -163,6 +163,11 @@ impl ByzMaster {
         self.channels = channels;
     }
 
+    /// The channels (and transport) the master calls the replicas over.
+    pub fn channels(&self) -> &crate::Channels {
+        &self.channels
+    }
+
     pub fn public_key_hex(&self) -> String {
         hex::encode(self.key.verifying_key().to_bytes())
     }

@@ -302,15 +302,21 @@ async fn run_pod(client: &Client, ns: &str, pod: serde_json::Value) -> anyhow::R
 }
 
 /// A pod in the test's namespace with the `lockstep` CLI and `lockstep-check`: clients
-/// inside the cluster, talking to an RSM through its client Service. It passes the
-/// `restricted` Pod Security profile.
+/// inside the cluster, talking to an RSM through its client Service, with the client
+/// certificate the operator issues for that RSM (Secret `RSM-client-tls`, as an application
+/// pod would mount it: docs/security.md). It passes the `restricted` Pod Security profile.
 pub struct ToolsPod {
     pub ns: String,
     pub name: String,
+    /// The RSM whose client certificate the pod mounts.
+    pub rsm: String,
 }
 
 impl ToolsPod {
-    pub async fn start(client: &Client, ns: &str, images: &Images) -> anyhow::Result<Self> {
+    /// The tools pod for talking to RSM `rsm`. The certificate Secret is optional for the
+    /// pod to start (a test may need the pod before the RSM exists); the kubelet fills the
+    /// mount once the operator has made it ([`ToolsPod::client_certificate`] waits for that).
+    pub async fn start(client: &Client, ns: &str, images: &Images, rsm: &str) -> anyhow::Result<Self> {
         let name = run_pod(
             client,
             ns,
@@ -325,16 +331,48 @@ impl ToolsPod {
                         "name": "tools", "image": images.tools, "imagePullPolicy": "IfNotPresent",
                         "command": ["/usr/local/bin/lockstep-e2e-tool", "idle"],
                         "workingDir": "/work",
-                        "volumeMounts": [{"name": "work", "mountPath": "/work"}],
+                        "env": [
+                            {"name": "LOCKSTEP_TLS_CA", "value": "/tls/ca.crt"},
+                            {"name": "LOCKSTEP_TLS_CERT", "value": "/tls/tls.crt"},
+                            {"name": "LOCKSTEP_TLS_KEY", "value": "/tls/tls.key"}
+                        ],
+                        "volumeMounts": [{"name": "work", "mountPath": "/work"},
+                                         {"name": "tls", "mountPath": "/tls", "readOnly": true}],
                         "securityContext": {"allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true,
                                             "capabilities": {"drop": ["ALL"]}}
                     }],
-                    "volumes": [{"name": "work", "emptyDir": {}}]
+                    "volumes": [{"name": "work", "emptyDir": {}},
+                                {"name": "tls", "secret": {"secretName": format!("{rsm}-client-tls"), "optional": true}}]
                 }
             }),
         )
         .await?;
-        Ok(Self { ns: ns.into(), name })
+        Ok(Self {
+            ns: ns.into(),
+            name,
+            rsm: rsm.into(),
+        })
+    }
+
+    /// Waits until the pod holds the RSM's current client certificate: the kubelet fills or
+    /// refreshes a Secret volume on its periodic sync, up to a minute or two after the
+    /// operator made the Secret (a new RSM, or one recreated with a new CA).
+    pub async fn client_certificate(&self, client: &Client) -> anyhow::Result<()> {
+        let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), &self.ns);
+        let name = format!("{}-client-tls", self.rsm);
+        wait_until(
+            &format!("the tools pod holds the current certificate of Secret {name}"),
+            Duration::from_secs(240),
+            || async {
+                let Some(secret) = secrets.get_opt(&name).await? else {
+                    return Ok(false);
+                };
+                let want = secret.data.unwrap_or_default().get("ca.crt").map(|b| b.0.clone());
+                let mounted = self.exec(&["lockstep-e2e-tool", "cat", "/tls/ca.crt"]).ok();
+                Ok(want.is_some() && mounted.map(String::into_bytes) == want)
+            },
+        )
+        .await
     }
 
     /// Runs a command in the pod; returns stdout, or an error with stderr.

@@ -8,12 +8,34 @@ use lockstep_planner::Config;
 use lockstep_proto::admin_client::AdminClient;
 use lockstep_proto::{ReconfigureRequest, ResumeRequest, SealRequest, StatusRequest, StatusResponse};
 
-/// Admin calls to one replica, addressed by `http://host:port`.
+/// Where and how to call one replica's admin API.
+#[derive(Clone, Debug)]
+pub struct AdminTarget {
+    /// `http://host:port` (the scheme follows `transport`).
+    pub addr: String,
+    /// Mutual TLS with the operator's admin identity of the replica's RSM, or plaintext for
+    /// a replica started without TLS (crate::tls).
+    pub transport: lockstep::Transport,
+    /// The name the replica's certificate is checked for, when `addr` is its pod IP.
+    pub server_name: Option<String>,
+}
+
+impl AdminTarget {
+    pub fn plaintext(addr: impl Into<String>) -> AdminTarget {
+        AdminTarget {
+            addr: addr.into(),
+            transport: lockstep::Transport::plaintext(),
+            server_name: None,
+        }
+    }
+}
+
+/// Admin calls to one replica.
 pub trait ReplicaAdmin: Send + Sync {
-    fn status(&self, addr: String) -> BoxFuture<'_, Result<StatusResponse, String>>;
-    fn reconfigure(&self, addr: String, config: Config) -> BoxFuture<'_, Result<u64, String>>;
-    fn seal(&self, addr: String) -> BoxFuture<'_, Result<u64, String>>;
-    fn resume(&self, addr: String) -> BoxFuture<'_, Result<u64, String>>;
+    fn status(&self, target: AdminTarget) -> BoxFuture<'_, Result<StatusResponse, String>>;
+    fn reconfigure(&self, target: AdminTarget, config: Config) -> BoxFuture<'_, Result<u64, String>>;
+    fn seal(&self, target: AdminTarget) -> BoxFuture<'_, Result<u64, String>>;
+    fn resume(&self, target: AdminTarget) -> BoxFuture<'_, Result<u64, String>>;
 }
 
 pub use lockstep_planner::wire::to_proto;
@@ -35,9 +57,11 @@ impl Default for GrpcAdmin {
 }
 
 impl GrpcAdmin {
-    async fn client(&self, addr: String) -> Result<AdminClient<tonic::transport::Channel>, String> {
-        let endpoint = tonic::transport::Endpoint::from_shared(addr.clone())
-            .map_err(|e| format!("bad address {addr}: {e}"))?
+    async fn client(&self, target: &AdminTarget) -> Result<AdminClient<tonic::transport::Channel>, String> {
+        let addr = &target.addr;
+        let endpoint = target
+            .transport
+            .endpoint_named(addr, target.server_name.as_deref())?
             .connect_timeout(self.connect_timeout)
             .timeout(self.request_timeout);
         let channel = endpoint
@@ -65,9 +89,10 @@ fn rpc_err(addr: &str, e: tonic::Status) -> String {
 }
 
 impl ReplicaAdmin for GrpcAdmin {
-    fn status(&self, addr: String) -> BoxFuture<'_, Result<StatusResponse, String>> {
+    fn status(&self, target: AdminTarget) -> BoxFuture<'_, Result<StatusResponse, String>> {
         Box::pin(async move {
-            let mut c = self.client(addr.clone()).await?;
+            let addr = target.addr.clone();
+            let mut c = self.client(&target).await?;
             c.status(StatusRequest {})
                 .await
                 .map(|r| r.into_inner())
@@ -75,9 +100,10 @@ impl ReplicaAdmin for GrpcAdmin {
         })
     }
 
-    fn reconfigure(&self, addr: String, config: Config) -> BoxFuture<'_, Result<u64, String>> {
+    fn reconfigure(&self, target: AdminTarget, config: Config) -> BoxFuture<'_, Result<u64, String>> {
         Box::pin(async move {
-            let mut c = self.client(addr.clone()).await?;
+            let addr = target.addr.clone();
+            let mut c = self.client(&target).await?;
             c.reconfigure(ReconfigureRequest {
                 config: Some(to_proto(&config)),
             })
@@ -87,9 +113,10 @@ impl ReplicaAdmin for GrpcAdmin {
         })
     }
 
-    fn seal(&self, addr: String) -> BoxFuture<'_, Result<u64, String>> {
+    fn seal(&self, target: AdminTarget) -> BoxFuture<'_, Result<u64, String>> {
         Box::pin(async move {
-            let mut c = self.client(addr.clone()).await?;
+            let addr = target.addr.clone();
+            let mut c = self.client(&target).await?;
             c.seal(SealRequest { at_index: 0 })
                 .await
                 .map(|r| r.into_inner().index)
@@ -97,9 +124,10 @@ impl ReplicaAdmin for GrpcAdmin {
         })
     }
 
-    fn resume(&self, addr: String) -> BoxFuture<'_, Result<u64, String>> {
+    fn resume(&self, target: AdminTarget) -> BoxFuture<'_, Result<u64, String>> {
         Box::pin(async move {
-            let mut c = self.client(addr.clone()).await?;
+            let addr = target.addr.clone();
+            let mut c = self.client(&target).await?;
             c.resume(ResumeRequest {})
                 .await
                 .map(|r| r.into_inner().index)

@@ -29,7 +29,6 @@ use lockstep_resource::{FailureModel, ReplicatedStateMachine, ReplicatedStateMac
 use crate::build;
 use crate::controller::{Context, Error};
 use crate::events::publish;
-use crate::execute::create_if_absent;
 use crate::names;
 use crate::status;
 use crate::translate::{self, Admin, World};
@@ -153,7 +152,7 @@ pub async fn step(
         Adoption::Revive(ids) => {
             let machine = translate::desired(rsm, ctx.default_image.as_deref()).machine;
             for id in ids {
-                if create_if_absent(ctx, &ns, &build::replica_pod(rsm, &id, &machine)?).await? {
+                if crate::tls::create_replica_pod(ctx, rsm, &ns, &id, &machine, world).await? {
                     let note = format!(
                         "found volume {} without a configuration in status; starting {id} on it",
                         names::pvc(&id)

@@ -142,7 +142,9 @@ fn restricted_pod_security() -> PodSecurityContext {
 
 /// A replica pod. Pods are managed directly (see docs/operator-design.md): the operator,
 /// not a StatefulSet controller, decides which replica starts, stops or changes image.
-pub fn replica_pod(rsm: &ReplicatedStateMachine, id: &str, machine: &MachineRef) -> Result<Pod, BuildError> {
+/// `tls`: mutual TLS with the certificate Secret `<id>-tls` ([`crate::tls`]); false only
+/// for an RSM whose replicas an operator from before TLS started plaintext.
+pub fn replica_pod(rsm: &ReplicatedStateMachine, id: &str, machine: &MachineRef, tls: bool) -> Result<Pod, BuildError> {
     let cluster = rsm.name_any();
     let image = machine.image.clone().ok_or(BuildError::NoImage)?;
     let mut metadata = meta(rsm, id.to_string(), COMPONENT_REPLICA)?;
@@ -198,15 +200,27 @@ pub fn replica_pod(rsm: &ReplicatedStateMachine, id: &str, machine: &MachineRef)
         },
     ];
     let mut env = env;
-    // Phase 1 of transport security covers `lockstep up` only: on Kubernetes the replicas
-    // speak plaintext gRPC, explicitly (a replica refuses to start with neither TLS nor this).
-    // An env var, not a flag: an older replica image ignores it instead of failing to parse.
-    // TLS here (a per-RSM CA in Secrets, rotation) is phase 2: docs/security.md.
-    env.push(EnvVar {
-        name: "LOCKSTEP_INSECURE".into(),
-        value: Some("true".into()),
+    let mut volume_mounts = vec![VolumeMount {
+        name: "data".into(),
+        mount_path: DATA_DIR.into(),
         ..Default::default()
-    });
+    }];
+    let mut volumes = vec![volume];
+    // Environment variables, not flags: an older replica image ignores them instead of
+    // failing to parse its arguments.
+    if tls {
+        let (more_env, mount, tls_volume) = crate::tls::pod_additions(id);
+        env.extend(more_env);
+        volume_mounts.push(mount);
+        volumes.push(tls_volume);
+    } else {
+        // Explicit: a replica refuses to start with neither TLS nor this.
+        env.push(EnvVar {
+            name: "LOCKSTEP_INSECURE".into(),
+            value: Some("true".into()),
+            ..Default::default()
+        });
+    }
     if let Some(o) = &rsm.spec.ordering {
         let mut set = |name: &str, value: Option<String>| {
             if let Some(value) = value {
@@ -224,12 +238,6 @@ pub fn replica_pod(rsm: &ReplicatedStateMachine, id: &str, machine: &MachineRef)
         );
         set("LOCKSTEP_MAX_DELAY_MILLIS", o.max_delay_millis.map(|v| v.to_string()));
     }
-    let mut volume_mounts = vec![VolumeMount {
-        name: "data".into(),
-        mount_path: DATA_DIR.into(),
-        ..Default::default()
-    }];
-    let mut volumes = vec![volume];
     if let Some(ids) = &rsm.spec.client_identities {
         volume_mounts.push(VolumeMount {
             name: "client-identities".into(),
@@ -634,14 +642,47 @@ mod tests {
     }
 
     #[test]
-    fn replicas_on_kubernetes_run_insecure_explicitly_until_tls_lands_there() {
-        let pod = replica_pod(&rsm(""), "kv-0", &kv()).expect("builds");
-        let c = &pod.spec.as_ref().expect("spec").containers[0];
+    fn replicas_run_mutual_tls_with_their_own_secret_and_plaintext_only_when_asked() {
+        let pod = replica_pod(&rsm(""), "kv-0", &kv(), true).expect("builds");
+        let spec = pod.spec.as_ref().expect("spec");
+        let c = &spec.containers[0];
+        let env: BTreeMap<String, String> = c
+            .env
+            .iter()
+            .flatten()
+            .filter_map(|e| Some((e.name.clone(), e.value.clone()?)))
+            .collect();
+        assert_eq!(
+            env.get("LOCKSTEP_TLS_CERT").map(String::as_str),
+            Some("/etc/lockstep/tls/tls.crt")
+        );
+        assert_eq!(
+            env.get("LOCKSTEP_TLS_KEY").map(String::as_str),
+            Some("/etc/lockstep/tls/tls.key")
+        );
+        assert_eq!(
+            env.get("LOCKSTEP_TLS_CA").map(String::as_str),
+            Some("/etc/lockstep/tls/ca.crt")
+        );
+        assert!(!env.contains_key("LOCKSTEP_INSECURE"));
+        let secret = spec
+            .volumes
+            .iter()
+            .flatten()
+            .find_map(|v| v.secret.clone())
+            .expect("certificate volume");
+        assert_eq!(secret.secret_name.as_deref(), Some("kv-0-tls"), "each replica its own");
         assert!(
-            c.env
+            c.volume_mounts
                 .iter()
                 .flatten()
-                .any(|e| e.name == "LOCKSTEP_INSECURE" && e.value.as_deref() == Some("true")),
+                .any(|m| m.mount_path == "/etc/lockstep/tls" && m.read_only == Some(true))
+        );
+        assert!(!crate::tls::runs_plaintext(&pod));
+
+        let legacy = replica_pod(&rsm(""), "kv-1", &kv(), false).expect("builds");
+        assert!(
+            crate::tls::runs_plaintext(&legacy),
             "a replica refuses to start without TLS or an explicit --insecure"
         );
         // The flag the replica reads from that variable.
@@ -655,7 +696,7 @@ mod tests {
 
     #[test]
     fn replica_pod_shape() {
-        let pod = replica_pod(&rsm(""), "kv-0", &kv()).expect("builds");
+        let pod = replica_pod(&rsm(""), "kv-0", &kv(), true).expect("builds");
         let spec = pod.spec.as_ref().expect("spec");
         assert_eq!(spec.hostname.as_deref(), Some("kv-0"));
         assert_eq!(spec.subdomain.as_deref(), Some("kv-peers"));
@@ -689,7 +730,7 @@ mod tests {
     fn ephemeral_storage_has_no_claim() {
         let r = rsm(", storage: {ephemeral: true}");
         assert_eq!(replica_pvc(&r, "kv-0"), Ok(None));
-        let pod = replica_pod(&r, "kv-0", &kv()).expect("builds");
+        let pod = replica_pod(&r, "kv-0", &kv(), true).expect("builds");
         assert!(pod.spec.expect("spec").volumes.expect("volumes")[0].empty_dir.is_some());
         let claim = replica_pvc(&rsm(", storage: {size: 5Gi, storageClassName: fast}"), "kv-1")
             .expect("builds")
@@ -715,7 +756,7 @@ mod tests {
             max_clock_skew_millis: Some(50),
             max_delay_millis: Some(500),
         });
-        let pod = replica_pod(&r, "kv-byz-0", &kv()).expect("builds");
+        let pod = replica_pod(&r, "kv-byz-0", &kv(), true).expect("builds");
         let spec = pod.spec.expect("spec");
         let c = &spec.containers[0];
         let env: Vec<(String, Option<String>)> = c
@@ -730,13 +771,13 @@ mod tests {
         );
         assert!(env.contains(&("LOCKSTEP_MAX_CLOCK_SKEW_MILLIS".into(), Some("50".into()))));
         assert!(c.args.iter().flatten().any(|a| a == "Byzantine"));
-        let secret = spec
-            .volumes
-            .iter()
-            .flatten()
-            .find_map(|v| v.secret.clone())
-            .expect("secret volume");
-        assert_eq!(secret.secret_name.as_deref(), Some("kv-byz-clients"));
+        assert!(
+            spec.volumes
+                .iter()
+                .flatten()
+                .filter_map(|v| v.secret.as_ref())
+                .any(|s| s.secret_name.as_deref() == Some("kv-byz-clients"))
+        );
         assert!(
             c.volume_mounts
                 .iter()
@@ -748,13 +789,16 @@ mod tests {
     #[test]
     fn missing_image_is_reported() {
         let m = MachineRef { image: None, ..kv() };
-        assert_eq!(replica_pod(&rsm(""), "kv-0", &m).err(), Some(BuildError::NoImage));
+        assert_eq!(replica_pod(&rsm(""), "kv-0", &m, true).err(), Some(BuildError::NoImage));
     }
 
     #[test]
     fn user_affinity_replaces_default() {
         let r = rsm(", scheduling: {nodeSelector: {disk: ssd}, affinity: {}}");
-        let spec = replica_pod(&r, "kv-0", &kv()).expect("builds").spec.expect("spec");
+        let spec = replica_pod(&r, "kv-0", &kv(), true)
+            .expect("builds")
+            .spec
+            .expect("spec");
         assert_eq!(spec.affinity, Some(Affinity::default()));
         assert_eq!(
             spec.node_selector.and_then(|n| n.get("disk").cloned()),
@@ -764,7 +808,7 @@ mod tests {
 
     #[test]
     fn restart_patch_keeps_previous_machine() {
-        let pod = replica_pod(&rsm(""), "kv-0", &kv()).expect("builds");
+        let pod = replica_pod(&rsm(""), "kv-0", &kv(), true).expect("builds");
         let to = MachineRef {
             version: "1.1.0".into(),
             image: Some("img:2".into()),

@@ -29,7 +29,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use crate::admin::ReplicaAdmin;
 use crate::build::{self, BuildError};
 use crate::events::{Recorder, publish};
-use crate::execute::{Executor, Owned, create_if_absent, delete_if_present};
+use crate::execute::{Executor, Owned, delete_if_present};
 use crate::guards::{self, FromDisk};
 use crate::liveness::Liveness;
 use crate::metrics::Metrics;
@@ -50,6 +50,8 @@ pub enum Error {
     Json(#[from] serde_json::Error),
     #[error("the object has no namespace")]
     NoNamespace,
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 /// Shared state of the controller.
@@ -79,6 +81,8 @@ pub struct Context {
     liveness_events: Mutex<Option<UnboundedReceiver<ObjectRef<ReplicatedStateMachine>>>>,
     /// Byzantine mode: the configuration master task of each resource (leader only).
     pub masters: crate::byzantine::master::Masters,
+    /// Per RSM: its CA and the operator's admin identity (crate::tls).
+    pub pki: crate::tls::PkiCache,
 }
 
 impl Context {
@@ -105,6 +109,7 @@ impl Context {
             liveness: None,
             liveness_events: Mutex::default(),
             masters: Default::default(),
+            pki: Default::default(),
         }
     }
 
@@ -193,7 +198,12 @@ async fn reconcile_inner(rsm: &ReplicatedStateMachine, ctx: &Context) -> Result<
         Ok(desired) => desired,
         Err(blocked) => return Ok(blocked),
     };
-    let world = observe_world(ctx, rsm, now).await?;
+    let pki = if desired.paused {
+        crate::tls::existing(ctx, rsm, &ns).await?
+    } else {
+        Some(crate::tls::ensure(ctx, rsm, &ns).await?)
+    };
+    let world = observe_world(ctx, rsm, pki.as_deref(), now).await?;
     if !desired.paused
         && let Some(action) = crate::adopt::step(ctx, rsm, &api, &mut current, &world).await?
     {
@@ -205,7 +215,8 @@ async fn reconcile_inner(rsm: &ReplicatedStateMachine, ctx: &Context) -> Result<
     }
     recover_from_disk(ctx, rsm, &ns, &decision.world, &decision.from_disk).await?;
     if crate::byzantine::is_byzantine(rsm) && !decision.desired.paused {
-        crate::byzantine::prepare(ctx, rsm, &ns, &current, &decision.plan).await?;
+        let transport = crate::tls::master_transport(ctx, rsm, &ns, &decision.world).await?;
+        crate::byzantine::prepare(ctx, rsm, &ns, &current, &decision.plan, transport).await?;
     }
     let executor = Executor {
         ctx,
@@ -276,12 +287,18 @@ async fn missing_secret(ctx: &Context, rsm: &ReplicatedStateMachine) -> Result<O
 }
 
 /// Step 2: pods, claims, nodes and every replica's Admin.Status.
-async fn observe_world(ctx: &Context, rsm: &ReplicatedStateMachine, now: Timestamp) -> Result<World, Error> {
+async fn observe_world(
+    ctx: &Context,
+    rsm: &ReplicatedStateMachine,
+    pki: Option<&crate::tls::Pki>,
+    now: Timestamp,
+) -> Result<World, Error> {
     Ok(observe::world(
         &ctx.client,
         &ctx.source,
         ctx.admin.as_ref(),
         ctx.admin_address,
+        pki,
         &ctx.unreachable,
         ctx.liveness.as_deref(),
         rsm,
@@ -378,8 +395,7 @@ async fn recover_from_disk(
         }
     }
     for (id, machine) in &from_disk.revive {
-        let pod = build::replica_pod(rsm, id, machine)?;
-        if create_if_absent(ctx, ns, &pod).await? {
+        if crate::tls::create_replica_pod(ctx, rsm, ns, id, machine, world).await? {
             let note = format!(
                 "every voter is gone; recreating {id} on its existing volume {}",
                 names::pvc(id)

@@ -13,6 +13,7 @@ use lockstep_resource::{ReplicatedStateMachine, ReplicatedStateMachineStatus};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::admin::AdminTarget;
 use crate::build;
 use crate::controller::{Context, Error, key};
 use crate::events::publish;
@@ -125,11 +126,11 @@ impl Executor<'_> {
         publish(self.ctx, self.rsm, type_, reason, action, note).await;
     }
 
-    fn address_of(&self, id: &str) -> Option<String> {
+    fn address_of(&self, id: &str) -> Option<AdminTarget> {
         address_of(self.ctx, self.rsm, self.world, id)
     }
 
-    fn primary_address(&self, current: &ReplicatedStateMachine) -> Option<String> {
+    fn primary_address(&self, current: &ReplicatedStateMachine) -> Option<AdminTarget> {
         let config = translate::persisted_config(current)?;
         self.address_of(&config.primary)
     }
@@ -159,8 +160,7 @@ impl Executor<'_> {
         if let Some(pvc) = build::replica_pvc(self.rsm, id)? {
             create_if_absent::<PersistentVolumeClaim>(self.ctx, &self.ns, &pvc).await?;
         }
-        let pod = build::replica_pod(self.rsm, id, machine)?;
-        if create_if_absent(self.ctx, &self.ns, &pod).await? {
+        if crate::tls::create_replica_pod(self.ctx, self.rsm, &self.ns, id, machine, self.world).await? {
             let note = format!(
                 "creating replica {id} ({} {}): {}",
                 machine.name, machine.version, self.plan.summary
@@ -458,11 +458,9 @@ impl Executor<'_> {
     }
 }
 
-/// The admin address of replica `id`, if its pod can be called.
-pub fn address_of(ctx: &Context, rsm: &ReplicatedStateMachine, world: &World, id: &str) -> Option<String> {
-    world
-        .replicas
-        .iter()
-        .find(|o| o.pod.name_any() == id)
-        .and_then(|o| observe::admin_address(&o.pod, rsm, ctx.admin_address))
+/// Where and how to call the admin API of replica `id`, if its pod can be called.
+pub fn address_of(ctx: &Context, rsm: &ReplicatedStateMachine, world: &World, id: &str) -> Option<AdminTarget> {
+    let pod = &world.replicas.iter().find(|o| o.pod.name_any() == id)?.pod;
+    let addr = observe::admin_address(pod, rsm, ctx.admin_address)?;
+    Some(crate::tls::admin_target(rsm, pod, addr, ctx.pki.get(rsm).as_deref()))
 }

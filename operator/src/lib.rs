@@ -24,4 +24,5 @@ pub mod names;
 pub mod observe;
 pub mod rsm_metrics;
 pub mod status;
+pub mod tls;
 pub mod translate;

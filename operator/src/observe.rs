@@ -152,6 +152,7 @@ pub async fn world(
     source: &Source,
     admin: &dyn ReplicaAdmin,
     mode: AdminAddress,
+    pki: Option<&crate::tls::Pki>,
     unreachable: &Mutex<HashMap<String, (Timestamp, Timestamp)>>,
     liveness: Option<&Liveness>,
     rsm: &ReplicatedStateMachine,
@@ -171,7 +172,7 @@ pub async fn world(
         l.watch(rsm, &replica_pods);
     }
     let calls = replica_pods.iter().map(|pod| {
-        let addr = admin_address(pod, rsm, mode);
+        let addr = admin_address(pod, rsm, mode).map(|a| crate::tls::admin_target(rsm, pod, a, pki));
         async move {
             match addr {
                 Some(a) => Some(admin.status(a).await),

@@ -59,8 +59,9 @@ async fn keys_exist_before_the_pods_and_the_master_key_is_published() {
             .iter()
             .filter(|l| l.starts_with(&format!("POST {SECRETS}")))
             .count(),
-        4,
-        "three replica keys and the master's, before any pod: {writes:#?}"
+        7,
+        "three replica keys and the master's, the RSM's CA and client certificate, and the first \
+         replica's certificate, before any pod: {writes:#?}"
     );
     for (i, id) in ["byz-0", "byz-1", "byz-2"].iter().enumerate() {
         let key = secret_field(&api, &format!("{id}-byz-key"), "replica.key").expect("replica key");
@@ -76,6 +77,29 @@ async fn keys_exist_before_the_pods_and_the_master_key_is_published() {
                 .iter()
                 .any(|v| v["secret"]["secretName"] == json!(format!("{id}-byz-key"))),
             "pod {i} mounts its own key: {volumes:#?}"
+        );
+        assert!(
+            volumes
+                .iter()
+                .any(|v| v["secret"]["secretName"] == json!(format!("{id}-tls"))),
+            "pod {i} mounts its own certificate: {volumes:#?}"
+        );
+        let cert = secret_field(&api, &format!("{id}-tls"), "tls.crt").expect("certificate");
+        let ca = secret_field(&api, "byz-tls-ca", "ca.crt").expect("the RSM's CA");
+        assert_eq!(secret_field(&api, &format!("{id}-tls"), "ca.crt"), Some(ca.clone()));
+        let t = lockstep::Transport::from_pem(
+            ca.into_bytes(),
+            cert.into_bytes(),
+            secret_field(&api, &format!("{id}-tls"), "tls.key")
+                .expect("key")
+                .into_bytes(),
+            id.to_string(),
+        )
+        .expect("a usable certificate and key");
+        assert_eq!(
+            t.identity(),
+            Some(&lockstep::PeerIdentity::new(lockstep::Role::Replica, *id)),
+            "the certificate names the replica"
         );
         let env = pod["spec"]["containers"][0]["env"]
             .as_array()

@@ -133,10 +133,13 @@ async fn replica_pods_are_restricted_without_api_token() {
             "{name}"
         );
         assert!(spec.get("initContainers").is_none() && spec.get("hostNetwork").is_none());
-        // Read-only root: the only writable mount is the data volume.
+        // Read-only root: the only writable mount is the data volume; the replica's
+        // certificate Secret is mounted read-only.
         let mounts = containers[0]["volumeMounts"].as_array().expect("mounts");
-        assert_eq!(mounts.len(), 1, "{mounts:?}");
+        assert_eq!(mounts.len(), 2, "{mounts:?}");
         assert_eq!(mounts[0]["mountPath"], json!("/data"));
+        assert_eq!(mounts[1]["mountPath"], json!("/etc/lockstep/tls"));
+        assert_eq!(mounts[1]["readOnly"], json!(true));
     }
 }
 

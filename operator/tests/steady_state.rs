@@ -131,8 +131,28 @@ async fn two_hundred_objects_reach_ready_and_then_make_no_requests() {
     ));
     // A fresh process (empty in-memory state) with filled caches: the applied-hash
     // annotations on the owned objects say they are current, so not even the first pass
-    // writes anything.
+    // writes anything. It reads each RSM's CA and client certificate Secrets once (the CA
+    // lives only in them; crate::tls), and nothing after that.
     lock(&log).clear();
+    for n in &names {
+        reconcile(Arc::new(rsm(&api, n)), cached.clone())
+            .await
+            .expect("first pass");
+    }
+    let first: Vec<String> = lock(&log).drain(..).collect();
+    let expected: Vec<String> = names
+        .iter()
+        .flat_map(|n| {
+            [
+                format!("GET /api/v1/namespaces/{NS}/secrets/{n}-tls-ca"),
+                format!("GET /api/v1/namespaces/{NS}/secrets/{n}-client-tls"),
+            ]
+        })
+        .collect();
+    assert_eq!(
+        first, expected,
+        "a fresh process reads the certificate Secrets, nothing else"
+    );
     let mut latencies = hdrhistogram::Histogram::<u64>::new(3).expect("histogram");
     let passes = 3;
     let started = Instant::now();

@@ -260,6 +260,13 @@ impl Transport {
     /// scheme follows this transport, not the address): `https` with our client certificate
     /// and the server verified against the CA, or `http`.
     pub fn endpoint(&self, address: &str) -> Result<Endpoint, String> {
+        self.endpoint_named(address, None)
+    }
+
+    /// [`Transport::endpoint`], verifying the server's certificate for `server_name` instead
+    /// of the address's host: for a replica dialled by pod IP whose certificate names its
+    /// stable DNS names (the IP is not known when the certificate is issued).
+    pub fn endpoint_named(&self, address: &str, server_name: Option<&str>) -> Result<Endpoint, String> {
         let a = address.trim();
         let host_port = a
             .strip_prefix("http://")
@@ -272,10 +279,13 @@ impl Transport {
             )),
             None => Endpoint::from_shared(format!("http://{host_port}")).map_err(|e| format!("bad address {a}: {e}")),
             Some(t) => {
-                let tls = ClientTlsConfig::new()
+                let mut tls = ClientTlsConfig::new()
                     .ca_certificate(Certificate::from_pem(&t.ca))
                     .identity(Identity::from_pem(&t.cert, &t.key))
                     .timeout(HANDSHAKE_TIMEOUT);
+                if let Some(name) = server_name {
+                    tls = tls.domain_name(name);
+                }
                 Endpoint::from_shared(format!("https://{host_port}"))
                     .map_err(|e| format!("bad address {a}: {e}"))?
                     .tls_config(tls)

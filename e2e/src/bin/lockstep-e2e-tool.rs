@@ -28,7 +28,8 @@ use nix::unistd::Pid;
 
 fn usage() -> anyhow::Error {
     anyhow::anyhow!(
-        "usage: lockstep-e2e-tool signal KILL|STOP|CONT <container-id> | pkill SIGNAL PATTERN | idle | cat FILE"
+        "usage: lockstep-e2e-tool signal KILL|STOP|CONT <container-id> | pkill SIGNAL PATTERN | idle | cat FILE \
+         | without-tls PROGRAM ARGS..."
     )
 }
 
@@ -125,6 +126,18 @@ fn main() -> anyhow::Result<()> {
             use std::io::Write;
             let bytes = std::fs::read(file).with_context(|| format!("reading {file}"))?;
             std::io::stdout().write_all(&bytes).context("writing to stdout")
+        }
+        // A program run as a client without a certificate would be (LOCKSTEP_TLS_* unset),
+        // to see the replicas refuse it; its exit status is ours.
+        ["without-tls", program, rest @ ..] => {
+            let status = std::process::Command::new(program)
+                .args(rest)
+                .env_remove("LOCKSTEP_TLS_CA")
+                .env_remove("LOCKSTEP_TLS_CERT")
+                .env_remove("LOCKSTEP_TLS_KEY")
+                .status()
+                .with_context(|| format!("running {program}"))?;
+            std::process::exit(status.code().unwrap_or(1))
         }
         ["idle"] => loop {
             std::thread::sleep(std::time::Duration::from_secs(3600));

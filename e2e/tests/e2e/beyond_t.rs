@@ -23,7 +23,7 @@ async fn every_replica_killed_twice_in_a_row_comes_back_from_disk() {
     let ns = "lockstep-e2e-beyond-t";
     fresh_namespace(&client, ns, true).await.expect("namespace");
     let api = lockstep_e2e::create_ready(&client, ns, &kv_rsm("kv", 1, "1.0.0", &images.replica)).await;
-    let tools = ToolsPod::start(&client, ns, &images).await.expect("tools pod");
+    let tools = ToolsPod::start(&client, ns, &images, "kv").await.expect("tools pod");
     let faults = Faults::start(&client, &images).await.expect("fault injector");
     let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), ns);
     let claims = claim_names(&pvcs.list(&ListParams::default()).await.expect("claims").items);

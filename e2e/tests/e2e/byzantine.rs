@@ -102,9 +102,10 @@ async fn example_ready(
     images: &lockstep_e2e::Images,
 ) -> (ToolsPod, Api<ReplicatedStateMachine>, ReplicatedStateMachine) {
     fresh_namespace(client, ns, true).await.expect("namespace");
-    let tools = ToolsPod::start(client, ns, images).await.expect("tools pod");
+    let tools = ToolsPod::start(client, ns, images, NAME).await.expect("tools pod");
     apply_example(ns, images, &tools);
     kubectl_wait_ready(ns, NAME, Duration::from_secs(300)).expect("Ready");
+    tools.client_certificate(client).await.expect("client certificate");
     let api: Api<ReplicatedStateMachine> = Api::namespaced(client.clone(), ns);
     let o = api.get(NAME).await.expect("RSM");
     (tools, api, o)

@@ -68,7 +68,7 @@ async fn retained_volumes_outlive_the_rsm_and_a_new_one_starts_from_them() {
         .map(|s| s.members.iter().map(|m| m.pod.clone()).collect())
         .unwrap_or_default();
 
-    let tools = ToolsPod::start(&client, ns, &images).await.expect("tools pod");
+    let tools = ToolsPod::start(&client, ns, &images, "kv").await.expect("tools pod");
     for i in 0..10 {
         let out = tools
             .lockstep("kv", &["put", &format!("k{i}"), &format!("v{i}")])
@@ -110,6 +110,11 @@ async fn retained_volumes_outlive_the_rsm_and_a_new_one_starts_from_them() {
         epoch(&second) >= epoch(&first),
         "the epoch continues from disk: {status:?}"
     );
+    // The new RSM has a new CA (its certificate Secrets went with the old one).
+    tools
+        .client_certificate(&client)
+        .await
+        .expect("the new client certificate");
     for i in 0..10 {
         let got = tools.lockstep("kv", &["get", &format!("k{i}")]).expect("read");
         assert_eq!(got.trim(), format!("v{i}"), "k{i} after recreating the RSM");

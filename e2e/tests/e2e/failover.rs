@@ -60,7 +60,7 @@ pub async fn wait_for_progress(tools: &ToolsPod, service: &str, n: u64) {
 pub async fn kill_primary_under_load(client: &Client, images: &Images, ns: &str, t: i32) {
     fresh_namespace(client, ns, true).await.expect("namespace");
     let api = lockstep_e2e::create_ready(client, ns, &kv_rsm("kv", t, "1.0.0", &images.replica)).await;
-    let tools = ToolsPod::start(client, ns, images).await.expect("tools pod");
+    let tools = ToolsPod::start(client, ns, images, "kv").await.expect("tools pod");
     let faults = Faults::start(client, images).await.expect("fault injector");
     let obj = api.get("kv").await.expect("RSM");
     let victim = primary(&obj).expect("a primary");

@@ -256,7 +256,7 @@ async fn helm_install_uninstall_keeps_crd_and_clusters() {
     rsm.spec.machine.image = None; // the chart's replicaImage is the default
     api.create(&PostParams::default(), &rsm).await.expect("RSM created");
     kubectl_wait_ready(ns, "kv", Duration::from_secs(300)).expect("Ready under the Helm-installed operator");
-    let tools = ToolsPod::start(&client, ns, &images).await.expect("tools pod");
+    let tools = ToolsPod::start(&client, ns, &images, "kv").await.expect("tools pod");
     assert!(
         tools
             .lockstep("kv", &["put", "helm", "1"])

@@ -32,7 +32,7 @@ async fn create_write_read_and_replace_a_deleted_backup() {
     assert_eq!(status.ready_replicas, Some(2));
 
     // A client inside the cluster, through the client Service.
-    let tools = ToolsPod::start(&client, NS, &images).await.expect("tools pod");
+    let tools = ToolsPod::start(&client, NS, &images, "kv").await.expect("tools pod");
     for i in 0..20 {
         let out = tools
             .lockstep("kv", &["put", &format!("k{i}"), &format!("v{i}")])
@@ -40,6 +40,24 @@ async fn create_write_read_and_replace_a_deleted_backup() {
         assert!(out.contains("OK"), "put k{i}: {out}");
     }
     assert_eq!(tools.lockstep("kv", &["get", "k7"]).expect("read").trim(), "v7");
+    // Mutual TLS on Kubernetes: the same client without its certificate gets nothing.
+    let plaintext = tools.exec(&[
+        "lockstep-e2e-tool",
+        "without-tls",
+        "lockstep",
+        "-c",
+        "kv:7000",
+        "get",
+        "k7",
+    ]);
+    assert!(
+        plaintext.is_err(),
+        "a client without a certificate was served: {plaintext:?}"
+    );
+    println!(
+        "  without a certificate: {}",
+        plaintext.err().map(|e| format!("{e:#}")).unwrap_or_default()
+    );
     let st = tools.lockstep("kv", &["status", "-o", "json"]).expect("status");
     assert!(st.contains("\"epoch\""), "{st}");
 

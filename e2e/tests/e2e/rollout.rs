@@ -86,7 +86,7 @@ async fn rollout_under_load_runs_each_index_on_one_version() {
     let ns = "lockstep-e2e-rollout";
     fresh_namespace(&client, ns, true).await.expect("namespace");
     let api = lockstep_e2e::create_ready(&client, ns, &kv_rsm("kv", 1, "1.0.0", &images.replica)).await;
-    let tools = ToolsPod::start(&client, ns, &images).await.expect("tools pod");
+    let tools = ToolsPod::start(&client, ns, &images, "kv").await.expect("tools pod");
     let load = Load::start(&tools, "kv", 4, 50, "rollout").expect("load");
     wait_for_progress(&tools, "kv", 200).await;
 
@@ -199,7 +199,7 @@ async fn rollout_to_a_second_tag_and_to_a_wrong_image() {
     let ns = "lockstep-e2e-tags";
     fresh_namespace(&client, ns, true).await.expect("namespace");
     let api = lockstep_e2e::create_ready(&client, ns, &kv_rsm("kv", 1, "1.0.0", &images.replica)).await;
-    let tools = ToolsPod::start(&client, ns, &images).await.expect("tools pod");
+    let tools = ToolsPod::start(&client, ns, &images, "kv").await.expect("tools pod");
 
     // A promotion tag: the same image under another name. The rollout finishes and the
     // cluster takes writes.

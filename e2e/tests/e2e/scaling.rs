@@ -37,7 +37,7 @@ async fn t_from_1_to_2_and_back_under_load() {
     let ns = "lockstep-e2e-scale";
     fresh_namespace(&client, ns, true).await.expect("namespace");
     let api = lockstep_e2e::create_ready(&client, ns, &kv_rsm("kv", 1, "1.0.0", &images.replica)).await;
-    let tools = ToolsPod::start(&client, ns, &images).await.expect("tools pod");
+    let tools = ToolsPod::start(&client, ns, &images, "kv").await.expect("tools pod");
     let load = Load::start(&tools, "kv", 4, 50, "scale").expect("load");
     wait_for_progress(&tools, "kv", 100).await;
     set_t(&api, 2).await;

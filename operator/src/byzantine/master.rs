@@ -298,8 +298,8 @@ impl Task {
             endpoints.insert(m.id.clone(), m.endpoint.clone());
         }
         let probes = endpoints.into_iter().map(|(id, ep)| async move {
-            // Replicas on Kubernetes run --insecure until TLS there lands (docs/security.md).
-            let s = lockstep::status_of(&lockstep::Transport::plaintext(), &ep, STATUS_TIMEOUT).await;
+            // Over the master's channels: with TLS a handshake per replica, not per poll.
+            let s = self.setup.master.channels().status(&ep, STATUS_TIMEOUT).await;
             (id, s)
         });
         futures::future::join_all(probes)

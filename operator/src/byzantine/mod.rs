@@ -58,6 +58,7 @@ pub async fn prepare(
     ns: &str,
     current: &ReplicatedStateMachine,
     plan: &Plan,
+    transport: lockstep::Transport,
 ) -> Result<(), Error> {
     for step in &plan.actions {
         if let Step::CreateReplica { id, .. } = step {
@@ -81,7 +82,7 @@ pub async fn prepare(
         digest: String::new(),
     };
     let t = usize::try_from(rsm.spec.faults_tolerated).unwrap_or(1);
-    let byz = ByzMaster::from_parts(
+    let mut byz = ByzMaster::from_parts(
         master_key,
         &rsm.name_any(),
         t,
@@ -90,6 +91,7 @@ pub async fn prepare(
         objects::era_in(&secret),
         BTreeMap::new(),
     );
+    byz.set_transport(transport);
     let setup = master::Setup {
         client: ctx.client.clone(),
         namespace: ns.to_string(),

@@ -10,7 +10,7 @@ use futures::future::BoxFuture;
 use http::{Method, Request, Response, StatusCode};
 use kube::Client;
 use kube::client::Body;
-use lockstep_operator::admin::{ReplicaAdmin, to_proto};
+use lockstep_operator::admin::{AdminTarget, ReplicaAdmin, to_proto};
 use lockstep_planner::Config;
 use lockstep_proto::{Configuration, MachineIdentity, PeerProgress, StatusResponse};
 use serde_json::{Value, json};
@@ -498,8 +498,9 @@ fn status_of(r: &FakeReplica, all: &HashMap<String, FakeReplica>) -> StatusRespo
 }
 
 impl ReplicaAdmin for FakeAdmin {
-    fn status(&self, addr: String) -> BoxFuture<'_, Result<StatusResponse, String>> {
+    fn status(&self, target: AdminTarget) -> BoxFuture<'_, Result<StatusResponse, String>> {
         Box::pin(async move {
+            let addr = target.addr;
             let all = lock(&self.replicas);
             all.get(&addr)
                 .map(|r| status_of(r, &all))
@@ -507,8 +508,9 @@ impl ReplicaAdmin for FakeAdmin {
         })
     }
 
-    fn reconfigure(&self, addr: String, config: Config) -> BoxFuture<'_, Result<u64, String>> {
+    fn reconfigure(&self, target: AdminTarget, config: Config) -> BoxFuture<'_, Result<u64, String>> {
         Box::pin(async move {
+            let addr = target.addr;
             let mut all = lock(&self.replicas);
             let r = all.get_mut(&addr).ok_or_else(|| format!("connect {addr}: refused"))?;
             lock(&self.log).push(format!("admin reconfigure {} epoch {}", r.id, config.epoch));
@@ -521,8 +523,9 @@ impl ReplicaAdmin for FakeAdmin {
         })
     }
 
-    fn seal(&self, addr: String) -> BoxFuture<'_, Result<u64, String>> {
+    fn seal(&self, target: AdminTarget) -> BoxFuture<'_, Result<u64, String>> {
         Box::pin(async move {
+            let addr = target.addr;
             let mut all = lock(&self.replicas);
             lock(&self.log).push(format!("admin seal {addr}"));
             let index = all.get(&addr).map_or(0, |r| r.applied + 1);
@@ -534,8 +537,9 @@ impl ReplicaAdmin for FakeAdmin {
         })
     }
 
-    fn resume(&self, addr: String) -> BoxFuture<'_, Result<u64, String>> {
+    fn resume(&self, target: AdminTarget) -> BoxFuture<'_, Result<u64, String>> {
         Box::pin(async move {
+            let addr = target.addr;
             let mut all = lock(&self.replicas);
             lock(&self.log).push(format!("admin resume {addr}"));
             for r in all.values_mut() {

@@ -1,0 +1,430 @@
+//! Transport security on Kubernetes (docs/security.md, "Kubernetes"): every replica of an RSM
+//! speaks mutual TLS with certificates from a CA of that RSM.
+//!
+//! - `NAME-tls-ca` (`ca.crt`, `ca.key`): the RSM's CA, made on its first reconcile and kept
+//!   (replicas trust only it). Per RSM, not per operator: identities are
+//!   `lockstep://replica/<pod>` and pod names repeat across namespaces.
+//! - `<pod>-tls` (`ca.crt`, `tls.crt`, `tls.key`): each replica's certificate, made before its
+//!   pod; SANs are the names members and clients dial (the pod in the peers Service, the
+//!   client Service). Mounted read-only at [`TLS_DIR`].
+//! - `NAME-client-tls`: a client certificate (`lockstep://client/default`) for applications
+//!   in the cluster: mount it and set `LOCKSTEP_TLS_CA/CERT/KEY`.
+//! - The operator's own admin identity (`lockstep://admin/operator`) is issued in memory from
+//!   the CA and cached per RSM ([`PkiCache`]); it never leaves the process.
+//!
+//! Replica pods made by an operator from before TLS run `LOCKSTEP_INSECURE=true`: the operator
+//! keeps calling those plaintext, and keeps making new pods of that RSM plaintext while any
+//! such pod runs (a TLS replica and a plaintext one cannot replicate to each other).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::{EnvVar, Pod, Secret, SecretVolumeSource, Volume, VolumeMount};
+use kube::ResourceExt;
+use kube::api::{Api, Patch, PatchParams};
+use lockstep::Transport;
+use lockstep::pki::Ca;
+use lockstep_planner::MachineRef;
+use lockstep_replica::tls::{PeerIdentity, Role};
+use lockstep_resource::ReplicatedStateMachine;
+
+use crate::admin::AdminTarget;
+use crate::build::{self, BuildError, meta};
+use crate::controller::{Context, Error, key};
+use crate::execute::create_if_absent;
+use crate::names;
+use crate::translate::World;
+
+/// Where a replica pod mounts its certificate Secret.
+pub const TLS_DIR: &str = "/etc/lockstep/tls";
+pub const CA_CRT: &str = "ca.crt";
+pub const CA_KEY: &str = "ca.key";
+pub const TLS_CRT: &str = "tls.crt";
+pub const TLS_KEY: &str = "tls.key";
+/// Label value (`app.kubernetes.io/component`) of the certificate Secrets.
+pub const COMPONENT_TLS: &str = "tls";
+/// The operator's identity towards the replicas: `lockstep://admin/operator`.
+pub const ADMIN_NAME: &str = "operator";
+/// The identity in `NAME-client-tls`: `lockstep://client/default`.
+pub const CLIENT_NAME: &str = "default";
+/// A certificate Secret is issued again when its certificate has less than this left
+/// (leaf certificates are valid 90 days, `lockstep::pki::LEAF_VALIDITY`).
+pub const LEAF_RENEW_BEFORE: Duration = Duration::from_secs(30 * 24 * 3600);
+
+pub fn ca_secret_name(cluster: &str) -> String {
+    format!("{cluster}-tls-ca")
+}
+
+pub fn replica_secret_name(replica_id: &str) -> String {
+    format!("{replica_id}-tls")
+}
+
+pub fn client_secret_name(cluster: &str) -> String {
+    format!("{cluster}-client-tls")
+}
+
+/// The CA of one RSM and the operator's admin identity issued from it.
+pub struct Pki {
+    ca: Ca,
+    /// Mutual TLS as `lockstep://admin/operator`.
+    pub admin: Transport,
+}
+
+impl Pki {
+    fn new(ca: Ca, who: &str) -> Result<Pki, Error> {
+        let leaf = ca
+            .issue(&PeerIdentity::new(Role::Admin, ADMIN_NAME), &[])
+            .map_err(|e| tls_error(who, e))?;
+        let admin = Transport::from_pem(
+            ca.pem().as_bytes().to_vec(),
+            leaf.cert.into_bytes(),
+            leaf.key.into_bytes(),
+            format!("the operator's admin identity for {who}"),
+        )
+        .map_err(|e| tls_error(who, e))?;
+        Ok(Pki { ca, admin })
+    }
+}
+
+/// Per RSM (namespace, name and uid: a recreated RSM gets a new CA), its [`Pki`].
+#[derive(Default)]
+pub struct PkiCache(Mutex<HashMap<String, Arc<Pki>>>);
+
+fn cache_key(rsm: &ReplicatedStateMachine) -> String {
+    format!("{}/{}", key(rsm), rsm.uid().unwrap_or_default())
+}
+
+impl PkiCache {
+    pub fn get(&self, rsm: &ReplicatedStateMachine) -> Option<Arc<Pki>> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&cache_key(rsm))
+            .cloned()
+    }
+
+    fn insert(&self, rsm: &ReplicatedStateMachine, pki: Arc<Pki>) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(cache_key(rsm), pki);
+    }
+}
+
+fn tls_error(who: &str, e: impl std::fmt::Display) -> Error {
+    Error::Tls(format!("{who}: {e:#}"))
+}
+
+/// The RSM's PKI: its CA from `NAME-tls-ca` (made when missing), the operator's admin
+/// identity, and the client Secret. API requests only the first time per RSM (per process).
+pub async fn ensure(ctx: &Context, rsm: &ReplicatedStateMachine, ns: &str) -> Result<Arc<Pki>, Error> {
+    if let Some(pki) = ctx.pki.get(rsm) {
+        return Ok(pki);
+    }
+    let who = key(rsm);
+    let ca = ca_of(ctx, rsm, ns).await?;
+    let pki = Arc::new(Pki::new(ca, &who)?);
+    let client = PeerIdentity::new(Role::Client, CLIENT_NAME);
+    let name = client_secret_name(&rsm.name_any());
+    ensure_leaf_secret(ctx, rsm, ns, &name, &pki, &client, &[], Likely::Present).await?;
+    ctx.pki.insert(rsm, pki.clone());
+    tracing::info!(object = %who, "TLS: the RSM's CA is loaded and the operator's admin identity issued");
+    Ok(pki)
+}
+
+/// The RSM's PKI as [`ensure`] makes it, but without creating anything: for a paused RSM,
+/// which is observed and not changed. `None` when it has no CA yet.
+pub async fn existing(ctx: &Context, rsm: &ReplicatedStateMachine, ns: &str) -> Result<Option<Arc<Pki>>, Error> {
+    if let Some(pki) = ctx.pki.get(rsm) {
+        return Ok(Some(pki));
+    }
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    match api.get_opt(&ca_secret_name(&rsm.name_any())).await? {
+        Some(s) => Ok(Some(Arc::new(Pki::new(ca_in(&s, ns)?, &key(rsm))?))),
+        None => Ok(None),
+    }
+}
+
+/// The CA kept in `NAME-tls-ca`, or a new one stored there.
+async fn ca_of(ctx: &Context, rsm: &ReplicatedStateMachine, ns: &str) -> Result<Ca, Error> {
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let name = ca_secret_name(&rsm.name_any());
+    if let Some(s) = api.get_opt(&name).await? {
+        return ca_in(&s, ns);
+    }
+    let ca = Ca::generate(&key(rsm)).map_err(|e| tls_error(&key(rsm), e))?;
+    let data = BTreeMap::from([(CA_CRT, ca.pem().to_string()), (CA_KEY, ca.key_pem())]);
+    if create_if_absent(ctx, ns, &secret(rsm, name.clone(), data)?).await? {
+        return Ok(ca);
+    }
+    // Made by someone else in the meantime (an operator that was leader a moment ago).
+    ca_in(&api.get(&name).await?, ns)
+}
+
+fn field<'a>(secret: &'a Secret, name: &str) -> Option<&'a str> {
+    std::str::from_utf8(&secret.data.as_ref()?.get(name)?.0).ok()
+}
+
+fn ca_in(secret: &Secret, ns: &str) -> Result<Ca, Error> {
+    let name = secret.name_any();
+    let (Some(cert), Some(key_pem)) = (field(secret, CA_CRT), field(secret, CA_KEY)) else {
+        return Err(Error::Tls(format!(
+            "Secret {ns}/{name} holds no {CA_CRT} and {CA_KEY}; delete it to have the operator make a new CA \
+             (replicas started with the old one must then be replaced)"
+        )));
+    };
+    Ca::from_pem(cert, key_pem).map_err(|e| {
+        Error::Tls(format!(
+            "Secret {ns}/{name} holds no usable CA ({e:#}); delete it to have the operator make a new CA \
+             (replicas started with the old one must then be replaced)"
+        ))
+    })
+}
+
+fn secret(rsm: &ReplicatedStateMachine, name: String, data: BTreeMap<&str, String>) -> Result<Secret, BuildError> {
+    Ok(Secret {
+        metadata: meta(rsm, name, COMPONENT_TLS)?,
+        data: Some(
+            data.into_iter()
+                .map(|(k, v)| (k.to_string(), ByteString(v.into_bytes())))
+                .collect(),
+        ),
+        type_: Some("Opaque".into()),
+        ..Default::default()
+    })
+}
+
+/// A certificate Secret for `who` (`ca.crt`, `tls.crt`, `tls.key`) issued by the RSM's CA.
+fn leaf_secret(
+    rsm: &ReplicatedStateMachine,
+    name: &str,
+    pki: &Pki,
+    who: &PeerIdentity,
+    hosts: &[String],
+) -> Result<Secret, Error> {
+    let hosts: Vec<&str> = hosts.iter().map(String::as_str).collect();
+    let leaf = pki.ca.issue(who, &hosts).map_err(|e| tls_error(&key(rsm), e))?;
+    let data = BTreeMap::from([
+        (CA_CRT, pki.ca.pem().to_string()),
+        (TLS_CRT, leaf.cert),
+        (TLS_KEY, leaf.key),
+    ]);
+    Ok(secret(rsm, name.to_string(), data)?)
+}
+
+/// Whether a certificate Secret can stay: issued by this CA, with long enough left.
+pub fn leaf_current(secret: &Secret, ca_pem: &str) -> bool {
+    field(secret, CA_CRT) == Some(ca_pem)
+        && field(secret, TLS_CRT)
+            .and_then(lockstep::pki::time_left)
+            .is_some_and(|left| left > LEAF_RENEW_BEFORE)
+}
+
+/// Which request [`ensure_leaf_secret`] tries first.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Likely {
+    /// The Secret is probably missing (a new replica): create, and read only on a conflict.
+    Missing,
+    /// The Secret probably exists (the client Secret at an operator start): read, and write
+    /// only when it is missing or stale.
+    Present,
+}
+
+/// Creates the certificate Secret `name`, or issues it again when it is from another CA or
+/// near its expiry. One API request in the likely case.
+#[allow(clippy::too_many_arguments)]
+async fn ensure_leaf_secret(
+    ctx: &Context,
+    rsm: &ReplicatedStateMachine,
+    ns: &str,
+    name: &str,
+    pki: &Pki,
+    who: &PeerIdentity,
+    hosts: &[String],
+    likely: Likely,
+) -> Result<(), Error> {
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let existing = match likely {
+        Likely::Missing => {
+            let fresh = leaf_secret(rsm, name, pki, who, hosts)?;
+            if create_if_absent(ctx, ns, &fresh).await? {
+                return Ok(());
+            }
+            api.get_opt(name).await?
+        }
+        Likely::Present => api.get_opt(name).await?,
+    };
+    match existing {
+        Some(s) if leaf_current(&s, pki.ca.pem()) => Ok(()),
+        Some(_) => {
+            tracing::info!(object = %key(rsm), secret = %name,
+                "TLS: issuing the certificate again (from another CA, or near its expiry)");
+            let fresh = leaf_secret(rsm, name, pki, who, hosts)?;
+            let patch = serde_json::json!({ "data": fresh.data });
+            api.patch(name, &PatchParams::default(), &Patch::Merge(&patch)).await?;
+            Ok(())
+        }
+        None => {
+            create_if_absent(ctx, ns, &leaf_secret(rsm, name, pki, who, hosts)?).await?;
+            Ok(())
+        }
+    }
+}
+
+/// The DNS names a replica is dialled by: its pod in the peers Service (members, the
+/// Byzantine master), the client Service (clients), and `localhost`.
+pub fn replica_hosts(cluster: &str, ns: &str, id: &str) -> Vec<String> {
+    let peer = format!("{id}.{}", names::peers_service(cluster));
+    let client = names::client_service(cluster);
+    let mut hosts = Vec::new();
+    for base in [peer, client] {
+        hosts.push(base.clone());
+        hosts.push(format!("{base}.{ns}"));
+        hosts.push(format!("{base}.{ns}.svc"));
+        hosts.push(format!("{base}.{ns}.svc.cluster.local"));
+    }
+    hosts.push("localhost".into());
+    hosts
+}
+
+/// Whether `pod` runs without TLS (`LOCKSTEP_INSECURE=true` in its spec).
+pub fn runs_plaintext(pod: &Pod) -> bool {
+    pod.spec.iter().flat_map(|s| s.containers.iter()).any(|c| {
+        c.env
+            .iter()
+            .flatten()
+            .any(|e| e.name == "LOCKSTEP_INSECURE" && e.value.as_deref() == Some("true"))
+    })
+}
+
+/// New replica pods of the cluster run plaintext while any of its replica pods does (one
+/// made by an operator from before TLS on Kubernetes).
+pub fn cluster_plaintext(world: &World) -> bool {
+    world.replicas.iter().any(|o| runs_plaintext(&o.pod))
+}
+
+/// How the operator calls the admin API of `pod` at `addr`.
+pub fn admin_target(rsm: &ReplicatedStateMachine, pod: &Pod, addr: String, pki: Option<&Pki>) -> AdminTarget {
+    match pki {
+        Some(pki) if !runs_plaintext(pod) => AdminTarget {
+            addr,
+            transport: pki.admin.clone(),
+            server_name: Some(format!(
+                "{}.{}.{}.svc",
+                pod.name_any(),
+                names::peers_service(&rsm.name_any()),
+                rsm.namespace().unwrap_or_default()
+            )),
+        },
+        _ => AdminTarget::plaintext(addr),
+    }
+}
+
+/// The transport of the Byzantine master of the cluster (its replicas all speak one).
+pub async fn master_transport(
+    ctx: &Context,
+    rsm: &ReplicatedStateMachine,
+    ns: &str,
+    world: &World,
+) -> Result<Transport, Error> {
+    if cluster_plaintext(world) {
+        return Ok(Transport::plaintext());
+    }
+    Ok(ensure(ctx, rsm, ns).await?.admin.clone())
+}
+
+/// Creates the pod of replica `id` (its certificate Secret first, unless the cluster runs
+/// plaintext); false when it already existed.
+pub async fn create_replica_pod(
+    ctx: &Context,
+    rsm: &ReplicatedStateMachine,
+    ns: &str,
+    id: &str,
+    machine: &MachineRef,
+    world: &World,
+) -> Result<bool, Error> {
+    let plaintext = cluster_plaintext(world);
+    if plaintext {
+        tracing::warn!(object = %key(rsm), replica = %id,
+            "creating a plaintext replica: other replicas of this RSM were started without TLS by an older operator \
+             (docs/security.md, \"Upgrading from plaintext\")");
+    } else {
+        let pki = ensure(ctx, rsm, ns).await?;
+        let who = PeerIdentity::new(Role::Replica, id);
+        let hosts = replica_hosts(&rsm.name_any(), ns, id);
+        let name = replica_secret_name(id);
+        ensure_leaf_secret(ctx, rsm, ns, &name, &pki, &who, &hosts, Likely::Missing).await?;
+    }
+    let pod = build::replica_pod(rsm, id, machine, !plaintext)?;
+    create_if_absent(ctx, ns, &pod).await
+}
+
+/// Env, mount and volume of a TLS replica pod: its certificate Secret, read-only.
+pub fn pod_additions(id: &str) -> (Vec<EnvVar>, VolumeMount, Volume) {
+    let var = |name: &str, file: &str| EnvVar {
+        name: name.into(),
+        value: Some(format!("{TLS_DIR}/{file}")),
+        ..Default::default()
+    };
+    let env = vec![
+        var("LOCKSTEP_TLS_CA", CA_CRT),
+        var("LOCKSTEP_TLS_CERT", TLS_CRT),
+        var("LOCKSTEP_TLS_KEY", TLS_KEY),
+    ];
+    let mount = VolumeMount {
+        name: "tls".into(),
+        mount_path: TLS_DIR.into(),
+        read_only: Some(true),
+        ..Default::default()
+    };
+    let volume = Volume {
+        name: "tls".into(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(replica_secret_name(id)),
+            default_mode: Some(0o440),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    (env, mount, volume)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_leaf_secret_is_current_only_from_this_ca_and_far_from_expiry() {
+        let ca = Ca::generate("test").expect("ca");
+        let other = Ca::generate("other").expect("ca");
+        let leaf = ca
+            .issue(&PeerIdentity::new(Role::Replica, "kv-0"), &["kv"])
+            .expect("leaf");
+        let s = |ca_pem: &str| Secret {
+            data: Some(
+                [(CA_CRT, ca_pem.to_string()), (TLS_CRT, leaf.cert.clone())]
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), ByteString(v.into_bytes())))
+                    .collect(),
+            ),
+            ..Default::default()
+        };
+        assert!(leaf_current(&s(ca.pem()), ca.pem()));
+        assert!(!leaf_current(&s(other.pem()), ca.pem()), "another CA");
+        assert!(!leaf_current(&Secret::default(), ca.pem()), "empty");
+    }
+
+    #[test]
+    fn a_ca_kept_in_a_secret_issues_certificates_that_chain_to_it() {
+        let ca = Ca::generate("kv").expect("ca");
+        let again = Ca::from_pem(ca.pem(), &ca.key_pem()).expect("from pem");
+        let pki = Pki::new(again, "ns/kv").expect("pki");
+        assert_eq!(pki.admin.identity(), Some(&PeerIdentity::new(Role::Admin, ADMIN_NAME)));
+        let hosts = replica_hosts("kv", "prod", "kv-0");
+        assert!(hosts.contains(&"kv-0.kv-peers.prod.svc".to_string()));
+        assert!(hosts.contains(&"kv".to_string()));
+        assert!(hosts.contains(&"kv.prod.svc.cluster.local".to_string()));
+    }
+}
