@@ -307,9 +307,10 @@ impl ByzClient {
     fn next_item(shared: &Shared, body: Body, promise_us: u64) -> SignedItem {
         let mut s = shared.stream.lock().unwrap_or_else(|e| e.into_inner());
         s.seq += 1;
-        let ts = now_us().max(s.last_ts + 1).max(s.horizon);
+        let now = now_us();
+        let ts = now.max(s.last_ts + 1).max(s.horizon);
         s.last_ts = ts;
-        s.horizon = ts + promise_us;
+        s.horizon = lockstep_replica::byz::next_horizon(now, ts, promise_us);
         s.last_sent = Instant::now();
         let item = StreamItem {
             identity: shared.identity.clone(),
@@ -518,26 +519,34 @@ impl ByzClient {
         }
         let start = Instant::now();
         let mut last = String::new();
+        // One open per era, sent again as it is on a retry: a new session per attempt left
+        // the earlier ones to be admitted later, streams that never send anything and hold
+        // back every other stream until the master removes them (the client timeout).
+        let mut attempt: Option<(u64, u64, SignedItem)> = None;
         while start.elapsed() < self.deadline {
             self.reload().await;
             let era = self.shared.info.lock().unwrap_or_else(|e| e.into_inner()).era;
-            let session = loop {
-                let s = rand::random::<u64>() >> 1;
-                if s != 0 {
-                    break s;
-                }
+            if attempt.as_ref().is_none_or(|(e, _, _)| *e != era) {
+                let session = loop {
+                    let s = rand::random::<u64>() >> 1;
+                    if s != 0 {
+                        break s;
+                    }
+                };
+                let item = StreamItem {
+                    identity: self.shared.identity.clone(),
+                    session,
+                    seq: 0,
+                    ts: now_us(),
+                    horizon: 0,
+                    era,
+                    body: Some(Body::Open(Noop {})),
+                };
+                attempt = Some((era, session, lockstep_replica::byz::sign_item(&self.shared.key, &item)));
+            }
+            let Some((_, session, signed)) = attempt.clone() else {
+                continue;
             };
-            let ts = now_us();
-            let item = StreamItem {
-                identity: self.shared.identity.clone(),
-                session,
-                seq: 0,
-                ts,
-                horizon: 0,
-                era,
-                body: Some(Body::Open(Noop {})),
-            };
-            let signed = lockstep_replica::byz::sign_item(&self.shared.key, &item);
             // Two ordered items stand between an open and its answer: the open itself and
             // the master's admission.
             let order = 2 * self.ordering_delay();

@@ -42,7 +42,8 @@ pub const MASTER_KEY_FILE: &str = "master.key";
 const MASTER_STATE_FILE: &str = "byz-master.json";
 /// The master's stream promises this far ahead (a Lamport participant must keep moving, or
 /// promise not to send anything below some timestamp). Its own items (admissions, barriers)
-/// are placed at the end of the current promise, so this is also their added latency.
+/// are placed at the end of the current promise, so this is also their added latency (one
+/// promise at most: promises count from the clock, `lockstep_replica::byz::next_horizon`).
 const LEAD: Duration = Duration::from_millis(200);
 /// How often the ticker looks whether a new promise is due.
 const TICK: Duration = Duration::from_millis(20);
@@ -663,10 +664,11 @@ fn send(stream: &Mutex<StreamState>, key: &SigningKey, body: Body) {
         }
         s.seq += 1;
         // Keep the promise of the previous item.
-        let ts = now_us().max(s.last_ts + 1).max(s.horizon);
+        let now = now_us();
+        let ts = now.max(s.last_ts + 1).max(s.horizon);
         s.last_ts = ts;
         // Promise: nothing from the master below this.
-        s.horizon = ts + LEAD.as_micros() as u64;
+        s.horizon = lockstep_replica::byz::next_horizon(now, ts, LEAD.as_micros() as u64);
         let item = StreamItem {
             identity: keys::MASTER_IDENTITY.into(),
             session: s.session,
