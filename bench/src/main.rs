@@ -267,6 +267,10 @@ impl<B: KvBackend> KvBackend for Probe<B> {
         }
         result
     }
+
+    async fn finish(&mut self) {
+        self.inner.finish().await;
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -28,6 +28,13 @@ pub struct Op {
 pub trait KvBackend: Send + 'static {
     /// Run `op`; return the outcome and, for `Ok`, the output in the history format.
     fn run(&mut self, op: &Op) -> impl Future<Output = (Outcome, Option<serde_json::Value>)> + Send;
+
+    /// Called once after the client's last operation, before the run reports (a Byzantine
+    /// client closes its stream here: left open, it holds back every other client's
+    /// requests until the master times it out).
+    fn finish(&mut self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
 }
 
 impl KvBackend for Client {
@@ -254,6 +261,7 @@ where
                     });
                 }
             }
+            backend.finish().await;
             (hist, entries, ok, failed, unknown)
         }));
     }

@@ -886,6 +886,10 @@ impl Drop for ByzClient {
 }
 
 impl crate::bench::KvBackend for ByzClient {
+    async fn finish(&mut self) {
+        self.close().await;
+    }
+
     async fn run(&mut self, op: &crate::bench::Op) -> (lockstep_linearizability::Outcome, Option<serde_json::Value>) {
         use lockstep_linearizability::{OpKind, Outcome};
         let result = match op.kind {
