@@ -65,9 +65,17 @@ stop_last() {
 # "byzantine clients=8 value=256B 1234 ops/s p50= 1.23ms p99= 4.56ms ..." -> "1234,1.23,4.56"
 parse() { sed -E 's/.* ([0-9.]+) ops\/s +p50= *([0-9.]+)ms +p99= *([0-9.]+)ms.*/\1,\2,\3/'; }
 
+# A point that could not be measured (the clients' opens timed out on a saturated machine)
+# is recorded as "0,nan,nan" with the reason on stderr, and the run goes on.
 bench() { # name clients [extra args]
-    local name=$1 clients=$2; shift 2
-    "$LOCKSTEP" --data-dir "$WORK/data" -c "$name" bench --clients "$clients" --duration "$DURATION" "$@" 2>/dev/null | grep "ops/s" | parse
+    local name=$1 clients=$2 out; shift 2
+    if out=$("$LOCKSTEP" --data-dir "$WORK/data" -c "$name" bench --clients "$clients" --duration "$DURATION" "$@" 2>&1) &&
+        grep -q "ops/s" <<<"$out"; then
+        grep "ops/s" <<<"$out" | parse
+    else
+        echo "  (no result: $(tail -n 1 <<<"$out"))" >&2
+        echo "0,nan,nan"
+    fi
 }
 
 echo "model,clients,ops_per_sec,p50_ms,p99_ms" > "$OUT/byzantine-throughput.csv"
@@ -84,7 +92,7 @@ stop_last; stop_last
 
 echo "stability,noop_interval_ms,connected,ops_per_sec,p50_ms,p99_ms" > "$OUT/byzantine-latency.csv"
 for stability in LamportClock PhysicalClock; do
-    name=$(echo "$stability" | tr 'A-Z' 'a-z' | cut -c1-4)
+    name=$(echo "$stability" | tr '[:upper:]' '[:lower:]' | cut -c1-4)
     start "$name" Byzantine "$stability"
     for interval in $INTERVALS; do
         for n in $CONNECTED; do

@@ -13,7 +13,10 @@ with open(src) as f:
     for row in csv.DictReader(f):
         try:
             key = f"{row['stability']}, no-op every {row['noop_interval_ms']} ms"
-            series.setdefault(key, []).append((int(row["connected"]), float(row["p50_ms"]), float(row["p99_ms"])))
+            point = (int(row["connected"]), float(row["p50_ms"]), float(row["p99_ms"]))
+            if math.isnan(point[1]) or float(row["ops_per_sec"]) == 0:  # nothing completed
+                continue
+            series.setdefault(key, []).append(point)
         except (KeyError, ValueError):
             continue
 if not series:
