@@ -16,6 +16,8 @@
 //! lockstep-e2e-tool cat FILE                        # print a file (a recorded history)
 //! lockstep-e2e-tool pkill INT PATTERN               # signal this container's processes whose
 //!                                                   # command line contains PATTERN
+//! lockstep-e2e-tool without-tls PROGRAM ARGS...     # run PROGRAM without LOCKSTEP_TLS_*
+//! lockstep-e2e-tool tls-probe HOST:PORT             # who may call what (see `tls_probe`)
 //! ```
 //!
 //! Test tooling only: it is not part of the product images.
@@ -29,7 +31,7 @@ use nix::unistd::Pid;
 fn usage() -> anyhow::Error {
     anyhow::anyhow!(
         "usage: lockstep-e2e-tool signal KILL|STOP|CONT <container-id> | pkill SIGNAL PATTERN | idle | cat FILE \
-         | without-tls PROGRAM ARGS..."
+         | without-tls PROGRAM ARGS... | tls-probe HOST:PORT"
     )
 }
 
@@ -117,6 +119,53 @@ fn pkill(name: &str, pattern: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Calls the replica at `endpoint` three ways and prints one line each, for the suite to
+/// check on a real cluster what `client/tests/tls.rs` checks locally:
+///
+/// - `client-status: ok` — admin `Status` with the client certificate of LOCKSTEP_TLS_*;
+/// - `client-seal: <code>: <message>` — admin `Seal` with that certificate (must be refused);
+/// - `stranger-status: <outcome>` — `Status` with a certificate from a CA made here, trusting
+///   the cluster's CA (so only the replica can refuse it).
+fn tls_probe(endpoint: &str) -> anyhow::Result<()> {
+    use lockstep::{PeerIdentity, Role, Transport};
+    let file = |var: &str| -> anyhow::Result<std::path::PathBuf> {
+        Ok(std::env::var(var).with_context(|| format!("{var} is not set"))?.into())
+    };
+    let ca = file("LOCKSTEP_TLS_CA")?;
+    let client = Transport::load(&ca, &file("LOCKSTEP_TLS_CERT")?, &file("LOCKSTEP_TLS_KEY")?)?;
+    let stranger_ca = lockstep::pki::Ca::generate("stranger")?;
+    let leaf = stranger_ca.issue(&PeerIdentity::new(Role::Admin, "stranger"), &[])?;
+    let stranger = Transport::from_pem(
+        std::fs::read(&ca)?,
+        leaf.cert.into_bytes(),
+        leaf.key.into_bytes(),
+        "a stranger's certificate".into(),
+    )?;
+    let timeout = std::time::Duration::from_secs(10);
+    let outcome = |r: Result<lockstep_proto::StatusResponse, String>| match r {
+        Ok(_) => "ok".to_string(),
+        Err(e) => format!("refused: {e}"),
+    };
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(async {
+            println!(
+                "client-status: {}",
+                outcome(lockstep::status_of(&client, endpoint, timeout).await)
+            );
+            let channel = lockstep::cluster_channel(&client, endpoint)?;
+            let mut admin = lockstep_proto::admin_client::AdminClient::new(channel);
+            match admin.seal(lockstep_proto::SealRequest { at_index: 0 }).await {
+                Ok(r) => println!("client-seal: sealed at {}", r.into_inner().index),
+                Err(s) => println!("client-seal: {:?}: {}", s.code(), s.message()),
+            }
+            let r = lockstep::status_of(&stranger, endpoint, timeout).await;
+            println!("stranger-status: {}", outcome(r));
+            anyhow::Ok(())
+        })
+}
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
@@ -139,6 +188,7 @@ fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("running {program}"))?;
             std::process::exit(status.code().unwrap_or(1))
         }
+        ["tls-probe", endpoint] => tls_probe(endpoint),
         ["idle"] => loop {
             std::thread::sleep(std::time::Duration::from_secs(3600));
         },

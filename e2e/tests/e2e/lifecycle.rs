@@ -58,6 +58,23 @@ async fn create_write_read_and_replace_a_deleted_backup() {
         "  without a certificate: {}",
         plaintext.err().map(|e| format!("{e:#}")).unwrap_or_default()
     );
+    // The client certificate reads status but may not seal; a certificate from another CA
+    // gets nothing, even from a client that trusts the cluster's CA.
+    let probe = tools
+        .exec(&["lockstep-e2e-tool", "tls-probe", "kv:7000"])
+        .expect("tls probe");
+    println!("  {}", probe.trim().replace('\n', "\n  "));
+    let line = |what: &str| {
+        probe
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{what}: ")))
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert_eq!(line("client-status"), "ok", "{probe}");
+    assert!(line("client-seal").starts_with("PermissionDenied: "), "{probe}");
+    assert!(line("client-seal").contains("admin identity"), "{probe}");
+    assert!(line("stranger-status").starts_with("refused: "), "{probe}");
     let st = tools.lockstep("kv", &["status", "-o", "json"]).expect("status");
     assert!(st.contains("\"epoch\""), "{st}");
 
