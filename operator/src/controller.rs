@@ -199,9 +199,18 @@ async fn reconcile_inner(rsm: &ReplicatedStateMachine, ctx: &Context) -> Result<
         Err(blocked) => return Ok(blocked),
     };
     let pki = if desired.paused {
-        crate::tls::existing(ctx, rsm, &ns).await?
+        crate::tls::existing(ctx, rsm, &ns).await
     } else {
-        Some(crate::tls::ensure(ctx, rsm, &ns).await?)
+        crate::tls::ensure(ctx, rsm, &ns).await.map(Some)
+    };
+    let pki = match pki {
+        // An unusable CA Secret: say so where the user looks (the RSM's events), not only
+        // in the operator's log; no pod is made without a CA.
+        Err(Error::Tls(msg)) => {
+            publish(ctx, rsm, EventType::Warning, "TLSUnavailable", "Reconcile", msg.clone()).await;
+            return Err(Error::Tls(msg));
+        }
+        other => other?,
     };
     let world = observe_world(ctx, rsm, pki.as_deref(), now).await?;
     if !desired.paused

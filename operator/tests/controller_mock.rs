@@ -977,3 +977,29 @@ async fn claims_follow_retain_on_delete_when_it_changes() {
         h.writes()
     );
 }
+
+/// A CA Secret that holds no usable CA stops the RSM with a Warning event that says what to
+/// do; no pod is made (it could not get a certificate).
+#[tokio::test]
+async fn an_unusable_ca_secret_is_reported_on_the_rsm_and_nothing_is_created() {
+    let h = harness();
+    h.add("kv", rsm_json("kv", 1, "1.0.0", "img:1"));
+    lock(&h.api).insert(
+        "/api/v1/namespaces/apps/secrets/kv-tls-ca",
+        json!({"apiVersion": "v1", "kind": "Secret",
+               "metadata": {"name": "kv-tls-ca", "namespace": "apps"},
+               "data": {"ca.crt": "bm90IGEgY2VydGlmaWNhdGU=", "ca.key": "bm8ga2V5"}}),
+    );
+    lock(&h.log).clear();
+    let err = reconcile(Arc::new(rsm(&h.api, "kv")), h.ctx.clone())
+        .await
+        .expect_err("no CA, no reconcile");
+    assert!(err.to_string().contains("kv-tls-ca"), "{err}");
+    assert!(err.to_string().contains("delete it"), "{err}");
+    let log = h.log();
+    assert!(
+        log.iter().any(|l| l.starts_with("POST") && l.contains("/events")),
+        "{log:#?}"
+    );
+    assert!(pods(&h.api).is_empty());
+}
