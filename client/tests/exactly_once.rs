@@ -72,9 +72,18 @@ fn retried_requests_apply_once_even_across_failover() {
     // The answer to alice's seq 3 was "lost"; the primary dies; alice retries on the new one.
     let epoch = cluster.epoch();
     cluster.signal(&primary, Signal::SIGKILL);
+    // The master records the new epoch before it pushes it: wait until the new primary
+    // itself says it is primary of that epoch (a raw call is not retried like the client
+    // library's; on a loaded machine the push can trail the record).
     assert!(
-        wait_until(Duration::from_secs(15), || cluster.epoch() > epoch
-            && cluster.primary() != primary),
+        wait_until(Duration::from_secs(15), || {
+            let (now, new_primary) = (cluster.epoch(), cluster.primary());
+            now > epoch
+                && new_primary != primary
+                && cluster
+                    .status(&cluster.endpoint(&new_primary), Duration::from_millis(500))
+                    .is_ok_and(|s| s.epoch == now && s.state == "primary")
+        }),
         "no fail-over:\n{}",
         cluster.up_output()
     );
