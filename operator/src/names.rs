@@ -72,10 +72,13 @@ pub fn stage_pod(cluster: &str, replica_id: &str) -> String {
 /// The stable peer endpoint of a replica (pod `hostname` + `subdomain` = the headless
 /// Service): the same before and after the pod restarts, so configurations stay valid.
 pub fn endpoint(cluster: &str, namespace: &str, replica_id: &str) -> String {
-    format!(
-        "http://{replica_id}.{}.{namespace}.svc:{GRPC_PORT}",
-        peers_service(cluster)
-    )
+    format!("http://{}:{GRPC_PORT}", peer_host(cluster, namespace, replica_id))
+}
+
+/// The stable DNS name of a replica pod, `<id>.<cluster>-peers.<ns>.svc`: the host of its
+/// [`endpoint`], and the name its TLS certificate is checked for.
+pub fn peer_host(cluster: &str, namespace: &str, replica_id: &str) -> String {
+    format!("{replica_id}.{}.{namespace}.svc", peers_service(cluster))
 }
 
 /// Labels shared by everything owned by one cluster.

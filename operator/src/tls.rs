@@ -286,6 +286,7 @@ pub fn replica_hosts(cluster: &str, ns: &str, id: &str) -> Vec<String> {
         hosts.push(format!("{base}.{ns}.svc.cluster.local"));
     }
     hosts.push("localhost".into());
+    debug_assert!(hosts.contains(&names::peer_host(cluster, ns, id)));
     hosts
 }
 
@@ -311,11 +312,10 @@ pub fn admin_target(rsm: &ReplicatedStateMachine, pod: &Pod, addr: String, pki: 
         Some(pki) if !runs_plaintext(pod) => AdminTarget {
             addr,
             transport: pki.admin.clone(),
-            server_name: Some(format!(
-                "{}.{}.{}.svc",
-                pod.name_any(),
-                names::peers_service(&rsm.name_any()),
-                rsm.namespace().unwrap_or_default()
+            server_name: Some(names::peer_host(
+                &rsm.name_any(),
+                &rsm.namespace().unwrap_or_default(),
+                &pod.name_any(),
             )),
         },
         _ => AdminTarget::plaintext(addr),

@@ -21,20 +21,10 @@ pub struct ByzCluster {
     up: Option<Child>,
 }
 
-pub fn lockstep_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_lockstep")
-}
-
-pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    false
-}
+// The helpers every process test shares (one definition: tests/common).
+#[path = "../common/mod.rs"]
+mod common;
+pub use common::{lockstep_bin, wait_until};
 
 /// How each replica's answers voted, per replica id, as the clients counted them.
 pub type Tallies = Arc<Mutex<BTreeMap<String, Tally>>>;
@@ -42,15 +32,7 @@ pub type Tallies = Arc<Mutex<BTreeMap<String, Tally>>>;
 /// Asserts that the recorded history at `path` is linearizable (what one correct replica
 /// gives); returns its number of operations.
 pub fn assert_linearizable(path: &Path) -> usize {
-    let file = std::fs::File::open(path).expect("history file");
-    let history = lockstep_linearizability::parse_history(std::io::BufReader::new(file)).expect("parse history");
-    let result = lockstep_linearizability::check_kv(&history, lockstep_linearizability::CheckLimits::default());
-    assert!(
-        result.is_linearizable(),
-        "history {} is not linearizable: {result}",
-        path.display()
-    );
-    history.len()
+    common::check_history(path)
 }
 
 impl ByzCluster {
