@@ -143,8 +143,40 @@ struct StreamState {
     last_ts: u64,
     horizon: u64,
     open: bool,
-    last_sent: Instant,
+    /// Smoothed round trip of this stream's ordered items (µs), for the promise.
+    latency_us: u64,
 }
+
+impl StreamState {
+    /// How far ahead this stream promises (nothing from it below now + this).
+    ///
+    /// At least the no-op interval, and as long as the stream's own round trip (up to
+    /// [`MAX_PROMISE_INTERVALS`] intervals). A busy client sends its next item one round trip
+    /// after the last, so promising that far keeps its horizon ahead of the clock with no
+    /// no-ops: with the interval alone, a round trip longer than the interval let the horizon
+    /// lapse while a command waited, every other stream's items waited for a no-op, and the
+    /// no-ops (each as costly as a command: three submissions, relays, signatures) multiplied
+    /// under load and made the round trips longer still. It is not longer than the round trip,
+    /// so the next item is not placed in the future in steady state.
+    fn promise_us(&self, interval: Duration) -> u64 {
+        let floor = interval.as_micros() as u64;
+        self.latency_us
+            .clamp(floor, floor.saturating_mul(MAX_PROMISE_INTERVALS))
+    }
+
+    /// Fold one round trip into the smoothed latency (weight 1/8, as TCP's SRTT).
+    fn observe(&mut self, sample: Duration) {
+        let us = sample.as_micros() as u64;
+        self.latency_us = if self.latency_us == 0 {
+            us
+        } else {
+            (self.latency_us * 7 + us) / 8
+        };
+    }
+}
+
+/// A stream's promise is at most this many no-op intervals (see [`StreamState::promise_us`]).
+const MAX_PROMISE_INTERVALS: u64 = 4;
 
 struct Shared {
     transport: crate::Transport,
@@ -216,7 +248,7 @@ impl ByzClient {
                     last_ts: 0,
                     horizon: 0,
                     open: false,
-                    last_sent: Instant::now(),
+                    latency_us: 0,
                 }),
                 tallies: Arc::new(Mutex::new(BTreeMap::new())),
             }),
@@ -304,14 +336,14 @@ impl ByzClient {
     }
 
     /// Build and sign the stream's next item.
-    fn next_item(shared: &Shared, body: Body, promise_us: u64) -> SignedItem {
+    fn next_item(shared: &Shared, body: Body, interval: Duration) -> SignedItem {
         let mut s = shared.stream.lock().unwrap_or_else(|e| e.into_inner());
         s.seq += 1;
         let now = now_us();
         let ts = now.max(s.last_ts + 1).max(s.horizon);
         s.last_ts = ts;
+        let promise_us = s.promise_us(interval);
         s.horizon = lockstep_replica::byz::next_horizon(now, ts, promise_us);
-        s.last_sent = Instant::now();
         let item = StreamItem {
             identity: shared.identity.clone(),
             session: s.session,
@@ -567,7 +599,7 @@ impl ByzClient {
                         last_ts: v.ts.saturating_sub(1),
                         horizon: v.ts,
                         open: true,
-                        last_sent: Instant::now(),
+                        latency_us: 0,
                     };
                     drop(s);
                     self.start_noops();
@@ -589,18 +621,19 @@ impl ByzClient {
         self.noop_task = Some(tokio::spawn(async move {
             loop {
                 tokio::time::sleep(interval / 2).await;
+                // Due when the stream's promise has run out (for an idle stream: one interval
+                // after its last item, as the promise is one interval).
                 let due = {
                     let s = shared.stream.lock().unwrap_or_else(|e| e.into_inner());
                     if !s.open {
                         return;
                     }
-                    s.last_sent.elapsed() >= interval
+                    now_us() >= s.horizon
                 };
                 if !due {
                     continue;
                 }
-                let promise = interval.as_micros() as u64;
-                let signed = Self::next_item(&shared, Body::Noop(Noop {}), promise);
+                let signed = Self::next_item(&shared, Body::Noop(Noop {}), interval);
                 let replicas = shared.keys.lock().unwrap_or_else(|e| e.into_inner()).clone();
                 for (_, channel, _) in replicas {
                     let mut c = ByzantineClient::new(channel);
@@ -634,15 +667,12 @@ impl ByzClient {
                 last = e.to_string();
                 break;
             }
-            // Promise as far ahead as an idle stream's no-ops do: any further and this
-            // client's own next item would be placed in the future (and wait for it).
-            let promise = self.noop_interval.as_micros() as u64;
             let body = if query {
                 Body::Query(cmd.clone())
             } else {
                 Body::Command(cmd.clone())
             };
-            let signed = Self::next_item(&self.shared, body, promise);
+            let signed = Self::next_item(&self.shared, body, self.noop_interval);
             let slot = {
                 let s = self.shared.stream.lock().unwrap_or_else(|e| e.into_inner());
                 (s.session, s.seq)
@@ -655,8 +685,14 @@ impl ByzClient {
                 }
                 maybe_applied = maybe_applied || !query;
                 let attempt = (self.attempt_timeout + self.ordering_delay()).min(left);
+                let sent = Instant::now();
                 match Self::vote(&self.shared, &signed, slot, attempt).await {
                     Ok(v) => {
+                        self.shared
+                            .stream
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .observe(sent.elapsed());
                         self.last_vote = v.report.clone();
                         return Ok(v);
                     }
@@ -757,7 +793,7 @@ impl ByzClient {
         if !open {
             return;
         }
-        let signed = Self::next_item(&self.shared, Body::Close(Noop {}), 0);
+        let signed = Self::next_item(&self.shared, Body::Close(Noop {}), Duration::ZERO);
         self.end_stream();
         let replicas = self.shared.keys.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let sends = replicas.into_iter().map(|(_, channel, _)| {
@@ -871,7 +907,7 @@ impl Drop for ByzClient {
         if !open {
             return;
         }
-        let signed = Self::next_item(&self.shared, Body::Close(Noop {}), 0);
+        let signed = Self::next_item(&self.shared, Body::Close(Noop {}), Duration::ZERO);
         self.end_stream();
         let replicas = self.shared.keys.lock().unwrap_or_else(|e| e.into_inner()).clone();
         for (_, channel, _) in replicas {
