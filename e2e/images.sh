@@ -12,6 +12,8 @@
 #   ghcr.io/lockstep-dev/lockstep-replica:TAG            built-in machines report 1.0.0
 #   ghcr.io/lockstep-dev/lockstep-replica:TAG-promoted   the same image, a second tag
 #   ghcr.io/lockstep-dev/lockstep-replica:TAG-next       kv 1.1.0 (replica/examples/kv_next.rs)
+#   ghcr.io/lockstep-dev/lockstep-replica:TAG-inject     TAG with the test-only cargo feature
+#   ghcr.io/lockstep-dev/lockstep-replica:TAG-inject-next  fault-injection (never released)
 #   ghcr.io/lockstep-dev/lockstep-e2e-tools:TAG          lockstep, lockstep-check, lockstep-e2e-tool
 set -euo pipefail
 
@@ -42,6 +44,15 @@ cp target/release/lockstep-operator target/release/lockstep-replica target/relea
 # release would: the rollout test checks that the operator sees what replicas run.
 cp target/release/examples/kv_next "$out/next/lockstep-replica"
 
+step "release build with the test-only feature fault-injection (the Byzantine rollout test)"
+# Its own feature set of lockstep-replica: cargo keeps both builds' artifacts side by side,
+# so neither invocation rebuilds the other's.
+cargo build --release --locked -p lockstep-replica --features fault-injection \
+  --bin lockstep-replica --example kv_next
+mkdir -p "$out/inject" "$out/inject-next"
+cp target/release/lockstep-replica "$out/inject/lockstep-replica"
+cp target/release/examples/kv_next "$out/inject-next/lockstep-replica"
+
 # rootfs DIR BINARY... : the binaries in /usr/local/bin, their shared libraries, the nonroot
 # user, /tmp and /data (owned by 65532).
 rootfs() {
@@ -64,6 +75,8 @@ rootfs() {
 rootfs "$out/operator" "$out/bin/lockstep-operator"
 rootfs "$out/replica" "$out/bin/lockstep-replica"
 rootfs "$out/replica-next" "$out/next/lockstep-replica"
+rootfs "$out/replica-inject" "$out/inject/lockstep-replica"
+rootfs "$out/replica-inject-next" "$out/inject-next/lockstep-replica"
 rootfs "$out/tools" "$out/bin/lockstep" "$out/bin/lockstep-check" "$out/bin/lockstep-e2e-tool"
 
 replica_cmd=(--cmd --listen --cmd 0.0.0.0:7000 --cmd --http --cmd 0.0.0.0:8080 --cmd --data-dir --cmd /data)
@@ -120,6 +133,10 @@ $load "$out/operator" "$REG/lockstep-operator:$TAG" \
 $load "$out/replica" "$REG/lockstep-replica:$TAG" "$REG/lockstep-replica:$TAG-promoted" \
   --entrypoint /usr/local/bin/lockstep-replica "${replica_cmd[@]}" --user 65532:65532 --port 7000/tcp --port 8080/tcp
 $load "$out/replica-next" "$REG/lockstep-replica:$TAG-next" \
+  --entrypoint /usr/local/bin/lockstep-replica "${replica_cmd[@]}" --user 65532:65532 --port 7000/tcp --port 8080/tcp
+$load "$out/replica-inject" "$REG/lockstep-replica:$TAG-inject" \
+  --entrypoint /usr/local/bin/lockstep-replica "${replica_cmd[@]}" --user 65532:65532 --port 7000/tcp --port 8080/tcp
+$load "$out/replica-inject-next" "$REG/lockstep-replica:$TAG-inject-next" \
   --entrypoint /usr/local/bin/lockstep-replica "${replica_cmd[@]}" --user 65532:65532 --port 7000/tcp --port 8080/tcp
 $load "$out/tools" "$REG/lockstep-e2e-tools:$TAG" \
   --entrypoint /usr/local/bin/lockstep-e2e-tool --cmd idle --user 65532:65532

@@ -37,6 +37,10 @@ pub struct Images {
     pub replica_alias: String,
     /// A replica build whose built-in machines report version 1.1.0.
     pub replica_next: String,
+    /// `replica` and `replica_next` built with the test-only cargo feature `fault-injection`
+    /// (a replica pod acts on `LOCKSTEP_INJECT`, set by the RSM annotation `lockstep.dev/inject`).
+    pub replica_inject: String,
+    pub replica_inject_next: String,
     /// `lockstep`, `lockstep-check` and `lockstep-e2e-tool`.
     pub tools: String,
 }
@@ -59,6 +63,14 @@ impl Images {
             replica_next: env_or(
                 "LOCKSTEP_REPLICA_IMAGE_NEXT",
                 &format!("{repo}/lockstep-replica:{tag}-next"),
+            ),
+            replica_inject: env_or(
+                "LOCKSTEP_REPLICA_IMAGE_INJECT",
+                &format!("{repo}/lockstep-replica:{tag}-inject"),
+            ),
+            replica_inject_next: env_or(
+                "LOCKSTEP_REPLICA_IMAGE_INJECT_NEXT",
+                &format!("{repo}/lockstep-replica:{tag}-inject-next"),
             ),
             tools: env_or("LOCKSTEP_TOOLS_IMAGE", &format!("{repo}/lockstep-e2e-tools:{tag}")),
         }

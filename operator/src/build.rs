@@ -140,6 +140,15 @@ fn restricted_pod_security() -> PodSecurityContext {
     }
 }
 
+/// The fault `INJECT_ANNOTATION` asks of replica `id` (tests only; see there).
+fn injected_behaviour(rsm: &ReplicatedStateMachine, id: &str) -> Option<String> {
+    let value = rsm.metadata.annotations.as_ref()?.get(INJECT_ANNOTATION)?;
+    value.split(',').find_map(|pair| {
+        let (pod, behaviour) = pair.trim().split_once('=')?;
+        (pod.trim() == id).then(|| behaviour.trim().to_string())
+    })
+}
+
 /// A replica pod. Pods are managed directly (see docs/operator-design.md): the operator,
 /// not a StatefulSet controller, decides which replica starts, stops or changes image.
 /// `tls`: mutual TLS with the certificate Secret `<id>-tls` ([`crate::tls`]); false only
@@ -264,6 +273,13 @@ pub fn replica_pod(rsm: &ReplicatedStateMachine, id: &str, machine: &MachineRef,
         env.extend(more_env);
         volume_mounts.push(mount);
         volumes.push(key_volume);
+        if let Some(behaviour) = injected_behaviour(rsm, id) {
+            env.push(EnvVar {
+                name: "LOCKSTEP_INJECT".into(),
+                value: Some(behaviour),
+                ..Default::default()
+            });
+        }
     }
     let container = Container {
         name: REPLICA_CONTAINER.into(),
@@ -692,6 +708,34 @@ mod tests {
         };
         assert!(!args.replica_transport().expect("plaintext").is_tls());
         assert!(lockstep_replica::tls::TlsArgs::default().replica_transport().is_err());
+    }
+
+    #[test]
+    fn the_inject_annotation_reaches_only_the_named_byzantine_replica() {
+        let env_of = |rsm: &ReplicatedStateMachine, id: &str| -> Option<String> {
+            let pod = replica_pod(rsm, id, &kv(), true).expect("builds");
+            pod.spec.expect("spec").containers[0]
+                .env
+                .iter()
+                .flatten()
+                .find(|e| e.name == "LOCKSTEP_INJECT")
+                .and_then(|e| e.value.clone())
+        };
+        let text = "apiVersion: lockstep.dev/v1alpha1\nkind: ReplicatedStateMachine\n\
+                    metadata: {name: kv, namespace: apps, uid: u-1, annotations: {lockstep.dev/inject: 'kv-1=wrong-output, kv-2 = silent'}}\n\
+                    spec: {faultsTolerated: 1, failureModel: Byzantine, machine: {name: kv, version: 1.0.0, image: 'img:1'}}\n";
+        let byz: ReplicatedStateMachine = lockstep_resource::from_yaml(text).expect("fixture");
+        assert_eq!(env_of(&byz, "kv-1").as_deref(), Some("wrong-output"));
+        assert_eq!(env_of(&byz, "kv-2").as_deref(), Some("silent"));
+        assert_eq!(env_of(&byz, "kv-0"), None, "only the named pods");
+        assert_eq!(env_of(&byz, "kv-10"), None, "names match whole");
+        let mut fail_stop = rsm("");
+        fail_stop.metadata.annotations = byz.metadata.annotations.clone();
+        assert_eq!(
+            env_of(&fail_stop, "kv-1"),
+            None,
+            "fault injection is a Byzantine-mode test hook"
+        );
     }
 
     #[test]

@@ -27,6 +27,11 @@ pub const PREVIOUS_IMAGE_ANNOTATION: &str = "lockstep.dev/previous-image";
 /// On a replica's claim: how many times in a row it was restarted from its disk after dying
 /// within the start-up grace (the crash-loop backoff of section 4 of operator-design.md).
 pub const DISK_RESTARTS_ANNOTATION: &str = "lockstep.dev/restarts-from-disk";
+/// On an RSM, for tests only: `POD=BEHAVIOUR[,POD=BEHAVIOUR...]` gives the named replica pods
+/// `LOCKSTEP_INJECT=BEHAVIOUR` when they are created (Byzantine fault injection). Only a replica
+/// image built with the cargo feature `fault-injection` acts on it; a release image refuses to
+/// start with it, so the annotation cannot make a production replica misbehave.
+pub const INJECT_ANNOTATION: &str = "lockstep.dev/inject";
 /// Hash of the desired state of an applied object (skip no-op applies).
 pub const HASH_ANNOTATION: &str = "lockstep.dev/applied-hash";
 

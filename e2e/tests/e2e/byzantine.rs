@@ -4,7 +4,9 @@
 //! cluster (knowing only the client Service and the master public key from status), and a
 //! replica killed (`kill -9`) and then one deleted: each is replaced through a new era with
 //! state transfer, and the data is still there. A second resource is rolled out to 1.1.0: the
-//! seal is a barrier of the master's stream, and the next era resumes under the new machine.
+//! seal is a barrier of the master's stream, and the next era resumes under the new machine,
+//! while one of its three replicas signs wrong outputs (test-only fault injection through the
+//! RSM annotation `lockstep.dev/inject`, on replica images built with `fault-injection`).
 
 use std::time::Duration;
 
@@ -84,14 +86,25 @@ fn master_key(o: &ReplicatedStateMachine) -> String {
         .unwrap_or_default()
 }
 
-fn apply_example(ns: &str, images: &lockstep_e2e::Images, tools: &ToolsPod) {
+/// `inject`: a value for the RSM annotation `lockstep.dev/inject` (test-only fault injection);
+/// the replicas then run the images built with the cargo feature `fault-injection`.
+fn apply_example(ns: &str, images: &lockstep_e2e::Images, tools: &ToolsPod, inject: Option<&str>) {
     let public = tools
         .exec(&["lockstep", "keygen", "/work/alice.key"])
         .expect("client key");
     let literal = format!("--from-literal=alice={}", public.trim());
     kubectl(&["-n", ns, "create", "secret", "generic", "kv-byz-clients", &literal]).expect("client Secret");
     let text = std::fs::read_to_string(repo().join("manifests/examples/kv-byzantine.yaml")).expect("example");
-    let text = text.replace("ghcr.io/lockstep-dev/lockstep-replica:0.1.0", &images.replica);
+    let text = match inject {
+        None => text.replace("ghcr.io/lockstep-dev/lockstep-replica:0.1.0", &images.replica),
+        Some(faults) => text
+            .replace("ghcr.io/lockstep-dev/lockstep-replica:0.1.0", &images.replica_inject)
+            .replace(
+                &format!("  name: {NAME}\n"),
+                &format!("  name: {NAME}\n  annotations:\n    lockstep.dev/inject: \"{faults}\"\n"),
+            ),
+    };
+    assert_eq!(inject.is_some(), text.contains("lockstep.dev/inject"), "{text}");
     kubectl_with_input(&["-n", ns, "apply", "-f", "-"], Some(&text)).expect("example applies");
 }
 
@@ -100,10 +113,11 @@ async fn example_ready(
     client: &kube::Client,
     ns: &str,
     images: &lockstep_e2e::Images,
+    inject: Option<&str>,
 ) -> (ToolsPod, Api<ReplicatedStateMachine>, ReplicatedStateMachine) {
     fresh_namespace(client, ns, true).await.expect("namespace");
     let tools = ToolsPod::start(client, ns, images, NAME).await.expect("tools pod");
-    apply_example(ns, images, &tools);
+    apply_example(ns, images, &tools, inject);
     kubectl_wait_ready(ns, NAME, Duration::from_secs(300)).expect("Ready");
     tools.client_certificate(client).await.expect("client certificate");
     let api: Api<ReplicatedStateMachine> = Api::namespaced(client.clone(), ns);
@@ -115,7 +129,7 @@ async fn example_ready(
 #[ignore = "needs a Kubernetes cluster: run e2e/run.sh"]
 async fn byzantine_rsm_votes_and_replaces_killed_and_deleted_replicas() {
     let (client, images) = setup().await;
-    let (tools, api, o) = example_ready(&client, NS, &images).await;
+    let (tools, api, o) = example_ready(&client, NS, &images, None).await;
     assert_eq!(
         o.status.as_ref().and_then(|s| s.ready_replicas),
         Some(3),
@@ -152,22 +166,72 @@ async fn byzantine_rsm_votes_and_replaces_killed_and_deleted_replicas() {
     lockstep_e2e::delete_namespace(&client, NS).await.expect("cleanup");
 }
 
+/// The faulty replica of the rollout test: it signs wrong outputs (a release image would
+/// refuse the variable; these pods run the `fault-injection` build).
+const FAULTY: &str = "kv-byz-1";
+
+/// The voted `status -o json`'s entry for `id`.
+fn member_status(tools: &ToolsPod, master: &str, id: &str) -> anyhow::Result<serde_json::Value> {
+    let json = voted(tools, master, &["status", "-o", "json"])?;
+    let v: serde_json::Value = serde_json::from_str(&json)?;
+    v["members"]
+        .as_array()
+        .and_then(|ms| ms.iter().find(|m| m["id"] == id))
+        .cloned()
+        .ok_or_else(|| anyhow::anyhow!("no member {id} in {json}"))
+}
+
+/// Waits until the voters have seen `FAULTY` answer differently from the majority (a vote is
+/// decided by the first t + 1 matching answers, so one status may not have heard it yet), and
+/// returns its entry: it runs `version` and still says what was injected.
+async fn faulty_named(tools: &ToolsPod, master: &str, version: &str) -> serde_json::Value {
+    let mut last = serde_json::Value::Null;
+    wait_until(
+        &format!("the voters name {FAULTY} (injected wrong-output, kv {version}) as disagreeing"),
+        Duration::from_secs(120),
+        || {
+            let found = member_status(tools, master, FAULTY);
+            let ok = match found {
+                Ok(m) => {
+                    let named = m["votes"]["disagreed"].as_u64().unwrap_or(0) > 0;
+                    let same = m["version"] == version && m["inject"] == "wrong-output";
+                    last = m;
+                    named && same
+                }
+                Err(e) => {
+                    println!("  not yet: {e:#}");
+                    false
+                }
+            };
+            async move { Ok(ok) }
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}; last entry: {last}"));
+    last
+}
+
+/// Issue 7, must show 4: a lockstep rollout with t = 1 completes while one replica is
+/// Byzantine (it signs wrong outputs before, during and after the rollout), and every answer
+/// a client accepts is the correct one.
 #[tokio::test]
 #[ignore = "needs a Kubernetes cluster: run e2e/run.sh"]
 async fn byzantine_rollout_seals_restarts_and_resumes_under_the_new_machine() {
     const ROLLOUT_NS: &str = "lockstep-e2e-byz-rollout";
     let (client, images) = setup().await;
-    let (tools, api, o) = example_ready(&client, ROLLOUT_NS, &images).await;
+    let inject = format!("{FAULTY}=wrong-output");
+    let (tools, api, o) = example_ready(&client, ROLLOUT_NS, &images, Some(&inject)).await;
     let master = master_key(&o);
     let out = voted(&tools, &master, &["put", "before-rollout", "1.0.0"]).expect("voted put");
     assert!(out.contains("OK"), "{out}");
+    println!("before: {}", faulty_named(&tools, &master, "1.0.0").await);
 
     // A lockstep rollout: the seal is a barrier of the master's stream, every replica restarts
     // on the new image from its sealed state, and the next era resumes under the new machine.
     api.patch(
         NAME,
         &PatchParams::default(),
-        &crate::rollout::set_machine("1.1.0", &images.replica_next),
+        &crate::rollout::set_machine("1.1.0", &images.replica_inject_next),
     )
     .await
     .expect("version changed");
@@ -185,6 +249,9 @@ async fn byzantine_rollout_seals_restarts_and_resumes_under_the_new_machine() {
     voted_eventually(&tools, &master, &["put", "after-rollout", "1.1.0"], "OK").await;
     let status = voted(&tools, &master, &["status", "-o", "json"]).expect("voted status");
     assert!(status.contains("1.1.0"), "the voted answers name kv 1.1.0: {status}");
+    // The faulty replica came back under the new machine and is still faulty and named.
+    println!("after: {}", faulty_named(&tools, &master, "1.1.0").await);
+    voted_eventually(&tools, &master, &["get", "after-rollout"], "1.1.0").await;
     lockstep_e2e::delete_namespace(&client, ROLLOUT_NS)
         .await
         .expect("cleanup");
