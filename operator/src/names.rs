@@ -27,6 +27,10 @@ pub const PREVIOUS_IMAGE_ANNOTATION: &str = "lockstep.dev/previous-image";
 /// On a replica's claim: how many times in a row it was restarted from its disk after dying
 /// within the start-up grace (the crash-loop backoff of section 4 of operator-design.md).
 pub const DISK_RESTARTS_ANNOTATION: &str = "lockstep.dev/restarts-from-disk";
+/// On a TLS replica pod: when the certificate in its Secret `<pod>-tls` is due to be issued
+/// again (RFC 3339; 2/3 of its life), written with the Secret. Read from the pod cache, so
+/// the operator knows it without reading any Secret (crate::tls::renew).
+pub const TLS_RENEW_ANNOTATION: &str = "lockstep.dev/tls-renew-after";
 /// Hash of the desired state of an applied object (skip no-op applies).
 pub const HASH_ANNOTATION: &str = "lockstep.dev/applied-hash";
 
