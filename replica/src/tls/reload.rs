@@ -346,6 +346,13 @@ pub fn incoming(
                 let acceptor = tokio_rustls::TlsAcceptor::from(store.current().server.clone());
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => {
+                        if tracing::enabled!(tracing::Level::DEBUG)
+                            && let Some(leaf) = tls.get_ref().1.peer_certificates().and_then(|c| c.first())
+                        {
+                            // Which certificate a caller presented (a peer after a rotation).
+                            let who = PeerIdentity::from_certificate(leaf).map_or_else(|e| e, |id| id.to_string());
+                            tracing::debug!(%remote, caller = %who, serial = %serial_of(leaf), "TLS connection");
+                        }
                         let _ = tx.send(Ok(Conn::Tls(Box::new(tls)))).await;
                     }
                     Ok(Err(e)) => tracing::debug!(%remote, "TLS handshake failed: {e}"),
