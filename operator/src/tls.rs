@@ -74,6 +74,10 @@ pub struct Pki {
     /// When the certificate in `NAME-client-tls` is due again (learned when it was read or
     /// written; None for a paused RSM's PKI, which writes nothing).
     client_due: Mutex<Option<Timestamp>>,
+    /// When the admin identity is due again (an operator that runs for months): then
+    /// [`ensure`] issues it again in place, for every clone of `admin` (the Byzantine master's
+    /// channels too).
+    admin_due: Mutex<Option<Timestamp>>,
 }
 
 impl Pki {
@@ -81,6 +85,7 @@ impl Pki {
         let leaf = ca
             .issue(&PeerIdentity::new(Role::Admin, ADMIN_NAME), &[])
             .map_err(|e| tls_error(who, e))?;
+        let admin_due = renew_at(&leaf.cert);
         let admin = Transport::from_pem(
             ca.pem().as_bytes().to_vec(),
             leaf.cert.into_bytes(),
@@ -92,7 +97,26 @@ impl Pki {
             ca,
             admin,
             client_due: Mutex::new(None),
+            admin_due: Mutex::new(admin_due),
         })
+    }
+
+    /// Issue the admin identity again when it is due (no API request: it lives in memory).
+    fn renew_admin(&self, who: &str) -> Result<(), Error> {
+        let mut due = self.admin_due.lock().unwrap_or_else(|e| e.into_inner());
+        if due.is_some_and(|d| d > Timestamp::now()) {
+            return Ok(());
+        }
+        let leaf = self
+            .ca
+            .issue(&PeerIdentity::new(Role::Admin, ADMIN_NAME), &[])
+            .map_err(|e| tls_error(who, e))?;
+        self.admin
+            .reissue(self.ca.pem().as_bytes(), leaf.cert.as_bytes(), leaf.key.as_bytes())
+            .map_err(|e| tls_error(who, e))?;
+        *due = renew_at(&leaf.cert);
+        tracing::info!(object = %who, "TLS: the operator's admin identity issued again (past 2/3 of its life)");
+        Ok(())
     }
 
     fn client_due(&self) -> Option<Timestamp> {
@@ -137,6 +161,7 @@ fn tls_error(who: &str, e: impl std::fmt::Display) -> Error {
 /// identity, and the client Secret. API requests only the first time per RSM (per process).
 pub async fn ensure(ctx: &Context, rsm: &ReplicatedStateMachine, ns: &str) -> Result<Arc<Pki>, Error> {
     if let Some(pki) = ctx.pki.get(rsm) {
+        pki.renew_admin(&key(rsm))?;
         return Ok(pki);
     }
     let who = key(rsm);
@@ -166,6 +191,7 @@ pub async fn ensure(ctx: &Context, rsm: &ReplicatedStateMachine, ns: &str) -> Re
 /// which is observed and not changed. `None` when it has no CA yet.
 pub async fn existing(ctx: &Context, rsm: &ReplicatedStateMachine, ns: &str) -> Result<Option<Arc<Pki>>, Error> {
     if let Some(pki) = ctx.pki.get(rsm) {
+        pki.renew_admin(&key(rsm))?;
         return Ok(Some(pki));
     }
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
@@ -510,6 +536,24 @@ mod tests {
         assert!(leaf_current(&s(ca.pem()), ca.pem()));
         assert!(!leaf_current(&s(other.pem()), ca.pem()), "another CA");
         assert!(!leaf_current(&Secret::default(), ca.pem()), "empty");
+    }
+
+    #[test]
+    fn the_admin_identity_is_issued_again_in_place_when_due() {
+        let pki = Pki::new(Ca::generate("kv").expect("ca"), "ns/kv").expect("pki");
+        let clone = pki.admin.clone();
+        let first = clone.current().expect("tls").serial.clone();
+        pki.renew_admin("ns/kv").expect("not due: nothing");
+        assert_eq!(clone.current().expect("tls").serial, first);
+        *pki.admin_due.lock().unwrap() = Some(Timestamp::now() - std::time::Duration::from_secs(1));
+        pki.renew_admin("ns/kv").expect("due: issued again");
+        assert_ne!(
+            clone.current().expect("tls").serial,
+            first,
+            "clones use the new certificate"
+        );
+        assert_eq!(clone.identity(), Some(&PeerIdentity::new(Role::Admin, ADMIN_NAME)));
+        assert!(pki.admin_due.lock().unwrap().is_some_and(|d| d > Timestamp::now()));
     }
 
     #[test]

@@ -13,6 +13,7 @@
 //! [`AuthorizeLayer`] enforces the table on every request (a tower layer on the whole
 //! server, so no handler can forget it); see docs/security.md for what was rejected.
 
+use anyhow::Context as _;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -187,6 +188,14 @@ impl Transport {
         Ok(Transport {
             tls: Some(Arc::new(reload::Store::fixed(loaded, source))),
         })
+    }
+
+    /// Replace the certificate of a TLS transport (from [`Transport::from_pem`], say: issued
+    /// in memory again before it expires) for every clone of it, from their next handshake
+    /// on; the identity must stay the same.
+    pub fn reissue(&self, ca: &[u8], cert: &[u8], key: &[u8]) -> anyhow::Result<()> {
+        let store = self.tls.as_ref().context("a plaintext transport has no certificate")?;
+        store.replace(Loaded::from_pem(ca, cert, key)?)
     }
 
     /// Mutual TLS from PEM files, read again when they change (rotation): new handshakes,

@@ -222,6 +222,19 @@ impl Store {
         s.current.clone()
     }
 
+    /// Replace the material in place (a certificate issued in memory again): every clone
+    /// of the transport uses it from its next handshake on. It must keep the identity.
+    pub fn replace(&self, loaded: Loaded) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            loaded.identity == self.identity,
+            "a certificate of {} cannot replace one of {}",
+            loaded.identity,
+            self.identity
+        );
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).current = Arc::new(loaded);
+        Ok(())
+    }
+
     /// How many changes of the files were refused (kept the certificate before).
     pub fn refused(&self) -> u64 {
         self.state.lock().unwrap_or_else(|e| e.into_inner()).refused
