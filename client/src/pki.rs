@@ -2,7 +2,7 @@
 //! `<data-dir>/<name>/tls/`:
 //!
 //! - `ca.pem`, `ca.key`: the cluster's CA (valid [`CA_VALIDITY`]; a new one is made when it
-//!   has less than [`CA_RENEW_BEFORE`] left — rotation proper is phase 2, docs/security.md);
+//!   has less than [`CA_RENEW_BEFORE`] left — no CA rotation, docs/security.md "Rotation");
 //! - `admin.pem`, `admin.key`: `lockstep://admin/up`, what `up` itself calls the replicas with;
 //! - `client.pem`, `client.key`: `lockstep://client/cli`, what the CLI uses for `-c NAME`;
 //! - `replicas/<id>.pem`, `.key`: `lockstep://replica/<id>` plus `localhost` and `127.0.0.1`

@@ -4,9 +4,11 @@
 //! - `NAME-tls-ca` (`ca.crt`, `ca.key`): the RSM's CA, made on its first reconcile and kept
 //!   (replicas trust only it). Per RSM, not per operator: identities are
 //!   `lockstep://replica/<pod>` and pod names repeat across namespaces.
-//! - `<pod>-tls` (`ca.crt`, `tls.crt`, `tls.key`): each replica's certificate, made before its
-//!   pod; SANs are the names members and clients dial (the pod in the peers Service, the
-//!   client Service). Mounted read-only at [`TLS_DIR`].
+//! - `<pod>-tls` (`ca.crt`, `tls.crt`, `tls.key`): each replica's certificate, issued fresh
+//!   before its pod and again at 2/3 of its life while the pod runs ([`renew`]; the pod carries
+//!   the due time, [`TLS_RENEW_ANNOTATION`]); SANs are the names members and clients dial (the
+//!   pod in the peers Service, the client Service). Mounted read-only at [`TLS_DIR`]; the
+//!   replica reloads the files when the kubelet refreshes them.
 //! - `NAME-client-tls`: a client certificate (`lockstep://client/default`) for applications
 //!   in the cluster: mount it and set `LOCKSTEP_TLS_CA/CERT/KEY`.
 //! - The operator's own admin identity (`lockstep://admin/operator`) is issued in memory from

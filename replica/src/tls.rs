@@ -159,7 +159,7 @@ mod reload;
 pub use reload::{CHECK_EVERY, ConnInfo, Loaded, serial_of};
 
 /// How this process talks gRPC: plaintext, or mutual TLS with one identity whose
-/// certificate may be rotated under it (files are reloaded, see [`reload`]). Cheap to clone.
+/// certificate may be rotated under it (files are reloaded, see `tls/reload.rs`). Cheap to clone.
 #[derive(Clone, Default)]
 pub struct Transport {
     tls: Option<Arc<reload::Store>>,
