@@ -366,7 +366,13 @@ pub async fn renew(
                 let patch = serde_json::json!({
                     "metadata": { "annotations": { TLS_RENEW_ANNOTATION: due.to_string() } }
                 });
-                pods.patch(&id, &PatchParams::default(), &Patch::Merge(&patch)).await?;
+                match pods.patch(&id, &PatchParams::default(), &Patch::Merge(&patch)).await {
+                    // Deleted since the cache saw it: its successor gets a fresh certificate.
+                    Err(kube::Error::Api(s)) if s.code == 404 => {}
+                    other => {
+                        other?;
+                    }
+                }
                 due
             }
         };
