@@ -200,7 +200,12 @@ impl Store {
                             new.identity, self.identity, s.current.serial
                         )
                     }
-                    Ok(new) if new.leaf == s.current.leaf => {}
+                    // The same certificate: the CA bundle changed (or only the mtimes).
+                    Ok(new) if new.leaf == s.current.leaf => {
+                        tracing::info!(source = %self.source, serial = %new.serial,
+                            "TLS files reloaded, same certificate: new handshakes verify with the CA bundle read now");
+                        s.current = Arc::new(new);
+                    }
                     Ok(new) => {
                         tracing::info!(
                             source = %self.source, old_serial = %s.current.serial, serial = %new.serial,
@@ -473,6 +478,10 @@ mod tests {
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::default();
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        // Each its own name (as each cluster's CA has): issuers are found by name.
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, format!("test CA {}", rand::random::<u64>()));
         let pem = params.self_signed(&key).unwrap().pem();
         Ca {
             issuer: Issuer::new(params, key),
@@ -643,6 +652,48 @@ mod tests {
                 Instant::now() < deadline,
                 "new handshakes still use the old certificates"
             );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// A changed CA bundle is what verifies callers from the next handshake on (the first step
+    /// of a CA rotation: old and new CA trusted together).
+    #[tokio::test]
+    async fn a_changed_ca_bundle_verifies_client_certificates_from_then_on() {
+        use tokio::io::AsyncReadExt;
+        use tokio_stream::StreamExt;
+        use tower::Service;
+        let (old_ca, new_ca) = (ca(), ca());
+        let sdir = Dir::new(&old_ca, &issue(&old_ca, &PeerIdentity::new(Role::Replica, "kv-0")));
+        // A client with a certificate of the new CA (it trusts the old one, the server's).
+        let cdir = Dir::new(&old_ca, &issue(&new_ca, &PeerIdentity::new(Role::Replica, "kv-1")));
+        let (server, client) = (Arc::new(sdir.store()), Arc::new(cdir.store()));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let uri: http::Uri = format!("http://{}", listener.local_addr().unwrap()).parse().unwrap();
+        let mut conns = incoming(listener, Some(server.clone()));
+        let mut connector = Connector {
+            store: client,
+            server_name: None,
+            nodelay: true,
+        };
+        // Accepted: the server hands the connection on; refused: the client reads its alert.
+        let mut accepted = async || {
+            let Ok(io) = connector.call(uri.clone()).await else {
+                return false;
+            };
+            let mut tls = io.into_inner();
+            let mut byte = [0u8; 1];
+            tokio::select! {
+                c = conns.next() => c.is_some_and(|c| c.is_ok()),
+                _ = tls.read(&mut byte) => false,
+            }
+        };
+        assert!(!accepted().await, "a certificate of a CA the server does not trust");
+        let bundle = format!("{}{}", old_ca.pem, new_ca.pem);
+        crate::write_atomically(&sdir.path("ca.pem"), bundle.as_bytes()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !accepted().await {
+            assert!(Instant::now() < deadline, "the new CA bundle is not used");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
