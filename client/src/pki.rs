@@ -2,7 +2,7 @@
 //! `<data-dir>/<name>/tls/`:
 //!
 //! - `ca.pem`, `ca.key`: the cluster's CA (valid [`CA_VALIDITY`]; a new one is made when it
-//!   has less than [`CA_RENEW_BEFORE`] left — rotation proper is phase 2, docs/security.md);
+//!   has less than [`CA_RENEW_BEFORE`] left — no CA rotation, docs/security.md "Rotation");
 //! - `admin.pem`, `admin.key`: `lockstep://admin/up`, what `up` itself calls the replicas with;
 //! - `client.pem`, `client.key`: `lockstep://client/cli`, what the CLI uses for `-c NAME`;
 //! - `replicas/<id>.pem`, `.key`: `lockstep://replica/<id>` plus `localhost` and `127.0.0.1`
@@ -121,6 +121,18 @@ impl Ca {
     /// A leaf certificate for `who`; `hosts` (DNS names or IP addresses) make it usable by a
     /// server too.
     pub fn issue(&self, who: &PeerIdentity, hosts: &[&str]) -> anyhow::Result<Leaf> {
+        let now = time::OffsetDateTime::now_utc();
+        self.issue_valid(who, hosts, now - Duration::from_secs(60), not_after(LEAF_VALIDITY))
+    }
+
+    /// [`Ca::issue`] with the given validity (tests: a certificate near its renewal).
+    pub fn issue_valid(
+        &self,
+        who: &PeerIdentity,
+        hosts: &[&str],
+        not_before: time::OffsetDateTime,
+        not_after: time::OffsetDateTime,
+    ) -> anyhow::Result<Leaf> {
         let key = KeyPair::generate().context("key")?;
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
@@ -142,8 +154,8 @@ impl Ca {
         if !hosts.is_empty() {
             params.extended_key_usages.push(ExtendedKeyUsagePurpose::ServerAuth);
         }
-        params.not_before = time::OffsetDateTime::now_utc() - Duration::from_secs(60);
-        params.not_after = not_after(LEAF_VALIDITY);
+        params.not_before = not_before;
+        params.not_after = not_after;
         let cert = params.signed_by(&key, &self.issuer).context("sign certificate")?;
         Ok(Leaf {
             cert: cert.pem(),
@@ -227,13 +239,28 @@ fn load_ca(dir: &Path) -> Option<Ca> {
     Ca::from_pem(&pem, &key).ok()
 }
 
-/// How long the (first) certificate in `pem` stays valid; `None` if it is unreadable or
-/// already expired.
-pub fn time_left(pem: &str) -> Option<Duration> {
+/// `f` of the (first) certificate in `pem`; `None` if it is unreadable.
+fn with_certificate<T>(
+    pem: &str,
+    f: impl FnOnce(&x509_parser::certificate::X509Certificate) -> Option<T>,
+) -> Option<T> {
     use rustls_pki_types::pem::PemObject;
     let der = rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).ok()?;
     let (_, parsed) = x509_parser::parse_x509_certificate(&der).ok()?;
-    Duration::try_from(parsed.validity().time_to_expiration()?).ok()
+    f(&parsed)
+}
+
+/// How long the (first) certificate in `pem` stays valid; `None` if it is unreadable or
+/// already expired.
+pub fn time_left(pem: &str) -> Option<Duration> {
+    with_certificate(pem, |c| Duration::try_from(c.validity().time_to_expiration()?).ok())
+}
+
+/// The validity of the (first) certificate in `pem`: not before, not after (Unix seconds).
+pub fn validity(pem: &str) -> Option<(i64, i64)> {
+    with_certificate(pem, |c| {
+        Some((c.validity().not_before.timestamp(), c.validity().not_after.timestamp()))
+    })
 }
 
 /// The client transport of a local cluster started by `lockstep up`, as the CLI uses it

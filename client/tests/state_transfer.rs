@@ -46,15 +46,7 @@ fn replacement_joins_from_a_snapshot_and_can_take_over() {
 
     // Replace the backup: the newcomer cannot replay from index 1 any more.
     let backup = cluster.members().into_iter().find(|m| *m != primary).expect("backup");
-    let epoch = cluster.epoch();
-    cluster.signal(&backup, Signal::SIGKILL);
-    assert!(
-        wait_until(Duration::from_secs(30), || cluster.epoch() > epoch
-            && cluster.is_ready()
-            && !cluster.members().contains(&backup)),
-        "no replacement:\n{}",
-        cluster.up_output()
-    );
+    cluster.kill_and_wait_replaced(&backup);
     let newcomer = cluster.members().into_iter().find(|m| *m != primary).expect("newcomer");
     let log = std::fs::read_to_string(cluster.cluster_dir().join("logs").join(format!("{newcomer}.log"))).expect("log");
     assert!(

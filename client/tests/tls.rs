@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{LocalCluster, connect, wait_until};
+use common::{LocalCluster, Writers, connect, wait_until};
 use lockstep::pki::Ca;
 use lockstep::{PeerIdentity, Role, Transport};
 use lockstep_proto::{
@@ -14,8 +14,6 @@ use lockstep_proto::{
     admin_client::AdminClient, client_client::ClientClient, peer_client::PeerClient,
 };
 use nix::sys::signal::Signal;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 use tonic::Code;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
@@ -48,41 +46,11 @@ async fn calls(transport: &Transport, ep: &str) -> Vec<(&'static str, Result<(),
     out
 }
 
-/// A correct client writing all along; returns (stop, ok count, error count).
-fn background_writer(
-    cluster: &LocalCluster,
-) -> (Arc<AtomicBool>, Arc<AtomicU64>, std::thread::JoinHandle<Vec<String>>) {
-    let stop = Arc::new(AtomicBool::new(false));
-    let ok = Arc::new(AtomicU64::new(0));
-    let mut client = cluster.client();
-    let (s, o) = (stop.clone(), ok.clone());
-    let handle = std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("rt");
-        let mut errors = Vec::new();
-        let mut i = 0u64;
-        while !s.load(Ordering::Relaxed) {
-            i += 1;
-            match rt.block_on(client.put("bg", &i.to_string())) {
-                Ok(_) => {
-                    o.fetch_add(1, Ordering::Relaxed);
-                }
-                Err(e) => errors.push(e.to_string()),
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        errors
-    });
-    (stop, ok, handle)
-}
-
 #[test]
 fn every_replica_service_refuses_callers_without_the_right_certificate() {
     let cluster = LocalCluster::start("tls", 1, "kv", &["--quiet"]);
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let (stop, ok, writer) = background_writer(&cluster);
+    let writer = Writers::start(&cluster, 1, Duration::from_millis(20));
     let tls_dir = cluster.cluster_dir().join(lockstep::pki::TLS_DIR);
     let ca_pem = std::fs::read(tls_dir.join("ca.pem")).expect("ca.pem");
     let members = cluster.members();
@@ -211,15 +179,7 @@ fn every_replica_service_refuses_callers_without_the_right_certificate() {
 
     // A replica that WAS a member: kill it, wait for its replacement; its certificate (still
     // valid, still on disk) no longer passes for a peer.
-    let epoch = cluster.epoch();
-    cluster.signal(&backup, Signal::SIGKILL);
-    assert!(
-        wait_until(Duration::from_secs(30), || cluster.epoch() > epoch
-            && cluster.is_ready()
-            && !cluster.members().contains(&backup)),
-        "no replacement:\n{}",
-        cluster.up_output()
-    );
+    cluster.kill_and_wait_replaced(&backup);
     let retired = cluster.replica_transport(&backup);
     for m in cluster.members() {
         let ep = cluster.endpoint(&m);
@@ -232,10 +192,10 @@ fn every_replica_service_refuses_callers_without_the_right_certificate() {
     }
 
     // The correct client was served throughout (the fail-over only delays it).
-    stop.store(true, Ordering::Relaxed);
-    let errors = writer.join().expect("writer");
+    let made = writer.ok();
+    let errors = writer.finish();
     assert!(errors.is_empty(), "the correct client saw errors: {errors:?}");
-    assert!(ok.load(Ordering::Relaxed) > 10, "the correct client made progress");
+    assert!(made > 10, "the correct client made progress");
     let mut c = cluster.client();
     rt.block_on(c.put("after", "all")).expect("put");
     assert_eq!(rt.block_on(c.get("after")).expect("get").as_deref(), Some("all"));

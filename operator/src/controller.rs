@@ -243,7 +243,13 @@ async fn reconcile_inner(rsm: &ReplicatedStateMachine, ctx: &Context) -> Result<
         return Ok(Action::requeue(Duration::from_secs(1)));
     }
     outcome_events(ctx, rsm, &decision).await;
-    Ok(requeue(ctx, &decision))
+    // Certificates past 2/3 of their life are issued again while the replicas run; the
+    // requeue comes back no later than when the next one is due.
+    let renew = match pki.as_deref() {
+        Some(pki) if !decision.desired.paused => crate::tls::renew(ctx, rsm, &ns, &decision.world, pki).await?,
+        _ => None,
+    };
+    Ok(requeue(ctx, &decision, renew, Timestamp::now()))
 }
 
 /// Step 1: admission should have rejected an invalid object; if it got in anyway (an older
@@ -481,14 +487,24 @@ async fn outcome_events(ctx: &Context, rsm: &ReplicatedStateMachine, d: &Decisio
     }
 }
 
-/// Converging objects are looked at again soon; steady (or held) ones at the resync period.
-fn requeue(ctx: &Context, d: &Decision) -> Action {
+/// Converging objects are looked at again soon; steady (or held) ones at the resync period,
+/// and none later than when its next certificate is due again (`renew`).
+fn requeue(ctx: &Context, d: &Decision, renew: Option<Timestamp>, now: Timestamp) -> Action {
     let busy = !d.plan.actions.is_empty() || !d.from_disk.is_empty() || d.plan.conditions.progressing.is_some();
-    Action::requeue(if busy && d.crashed.is_empty() {
+    let delay = if busy && d.crashed.is_empty() {
         ctx.busy_requeue
     } else {
         ctx.steady_requeue
-    })
+    };
+    Action::requeue(renew.map_or(delay, |due| delay.min(until(due, now))))
+}
+
+/// How long from `now` to `due` (at least a second: a due certificate is issued in the
+/// reconcile, so `due` is in the future unless the clock jumped).
+fn until(due: Timestamp, now: Timestamp) -> Duration {
+    Duration::try_from(due.duration_since(now))
+        .unwrap_or_default()
+        .max(Duration::from_secs(1))
 }
 
 /// Exponential backoff per object: 1s, 2s, 4s ... 5 minutes. One object's errors never

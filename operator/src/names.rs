@@ -32,6 +32,10 @@ pub const DISK_RESTARTS_ANNOTATION: &str = "lockstep.dev/restarts-from-disk";
 /// image built with the cargo feature `fault-injection` acts on it; a release image refuses to
 /// start with it, so the annotation cannot make a production replica misbehave.
 pub const INJECT_ANNOTATION: &str = "lockstep.dev/inject";
+/// On a TLS replica pod: when the certificate in its Secret `<pod>-tls` is due to be issued
+/// again (RFC 3339; 2/3 of its life), written with the Secret. Read from the pod cache, so
+/// the operator knows it without reading any Secret (crate::tls::renew).
+pub const TLS_RENEW_ANNOTATION: &str = "lockstep.dev/tls-renew-after";
 /// Hash of the desired state of an applied object (skip no-op applies).
 pub const HASH_ANNOTATION: &str = "lockstep.dev/applied-hash";
 

@@ -4,9 +4,11 @@
 //! - `NAME-tls-ca` (`ca.crt`, `ca.key`): the RSM's CA, made on its first reconcile and kept
 //!   (replicas trust only it). Per RSM, not per operator: identities are
 //!   `lockstep://replica/<pod>` and pod names repeat across namespaces.
-//! - `<pod>-tls` (`ca.crt`, `tls.crt`, `tls.key`): each replica's certificate, made before its
-//!   pod; SANs are the names members and clients dial (the pod in the peers Service, the
-//!   client Service). Mounted read-only at [`TLS_DIR`].
+//! - `<pod>-tls` (`ca.crt`, `tls.crt`, `tls.key`): each replica's certificate, issued fresh
+//!   before its pod and again at 2/3 of its life while the pod runs ([`renew`]; the pod carries
+//!   the due time, [`TLS_RENEW_ANNOTATION`]); SANs are the names members and clients dial (the
+//!   pod in the peers Service, the client Service). Mounted read-only at [`TLS_DIR`]; the
+//!   replica reloads the files when the kubelet refreshes them.
 //! - `NAME-client-tls`: a client certificate (`lockstep://client/default`) for applications
 //!   in the cluster: mount it and set `LOCKSTEP_TLS_CA/CERT/KEY`.
 //! - The operator's own admin identity (`lockstep://admin/operator`) is issued in memory from
@@ -18,10 +20,10 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{EnvVar, Pod, Secret, SecretVolumeSource, Volume, VolumeMount};
+use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams};
 use lockstep::Transport;
@@ -34,7 +36,7 @@ use crate::admin::AdminTarget;
 use crate::build::{self, BuildError, meta};
 use crate::controller::{Context, Error, key};
 use crate::execute::create_if_absent;
-use crate::names;
+use crate::names::{self, TLS_RENEW_ANNOTATION};
 use crate::translate::World;
 
 /// Where a replica pod mounts its certificate Secret.
@@ -49,9 +51,10 @@ pub const COMPONENT_TLS: &str = "tls";
 pub const ADMIN_NAME: &str = "operator";
 /// The identity in `NAME-client-tls`: `lockstep://client/default`.
 pub const CLIENT_NAME: &str = "default";
-/// A certificate Secret is issued again when its certificate has less than this left
-/// (leaf certificates are valid 90 days, `lockstep::pki::LEAF_VALIDITY`).
-pub const LEAF_RENEW_BEFORE: Duration = Duration::from_secs(30 * 24 * 3600);
+/// A certificate is issued again when it has passed this part of its life (numerator,
+/// denominator): 2/3, so 60 of the 90 days of a leaf (`lockstep::pki::LEAF_VALIDITY`), which
+/// leaves a month for the kubelet to refresh the mount and for anything that goes wrong.
+pub const RENEW_AT_LIFE: (i64, i64) = (2, 3);
 
 pub fn ca_secret_name(cluster: &str) -> String {
     format!("{cluster}-tls-ca")
@@ -70,6 +73,13 @@ pub struct Pki {
     ca: Ca,
     /// Mutual TLS as `lockstep://admin/operator`.
     pub admin: Transport,
+    /// When the certificate in `NAME-client-tls` is due again (learned when it was read or
+    /// written; None for a paused RSM's PKI, which writes nothing).
+    client_due: Mutex<Option<Timestamp>>,
+    /// When the admin identity is due again (an operator that runs for months): then
+    /// [`ensure`] issues it again in place, for every clone of `admin` (the Byzantine master's
+    /// channels too).
+    admin_due: Mutex<Option<Timestamp>>,
 }
 
 impl Pki {
@@ -77,6 +87,7 @@ impl Pki {
         let leaf = ca
             .issue(&PeerIdentity::new(Role::Admin, ADMIN_NAME), &[])
             .map_err(|e| tls_error(who, e))?;
+        let admin_due = renew_at(&leaf.cert);
         let admin = Transport::from_pem(
             ca.pem().as_bytes().to_vec(),
             leaf.cert.into_bytes(),
@@ -84,7 +95,38 @@ impl Pki {
             format!("the operator's admin identity for {who}"),
         )
         .map_err(|e| tls_error(who, e))?;
-        Ok(Pki { ca, admin })
+        Ok(Pki {
+            ca,
+            admin,
+            client_due: Mutex::new(None),
+            admin_due: Mutex::new(admin_due),
+        })
+    }
+
+    /// Issue the admin identity again when it is due (no API request: it lives in memory).
+    fn renew_admin(&self, who: &str) -> Result<(), Error> {
+        let mut due = self.admin_due.lock().unwrap_or_else(|e| e.into_inner());
+        if due.is_some_and(|d| d > Timestamp::now()) {
+            return Ok(());
+        }
+        let leaf = self
+            .ca
+            .issue(&PeerIdentity::new(Role::Admin, ADMIN_NAME), &[])
+            .map_err(|e| tls_error(who, e))?;
+        self.admin
+            .reissue(self.ca.pem().as_bytes(), leaf.cert.as_bytes(), leaf.key.as_bytes())
+            .map_err(|e| tls_error(who, e))?;
+        *due = renew_at(&leaf.cert);
+        tracing::info!(object = %who, "TLS: the operator's admin identity issued again (past 2/3 of its life)");
+        Ok(())
+    }
+
+    fn client_due(&self) -> Option<Timestamp> {
+        *self.client_due.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn set_client_due(&self, due: Timestamp) {
+        *self.client_due.lock().unwrap_or_else(|e| e.into_inner()) = Some(due);
     }
 }
 
@@ -121,14 +163,27 @@ fn tls_error(who: &str, e: impl std::fmt::Display) -> Error {
 /// identity, and the client Secret. API requests only the first time per RSM (per process).
 pub async fn ensure(ctx: &Context, rsm: &ReplicatedStateMachine, ns: &str) -> Result<Arc<Pki>, Error> {
     if let Some(pki) = ctx.pki.get(rsm) {
+        pki.renew_admin(&key(rsm))?;
         return Ok(pki);
     }
     let who = key(rsm);
     let ca = ca_of(ctx, rsm, ns).await?;
     let pki = Arc::new(Pki::new(ca, &who)?);
-    let client = PeerIdentity::new(Role::Client, CLIENT_NAME);
     let name = client_secret_name(&rsm.name_any());
-    ensure_leaf_secret(ctx, rsm, ns, &name, &pki, &client, &[], Likely::Present).await?;
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let existing = api.get_opt(&name).await?;
+    let due = match existing.as_ref().and_then(|s| leaf_due(s, pki.ca.pem())) {
+        Some(due) if due > Timestamp::now() => due,
+        _ => {
+            if existing.is_some() {
+                tracing::info!(object = %who, secret = %name,
+                    "TLS: issuing the client certificate again (from another CA, or past 2/3 of its life)");
+            }
+            let client = PeerIdentity::new(Role::Client, CLIENT_NAME);
+            issue_leaf_secret(ctx, rsm, ns, &name, &pki, &client, &[], existing.is_some()).await?
+        }
+    };
+    pki.set_client_due(due);
     ctx.pki.insert(rsm, pki.clone());
     tracing::info!(object = %who, "TLS: the RSM's CA is loaded and the operator's admin identity issued");
     Ok(pki)
@@ -138,6 +193,7 @@ pub async fn ensure(ctx: &Context, rsm: &ReplicatedStateMachine, ns: &str) -> Re
 /// which is observed and not changed. `None` when it has no CA yet.
 pub async fn existing(ctx: &Context, rsm: &ReplicatedStateMachine, ns: &str) -> Result<Option<Arc<Pki>>, Error> {
     if let Some(pki) = ctx.pki.get(rsm) {
+        pki.renew_admin(&key(rsm))?;
         return Ok(Some(pki));
     }
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
@@ -214,28 +270,32 @@ fn leaf_secret(
     Ok(secret(rsm, name.to_string(), data)?)
 }
 
-/// Whether a certificate Secret can stay: issued by this CA, with long enough left.
+/// When a certificate (PEM) is due to be issued again: at [`RENEW_AT_LIFE`] of its life.
+pub fn renew_at(cert_pem: &str) -> Option<Timestamp> {
+    let (not_before, not_after) = lockstep::pki::validity(cert_pem)?;
+    let (num, den) = RENEW_AT_LIFE;
+    Timestamp::from_second(not_before + (not_after - not_before) * num / den).ok()
+}
+
+/// When the certificate in a certificate Secret is due again; None when it is not one of
+/// this CA (a recreated RSM of the same name) or unreadable: due now.
+pub fn leaf_due(secret: &Secret, ca_pem: &str) -> Option<Timestamp> {
+    if field(secret, CA_CRT) != Some(ca_pem) {
+        return None;
+    }
+    renew_at(field(secret, TLS_CRT)?)
+}
+
+/// Whether a certificate Secret can stay: issued by this CA, not yet due again.
 pub fn leaf_current(secret: &Secret, ca_pem: &str) -> bool {
-    field(secret, CA_CRT) == Some(ca_pem)
-        && field(secret, TLS_CRT)
-            .and_then(lockstep::pki::time_left)
-            .is_some_and(|left| left > LEAF_RENEW_BEFORE)
+    leaf_due(secret, ca_pem).is_some_and(|due| due > Timestamp::now())
 }
 
-/// Which request [`ensure_leaf_secret`] tries first.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Likely {
-    /// The Secret is probably missing (a new replica): create, and read only on a conflict.
-    Missing,
-    /// The Secret probably exists (the client Secret at an operator start): read, and write
-    /// only when it is missing or stale.
-    Present,
-}
-
-/// Creates the certificate Secret `name`, or issues it again when it is from another CA or
-/// near its expiry. One API request in the likely case.
+/// Issues a certificate for `who` into the Secret `name`: created, or its data replaced
+/// (`exists`: try the patch first). Returns when the new certificate is due again. No read:
+/// the caller knows whether to replace it.
 #[allow(clippy::too_many_arguments)]
-async fn ensure_leaf_secret(
+async fn issue_leaf_secret(
     ctx: &Context,
     rsm: &ReplicatedStateMachine,
     ns: &str,
@@ -243,34 +303,95 @@ async fn ensure_leaf_secret(
     pki: &Pki,
     who: &PeerIdentity,
     hosts: &[String],
-    likely: Likely,
-) -> Result<(), Error> {
-    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
-    let existing = match likely {
-        Likely::Missing => {
-            let fresh = leaf_secret(rsm, name, pki, who, hosts)?;
-            if create_if_absent(ctx, ns, &fresh).await? {
-                return Ok(());
-            }
-            api.get_opt(name).await?
-        }
-        Likely::Present => api.get_opt(name).await?,
-    };
-    match existing {
-        Some(s) if leaf_current(&s, pki.ca.pem()) => Ok(()),
-        Some(_) => {
-            tracing::info!(object = %key(rsm), secret = %name,
-                "TLS: issuing the certificate again (from another CA, or near its expiry)");
-            let fresh = leaf_secret(rsm, name, pki, who, hosts)?;
-            let patch = serde_json::json!({ "data": fresh.data });
-            api.patch(name, &PatchParams::default(), &Patch::Merge(&patch)).await?;
-            Ok(())
-        }
-        None => {
-            create_if_absent(ctx, ns, &leaf_secret(rsm, name, pki, who, hosts)?).await?;
-            Ok(())
-        }
+    exists: bool,
+) -> Result<Timestamp, Error> {
+    let fresh = leaf_secret(rsm, name, pki, who, hosts)?;
+    let due = leaf_due(&fresh, pki.ca.pem()).ok_or_else(|| tls_error(&key(rsm), "issued an unreadable certificate"))?;
+    if !exists && create_if_absent(ctx, ns, &fresh).await? {
+        return Ok(due);
     }
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let patch = serde_json::json!({ "data": fresh.data });
+    match api.patch(name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+        Ok(_) => Ok(due),
+        // Deleted in the meantime (by hand): make it again.
+        Err(kube::Error::Api(s)) if s.code == 404 => {
+            create_if_absent(ctx, ns, &fresh).await?;
+            Ok(due)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// When the certificate of a TLS replica pod is due again ([`TLS_RENEW_ANNOTATION`]);
+/// None for a pod without it (made by an operator from before rotation): due now.
+pub fn pod_due(pod: &Pod) -> Option<Timestamp> {
+    pod.metadata
+        .annotations
+        .as_ref()?
+        .get(TLS_RENEW_ANNOTATION)?
+        .parse()
+        .ok()
+}
+
+/// Issues again every certificate of the RSM that has passed [`RENEW_AT_LIFE`] of its life,
+/// while its replicas keep running: a running replica's Secret `<pod>-tls` (its pod's
+/// [`TLS_RENEW_ANNOTATION`] says when, from the cache: no Secret is read) — the kubelet
+/// refreshes the mounted files and the replica loads them at its next handshake — and the
+/// client Secret. Returns when the next one is due, for the requeue. API requests only for
+/// what is due: a patch of the Secret and one of the pod's annotation.
+pub async fn renew(
+    ctx: &Context,
+    rsm: &ReplicatedStateMachine,
+    ns: &str,
+    world: &World,
+    pki: &Pki,
+) -> Result<Option<Timestamp>, Error> {
+    let now = Timestamp::now();
+    let mut next: Option<Timestamp> = None;
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    for pod in world.replicas.iter().map(|r| &r.pod) {
+        if runs_plaintext(pod) || pod.metadata.deletion_timestamp.is_some() {
+            continue;
+        }
+        let due = match pod_due(pod) {
+            Some(due) if due > now => due,
+            before => {
+                let id = pod.name_any();
+                tracing::info!(object = %key(rsm), replica = %id, due = ?before,
+                    "TLS: issuing the replica's certificate again while it runs (past 2/3 of its life)");
+                let who = PeerIdentity::new(Role::Replica, &id);
+                let hosts = replica_hosts(&rsm.name_any(), ns, &id);
+                let due = issue_leaf_secret(ctx, rsm, ns, &replica_secret_name(&id), pki, &who, &hosts, true).await?;
+                let patch = serde_json::json!({
+                    "metadata": { "annotations": { TLS_RENEW_ANNOTATION: due.to_string() } }
+                });
+                match pods.patch(&id, &PatchParams::default(), &Patch::Merge(&patch)).await {
+                    // Deleted since the cache saw it: its successor gets a fresh certificate.
+                    Err(kube::Error::Api(s)) if s.code == 404 => {}
+                    other => {
+                        other?;
+                    }
+                }
+                due
+            }
+        };
+        next = Some(next.map_or(due, |n| n.min(due)));
+    }
+    if let Some(due) = pki.client_due() {
+        let due = if due > now {
+            due
+        } else {
+            tracing::info!(object = %key(rsm), "TLS: issuing the client certificate again (past 2/3 of its life)");
+            let client = PeerIdentity::new(Role::Client, CLIENT_NAME);
+            let name = client_secret_name(&rsm.name_any());
+            let due = issue_leaf_secret(ctx, rsm, ns, &name, pki, &client, &[], true).await?;
+            pki.set_client_due(due);
+            due
+        };
+        next = Some(next.map_or(due, |n| n.min(due)));
+    }
+    Ok(next)
 }
 
 /// The DNS names a replica is dialled by: its pod in the peers Service (members, the
@@ -346,6 +467,7 @@ pub async fn create_replica_pod(
     world: &World,
 ) -> Result<bool, Error> {
     let plaintext = cluster_plaintext(world);
+    let mut due = None;
     if plaintext {
         tracing::warn!(object = %key(rsm), replica = %id,
             "creating a plaintext replica: other replicas of this RSM were started without TLS by an older operator \
@@ -355,9 +477,17 @@ pub async fn create_replica_pod(
         let who = PeerIdentity::new(Role::Replica, id);
         let hosts = replica_hosts(&rsm.name_any(), ns, id);
         let name = replica_secret_name(id);
-        ensure_leaf_secret(ctx, rsm, ns, &name, &pki, &who, &hosts, Likely::Missing).await?;
+        // Always a fresh certificate for a new pod (create, or replace what a pod of this id
+        // had before): its renewal time is then known, and goes on the pod.
+        due = Some(issue_leaf_secret(ctx, rsm, ns, &name, &pki, &who, &hosts, false).await?);
     }
-    let pod = build::replica_pod(rsm, id, machine, !plaintext)?;
+    let mut pod = build::replica_pod(rsm, id, machine, !plaintext)?;
+    if let Some(due) = due {
+        pod.metadata
+            .annotations
+            .get_or_insert_default()
+            .insert(TLS_RENEW_ANNOTATION.into(), due.to_string());
+    }
     create_if_absent(ctx, ns, &pod).await
 }
 
@@ -414,6 +544,24 @@ mod tests {
         assert!(leaf_current(&s(ca.pem()), ca.pem()));
         assert!(!leaf_current(&s(other.pem()), ca.pem()), "another CA");
         assert!(!leaf_current(&Secret::default(), ca.pem()), "empty");
+    }
+
+    #[test]
+    fn the_admin_identity_is_issued_again_in_place_when_due() {
+        let pki = Pki::new(Ca::generate("kv").expect("ca"), "ns/kv").expect("pki");
+        let clone = pki.admin.clone();
+        let first = clone.current().expect("tls").serial.clone();
+        pki.renew_admin("ns/kv").expect("not due: nothing");
+        assert_eq!(clone.current().expect("tls").serial, first);
+        *pki.admin_due.lock().unwrap() = Some(Timestamp::now() - std::time::Duration::from_secs(1));
+        pki.renew_admin("ns/kv").expect("due: issued again");
+        assert_ne!(
+            clone.current().expect("tls").serial,
+            first,
+            "clones use the new certificate"
+        );
+        assert_eq!(clone.identity(), Some(&PeerIdentity::new(Role::Admin, ADMIN_NAME)));
+        assert!(pki.admin_due.lock().unwrap().is_some_and(|d| d > Timestamp::now()));
     }
 
     #[test]

@@ -1003,3 +1003,157 @@ async fn an_unusable_ca_secret_is_reported_on_the_rsm_and_nothing_is_created() {
     );
     assert!(pods(&h.api).is_empty());
 }
+
+/// A Secret's certificate past 2/3 of its life is issued again from the same CA while its
+/// replica keeps running (no pod is deleted or recreated); so is the certificate of a pod made
+/// before the operator recorded renewal times. Nothing else is written, the next reconcile
+/// writes nothing, and the requeue comes back no later than the next renewal.
+#[tokio::test]
+async fn certificates_past_two_thirds_of_their_life_are_issued_again_while_the_replicas_run() {
+    use k8s_openapi::jiff::Timestamp;
+    use lockstep::pki::Ca;
+    use lockstep::{PeerIdentity, Role, Transport};
+    use lockstep_operator::names::TLS_RENEW_ANNOTATION;
+    use lockstep_operator::tls::{renew_at, replica_hosts};
+    const SECRETS: &str = "/api/v1/namespaces/apps/secrets";
+    let h = harness_with(|c| c.steady_requeue = std::time::Duration::from_secs(24 * 3600));
+    bootstrapped_pods(&h).await;
+    h.reconcile("kv").await;
+    h.reconcile("kv").await;
+    let field = |secret: &str, f: &str| -> String {
+        let v = lock(&h.api).objects[&format!("{SECRETS}/{secret}")]["data"][f].clone();
+        let bytes: k8s_openapi::ByteString = serde_json::from_value(v).expect("base64");
+        String::from_utf8(bytes.0).expect("utf8")
+    };
+    let annotation = |pod: &str| {
+        lock(&h.api).objects[&format!("{PODS}/{pod}")]["metadata"]["annotations"][TLS_RENEW_ANNOTATION]
+            .as_str()
+            .map(str::to_string)
+    };
+    // Each pod carries when its certificate is due: 2/3 into the 90 days.
+    let fresh_due = renew_at(&field("kv-0-tls", "tls.crt")).expect("due");
+    assert_eq!(annotation("kv-0"), Some(fresh_due.to_string()));
+    let left = fresh_due.duration_since(Timestamp::now()).as_secs();
+    assert!((59 * 86400..61 * 86400).contains(&left), "due in 60 days: {left}s");
+
+    // kv-0's certificate was issued 61 days ago (its pod says so, as the operator wrote when
+    // it issued it); kv-1's pod has no renewal time (made by an operator from before).
+    let ca_pem = field("kv-tls-ca", "ca.crt");
+    let ca = Ca::from_pem(&ca_pem, &field("kv-tls-ca", "ca.key")).expect("the RSM's CA");
+    let now = time::OffsetDateTime::now_utc();
+    let day = std::time::Duration::from_secs(86400);
+    let hosts = replica_hosts("kv", NS, "kv-0");
+    let hosts: Vec<&str> = hosts.iter().map(String::as_str).collect();
+    let old = ca
+        .issue_valid(
+            &PeerIdentity::new(Role::Replica, "kv-0"),
+            &hosts,
+            now - 61 * day,
+            now + 29 * day,
+        )
+        .expect("old leaf");
+    let old_due = renew_at(&old.cert).expect("due");
+    assert!(old_due < Timestamp::now());
+    {
+        let mut api = lock(&h.api);
+        let secret = api.objects.get_mut(&format!("{SECRETS}/kv-0-tls")).expect("kv-0-tls");
+        secret["data"]["tls.crt"] =
+            serde_json::to_value(k8s_openapi::ByteString(old.cert.clone().into_bytes())).unwrap();
+        secret["data"]["tls.key"] =
+            serde_json::to_value(k8s_openapi::ByteString(old.key.clone().into_bytes())).unwrap();
+        let pod = api.objects.get_mut(&format!("{PODS}/kv-0")).expect("kv-0");
+        pod["metadata"]["annotations"][TLS_RENEW_ANNOTATION] = json!(old_due.to_string());
+        let pod = api.objects.get_mut(&format!("{PODS}/kv-1")).expect("kv-1");
+        pod["metadata"]["annotations"]
+            .as_object_mut()
+            .expect("annotations")
+            .remove(TLS_RENEW_ANNOTATION);
+    }
+    let kv1_before = field("kv-1-tls", "tls.crt");
+    let uids: Vec<_> = ["kv-0", "kv-1"]
+        .iter()
+        .map(|p| lock(&h.api).objects[&format!("{PODS}/{p}")]["metadata"]["uid"].clone())
+        .collect();
+
+    h.reconcile("kv").await;
+    let writes = h.writes();
+    assert_eq!(
+        writes,
+        vec![
+            format!("PATCH {SECRETS}/kv-0-tls"),
+            format!("PATCH {PODS}/kv-0"),
+            format!("PATCH {SECRETS}/kv-1-tls"),
+            format!("PATCH {PODS}/kv-1"),
+        ],
+        "the two Secrets and the renewal times on their pods, nothing else (no pod deleted)"
+    );
+    assert!(
+        !h.log().iter().any(|l| l.starts_with("GET") && l.contains("/secrets/")),
+        "no Secret is read to know when it is due: {:#?}",
+        h.log()
+    );
+    for (p, uid) in ["kv-0", "kv-1"].iter().zip(&uids) {
+        assert_eq!(
+            &lock(&h.api).objects[&format!("{PODS}/{p}")]["metadata"]["uid"],
+            uid,
+            "{p} kept running"
+        );
+    }
+    let new = field("kv-0-tls", "tls.crt");
+    assert_ne!(new, old.cert, "kv-0's certificate issued again");
+    assert_ne!(field("kv-1-tls", "tls.crt"), kv1_before, "kv-1's too");
+    assert_eq!(field("kv-0-tls", "ca.crt"), ca_pem, "from the same CA");
+    let due = renew_at(&new).expect("due");
+    assert!(due > Timestamp::now() + 59 * day, "a fresh certificate: {due}");
+    assert_eq!(annotation("kv-0"), Some(due.to_string()));
+    assert!(annotation("kv-1").is_some());
+
+    // The new certificate and key work: a TLS handshake in which the operator's admin
+    // identity verifies it, for the name it dials, against the CA.
+    let replica = Transport::from_pem(
+        ca_pem.clone().into_bytes(),
+        new.into_bytes(),
+        field("kv-0-tls", "tls.key").into_bytes(),
+        "kv-0".into(),
+    )
+    .expect("usable certificate and key");
+    assert_eq!(replica.identity(), Some(&PeerIdentity::new(Role::Replica, "kv-0")));
+    let admin_leaf = ca
+        .issue(&PeerIdentity::new(Role::Admin, "operator"), &[])
+        .expect("admin leaf");
+    let admin = Transport::from_pem(
+        ca_pem.into_bytes(),
+        admin_leaf.cert.into_bytes(),
+        admin_leaf.key.into_bytes(),
+        "admin".into(),
+    )
+    .expect("admin");
+    let (a, b) = tokio::io::duplex(64 * 1024);
+    let server = tokio_rustls::TlsAcceptor::from(replica.current().expect("tls").server.clone());
+    let client = tokio_rustls::TlsConnector::from(admin.current().expect("tls").client.clone());
+    let name = rustls::pki_types::ServerName::try_from("kv-0.kv-peers.apps.svc").expect("name");
+    let (s, c) = tokio::join!(server.accept(a), client.connect(name, b));
+    s.expect("the replica accepts the operator");
+    c.expect("the operator accepts the replica's new certificate");
+
+    // Steady again: nothing written, and the requeue is no later than the next renewal.
+    h.reconcile("kv").await;
+    assert!(h.writes().is_empty(), "{:#?}", h.writes());
+    {
+        let mut api = lock(&h.api);
+        let pod = api.objects.get_mut(&format!("{PODS}/kv-0")).expect("kv-0");
+        let soon = Timestamp::now() + std::time::Duration::from_secs(600);
+        pod["metadata"]["annotations"][TLS_RENEW_ANNOTATION] = json!(soon.to_string());
+    }
+    let action = h.reconcile("kv").await;
+    let secs: f64 = format!("{action:?}")
+        .split("Some(")
+        .nth(1)
+        .and_then(|s| s.split("s)").next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("{action:?}"));
+    assert!(
+        secs <= 600.0 && secs > 500.0,
+        "back when kv-0 is due, not at the 24 h resync: {action:?}"
+    );
+}

@@ -280,16 +280,15 @@ pub async fn run(args: ReplicaArgs, factory: MachineFactory) -> anyhow::Result<(
         })
     };
     let grpc_server = transport
-        .server()?
-        .tcp_nodelay(true)
+        .server()
         .layer(tls::AuthorizeLayer::new(&transport, members))
         .add_service(lockstep_proto::client_server::ClientServer::new(services.clone()).max_decoding_message_size(max))
         .add_service(lockstep_proto::peer_server::PeerServer::new(services.clone()).max_decoding_message_size(max))
         .add_service(lockstep_proto::admin_server::AdminServer::new(services.clone()).max_decoding_message_size(max))
         .serve_with_incoming_shutdown(
-            // Accepted sockets need TCP_NODELAY too: without it a reply can sit ~40 ms
-            // behind the peer's delayed ACK.
-            tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true)),
+            // TLS handshakes (with the certificate current at each) and TCP_NODELAY on
+            // accepted sockets: tls::reload::incoming.
+            transport.incoming(grpc),
             wait_stop(stop_rx.clone()),
         );
     let http_server =

@@ -8,13 +8,13 @@ use crate::tls::Transport;
 use lockstep_proto::peer_client::PeerClient;
 use std::sync::Arc;
 use std::time::Duration;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 pub const HEARTBEAT: Duration = Duration::from_millis(100);
 const RPC_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub fn connect_lazy(transport: &Transport, endpoint: &str) -> Option<Channel> {
-    transport.endpoint(endpoint).ok().map(|e: Endpoint| {
+    transport.endpoint(endpoint).ok().map(|e| {
         e.connect_timeout(Duration::from_millis(500))
             .tcp_nodelay(true)
             .timeout(RPC_TIMEOUT)

@@ -13,14 +13,14 @@
 //! [`AuthorizeLayer`] enforces the table on every request (a tower layer on the whole
 //! server, so no handler can forget it); see docs/security.md for what was rejected.
 
-use anyhow::Context;
+use anyhow::Context as _;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 use tonic::Status;
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
+use tonic::transport::{Channel, Endpoint};
 
 /// Scheme of the identity URI in a certificate's subject alternative names.
 pub const IDENTITY_SCHEME: &str = "lockstep://";
@@ -155,30 +155,23 @@ impl TlsArgs {
     }
 }
 
-/// The PEM material of one TLS identity and the CA it trusts.
-pub struct TlsMaterial {
-    ca: Vec<u8>,
-    cert: Vec<u8>,
-    key: Vec<u8>,
-    /// The identity in `cert`.
-    pub identity: PeerIdentity,
-    /// Where it was loaded from (for messages).
-    pub source: String,
-}
+mod reload;
+pub use reload::{CHECK_EVERY, ConnInfo, Loaded, serial_of};
 
-impl fmt::Debug for TlsMaterial {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TlsMaterial")
-            .field("identity", &self.identity)
-            .field("source", &self.source)
-            .finish_non_exhaustive()
-    }
-}
-
-/// How this process talks gRPC: plaintext, or mutual TLS with one identity. Cheap to clone.
-#[derive(Clone, Debug, Default)]
+/// How this process talks gRPC: plaintext, or mutual TLS with one identity whose
+/// certificate may be rotated under it (files are reloaded, see `tls/reload.rs`). Cheap to clone.
+#[derive(Clone, Default)]
 pub struct Transport {
-    tls: Option<Arc<TlsMaterial>>,
+    tls: Option<Arc<reload::Store>>,
+}
+
+impl fmt::Debug for Transport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.tls {
+            None => f.write_str("Transport(plaintext)"),
+            Some(s) => write!(f, "Transport(TLS {} from {})", s.identity.uri(), s.source),
+        }
+    }
 }
 
 /// TLS handshake bound (a caller that never finishes its handshake holds nothing longer).
@@ -189,108 +182,141 @@ impl Transport {
         Transport { tls: None }
     }
 
-    /// Mutual TLS from PEM bytes.
+    /// Mutual TLS from PEM bytes (never reloaded).
     pub fn from_pem(ca: Vec<u8>, cert: Vec<u8>, key: Vec<u8>, source: String) -> anyhow::Result<Transport> {
-        use rustls_pki_types::CertificateDer;
-        use rustls_pki_types::pem::PemObject;
-        let leaf = CertificateDer::pem_slice_iter(&cert)
-            .next()
-            .context("no certificate in it")?
-            .context("unreadable PEM certificate")?;
-        let identity = PeerIdentity::from_certificate(&leaf).map_err(anyhow::Error::msg)?;
-        CertificateDer::pem_slice_iter(&ca)
-            .next()
-            .context("no CA certificate")?
-            .context("unreadable PEM CA certificate")?;
+        let loaded = Loaded::from_pem(&ca, &cert, &key)?;
         Ok(Transport {
-            tls: Some(Arc::new(TlsMaterial {
-                ca,
-                cert,
-                key,
-                identity,
-                source,
-            })),
+            tls: Some(Arc::new(reload::Store::fixed(loaded, source))),
         })
     }
 
-    /// Mutual TLS from PEM files.
+    /// Replace the certificate of a TLS transport (from [`Transport::from_pem`], say: issued
+    /// in memory again before it expires) for every clone of it, from their next handshake
+    /// on; the identity must stay the same.
+    pub fn reissue(&self, ca: &[u8], cert: &[u8], key: &[u8]) -> anyhow::Result<()> {
+        let store = self.tls.as_ref().context("a plaintext transport has no certificate")?;
+        store.replace(Loaded::from_pem(ca, cert, key)?)
+    }
+
+    /// Mutual TLS from PEM files, read again when they change (rotation): new handshakes,
+    /// in and out, use the new certificate.
     pub fn load(ca: &Path, cert: &Path, key: &Path) -> anyhow::Result<Transport> {
-        let read = |p: &Path| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
-        Transport::from_pem(read(ca)?, read(cert)?, read(key)?, cert.display().to_string())
-            .with_context(|| format!("TLS certificate {} (CA {})", cert.display(), ca.display()))
+        Ok(Transport {
+            tls: Some(Arc::new(reload::Store::watch(ca, cert, key)?)),
+        })
     }
 
     pub fn is_tls(&self) -> bool {
         self.tls.is_some()
     }
 
-    /// This process's own identity (TLS only).
+    /// This process's own identity (TLS only; a reload keeps it).
     pub fn identity(&self) -> Option<&PeerIdentity> {
         self.tls.as_ref().map(|t| &t.identity)
     }
 
-    pub fn material(&self) -> Option<&TlsMaterial> {
-        self.tls.as_deref()
+    /// The material the next handshake uses (TLS only).
+    pub fn current(&self) -> Option<Arc<Loaded>> {
+        self.tls.as_ref().map(|t| t.current())
     }
 
-    /// The server side: our certificate, and client certificates required and verified
-    /// against the CA.
-    pub fn server_config(&self) -> Option<ServerTlsConfig> {
-        self.tls.as_ref().map(|t| {
-            ServerTlsConfig::new()
-                .identity(Identity::from_pem(&t.cert, &t.key))
-                .client_ca_root(Certificate::from_pem(&t.ca))
-                .client_auth_optional(false)
-                .timeout(HANDSHAKE_TIMEOUT)
-        })
+    /// How many changes of the certificate files were refused (unusable, or another
+    /// identity): the certificate loaded before stayed in use.
+    pub fn refused_reloads(&self) -> u64 {
+        self.tls.as_ref().map_or(0, |t| t.refused())
     }
 
-    /// A tonic server builder with this transport's TLS (if any).
-    pub fn server(&self) -> anyhow::Result<tonic::transport::Server> {
-        let builder = tonic::transport::Server::builder();
-        match self.server_config() {
-            Some(c) => builder
-                .tls_config(c)
-                .context("cannot use the TLS certificate and key (--tls-cert/--tls-key)"),
-            None => Ok(builder),
-        }
+    /// A tonic server builder; serve it with [`Transport::incoming`], which does the TLS.
+    pub fn server(&self) -> tonic::transport::Server {
+        tonic::transport::Server::builder()
+    }
+
+    /// The connections of `listener` for `serve_with_incoming`: TLS handshakes with the
+    /// current certificate (client certificates required, verified against the current CA),
+    /// or plaintext. Requests carry a [`ConnInfo`].
+    pub fn incoming(
+        &self,
+        listener: tokio::net::TcpListener,
+    ) -> impl tokio_stream::Stream<Item = Result<reload::Conn, std::io::Error>> + use<> {
+        reload::incoming(listener, self.tls.clone())
     }
 
     /// An endpoint for `address` (`host:port`, `http://host:port` or `https://host:port`; the
-    /// scheme follows this transport, not the address): `https` with our client certificate
-    /// and the server verified against the CA, or `http`.
-    pub fn endpoint(&self, address: &str) -> Result<Endpoint, String> {
+    /// scheme follows this transport, not the address): TLS with our client certificate and
+    /// the server verified against the CA, or plaintext.
+    pub fn endpoint(&self, address: &str) -> Result<Dial, String> {
         self.endpoint_named(address, None)
     }
 
     /// [`Transport::endpoint`], verifying the server's certificate for `server_name` instead
     /// of the address's host: for a replica dialled by pod IP whose certificate names its
     /// stable DNS names (the IP is not known when the certificate is issued).
-    pub fn endpoint_named(&self, address: &str, server_name: Option<&str>) -> Result<Endpoint, String> {
+    pub fn endpoint_named(&self, address: &str, server_name: Option<&str>) -> Result<Dial, String> {
         let a = address.trim();
         let host_port = a
             .strip_prefix("http://")
             .or_else(|| a.strip_prefix("https://"))
             .unwrap_or(a)
             .trim_end_matches('/');
-        match &self.tls {
-            None if a.starts_with("https://") => Err(format!(
+        if self.tls.is_none() && a.starts_with("https://") {
+            return Err(format!(
                 "{a} asks for TLS but no certificates are configured: pass --tls-ca, --tls-cert and --tls-key"
-            )),
-            None => Endpoint::from_shared(format!("http://{host_port}")).map_err(|e| format!("bad address {a}: {e}")),
-            Some(t) => {
-                let mut tls = ClientTlsConfig::new()
-                    .ca_certificate(Certificate::from_pem(&t.ca))
-                    .identity(Identity::from_pem(&t.cert, &t.key))
-                    .timeout(HANDSHAKE_TIMEOUT);
-                if let Some(name) = server_name {
-                    tls = tls.domain_name(name);
-                }
-                Endpoint::from_shared(format!("https://{host_port}"))
-                    .map_err(|e| format!("bad address {a}: {e}"))?
-                    .tls_config(tls)
-                    .map_err(|e| format!("TLS for {a}: {e}"))
-            }
+            ));
+        }
+        // With TLS the scheme is still http for tonic: our connector does the TLS (with the
+        // certificate current at each connection), tonic's would fix it at build time.
+        let endpoint =
+            Endpoint::from_shared(format!("http://{host_port}")).map_err(|e| format!("bad address {a}: {e}"))?;
+        Ok(Dial {
+            endpoint,
+            tls: self.tls.clone().map(|store| reload::Connector {
+                store,
+                server_name: server_name.map(str::to_string),
+                nodelay: false,
+            }),
+        })
+    }
+}
+
+/// A tonic [`Endpoint`] and, with TLS, the connector that does the handshakes: build a
+/// [`Channel`] with [`Dial::connect`] or [`Dial::connect_lazy`].
+#[derive(Clone)]
+pub struct Dial {
+    endpoint: Endpoint,
+    tls: Option<reload::Connector>,
+}
+
+impl Dial {
+    pub fn connect_timeout(mut self, d: Duration) -> Dial {
+        self.endpoint = self.endpoint.connect_timeout(d);
+        self
+    }
+
+    /// Per-request timeout.
+    pub fn timeout(mut self, d: Duration) -> Dial {
+        self.endpoint = self.endpoint.timeout(d);
+        self
+    }
+
+    pub fn tcp_nodelay(mut self, on: bool) -> Dial {
+        self.endpoint = self.endpoint.tcp_nodelay(on);
+        if let Some(c) = &mut self.tls {
+            c.nodelay = on;
+        }
+        self
+    }
+
+    pub fn connect_lazy(&self) -> Channel {
+        match &self.tls {
+            Some(c) => self.endpoint.connect_with_connector_lazy(c.clone()),
+            None => self.endpoint.connect_lazy(),
+        }
+    }
+
+    pub async fn connect(&self) -> Result<Channel, tonic::transport::Error> {
+        match &self.tls {
+            Some(c) => self.endpoint.connect_with_connector(c.clone()).await,
+            None => self.endpoint.connect().await,
         }
     }
 }
@@ -410,11 +436,7 @@ pub struct Authorize<S> {
 
 /// The identity of the caller of a request, from the TLS connection it came on.
 pub fn caller<B>(request: &http::Request<B>) -> Option<Result<PeerIdentity, String>> {
-    use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
-    let certs = request
-        .extensions()
-        .get::<TlsConnectInfo<TcpConnectInfo>>()
-        .and_then(|i| i.peer_certs())?;
+    let certs = request.extensions().get::<ConnInfo>()?.peer_certs.as_ref()?;
     Some(
         certs
             .first()

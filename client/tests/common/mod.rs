@@ -17,6 +17,8 @@ pub struct LocalCluster {
     up: Option<Child>,
     pub t: u32,
     extra_args: Vec<String>,
+    /// Environment of `lockstep up` (and so of its replicas), besides the test's own.
+    pub env: Vec<(String, String)>,
 }
 
 pub fn lockstep_bin() -> &'static str {
@@ -32,6 +34,18 @@ impl LocalCluster {
 
     /// Start `lockstep up` and wait until the cluster is ready.
     pub fn start(name: &str, t: u32, machine: &str, extra_args: &[&str]) -> LocalCluster {
+        Self::start_with_env(name, t, machine, extra_args, &[])
+    }
+
+    /// [`LocalCluster::start`] with more environment for `lockstep up` and its replicas
+    /// (`RUST_LOG`, say).
+    pub fn start_with_env(
+        name: &str,
+        t: u32,
+        machine: &str,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> LocalCluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let yaml = dir.path().join(format!("{name}.yaml"));
         std::fs::write(&yaml, Self::yaml(name, t, machine)).expect("write yaml");
@@ -42,6 +56,7 @@ impl LocalCluster {
             up: None,
             t,
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         };
         c.launch();
         c.wait_ready(Duration::from_secs(30));
@@ -69,6 +84,7 @@ impl LocalCluster {
             .arg("--data-dir")
             .arg(self.data_dir())
             .args(&self.extra_args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(out.try_clone().expect("dup"))
             .stderr(out)
@@ -170,6 +186,20 @@ impl LocalCluster {
         kill(self.pid(id), sig).unwrap_or_else(|e| panic!("kill -{sig} {id}: {e}"));
     }
 
+    /// `kill -9` member `id` and wait until the master has replaced it (a new epoch without it,
+    /// every member ready).
+    pub fn kill_and_wait_replaced(&self, id: &str) {
+        let epoch = self.epoch();
+        self.signal(id, Signal::SIGKILL);
+        assert!(
+            wait_until(Duration::from_secs(60), || self.epoch() > epoch
+                && self.is_ready()
+                && !self.members().iter().any(|m| m == id)),
+            "no replacement for {id}:\n{}",
+            self.up_output()
+        );
+    }
+
     /// True when every one of the n = t+1 members is a voter, each answers with the
     /// configuration's epoch, and no learner is pending.
     pub fn is_ready(&self) -> bool {
@@ -258,6 +288,62 @@ pub async fn connect(
     endpoint: &str,
 ) -> Result<tonic::transport::Channel, tonic::transport::Error> {
     transport.endpoint(endpoint).expect("endpoint").connect().await
+}
+
+/// Clients writing all along, each its own key with the client library (its retries, as the
+/// bench uses it), `pause` between puts; every error is kept.
+pub struct Writers {
+    pub stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Puts that succeeded, all writers together.
+    pub ok: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    handles: Vec<std::thread::JoinHandle<Vec<String>>>,
+}
+
+impl Writers {
+    pub fn start(cluster: &LocalCluster, n: usize, pause: Duration) -> Writers {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let ok = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let handles = (0..n)
+            .map(|w| {
+                let mut client = cluster.client();
+                let (stop, ok) = (stop.clone(), ok.clone());
+                std::thread::spawn(move || {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .expect("rt");
+                    let mut errors = Vec::new();
+                    let mut i = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        i += 1;
+                        match rt.block_on(client.put(&format!("w{w}"), &i.to_string())) {
+                            Ok(_) => {
+                                ok.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Err(e) => errors.push(format!("writer {w} put {i}: {e}")),
+                        }
+                        std::thread::sleep(pause);
+                    }
+                    errors
+                })
+            })
+            .collect();
+        Writers { stop, ok, handles }
+    }
+
+    pub fn ok(&self) -> u64 {
+        self.ok.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Stop them; every error any of them saw.
+    pub fn finish(self) -> Vec<String> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("writer"))
+            .collect()
+    }
 }
 
 pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {

@@ -204,17 +204,13 @@ pub async fn run(
         })
     };
     let grpc_server = transport
-        .server()?
-        .tcp_nodelay(true)
+        .server()
         .layer(crate::tls::AuthorizeLayer::new(&transport, members))
         .add_service(
             lockstep_proto::byzantine_server::ByzantineServer::new(services.clone()).max_decoding_message_size(max),
         )
         .add_service(lockstep_proto::admin_server::AdminServer::new(services.clone()).max_decoding_message_size(max))
-        .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true)),
-            crate::wait_stop(stop_rx.clone()),
-        );
+        .serve_with_incoming_shutdown(transport.incoming(grpc), crate::wait_stop(stop_rx.clone()));
     let http_server = axum::serve(http, service::http_router(shared.clone()))
         .with_graceful_shutdown(crate::wait_stop(stop_rx.clone()));
     let grpc_task = tokio::spawn(grpc_server);
