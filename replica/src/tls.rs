@@ -436,13 +436,8 @@ pub struct Authorize<S> {
 
 /// The identity of the caller of a request, from the TLS connection it came on.
 pub fn caller<B>(request: &http::Request<B>) -> Option<Result<PeerIdentity, String>> {
-    let certs = request.extensions().get::<ConnInfo>()?.peer_certs.as_ref()?;
-    Some(
-        certs
-            .first()
-            .ok_or_else(|| "empty certificate chain".to_string())
-            .and_then(|leaf| PeerIdentity::from_certificate(leaf)),
-    )
+    let identity = request.extensions().get::<ConnInfo>()?.identity.as_ref()?;
+    Some(identity.as_ref().clone())
 }
 
 impl<S, B, ResBody> tower::Service<http::Request<B>> for Authorize<S>

@@ -253,6 +253,9 @@ pub struct ConnInfo {
     pub remote: Option<SocketAddr>,
     /// The client's verified certificate chain (TLS), leaf first.
     pub peer_certs: Option<Arc<Vec<CertificateDer<'static>>>>,
+    /// The identity in the leaf, parsed once per connection (not once per request: parsing
+    /// the certificate was 2.4% of a Byzantine replica's CPU when it ran per request).
+    pub identity: Option<Arc<Result<PeerIdentity, String>>>,
 }
 
 /// An accepted connection: plaintext (`--insecure`) or TLS after the handshake.
@@ -269,12 +272,23 @@ impl tonic::transport::server::Connected for Conn {
             Conn::Plain(s) => ConnInfo {
                 remote: s.peer_addr().ok(),
                 peer_certs: None,
+                identity: None,
             },
             Conn::Tls(s) => {
                 let (tcp, session) = s.get_ref();
+                let peer_certs = session.peer_certificates().map(|c| Arc::new(c.to_vec()));
+                let identity = peer_certs.as_ref().map(|certs| {
+                    Arc::new(
+                        certs
+                            .first()
+                            .ok_or_else(|| "empty certificate chain".to_string())
+                            .and_then(|leaf| PeerIdentity::from_certificate(leaf)),
+                    )
+                });
                 ConnInfo {
                     remote: tcp.peer_addr().ok(),
-                    peer_certs: session.peer_certificates().map(|c| Arc::new(c.to_vec())),
+                    peer_certs,
+                    identity,
                 }
             }
         }
