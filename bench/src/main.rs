@@ -476,6 +476,12 @@ fn print_run(r: &Run) {
                 "sum", "validate .. reply (not replicate)", ""
             );
         }
+        if let Some(mean) = n.execute_mean_ms {
+            println!(
+                "      {:<14} {:<34} {:>8} {mean:>8.3}",
+                "Execute", "handler mean (request_seconds)", ""
+            );
+        }
     }
 }
 

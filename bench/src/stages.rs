@@ -17,11 +17,35 @@ pub struct StageStats {
     pub p99_ms: f64,
 }
 
-/// The stages of one node over one run, in the order the replica exports them.
+/// The stages of one node over one run, in the order of a write's life.
 #[derive(serde::Serialize, Debug, Clone)]
 pub struct NodeStages {
     pub node: String,
     pub stages: Vec<StageStats>,
+    /// Mean time in the Execute handler over the run (`request_seconds{method="Execute"}`),
+    /// which the stages in sequence add up to.
+    pub execute_mean_ms: Option<f64>,
+}
+
+/// The stages a replica exports, in the order of a write's life, each with what it is in a
+/// few words.
+const STAGES: [(&str, &str); 8] = [
+    ("validate", "handler -> validated, ordered"),
+    ("queue", "ordered -> storage batch starts"),
+    ("local_fsync", "write + fsync here"),
+    ("replicate", "(beside) sent -> last backup ack"),
+    ("commit_wait", "durable here -> committed"),
+    ("apply", "committed -> applied"),
+    ("reply", "applied -> handler returns"),
+    ("backup_append", "Append in -> durable -> ack"),
+];
+
+/// The value of the sample `series` (name and labels exactly as exported), 0 if absent.
+fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
 }
 
 /// One histogram as parsed from a scrape: per stage, (upper bound, cumulative count) pairs,
@@ -110,8 +134,14 @@ fn quantile(q: f64, buckets: &[(f64, f64)]) -> f64 {
 /// Per-stage figures of one node from the scrapes `before` and `after` a run; stages with no
 /// observation during the run are left out (a backup has one stage, a primary seven).
 pub fn node_stages(node: &str, before: &str, after: &str) -> NodeStages {
+    let execute = |suffix: &str| {
+        let series = format!("lockstep_replica_request_seconds_{suffix}{{method=\"Execute\"}}");
+        sample(after, &series) - sample(before, &series)
+    };
+    let executes = execute("count");
+    let execute_mean_ms = (executes > 0.0).then(|| execute("sum") / executes * 1000.0);
     let before = parse(before);
-    let stages = parse(after)
+    let mut stages: Vec<StageStats> = parse(after)
         .into_iter()
         .filter_map(|(stage, a)| {
             let b = before.iter().find(|(s, _)| *s == stage).map(|(_, h)| h);
@@ -139,25 +169,17 @@ pub fn node_stages(node: &str, before: &str, after: &str) -> NodeStages {
             })
         })
         .collect();
+    stages.sort_by_key(|s| STAGES.iter().position(|(name, _)| *name == s.stage));
     NodeStages {
         node: node.to_string(),
         stages,
+        execute_mean_ms,
     }
 }
 
 /// What a stage is, in a few words, for the printed table.
 pub fn meaning(stage: &str) -> &'static str {
-    match stage {
-        "validate" => "handler -> validated, ordered",
-        "queue" => "ordered -> storage batch starts",
-        "local_fsync" => "write + fsync here",
-        "replicate" => "(beside) sent -> last backup ack",
-        "commit_wait" => "durable here -> committed",
-        "apply" => "committed -> applied",
-        "reply" => "applied -> handler returns",
-        "backup_append" => "Append in -> durable -> ack",
-        _ => "",
-    }
+    STAGES.iter().find(|(name, _)| *name == stage).map_or("", |(_, m)| m)
 }
 
 /// The stages that follow one another at the primary (`replicate` runs beside them): their
@@ -179,6 +201,8 @@ lockstep_replica_write_stage_seconds_count{stage="apply"} 10
 lockstep_replica_write_stage_seconds_bucket{le="0.001",stage="apply"} 10
 lockstep_replica_write_stage_seconds_bucket{le="0.002",stage="apply"} 10
 lockstep_replica_write_stage_seconds_bucket{le="+Inf",stage="apply"} 10
+lockstep_replica_request_seconds_sum{method="Execute"} 2.0
+lockstep_replica_request_seconds_count{method="Execute"} 10
 lockstep_replica_write_stage_seconds_sum{stage="reply"} 0.0
 lockstep_replica_write_stage_seconds_count{stage="reply"} 0
 lockstep_replica_write_stage_seconds_bucket{le="0.001",stage="reply"} 0
@@ -193,7 +217,17 @@ lockstep_replica_write_stage_seconds_bucket{le="+Inf",stage="reply"} 0
             .replace(r#"count{stage="apply"} 10"#, r#"count{stage="apply"} 110"#)
             .replace(r#"le="0.002",stage="apply"} 10"#, r#"le="0.002",stage="apply"} 60"#)
             .replace(r#"le="+Inf",stage="apply"} 10"#, r#"le="+Inf",stage="apply"} 110"#);
+        let after = after
+            .replace(
+                r#"seconds_sum{method="Execute"} 2.0"#,
+                r#"seconds_sum{method="Execute"} 2.5"#,
+            )
+            .replace(
+                r#"seconds_count{method="Execute"} 10"#,
+                r#"seconds_count{method="Execute"} 110"#,
+            );
         let n = node_stages("p", BEFORE, &after);
+        assert_eq!(n.execute_mean_ms, Some(5.0));
         assert_eq!(n.stages.len(), 1, "reply saw nothing during the run: {n:?}");
         let s = &n.stages[0];
         assert_eq!((s.stage.as_str(), s.count), ("apply", 100));
