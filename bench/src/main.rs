@@ -21,6 +21,7 @@ mod etcd;
 mod floor;
 mod local;
 mod procs;
+mod stages;
 
 use anyhow::{Context, bail};
 use clap::Parser;
@@ -146,6 +147,8 @@ struct Run {
     mix: String,
     report: Report,
     disk: Vec<DiskStats>,
+    /// Where one write's time goes, per node (lockstep only; see `stages.rs`).
+    stages: Vec<stages::NodeStages>,
     /// CPU use per process during the run, in % of one core.
     cpu_percent: BTreeMap<String, f64>,
 }
@@ -413,6 +416,13 @@ where
         .zip(before.iter().zip(after.iter()))
         .map(|((node, _), (b, a))| disk_stats(node, b, a, secs, t.names))
         .collect();
+    let stages = t
+        .metrics
+        .iter()
+        .zip(before.iter().zip(after.iter()))
+        .map(|((node, _), (b, a))| stages::node_stages(node, b, a))
+        .filter(|n| !n.stages.is_empty())
+        .collect();
     let cpu_percent = pids
         .iter()
         .zip(cpu0.iter().zip(cpu1.iter()))
@@ -422,6 +432,7 @@ where
         mix,
         report,
         disk,
+        stages,
         cpu_percent,
     })
 }
@@ -436,6 +447,42 @@ fn print_run(r: &Run) {
     }
     let cpu: Vec<String> = r.cpu_percent.iter().map(|(k, v)| format!("{k} {v:.0}%")).collect();
     println!("    CPU (% of one core): {}", cpu.join(", "));
+    for n in &r.stages {
+        println!("    where one write's time goes on {} (ms):", n.node);
+        println!(
+            "      {:<14} {:<34} {:>8} {:>8} {:>8} {:>8}",
+            "stage", "", "count", "mean", "p50", "p99"
+        );
+        for s in &n.stages {
+            println!(
+                "      {:<14} {:<34} {:>8} {:>8.3} {:>8.3} {:>8.3}",
+                s.stage,
+                stages::meaning(&s.stage),
+                s.count,
+                s.mean_ms,
+                s.p50_ms,
+                s.p99_ms
+            );
+        }
+        let in_sequence: f64 = n
+            .stages
+            .iter()
+            .filter(|s| stages::in_sequence(&s.stage))
+            .map(|s| s.mean_ms)
+            .sum();
+        if in_sequence > 0.0 {
+            println!(
+                "      {:<14} {:<34} {:>8} {in_sequence:>8.3}",
+                "sum", "validate .. reply (not replicate)", ""
+            );
+        }
+        if let Some(mean) = n.execute_mean_ms {
+            println!(
+                "      {:<14} {:<34} {:>8} {mean:>8.3}",
+                "Execute", "handler mean (request_seconds)", ""
+            );
+        }
+    }
 }
 
 fn resolve_lockstep_bin(arg: Option<PathBuf>) -> anyhow::Result<PathBuf> {
@@ -857,6 +904,25 @@ fn print_summary(r: &Results, args: &Args) {
                         } else {
                             "NO"
                         }
+                    );
+                }
+            }
+        }
+    }
+    if r.runs.iter().any(|x| !x.stages.is_empty()) {
+        println!();
+        println!(
+            "where one write's time goes (lockstep; means and bucket-estimated p50/p99, ms; replicate runs beside queue .. commit_wait):"
+        );
+        println!();
+        println!("| mix | clients | node | stage | count | mean ms | p50 ms | p99 ms |");
+        println!("|-----|--------:|------|-------|------:|--------:|-------:|-------:|");
+        for run in &r.runs {
+            for n in &run.stages {
+                for s in &n.stages {
+                    println!(
+                        "| {} | {} | {} | {} | {} | {:.3} | {:.3} | {:.3} |",
+                        run.mix, run.report.clients, n.node, s.stage, s.count, s.mean_ms, s.p50_ms, s.p99_ms
                     );
                 }
             }

@@ -15,6 +15,7 @@ pub mod node;
 pub mod peers;
 pub mod runtime;
 pub mod server;
+pub mod stages;
 pub mod storage;
 pub mod tls;
 pub mod writer;
@@ -210,18 +211,15 @@ pub async fn run(args: ReplicaArgs, factory: MachineFactory) -> anyhow::Result<(
         let weak = weak.clone();
         let writer = writer::spawn(
             storage,
-            Box::new(move |durable, written, took| {
+            Box::new(move |durable, written, started| {
                 let Some(shared) = weak.upgrade() else { return };
-                if written > 0 {
-                    shared.metrics.fsyncs.inc();
-                    shared.metrics.fsync_seconds.observe(took.as_secs_f64());
-                    shared.metrics.entries_per_fsync.observe(written as f64);
-                }
+                let now = std::time::Instant::now();
+                shared.metrics.observe_batch(written, now - started);
                 {
                     let mut node = shared.lock();
                     node.on_durable(durable);
-                    let ops = node.apply_committed(&shared.applied_tx);
-                    shared.writer.send_all(ops);
+                    node.stages.durable(durable, started, now);
+                    shared.apply_committed(&mut node, now);
                 }
                 shared.after_change();
             }),

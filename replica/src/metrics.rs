@@ -1,5 +1,6 @@
 //! Prometheus metrics of one replica, served on `/metrics`.
 
+use crate::stages::Stage;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -26,6 +27,20 @@ pub struct Metrics {
     pub snapshots: Counter,
     /// Seconds from receiving a client request to answering it, by method (Execute, Read).
     pub request_seconds: Family<MethodLabel, Histogram>,
+    /// `write_stage_seconds{stage}`: one histogram per [`Stage`], created up front (indexed by
+    /// the stage) so an observation allocates nothing.
+    pub write_stage_seconds: Family<StageLabel, Histogram>,
+    stage_histograms: Vec<Histogram>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StageLabel {
+    pub stage: String,
+}
+
+/// 10 µs .. ~5 s: the stages of one write range from a lock hand-over to a slow fsync.
+fn stage_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.00001, 2.0, 20))
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -53,7 +68,17 @@ impl Default for Metrics {
             entries_per_fsync: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
             snapshots: Counter::default(),
             request_seconds: Family::new_with_constructor(request_histogram),
+            write_stage_seconds: Family::new_with_constructor(stage_histogram),
+            stage_histograms: Vec::new(),
         };
+        m.stage_histograms = Stage::ALL
+            .iter()
+            .map(|s| {
+                m.write_stage_seconds
+                    .get_or_create(&StageLabel { stage: s.name().into() })
+                    .clone()
+            })
+            .collect();
         m.registry
             .register("commands", "Client commands by result", m.commands.clone());
         m.registry
@@ -87,6 +112,15 @@ impl Default for Metrics {
             "Client request latency by method (Execute, Read), including rejected requests",
             m.request_seconds.clone(),
         );
+        m.registry.register(
+            "write_stage_seconds",
+            "Time one client write spends in each stage (docs/benchmarks.md, \"Where the time goes\"). \
+             Primary, one observation per committed write (writes of one batch share its timestamps), \
+             in order: validate, queue, local_fsync, commit_wait, apply, reply; replicate runs beside \
+             queue..commit_wait (first sent to a backup -> last voter's ack). Backup: backup_append, one \
+             observation per Append carrying entries (received -> durable -> ack)",
+            m.write_stage_seconds.clone(),
+        );
         m
     }
 }
@@ -104,6 +138,18 @@ impl Metrics {
         self.request_seconds
             .get_or_create(&MethodLabel { method: method.into() })
             .observe(took.as_secs_f64());
+    }
+    /// One durable batch of the storage thread: `written` entries (none: no fsync), `took`
+    /// for the write + fsync.
+    pub fn observe_batch(&self, written: usize, took: std::time::Duration) {
+        if written > 0 {
+            self.fsyncs.inc();
+            self.fsync_seconds.observe(took.as_secs_f64());
+            self.entries_per_fsync.observe(written as f64);
+        }
+    }
+    pub fn observe_stage(&self, stage: Stage, took: std::time::Duration) {
+        self.stage_histograms[stage as usize].observe(took.as_secs_f64());
     }
     pub fn encode(&self) -> String {
         let mut out = String::new();

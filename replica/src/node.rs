@@ -15,6 +15,7 @@
 
 use crate::metrics::Metrics;
 use crate::runtime::{Runtime, digest};
+use crate::stages::StageClock;
 use crate::writer::{StorageOp, WriterHandle};
 use lockstep_proto::{
     AppendRequest, AppendResponse, AppliedEntry, Command, Configuration, InstallSnapshotRequest, LogEntry,
@@ -124,6 +125,9 @@ pub struct Node {
     recent: VecDeque<AppliedEntry>,
     snapshot_every: u64,
     pub durable: bool,
+    /// Timestamps of client writes in flight, for `write_stage_seconds` (the shell stamps them;
+    /// the node only carries them).
+    pub stages: StageClock,
 }
 
 /// Everything shared by the servers and background tasks of one replica.
@@ -147,6 +151,18 @@ impl Shared {
 
     pub fn poke(&self) {
         self.changed.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    /// After a durability or acknowledgement event seen at `now`, under the node lock: stamp
+    /// the commit, apply what is committed (answering its clients), stamp that, and queue the
+    /// snapshots it asks for.
+    pub fn apply_committed(&self, node: &mut Node, now: std::time::Instant) {
+        let commit = node.commit_index;
+        node.stages.committed(commit, now);
+        let ops = node.apply_committed(&self.applied_tx);
+        let applied = node.applied_index;
+        node.stages.applied(applied, std::time::Instant::now(), &self.metrics);
+        self.writer.send_all(ops);
     }
 
     /// Refresh gauges and wake the replication tasks.
@@ -202,6 +218,7 @@ impl Node {
             recent: VecDeque::new(),
             snapshot_every,
             durable,
+            stages: StageClock::default(),
         }
     }
 
@@ -745,13 +762,17 @@ impl Node {
         if self.role != Role::Primary {
             return;
         }
-        let mut commit = self.durable_index;
-        for p in self.peers.values().filter(|p| p.voter) {
-            commit = commit.min(p.match_index);
-        }
+        let commit = self
+            .replicated_index()
+            .map_or(self.durable_index, |r| r.min(self.durable_index));
         if commit > self.commit_index {
             self.commit_index = commit;
         }
+    }
+
+    /// The highest index every voter peer holds (None without voter peers).
+    pub fn replicated_index(&self) -> Option<u64> {
+        self.peers.values().filter(|p| p.voter).map(|p| p.match_index).min()
     }
 
     /// Apply committed entries; returns storage ops (snapshots) to queue.

@@ -62,7 +62,13 @@ async fn replicate(shared: Arc<Shared>, peer: String, endpoint: String, epoch: u
                 if node.epoch != epoch || !node.peers.contains_key(&peer) {
                     return;
                 }
-                node.next_message(&peer, last_sent.elapsed() >= HEARTBEAT)
+                let msg = node.next_message(&peer, last_sent.elapsed() >= HEARTBEAT);
+                if let Some(PeerMessage::Append(req, _)) = &msg
+                    && let (Some(first), Some(last)) = (req.entries.first(), req.entries.last())
+                {
+                    node.stages.sent(first.index, last.index, std::time::Instant::now());
+                }
+                msg
             };
             let Some(msg) = msg else { break };
             last_sent = tokio::time::Instant::now();
@@ -87,10 +93,13 @@ async fn replicate(shared: Arc<Shared>, peer: String, endpoint: String, epoch: u
                     failures = 0;
                     let resp = resp.into_inner();
                     {
+                        let now = std::time::Instant::now();
                         let mut node = shared.lock();
                         node.on_peer_response(&peer, epoch, round, &resp);
-                        let ops = node.apply_committed(&shared.applied_tx);
-                        shared.writer.send_all(ops);
+                        if let Some(replicated) = node.replicated_index() {
+                            node.stages.acked(replicated, now);
+                        }
+                        shared.apply_committed(&mut node, now);
                     }
                     shared.after_change();
                 }

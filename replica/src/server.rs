@@ -2,6 +2,7 @@
 //! [`Node`](crate::node::Node) calls plus the waiting that follows.
 
 use crate::node::{Role, Shared, failed_precondition, unknown_outcome};
+use crate::stages::Stage;
 use lockstep_proto::{
     AppendRequest, AppendResponse, AppliedEntry, ExecuteRequest, ExecuteResponse, InstallSnapshotRequest, ReadRequest,
     ReadResponse, ReconfigureRequest, ReconfigureResponse, ResumeRequest, ResumeResponse, SealRequest, SealResponse,
@@ -10,7 +11,7 @@ use lockstep_proto::{
 };
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{broadcast, oneshot};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
@@ -24,7 +25,11 @@ pub struct Services {
 }
 
 impl Services {
-    async fn execute_inner(&self, request: Request<ExecuteRequest>) -> Result<Response<ExecuteResponse>, Status> {
+    async fn execute_inner(
+        &self,
+        request: Request<ExecuteRequest>,
+        received: Instant,
+    ) -> Result<Response<ExecuteResponse>, Status> {
         let command = request
             .into_inner()
             .command
@@ -34,19 +39,37 @@ impl Services {
             let mut node = self.shared.lock();
             // Queue for the disk while holding the lock: the log reaches the storage thread
             // in index order.
-            node.propose(command, tx).map(|entries| self.enqueue(entries))
+            node.propose(command, tx).map(|entries| {
+                // The index of the new entry, whose stages are timed (none for a retry answered
+                // from the session).
+                let ordered = entries.first().map(|e| e.index);
+                if let Some(index) = ordered {
+                    node.stages.ordered(index, received, Instant::now());
+                }
+                self.enqueue(entries);
+                ordered
+            })
         };
-        if let Err(status) = proposed {
-            self.shared.metrics.count_command("rejected");
-            return Err(status);
-        }
+        let ordered = match proposed {
+            Ok(ordered) => ordered,
+            Err(status) => {
+                self.shared.metrics.count_command("rejected");
+                return Err(status);
+            }
+        };
         self.shared.poke();
         let result = self.wait(rx, "command").await;
         self.shared
             .metrics
             .count_command(if result.is_ok() { "ok" } else { "unknown" });
         let (index, output) = result?;
-        let epoch = self.shared.lock().epoch;
+        let epoch = {
+            let mut node = self.shared.lock();
+            if ordered == Some(index) {
+                node.stages.replied(index, Instant::now(), &self.shared.metrics);
+            }
+            node.epoch
+        };
         Ok(Response::new(ExecuteResponse {
             index,
             epoch,
@@ -95,8 +118,8 @@ impl Services {
 #[tonic::async_trait]
 impl Client for Services {
     async fn execute(&self, request: Request<ExecuteRequest>) -> Result<Response<ExecuteResponse>, Status> {
-        let started = std::time::Instant::now();
-        let result = self.execute_inner(request).await;
+        let started = Instant::now();
+        let result = self.execute_inner(request, started).await;
         self.shared.metrics.observe_request("Execute", started.elapsed());
         result
     }
@@ -174,7 +197,9 @@ where
 #[tonic::async_trait]
 impl Peer for Services {
     async fn append(&self, request: Request<AppendRequest>) -> Result<Response<AppendResponse>, Status> {
+        let received = Instant::now();
         let req = request.into_inner();
+        let carries_entries = !req.entries.is_empty();
         // The primary pipelines appends; on one HTTP/2 connection they can be handled out of
         // order. Give the earlier ones a moment to land before refusing this one for a gap.
         let mut changed = self.shared.changed.subscribe();
@@ -190,12 +215,19 @@ impl Peer for Services {
                 break;
             }
         }
-        self.follow(|node| {
-            let (resp, mut ops) = node.handle_append(req);
-            ops.extend(node.apply_committed(&self.shared.applied_tx));
-            (resp, ops)
-        })
-        .await
+        let answer = self
+            .follow(|node| {
+                let (resp, mut ops) = node.handle_append(req);
+                ops.extend(node.apply_committed(&self.shared.applied_tx));
+                (resp, ops)
+            })
+            .await;
+        if carries_entries && answer.as_ref().is_ok_and(|r| r.get_ref().success) {
+            self.shared
+                .metrics
+                .observe_stage(Stage::BackupAppend, received.elapsed());
+        }
+        answer
     }
 
     async fn install_snapshot(

@@ -53,8 +53,8 @@ fn fatal(msg: &str) -> ! {
 }
 
 /// Progress report after each durable batch: the last durable index, entries written, and
-/// how long the write + fsync took.
-pub type OnDurable = Box<dyn Fn(u64, usize, std::time::Duration) + Send>;
+/// when the batch's write + fsync began.
+pub type OnDurable = Box<dyn Fn(u64, usize, Instant) + Send>;
 
 pub fn spawn(mut storage: Storage, on_durable: OnDurable) -> WriterHandle {
     let (tx, rx) = mpsc::channel::<StorageOp>();
@@ -99,7 +99,7 @@ pub fn spawn(mut storage: Storage, on_durable: OnDurable) -> WriterHandle {
                 if dirty && let Err(e) = storage.sync() {
                     fatal(&format!("{e}"));
                 }
-                on_durable(storage.last_index(), written, started.elapsed());
+                on_durable(storage.last_index(), written, started);
                 for b in barriers {
                     let _ = b.send(());
                 }

@@ -991,13 +991,9 @@ pub fn build(
         let weak = weak.clone();
         let writer = crate::writer::spawn(
             storage,
-            Box::new(move |durable, written, took| {
+            Box::new(move |durable, written, started| {
                 let Some(shared) = weak.upgrade() else { return };
-                if written > 0 {
-                    shared.metrics.fsyncs.inc();
-                    shared.metrics.fsync_seconds.observe(took.as_secs_f64());
-                    shared.metrics.entries_per_fsync.observe(written as f64);
-                }
+                shared.metrics.observe_batch(written, started.elapsed());
                 shared.on_durable(durable);
             }),
         );
