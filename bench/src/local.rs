@@ -30,6 +30,8 @@ pub struct LocalCluster {
     /// `<data-dir>/<name>`.
     pub dir: PathBuf,
     pub log: PathBuf,
+    /// Replicas of a healthy configuration (t + 1: the manifest's `faultsTolerated` + 1).
+    pub replicas: usize,
     up: ChildGuard,
 }
 
@@ -37,7 +39,7 @@ impl LocalCluster {
     /// `lockstep up FILE --data-dir DATA --quiet` (fsync on: no `--no-fsync`); plaintext with
     /// `insecure` (`up --insecure`), mutual TLS otherwise.
     pub fn start(bin: &Path, manifest: &Path, data_dir: &Path, insecure: bool) -> anyhow::Result<LocalCluster> {
-        let (name, _) = lockstep::up::load_desired(manifest)?;
+        let (name, desired) = lockstep::up::load_desired(manifest)?;
         std::fs::create_dir_all(data_dir)?;
         let log = data_dir.join("up.log");
         let out = std::fs::File::create(&log)?;
@@ -61,6 +63,7 @@ impl LocalCluster {
         Ok(LocalCluster {
             dir: data_dir.join(name),
             log,
+            replicas: desired.replicas() as usize,
             up,
         })
     }
@@ -80,9 +83,10 @@ impl LocalCluster {
         serde_json::from_slice(&bytes).with_context(|| format!("{} is not a listening file", path.display()))
     }
 
-    /// Wait until `cluster.json` holds a configuration with `replicas` members, each member
-    /// answers Status in that epoch as primary/backup, and a write succeeds.
-    pub async fn wait_healthy(&mut self, replicas: usize, timeout: Duration) -> anyhow::Result<Healthy> {
+    /// Wait until `cluster.json` holds a configuration with all its members (t + 1), each
+    /// member answers Status in that epoch as primary/backup, and a write succeeds.
+    pub async fn wait_healthy(&mut self, timeout: Duration) -> anyhow::Result<Healthy> {
+        let replicas = self.replicas;
         let start = Instant::now();
         let mut last = String::from("no configuration yet");
         while start.elapsed() < timeout {

@@ -180,6 +180,8 @@ struct Memory {
 struct Results {
     machine: Machine,
     command: String,
+    /// lockstep replicas (t + 1).
+    replicas: usize,
     runs: Vec<Run>,
     memory: Vec<Memory>,
     failovers: Vec<Failover>,
@@ -557,7 +559,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // 1 + 2: both clusters.
     let mut ls = local::LocalCluster::start(&lockstep_bin, &manifest, &base.join("lockstep"), args.insecure)?;
     let t0 = Instant::now();
-    let healthy = ls.wait_healthy(2, Duration::from_secs(60)).await?;
+    let healthy = ls.wait_healthy(Duration::from_secs(60)).await?;
     println!(
         "lockstep: healthy in {:.1}s: epoch {}, primary {}, members {}",
         t0.elapsed().as_secs_f64(),
@@ -744,6 +746,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let results = Results {
         machine,
         command: std::env::args().collect::<Vec<_>>().join(" "),
+        replicas: ls.replicas,
         runs,
         memory,
         failovers,
@@ -768,7 +771,7 @@ async fn failover_trial(
     args: &Args,
     opts: &impl Fn(usize, u64) -> WorkloadOptions,
 ) -> anyhow::Result<Failover> {
-    let h = ls.wait_healthy(2, Duration::from_secs(60)).await?;
+    let h = ls.wait_healthy(Duration::from_secs(60)).await?;
     let victim = ls.listening(&h.primary)?;
     let state = Arc::new(ProbeState::default());
     let stop = Arc::new(AtomicBool::new(false));
@@ -818,7 +821,7 @@ async fn failover_trial(
     let ms = |t: Option<Instant>| t.map(|t| t.duration_since(killed_at).as_secs_f64() * 1000.0);
     let failover_ms = ms(*state.first_new.lock().expect("probe lock"));
     let reconfigured_ms = ms(reconfigured);
-    let rejoin_ms = match ls.wait_healthy(2, Duration::from_secs(60)).await {
+    let rejoin_ms = match ls.wait_healthy(Duration::from_secs(60)).await {
         Ok(h2) if h2.epoch > h.epoch => Some(killed_at.elapsed().as_secs_f64() * 1000.0),
         Ok(_) => None,
         Err(e) => return Err(e.context("the replacement did not join")),
@@ -847,7 +850,9 @@ fn print_summary(r: &Results, args: &Args) {
         println!("etcd:    {v}, 3 members on loopback, default durability (WAL fsync)");
     }
     println!(
-        "lockstep: 2 replicas (t = 1, FailStop), fsync on, {}",
+        "lockstep: {} replicas (t = {}, FailStop), fsync on, {}",
+        r.replicas,
+        r.replicas - 1,
         if args.insecure {
             "plaintext (--insecure)"
         } else {
@@ -957,7 +962,8 @@ fn print_summary(r: &Results, args: &Args) {
             .map(|f| f.rejoin_ms.map_or("-".into(), |v| format!("{v:.0}")))
             .collect();
         println!(
-            "replacement joined (back to 2 replicas), ms after the kill: {}",
+            "replacement joined (back to {} replicas), ms after the kill: {}",
+            r.replicas,
             rejoin.join(", ")
         );
     }
