@@ -22,6 +22,7 @@ use lockstep_proto::{
     MachineIdentity, MemberRole, Noop, PeerProgress, ReadResponse, Resume, SealBarrier, Snapshot, StatusResponse,
     log_entry::Body,
 };
+use prost::Message as _;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use tokio::sync::{broadcast, oneshot, watch};
@@ -32,12 +33,20 @@ pub const MAX_COMMAND_BYTES: usize = 1024 * 1024;
 /// Entries kept in memory below the latest snapshot, so a peer slightly behind needs no
 /// full state transfer.
 const LOG_TAIL_KEEP: u64 = 1024;
+/// ...and of those at most this many bytes.
+const LOG_TAIL_KEEP_BYTES: usize = 16 << 20;
 /// Most entries sent in one Append.
 pub const MAX_APPEND_ENTRIES: usize = 4096;
 /// Appends in flight per peer: the next batch travels while the peer fsyncs the previous one.
 pub const APPEND_WINDOW: usize = 4;
-/// Outputs kept for `Watch { from_index }` replays.
+/// Outputs kept for `Watch { from_index }` replays: this many at most...
 const WATCH_REPLAY: usize = 10_000;
+/// ...and at most this many bytes (encoded command and output): 10,000 writes of 64 KiB
+/// values held 1.3 GiB (docs/benchmarks.md, "What users run").
+const WATCH_REPLAY_BYTES: usize = 32 << 20;
+/// A snapshot is also taken once this many bytes of entries were applied since the last one
+/// (besides every `snapshot_every` entries): the in-memory log is bounded in bytes too.
+pub const SNAPSHOT_EVERY_BYTES: usize = 64 << 20;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
@@ -123,6 +132,10 @@ pub struct Node {
     last_seal: u64,
     sealed_digest: Option<Vec<u8>>,
     recent: VecDeque<AppliedEntry>,
+    /// Encoded size of `recent`.
+    recent_bytes: usize,
+    /// Encoded size of the entries applied since the last snapshot.
+    applied_bytes_since_snapshot: usize,
     snapshot_every: u64,
     pub durable: bool,
     /// Timestamps of client writes in flight, for `write_stage_seconds` (the shell stamps them;
@@ -216,6 +229,8 @@ impl Node {
             last_seal: 0,
             sealed_digest: None,
             recent: VecDeque::new(),
+            recent_bytes: 0,
+            applied_bytes_since_snapshot: 0,
             snapshot_every,
             durable,
             stages: StageClock::default(),
@@ -795,10 +810,8 @@ impl Node {
                 machine: Some(self.runtime.applied_by().clone()),
             };
             let _ = applied_tx.send(event.clone());
-            self.recent.push_back(event);
-            if self.recent.len() > WATCH_REPLAY {
-                self.recent.pop_front();
-            }
+            self.applied_bytes_since_snapshot += entry.encoded_len();
+            self.remember_applied(event);
             if let Some(tx) = self.pending.remove(&index) {
                 let _ = tx.send(Ok((index, applied.output)));
             }
@@ -813,7 +826,9 @@ impl Node {
                 tracing::info!(index, digest = %hex::encode(&d), "sealed");
             } else if applied.kind == "resume" {
                 self.sealed_digest = None;
-            } else if index - self.snapshot_index() >= self.snapshot_every {
+            } else if index - self.snapshot_index() >= self.snapshot_every
+                || self.applied_bytes_since_snapshot >= SNAPSHOT_EVERY_BYTES
+            {
                 ops.push(StorageOp::Snapshot(self.make_snapshot(&entry)));
             }
         }
@@ -821,7 +836,20 @@ impl Node {
         ops
     }
 
+    /// Keep `event` for watch replays, within [`WATCH_REPLAY`] entries and
+    /// [`WATCH_REPLAY_BYTES`].
+    fn remember_applied(&mut self, event: AppliedEntry) {
+        self.recent_bytes += event.encoded_len();
+        self.recent.push_back(event);
+        while self.recent.len() > WATCH_REPLAY || (self.recent_bytes > WATCH_REPLAY_BYTES && self.recent.len() > 1) {
+            if let Some(old) = self.recent.pop_front() {
+                self.recent_bytes -= old.encoded_len();
+            }
+        }
+    }
+
     fn make_snapshot(&mut self, at: &LogEntry) -> Snapshot {
+        self.applied_bytes_since_snapshot = 0;
         let data = self.runtime.snapshot();
         let snap = Snapshot {
             index: at.index,
@@ -832,7 +860,15 @@ impl Node {
         };
         self.snapshot = Some(Arc::new(snap.clone()));
         // Drop in-memory entries well below the snapshot.
-        let keep_from = at.index.saturating_sub(LOG_TAIL_KEEP).max(self.log_start);
+        let mut keep_from = at.index.saturating_sub(LOG_TAIL_KEEP).max(self.log_start);
+        let mut tail_bytes: usize = (keep_from..=at.index)
+            .filter_map(|i| self.entry(i))
+            .map(|e| e.encoded_len())
+            .sum();
+        while tail_bytes > LOG_TAIL_KEEP_BYTES && keep_from < at.index {
+            tail_bytes -= self.entry(keep_from).map_or(0, |e| e.encoded_len());
+            keep_from += 1;
+        }
         while self.log_start < keep_from {
             self.log.pop_front();
             self.log_start += 1;

@@ -368,3 +368,44 @@ fn a_primary_restarted_from_disk_reads_only_after_recommitting_its_log() {
     let out = rx.try_recv().expect("answered").expect("ok");
     assert_eq!(out.output, br#"{"value":"v"}"#);
 }
+
+/// Large values: the watch buffer stays within its byte bound and snapshots come by bytes
+/// applied, long before `snapshot_every` entries (10,000), so the in-memory log is bounded too.
+#[test]
+fn large_values_bound_the_watch_buffer_and_take_snapshots_by_bytes() {
+    let (tx, _) = broadcast::channel(16);
+    let mut a = node("a");
+    a.reconfigure(config(1, "a", &["a"], &[])).unwrap();
+    let value = "x".repeat(256 * 1024);
+    let mut snapshots = 0;
+    let writes = 400u64;
+    for i in 1..=writes {
+        let (reply, _rx) = oneshot::channel();
+        a.propose(put("c", i, &format!("k{}", i % 10), &value), reply).unwrap();
+        a.on_durable(a.last_index());
+        snapshots += a
+            .apply_committed(&tx)
+            .iter()
+            .filter(|op| matches!(op, StorageOp::Snapshot(_)))
+            .count();
+    }
+    // 400 writes of 256 KiB (their outputs carry the previous value too): ~100 MiB of
+    // entries applied, so at least one snapshot by bytes (64 MiB each).
+    assert!(snapshots >= 1, "no snapshot after {writes} writes of 256 KiB");
+    assert!(
+        a.recent_bytes <= WATCH_REPLAY_BYTES,
+        "watch buffer {} bytes",
+        a.recent_bytes
+    );
+    assert!((a.recent.len() as u64) < writes / 2, "{} outputs kept", a.recent.len());
+    assert_eq!(
+        a.recent_bytes,
+        a.recent.iter().map(|e| e.encoded_len()).sum::<usize>(),
+        "the byte count follows what is kept"
+    );
+    assert!(
+        (a.log.len() as u64) < writes,
+        "the in-memory log was compacted ({} entries)",
+        a.log.len()
+    );
+}
