@@ -95,6 +95,15 @@ enum Cmd {
         /// (benchmarks of the TLS cost). Default: mutual TLS with certificates made here.
         #[arg(long = "insecure")]
         insecure_replicas: bool,
+        /// How long the certificates `up` issues to the replicas, itself and the CLI are valid
+        /// (e.g. `90d`, `12h`, `30s`). Each is issued again, while everything runs, once a
+        /// third of this is left.
+        #[arg(long, default_value = "90d", value_parser = humantime::parse_duration)]
+        cert_validity: Duration,
+        /// How long the cluster's CA is valid. A new CA is made once a third of this is left;
+        /// the old one stays trusted until it expires.
+        #[arg(long, default_value = "365d", value_parser = humantime::parse_duration)]
+        ca_validity: Duration,
     },
     /// Byzantine clusters: create a client key pair (secret in `clients/NAME.key`, public key in
     /// `client-identities/NAME`, the directory the replicas and the master read).
@@ -522,6 +531,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             client_timeout_ms,
             inject,
             insecure_replicas,
+            cert_validity,
+            ca_validity,
         } => {
             lockstep_replica::init_tracing(false);
             let mut injected = std::collections::BTreeMap::new();
@@ -542,6 +553,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 inject: injected,
                 client_timeout: Duration::from_millis(*client_timeout_ms),
                 insecure: *insecure_replicas,
+                tls_lifetimes: lockstep::pki::Lifetimes {
+                    leaf: *cert_validity,
+                    ca: *ca_validity,
+                },
             })
             .await
         }

@@ -1,14 +1,20 @@
 //! Certificates of a local cluster (`lockstep up`), made with rcgen, kept in
 //! `<data-dir>/<name>/tls/`:
 //!
-//! - `ca.pem`, `ca.key`: the cluster's CA (valid [`CA_VALIDITY`]; a new one is made when it
-//!   has less than [`CA_RENEW_BEFORE`] left — no CA rotation, docs/security.md "Rotation");
+//! - `ca.pem`, `ca.key`: the cluster's CA. `ca.pem` is the trust bundle: the current CA first,
+//!   then, after a rotation, the previous CA until it expires;
 //! - `admin.pem`, `admin.key`: `lockstep://admin/up`, what `up` itself calls the replicas with;
 //! - `client.pem`, `client.key`: `lockstep://client/cli`, what the CLI uses for `-c NAME`;
 //! - `replicas/<id>.pem`, `.key`: `lockstep://replica/<id>` plus `localhost` and `127.0.0.1`
 //!   (the address the other replicas dial), issued each time `up` starts that replica.
 //!
-//! Leaf certificates are valid [`LEAF_VALIDITY`]. Keys are ECDSA P-256, files mode 0600.
+//! Validity ([`Lifetimes`]): leaves [`LEAF_VALIDITY`], the CA [`CA_VALIDITY`] by default
+//! (`lockstep up --cert-validity`, `--ca-validity`). While `up` runs, [`LocalPki::renew`] issues
+//! every certificate again once less than a third of its validity is left, without restarting
+//! anything: the replicas, `up` and the CLI re-read the files (docs/security.md, "Rotation").
+//! A CA is rotated the same way: the new one joins the trust bundle first, the leaves follow
+//! [`TRUST_SETTLE`] later, and the old CA leaves the bundle when it expires.
+//! Keys are ECDSA P-256, files mode 0600.
 
 use anyhow::Context;
 use lockstep_replica::byz::keys::write_private;
@@ -17,13 +23,35 @@ use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, SanType,
 };
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 pub const TLS_DIR: &str = "tls";
 pub const CA_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
-pub const CA_RENEW_BEFORE: Duration = Duration::from_secs(100 * 24 * 3600);
 pub const LEAF_VALIDITY: Duration = Duration::from_secs(90 * 24 * 3600);
+/// A certificate is issued again once less than `1 / RENEW_WHEN_LEFT` of its validity is left
+/// (a CA of 365 days 122 days before it expires, a leaf of 90 days after 60).
+pub const RENEW_WHEN_LEFT: u32 = 3;
+/// After a new CA joins the trust bundle, leaves from it wait this long: a process re-reads
+/// its files at most once a second, before a handshake, so by then every peer trusts it.
+pub const TRUST_SETTLE: Duration = Duration::from_secs(2);
+
+/// How long a local cluster's certificates are valid.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Lifetimes {
+    pub leaf: Duration,
+    pub ca: Duration,
+}
+
+impl Default for Lifetimes {
+    fn default() -> Self {
+        Lifetimes {
+            leaf: LEAF_VALIDITY,
+            ca: CA_VALIDITY,
+        }
+    }
+}
 /// The identity `up` calls the replicas' admin API with.
 pub const ADMIN_NAME: &str = "up";
 /// The identity of the CLI's certificate for a local cluster.
@@ -72,17 +100,27 @@ fn not_after(validity: Duration) -> time::OffsetDateTime {
 }
 
 impl Ca {
-    /// A new CA named `name`.
+    /// A new CA named `name`, valid [`CA_VALIDITY`].
     pub fn generate(name: &str) -> anyhow::Result<Ca> {
+        Ca::generate_valid(name, CA_VALIDITY)
+    }
+
+    /// A new CA named `name` (plus the time, so that a rotated CA has a name of its own),
+    /// valid for `validity`.
+    pub fn generate_valid(name: &str, validity: Duration) -> anyhow::Result<Ca> {
         let key = KeyPair::generate().context("CA key")?;
         let mut params = CertificateParams::default();
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, format!("lockstep CA {name}"));
+        let now = time::OffsetDateTime::now_utc();
+        dn.push(
+            DnType::CommonName,
+            format!("lockstep CA {name} {}", now.unix_timestamp()),
+        );
         params.distinguished_name = dn;
-        params.not_before = time::OffsetDateTime::now_utc() - Duration::from_secs(60);
-        params.not_after = not_after(CA_VALIDITY);
+        params.not_before = now - Duration::from_secs(60);
+        params.not_after = not_after(validity);
         let cert = params.self_signed(&key).context("CA certificate")?;
         Ok(Ca {
             pem: cert.pem(),
@@ -162,81 +200,183 @@ impl Ca {
             key: key.serialize_pem(),
         })
     }
+}
 
-    /// Issue a certificate for `who` into `dir/<stem>.pem` and `dir/<stem>.key`.
-    pub fn write_leaf(&self, dir: &Path, stem: &str, who: &PeerIdentity, hosts: &[&str]) -> anyhow::Result<TlsFiles> {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        let leaf = self.issue(who, hosts)?;
-        let files = TlsFiles {
+/// The certificates of a local cluster: its CA (and the previous one while it is trusted),
+/// and the leaves this process issued, with when each is due again.
+pub struct LocalPki {
+    pub dir: PathBuf,
+    name: String,
+    ca: Ca,
+    /// The CA before the last rotation: in the trust bundle until it expires.
+    previous: Option<String>,
+    lifetimes: Lifetimes,
+    pub admin: TlsFiles,
+    pub client: TlsFiles,
+    /// When each leaf is issued again, by file stem (`admin`, `client`, `replicas/<id>`).
+    due: BTreeMap<String, SystemTime>,
+}
+
+impl LocalPki {
+    /// Open (or create) `<cluster-dir>/tls` for cluster `name`, with the default lifetimes.
+    pub fn open(cluster_dir: &Path, name: &str) -> anyhow::Result<LocalPki> {
+        LocalPki::open_with(cluster_dir, name, Lifetimes::default())
+    }
+
+    /// Open (or create) `<cluster-dir>/tls`: keep the CA there (a new one when it is missing,
+    /// unreadable or due), issue fresh admin and client certificates.
+    pub fn open_with(cluster_dir: &Path, name: &str, lifetimes: Lifetimes) -> anyhow::Result<LocalPki> {
+        let dir = cluster_dir.join(TLS_DIR);
+        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let (ca, previous) = match load_bundle(&dir) {
+            Some((ca, previous)) if !due_for(ca.pem(), lifetimes.ca) => (ca, previous),
+            Some((old, _)) => (
+                Ca::generate_valid(name, lifetimes.ca)?,
+                Some(old.pem).filter(|p| time_left(p).is_some()),
+            ),
+            None => (Ca::generate_valid(name, lifetimes.ca)?, None),
+        };
+        let files = |stem: &str| TlsFiles {
             ca: dir.join("ca.pem"),
             cert: dir.join(format!("{stem}.pem")),
             key: dir.join(format!("{stem}.key")),
         };
-        write_private(&files.key, leaf.key.as_bytes())?;
-        lockstep_replica::write_atomically(&files.cert, leaf.cert.as_bytes())?;
-        if std::fs::read(&files.ca).ok().as_deref() != Some(self.pem.as_bytes()) {
-            lockstep_replica::write_atomically(&files.ca, self.pem.as_bytes())?;
-        }
-        Ok(files)
-    }
-}
-
-/// The certificates of a local cluster: its CA (kept while it has more than
-/// [`CA_RENEW_BEFORE`] left) and fresh admin and client certificates.
-pub struct LocalPki {
-    pub dir: PathBuf,
-    ca: Ca,
-    pub admin: TlsFiles,
-    pub client: TlsFiles,
-}
-
-impl LocalPki {
-    /// Open (or create) `<cluster-dir>/tls` for cluster `name`.
-    pub fn open(cluster_dir: &Path, name: &str) -> anyhow::Result<LocalPki> {
-        let dir = cluster_dir.join(TLS_DIR);
-        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        let ca = match load_ca(&dir) {
-            Some(ca) => ca,
-            None => {
-                let ca = Ca::generate(name)?;
-                write_private(&dir.join("ca.key"), ca.issuer.key().serialize_pem().as_bytes())?;
-                lockstep_replica::write_atomically(&dir.join("ca.pem"), ca.pem.as_bytes())?;
-                ca
-            }
+        let mut pki = LocalPki {
+            admin: files("admin"),
+            client: files("client"),
+            dir: dir.clone(),
+            name: name.to_string(),
+            ca,
+            previous,
+            lifetimes,
+            due: BTreeMap::new(),
         };
-        let admin = ca.write_leaf(&dir, "admin", &PeerIdentity::new(Role::Admin, ADMIN_NAME), &[])?;
-        let client = ca.write_leaf(&dir, "client", &PeerIdentity::new(Role::Client, CLIENT_NAME), &[])?;
-        Ok(LocalPki { dir, ca, admin, client })
+        pki.write_ca()?;
+        pki.issue("admin")?;
+        pki.issue("client")?;
+        Ok(pki)
     }
 
     /// A fresh certificate for replica `id`, valid for loopback.
-    pub fn replica(&self, id: &str) -> anyhow::Result<TlsFiles> {
-        let dir = self.dir.join("replicas");
-        let mut files = self.ca.write_leaf(
-            &dir,
-            id,
-            &PeerIdentity::new(Role::Replica, id),
-            &["localhost", "127.0.0.1"],
-        )?;
-        // One CA file for everyone.
-        let _ = std::fs::remove_file(&files.ca);
-        files.ca = self.dir.join("ca.pem");
-        Ok(files)
+    pub fn replica(&mut self, id: &str) -> anyhow::Result<TlsFiles> {
+        self.issue(&format!("replicas/{id}"))
     }
 
     pub fn ca(&self) -> &Ca {
         &self.ca
     }
+
+    /// Issue again what is due: the CA when less than a third of its validity is left, an
+    /// expired previous CA out of the bundle, then every leaf that is due (the admin and client
+    /// certificates, and those of `replicas`). Returns what it did, for the log.
+    pub fn renew(&mut self, replicas: &[&str]) -> anyhow::Result<Vec<String>> {
+        let now = SystemTime::now();
+        let mut done = Vec::new();
+        if due_for(self.ca.pem(), self.lifetimes.ca) {
+            let old = std::mem::replace(&mut self.ca, Ca::generate_valid(&self.name, self.lifetimes.ca)?);
+            self.previous = Some(old.pem);
+            self.write_ca()?;
+            // Leaves from the new CA only once every process trusts it.
+            for due in self.due.values_mut() {
+                *due = now + TRUST_SETTLE;
+            }
+            done.push("a new CA (the old one stays trusted until it expires)".to_string());
+        }
+        if self.previous.as_deref().is_some_and(|p| time_left(p).is_none()) {
+            self.previous = None;
+            self.write_ca()?;
+            done.push("the expired previous CA left the trust bundle".to_string());
+        }
+        let stems = ["admin".to_string(), "client".to_string()]
+            .into_iter()
+            .chain(replicas.iter().map(|id| format!("replicas/{id}")));
+        for stem in stems {
+            if self.due.get(&stem).is_some_and(|d| *d <= now) {
+                self.issue(&stem)?;
+                done.push(format!("the certificate {stem}.pem"));
+            }
+        }
+        Ok(done)
+    }
+
+    /// The trust bundle: the current CA, then the previous one.
+    fn trust(&self) -> String {
+        let mut pem = self.ca.pem().to_string();
+        if let Some(p) = &self.previous {
+            pem.push_str(p);
+        }
+        pem
+    }
+
+    /// `ca.key` (first: `ca.pem` names the CA it belongs to) and the trust bundle `ca.pem`.
+    fn write_ca(&self) -> anyhow::Result<()> {
+        write_private(&self.dir.join("ca.key"), self.ca.key_pem().as_bytes())?;
+        lockstep_replica::write_atomically(&self.dir.join("ca.pem"), self.trust().as_bytes())?;
+        Ok(())
+    }
+
+    /// Issue the leaf `<stem>.pem`/`.key` (its identity follows from the stem) and note when it
+    /// is due again. The key is written before the certificate: a reader that sees a new key
+    /// with the old certificate refuses the pair and keeps what it had until the next look.
+    fn issue(&mut self, stem: &str) -> anyhow::Result<TlsFiles> {
+        let (who, hosts): (PeerIdentity, &[&str]) = match stem.strip_prefix("replicas/") {
+            Some(id) => (PeerIdentity::new(Role::Replica, id), &["localhost", "127.0.0.1"]),
+            None if stem == "admin" => (PeerIdentity::new(Role::Admin, ADMIN_NAME), &[]),
+            None => (PeerIdentity::new(Role::Client, CLIENT_NAME), &[]),
+        };
+        let now = time::OffsetDateTime::now_utc();
+        let ca_end = validity(self.ca.pem()).map_or(now + self.lifetimes.leaf, |(_, end)| {
+            time::OffsetDateTime::from_unix_timestamp(end).unwrap_or(now)
+        });
+        let end = (now + self.lifetimes.leaf).min(ca_end);
+        let leaf = self.ca.issue_valid(&who, hosts, now - Duration::from_secs(60), end)?;
+        let files = TlsFiles {
+            ca: self.dir.join("ca.pem"),
+            cert: self.dir.join(format!("{stem}.pem")),
+            key: self.dir.join(format!("{stem}.key")),
+        };
+        if let Some(parent) = files.cert.parent() {
+            std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
+        }
+        write_private(&files.key, leaf.key.as_bytes())?;
+        lockstep_replica::write_atomically(&files.cert, leaf.cert.as_bytes())?;
+        let left = Duration::try_from(end - now).unwrap_or_default();
+        let renew_after = left.saturating_sub(self.lifetimes.leaf.min(left) / RENEW_WHEN_LEFT);
+        self.due.insert(stem.to_string(), SystemTime::now() + renew_after);
+        Ok(files)
+    }
 }
 
-/// The CA in `dir`, if it is there, readable, and valid for long enough.
-fn load_ca(dir: &Path) -> Option<Ca> {
-    let pem = std::fs::read_to_string(dir.join("ca.pem")).ok()?;
+/// Whether less than `1 / RENEW_WHEN_LEFT` of `validity` is left of the certificate in `pem`.
+fn due_for(pem: &str, validity: Duration) -> bool {
+    time_left(pem).is_none_or(|left| left < validity / RENEW_WHEN_LEFT)
+}
+
+/// The certificates in a PEM bundle, each as its own PEM text.
+fn split_pem(bundle: &str) -> Vec<String> {
+    const END: &str = "-----END CERTIFICATE-----";
+    bundle
+        .split_inclusive(END)
+        .filter(|c| c.contains(END))
+        .map(|c| format!("{}\n", c.trim()))
+        .collect()
+}
+
+/// The CA in `dir` (the first certificate of `ca.pem`, with `ca.key`) and the previous CA after
+/// it, if it is still valid. `None` when there is no usable CA.
+fn load_bundle(dir: &Path) -> Option<(Ca, Option<String>)> {
+    let bundle = std::fs::read_to_string(dir.join("ca.pem")).ok()?;
     let key = std::fs::read_to_string(dir.join("ca.key")).ok()?;
-    if time_left(&pem)? < CA_RENEW_BEFORE {
-        return None;
-    }
-    Ca::from_pem(&pem, &key).ok()
+    let mut certs = split_pem(&bundle).into_iter();
+    let ca = Ca::from_pem(&certs.next()?, &key).ok()?;
+    time_left(ca.pem())?;
+    let previous = certs.find(|p| time_left(p).is_some());
+    Some((ca, previous))
+}
+
+/// The current CA kept in `dir`, if it is there and readable.
+fn load_ca(dir: &Path) -> Option<Ca> {
+    load_bundle(dir).map(|(ca, _)| ca)
 }
 
 /// `f` of the (first) certificate in `pem`; `None` if it is unreadable.
@@ -292,7 +432,7 @@ mod tests {
     #[test]
     fn issued_certificates_carry_their_identity_and_the_ca_is_kept() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let pki = LocalPki::open(dir.path(), "kv").expect("pki");
+        let mut pki = LocalPki::open(dir.path(), "kv").expect("pki");
         let r = pki.replica("kv-3").expect("replica cert");
         let t = r.transport().expect("transport");
         assert_eq!(t.identity(), Some(&PeerIdentity::new(Role::Replica, "kv-3")));

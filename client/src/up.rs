@@ -33,6 +33,8 @@ pub struct UpOptions {
     pub client_timeout: Duration,
     /// Run the replicas without TLS (plaintext, anyone may call anything).
     pub insecure: bool,
+    /// How long the certificates it issues are valid (renewed with a third left).
+    pub tls_lifetimes: crate::pki::Lifetimes,
 }
 
 struct LocalReplica {
@@ -54,6 +56,8 @@ struct Retiring {
 
 const START_GRACE: Duration = Duration::from_secs(15);
 const TICK: Duration = Duration::from_millis(50);
+/// How often `up` looks for certificates to issue again.
+const RENEWAL_CHECK: Duration = Duration::from_secs(1);
 
 /// Read and check the resource for a local run.
 pub fn load_desired(file: &Path) -> anyhow::Result<(String, Desired)> {
@@ -183,7 +187,10 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
     let pki = if opts.insecure {
         None
     } else {
-        Some(crate::pki::LocalPki::open(&dir, &name).context("cannot make the cluster's TLS certificates")?)
+        Some(
+            crate::pki::LocalPki::open_with(&dir, &name, opts.tls_lifetimes)
+                .context("cannot make the cluster's TLS certificates")?,
+        )
     };
     let transport = match &pki {
         Some(p) => p.admin.transport()?,
@@ -309,7 +316,7 @@ impl Master {
         ] {
             cmd.env_remove(var);
         }
-        match &self.pki {
+        match self.pki.as_mut() {
             Some(p) => {
                 cmd.args(p.replica(id)?.args());
             }
@@ -368,11 +375,16 @@ impl Master {
         let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
         let mut interval = tokio::time::interval(TICK);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut next_renewal = Instant::now();
         loop {
             tokio::select! {
                 _ = int.recv() => { self.say("interrupted: stopping the cluster"); return Ok(()); }
                 _ = term.recv() => { self.say("terminated: stopping the cluster"); return Ok(()); }
                 _ = interval.tick() => {}
+            }
+            if Instant::now() >= next_renewal {
+                next_renewal = Instant::now() + RENEWAL_CHECK;
+                self.renew_certificates();
             }
             let observed = self.observe().await;
             if let Some(b) = self.byz.as_mut() {
@@ -403,6 +415,23 @@ impl Master {
                 }
             }
             self.reap_retiring();
+        }
+    }
+
+    /// Issue again the certificates that are due (the replicas, `up` and the CLI re-read
+    /// their files); a failure is logged and tried again a second later.
+    fn renew_certificates(&mut self) {
+        let Some(pki) = self.pki.as_mut() else { return };
+        let live: Vec<&str> = self
+            .replicas
+            .values()
+            .filter(|r| r.exited.is_none())
+            .map(|r| r.id.as_str())
+            .collect();
+        match pki.renew(&live) {
+            Ok(done) if done.is_empty() => {}
+            Ok(done) => self.say(&format!("TLS: issued again: {}", done.join(", "))),
+            Err(e) => self.say(&format!("error: TLS renewal failed (trying again): {e:#}")),
         }
     }
 

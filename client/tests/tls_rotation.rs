@@ -233,3 +233,110 @@ fn rotating_every_replica_certificate_under_load_fails_no_request() {
     assert!(errors.is_empty(), "failed or unknown-outcome requests: {errors:#?}");
     assert!(during > 0, "writes went on during the rotation");
 }
+
+/// The certificates in the PEM bundle at `path`.
+fn bundle(path: &std::path::Path) -> Vec<String> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.split_inclusive("-----END CERTIFICATE-----")
+        .filter(|c| c.contains("-----END CERTIFICATE-----"))
+        .map(|c| format!("{}\n", c.trim()))
+        .collect()
+}
+
+/// `lockstep up` renews what it issued while everything runs: with leaves valid 12 s and the CA
+/// 36 s, under writers with no pause, every replica serves new leaves, the CA is rotated (the
+/// new one first joins the trust bundle, then the leaves come from it), the old CA leaves the
+/// bundle when it expires, and no request fails or has an unknown outcome.
+#[test]
+fn up_renews_its_certificates_and_rotates_its_ca_with_no_failed_request() {
+    let cluster = LocalCluster::start(
+        "renew",
+        1,
+        "kv",
+        &["--quiet", "--cert-validity", "12s", "--ca-validity", "36s"],
+    );
+    let tls = cluster.cluster_dir().join(lockstep::pki::TLS_DIR);
+    let ca_file = tls.join("ca.pem");
+    let first_ca = bundle(&ca_file);
+    assert_eq!(first_ca.len(), 1, "one CA at the start");
+    let client = cluster.transport();
+    let members = cluster.members();
+    let began = Instant::now();
+    let writers = Writers::start(&cluster, WRITERS, Duration::ZERO);
+    progress(&writers, 50, "before any renewal", &cluster);
+
+    // Leaves: every member serves a new certificate from the same CA (renewed after 8 s).
+    let old: Vec<String> = members
+        .iter()
+        .map(|m| served_serial(&client, &cluster.endpoint(m)).expect("handshake"))
+        .collect();
+    for (m, before) in members.iter().zip(&old) {
+        let mut last = String::new();
+        assert!(
+            wait_until(Duration::from_secs(60), || {
+                last = served_serial(&client, &cluster.endpoint(m)).unwrap_or_else(|e| e);
+                last != *before && !last.contains(' ')
+            }),
+            "{m} still serves {before} ({last}); lockstep up said:\n{}",
+            cluster.up_output()
+        );
+    }
+    progress(&writers, 50, "after the leaves were renewed", &cluster);
+
+    // The CA: a new one joins the bundle (renewed with 12 s of 36 left)...
+    let mut now_trusted = Vec::new();
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            now_trusted = bundle(&ca_file);
+            now_trusted.len() == 2
+        }),
+        "the CA was never rotated; lockstep up said:\n{}",
+        cluster.up_output()
+    );
+    assert_eq!(
+        now_trusted[1], first_ca[0],
+        "the old CA stays trusted, after the new one"
+    );
+    let new_ca = now_trusted[0].clone();
+    // ...every member then serves a leaf from it: a client that trusts only the new CA (and
+    // holds a client certificate from it) completes a handshake with each.
+    let only_new = || {
+        let cert = std::fs::read(tls.join("client.pem")).expect("client.pem");
+        let key = std::fs::read(tls.join("client.key")).expect("client.key");
+        lockstep::Transport::from_pem(new_ca.clone().into_bytes(), cert, key, "the new CA only".into())
+    };
+    for m in &members {
+        let mut last = String::new();
+        assert!(
+            wait_until(Duration::from_secs(60), || {
+                last = match only_new() {
+                    Ok(t) => served_serial(&t, &cluster.endpoint(m)).err().unwrap_or_default(),
+                    Err(e) => e.to_string(),
+                };
+                last.is_empty()
+            }),
+            "{m} never served a leaf of the new CA ({last}); lockstep up said:\n{}",
+            cluster.up_output()
+        );
+    }
+    progress(&writers, 50, "after the CA rotation", &cluster);
+    // ...and the old CA leaves the bundle once it has expired.
+    assert!(
+        wait_until(Duration::from_secs(60), || bundle(&ca_file) == vec![new_ca.clone()]),
+        "the expired CA is still in the bundle; lockstep up said:\n{}",
+        cluster.up_output()
+    );
+    progress(&writers, 50, "after the old CA left", &cluster);
+
+    let total = writers.ok();
+    let errors = writers.finish();
+    let said = cluster.up_output();
+    println!(
+        "{total} writes by {WRITERS} writers in {:?} across leaf renewals and a CA rotation, {} failed or unknown",
+        began.elapsed(),
+        errors.len()
+    );
+    assert!(errors.is_empty(), "failed or unknown-outcome requests: {errors:#?}");
+    assert!(said.contains("TLS: issued again"), "up says what it renewed:\n{said}");
+    assert!(said.contains("a new CA"), "{said}");
+}
