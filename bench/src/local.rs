@@ -63,7 +63,7 @@ impl LocalCluster {
         Ok(LocalCluster {
             dir: data_dir.join(name),
             log,
-            replicas: desired.replicas() as usize,
+            replicas: desired.replicas(),
             up,
         })
     }

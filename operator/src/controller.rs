@@ -83,6 +83,9 @@ pub struct Context {
     pub masters: crate::byzantine::master::Masters,
     /// Per RSM: its CA and the operator's admin identity (crate::tls).
     pub pki: crate::tls::PkiCache,
+    /// After a CA rotation, how long certificates still come from the previous CA while the
+    /// kubelet delivers the new trust bundle to every replica (crate::tls::rotate_ca).
+    pub ca_trust_settle: Duration,
 }
 
 impl Context {
@@ -110,6 +113,7 @@ impl Context {
             liveness_events: Mutex::default(),
             masters: Default::default(),
             pki: Default::default(),
+            ca_trust_settle: crate::tls::CA_TRUST_SETTLE,
         }
     }
 
@@ -245,7 +249,7 @@ async fn reconcile_inner(rsm: &ReplicatedStateMachine, ctx: &Context) -> Result<
     outcome_events(ctx, rsm, &decision).await;
     // Certificates past 2/3 of their life are issued again while the replicas run; the
     // requeue comes back no later than when the next one is due.
-    let renew = match pki.as_deref() {
+    let renew = match &pki {
         Some(pki) if !decision.desired.paused => crate::tls::renew(ctx, rsm, &ns, &decision.world, pki).await?,
         _ => None,
     };

@@ -3,7 +3,11 @@
 //!
 //! - `NAME-tls-ca` (`ca.crt`, `ca.key`): the RSM's CA, made on its first reconcile and kept
 //!   (replicas trust only it). Per RSM, not per operator: identities are
-//!   `lockstep://replica/<pod>` and pod names repeat across namespaces.
+//!   `lockstep://replica/<pod>` and pod names repeat across namespaces. At 2/3 of its life it
+//!   is rotated ([`rotate_ca`]): a new CA, the old one kept as `previous.crt`/`previous.key`
+//!   and trusted beside it (every Secret's `ca.crt` is then the bundle of both) until it
+//!   expires; certificates keep coming from the old CA for [`CA_TRUST_SETTLE`] (written as
+//!   `rotated-at`), until every replica has the bundle.
 //! - `<pod>-tls` (`ca.crt`, `tls.crt`, `tls.key`): each replica's certificate, issued fresh
 //!   before its pod and again at 2/3 of its life while the pod runs ([`renew`]; the pod carries
 //!   the due time, [`TLS_RENEW_ANNOTATION`]); SANs are the names members and clients dial (the
@@ -43,6 +47,16 @@ use crate::translate::World;
 pub const TLS_DIR: &str = "/etc/lockstep/tls";
 pub const CA_CRT: &str = "ca.crt";
 pub const CA_KEY: &str = "ca.key";
+/// In the CA Secret after a rotation: the previous CA, trusted until it expires.
+pub const PREVIOUS_CRT: &str = "previous.crt";
+pub const PREVIOUS_KEY: &str = "previous.key";
+/// In the CA Secret after a rotation: when it happened (RFC 3339).
+pub const ROTATED_AT: &str = "rotated-at";
+/// How long after a CA rotation certificates still come from the previous CA: the new trust
+/// bundle reaches a running replica when the kubelet refreshes its Secret mount (its sync
+/// period, a minute by default, plus its Secret cache), and a certificate from the new CA is
+/// accepted only by a replica that has it.
+pub const CA_TRUST_SETTLE: std::time::Duration = std::time::Duration::from_secs(10 * 60);
 pub const TLS_CRT: &str = "tls.crt";
 pub const TLS_KEY: &str = "tls.key";
 /// Label value (`app.kubernetes.io/component`) of the certificate Secrets.
@@ -68,9 +82,18 @@ pub fn client_secret_name(cluster: &str) -> String {
     format!("{cluster}-client-tls")
 }
 
-/// The CA of one RSM and the operator's admin identity issued from it.
+/// The CA of one RSM (and, after a rotation, the previous one) and the operator's admin
+/// identity issued from it.
 pub struct Pki {
     ca: Ca,
+    /// After a rotation, until it expires: the previous CA.
+    previous: Option<Ca>,
+    /// Until then the previous CA issues every certificate (the replicas may not trust the
+    /// new one yet).
+    settle_until: Option<Timestamp>,
+    /// What every party trusts and every certificate Secret's `ca.crt` holds: the CA, then
+    /// the previous one.
+    trust: String,
     /// Mutual TLS as `lockstep://admin/operator`.
     pub admin: Transport,
     /// When the certificate in `NAME-client-tls` is due again (learned when it was read or
@@ -83,24 +106,50 @@ pub struct Pki {
 }
 
 impl Pki {
-    fn new(ca: Ca, who: &str) -> Result<Pki, Error> {
-        let leaf = ca
-            .issue(&PeerIdentity::new(Role::Admin, ADMIN_NAME), &[])
-            .map_err(|e| tls_error(who, e))?;
-        let admin_due = renew_at(&leaf.cert);
-        let admin = Transport::from_pem(
-            ca.pem().as_bytes().to_vec(),
+    fn new(cas: Cas, who: &str) -> Result<Pki, Error> {
+        let mut pki = Pki {
+            trust: cas.trust(),
+            ca: cas.ca,
+            previous: cas.previous,
+            settle_until: cas.settle_until,
+            admin: Transport::plaintext(),
+            client_due: Mutex::new(None),
+            admin_due: Mutex::new(None),
+        };
+        let (leaf, due) = pki.issue(&PeerIdentity::new(Role::Admin, ADMIN_NAME), &[], who)?;
+        pki.admin = Transport::from_pem(
+            pki.trust.as_bytes().to_vec(),
             leaf.cert.into_bytes(),
             leaf.key.into_bytes(),
             format!("the operator's admin identity for {who}"),
         )
         .map_err(|e| tls_error(who, e))?;
-        Ok(Pki {
-            ca,
-            admin,
-            client_due: Mutex::new(None),
-            admin_due: Mutex::new(admin_due),
-        })
+        *pki.admin_due.lock().unwrap_or_else(|e| e.into_inner()) = Some(due);
+        Ok(pki)
+    }
+
+    /// The CA that issues certificates now: the previous one while a rotation settles.
+    fn issuer(&self) -> &Ca {
+        match (&self.previous, self.settle_until) {
+            (Some(previous), Some(until)) if Timestamp::now() < until => previous,
+            _ => &self.ca,
+        }
+    }
+
+    /// A certificate for `who` from [`Pki::issuer`], and when it is due again: at 2/3 of its
+    /// life, or when a rotation has settled if the previous CA issued it.
+    fn issue(
+        &self,
+        who: &PeerIdentity,
+        hosts: &[&str],
+        object: &str,
+    ) -> Result<(lockstep::pki::Leaf, Timestamp), Error> {
+        let leaf = self.issuer().issue(who, hosts).map_err(|e| tls_error(object, e))?;
+        let mut due = renew_at(&leaf.cert).ok_or_else(|| tls_error(object, "issued an unreadable certificate"))?;
+        if let Some(until) = self.settle_until.filter(|u| *u > Timestamp::now()) {
+            due = due.min(until);
+        }
+        Ok((leaf, due))
     }
 
     /// Issue the admin identity again when it is due (no API request: it lives in memory).
@@ -109,16 +158,18 @@ impl Pki {
         if due.is_some_and(|d| d > Timestamp::now()) {
             return Ok(());
         }
-        let leaf = self
-            .ca
-            .issue(&PeerIdentity::new(Role::Admin, ADMIN_NAME), &[])
-            .map_err(|e| tls_error(who, e))?;
+        let (leaf, next) = self.issue(&PeerIdentity::new(Role::Admin, ADMIN_NAME), &[], who)?;
         self.admin
-            .reissue(self.ca.pem().as_bytes(), leaf.cert.as_bytes(), leaf.key.as_bytes())
+            .reissue(self.trust.as_bytes(), leaf.cert.as_bytes(), leaf.key.as_bytes())
             .map_err(|e| tls_error(who, e))?;
-        *due = renew_at(&leaf.cert);
-        tracing::info!(object = %who, "TLS: the operator's admin identity issued again (past 2/3 of its life)");
+        *due = Some(next);
+        tracing::info!(object = %who, "TLS: the operator's admin identity issued again (past 2/3 of its life, or a CA rotation settled)");
         Ok(())
+    }
+
+    /// Whether the CA is past 2/3 of its life.
+    fn ca_due(&self) -> bool {
+        renew_at(self.ca.pem()).is_none_or(|due| due <= Timestamp::now())
     }
 
     fn client_due(&self) -> Option<Timestamp> {
@@ -167,12 +218,12 @@ pub async fn ensure(ctx: &Context, rsm: &ReplicatedStateMachine, ns: &str) -> Re
         return Ok(pki);
     }
     let who = key(rsm);
-    let ca = ca_of(ctx, rsm, ns).await?;
-    let pki = Arc::new(Pki::new(ca, &who)?);
+    let cas = ca_of(ctx, rsm, ns).await?;
+    let pki = Arc::new(Pki::new(cas, &who)?);
     let name = client_secret_name(&rsm.name_any());
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
     let existing = api.get_opt(&name).await?;
-    let due = match existing.as_ref().and_then(|s| leaf_due(s, pki.ca.pem())) {
+    let due = match existing.as_ref().and_then(|s| leaf_due(s, &pki.trust)) {
         Some(due) if due > Timestamp::now() => due,
         _ => {
             if existing.is_some() {
@@ -198,32 +249,84 @@ pub async fn existing(ctx: &Context, rsm: &ReplicatedStateMachine, ns: &str) -> 
     }
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
     match api.get_opt(&ca_secret_name(&rsm.name_any())).await? {
-        Some(s) => Ok(Some(Arc::new(Pki::new(ca_in(&s, ns)?, &key(rsm))?))),
+        Some(s) => Ok(Some(Arc::new(Pki::new(
+            ca_in(&s, ns, ctx.ca_trust_settle)?,
+            &key(rsm),
+        )?))),
         None => Ok(None),
     }
 }
 
-/// The CA kept in `NAME-tls-ca`, or a new one stored there.
-async fn ca_of(ctx: &Context, rsm: &ReplicatedStateMachine, ns: &str) -> Result<Ca, Error> {
+/// The CAs kept in `NAME-tls-ca`, or a new CA stored there.
+async fn ca_of(ctx: &Context, rsm: &ReplicatedStateMachine, ns: &str) -> Result<Cas, Error> {
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
     let name = ca_secret_name(&rsm.name_any());
     if let Some(s) = api.get_opt(&name).await? {
-        return ca_in(&s, ns);
+        return ca_in(&s, ns, ctx.ca_trust_settle);
     }
     let ca = Ca::generate(&key(rsm)).map_err(|e| tls_error(&key(rsm), e))?;
     let data = BTreeMap::from([(CA_CRT, ca.pem().to_string()), (CA_KEY, ca.key_pem())]);
     if create_if_absent(ctx, ns, &secret(rsm, name.clone(), data)?).await? {
-        return Ok(ca);
+        return Ok(Cas::single(ca));
     }
     // Made by someone else in the meantime (an operator that was leader a moment ago).
-    ca_in(&api.get(&name).await?, ns)
+    ca_in(&api.get(&name).await?, ns, ctx.ca_trust_settle)
+}
+
+/// The CAs of an RSM as its CA Secret keeps them.
+struct Cas {
+    ca: Ca,
+    /// The CA before the last rotation, while it has not expired.
+    previous: Option<Ca>,
+    /// Until when the previous CA still issues certificates.
+    settle_until: Option<Timestamp>,
+}
+
+impl Cas {
+    /// One CA, no rotation going on.
+    fn single(ca: Ca) -> Cas {
+        Cas {
+            ca,
+            previous: None,
+            settle_until: None,
+        }
+    }
+
+    /// The trust bundle: the CA, then the previous one.
+    fn trust(&self) -> String {
+        let mut pem = self.ca.pem().trim_end().to_string();
+        pem.push('\n');
+        if let Some(p) = &self.previous {
+            pem.push_str(p.pem().trim_end());
+            pem.push('\n');
+        }
+        pem
+    }
 }
 
 fn field<'a>(secret: &'a Secret, name: &str) -> Option<&'a str> {
     std::str::from_utf8(&secret.data.as_ref()?.get(name)?.0).ok()
 }
 
-fn ca_in(secret: &Secret, ns: &str) -> Result<Ca, Error> {
+fn ca_in(secret: &Secret, ns: &str, settle: std::time::Duration) -> Result<Cas, Error> {
+    let ca = current_ca_in(secret, ns)?;
+    // The previous CA (after a rotation) while it is valid; unreadable or expired: ignored.
+    let previous = match (field(secret, PREVIOUS_CRT), field(secret, PREVIOUS_KEY)) {
+        (Some(cert), Some(key_pem)) if lockstep::pki::time_left(cert).is_some() => Ca::from_pem(cert, key_pem).ok(),
+        _ => None,
+    };
+    let settle_until = field(secret, ROTATED_AT)
+        .and_then(|t| t.parse::<Timestamp>().ok())
+        .map(|t| t + settle)
+        .filter(|_| previous.is_some());
+    Ok(Cas {
+        ca,
+        previous,
+        settle_until,
+    })
+}
+
+fn current_ca_in(secret: &Secret, ns: &str) -> Result<Ca, Error> {
     let name = secret.name_any();
     let (Some(cert), Some(key_pem)) = (field(secret, CA_CRT), field(secret, CA_KEY)) else {
         return Err(Error::Tls(format!(
@@ -252,22 +355,19 @@ fn secret(rsm: &ReplicatedStateMachine, name: String, data: BTreeMap<&str, Strin
     })
 }
 
-/// A certificate Secret for `who` (`ca.crt`, `tls.crt`, `tls.key`) issued by the RSM's CA.
+/// A certificate Secret for `who` (`ca.crt`, `tls.crt`, `tls.key`) issued by the RSM's CA,
+/// and when it is due again.
 fn leaf_secret(
     rsm: &ReplicatedStateMachine,
     name: &str,
     pki: &Pki,
     who: &PeerIdentity,
     hosts: &[String],
-) -> Result<Secret, Error> {
+) -> Result<(Secret, Timestamp), Error> {
     let hosts: Vec<&str> = hosts.iter().map(String::as_str).collect();
-    let leaf = pki.ca.issue(who, &hosts).map_err(|e| tls_error(&key(rsm), e))?;
-    let data = BTreeMap::from([
-        (CA_CRT, pki.ca.pem().to_string()),
-        (TLS_CRT, leaf.cert),
-        (TLS_KEY, leaf.key),
-    ]);
-    Ok(secret(rsm, name.to_string(), data)?)
+    let (leaf, due) = pki.issue(who, &hosts, &key(rsm))?;
+    let data = BTreeMap::from([(CA_CRT, pki.trust.clone()), (TLS_CRT, leaf.cert), (TLS_KEY, leaf.key)]);
+    Ok((secret(rsm, name.to_string(), data)?, due))
 }
 
 /// When a certificate (PEM) is due to be issued again: at [`RENEW_AT_LIFE`] of its life.
@@ -305,8 +405,7 @@ async fn issue_leaf_secret(
     hosts: &[String],
     exists: bool,
 ) -> Result<Timestamp, Error> {
-    let fresh = leaf_secret(rsm, name, pki, who, hosts)?;
-    let due = leaf_due(&fresh, pki.ca.pem()).ok_or_else(|| tls_error(&key(rsm), "issued an unreadable certificate"))?;
+    let (fresh, due) = leaf_secret(rsm, name, pki, who, hosts)?;
     if !exists && create_if_absent(ctx, ns, &fresh).await? {
         return Ok(due);
     }
@@ -345,8 +444,15 @@ pub async fn renew(
     rsm: &ReplicatedStateMachine,
     ns: &str,
     world: &World,
-    pki: &Pki,
+    pki: &Arc<Pki>,
 ) -> Result<Option<Timestamp>, Error> {
+    let rotated;
+    let pki = if pki.ca_due() {
+        rotated = rotate_ca(ctx, rsm, ns, world, pki).await?;
+        &rotated
+    } else {
+        pki
+    };
     let now = Timestamp::now();
     let mut next: Option<Timestamp> = None;
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
@@ -392,6 +498,106 @@ pub async fn renew(
         next = Some(next.map_or(due, |n| n.min(due)));
     }
     Ok(next)
+}
+
+/// Rotates the RSM's CA (past 2/3 of its life) while its replicas run, in two steps so that
+/// no handshake fails:
+///
+/// 1. now: a new CA becomes current in `NAME-tls-ca`, the old one stays as `previous.*` with
+///    `rotated-at`; every certificate Secret's `ca.crt` becomes the bundle of both (its
+///    certificate and key are kept), and every pod and the client Secret become due at the end
+///    of [`Context::ca_trust_settle`];
+/// 2. then ([`renew`], as for any certificate that is due): certificates from the new CA.
+///
+/// Until then the previous CA issues everything (new pods, the admin identity), since a replica
+/// whose mount the kubelet has not refreshed yet trusts only it. The old CA is trusted until it
+/// expires, a third of its life later. Returns the RSM's new [`Pki`] (also cached).
+pub async fn rotate_ca(
+    ctx: &Context,
+    rsm: &ReplicatedStateMachine,
+    ns: &str,
+    world: &World,
+    old: &Pki,
+) -> Result<Arc<Pki>, Error> {
+    let who = key(rsm);
+    let now = Timestamp::now();
+    let cas = Cas {
+        ca: Ca::generate(&who).map_err(|e| tls_error(&who, e))?,
+        previous: Some(Ca::from_pem(old.ca.pem(), &old.ca.key_pem()).map_err(|e| tls_error(&who, e))?),
+        settle_until: Some(now + ctx.ca_trust_settle),
+    };
+    let until = now + ctx.ca_trust_settle;
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let b64 = |v: &str| ByteString(v.as_bytes().to_vec());
+    let ca_data = serde_json::json!({ "data": {
+        CA_CRT: b64(cas.ca.pem()),
+        CA_KEY: b64(&cas.ca.key_pem()),
+        PREVIOUS_CRT: b64(old.ca.pem()),
+        PREVIOUS_KEY: b64(&old.ca.key_pem()),
+        ROTATED_AT: b64(&now.to_string()),
+    }});
+    secrets
+        .patch(
+            &ca_secret_name(&rsm.name_any()),
+            &PatchParams::default(),
+            &Patch::Merge(&ca_data),
+        )
+        .await?;
+    tracing::info!(object = %who, settle_until = %until,
+        "TLS: the RSM's CA is past 2/3 of its life: a new CA, trusted beside the old one from now on; \
+         certificates come from it once every replica has the new trust bundle");
+    // The admin identity keeps its certificate (from the old CA) and trusts both.
+    let pki = Pki {
+        trust: cas.trust(),
+        ca: cas.ca,
+        previous: cas.previous,
+        settle_until: cas.settle_until,
+        admin: old.admin.clone(),
+        client_due: Mutex::new(Some(until)),
+        admin_due: Mutex::new(Some(until)),
+    };
+    let (leaf, _) = pki.issue(&PeerIdentity::new(Role::Admin, ADMIN_NAME), &[], &who)?;
+    pki.admin
+        .reissue(pki.trust.as_bytes(), leaf.cert.as_bytes(), leaf.key.as_bytes())
+        .map_err(|e| tls_error(&who, e))?;
+    let trust = serde_json::json!({ "data": { CA_CRT: b64(&pki.trust) } });
+    let due = serde_json::json!({ "metadata": { "annotations": { TLS_RENEW_ANNOTATION: until.to_string() } } });
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    // Deleted since the cache saw it: its successor gets the bundle when it is made.
+    fn tolerate_gone<T>(r: Result<T, kube::Error>) -> Result<(), kube::Error> {
+        match r {
+            Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+            other => other.map(|_| ()),
+        }
+    }
+    for pod in world.replicas.iter().map(|r| &r.pod) {
+        if runs_plaintext(pod) || pod.metadata.deletion_timestamp.is_some() {
+            continue;
+        }
+        let id = pod.name_any();
+        tolerate_gone(
+            secrets
+                .patch(
+                    &replica_secret_name(&id),
+                    &PatchParams::default(),
+                    &Patch::Merge(&trust),
+                )
+                .await,
+        )?;
+        tolerate_gone(pods.patch(&id, &PatchParams::default(), &Patch::Merge(&due)).await)?;
+    }
+    tolerate_gone(
+        secrets
+            .patch(
+                &client_secret_name(&rsm.name_any()),
+                &PatchParams::default(),
+                &Patch::Merge(&trust),
+            )
+            .await,
+    )?;
+    let pki = Arc::new(pki);
+    ctx.pki.insert(rsm, pki.clone());
+    Ok(pki)
 }
 
 /// The DNS names a replica is dialled by: its pod in the peers Service (members, the
@@ -548,7 +754,7 @@ mod tests {
 
     #[test]
     fn the_admin_identity_is_issued_again_in_place_when_due() {
-        let pki = Pki::new(Ca::generate("kv").expect("ca"), "ns/kv").expect("pki");
+        let pki = Pki::new(Cas::single(Ca::generate("kv").expect("ca")), "ns/kv").expect("pki");
         let clone = pki.admin.clone();
         let first = clone.current().expect("tls").serial.clone();
         pki.renew_admin("ns/kv").expect("not due: nothing");
@@ -568,11 +774,54 @@ mod tests {
     fn a_ca_kept_in_a_secret_issues_certificates_that_chain_to_it() {
         let ca = Ca::generate("kv").expect("ca");
         let again = Ca::from_pem(ca.pem(), &ca.key_pem()).expect("from pem");
-        let pki = Pki::new(again, "ns/kv").expect("pki");
+        let pki = Pki::new(Cas::single(again), "ns/kv").expect("pki");
         assert_eq!(pki.admin.identity(), Some(&PeerIdentity::new(Role::Admin, ADMIN_NAME)));
         let hosts = replica_hosts("kv", "prod", "kv-0");
         assert!(hosts.contains(&"kv-0.kv-peers.prod.svc".to_string()));
         assert!(hosts.contains(&"kv".to_string()));
         assert!(hosts.contains(&"kv.prod.svc.cluster.local".to_string()));
+    }
+
+    /// A CA Secret in the middle of a rotation: both CAs trusted, the previous one issuing
+    /// until the rotation settles, the new one after; an expired previous CA is dropped.
+    #[test]
+    fn a_rotated_ca_secret_trusts_both_and_issues_from_the_old_one_until_it_settles() {
+        let old = Ca::generate("kv").expect("old");
+        let new = Ca::generate("kv").expect("new");
+        let settle = std::time::Duration::from_secs(600);
+        let at = |rotated: Timestamp| {
+            let data = BTreeMap::from([
+                (CA_CRT, new.pem().to_string()),
+                (CA_KEY, new.key_pem()),
+                (PREVIOUS_CRT, old.pem().to_string()),
+                (PREVIOUS_KEY, old.key_pem()),
+                (ROTATED_AT, rotated.to_string()),
+            ]);
+            Secret {
+                data: Some(
+                    data.into_iter()
+                        .map(|(k, v)| (k.to_string(), ByteString(v.into_bytes())))
+                        .collect(),
+                ),
+                ..Default::default()
+            }
+        };
+        let cas = ca_in(&at(Timestamp::now()), "ns", settle).expect("cas");
+        let pki = Pki::new(cas, "ns/kv").expect("pki");
+        assert!(pki.trust.contains(new.pem().trim()) && pki.trust.contains(old.pem().trim()));
+        assert!(pki.trust.starts_with(new.pem().trim()), "the current CA first");
+        assert_eq!(pki.issuer().pem(), old.pem(), "the old CA issues while it settles");
+        let (_, due) = pki
+            .issue(&PeerIdentity::new(Role::Replica, "kv-0"), &["localhost"], "ns/kv")
+            .expect("leaf");
+        assert!(due <= Timestamp::now() + settle, "due again when it settles: {due}");
+        let settled = ca_in(&at(Timestamp::now() - settle * 2), "ns", settle).expect("cas");
+        let pki = Pki::new(settled, "ns/kv").expect("pki");
+        assert_eq!(pki.issuer().pem(), new.pem(), "the new CA issues once settled");
+        assert!(
+            pki.trust.contains(old.pem().trim()),
+            "the old CA is trusted until it expires"
+        );
+        assert!(!pki.ca_due(), "a new CA is far from due");
     }
 }

@@ -1118,23 +1118,7 @@ async fn certificates_past_two_thirds_of_their_life_are_issued_again_while_the_r
     )
     .expect("usable certificate and key");
     assert_eq!(replica.identity(), Some(&PeerIdentity::new(Role::Replica, "kv-0")));
-    let admin_leaf = ca
-        .issue(&PeerIdentity::new(Role::Admin, "operator"), &[])
-        .expect("admin leaf");
-    let admin = Transport::from_pem(
-        ca_pem.into_bytes(),
-        admin_leaf.cert.into_bytes(),
-        admin_leaf.key.into_bytes(),
-        "admin".into(),
-    )
-    .expect("admin");
-    let (a, b) = tokio::io::duplex(64 * 1024);
-    let server = tokio_rustls::TlsAcceptor::from(replica.current().expect("tls").server.clone());
-    let client = tokio_rustls::TlsConnector::from(admin.current().expect("tls").client.clone());
-    let name = rustls::pki_types::ServerName::try_from("kv-0.kv-peers.apps.svc").expect("name");
-    let (s, c) = tokio::join!(server.accept(a), client.connect(name, b));
-    s.expect("the replica accepts the operator");
-    c.expect("the operator accepts the replica's new certificate");
+    operator_handshake(&ca, &ca_pem, &replica).await;
 
     // Steady again: nothing written, and the requeue is no later than the next renewal.
     h.reconcile("kv").await;
@@ -1156,4 +1140,163 @@ async fn certificates_past_two_thirds_of_their_life_are_issued_again_while_the_r
         secs <= 600.0 && secs > 500.0,
         "back when kv-0 is due, not at the 24 h resync: {action:?}"
     );
+}
+
+/// The RSM's CA past 2/3 of its life is rotated while the replicas run, in two steps: first
+/// every certificate Secret trusts the old and the new CA (certificates kept, pods due when the
+/// rotation settles), then certificates come from the new CA. Seen by an operator that starts
+/// after the CA got old (a new `Context` on the same API objects).
+#[tokio::test]
+async fn a_ca_past_two_thirds_of_its_life_is_rotated_in_two_steps_while_the_replicas_run() {
+    use k8s_openapi::jiff::Timestamp;
+    use lockstep::pki::Ca;
+    use lockstep::{PeerIdentity, Role, Transport};
+    use lockstep_operator::names::TLS_RENEW_ANNOTATION;
+    use lockstep_operator::tls::replica_hosts;
+    use std::time::Duration;
+    const SECRETS: &str = "/api/v1/namespaces/apps/secrets";
+    let settle = Duration::from_secs(2);
+    let configure = |c: &mut Context| {
+        c.steady_requeue = Duration::from_secs(24 * 3600);
+        c.ca_trust_settle = settle;
+    };
+    let h = harness_with(configure);
+    bootstrapped_pods(&h).await;
+    h.reconcile("kv").await;
+    let api = h.api.clone();
+    let field = |secret: &str, f: &str| -> String {
+        let v = lock(&api).objects[&format!("{SECRETS}/{secret}")]["data"][f].clone();
+        let bytes: k8s_openapi::ByteString = serde_json::from_value(v).expect("base64");
+        String::from_utf8(bytes.0).expect("utf8")
+    };
+    let set = |secret: &str, f: &str, v: &str| {
+        let mut objects = lock(&api);
+        let s = objects.objects.get_mut(&format!("{SECRETS}/{secret}")).expect("secret");
+        s["data"][f] = serde_json::to_value(k8s_openapi::ByteString(v.as_bytes().to_vec())).unwrap();
+    };
+    // The CA in use is near its end (valid 25 s more, past 2/3 of its life), and it issued
+    // every certificate the replicas and the client Secret hold.
+    let old = Ca::generate_valid("kv-old", Duration::from_secs(25)).expect("old CA");
+    set("kv-tls-ca", "ca.crt", old.pem());
+    set("kv-tls-ca", "ca.key", &old.key_pem());
+    let mut old_leaves = Vec::new();
+    for id in ["kv-0", "kv-1"] {
+        let hosts = replica_hosts("kv", NS, id);
+        let hosts: Vec<&str> = hosts.iter().map(String::as_str).collect();
+        let leaf = old.issue(&PeerIdentity::new(Role::Replica, id), &hosts).expect("leaf");
+        let secret = format!("{id}-tls");
+        set(&secret, "ca.crt", old.pem());
+        set(&secret, "tls.crt", &leaf.cert);
+        set(&secret, "tls.key", &leaf.key);
+        old_leaves.push(leaf.cert);
+    }
+    let client_leaf = old
+        .issue(&PeerIdentity::new(Role::Client, "default"), &[])
+        .expect("client");
+    set("kv-client-tls", "ca.crt", old.pem());
+    set("kv-client-tls", "tls.crt", &client_leaf.cert);
+    set("kv-client-tls", "tls.key", &client_leaf.key);
+
+    // An operator that starts now.
+    let mut ctx = Context::new(client(h.api.clone()), h.admin.clone(), h.metrics.clone(), Source::Api);
+    configure(&mut ctx);
+    let h = Harness {
+        ctx: Arc::new(ctx),
+        ..h
+    };
+
+    // Step 1: a new CA; every Secret trusts both; no certificate changes; pods due when settled.
+    let began = Timestamp::now();
+    h.reconcile("kv").await;
+    // (A new operator also applies the shared objects once: not about certificates.)
+    let tls_writes: Vec<String> = h
+        .writes()
+        .into_iter()
+        .filter(|w| w.contains("/secrets/") || w.contains("/pods"))
+        .collect();
+    assert_eq!(
+        tls_writes,
+        vec![
+            format!("PATCH {SECRETS}/kv-tls-ca"),
+            format!("PATCH {SECRETS}/kv-0-tls"),
+            format!("PATCH {PODS}/kv-0"),
+            format!("PATCH {SECRETS}/kv-1-tls"),
+            format!("PATCH {PODS}/kv-1"),
+            format!("PATCH {SECRETS}/kv-client-tls"),
+        ],
+        "the CA Secret, the trust bundle in each certificate Secret, and when the pods are due"
+    );
+    let new_pem = field("kv-tls-ca", "ca.crt");
+    assert_ne!(new_pem, old.pem(), "a new CA");
+    assert_eq!(field("kv-tls-ca", "previous.crt"), old.pem(), "the old one is kept");
+    for (id, leaf) in ["kv-0", "kv-1"].iter().zip(&old_leaves) {
+        let bundle = field(&format!("{id}-tls"), "ca.crt");
+        assert!(
+            bundle.contains(new_pem.trim()) && bundle.contains(old.pem().trim()),
+            "{id} trusts both"
+        );
+        assert_eq!(
+            &field(&format!("{id}-tls"), "tls.crt"),
+            leaf,
+            "{id} keeps its certificate for now"
+        );
+        let due: Timestamp = lock(&h.api).objects[&format!("{PODS}/{id}")]["metadata"]["annotations"]
+            [TLS_RENEW_ANNOTATION]
+            .as_str()
+            .expect("due")
+            .parse()
+            .expect("time");
+        assert!(
+            due >= began + settle && due <= Timestamp::now() + settle,
+            "{id} due when settled: {due}"
+        );
+    }
+    assert_eq!(field("kv-client-tls", "tls.crt"), client_leaf.cert);
+    h.reconcile("kv").await;
+    assert!(h.writes().is_empty(), "nothing until it settles: {:#?}", h.writes());
+
+    // Step 2, once settled: certificates from the new CA, which alone now verifies them.
+    tokio::time::sleep(settle + Duration::from_millis(200)).await;
+    h.reconcile("kv").await;
+    let writes = h.writes();
+    for w in [
+        format!("PATCH {SECRETS}/kv-0-tls"),
+        format!("PATCH {SECRETS}/kv-1-tls"),
+        format!("PATCH {SECRETS}/kv-client-tls"),
+    ] {
+        assert!(writes.contains(&w), "{w}: {writes:#?}");
+    }
+    let new = Ca::from_pem(&new_pem, &field("kv-tls-ca", "ca.key")).expect("new CA");
+    let replica = Transport::from_pem(
+        new_pem.clone().into_bytes(),
+        field("kv-0-tls", "tls.crt").into_bytes(),
+        field("kv-0-tls", "tls.key").into_bytes(),
+        "kv-0".into(),
+    )
+    .expect("kv-0's new certificate");
+    // Trusting the new CA alone.
+    operator_handshake(&new, &new_pem, &replica).await;
+}
+
+/// A TLS handshake over a pipe between `replica` and an admin identity issued by `ca` that
+/// trusts `trust` alone, dialling kv-0's peer name: both sides must accept the other.
+async fn operator_handshake(ca: &lockstep::pki::Ca, trust: &str, replica: &lockstep::Transport) {
+    use lockstep::{PeerIdentity, Role, Transport};
+    let admin_leaf = ca
+        .issue(&PeerIdentity::new(Role::Admin, "operator"), &[])
+        .expect("admin leaf");
+    let admin = Transport::from_pem(
+        trust.as_bytes().to_vec(),
+        admin_leaf.cert.into_bytes(),
+        admin_leaf.key.into_bytes(),
+        "admin".into(),
+    )
+    .expect("admin");
+    let (a, b) = tokio::io::duplex(64 * 1024);
+    let server = tokio_rustls::TlsAcceptor::from(replica.current().expect("tls").server.clone());
+    let client = tokio_rustls::TlsConnector::from(admin.current().expect("tls").client.clone());
+    let name = rustls::pki_types::ServerName::try_from("kv-0.kv-peers.apps.svc").expect("name");
+    let (s, c) = tokio::join!(server.accept(a), client.connect(name, b));
+    s.expect("the replica accepts the operator");
+    c.expect("the operator accepts the replica's certificate");
 }
