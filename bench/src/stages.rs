@@ -29,7 +29,8 @@ pub struct NodeStages {
 
 /// The stages a replica exports, in the order of a write's life, each with what it is in a
 /// few words.
-const STAGES: [(&str, &str); 8] = [
+const STAGES: [(&str, &str); 9] = [
+    ("receive", "(before) headers in -> handler"),
     ("validate", "handler -> validated, ordered"),
     ("queue", "ordered -> storage batch starts"),
     ("local_fsync", "write + fsync here"),

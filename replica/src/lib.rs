@@ -279,6 +279,7 @@ pub async fn run(args: ReplicaArgs, factory: MachineFactory) -> anyhow::Result<(
     };
     let grpc_server = transport
         .server()
+        .layer(stages::StampArrivalLayer)
         .layer(tls::AuthorizeLayer::new(&transport, members))
         .add_service(lockstep_proto::client_server::ClientServer::new(services.clone()).max_decoding_message_size(max))
         .add_service(lockstep_proto::peer_server::PeerServer::new(services.clone()).max_decoding_message_size(max))

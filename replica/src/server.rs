@@ -119,6 +119,11 @@ impl Services {
 impl Client for Services {
     async fn execute(&self, request: Request<ExecuteRequest>) -> Result<Response<ExecuteResponse>, Status> {
         let started = Instant::now();
+        if let Some(arrived) = request.extensions().get::<crate::stages::Arrived>() {
+            self.shared
+                .metrics
+                .observe_stage(Stage::Receive, started.saturating_duration_since(arrived.0));
+        }
         let result = self.execute_inner(request, started).await;
         self.shared.metrics.observe_request("Execute", started.elapsed());
         result

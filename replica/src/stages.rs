@@ -9,6 +9,10 @@
 //! index, allocated once on the first write: no allocation per entry, and a write that stays
 //! in flight while [`RING`] newer ones are ordered is simply not observed.
 //!
+//! Before the handler: `receive` (the request's headers reached our gRPC service stack ->
+//! the Execute handler entered: the rest of the body, tonic's decoding, the authorization
+//! layer), stamped by [`StampArrivalLayer`] and observed for every Execute.
+//!
 //! At the primary, the stages of one write in order (they add up to the Execute handler's
 //! time): `validate` (handler entered -> validated and ordered into the log, including the wait
 //! for the node lock), `queue` (ordered -> the storage thread starts the batch holding it),
@@ -30,6 +34,7 @@ pub const RING: usize = 4096;
 /// `CommitWait`; `BackupAppend` is measured on backups).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stage {
+    Receive,
     Validate,
     Queue,
     LocalFsync,
@@ -41,7 +46,8 @@ pub enum Stage {
 }
 
 impl Stage {
-    pub const ALL: [Stage; 8] = [
+    pub const ALL: [Stage; 9] = [
+        Stage::Receive,
         Stage::Validate,
         Stage::Queue,
         Stage::LocalFsync,
@@ -52,15 +58,16 @@ impl Stage {
         Stage::BackupAppend,
     ];
 
-    /// The stages a primary records for every committed client write (all but
-    /// `BackupAppend`).
+    /// The stages a primary's [`StageClock`] records for every committed client write
+    /// (`Validate` to `Reply`; `Receive` is observed by the handler itself).
     pub fn of_primary() -> &'static [Stage] {
-        &Self::ALL[..7]
+        &Self::ALL[1..8]
     }
 
     /// The `stage` label.
     pub fn name(self) -> &'static str {
         match self {
+            Stage::Receive => "receive",
             Stage::Validate => "validate",
             Stage::Queue => "queue",
             Stage::LocalFsync => "local_fsync",
@@ -85,6 +92,42 @@ struct Stamps {
     acked: Option<Instant>,
     committed: Option<Instant>,
     applied: Option<Instant>,
+}
+
+/// When a request's headers reached the gRPC service stack (in its extensions).
+#[derive(Clone, Copy, Debug)]
+pub struct Arrived(pub Instant);
+
+/// Puts [`Arrived`] into every request's extensions, first thing in the service stack.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StampArrivalLayer;
+
+impl<S> tower::Layer<S> for StampArrivalLayer {
+    type Service = StampArrival<S>;
+    fn layer(&self, inner: S) -> StampArrival<S> {
+        StampArrival(inner)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct StampArrival<S>(S);
+
+impl<S, B> tower::Service<http::Request<B>> for StampArrival<S>
+where
+    S: tower::Service<http::Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), S::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<B>) -> S::Future {
+        request.extensions_mut().insert(Arrived(Instant::now()));
+        self.0.call(request)
+    }
 }
 
 /// Timestamps of the client writes in flight at the primary.

@@ -138,6 +138,13 @@ fn every_stage_of_every_committed_write_is_recorded() {
             assert!(sum > 0.0, "primary stage {name} took no time at all");
         }
     }
+    // receive: every Execute, measured before its handler (headers in -> handler entered).
+    let (count, sum) = stage(&p, "receive");
+    assert!(
+        count >= WRITES,
+        "receive: one observation per Execute, {count} for {WRITES} writes"
+    );
+    assert!(sum > 0.0, "receive took no time at all");
     assert_eq!(stage(&p, "backup_append").0, 0, "the primary is nobody's backup");
     let b = metrics(backup.at.http);
     let (count, sum) = stage(&b, "backup_append");
