@@ -14,7 +14,7 @@ use lockstep_proto::{
     AppliedEntry, ByzStatus, Configuration, Era, EraAck, FetchSnapshotRequest, Member, MemberRole, PeerProgress,
     RelayAck, RelayBatch, Relayed, ReplyBody, ResumeRequest, ResumeResponse, SealRequest, SealResponse, SignedApplied,
     SignedEra, SignedItem, SignedReply, Snapshot, SnapshotRequest, SnapshotResponse, StatusRequest, StatusResponse,
-    WatchRequest, admin_server::Admin, byzantine_client::ByzantineClient, byzantine_server::Byzantine,
+    SubmitAnswer, WatchRequest, admin_server::Admin, byzantine_client::ByzantineClient, byzantine_server::Byzantine,
     stream_item::Body as ItemBody,
 };
 use prost::Message;
@@ -456,36 +456,47 @@ fn reply_wait_status() -> Status {
     Status::unavailable("outcome unknown: not executed in time here; retry with the same item")
 }
 
-#[tonic::async_trait]
-impl Byzantine for ByzServices {
-    async fn submit(&self, request: Request<SignedItem>) -> Result<Response<SignedReply>, Status> {
-        let shared = &self.shared;
-        let signed = request.into_inner();
-        let item = lockstep_proto::StreamItem::decode(signed.item.as_slice())
-            .map_err(|e| Status::invalid_argument(format!("undecodable item: {e}")))?;
-        if shared.injected(Behaviour::Silent) {
+/// What submitting one item comes to, before any waiting: the same for a unary `Submit` and
+/// for an item on a `SubmitStream`.
+enum Submitted {
+    /// Answer this now (a cached reply, an admission already known, a refusal).
+    Now(Result<SignedReply, Status>),
+    /// The answer comes when the item has run (or not within [`EXECUTE_TIMEOUT`]).
+    Later(oneshot::Receiver<ReplyBody>),
+    /// Accepted; nothing to vote on (a no-op, a close).
+    Accepted,
+    /// Injected fault `silent`: taken in, never answered.
+    Silent,
+}
+
+impl ByzShared {
+    /// Take a client's item in: verify, offer, and say what the client gets.
+    fn submit_item(&self, signed: &SignedItem) -> Submitted {
+        let item = match lockstep_proto::StreamItem::decode(signed.item.as_slice()) {
+            Ok(i) => i,
+            Err(e) => return Submitted::Now(Err(Status::invalid_argument(format!("undecodable item: {e}")))),
+        };
+        if self.injected(Behaviour::Silent) {
             // Accept nothing visibly, answer nobody.
-            let _ = shared.ingest(&signed, &[], "client -");
-            std::future::pending::<()>().await;
+            let _ = self.ingest(signed, &[], "client -");
+            return Submitted::Silent;
         }
         let slot: SlotKey = (item.identity.clone(), item.session, item.seq);
         let is_open = matches!(item.body, Some(ItemBody::Open(_)));
         let wants_reply = matches!(item.body, Some(ItemBody::Command(_)) | Some(ItemBody::Query(_)));
         let (tx, rx) = oneshot::channel();
         if is_open {
-            shared
-                .open_waiters
+            self.open_waiters
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .entry((item.identity.clone(), item.session))
                 .or_default()
                 .push(tx);
         } else if wants_reply {
-            if let Some(body) = shared.lock().cached_reply(&slot) {
-                return Ok(Response::new(shared.sign_reply(body)));
+            if let Some(body) = self.lock().cached_reply(&slot) {
+                return Submitted::Now(Ok(self.sign_reply(body)));
             }
-            shared
-                .waiters
+            self.waiters
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .entry(slot.clone())
@@ -494,28 +505,126 @@ impl Byzantine for ByzServices {
         }
         tracing::debug!(identity = %item.identity, seq = item.seq, ts = item.ts, "submitted");
         let who = format!("client {}", item.identity);
-        if let Err(why) = shared.ingest(&signed, &[], &who) {
-            shared.waiters.lock().unwrap_or_else(|e| e.into_inner()).remove(&slot);
-            return Err(Status::permission_denied(why));
+        if let Err(why) = self.ingest(signed, &[], &who) {
+            self.waiters.lock().unwrap_or_else(|e| e.into_inner()).remove(&slot);
+            return Submitted::Now(Err(Status::permission_denied(why)));
         }
         if is_open {
             let admitted = {
-                let mut core = shared.lock();
+                let mut core = self.lock();
                 core.offer_open(signed.clone(), &item, now_micros())
             };
             if let Some(body) = admitted {
-                return Ok(Response::new(shared.sign_reply(body)));
+                return Submitted::Now(Ok(self.sign_reply(body)));
             }
         } else if !wants_reply {
             // No-ops and closes: accepted; nothing to vote on.
-            return Ok(Response::new(SignedReply::default()));
-        } else if let Some(body) = shared.lock().cached_reply(&slot) {
-            return Ok(Response::new(shared.sign_reply(body)));
+            return Submitted::Accepted;
+        } else if let Some(body) = self.lock().cached_reply(&slot) {
+            return Submitted::Now(Ok(self.sign_reply(body)));
         }
+        Submitted::Later(rx)
+    }
+
+    /// Wait for an item's execution and sign the answer.
+    async fn answer_when_run(&self, rx: oneshot::Receiver<ReplyBody>) -> Result<SignedReply, Status> {
         match tokio::time::timeout(EXECUTE_TIMEOUT, rx).await {
-            Ok(Ok(body)) => Ok(Response::new(shared.sign_reply(body))),
+            Ok(Ok(body)) => Ok(self.sign_reply(body)),
             _ => Err(reply_wait_status()),
         }
+    }
+}
+
+fn stream_answer(session: u64, seq: u64, r: Result<SignedReply, Status>) -> SubmitAnswer {
+    match r {
+        Ok(reply) => SubmitAnswer {
+            session,
+            seq,
+            reply: Some(reply),
+            refused: String::new(),
+        },
+        Err(status) => SubmitAnswer {
+            session,
+            seq,
+            reply: None,
+            refused: status.message().to_string(),
+        },
+    }
+}
+
+/// Serve one client's `SubmitStream`: take its items in as they come (in order, on this one
+/// HTTP/2 stream) and send each answer when it is ready, tagged by its slot.
+async fn serve_submit_stream(
+    shared: Arc<ByzShared>,
+    mut items: tonic::Streaming<SignedItem>,
+    tx: mpsc::Sender<Result<SubmitAnswer, Status>>,
+) {
+    use futures::StreamExt;
+    use futures::stream::FuturesUnordered;
+    type Waiting = Pin<Box<dyn std::future::Future<Output = SubmitAnswer> + Send>>;
+    let mut waiting: FuturesUnordered<Waiting> = FuturesUnordered::new();
+    let mut incoming = true;
+    loop {
+        if !incoming && waiting.is_empty() {
+            return;
+        }
+        let answer = tokio::select! {
+            next = items.message(), if incoming => match next {
+                Ok(Some(signed)) => {
+                    let (session, seq, close) = match lockstep_proto::StreamItem::decode(signed.item.as_slice()) {
+                        Ok(i) => (i.session, i.seq, matches!(i.body, Some(ItemBody::Close(_)))),
+                        Err(_) => (0, 0, false),
+                    };
+                    match shared.submit_item(&signed) {
+                        Submitted::Now(r) => stream_answer(session, seq, r),
+                        Submitted::Later(rx) => {
+                            let shared = shared.clone();
+                            waiting.push(Box::pin(async move {
+                                stream_answer(session, seq, shared.answer_when_run(rx).await)
+                            }));
+                            continue;
+                        }
+                        // A close is acknowledged (a client awaits it before it exits).
+                        Submitted::Accepted if close => stream_answer(session, seq, Ok(SignedReply::default())),
+                        Submitted::Accepted | Submitted::Silent => continue,
+                    }
+                }
+                // The client closed its side (or went away): answer what is still running.
+                _ => {
+                    incoming = false;
+                    continue;
+                }
+            },
+            Some(answer) = waiting.next(), if !waiting.is_empty() => answer,
+            _ = tx.closed() => return,
+        };
+        if tx.send(Ok(answer)).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Byzantine for ByzServices {
+    async fn submit(&self, request: Request<SignedItem>) -> Result<Response<SignedReply>, Status> {
+        let shared = &self.shared;
+        match shared.submit_item(&request.into_inner()) {
+            Submitted::Now(r) => r.map(Response::new),
+            Submitted::Later(rx) => shared.answer_when_run(rx).await.map(Response::new),
+            Submitted::Accepted => Ok(Response::new(SignedReply::default())),
+            Submitted::Silent => std::future::pending().await,
+        }
+    }
+
+    type SubmitStreamStream = Pin<Box<dyn Stream<Item = Result<SubmitAnswer, Status>> + Send>>;
+
+    async fn submit_stream(
+        &self,
+        request: Request<tonic::Streaming<SignedItem>>,
+    ) -> Result<Response<Self::SubmitStreamStream>, Status> {
+        let (tx, rx) = mpsc::channel(1024);
+        tokio::spawn(serve_submit_stream(self.shared.clone(), request.into_inner(), tx));
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
     }
 
     async fn relay(&self, request: Request<RelayBatch>) -> Result<Response<RelayAck>, Status> {
