@@ -534,7 +534,7 @@ impl ByzClient {
         let check = move |id: &str, r: Result<SignedReply, String>| -> Result<ReplyBody, (bool, String)> {
             let r = r.map_err(|e| (false, e))?;
             let key = keys.get(id).ok_or((true, "unknown replica".to_string()))?;
-            if !keys::verify(key, &r.body, &r.signature) {
+            if !keys::verify_reply(key, &r.body, &r.signature, &r.path, r.position) {
                 return Err((true, "bad signature".into()));
             }
             let body = ReplyBody::decode(r.body.as_slice()).map_err(|e| (true, format!("undecodable: {e}")))?;
