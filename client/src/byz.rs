@@ -178,10 +178,164 @@ impl StreamState {
 /// A stream's promise is at most this many no-op intervals (see [`StreamState::promise_us`]).
 const MAX_PROMISE_INTERVALS: u64 = 4;
 
+/// Where a replica's answer to one item goes: (replica id, its signed reply or why not).
+type AnswerTx = mpsc::UnboundedSender<(String, Result<SignedReply, String>)>;
+
+/// A client's one long-lived `SubmitStream` to one replica, opened on first use and again
+/// after it broke. Items go out in order on that one HTTP/2 stream; answers come back tagged
+/// by slot and go to whoever waits for that slot. A unary `Submit` per item cost a new HTTP/2
+/// stream per item at both ends (headers, HPACK, the tower and authorization layers, a task),
+/// which was most of a replica's CPU besides the signatures (docs/byzantine.md).
+struct Link {
+    id: String,
+    channel: Channel,
+    conn: Mutex<Option<Conn>>,
+    /// The replica has no `SubmitStream` (an older version): one unary `Submit` per item.
+    unary: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// One `SubmitStream` call. Dropping it (with its `Link`) ends the client's side.
+struct Conn {
+    out: mpsc::UnboundedSender<SignedItem>,
+    state: Arc<ConnState>,
+}
+
+#[derive(Default)]
+struct ConnState {
+    waiters: Mutex<HashMap<(u64, u64), Vec<AnswerTx>>>,
+    dead: std::sync::atomic::AtomicBool,
+}
+
+impl Link {
+    fn new(id: String, channel: Channel) -> Link {
+        Link {
+            id,
+            channel,
+            conn: Mutex::new(None),
+            unary: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        }
+    }
+
+    /// Send `item` (of `slot`); its answer, if any, goes to `waiter`.
+    fn send(&self, item: &SignedItem, slot: (u64, u64), waiter: Option<AnswerTx>, timeout: Duration) {
+        use std::sync::atomic::Ordering::SeqCst;
+        if self.unary.load(SeqCst) {
+            let mut c =
+                ByzantineClient::new(self.channel.clone()).max_decoding_message_size(lockstep_proto::MAX_MESSAGE_BYTES);
+            let mut req = tonic::Request::new(item.clone());
+            req.set_timeout(timeout);
+            let id = self.id.clone();
+            tokio::spawn(async move {
+                let r = c
+                    .submit(req)
+                    .await
+                    .map(|r| r.into_inner())
+                    .map_err(|s| s.message().to_string());
+                if let Some(w) = waiter {
+                    let _ = w.send((id, r));
+                }
+            });
+            return;
+        }
+        let (out, state) = self.conn();
+        if let Some(w) = &waiter {
+            let mut ws = state.waiters.lock().unwrap_or_else(|e| e.into_inner());
+            if ws.len() > 256 {
+                // Waits that ended without an answer (a silent replica, a timed-out vote).
+                ws.retain(|_, v| {
+                    v.retain(|t| !t.is_closed());
+                    !v.is_empty()
+                });
+            }
+            ws.entry(slot).or_default().push(w.clone());
+        }
+        // Registered before checking `dead`: the reader marks the call dead before it fails
+        // the waiters it holds, so a waiter is failed by one or the other (or both).
+        if (out.send(item.clone()).is_err() || state.dead.load(SeqCst))
+            && let Some(w) = waiter
+        {
+            let _ = w.send((self.id.clone(), Err("the stream to this replica broke".into())));
+        }
+    }
+
+    /// The open `SubmitStream`, or a new one.
+    fn conn(&self) -> (mpsc::UnboundedSender<SignedItem>, Arc<ConnState>) {
+        use std::sync::atomic::Ordering::SeqCst;
+        let mut g = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = g.as_ref()
+            && !c.state.dead.load(SeqCst)
+        {
+            return (c.out.clone(), c.state.clone());
+        }
+        let (tx, rx) = mpsc::unbounded_channel::<SignedItem>();
+        let state = Arc::new(ConnState::default());
+        *g = Some(Conn {
+            out: tx.clone(),
+            state: state.clone(),
+        });
+        let mut client = ByzantineClient::new(self.channel.clone())
+            .max_decoding_message_size(lockstep_proto::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(lockstep_proto::MAX_MESSAGE_BYTES);
+        let (id, unary, reader) = (self.id.clone(), self.unary.clone(), state.clone());
+        tokio::spawn(async move {
+            let why = match client
+                .submit_stream(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
+                .await
+            {
+                Ok(resp) => {
+                    let mut answers = resp.into_inner();
+                    loop {
+                        match answers.message().await {
+                            Ok(Some(a)) => {
+                                let ws = reader
+                                    .waiters
+                                    .lock()
+                                    .unwrap_or_else(|e| e.into_inner())
+                                    .remove(&(a.session, a.seq));
+                                let r = if a.refused.is_empty() {
+                                    Ok(a.reply.unwrap_or_default())
+                                } else {
+                                    Err(a.refused)
+                                };
+                                for w in ws.into_iter().flatten() {
+                                    let _ = w.send((id.clone(), r.clone()));
+                                }
+                            }
+                            Ok(None) => break "the replica ended the stream".to_string(),
+                            Err(s) => break s.message().to_string(),
+                        }
+                    }
+                }
+                Err(s) => {
+                    if s.code() == tonic::Code::Unimplemented {
+                        unary.store(true, SeqCst);
+                    }
+                    s.message().to_string()
+                }
+            };
+            reader.dead.store(true, SeqCst);
+            let ws = std::mem::take(&mut *reader.waiters.lock().unwrap_or_else(|e| e.into_inner()));
+            for w in ws.into_values().flatten() {
+                let _ = w.send((id.clone(), Err(why.clone())));
+            }
+        });
+        (tx, state)
+    }
+}
+
+fn links(chans: &[(String, Channel, VerifyingKey)]) -> Vec<Arc<Link>> {
+    chans
+        .iter()
+        .map(|(id, ch, _)| Arc::new(Link::new(id.clone(), ch.clone())))
+        .collect()
+}
+
 struct Shared {
     transport: crate::Transport,
     info: Mutex<ClusterInfo>,
     keys: Mutex<Vec<(String, Channel, VerifyingKey)>>,
+    /// One `SubmitStream` per replica, in the order of `keys`.
+    links: Mutex<Vec<Arc<Link>>>,
     identity: String,
     key: SigningKey,
     stream: Mutex<StreamState>,
@@ -238,6 +392,7 @@ impl ByzClient {
             shared: Arc::new(Shared {
                 transport,
                 info: Mutex::new(info),
+                links: Mutex::new(links(&chans)),
                 keys: Mutex::new(chans),
                 identity: identity.to_string(),
                 key,
@@ -330,6 +485,7 @@ impl ByzClient {
         if info.era > cur.era
             && let Ok(chans) = channels(&self.shared.transport, &info)
         {
+            *self.shared.links.lock().unwrap_or_else(|e| e.into_inner()) = links(&chans);
             *self.shared.keys.lock().unwrap_or_else(|e| e.into_inner()) = chans;
             *cur = info;
         }
@@ -369,21 +525,8 @@ impl ByzClient {
             (i.t, (i.machine_name.clone(), i.machine_version.clone()))
         };
         let (tx, mut rx) = mpsc::unbounded_channel::<(String, Result<SignedReply, String>)>();
-        for (id, channel, _) in &replicas {
-            let mut c =
-                ByzantineClient::new(channel.clone()).max_decoding_message_size(lockstep_proto::MAX_MESSAGE_BYTES);
-            let mut req = tonic::Request::new(signed.clone());
-            req.set_timeout(timeout);
-            let tx = tx.clone();
-            let id = id.clone();
-            tokio::spawn(async move {
-                let r = c
-                    .submit(req)
-                    .await
-                    .map(|r| r.into_inner())
-                    .map_err(|s| s.message().to_string());
-                let _ = tx.send((id, r));
-            });
+        for link in shared.links.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            link.send(signed, slot, Some(tx.clone()), timeout);
         }
         drop(tx);
         let keys: HashMap<String, VerifyingKey> = replicas.iter().map(|(id, _, k)| (id.clone(), *k)).collect();
@@ -391,7 +534,7 @@ impl ByzClient {
         let check = move |id: &str, r: Result<SignedReply, String>| -> Result<ReplyBody, (bool, String)> {
             let r = r.map_err(|e| (false, e))?;
             let key = keys.get(id).ok_or((true, "unknown replica".to_string()))?;
-            if !keys::verify(key, &r.body, &r.signature) {
+            if !keys::verify_reply(key, &r.body, &r.signature, &r.path, r.position) {
                 return Err((true, "bad signature".into()));
             }
             let body = ReplyBody::decode(r.body.as_slice()).map_err(|e| (true, format!("undecodable: {e}")))?;
@@ -634,17 +777,18 @@ impl ByzClient {
                     continue;
                 }
                 let signed = Self::next_item(&shared, Body::Noop(Noop {}), interval);
-                let replicas = shared.keys.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                for (_, channel, _) in replicas {
-                    let mut c = ByzantineClient::new(channel);
-                    let mut req = tonic::Request::new(signed.clone());
-                    req.set_timeout(Duration::from_secs(2));
-                    tokio::spawn(async move {
-                        let _ = c.submit(req).await;
-                    });
+                let slot = Self::slot(&shared);
+                for link in shared.links.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+                    link.send(&signed, slot, None, Duration::from_secs(2));
                 }
             }
         }));
+    }
+
+    /// The (session, seq) of the stream's last item.
+    fn slot(shared: &Shared) -> (u64, u64) {
+        let s = shared.stream.lock().unwrap_or_else(|e| e.into_inner());
+        (s.session, s.seq)
     }
 
     fn end_stream(&self) {
@@ -794,17 +938,23 @@ impl ByzClient {
             return;
         }
         let signed = Self::next_item(&self.shared, Body::Close(Noop {}), Duration::ZERO);
+        let slot = Self::slot(&self.shared);
         self.end_stream();
-        let replicas = self.shared.keys.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let sends = replicas.into_iter().map(|(_, channel, _)| {
-            let mut c = ByzantineClient::new(channel);
-            let mut req = tonic::Request::new(signed.clone());
-            req.set_timeout(Duration::from_secs(2));
-            async move {
-                let _ = c.submit(req).await;
+        // Each replica acknowledges the close; wait for all of them (at most 2 s).
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let links = self.shared.links.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        for link in &links {
+            link.send(&signed, slot, Some(tx.clone()), Duration::from_secs(2));
+        }
+        drop(tx);
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            for _ in 0..links.len() {
+                if rx.recv().await.is_none() {
+                    return;
+                }
             }
-        });
-        futures::future::join_all(sends).await;
+        })
+        .await;
     }
 
     /// Applied entries, voted: an entry is passed on once t+1 replicas sent the same signed one.
@@ -908,15 +1058,12 @@ impl Drop for ByzClient {
             return;
         }
         let signed = Self::next_item(&self.shared, Body::Close(Noop {}), Duration::ZERO);
+        let slot = Self::slot(&self.shared);
         self.end_stream();
-        let replicas = self.shared.keys.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        for (_, channel, _) in replicas {
-            let mut c = ByzantineClient::new(channel);
-            let mut req = tonic::Request::new(signed.clone());
-            req.set_timeout(Duration::from_secs(2));
-            handle.spawn(async move {
-                let _ = c.submit(req).await;
-            });
+        // Queued on each replica's stream, which ends (after it) when the links are dropped.
+        let _guard = handle.enter();
+        for link in self.shared.links.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            link.send(&signed, slot, None, Duration::from_secs(2));
         }
     }
 }

@@ -343,7 +343,7 @@ pub fn access(path: &str) -> Access {
         ("lockstep.v1.Admin", "Status") => Access::Authenticated,
         ("lockstep.v1.Admin", _) => Access::Admin,
         ("lockstep.v1.Peer", _) => Access::Member,
-        ("lockstep.v1.Byzantine", "Submit" | "Watch") => Access::Authenticated,
+        ("lockstep.v1.Byzantine", "Submit" | "SubmitStream" | "Watch") => Access::Authenticated,
         ("lockstep.v1.Byzantine", "Relay") => Access::Member,
         ("lockstep.v1.Byzantine", "FetchSnapshot") => Access::Replica,
         ("lockstep.v1.Byzantine", "StartEra") => Access::Admin,
@@ -536,6 +536,7 @@ mod tests {
         assert!(ok("/lockstep.v1.Client/Execute", &client));
         assert!(ok("/lockstep.v1.Admin/Status", &client));
         assert!(ok("/lockstep.v1.Byzantine/Submit", &client));
+        assert!(ok("/lockstep.v1.Byzantine/SubmitStream", &client));
         assert!(ok("/lockstep.v1.Peer/Append", &member));
         assert!(ok("/lockstep.v1.Byzantine/FetchSnapshot", &stranger));
         let denied = authorize("/lockstep.v1.Admin/Seal", Some(&client), &m).unwrap_err();

@@ -163,9 +163,117 @@ pub fn relay_message(era: u64, item_digest: &[u8; 32]) -> [u8; 32] {
     h.finalize().into()
 }
 
+/// What a replica signs once for a whole batch of relayed items: the era and the root of a
+/// Merkle tree over the items' digests. Each item then carries its path to the root.
+pub fn relay_batch_message(era: u64, root: &[u8; 32]) -> [u8; 32] {
+    let mut h = sha2::Sha256::new();
+    h.update(b"lockstep-relay-batch");
+    h.update(era.to_le_bytes());
+    h.update(root);
+    h.finalize().into()
+}
+
+/// What a replica signs once for a group of replies: the root of a Merkle tree over the
+/// encoded reply bodies' digests.
+pub fn reply_batch_message(root: &[u8; 32]) -> [u8; 32] {
+    let mut h = sha2::Sha256::new();
+    h.update(b"lockstep-reply-batch");
+    h.update(root);
+    h.finalize().into()
+}
+
+/// Whether `signature` (with `path` and `position` when it was made for a group of replies)
+/// is `key`'s signature on the encoded reply `body`.
+pub fn verify_reply(key: &VerifyingKey, body: &[u8], signature: &[u8], path: &[Vec<u8>], position: u64) -> bool {
+    if path.is_empty() {
+        return verify(key, body, signature);
+    }
+    merkle_root(&sha256(body), position, path).is_some_and(|root| verify(key, &reply_batch_message(&root), signature))
+}
+
+/// Leaves and inner nodes are hashed with different prefixes, so no inner node can be passed
+/// off as a leaf (or the other way round).
+fn merkle_leaf(digest: &[u8; 32]) -> [u8; 32] {
+    let mut h = sha2::Sha256::new();
+    h.update([0u8]);
+    h.update(digest);
+    h.finalize().into()
+}
+
+fn merkle_node(left: &[u8; 32], right: &[u8; 32]) -> [u8; 32] {
+    let mut h = sha2::Sha256::new();
+    h.update([1u8]);
+    h.update(left);
+    h.update(right);
+    h.finalize().into()
+}
+
+/// A Merkle tree over `digests` (at least one): its root, and for each leaf its path (the
+/// sibling at every level, bottom up). A level with an odd number of nodes pairs the last
+/// one with itself.
+pub fn merkle_tree(digests: &[[u8; 32]]) -> ([u8; 32], Vec<Vec<Vec<u8>>>) {
+    let mut level: Vec<[u8; 32]> = digests.iter().map(merkle_leaf).collect();
+    let mut paths: Vec<Vec<Vec<u8>>> = vec![Vec::new(); digests.len()];
+    let mut positions: Vec<usize> = (0..digests.len()).collect();
+    while level.len() > 1 {
+        for (leaf, pos) in positions.iter_mut().enumerate() {
+            let sibling = level.get(*pos ^ 1).unwrap_or(&level[*pos]);
+            paths[leaf].push(sibling.to_vec());
+            *pos /= 2;
+        }
+        level = level
+            .chunks(2)
+            .map(|pair| merkle_node(&pair[0], pair.get(1).unwrap_or(&pair[0])))
+            .collect();
+    }
+    (level.first().copied().unwrap_or([0u8; 32]), paths)
+}
+
+/// The root a leaf at `position` with `path` leads to (None if a path entry is malformed).
+pub fn merkle_root(digest: &[u8; 32], position: u64, path: &[Vec<u8>]) -> Option<[u8; 32]> {
+    if path.len() > 63 {
+        return None;
+    }
+    let mut node = merkle_leaf(digest);
+    let mut pos = position;
+    for sibling in path {
+        let sibling = <[u8; 32]>::try_from(sibling.as_slice()).ok()?;
+        node = if pos & 1 == 0 {
+            merkle_node(&node, &sibling)
+        } else {
+            merkle_node(&sibling, &node)
+        };
+        pos >>= 1;
+    }
+    (pos == 0).then_some(node)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_leaf_of_a_merkle_tree_leads_to_its_root_and_nothing_else_does() {
+        for n in 1..=9usize {
+            let digests: Vec<[u8; 32]> = (0..n).map(|i| sha256(&[i as u8])).collect();
+            let (root, paths) = merkle_tree(&digests);
+            for (i, d) in digests.iter().enumerate() {
+                assert_eq!(merkle_root(d, i as u64, &paths[i]), Some(root), "n {n} leaf {i}");
+                let other = sha256(b"not in the tree");
+                assert_ne!(merkle_root(&other, i as u64, &paths[i]), Some(root));
+                if i ^ 1 < n {
+                    assert_ne!(merkle_root(d, (i as u64) ^ 1, &paths[i]), Some(root), "n {n} leaf {i}");
+                }
+            }
+        }
+        let d = sha256(b"x");
+        let (_, paths) = merkle_tree(&[d, d]);
+        assert_eq!(
+            merkle_root(&d, 4, &paths[0]),
+            None,
+            "a position beyond the path is refused"
+        );
+    }
 
     #[test]
     fn keys_round_trip_through_files_and_hex() {

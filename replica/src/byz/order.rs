@@ -143,6 +143,8 @@ struct Stream {
     last_decided_at: u64,
     /// Decided seqs >= next_seq are contiguous up to here (exclusive).
     decided_upto: u64,
+    /// The first seq decided as an `End` (the stream ends there when it runs).
+    end_at: Option<u64>,
 }
 
 /// What `precheck` found about an incoming item.
@@ -215,6 +217,19 @@ pub struct Core {
     /// PhysicalClock: slots already executed (until their windows are long closed).
     executed_slots: BTreeMap<u64, Vec<SlotKey>>,
     executed_set: std::collections::HashSet<SlotKey>,
+    /// LamportClock, kept up to date by [`Core::refresh`] whenever a stream changes: the
+    /// decided, unexecuted head of every stream by (ts, stream) (an `End` decision as ts 0) ...
+    heads: BTreeSet<(u64, StreamKey)>,
+    /// ... every stream's bound by (bound, stream) ...
+    bounds: BTreeSet<(u64, StreamKey)>,
+    /// ... and what the two sets hold for each stream, to take it out again. The next item
+    /// to run is then the first head, stable when the first other bound lies beyond it: a
+    /// lookup instead of a scan of every stream per executed item.
+    placed: HashMap<StreamKey, (Option<u64>, u64)>,
+    /// LamportClock: undecided slots by the local time they are decided.
+    undecided: BTreeSet<(u64, SlotKey)>,
+    /// Slots held per stream (undecided or not executed yet), for `MAX_PENDING_PER_STREAM`.
+    held: HashMap<StreamKey, usize>,
 }
 
 fn stream_of(item: &StreamItem) -> StreamKey {
@@ -251,6 +266,11 @@ impl Core {
             reorder: false,
             executed_slots: BTreeMap::new(),
             executed_set: Default::default(),
+            heads: BTreeSet::new(),
+            bounds: BTreeSet::new(),
+            placed: HashMap::new(),
+            undecided: BTreeSet::new(),
+            held: HashMap::new(),
         }
     }
 
@@ -354,9 +374,15 @@ impl Core {
         self.opens.clear();
         self.executed_slots.clear();
         self.executed_set.clear();
+        self.heads.clear();
+        self.bounds.clear();
+        self.placed.clear();
+        self.undecided.clear();
+        self.held.clear();
         self.barrier = None;
+        let master = (MASTER_IDENTITY.to_string(), era.master_session);
         self.streams.insert(
-            (MASTER_IDENTITY.to_string(), era.master_session),
+            master.clone(),
             Stream {
                 public_key: self.master_key.to_bytes(),
                 floor: 0,
@@ -366,10 +392,12 @@ impl Core {
                 ended: None,
                 last_decided_at: 0,
                 decided_upto: 1,
+                end_at: None,
             },
         );
         let number = era.number;
         self.era = Some(era);
+        self.refresh(&master);
         let mut out = Vec::new();
         if let Some(machine) = resume
             && self.runtime.sealed_at().is_some()
@@ -494,16 +522,12 @@ impl Core {
         };
         let slot = slot_of(&item);
         let d = keys::sha256(&signed.item);
-        let pending = self
-            .slots
-            .keys()
-            .filter(|k| k.0 == slot.0 && k.1 == slot.1)
-            .take(MAX_PENDING_PER_STREAM + 1)
-            .count();
+        let stream = stream_of(&item);
+        let pending = self.held.get(&stream).copied().unwrap_or(0);
         if pending > MAX_PENDING_PER_STREAM && !self.slots.contains_key(&slot) {
             return Offer::Rejected(format!("stream has more than {MAX_PENDING_PER_STREAM} pending items"));
         }
-        if let Some(s) = self.streams.get(&stream_of(&item))
+        if let Some(s) = self.streams.get(&stream)
             && timing.stability == Stability::Lamport
             && slot.2 < s.next_seq
         {
@@ -533,8 +557,14 @@ impl Core {
             }
             return Offer::Ignored("outside its acceptance window");
         }
+        let decide_at = timing.decide_at(entry.first_heard);
         entry.versions.insert(d, Version { item });
-        if !first {
+        if first {
+            *self.held.entry(stream).or_default() += 1;
+            if timing.stability == Stability::Lamport {
+                self.undecided.insert((decide_at, slot));
+            }
+        } else {
             let who = slot.0.clone();
             self.note(&who, "equivocation-or-tombstone");
         }
@@ -545,12 +575,7 @@ impl Core {
     pub fn next_deadline(&self) -> Option<u64> {
         let timing = self.timing()?;
         match timing.stability {
-            Stability::Lamport => self
-                .slots
-                .values()
-                .filter(|s| s.decided.is_none())
-                .map(|s| timing.decide_at(s.first_heard))
-                .min(),
+            Stability::Lamport => self.undecided.first().map(|(at, _)| *at),
             Stability::Physical => self
                 .slots
                 .values()
@@ -568,7 +593,7 @@ impl Core {
         let mut out = Vec::new();
         match timing.stability {
             Stability::Lamport => {
-                self.decide_due(&timing, now);
+                self.decide_due(now);
                 while self.barrier.is_none() {
                     let Some(next) = self.lamport_next() else { break };
                     self.run_lamport(next, now, &mut out);
@@ -579,10 +604,14 @@ impl Core {
         out
     }
 
-    fn decide_due(&mut self, timing: &Timing, now: u64) {
+    fn decide_due(&mut self, now: u64) {
         let mut decided_streams = BTreeSet::new();
-        for (key, slot) in self.slots.iter_mut() {
-            if slot.decided.is_some() || now < timing.decide_at(slot.first_heard) {
+        while self.undecided.first().is_some_and(|(at, _)| *at <= now) {
+            let Some((_, key)) = self.undecided.pop_first() else {
+                break;
+            };
+            let Some(slot) = self.slots.get_mut(&key) else { continue };
+            if slot.decided.is_some() {
                 continue;
             }
             let tomb = slot
@@ -614,17 +643,97 @@ impl Core {
         let Some(stream) = self.streams.get_mut(sk) else { return };
         let mut upto = stream.decided_upto.max(stream.next_seq);
         while let Some(slot) = self.slots.get(&(sk.0.clone(), sk.1, upto)) {
-            if slot.decided.is_none() {
-                break;
+            match slot.decided {
+                None => break,
+                Some(Decision::End(_)) if stream.end_at.is_none() => stream.end_at = Some(upto),
+                Some(_) => {}
             }
             upto += 1;
             stream.last_decided_at = now;
         }
         stream.decided_upto = upto;
+        self.refresh(sk);
+    }
+
+    /// The head of a stream: its decided, unexecuted item's ts (0 for an `End`), if any.
+    fn head(&self, sk: &StreamKey, s: &Stream) -> Option<u64> {
+        if s.ended.is_some() || s.decided_upto <= s.next_seq {
+            return None;
+        }
+        match self
+            .slots
+            .get(&(sk.0.clone(), sk.1, s.next_seq))
+            .and_then(|x| x.decided.as_ref())
+        {
+            Some(Decision::Item(v)) => Some(v.item.ts),
+            Some(Decision::End(_)) => Some(0), // ends run at once: they only lift the stream's bound
+            None => None,
+        }
+    }
+
+    /// Re-place a stream in `heads` and `bounds` after anything about it changed (its
+    /// decisions, its execution, its admission). Only the stream itself determines both.
+    fn refresh(&mut self, sk: &StreamKey) {
+        if let Some((head, bound)) = self.placed.remove(sk) {
+            if let Some(h) = head {
+                self.heads.remove(&(h, sk.clone()));
+            }
+            self.bounds.remove(&(bound, sk.clone()));
+        }
+        let Some(s) = self.streams.get(sk) else { return };
+        let (head, bound) = (self.head(sk, s), self.bound(sk, s));
+        if let Some(h) = head {
+            self.heads.insert((h, sk.clone()));
+        }
+        self.bounds.insert((bound, sk.clone()));
+        self.placed.insert(sk.clone(), (head, bound));
+    }
+
+    /// Forget a slot's count towards its stream's pending limit.
+    fn release(&mut self, key: &SlotKey) {
+        let sk = (key.0.clone(), key.1);
+        if let Some(n) = self.held.get_mut(&sk) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.held.remove(&sk);
+            }
+        }
     }
 
     /// Smallest ts the stream's next undecided item can carry (u64::MAX once it ended).
+    ///
+    /// Every seq in `next_seq..decided_upto` is decided, so the bound follows from the last of
+    /// them (or from what ran last), unless one of them ends the stream: constant time, where
+    /// walking the decided range cost a hash lookup per item (quadratic while a stalled stream
+    /// held thousands of decided items back, and again on every status request).
     fn bound(&self, sk: &StreamKey, s: &Stream) -> u64 {
+        let b = if s.ended.is_some() || s.end_at.is_some_and(|e| e >= s.next_seq && e < s.decided_upto) {
+            u64::MAX
+        } else {
+            let last = (s.decided_upto > s.next_seq)
+                .then(|| {
+                    self.slots
+                        .get(&(sk.0.clone(), sk.1, s.decided_upto - 1))
+                        .and_then(|x| x.decided.as_ref())
+                })
+                .flatten();
+            match last {
+                Some(Decision::End(_)) => u64::MAX,
+                Some(Decision::Item(v)) => (v.item.ts.saturating_add(1)).max(v.item.horizon).max(s.floor),
+                None if s.next_seq > 1 => (s.last_ts.saturating_add(1)).max(s.horizon).max(s.floor),
+                None => s.floor,
+            }
+        };
+        debug_assert_eq!(
+            b,
+            self.bound_scan(sk, s),
+            "the bound from the last decision and from the walk"
+        );
+        b
+    }
+
+    /// The same by walking the decided range (tests compare the two).
+    fn bound_scan(&self, sk: &StreamKey, s: &Stream) -> u64 {
         if s.ended.is_some() {
             return u64::MAX;
         }
@@ -652,8 +761,31 @@ impl Core {
         }
     }
 
-    /// The next stable stream head, if any (LamportClock).
+    /// The next stable stream head, if any (LamportClock): the smallest head, once the
+    /// smallest bound of every other stream lies beyond it.
     fn lamport_next(&self) -> Option<StreamKey> {
+        if self.reorder {
+            return self.lamport_next_scan();
+        }
+        let next = self.heads.first().and_then(|(ts, sk)| {
+            let stable = *ts == 0
+                || self
+                    .bounds
+                    .iter()
+                    .find(|(_, q)| q != sk)
+                    .is_none_or(|(b, q)| (*b, q) > (*ts, sk));
+            stable.then(|| sk.clone())
+        });
+        debug_assert_eq!(
+            next,
+            self.lamport_next_scan(),
+            "the ordered index and the scan disagree"
+        );
+        next
+    }
+
+    /// The same by scanning every stream (and the injected `reorder` fault).
+    fn lamport_next_scan(&self) -> Option<StreamKey> {
         let mut heads: Vec<((u64, StreamKey), bool)> = Vec::new(); // (ts, stream)
         for (sk, s) in &self.streams {
             if s.ended.is_some() || s.decided_upto <= s.next_seq {
@@ -714,6 +846,7 @@ impl Core {
         };
         let key = (sk.0.clone(), sk.1, s.next_seq);
         let Some(slot) = self.slots.remove(&key) else { return };
+        self.release(&key);
         let mut s = s;
         s.next_seq += 1;
         match slot.decided {
@@ -747,6 +880,7 @@ impl Core {
                 cur.ended = s.ended.clone();
             }
         }
+        self.refresh(&sk);
     }
 
     fn end_reply(&mut self, key: &SlotKey, s: &Stream, out: &mut Vec<Effect>) {
@@ -783,6 +917,7 @@ impl Core {
             }
             let Some((ts, key, d)) = due else { break };
             let Some(slot) = self.slots.remove(&key) else { break };
+            self.release(&key);
             let Some(v) = slot.versions.get(&d).cloned() else { break };
             self.executed_set.insert(key.clone());
             self.executed_slots.entry(ts).or_default().push(key.clone());
@@ -1006,6 +1141,7 @@ impl Core {
                 ended: None,
                 last_decided_at: now,
                 decided_upto: 1,
+                end_at: None,
             },
         );
         // Items of this stream decided before its admission count now.

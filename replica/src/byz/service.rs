@@ -6,7 +6,7 @@
 use super::inject::Behaviour;
 use super::keys;
 use super::order::{Core, Effect, EraParams, Offer, Precheck, SlotKey, Stability, StreamKey, Timing};
-use super::{chain_sig, now_micros, prepare, verify_prepared};
+use super::{now_micros, prepare, sign_relays, verify_prepared};
 use crate::metrics::Metrics;
 use crate::writer::{StorageOp, WriterHandle};
 use ed25519_dalek::SigningKey;
@@ -14,7 +14,7 @@ use lockstep_proto::{
     AppliedEntry, ByzStatus, Configuration, Era, EraAck, FetchSnapshotRequest, Member, MemberRole, PeerProgress,
     RelayAck, RelayBatch, Relayed, ReplyBody, ResumeRequest, ResumeResponse, SealRequest, SealResponse, SignedApplied,
     SignedEra, SignedItem, SignedReply, Snapshot, SnapshotRequest, SnapshotResponse, StatusRequest, StatusResponse,
-    WatchRequest, admin_server::Admin, byzantine_client::ByzantineClient, byzantine_server::Byzantine,
+    SubmitAnswer, WatchRequest, admin_server::Admin, byzantine_client::ByzantineClient, byzantine_server::Byzantine,
     stream_item::Body as ItemBody,
 };
 use prost::Message;
@@ -87,8 +87,8 @@ pub struct ByzShared {
     master_key: ed25519_dalek::VerifyingKey,
     pub writer: WriterHandle,
     durable: Mutex<u64>,
-    waiters: Mutex<HashMap<SlotKey, Vec<oneshot::Sender<ReplyBody>>>>,
-    open_waiters: Mutex<HashMap<StreamKey, Vec<oneshot::Sender<ReplyBody>>>>,
+    waiters: Mutex<HashMap<SlotKey, Vec<oneshot::Sender<SignedReply>>>>,
+    open_waiters: Mutex<HashMap<StreamKey, Vec<oneshot::Sender<SignedReply>>>>,
     deferred: Mutex<BTreeMap<u64, Vec<(SlotKey, ReplyBody)>>>,
     wake: Notify,
     relays: Mutex<Vec<mpsc::UnboundedSender<Relayed>>>,
@@ -116,8 +116,8 @@ impl ByzShared {
         self.inject == Some(b)
     }
 
-    /// Sign a reply (after the injected faults that change what is said).
-    fn sign_reply(&self, mut body: ReplyBody) -> SignedReply {
+    /// What this replica says (after the injected faults that change it), encoded.
+    fn reply_bytes(&self, mut body: ReplyBody) -> Vec<u8> {
         if self.injected(Behaviour::WrongOutput) && (body.seq > 0 || !body.output.is_empty()) {
             body.output = br#"{"previous":"forged-by-a-faulty-replica","value":"forged"}"#.to_vec();
         }
@@ -126,11 +126,43 @@ impl ByzShared {
         {
             m.version = "6.6.6".into();
         }
-        let bytes = body.encode_to_vec();
+        body.encode_to_vec()
+    }
+
+    /// Sign one reply.
+    fn sign_reply(&self, body: ReplyBody) -> SignedReply {
+        let bytes = self.reply_bytes(body);
         SignedReply {
             signature: keys::sign(&self.signing, &bytes),
             body: bytes,
+            path: Vec::new(),
+            position: 0,
         }
+    }
+
+    /// Sign replies that are ready together (one storage batch made them durable): one
+    /// signature over the root of a Merkle tree of their digests, each reply with its path.
+    /// A signed reply still binds this replica to exactly that answer, checkable by anyone
+    /// with its public key (`keys::verify_reply`); a single reply is signed by itself.
+    fn sign_replies(&self, bodies: Vec<ReplyBody>) -> Vec<SignedReply> {
+        if bodies.len() == 1 {
+            return bodies.into_iter().map(|b| self.sign_reply(b)).collect();
+        }
+        let encoded: Vec<Vec<u8>> = bodies.into_iter().map(|b| self.reply_bytes(b)).collect();
+        let digests: Vec<[u8; 32]> = encoded.iter().map(|b| keys::sha256(b)).collect();
+        let (root, paths) = keys::merkle_tree(&digests);
+        let signature = keys::sign(&self.signing, &keys::reply_batch_message(&root));
+        encoded
+            .into_iter()
+            .zip(paths)
+            .enumerate()
+            .map(|(position, (body, path))| SignedReply {
+                body,
+                signature: signature.clone(),
+                path,
+                position: position as u64,
+            })
+            .collect()
     }
 
     fn sign_applied(&self, mut e: AppliedEntry) -> SignedApplied {
@@ -145,15 +177,31 @@ impl ByzShared {
         }
     }
 
-    fn answer(&self, slot: &SlotKey, body: ReplyBody) {
-        let waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner()).remove(slot);
-        for w in waiters.into_iter().flatten() {
-            let _ = w.send(body.clone());
+    /// Answer whoever waits for these slots, the replies signed together. Call without the
+    /// core's lock (signing is the costly part).
+    fn answer_all(&self, replies: Vec<(SlotKey, ReplyBody)>) {
+        let (waiting, bodies): (Vec<_>, Vec<_>) = {
+            let mut w = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
+            replies
+                .into_iter()
+                .filter_map(|(slot, body)| w.remove(&slot).map(|ws| (ws, body)))
+                .unzip()
+        };
+        if bodies.is_empty() {
+            return;
+        }
+        for (ws, signed) in waiting.into_iter().zip(self.sign_replies(bodies)) {
+            for w in ws {
+                let _ = w.send(signed.clone());
+            }
         }
     }
 
-    /// Carry out what the core decided.
-    fn handle(&self, effects: Vec<Effect>) {
+    /// Carry out what the core decided. Returns the replies to send now, for
+    /// [`ByzShared::answer_all`] once the core's lock is released.
+    #[must_use]
+    fn handle(&self, effects: Vec<Effect>) -> Vec<(SlotKey, ReplyBody)> {
+        let mut now = Vec::new();
         let mut appends = Vec::new();
         for e in effects {
             match e {
@@ -166,7 +214,7 @@ impl ByzShared {
                     tracing::debug!(identity = %slot.0, seq = slot.2, index = body.index, "executed");
                     let durable = *self.durable.lock().unwrap_or_else(|e| e.into_inner());
                     if durable_after <= durable {
-                        self.answer(&slot, body);
+                        now.push((slot, body));
                     } else {
                         self.deferred
                             .lock()
@@ -182,8 +230,11 @@ impl ByzShared {
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .remove(&stream);
-                    for w in waiters.into_iter().flatten() {
-                        let _ = w.send(body.clone());
+                    if let Some(waiters) = waiters {
+                        let signed = self.sign_reply(body);
+                        for w in waiters {
+                            let _ = w.send(signed.clone());
+                        }
                     }
                 }
                 Effect::Barrier { index, snapshot } => {
@@ -208,6 +259,7 @@ impl ByzShared {
                 .inc_by(appends.len() as u64);
             self.writer.send(StorageOp::Append(appends));
         }
+        now
     }
 
     fn on_durable(&self, index: u64) {
@@ -218,16 +270,15 @@ impl ByzShared {
             let now = std::mem::replace(&mut *d, later);
             now.into_values().flatten().collect()
         };
-        for (slot, body) in ready {
-            self.answer(&slot, body);
-        }
+        self.answer_all(ready);
     }
 
-    fn relay(&self, signed: &SignedItem, mut chain: Vec<lockstep_proto::ChainSig>, era: u64) {
+    /// Queue an accepted item for every peer; each peer's sender adds this replica's relay
+    /// signature, once per batch it sends ([`sign_relays`]).
+    fn relay(&self, signed: &SignedItem, chain: Vec<lockstep_proto::ChainSig>) {
         if self.injected(Behaviour::Silent) {
             return;
         }
-        chain.push(chain_sig(&self.id, &self.signing, era, signed));
         let relayed = Relayed {
             item: Some(signed.clone()),
             chain,
@@ -284,14 +335,10 @@ impl ByzShared {
         if matches!(prepared.item.body, Some(ItemBody::Open(_))) {
             return Ok(true);
         }
-        let (offer, era) = {
-            let mut core = self.lock();
-            let era = core.era.as_ref().map_or(0, |e| e.number);
-            (core.offer(signed.clone(), prepared.item, valid, now_micros()), era)
-        };
+        let offer = self.lock().offer(signed.clone(), prepared.item, valid, now_micros());
         match offer {
             Offer::Accepted { chain } => {
-                self.relay(signed, chain, era);
+                self.relay(signed, chain);
                 self.wake.notify_one();
                 Ok(true)
             }
@@ -315,7 +362,7 @@ async fn ticker(shared: Arc<ByzShared>) {
                 _ = tokio::time::sleep(wait) => {}
             }
         }
-        let (effects, snapshot) = {
+        let (effects, replies) = {
             let mut core = shared.lock();
             let effects = core.tick(now_micros());
             let snapshot = {
@@ -326,13 +373,13 @@ async fn ticker(shared: Arc<ByzShared>) {
                 })
             };
             // Queue storage ops while holding the core lock: the log reaches the disk in order.
-            shared.handle(effects);
+            let replies = shared.handle(effects);
             if let Some(s) = snapshot.clone() {
                 shared.writer.send(StorageOp::Snapshot(s));
             }
-            (core.index, snapshot.is_some())
+            (core.index, replies)
         };
-        let _ = (effects, snapshot);
+        shared.answer_all(replies);
         shared.metrics.applied_index.set(effects as i64);
     }
 }
@@ -382,6 +429,7 @@ fn spawn_relay_sender(
             }
             let take = pending.len().min(RELAY_BATCH);
             let mut items: Vec<Relayed> = pending.iter().take(take).cloned().collect();
+            sign_relays(&shared.id, &shared.signing, era, &mut items);
             if replay {
                 // Send what was relayed before again, alongside the new items.
                 let old: Vec<Relayed> = history.iter().take(8).cloned().collect();
@@ -456,36 +504,47 @@ fn reply_wait_status() -> Status {
     Status::unavailable("outcome unknown: not executed in time here; retry with the same item")
 }
 
-#[tonic::async_trait]
-impl Byzantine for ByzServices {
-    async fn submit(&self, request: Request<SignedItem>) -> Result<Response<SignedReply>, Status> {
-        let shared = &self.shared;
-        let signed = request.into_inner();
-        let item = lockstep_proto::StreamItem::decode(signed.item.as_slice())
-            .map_err(|e| Status::invalid_argument(format!("undecodable item: {e}")))?;
-        if shared.injected(Behaviour::Silent) {
+/// What submitting one item comes to, before any waiting: the same for a unary `Submit` and
+/// for an item on a `SubmitStream`.
+enum Submitted {
+    /// Answer this now (a cached reply, an admission already known, a refusal).
+    Now(Result<SignedReply, Status>),
+    /// The answer comes when the item has run (or not within [`EXECUTE_TIMEOUT`]).
+    Later(oneshot::Receiver<SignedReply>),
+    /// Accepted; nothing to vote on (a no-op, a close).
+    Accepted,
+    /// Injected fault `silent`: taken in, never answered.
+    Silent,
+}
+
+impl ByzShared {
+    /// Take a client's item in: verify, offer, and say what the client gets.
+    fn submit_item(&self, signed: &SignedItem) -> Submitted {
+        let item = match lockstep_proto::StreamItem::decode(signed.item.as_slice()) {
+            Ok(i) => i,
+            Err(e) => return Submitted::Now(Err(Status::invalid_argument(format!("undecodable item: {e}")))),
+        };
+        if self.injected(Behaviour::Silent) {
             // Accept nothing visibly, answer nobody.
-            let _ = shared.ingest(&signed, &[], "client -");
-            std::future::pending::<()>().await;
+            let _ = self.ingest(signed, &[], "client -");
+            return Submitted::Silent;
         }
         let slot: SlotKey = (item.identity.clone(), item.session, item.seq);
         let is_open = matches!(item.body, Some(ItemBody::Open(_)));
         let wants_reply = matches!(item.body, Some(ItemBody::Command(_)) | Some(ItemBody::Query(_)));
         let (tx, rx) = oneshot::channel();
         if is_open {
-            shared
-                .open_waiters
+            self.open_waiters
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .entry((item.identity.clone(), item.session))
                 .or_default()
                 .push(tx);
         } else if wants_reply {
-            if let Some(body) = shared.lock().cached_reply(&slot) {
-                return Ok(Response::new(shared.sign_reply(body)));
+            if let Some(body) = self.lock().cached_reply(&slot) {
+                return Submitted::Now(Ok(self.sign_reply(body)));
             }
-            shared
-                .waiters
+            self.waiters
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .entry(slot.clone())
@@ -494,28 +553,126 @@ impl Byzantine for ByzServices {
         }
         tracing::debug!(identity = %item.identity, seq = item.seq, ts = item.ts, "submitted");
         let who = format!("client {}", item.identity);
-        if let Err(why) = shared.ingest(&signed, &[], &who) {
-            shared.waiters.lock().unwrap_or_else(|e| e.into_inner()).remove(&slot);
-            return Err(Status::permission_denied(why));
+        if let Err(why) = self.ingest(signed, &[], &who) {
+            self.waiters.lock().unwrap_or_else(|e| e.into_inner()).remove(&slot);
+            return Submitted::Now(Err(Status::permission_denied(why)));
         }
         if is_open {
             let admitted = {
-                let mut core = shared.lock();
+                let mut core = self.lock();
                 core.offer_open(signed.clone(), &item, now_micros())
             };
             if let Some(body) = admitted {
-                return Ok(Response::new(shared.sign_reply(body)));
+                return Submitted::Now(Ok(self.sign_reply(body)));
             }
         } else if !wants_reply {
             // No-ops and closes: accepted; nothing to vote on.
-            return Ok(Response::new(SignedReply::default()));
-        } else if let Some(body) = shared.lock().cached_reply(&slot) {
-            return Ok(Response::new(shared.sign_reply(body)));
+            return Submitted::Accepted;
+        } else if let Some(body) = self.lock().cached_reply(&slot) {
+            return Submitted::Now(Ok(self.sign_reply(body)));
         }
+        Submitted::Later(rx)
+    }
+
+    /// Wait for an item's execution and sign the answer.
+    async fn answer_when_run(&self, rx: oneshot::Receiver<SignedReply>) -> Result<SignedReply, Status> {
         match tokio::time::timeout(EXECUTE_TIMEOUT, rx).await {
-            Ok(Ok(body)) => Ok(Response::new(shared.sign_reply(body))),
+            Ok(Ok(signed)) => Ok(signed),
             _ => Err(reply_wait_status()),
         }
+    }
+}
+
+fn stream_answer(session: u64, seq: u64, r: Result<SignedReply, Status>) -> SubmitAnswer {
+    match r {
+        Ok(reply) => SubmitAnswer {
+            session,
+            seq,
+            reply: Some(reply),
+            refused: String::new(),
+        },
+        Err(status) => SubmitAnswer {
+            session,
+            seq,
+            reply: None,
+            refused: status.message().to_string(),
+        },
+    }
+}
+
+/// Serve one client's `SubmitStream`: take its items in as they come (in order, on this one
+/// HTTP/2 stream) and send each answer when it is ready, tagged by its slot.
+async fn serve_submit_stream(
+    shared: Arc<ByzShared>,
+    mut items: tonic::Streaming<SignedItem>,
+    tx: mpsc::Sender<Result<SubmitAnswer, Status>>,
+) {
+    use futures::StreamExt;
+    use futures::stream::FuturesUnordered;
+    type Waiting = Pin<Box<dyn std::future::Future<Output = SubmitAnswer> + Send>>;
+    let mut waiting: FuturesUnordered<Waiting> = FuturesUnordered::new();
+    let mut incoming = true;
+    loop {
+        if !incoming && waiting.is_empty() {
+            return;
+        }
+        let answer = tokio::select! {
+            next = items.message(), if incoming => match next {
+                Ok(Some(signed)) => {
+                    let (session, seq, close) = match lockstep_proto::StreamItem::decode(signed.item.as_slice()) {
+                        Ok(i) => (i.session, i.seq, matches!(i.body, Some(ItemBody::Close(_)))),
+                        Err(_) => (0, 0, false),
+                    };
+                    match shared.submit_item(&signed) {
+                        Submitted::Now(r) => stream_answer(session, seq, r),
+                        Submitted::Later(rx) => {
+                            let shared = shared.clone();
+                            waiting.push(Box::pin(async move {
+                                stream_answer(session, seq, shared.answer_when_run(rx).await)
+                            }));
+                            continue;
+                        }
+                        // A close is acknowledged (a client awaits it before it exits).
+                        Submitted::Accepted if close => stream_answer(session, seq, Ok(SignedReply::default())),
+                        Submitted::Accepted | Submitted::Silent => continue,
+                    }
+                }
+                // The client closed its side (or went away): answer what is still running.
+                _ => {
+                    incoming = false;
+                    continue;
+                }
+            },
+            Some(answer) = waiting.next(), if !waiting.is_empty() => answer,
+            _ = tx.closed() => return,
+        };
+        if tx.send(Ok(answer)).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Byzantine for ByzServices {
+    async fn submit(&self, request: Request<SignedItem>) -> Result<Response<SignedReply>, Status> {
+        let shared = &self.shared;
+        match shared.submit_item(&request.into_inner()) {
+            Submitted::Now(r) => r.map(Response::new),
+            Submitted::Later(rx) => shared.answer_when_run(rx).await.map(Response::new),
+            Submitted::Accepted => Ok(Response::new(SignedReply::default())),
+            Submitted::Silent => std::future::pending().await,
+        }
+    }
+
+    type SubmitStreamStream = Pin<Box<dyn Stream<Item = Result<SubmitAnswer, Status>> + Send>>;
+
+    async fn submit_stream(
+        &self,
+        request: Request<tonic::Streaming<SignedItem>>,
+    ) -> Result<Response<Self::SubmitStreamStream>, Status> {
+        let (tx, rx) = mpsc::channel(1024);
+        tokio::spawn(serve_submit_stream(self.shared.clone(), request.into_inner(), tx));
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
     }
 
     async fn relay(&self, request: Request<RelayBatch>) -> Result<Response<RelayAck>, Status> {
@@ -699,9 +856,11 @@ async fn start_era(shared: &Arc<ByzShared>, signed: SignedEra) -> Result<EraAck,
         let mut core = shared.lock();
         let resume = era.resume.then(|| era.machine.clone()).flatten();
         let out = core.start_era(params.clone(), resume);
-        shared.handle(out.clone());
-        out
+        let replies = shared.handle(out.clone());
+        (out, replies)
     };
+    let (effects, replies) = effects;
+    shared.answer_all(replies);
     let _ = effects;
     lockstep_replica_write_era(&shared.data_dir, &signed).map_err(|e| Status::internal(format!("{e:#}")))?;
     *shared.signed_era.lock().unwrap_or_else(|e| e.into_inner()) = signed.encode_to_vec();
