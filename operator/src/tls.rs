@@ -14,6 +14,9 @@
 //! - The operator's own admin identity (`lockstep://admin/operator`) is issued in memory from
 //!   the CA and cached per RSM ([`PkiCache`]); it never leaves the process.
 //!
+//! With `spec.tls.issuerRef` cert-manager issues the same Secrets instead and there is no CA
+//! Secret and no in-memory admin identity ([`crate::cert_manager`]).
+//!
 //! Replica pods made by an operator from before TLS run `LOCKSTEP_INSECURE=true`: the operator
 //! keeps calling those plaintext, and keeps making new pods of that RSM plaintext while any
 //! such pod runs (a TLS replica and a plaintext one cannot replicate to each other).
@@ -68,9 +71,11 @@ pub fn client_secret_name(cluster: &str) -> String {
     format!("{cluster}-client-tls")
 }
 
-/// The CA of one RSM and the operator's admin identity issued from it.
+/// The CA of one RSM and the operator's admin identity issued from it; or, with certificates
+/// from cert-manager, only the admin identity read from its Secret.
 pub struct Pki {
-    ca: Ca,
+    /// None: cert-manager issues the certificates (`spec.tls.issuerRef`).
+    ca: Option<Ca>,
     /// Mutual TLS as `lockstep://admin/operator`.
     pub admin: Transport,
     /// When the certificate in `NAME-client-tls` is due again (learned when it was read or
@@ -80,9 +85,80 @@ pub struct Pki {
     /// [`ensure`] issues it again in place, for every clone of `admin` (the Byzantine master's
     /// channels too).
     admin_due: Mutex<Option<Timestamp>>,
+    /// cert-manager: what new replica pods wait for (Secrets not issued yet), for the status
+    /// of the reconcile that noted it.
+    waiting: Mutex<Vec<String>>,
 }
 
 impl Pki {
+    /// The admin identity from the PEM parts (`ca.crt`, `tls.crt`, `tls.key`) of a Secret
+    /// cert-manager issued.
+    pub(crate) fn from_issued(pem: [String; 3], who: &str) -> Result<Pki, Error> {
+        let [ca, cert, key] = pem;
+        let admin_due = renew_at(&cert);
+        let admin = Transport::from_pem(
+            ca.into_bytes(),
+            cert.into_bytes(),
+            key.into_bytes(),
+            format!("the operator's admin identity for {who} (issued by cert-manager)"),
+        )
+        .map_err(|e| tls_error(who, e))?;
+        Ok(Pki {
+            ca: None,
+            admin,
+            client_due: Mutex::new(None),
+            admin_due: Mutex::new(admin_due),
+            waiting: Mutex::default(),
+        })
+    }
+
+    /// cert-manager: use the admin certificate read again from its Secret when it is a new
+    /// one; the next due time is 2/3 of its life. The same one: look again next time.
+    pub(crate) fn reload_admin(&self, pem: [String; 3], who: &str) -> Result<(), Error> {
+        let [ca, cert, key] = pem;
+        let new = lockstep_replica::tls::Loaded::from_pem(ca.as_bytes(), cert.as_bytes(), key.as_bytes())
+            .map_err(|e| tls_error(who, e))?
+            .serial;
+        let loaded = self.admin.current().map(|l| l.serial.clone());
+        if loaded.as_deref() == Some(new.as_str()) {
+            return Ok(());
+        }
+        self.admin
+            .reissue(ca.as_bytes(), cert.as_bytes(), key.as_bytes())
+            .map_err(|e| tls_error(who, e))?;
+        *self.admin_due.lock().unwrap_or_else(|e| e.into_inner()) = renew_at(&cert);
+        tracing::info!(object = %who, old = ?loaded, %new,
+            "TLS: the operator's admin identity renewed by cert-manager is in use from the next handshake");
+        Ok(())
+    }
+
+    pub(crate) fn admin_due(&self) -> Option<Timestamp> {
+        *self.admin_due.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether cert-manager issues this RSM's certificates.
+    pub fn from_cert_manager(&self) -> bool {
+        self.ca.is_none()
+    }
+
+    fn ca(&self, who: &str) -> Result<&Ca, Error> {
+        self.ca.as_ref().ok_or_else(|| {
+            tls_error(
+                who,
+                "certificates of this RSM are issued by cert-manager, not by the operator",
+            )
+        })
+    }
+
+    pub(crate) fn note_waiting(&self, why: String) {
+        self.waiting.lock().unwrap_or_else(|e| e.into_inner()).push(why);
+    }
+
+    /// What replica pods waited for since the last call (cert-manager).
+    pub fn take_waiting(&self) -> Vec<String> {
+        std::mem::take(&mut *self.waiting.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
     fn new(ca: Ca, who: &str) -> Result<Pki, Error> {
         let leaf = ca
             .issue(&PeerIdentity::new(Role::Admin, ADMIN_NAME), &[])
@@ -96,25 +172,28 @@ impl Pki {
         )
         .map_err(|e| tls_error(who, e))?;
         Ok(Pki {
-            ca,
+            ca: Some(ca),
             admin,
             client_due: Mutex::new(None),
             admin_due: Mutex::new(admin_due),
+            waiting: Mutex::default(),
         })
     }
 
     /// Issue the admin identity again when it is due (no API request: it lives in memory).
     fn renew_admin(&self, who: &str) -> Result<(), Error> {
+        let Some(ca) = &self.ca else {
+            return Ok(());
+        };
         let mut due = self.admin_due.lock().unwrap_or_else(|e| e.into_inner());
         if due.is_some_and(|d| d > Timestamp::now()) {
             return Ok(());
         }
-        let leaf = self
-            .ca
+        let leaf = ca
             .issue(&PeerIdentity::new(Role::Admin, ADMIN_NAME), &[])
             .map_err(|e| tls_error(who, e))?;
         self.admin
-            .reissue(self.ca.pem().as_bytes(), leaf.cert.as_bytes(), leaf.key.as_bytes())
+            .reissue(ca.pem().as_bytes(), leaf.cert.as_bytes(), leaf.key.as_bytes())
             .map_err(|e| tls_error(who, e))?;
         *due = renew_at(&leaf.cert);
         tracing::info!(object = %who, "TLS: the operator's admin identity issued again (past 2/3 of its life)");
@@ -147,7 +226,7 @@ impl PkiCache {
             .cloned()
     }
 
-    fn insert(&self, rsm: &ReplicatedStateMachine, pki: Arc<Pki>) {
+    pub(crate) fn insert(&self, rsm: &ReplicatedStateMachine, pki: Arc<Pki>) {
         self.0
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -162,6 +241,9 @@ fn tls_error(who: &str, e: impl std::fmt::Display) -> Error {
 /// The RSM's PKI: its CA from `NAME-tls-ca` (made when missing), the operator's admin
 /// identity, and the client Secret. API requests only the first time per RSM (per process).
 pub async fn ensure(ctx: &Context, rsm: &ReplicatedStateMachine, ns: &str) -> Result<Arc<Pki>, Error> {
+    if let Some(issuer) = rsm.issuer_ref() {
+        return crate::cert_manager::ensure(ctx, rsm, ns, issuer).await;
+    }
     if let Some(pki) = ctx.pki.get(rsm) {
         pki.renew_admin(&key(rsm))?;
         return Ok(pki);
@@ -172,7 +254,8 @@ pub async fn ensure(ctx: &Context, rsm: &ReplicatedStateMachine, ns: &str) -> Re
     let name = client_secret_name(&rsm.name_any());
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
     let existing = api.get_opt(&name).await?;
-    let due = match existing.as_ref().and_then(|s| leaf_due(s, pki.ca.pem())) {
+    let ca_pem = pki.ca(&who)?.pem();
+    let due = match existing.as_ref().and_then(|s| leaf_due(s, ca_pem)) {
         Some(due) if due > Timestamp::now() => due,
         _ => {
             if existing.is_some() {
@@ -192,6 +275,9 @@ pub async fn ensure(ctx: &Context, rsm: &ReplicatedStateMachine, ns: &str) -> Re
 /// The RSM's PKI as [`ensure`] makes it, but without creating anything: for a paused RSM,
 /// which is observed and not changed. `None` when it has no CA yet.
 pub async fn existing(ctx: &Context, rsm: &ReplicatedStateMachine, ns: &str) -> Result<Option<Arc<Pki>>, Error> {
+    if rsm.issuer_ref().is_some() {
+        return crate::cert_manager::existing(ctx, rsm, ns).await;
+    }
     if let Some(pki) = ctx.pki.get(rsm) {
         pki.renew_admin(&key(rsm))?;
         return Ok(Some(pki));
@@ -261,9 +347,10 @@ fn leaf_secret(
     hosts: &[String],
 ) -> Result<Secret, Error> {
     let hosts: Vec<&str> = hosts.iter().map(String::as_str).collect();
-    let leaf = pki.ca.issue(who, &hosts).map_err(|e| tls_error(&key(rsm), e))?;
+    let ca = pki.ca(&key(rsm))?;
+    let leaf = ca.issue(who, &hosts).map_err(|e| tls_error(&key(rsm), e))?;
     let data = BTreeMap::from([
-        (CA_CRT, pki.ca.pem().to_string()),
+        (CA_CRT, ca.pem().to_string()),
         (TLS_CRT, leaf.cert),
         (TLS_KEY, leaf.key),
     ]);
@@ -306,7 +393,8 @@ async fn issue_leaf_secret(
     exists: bool,
 ) -> Result<Timestamp, Error> {
     let fresh = leaf_secret(rsm, name, pki, who, hosts)?;
-    let due = leaf_due(&fresh, pki.ca.pem()).ok_or_else(|| tls_error(&key(rsm), "issued an unreadable certificate"))?;
+    let due = leaf_due(&fresh, pki.ca(&key(rsm))?.pem())
+        .ok_or_else(|| tls_error(&key(rsm), "issued an unreadable certificate"))?;
     if !exists && create_if_absent(ctx, ns, &fresh).await? {
         return Ok(due);
     }
@@ -339,7 +427,9 @@ pub fn pod_due(pod: &Pod) -> Option<Timestamp> {
 /// [`TLS_RENEW_ANNOTATION`] says when, from the cache: no Secret is read) — the kubelet
 /// refreshes the mounted files and the replica loads them at its next handshake — and the
 /// client Secret. Returns when the next one is due, for the requeue. API requests only for
-/// what is due: a patch of the Secret and one of the pod's annotation.
+/// what is due: a patch of the Secret and one of the pod's annotation. With cert-manager,
+/// renewal is its job: nothing to do here but come back when the admin identity is due to be
+/// read again.
 pub async fn renew(
     ctx: &Context,
     rsm: &ReplicatedStateMachine,
@@ -347,6 +437,9 @@ pub async fn renew(
     world: &World,
     pki: &Pki,
 ) -> Result<Option<Timestamp>, Error> {
+    if pki.from_cert_manager() {
+        return Ok(pki.admin_due().filter(|due| *due > Timestamp::now()));
+    }
     let now = Timestamp::now();
     let mut next: Option<Timestamp> = None;
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
@@ -457,7 +550,8 @@ pub async fn master_transport(
 }
 
 /// Creates the pod of replica `id` (its certificate Secret first, unless the cluster runs
-/// plaintext); false when it already existed.
+/// plaintext); false when it already existed, or (cert-manager) while its Secret is not
+/// issued yet.
 pub async fn create_replica_pod(
     ctx: &Context,
     rsm: &ReplicatedStateMachine,
@@ -472,6 +566,11 @@ pub async fn create_replica_pod(
         tracing::warn!(object = %key(rsm), replica = %id,
             "creating a plaintext replica: other replicas of this RSM were started without TLS by an older operator \
              (docs/security.md, \"Upgrading from plaintext\")");
+    } else if let Some(issuer) = rsm.issuer_ref() {
+        // cert-manager issues the Secret and renews it: no due time on the pod.
+        if !crate::cert_manager::replica_ready(ctx, rsm, ns, issuer, id).await? {
+            return Ok(false);
+        }
     } else {
         let pki = ensure(ctx, rsm, ns).await?;
         let who = PeerIdentity::new(Role::Replica, id);
