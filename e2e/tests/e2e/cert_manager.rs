@@ -29,7 +29,7 @@ use lockstep::PeerIdentity;
 use lockstep::pki::Ca;
 use lockstep_e2e::{ToolsPod, condition, fresh_namespace, kubectl, kubectl_wait_ready, kv_rsm, timing, wait_for};
 use lockstep_resource::ReplicatedStateMachine;
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::common::setup;
 
@@ -240,10 +240,9 @@ async fn certificates_from_a_cert_manager_issuer_serve_writes_through_the_cli() 
         ca: Ca::generate("lockstep-e2e stand-in issuer").expect("CA"),
         issued: AtomicUsize::new(0),
     });
-    let created;
+    let mut created = Instant::now();
     if real {
         println!("  issuer: the real cert-manager, ClusterIssuer {ISSUER} (e2e/cert-manager.sh)");
-        created = Instant::now();
         api.create(&PostParams::default(), &rsm()).await.expect("RSM created");
     } else {
         println!(
