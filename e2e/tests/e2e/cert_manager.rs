@@ -229,7 +229,8 @@ fn rsm() -> ReplicatedStateMachine {
     rsm
 }
 
-#[tokio::test]
+// Two worker threads: the stand-in issuer runs as a task while the test blocks in kubectl.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs a Kubernetes cluster: run e2e/run.sh"]
 async fn certificates_from_a_cert_manager_issuer_serve_writes_through_the_cli() {
     let (client, images) = setup().await;
