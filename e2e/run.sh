@@ -137,6 +137,13 @@ case "$cluster" in
     ;;
 esac
 kubectl version 2>/dev/null | sed 's/^/  /' || true
+# The test `cert_manager` plays cert-manager's part itself (a stand-in CRD and issuer; the kit
+# cannot pull cert-manager's images); with LOCKSTEP_E2E_CERT_MANAGER=real (the kind workflow)
+# the real cert-manager is installed here and the test uses it.
+if [ "${LOCKSTEP_E2E_CERT_MANAGER:-}" = real ]; then
+  step "installing cert-manager (LOCKSTEP_E2E_CERT_MANAGER=real)"
+  bash e2e/cert-manager.sh
+fi
 if [ -d target/e2e-images/bin ]; then
   # Rolls the operator when its image was rebuilt under the same tag (e2e/src/lib.rs).
   LOCKSTEP_E2E_BUILD="$(cat target/e2e-images/bin/* | sha256sum | cut -c1-16)"

@@ -52,6 +52,10 @@ pub enum Error {
     NoNamespace,
     #[error("TLS: {0}")]
     Tls(String),
+    /// The RSM cannot go on until something outside the operator changes (cert-manager has
+    /// not issued a Secret yet, or is not installed): said in its status, retried soon.
+    #[error("{reason}: {message}")]
+    Blocked { reason: &'static str, message: String },
 }
 
 /// Shared state of the controller.
@@ -167,7 +171,10 @@ async fn apply<K: Owned>(ctx: &Context, ns: &str, obj: &K, store: Option<&reflec
 /// One reconciliation of one object.
 pub async fn reconcile(rsm: Arc<ReplicatedStateMachine>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
-    let result = reconcile_inner(&rsm, &ctx).await;
+    let result = match reconcile_inner(&rsm, &ctx).await {
+        Err(Error::Blocked { reason, message }) => blocked(&ctx, &rsm, reason, message).await,
+        other => other,
+    };
     ctx.metrics.duration.observe(started.elapsed().as_secs_f64());
     let label = if result.is_ok() { "ok" } else { "error" };
     ctx.metrics
@@ -180,6 +187,40 @@ pub async fn reconcile(rsm: Arc<ReplicatedStateMachine>, ctx: Arc<Context>) -> R
         f.remove(&key(&rsm));
     }
     result
+}
+
+/// The RSM waits for something outside the operator ([`Error::Blocked`]): its conditions
+/// say what (an event too, when they change), and it is looked at again in a few seconds.
+async fn blocked(
+    ctx: &Context,
+    rsm: &ReplicatedStateMachine,
+    reason: &'static str,
+    message: String,
+) -> Result<Action, Error> {
+    let ns = rsm.namespace().ok_or(Error::NoNamespace)?;
+    let api: Api<ReplicatedStateMachine> = Api::namespaced(ctx.client.clone(), &ns);
+    let mut current = rsm.clone();
+    let generation = rsm.meta().generation;
+    let previous = rsm.status.as_ref().map(|s| s.conditions.clone()).unwrap_or_default();
+    let mut s = rsm.status.clone().unwrap_or_default();
+    s.observed_generation = generation;
+    s.conditions = status::blocked_conditions(reason, &message, generation, &previous, Timestamp::now());
+    match status::write(&api, &mut current, s).await {
+        Ok(true) => {
+            tracing::info!(object = %key(rsm), reason, "{message}");
+            publish(ctx, rsm, EventType::Warning, reason, "Reconcile", message).await;
+        }
+        Ok(false) => {}
+        // Stale view: the next reconcile sees the newer object.
+        Err(WriteError::Conflict) => return Ok(Action::requeue(Duration::from_secs(1))),
+        Err(e) => return Err(e.into()),
+    }
+    let again = if reason == crate::cert_manager::REASON_WAITING {
+        2
+    } else {
+        15
+    };
+    Ok(Action::requeue(Duration::from_secs(again)))
 }
 
 /// What one reconcile decided: the planner's plan with the operator's guards applied.
@@ -216,6 +257,10 @@ async fn reconcile_inner(rsm: &ReplicatedStateMachine, ctx: &Context) -> Result<
         }
         other => other?,
     };
+    // What replica pods waited for belongs to the reconcile that noted it.
+    if let Some(pki) = &pki {
+        pki.take_waiting();
+    }
     let world = observe_world(ctx, rsm, pki.as_deref(), now).await?;
     if !desired.paused
         && let Some(action) = crate::adopt::step(ctx, rsm, &api, &mut current, &world).await?
@@ -243,7 +288,8 @@ async fn reconcile_inner(rsm: &ReplicatedStateMachine, ctx: &Context) -> Result<
         ctx.metrics.status_conflicts.inc();
         return Ok(Action::requeue(Duration::from_secs(1)));
     }
-    if !update_status(ctx, rsm, &api, &mut current, &decision, now).await? {
+    let waiting = pki.as_deref().map(crate::tls::Pki::take_waiting).unwrap_or_default();
+    if !update_status(ctx, rsm, &api, &mut current, &decision, &waiting, now).await? {
         return Ok(Action::requeue(Duration::from_secs(1)));
     }
     outcome_events(ctx, rsm, &decision).await;
@@ -441,6 +487,7 @@ async fn update_status(
     api: &Api<ReplicatedStateMachine>,
     current: &mut ReplicatedStateMachine,
     d: &Decision,
+    waiting: &[String],
     now: Timestamp,
 ) -> Result<bool, Error> {
     let (config, rollout) = status::persisted(current);
@@ -457,6 +504,7 @@ async fn update_status(
     let previous = rsm.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default();
     let plan = status::gate_on_pod_readiness(&d.plan, config.as_ref(), &d.world);
     s.conditions = status::conditions(&plan, rsm.meta().generation, previous, now);
+    status::waiting_for_certificates(&mut s.conditions, waiting);
     s.byzantine = crate::byzantine::publish(ctx, rsm);
     ctx.metrics
         .rsm

@@ -149,6 +149,13 @@ impl Executor<'_> {
             tracing::info!(object = %key(self.rsm), replica = %id, "waiting for the old claim to be deleted");
             return Ok(Outcome::Continue);
         }
+        // cert-manager: nothing is handed out (ordinal, claim, pod) before the replica's
+        // Secret is issued, so the next plan asks for the same id and its Certificate.
+        if let Some(issuer) = self.rsm.issuer_ref()
+            && !crate::cert_manager::replica_ready(self.ctx, self.rsm, &self.ns, issuer, id).await?
+        {
+            return Ok(Outcome::Continue);
+        }
         if let Some(ordinal) = planner::ordinal_of(id)
             && ordinal >= translate::persisted_next_ordinal(current)
         {

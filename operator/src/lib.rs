@@ -11,6 +11,7 @@ pub mod admin;
 pub mod adopt;
 pub mod build;
 pub mod byzantine;
+pub mod cert_manager;
 pub mod controller;
 pub mod crd;
 pub mod events;

@@ -173,6 +173,26 @@ pub fn blocked_conditions(
     out
 }
 
+/// Replica pods that wait for cert-manager to issue their Secret: `Progressing` (and `Ready`,
+/// when not ready) say so, with reason `WaitingForCertificate`.
+pub fn waiting_for_certificates(conditions: &mut [Condition], waiting: &[String]) {
+    if waiting.is_empty() {
+        return;
+    }
+    let message = waiting.join("; ");
+    for c in conditions.iter_mut() {
+        let progressing = c.type_ == ct::PROGRESSING;
+        if progressing || (c.type_ == ct::READY && c.status != "True") {
+            if progressing && c.status != "True" {
+                c.status = "True".into();
+                c.last_transition_time = Time(Timestamp::now());
+            }
+            c.reason = crate::cert_manager::REASON_WAITING.into();
+            c.message = message.clone();
+        }
+    }
+}
+
 /// The most common machine version among the voters (what the cluster runs).
 fn current_version(config: Option<&Config>, observed: &Observed) -> Option<String> {
     let config = config?;

@@ -18,6 +18,9 @@
 //! - The operator's own admin identity (`lockstep://admin/operator`) is issued in memory from
 //!   the CA and cached per RSM ([`PkiCache`]); it never leaves the process.
 //!
+//! With `spec.tls.issuerRef` cert-manager issues the same Secrets instead and there is no CA
+//! Secret and no in-memory admin identity ([`crate::cert_manager`]).
+//!
 //! Replica pods made by an operator from before TLS run `LOCKSTEP_INSECURE=true`: the operator
 //! keeps calling those plaintext, and keeps making new pods of that RSM plaintext while any
 //! such pod runs (a TLS replica and a plaintext one cannot replicate to each other).
@@ -83,9 +86,11 @@ pub fn client_secret_name(cluster: &str) -> String {
 }
 
 /// The CA of one RSM (and, after a rotation, the previous one) and the operator's admin
-/// identity issued from it.
+/// identity issued from it; or, with certificates from cert-manager, only the admin identity
+/// read from its Secret.
 pub struct Pki {
-    ca: Ca,
+    /// None: cert-manager issues the certificates (`spec.tls.issuerRef`).
+    ca: Option<Ca>,
     /// After a rotation, until it expires: the previous CA.
     previous: Option<Ca>,
     /// Until then the previous CA issues every certificate (the replicas may not trust the
@@ -103,18 +108,94 @@ pub struct Pki {
     /// [`ensure`] issues it again in place, for every clone of `admin` (the Byzantine master's
     /// channels too).
     admin_due: Mutex<Option<Timestamp>>,
+    /// cert-manager: what new replica pods wait for (Secrets not issued yet), for the status
+    /// of the reconcile that noted it.
+    waiting: Mutex<Vec<String>>,
 }
 
 impl Pki {
+    /// The admin identity from the PEM parts (`ca.crt`, `tls.crt`, `tls.key`) of a Secret
+    /// cert-manager issued.
+    pub(crate) fn from_issued(pem: [String; 3], who: &str) -> Result<Pki, Error> {
+        let [ca, cert, key] = pem;
+        let admin_due = renew_at(&cert);
+        let admin = Transport::from_pem(
+            ca.clone().into_bytes(),
+            cert.into_bytes(),
+            key.into_bytes(),
+            format!("the operator's admin identity for {who} (issued by cert-manager)"),
+        )
+        .map_err(|e| tls_error(who, e))?;
+        Ok(Pki {
+            ca: None,
+            previous: None,
+            settle_until: None,
+            trust: ca,
+            admin,
+            client_due: Mutex::new(None),
+            admin_due: Mutex::new(admin_due),
+            waiting: Mutex::default(),
+        })
+    }
+
+    /// cert-manager: use the admin certificate read again from its Secret when it is a new
+    /// one; the next due time is 2/3 of its life. The same one: look again next time.
+    pub(crate) fn reload_admin(&self, pem: [String; 3], who: &str) -> Result<(), Error> {
+        let [ca, cert, key] = pem;
+        let new = lockstep_replica::tls::Loaded::from_pem(ca.as_bytes(), cert.as_bytes(), key.as_bytes())
+            .map_err(|e| tls_error(who, e))?
+            .serial;
+        let loaded = self.admin.current().map(|l| l.serial.clone());
+        if loaded.as_deref() == Some(new.as_str()) {
+            return Ok(());
+        }
+        self.admin
+            .reissue(ca.as_bytes(), cert.as_bytes(), key.as_bytes())
+            .map_err(|e| tls_error(who, e))?;
+        *self.admin_due.lock().unwrap_or_else(|e| e.into_inner()) = renew_at(&cert);
+        tracing::info!(object = %who, old = ?loaded, %new,
+            "TLS: the operator's admin identity renewed by cert-manager is in use from the next handshake");
+        Ok(())
+    }
+
+    pub(crate) fn admin_due(&self) -> Option<Timestamp> {
+        *self.admin_due.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether cert-manager issues this RSM's certificates.
+    pub fn from_cert_manager(&self) -> bool {
+        self.ca.is_none()
+    }
+
+    /// The current CA (not with cert-manager).
+    fn ca(&self, who: &str) -> Result<&Ca, Error> {
+        self.ca.as_ref().ok_or_else(|| {
+            tls_error(
+                who,
+                "certificates of this RSM are issued by cert-manager, not by the operator",
+            )
+        })
+    }
+
+    pub(crate) fn note_waiting(&self, why: String) {
+        self.waiting.lock().unwrap_or_else(|e| e.into_inner()).push(why);
+    }
+
+    /// What replica pods waited for since the last call (cert-manager).
+    pub fn take_waiting(&self) -> Vec<String> {
+        std::mem::take(&mut *self.waiting.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
     fn new(cas: Cas, who: &str) -> Result<Pki, Error> {
         let mut pki = Pki {
             trust: cas.trust(),
-            ca: cas.ca,
+            ca: Some(cas.ca),
             previous: cas.previous,
             settle_until: cas.settle_until,
             admin: Transport::plaintext(),
             client_due: Mutex::new(None),
             admin_due: Mutex::new(None),
+            waiting: Mutex::default(),
         };
         let (leaf, due) = pki.issue(&PeerIdentity::new(Role::Admin, ADMIN_NAME), &[], who)?;
         pki.admin = Transport::from_pem(
@@ -129,10 +210,10 @@ impl Pki {
     }
 
     /// The CA that issues certificates now: the previous one while a rotation settles.
-    fn issuer(&self) -> &Ca {
+    fn issuer(&self, who: &str) -> Result<&Ca, Error> {
         match (&self.previous, self.settle_until) {
-            (Some(previous), Some(until)) if Timestamp::now() < until => previous,
-            _ => &self.ca,
+            (Some(previous), Some(until)) if Timestamp::now() < until => Ok(previous),
+            _ => self.ca(who),
         }
     }
 
@@ -144,7 +225,10 @@ impl Pki {
         hosts: &[&str],
         object: &str,
     ) -> Result<(lockstep::pki::Leaf, Timestamp), Error> {
-        let leaf = self.issuer().issue(who, hosts).map_err(|e| tls_error(object, e))?;
+        let leaf = self
+            .issuer(object)?
+            .issue(who, hosts)
+            .map_err(|e| tls_error(object, e))?;
         let mut due = renew_at(&leaf.cert).ok_or_else(|| tls_error(object, "issued an unreadable certificate"))?;
         if let Some(until) = self.settle_until.filter(|u| *u > Timestamp::now()) {
             due = due.min(until);
@@ -154,6 +238,9 @@ impl Pki {
 
     /// Issue the admin identity again when it is due (no API request: it lives in memory).
     fn renew_admin(&self, who: &str) -> Result<(), Error> {
+        if self.from_cert_manager() {
+            return Ok(());
+        }
         let mut due = self.admin_due.lock().unwrap_or_else(|e| e.into_inner());
         if due.is_some_and(|d| d > Timestamp::now()) {
             return Ok(());
@@ -167,9 +254,11 @@ impl Pki {
         Ok(())
     }
 
-    /// Whether the CA is past 2/3 of its life.
+    /// Whether the CA (the operator's own, not cert-manager's) is past 2/3 of its life.
     fn ca_due(&self) -> bool {
-        renew_at(self.ca.pem()).is_none_or(|due| due <= Timestamp::now())
+        self.ca
+            .as_ref()
+            .is_some_and(|ca| renew_at(ca.pem()).is_none_or(|due| due <= Timestamp::now()))
     }
 
     fn client_due(&self) -> Option<Timestamp> {
@@ -198,7 +287,7 @@ impl PkiCache {
             .cloned()
     }
 
-    fn insert(&self, rsm: &ReplicatedStateMachine, pki: Arc<Pki>) {
+    pub(crate) fn insert(&self, rsm: &ReplicatedStateMachine, pki: Arc<Pki>) {
         self.0
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -213,6 +302,9 @@ fn tls_error(who: &str, e: impl std::fmt::Display) -> Error {
 /// The RSM's PKI: its CA from `NAME-tls-ca` (made when missing), the operator's admin
 /// identity, and the client Secret. API requests only the first time per RSM (per process).
 pub async fn ensure(ctx: &Context, rsm: &ReplicatedStateMachine, ns: &str) -> Result<Arc<Pki>, Error> {
+    if let Some(issuer) = rsm.issuer_ref() {
+        return crate::cert_manager::ensure(ctx, rsm, ns, issuer).await;
+    }
     if let Some(pki) = ctx.pki.get(rsm) {
         pki.renew_admin(&key(rsm))?;
         return Ok(pki);
@@ -243,6 +335,9 @@ pub async fn ensure(ctx: &Context, rsm: &ReplicatedStateMachine, ns: &str) -> Re
 /// The RSM's PKI as [`ensure`] makes it, but without creating anything: for a paused RSM,
 /// which is observed and not changed. `None` when it has no CA yet.
 pub async fn existing(ctx: &Context, rsm: &ReplicatedStateMachine, ns: &str) -> Result<Option<Arc<Pki>>, Error> {
+    if rsm.issuer_ref().is_some() {
+        return crate::cert_manager::existing(ctx, rsm, ns).await;
+    }
     if let Some(pki) = ctx.pki.get(rsm) {
         pki.renew_admin(&key(rsm))?;
         return Ok(Some(pki));
@@ -447,6 +542,11 @@ pub async fn renew(
     pki: &Arc<Pki>,
 ) -> Result<Option<Timestamp>, Error> {
     let rotated;
+    if pki.from_cert_manager() {
+        // Renewal is cert-manager's job: come back when the admin identity is due to be read
+        // again.
+        return Ok(pki.admin_due().filter(|due| *due > Timestamp::now()));
+    }
     let pki = if pki.ca_due() {
         rotated = rotate_ca(ctx, rsm, ns, world, pki).await?;
         &rotated
@@ -521,9 +621,10 @@ pub async fn rotate_ca(
 ) -> Result<Arc<Pki>, Error> {
     let who = key(rsm);
     let now = Timestamp::now();
+    let old_ca = old.ca(&who)?;
     let cas = Cas {
         ca: Ca::generate(&who).map_err(|e| tls_error(&who, e))?,
-        previous: Some(Ca::from_pem(old.ca.pem(), &old.ca.key_pem()).map_err(|e| tls_error(&who, e))?),
+        previous: Some(Ca::from_pem(old_ca.pem(), &old_ca.key_pem()).map_err(|e| tls_error(&who, e))?),
         settle_until: Some(now + ctx.ca_trust_settle),
     };
     let until = now + ctx.ca_trust_settle;
@@ -532,8 +633,8 @@ pub async fn rotate_ca(
     let ca_data = serde_json::json!({ "data": {
         CA_CRT: b64(cas.ca.pem()),
         CA_KEY: b64(&cas.ca.key_pem()),
-        PREVIOUS_CRT: b64(old.ca.pem()),
-        PREVIOUS_KEY: b64(&old.ca.key_pem()),
+        PREVIOUS_CRT: b64(old_ca.pem()),
+        PREVIOUS_KEY: b64(&old_ca.key_pem()),
         ROTATED_AT: b64(&now.to_string()),
     }});
     secrets
@@ -549,12 +650,13 @@ pub async fn rotate_ca(
     // The admin identity keeps its certificate (from the old CA) and trusts both.
     let pki = Pki {
         trust: cas.trust(),
-        ca: cas.ca,
+        ca: Some(cas.ca),
         previous: cas.previous,
         settle_until: cas.settle_until,
         admin: old.admin.clone(),
         client_due: Mutex::new(Some(until)),
         admin_due: Mutex::new(Some(until)),
+        waiting: Mutex::default(),
     };
     let (leaf, _) = pki.issue(&PeerIdentity::new(Role::Admin, ADMIN_NAME), &[], &who)?;
     pki.admin
@@ -663,7 +765,8 @@ pub async fn master_transport(
 }
 
 /// Creates the pod of replica `id` (its certificate Secret first, unless the cluster runs
-/// plaintext); false when it already existed.
+/// plaintext); false when it already existed, or (cert-manager) while its Secret is not
+/// issued yet.
 pub async fn create_replica_pod(
     ctx: &Context,
     rsm: &ReplicatedStateMachine,
@@ -678,6 +781,11 @@ pub async fn create_replica_pod(
         tracing::warn!(object = %key(rsm), replica = %id,
             "creating a plaintext replica: other replicas of this RSM were started without TLS by an older operator \
              (docs/security.md, \"Upgrading from plaintext\")");
+    } else if let Some(issuer) = rsm.issuer_ref() {
+        // cert-manager issues the Secret and renews it: no due time on the pod.
+        if !crate::cert_manager::replica_ready(ctx, rsm, ns, issuer, id).await? {
+            return Ok(false);
+        }
     } else {
         let pki = ensure(ctx, rsm, ns).await?;
         let who = PeerIdentity::new(Role::Replica, id);
@@ -810,14 +918,22 @@ mod tests {
         let pki = Pki::new(cas, "ns/kv").expect("pki");
         assert!(pki.trust.contains(new.pem().trim()) && pki.trust.contains(old.pem().trim()));
         assert!(pki.trust.starts_with(new.pem().trim()), "the current CA first");
-        assert_eq!(pki.issuer().pem(), old.pem(), "the old CA issues while it settles");
+        assert_eq!(
+            pki.issuer("ns/kv").expect("issuer").pem(),
+            old.pem(),
+            "the old CA issues while it settles"
+        );
         let (_, due) = pki
             .issue(&PeerIdentity::new(Role::Replica, "kv-0"), &["localhost"], "ns/kv")
             .expect("leaf");
         assert!(due <= Timestamp::now() + settle, "due again when it settles: {due}");
         let settled = ca_in(&at(Timestamp::now() - settle * 2), "ns", settle).expect("cas");
         let pki = Pki::new(settled, "ns/kv").expect("pki");
-        assert_eq!(pki.issuer().pem(), new.pem(), "the new CA issues once settled");
+        assert_eq!(
+            pki.issuer("ns/kv").expect("issuer").pem(),
+            new.pem(),
+            "the new CA issues once settled"
+        );
         assert!(
             pki.trust.contains(old.pem().trim()),
             "the old CA is trusted until it expires"

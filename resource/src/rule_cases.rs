@@ -201,5 +201,56 @@ pub fn cases() -> Vec<(&'static str, Value, Expected)> {
             ),
             vec![("spec.clientIdentities.secretRef.name", SECRET_NAME_MSG)],
         ),
+        (
+            "cert-manager issuer, defaults",
+            with(b(), "/spec/tls", json!({"issuerRef": {"name": "lockstep-ca"}})),
+            vec![],
+        ),
+        (
+            "cert-manager ClusterIssuer",
+            with(
+                b(),
+                "/spec/tls",
+                json!({"issuerRef": {"name": "corp-ca", "kind": "ClusterIssuer", "group": "cert-manager.io"}}),
+            ),
+            vec![],
+        ),
+        (
+            "external issuer with its own kind",
+            with(
+                b(),
+                "/spec/tls",
+                json!({"issuerRef": {"name": "pca", "kind": "AWSPCAClusterIssuer", "group": "awspca.cert-manager.io"}}),
+            ),
+            vec![],
+        ),
+        (
+            "cert-manager issuer of an unknown kind",
+            with(
+                b(),
+                "/spec/tls",
+                json!({"issuerRef": {"name": "ca", "kind": "Issuers"}}),
+            ),
+            vec![("spec.tls.issuerRef", ISSUER_KIND_MSG)],
+        ),
+        (
+            "issuer name with capitals",
+            with(b(), "/spec/tls", json!({"issuerRef": {"name": "My_CA"}})),
+            vec![("spec.tls.issuerRef.name", ISSUER_NAME_MSG)],
+        ),
+        (
+            "issuer group not a DNS name",
+            with(
+                b(),
+                "/spec/tls",
+                json!({"issuerRef": {"name": "ca", "group": "Cert Manager"}}),
+            ),
+            vec![("spec.tls.issuerRef.group", ISSUER_GROUP_MSG)],
+        ),
+        (
+            "tls without an issuer (built-in CA)",
+            with(b(), "/spec/tls", json!({})),
+            vec![],
+        ),
     ]
 }

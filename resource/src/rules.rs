@@ -70,3 +70,14 @@ pub const SUBDOMAIN_RULE: &str =
     "size(self) <= 253 && self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*$')";
 pub const STORAGE_CLASS_MSG: &str = "storage.storageClassName must be a DNS subdomain name (lowercase letters, digits, '-' and '.', at most 253 characters)";
 pub const SECRET_NAME_MSG: &str = "clientIdentities.secretRef.name must be a DNS subdomain name (lowercase letters, digits, '-' and '.', at most 253 characters)";
+pub const ISSUER_NAME_MSG: &str = "tls.issuerRef.name must be a DNS subdomain name (lowercase letters, digits, '-' and '.', at most 253 characters): the name of a cert-manager Issuer or ClusterIssuer";
+pub const ISSUER_GROUP_MSG: &str = "tls.issuerRef.group must be a DNS subdomain name such as cert-manager.io (the default) or an external issuer's API group";
+
+/// cert-manager's own group has two kinds; an external issuer (another group) names its own.
+pub const ISSUER_KIND_RULE: &str = "!has(self.kind) || ((has(self.group) && self.group != 'cert-manager.io') ? self.kind.matches('^[A-Z][A-Za-z0-9]*$') : (self.kind == 'Issuer' || self.kind == 'ClusterIssuer'))";
+pub const ISSUER_KIND_MSG: &str = "tls.issuerRef.kind must be Issuer (the default) or ClusterIssuer for cert-manager.io issuers; with an external issuer's group, that issuer's kind (a capitalised name such as AWSPCAClusterIssuer)";
+
+/// Switching issuers in place would leave replicas with certificates of different CAs that
+/// refuse each other: a transition rule (an update only).
+pub const ISSUER_IMMUTABLE_RULE: &str = "(has(self.tls) && has(self.tls.issuerRef)) == (has(oldSelf.tls) && has(oldSelf.tls.issuerRef)) && (!has(self.tls) || !has(self.tls.issuerRef) || self.tls.issuerRef == oldSelf.tls.issuerRef)";
+pub const ISSUER_IMMUTABLE_MSG: &str = "spec.tls.issuerRef cannot be added, removed or changed on an existing ReplicatedStateMachine: replicas holding certificates of different CAs would refuse each other. Create a new one (spec.storage.retainOnDelete keeps the data across the switch)";

@@ -87,6 +87,55 @@ fn failure_model_is_immutable_in_both() {
 }
 
 #[test]
+fn issuer_cannot_be_added_removed_or_changed_in_both() {
+    let builtin = base();
+    let issued = |name: &str| with(base(), "/spec/tls", json!({"issuerRef": {"name": name}}));
+    let crd = ReplicatedStateMachine::crd();
+    let schema = serde_json::to_value(
+        crd.spec.versions[0]
+            .schema
+            .as_ref()
+            .and_then(|s| s.open_api_v3_schema.as_ref())
+            .expect("CRD has a schema"),
+    )
+    .expect("schema serializes");
+    let validator = kube::core::cel::Validator::new();
+    let refused = [
+        ("added", builtin.clone(), issued("ca")),
+        ("removed", issued("ca"), builtin.clone()),
+        ("changed", issued("ca"), issued("other-ca")),
+        ("emptied", issued("ca"), with(base(), "/spec/tls", json!({}))),
+    ];
+    for (case, old, new) in refused {
+        let (old_rsm, new_rsm) = (parse(&old).expect("valid"), parse(&new).expect("valid"));
+        let err = new_rsm.validate_update(&old_rsm).expect_err(case);
+        assert_eq!(
+            err.0,
+            vec![FieldError {
+                field: "spec".into(),
+                message: ISSUER_IMMUTABLE_MSG.into()
+            }],
+            "{case}"
+        );
+        let errors = validator
+            .validate(&schema, &new, Some(&old))
+            .expect_err("CEL transition rule rejects");
+        let messages: Vec<&str> = errors.iter().map(|e| e.message.as_str()).collect();
+        assert_eq!(messages, vec![ISSUER_IMMUTABLE_MSG], "{case}");
+    }
+    for (case, obj) in [("built-in kept", builtin), ("issuer kept", issued("ca"))] {
+        assert!(
+            parse(&obj)
+                .expect("valid")
+                .validate_update(&parse(&obj).expect("valid"))
+                .is_ok(),
+            "{case}"
+        );
+        assert!(validator.validate(&schema, &obj, Some(&obj)).is_ok(), "{case}");
+    }
+}
+
+#[test]
 fn lead_example_parses_and_sizes() {
     let rsm = from_yaml(KV_FAILSTOP).expect("kv-failstop validates");
     assert_eq!(rsm.desired_replicas(), 2);

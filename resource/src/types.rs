@@ -41,7 +41,8 @@ use crate::rules::*;
 )]
 #[x_kube(
     validation = Rule::new(ORDERING_BYZANTINE_RULE).message(ORDERING_BYZANTINE_MSG),
-    validation = Rule::new(CLIENT_IDENTITIES_BYZANTINE_RULE).message(CLIENT_IDENTITIES_BYZANTINE_MSG)
+    validation = Rule::new(CLIENT_IDENTITIES_BYZANTINE_RULE).message(CLIENT_IDENTITIES_BYZANTINE_MSG),
+    validation = Rule::new(ISSUER_IMMUTABLE_RULE).message(ISSUER_IMMUTABLE_MSG)
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ReplicatedStateMachineSpec {
@@ -80,6 +81,68 @@ pub struct ReplicatedStateMachineSpec {
     /// Who may reach the replicas over the network (the operator's NetworkPolicy).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<NetworkSpec>,
+
+    /// Transport security of the replicas (mutual TLS is always on; this says who issues
+    /// the certificates).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsSpec>,
+}
+
+/// Who issues the replicas' certificates. Absent (the default): the operator's built-in CA
+/// per resource, which needs nothing else installed.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsSpec {
+    /// A cert-manager issuer that signs every certificate of this resource instead of the
+    /// built-in CA (cert-manager must be installed). Cannot be added, removed or changed
+    /// later.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issuer_ref: Option<IssuerRef>,
+}
+
+/// A cert-manager issuer, as in a cert-manager `Certificate`'s `spec.issuerRef`.
+#[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, PartialEq, Eq)]
+#[x_kube(validation = Rule::new(ISSUER_KIND_RULE).message(ISSUER_KIND_MSG))]
+#[serde(rename_all = "camelCase")]
+pub struct IssuerRef {
+    /// Name of the Issuer (in the resource's namespace) or ClusterIssuer.
+    #[schemars(length(max = 253))]
+    #[x_kube(validation = Rule::new(SUBDOMAIN_RULE).message(ISSUER_NAME_MSG))]
+    pub name: String,
+    /// `Issuer` (the default) or `ClusterIssuer`; an external issuer's kind with its `group`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 63))]
+    pub kind: Option<String>,
+    /// API group of the issuer (`cert-manager.io` when unset; an external issuer's group
+    /// otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    #[x_kube(validation = Rule::new(SUBDOMAIN_RULE).message(ISSUER_GROUP_MSG))]
+    pub group: Option<String>,
+}
+
+/// cert-manager's own API group, the default of [`IssuerRef::group`].
+pub const CERT_MANAGER_GROUP: &str = "cert-manager.io";
+
+impl IssuerRef {
+    pub fn kind(&self) -> &str {
+        self.kind.as_deref().unwrap_or("Issuer")
+    }
+
+    pub fn group(&self) -> &str {
+        self.group.as_deref().unwrap_or(CERT_MANAGER_GROUP)
+    }
+}
+
+impl std::fmt::Display for IssuerRef {
+    /// `Issuer lockstep-ca`, `ClusterIssuer corp-ca`, `AWSPCAIssuer pca (awspca.cert-manager.io)`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.kind(), self.name)?;
+        if self.group() != CERT_MANAGER_GROUP {
+            write!(f, " ({})", self.group())?;
+        }
+        Ok(())
+    }
 }
 
 /// The failure model the cluster is built for.
@@ -376,6 +439,11 @@ impl ReplicatedStateMachineSpec {
 }
 
 impl ReplicatedStateMachine {
+    /// `spec.tls.issuerRef`: certificates from cert-manager instead of the built-in CA.
+    pub fn issuer_ref(&self) -> Option<&IssuerRef> {
+        self.spec.tls.as_ref()?.issuer_ref.as_ref()
+    }
+
     /// n = t+1 for FailStop, 2t+1 for Byzantine.
     pub fn desired_replicas(&self) -> i32 {
         self.spec.desired_replicas()

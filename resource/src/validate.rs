@@ -3,7 +3,7 @@
 use std::fmt;
 
 use crate::rules::*;
-use crate::types::{FailureModel, ReplicatedStateMachine, Stability};
+use crate::types::{CERT_MANAGER_GROUP, FailureModel, ReplicatedStateMachine, Stability};
 
 /// One violated rule: the field it is attached to and the rule's message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -129,6 +129,26 @@ impl ReplicatedStateMachine {
                 SECRET_NAME_MSG,
             );
         }
+        if let Some(issuer) = self.issuer_ref() {
+            c.check(
+                is_dns_subdomain(&issuer.name),
+                "spec.tls.issuerRef.name",
+                ISSUER_NAME_MSG,
+            );
+            if let Some(group) = &issuer.group {
+                c.check(is_dns_subdomain(group), "spec.tls.issuerRef.group", ISSUER_GROUP_MSG);
+            }
+            if let Some(kind) = &issuer.kind {
+                let external = issuer.group.as_deref().is_some_and(|g| g != CERT_MANAGER_GROUP);
+                let ok = if external {
+                    kind.chars().next().is_some_and(|c| c.is_ascii_uppercase())
+                        && kind.chars().all(|c| c.is_ascii_alphanumeric())
+                } else {
+                    kind == "Issuer" || kind == "ClusterIssuer"
+                };
+                c.check(ok, "spec.tls.issuerRef", ISSUER_KIND_MSG);
+            }
+        }
         c.check(
             s.ordering.is_none() || s.failure_model == FailureModel::Byzantine,
             "spec",
@@ -147,7 +167,7 @@ impl ReplicatedStateMachine {
     }
 
     /// Checks an update from `old` to `self`: the creation rules plus the transition rules
-    /// (the immutable failure model).
+    /// (the immutable failure model and certificate issuer).
     pub fn validate_update(&self, old: &ReplicatedStateMachine) -> Result<(), ValidationErrors> {
         let mut errors = match self.validate() {
             Ok(()) => Vec::new(),
@@ -157,6 +177,12 @@ impl ReplicatedStateMachine {
             errors.push(FieldError {
                 field: "spec.failureModel".into(),
                 message: FAILURE_MODEL_IMMUTABLE_MSG.into(),
+            });
+        }
+        if self.issuer_ref() != old.issuer_ref() {
+            errors.push(FieldError {
+                field: "spec".into(),
+                message: ISSUER_IMMUTABLE_MSG.into(),
             });
         }
         if errors.is_empty() {

@@ -10,6 +10,7 @@ mod admission;
 mod beyond_t;
 mod byzantine;
 mod byzantine_example;
+mod cert_manager;
 mod common;
 mod deletion;
 mod disruption;

@@ -35,6 +35,9 @@ pub struct FakeApi {
     /// Applied to the stored RSM when a conflict is injected (what "someone else" wrote).
     pub on_conflict: Option<Mutation>,
     pub log: Log,
+    /// Path prefixes of APIs this server does not serve (a CRD not installed): answered like
+    /// the real one, 404 with a plain-text body.
+    pub not_served: Vec<String>,
 }
 
 fn percent_decode(s: &str) -> String {
@@ -155,6 +158,13 @@ impl FakeApi {
         let path = uri.path().to_string();
         let query = uri.query().unwrap_or_default().to_string();
         lock(&self.log).push(format!("{method} {path}"));
+        if self.not_served.iter().any(|p| path.starts_with(p.as_str())) {
+            return Response::builder()
+                .status(StatusCode::NOT_FOUND)
+                .header("content-type", "text/plain; charset=utf-8")
+                .body(Body::from(b"404 page not found\n".to_vec()))
+                .unwrap_or_else(|_| Response::new(Body::empty()));
+        }
         let body: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
         let is_status = path.ends_with("/status");
         let object_path = path.trim_end_matches("/status").to_string();
