@@ -387,6 +387,24 @@ impl ToolsPod {
         .await
     }
 
+    /// `lockstep-e2e-tool tls-probe ENDPOINT` in the pod (printed, indented): a function
+    /// giving what the probe said after `WHAT: ` (empty if it said nothing), and the output.
+    pub fn tls_probe(&self, endpoint: &str) -> (impl Fn(&str) -> String, String) {
+        let probe = self
+            .exec(&["lockstep-e2e-tool", "tls-probe", endpoint])
+            .expect("tls probe");
+        println!("  {}", probe.trim().replace('\n', "\n  "));
+        let out = probe.clone();
+        let line = move |what: &str| {
+            probe
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("{what}: ")))
+                .unwrap_or_default()
+                .to_string()
+        };
+        (line, out)
+    }
+
     /// Runs a command in the pod; returns stdout, or an error with stderr.
     pub fn exec(&self, cmd: &[&str]) -> anyhow::Result<String> {
         let mut args = vec!["-n", self.ns.as_str(), "exec", self.name.as_str(), "--"];

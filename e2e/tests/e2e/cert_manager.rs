@@ -378,17 +378,7 @@ async fn certificates_from_a_cert_manager_issuer_serve_writes_through_the_cli() 
     );
     assert_eq!(tools.lockstep("kv", &["get", "k7"]).expect("read").trim(), "v7");
     // The issued client identity is a client, not the admin; strangers are refused.
-    let probe = tools
-        .exec(&["lockstep-e2e-tool", "tls-probe", "kv:7000"])
-        .expect("tls probe");
-    println!("  {}", probe.trim().replace('\n', "\n  "));
-    let line = |what: &str| {
-        probe
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{what}: ")))
-            .unwrap_or_default()
-            .to_string()
-    };
+    let (line, probe) = tools.tls_probe("kv:7000");
     assert_eq!(line("client-status"), "ok", "{probe}");
     assert!(line("client-seal").starts_with("PermissionDenied: "), "{probe}");
     assert!(line("stranger-status").starts_with("refused: "), "{probe}");

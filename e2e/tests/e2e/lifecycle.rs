@@ -60,17 +60,7 @@ async fn create_write_read_and_replace_a_deleted_backup() {
     );
     // The client certificate reads status but may not seal; a certificate from another CA
     // gets nothing, even from a client that trusts the cluster's CA.
-    let probe = tools
-        .exec(&["lockstep-e2e-tool", "tls-probe", "kv:7000"])
-        .expect("tls probe");
-    println!("  {}", probe.trim().replace('\n', "\n  "));
-    let line = |what: &str| {
-        probe
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{what}: ")))
-            .unwrap_or_default()
-            .to_string()
-    };
+    let (line, probe) = tools.tls_probe("kv:7000");
     assert_eq!(line("client-status"), "ok", "{probe}");
     assert!(line("client-seal").starts_with("PermissionDenied: "), "{probe}");
     assert!(line("client-seal").contains("admin identity"), "{probe}");
