@@ -173,6 +173,11 @@ enum Format {
     Json,
 }
 
+/// mimalloc instead of glibc's malloc: fewer instructions per allocation on the write path
+/// (docs/benchmarks.md, "Allocator").
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     let cli = Cli::parse();
     if let Cmd::Replica { args } = cli.command {
