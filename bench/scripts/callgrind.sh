@@ -75,8 +75,9 @@ for idle in "$OUT"/callgrind.*.out.1; do
     callgrind_annotate "$load" 2>/dev/null >"$load.txt" || true
     callgrind_annotate --inclusive=yes "$load" 2>/dev/null >"$load.inclusive.txt" || true
     echo "--- exclusive (top 25)"
-    sed -n '/file:function/,$p' "$load.txt" | sed -n 3,27p | cut -c1-160
+    # (`|| true`: `head` closing the pipe early must not end the script under pipefail.)
+    sed -n '/file:function/,$p' "$load.txt" | sed -n 3,27p | cut -c1-160 || true
     echo "--- inclusive, project functions (top 25)"
-    grep -E 'lockstep|replica/src|client/src' "$load.inclusive.txt" | head -25 | cut -c1-160
+    grep -E 'lockstep|replica/src|client/src' "$load.inclusive.txt" | head -25 | cut -c1-160 || true
 done
 echo "callgrind files: $OUT (callgrind_annotate FILE, or kcachegrind)"

@@ -25,6 +25,9 @@ pub struct Metrics {
     pub fsync_seconds: Histogram,
     pub entries_per_fsync: Histogram,
     pub snapshots: Counter,
+    /// Calls received from a primary, by method: `Replicate` counts streams (one per primary,
+    /// peer and epoch), `Append` and `InstallSnapshot` one call per message.
+    pub peer_calls: Family<MethodLabel, Counter>,
     /// Seconds from receiving a client request to answering it, by method (Execute, Read).
     pub request_seconds: Family<MethodLabel, Histogram>,
     /// `write_stage_seconds{stage}`: one histogram per [`Stage`], created up front (indexed by
@@ -67,6 +70,7 @@ impl Default for Metrics {
             fsync_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             entries_per_fsync: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
             snapshots: Counter::default(),
+            peer_calls: Family::default(),
             request_seconds: Family::new_with_constructor(request_histogram),
             write_stage_seconds: Family::new_with_constructor(stage_histogram),
             stage_histograms: Vec::new(),
@@ -108,6 +112,11 @@ impl Default for Metrics {
         );
         m.registry.register("snapshots", "Snapshots taken", m.snapshots.clone());
         m.registry.register(
+            "peer_calls",
+            "Replication calls received from a primary, by method (Replicate: streams opened)",
+            m.peer_calls.clone(),
+        );
+        m.registry.register(
             "request_seconds",
             "Client request latency by method (Execute, Read), including rejected requests",
             m.request_seconds.clone(),
@@ -129,6 +138,11 @@ impl Metrics {
     pub fn count_command(&self, result: &str) {
         self.commands
             .get_or_create(&ResultLabel { result: result.into() })
+            .inc();
+    }
+    pub fn count_peer_call(&self, method: &str) {
+        self.peer_calls
+            .get_or_create(&MethodLabel { method: method.into() })
             .inc();
     }
     pub fn count_read(&self, result: &str) {

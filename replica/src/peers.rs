@@ -1,16 +1,30 @@
-//! Replication from the primary to each peer: one task per peer per epoch. It sends one
-//! Append (or InstallSnapshot) at a time, carrying every entry the peer lacks (batched up
-//! to MAX_APPEND_ENTRIES), waits for the answer, and repeats; when there is nothing to send
-//! it waits for new entries, a read that needs confirming, or the heartbeat interval.
+//! Replication from the primary to each peer: one task per peer per epoch. It sends every
+//! entry the peer lacks (batched up to MAX_APPEND_ENTRIES per Append, at most APPEND_WINDOW
+//! Appends unanswered) and handles the answers; when there is nothing to send it waits for
+//! new entries, a read that needs confirming, or the heartbeat interval.
+//!
+//! The messages go over one long-lived `Replicate` stream per peer (answers come back in
+//! order), not a unary call each: a call costs a new HTTP/2 stream, its headers and a task on
+//! both sides, which was a quarter of the primary's instructions per write
+//! (docs/fail-stop-replication.md, "Transport"). A peer that answers `Replicate` with
+//! UNIMPLEMENTED gets one unary `Append`/`InstallSnapshot` per message instead.
 
 use crate::node::{PeerMessage, Shared};
 use crate::tls::Transport;
+use futures::stream::{FuturesUnordered, StreamExt};
 use lockstep_proto::peer_client::PeerClient;
+use lockstep_proto::{AppendResponse, ReplicateRequest, replicate_request::Kind};
+use std::collections::VecDeque;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::time::Instant;
+use tonic::Status;
 use tonic::transport::Channel;
 
 pub const HEARTBEAT: Duration = Duration::from_millis(100);
+/// An answer not back after this long counts as lost: the link is dropped and the peer is
+/// treated as unreachable until it answers again.
 const RPC_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub fn connect_lazy(transport: &Transport, endpoint: &str) -> Option<Channel> {
@@ -41,20 +55,162 @@ pub fn start(shared: &Arc<Shared>) {
     }
 }
 
+type Client = PeerClient<Channel>;
+type Answer = (Result<AppendResponse, Status>, u64);
+type UnaryCall = Pin<Box<dyn Future<Output = Answer> + Send>>;
+
+/// How messages reach one peer: the `Replicate` stream, or unary calls for a peer without it.
+enum Link {
+    /// Not connected (at the start, and after a failure).
+    Closed,
+    Stream(Box<StreamLink>),
+    Unary(FuturesUnordered<UnaryCall>),
+}
+
+struct StreamLink {
+    requests: tokio::sync::mpsc::Sender<ReplicateRequest>,
+    answers: tonic::Streaming<AppendResponse>,
+    /// The read round and send time of each unanswered message, oldest first.
+    waiting: VecDeque<(u64, Instant)>,
+    /// What the last Append on this stream carried, so later ones can leave it out.
+    machine: Option<lockstep_proto::MachineIdentity>,
+    config: Option<lockstep_proto::Configuration>,
+}
+
+impl Link {
+    /// Open the stream; a peer that does not know it gets unary calls from then on.
+    async fn open(client: &mut Client) -> Result<Link, Status> {
+        // The window bounds what is unanswered, so the channel always has room.
+        let (requests, rx) = tokio::sync::mpsc::channel(crate::node::APPEND_WINDOW + 1);
+        match client.replicate(tokio_stream::wrappers::ReceiverStream::new(rx)).await {
+            Ok(answers) => Ok(Link::Stream(Box::new(StreamLink {
+                requests,
+                answers: answers.into_inner(),
+                waiting: VecDeque::new(),
+                machine: None,
+                config: None,
+            }))),
+            Err(status) if status.code() == tonic::Code::Unimplemented => {
+                tracing::info!("peer has no Replicate stream: one call per Append");
+                Ok(Link::Unary(FuturesUnordered::new()))
+            }
+            Err(status) => Err(status),
+        }
+    }
+
+    fn send(&mut self, client: &Client, msg: PeerMessage) -> Result<(), Status> {
+        if let PeerMessage::Snapshot(req) = &msg {
+            tracing::info!(
+                peer = %req.primary_id,
+                index = req.snapshot.as_ref().map_or(0, |s| s.index),
+                "sending snapshot (state transfer)"
+            );
+        }
+        match self {
+            Link::Closed => Err(Status::unavailable("not connected")),
+            Link::Stream(link) => link.send(msg),
+            Link::Unary(calls) => {
+                let mut client = client.clone();
+                calls.push(Box::pin(async move {
+                    match msg {
+                        PeerMessage::Append(req, round) => (client.append(req).await.map(|r| r.into_inner()), round),
+                        PeerMessage::Snapshot(req) => (client.install_snapshot(req).await.map(|r| r.into_inner()), 0),
+                    }
+                }));
+                Ok(())
+            }
+        }
+    }
+
+    /// The next answer; pending forever when nothing is in flight.
+    async fn next(&mut self) -> Answer {
+        match self {
+            Link::Closed => std::future::pending().await,
+            Link::Stream(link) => {
+                let Some(&(round, sent)) = link.waiting.front() else {
+                    return std::future::pending().await;
+                };
+                let answer = tokio::time::timeout_at(sent + RPC_TIMEOUT, link.answers.message()).await;
+                link.waiting.pop_front();
+                match answer {
+                    Ok(Ok(Some(resp))) => (Ok(resp), round),
+                    Ok(Ok(None)) => (Err(Status::unavailable("the peer ended the stream")), round),
+                    Ok(Err(status)) => (Err(status), round),
+                    Err(_) => (Err(Status::deadline_exceeded("no answer from the peer")), round),
+                }
+            }
+            Link::Unary(calls) => match calls.next().await {
+                Some(answer) => answer,
+                None => std::future::pending().await,
+            },
+        }
+    }
+
+    /// Messages sent and not answered.
+    fn unanswered(&self) -> usize {
+        match self {
+            Link::Closed => 0,
+            Link::Stream(link) => link.waiting.len(),
+            Link::Unary(calls) => calls.len(),
+        }
+    }
+}
+
+impl StreamLink {
+    fn send(&mut self, msg: PeerMessage) -> Result<(), Status> {
+        let (kind, round) = match msg {
+            PeerMessage::Append(mut req, round) => {
+                elide_repeat(&mut req.machine, &mut self.machine);
+                elide_repeat(&mut req.config, &mut self.config);
+                (Kind::Append(req), round)
+            }
+            PeerMessage::Snapshot(req) => (Kind::Install(req), 0),
+        };
+        self.requests
+            .try_send(ReplicateRequest { kind: Some(kind) })
+            .map_err(|_| Status::unavailable("the replication stream is closed"))?;
+        self.waiting.push_back((round, Instant::now()));
+        Ok(())
+    }
+}
+
+/// Leave `field` out when it equals what was last sent; remember it otherwise.
+fn elide_repeat<T: PartialEq + Clone>(field: &mut Option<T>, last: &mut Option<T>) {
+    if field.is_none() {
+        return;
+    }
+    if *field == *last {
+        *field = None;
+    } else {
+        last.clone_from(field);
+    }
+}
+
 async fn replicate(shared: Arc<Shared>, peer: String, endpoint: String, epoch: u64) {
-    use futures::stream::{FuturesUnordered, StreamExt};
     let Some(channel) = connect_lazy(&shared.transport, &endpoint) else {
         tracing::error!(peer, endpoint, "invalid peer endpoint");
         return;
     };
-    let client = PeerClient::new(channel)
+    let mut client = PeerClient::new(channel)
         .max_decoding_message_size(lockstep_proto::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(lockstep_proto::MAX_MESSAGE_BYTES);
     let mut changed = shared.changed.subscribe();
-    let mut last_sent = tokio::time::Instant::now() - HEARTBEAT;
+    let mut last_sent = Instant::now() - HEARTBEAT;
     let mut failures = 0u32;
-    let mut in_flight = FuturesUnordered::new();
+    let mut link = Link::Closed;
     loop {
+        if !still_replicating(&shared, &peer, epoch) {
+            return;
+        }
+        if matches!(link, Link::Closed) {
+            match Link::open(&mut client).await {
+                Ok(open) => link = open,
+                Err(status) => {
+                    on_failure(&shared, &peer, &endpoint, epoch, 0, &status, &mut failures).await;
+                    continue;
+                }
+            }
+        }
         // Fill the window.
         loop {
             let msg = {
@@ -71,57 +227,83 @@ async fn replicate(shared: Arc<Shared>, peer: String, endpoint: String, epoch: u
                 msg
             };
             let Some(msg) = msg else { break };
-            last_sent = tokio::time::Instant::now();
-            let mut client = client.clone();
-            in_flight.push(async move {
-                match msg {
-                    PeerMessage::Append(req, round) => (client.append(req).await, round),
-                    PeerMessage::Snapshot(req) => {
-                        tracing::info!(
-                            peer = %req.primary_id,
-                            index = req.snapshot.as_ref().map_or(0, |s| s.index),
-                            "sending snapshot (state transfer)"
-                        );
-                        (client.install_snapshot(req).await, 0)
-                    }
-                }
-            });
+            last_sent = Instant::now();
+            if let Err(status) = link.send(&client, msg) {
+                drop_link(&shared, &peer, &mut link);
+                on_failure(&shared, &peer, &endpoint, epoch, 0, &status, &mut failures).await;
+                break;
+            }
         }
         tokio::select! {
-            Some((result, round)) = in_flight.next() => match result {
+            (result, round) = link.next() => match result {
                 Ok(resp) => {
                     failures = 0;
-                    let resp = resp.into_inner();
-                    {
-                        let now = std::time::Instant::now();
-                        let mut node = shared.lock();
-                        node.on_peer_response(&peer, epoch, round, &resp);
-                        if let Some(replicated) = node.replicated_index() {
-                            node.stages.acked(replicated, now);
-                        }
-                        shared.apply_committed(&mut node, now);
+                    let now = std::time::Instant::now();
+                    let mut node = shared.lock();
+                    node.on_peer_response(&peer, epoch, round, &resp);
+                    if let Some(replicated) = node.replicated_index() {
+                        node.stages.acked(replicated, now);
                     }
-                    shared.after_change();
-                }
-                Err(status) if crate::tls::refused_epoch(&status).is_some_and(|e| e > epoch) => {
-                    // Refused as a non-member by a replica at a newer epoch: this replica
-                    // was removed, so it is fenced (as an AppendResponse at that epoch says).
-                    let their = crate::tls::refused_epoch(&status).unwrap_or(epoch);
-                    let resp = lockstep_proto::AppendResponse { epoch: their, ..Default::default() };
-                    shared.lock().on_peer_response(&peer, epoch, round, &resp);
+                    shared.apply_committed(&mut node, now);
+                    drop(node);
                     shared.after_change();
                 }
                 Err(status) => {
-                    failures += 1;
-                    shared.lock().on_peer_unreachable(&peer);
-                    if failures == 1 || failures.is_multiple_of(50) {
-                        tracing::warn!(peer, endpoint, error = %status.message(), "peer unreachable");
+                    if matches!(link, Link::Stream(_)) {
+                        // The stream is broken (or an answer is overdue): everything else
+                        // sent on it is lost too.
+                        drop_link(&shared, &peer, &mut link);
                     }
-                    tokio::time::sleep(Duration::from_millis(10 * u64::from(failures.min(10)))).await;
+                    on_failure(&shared, &peer, &endpoint, epoch, round, &status, &mut failures).await;
                 }
             },
             _ = changed.changed() => {}
             _ = tokio::time::sleep_until(last_sent + HEARTBEAT) => {}
         }
     }
+}
+
+fn still_replicating(shared: &Shared, peer: &str, epoch: u64) -> bool {
+    let node = shared.lock();
+    node.epoch == epoch && node.peers.contains_key(peer)
+}
+
+/// Close `link`, counting each of its unanswered messages as lost.
+fn drop_link(shared: &Shared, peer: &str, link: &mut Link) {
+    let lost = link.unanswered();
+    *link = Link::Closed;
+    let mut node = shared.lock();
+    for _ in 0..lost {
+        node.on_peer_unreachable(peer);
+    }
+}
+
+/// One message to `peer` (or opening the link) failed with `status`: count it as lost and
+/// back off, or be fenced when the peer refused this replica as a non-member at a newer epoch.
+async fn on_failure(
+    shared: &Shared,
+    peer: &str,
+    endpoint: &str,
+    epoch: u64,
+    round: u64,
+    status: &Status,
+    failures: &mut u32,
+) {
+    if let Some(their) = crate::tls::refused_epoch(status).filter(|e| *e > epoch) {
+        // Refused as a non-member by a replica at a newer epoch: this replica was removed,
+        // so it is fenced (as an AppendResponse at that epoch says).
+        let resp = AppendResponse {
+            epoch: their,
+            ..Default::default()
+        };
+        shared.lock().on_peer_response(peer, epoch, round, &resp);
+        shared.after_change();
+        return;
+    }
+    *failures += 1;
+    shared.lock().on_peer_unreachable(peer);
+    if *failures == 1 || failures.is_multiple_of(50) {
+        tracing::warn!(peer, endpoint, error = %status.message(), "peer unreachable");
+    }
+    tokio::time::sleep(Duration::from_millis(10 * u64::from((*failures).min(10)))).await;
 }

@@ -3,6 +3,7 @@
 
 use crate::node::{Role, Shared, failed_precondition, unknown_outcome};
 use crate::stages::Stage;
+use futures::StreamExt as _;
 use lockstep_proto::{
     AppendRequest, AppendResponse, AppliedEntry, ExecuteRequest, ExecuteResponse, InstallSnapshotRequest, ReadRequest,
     ReadResponse, ReconfigureRequest, ReconfigureResponse, ResumeRequest, ResumeResponse, SealRequest, SealResponse,
@@ -199,10 +200,103 @@ where
     Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
 }
 
+/// What the backup keeps of a replication stream: the `machine` and `config` the primary
+/// sent last, for requests that leave them out.
+#[derive(Default)]
+struct StreamContext {
+    machine: Option<lockstep_proto::MachineIdentity>,
+    config: Option<lockstep_proto::Configuration>,
+}
+
+impl StreamContext {
+    fn fill_in(&mut self, req: &mut AppendRequest) {
+        match &req.machine {
+            Some(m) => self.machine = Some(m.clone()),
+            None => req.machine = self.machine.clone(),
+        }
+        match &req.config {
+            Some(c) => self.config = Some(c.clone()),
+            None => req.config = self.config.clone(),
+        }
+    }
+}
+
+/// An answer of the replication stream waiting for its entries to be durable.
+struct PendingAnswer {
+    resp: AppendResponse,
+    durable: Option<oneshot::Receiver<()>>,
+    /// When the request arrived, for the `backup_append` stage (Appends with entries only).
+    timed: Option<Instant>,
+}
+
+type ReplicateStream = Pin<Box<dyn Stream<Item = Result<AppendResponse, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl Peer for Services {
+    type ReplicateStream = ReplicateStream;
+
+    /// The backup side of the primary's replication stream. Requests are handled in arrival
+    /// order as they come (so a later Append is on its way to the disk while an earlier one is
+    /// fsynced), and each answer goes out, in the same order, once its entries are durable.
+    async fn replicate(
+        &self,
+        request: Request<tonic::Streaming<lockstep_proto::ReplicateRequest>>,
+    ) -> Result<Response<ReplicateStream>, Status> {
+        use lockstep_proto::replicate_request::Kind;
+        self.shared.metrics.count_peer_call("Replicate");
+        let mut inbound = request.into_inner();
+        let services = self.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel::<PendingAnswer>(2 * crate::node::APPEND_WINDOW);
+        tokio::spawn(async move {
+            let mut context = StreamContext::default();
+            while let Ok(Some(msg)) = inbound.message().await {
+                let received = Instant::now();
+                let pending = match msg.kind {
+                    Some(Kind::Append(mut req)) => {
+                        context.fill_in(&mut req);
+                        let timed = (!req.entries.is_empty()).then_some(received);
+                        let (resp, durable) = services.follow_start(|node| {
+                            let (resp, mut ops) = node.handle_append(req);
+                            ops.extend(node.apply_committed(&services.shared.applied_tx));
+                            (resp, ops)
+                        });
+                        PendingAnswer { resp, durable, timed }
+                    }
+                    Some(Kind::Install(req)) => {
+                        let (resp, durable) = services.follow_start(|node| node.handle_install(req));
+                        PendingAnswer {
+                            resp,
+                            durable,
+                            timed: None,
+                        }
+                    }
+                    None => break,
+                };
+                if tx.send(pending).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let shared = self.shared.clone();
+        let answers = tokio_stream::wrappers::ReceiverStream::new(rx).then(move |pending| {
+            let shared = shared.clone();
+            async move {
+                if let Some(durable) = pending.durable {
+                    durable.await.map_err(|_| Status::internal("storage stopped"))?;
+                }
+                shared.after_change();
+                if let Some(received) = pending.timed.filter(|_| pending.resp.success) {
+                    shared.metrics.observe_stage(Stage::BackupAppend, received.elapsed());
+                }
+                Ok(pending.resp)
+            }
+        });
+        Ok(Response::new(Box::pin(answers)))
+    }
+
     async fn append(&self, request: Request<AppendRequest>) -> Result<Response<AppendResponse>, Status> {
         let received = Instant::now();
+        self.shared.metrics.count_peer_call("Append");
         let req = request.into_inner();
         let carries_entries = !req.entries.is_empty();
         // The primary pipelines appends; on one HTTP/2 connection they can be handled out of
@@ -239,6 +333,7 @@ impl Peer for Services {
         &self,
         request: Request<InstallSnapshotRequest>,
     ) -> Result<Response<AppendResponse>, Status> {
+        self.shared.metrics.count_peer_call("InstallSnapshot");
         self.follow(|node| node.handle_install(request.into_inner())).await
     }
 }
@@ -250,22 +345,26 @@ impl Services {
         &self,
         handle: impl FnOnce(&mut crate::node::Node) -> (AppendResponse, Vec<crate::writer::StorageOp>),
     ) -> Result<Response<AppendResponse>, Status> {
-        let (resp, durable) = {
-            let mut node = self.shared.lock();
-            let (resp, ops) = handle(&mut node);
-            let durable = !ops.is_empty();
-            self.shared.writer.send_all(ops);
-            (resp, durable)
-        };
-        if durable && resp.success {
-            self.shared
-                .writer
-                .barrier()
-                .await
-                .map_err(|_| Status::internal("storage stopped"))?;
+        let (resp, durable) = self.follow_start(handle);
+        if let Some(durable) = durable {
+            durable.await.map_err(|_| Status::internal("storage stopped"))?;
         }
         self.shared.after_change();
         Ok(Response::new(resp))
+    }
+
+    /// The part of [`Self::follow`] under the lock: the answer, and (when it succeeded and
+    /// wrote anything) the barrier that resolves once its writes are durable.
+    fn follow_start(
+        &self,
+        handle: impl FnOnce(&mut crate::node::Node) -> (AppendResponse, Vec<crate::writer::StorageOp>),
+    ) -> (AppendResponse, Option<oneshot::Receiver<()>>) {
+        let mut node = self.shared.lock();
+        let (resp, ops) = handle(&mut node);
+        let durable = !ops.is_empty();
+        self.shared.writer.send_all(ops);
+        let barrier = (durable && resp.success).then(|| self.shared.writer.barrier());
+        (resp, barrier)
     }
 }
 
