@@ -18,6 +18,7 @@ pub mod byz;
 pub mod byz_discover;
 pub mod cluster;
 pub mod pki;
+mod session;
 pub mod up;
 pub mod up_byz;
 
@@ -109,6 +110,10 @@ pub struct Client {
     transport: Transport,
     endpoints: Vec<String>,
     channels: HashMap<String, Channel>,
+    /// The open session with each endpoint, opened on first use.
+    sessions: HashMap<String, session::Session>,
+    /// Endpoints without sessions (replicas from before them): one unary call per request.
+    unary_only: std::collections::HashSet<String>,
     primary: Option<String>,
     /// Endpoints whose connection just failed, and when: not worth a retry for a moment,
     /// even when another replica's (stale) hint names them as the primary.
@@ -128,6 +133,8 @@ impl Client {
             transport: Transport::plaintext(),
             endpoints: endpoints.iter().map(|e| endpoint_url(e)).collect(),
             channels: HashMap::new(),
+            sessions: HashMap::new(),
+            unary_only: Default::default(),
             primary: None,
             down: HashMap::new(),
             next: 0,
@@ -142,6 +149,7 @@ impl Client {
     pub fn with_transport(mut self, transport: Transport) -> Client {
         self.transport = transport;
         self.channels.clear();
+        self.sessions.clear();
         self
     }
 
@@ -219,12 +227,51 @@ impl Client {
             _ => {
                 self.primary = None;
                 self.channels.remove(endpoint);
+                self.sessions.remove(endpoint);
             }
         }
         matches!(
             status.code(),
             Code::FailedPrecondition | Code::InvalidArgument | Code::OutOfRange
         ) && !status.message().starts_with("outcome unknown")
+    }
+
+    /// One attempt of `asked` at `endpoint`: over the endpoint's session (opened on first
+    /// use), or as one unary call to a replica without sessions. Errors are the unary call's.
+    async fn attempt(
+        &mut self,
+        endpoint: &str,
+        asked: lockstep_proto::session_request::Kind,
+        timeout: Duration,
+    ) -> Result<lockstep_proto::session_response::Kind, Status> {
+        use lockstep_proto::session_response::Kind as Answer;
+        let channel = self
+            .chan(endpoint)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if !self.unary_only.contains(endpoint) && !self.sessions.contains_key(endpoint) {
+            match session::Session::open(channel.clone(), timeout).await? {
+                Some(s) => {
+                    self.sessions.insert(endpoint.to_string(), s);
+                }
+                None => {
+                    self.unary_only.insert(endpoint.to_string());
+                }
+            }
+        }
+        let answer = match self.sessions.get_mut(endpoint) {
+            Some(s) => match s.call(asked, timeout).await {
+                Ok(answer) => answer,
+                Err(session::Broken(status)) => {
+                    self.sessions.remove(endpoint);
+                    return Err(status);
+                }
+            },
+            None => session::unary(channel, asked, timeout).await?,
+        };
+        match answer {
+            Answer::Error(e) => Err(e.into_status()),
+            answer => Ok(answer),
+        }
     }
 
     /// Pause before the next attempt once every endpoint was tried (or none is known to
@@ -243,6 +290,15 @@ impl Client {
         if self.endpoints.is_empty() {
             return Err(ClientError::Invalid("no endpoints".into()));
         }
+        if payload.len() > lockstep_replica::node::MAX_COMMAND_BYTES {
+            // What the replica would answer, without sending it (a message over the gRPC
+            // limit would end the session instead of getting an answer).
+            return Err(ClientError::Invalid(format!(
+                "command of {} bytes exceeds the limit of {} bytes",
+                payload.len(),
+                lockstep_replica::node::MAX_COMMAND_BYTES
+            )));
+        }
         self.sequence += 1;
         let command = Command {
             client_id: self.client_id.clone(),
@@ -255,21 +311,18 @@ impl Client {
         let mut attempt = 0u32;
         while start.elapsed() < self.deadline {
             let endpoint = self.target();
-            let mut client = ClientClient::new(self.chan(&endpoint)?)
-                .max_decoding_message_size(lockstep_proto::MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(lockstep_proto::MAX_MESSAGE_BYTES);
-            let mut req = tonic::Request::new(ExecuteRequest {
+            self.chan(&endpoint)?;
+            let asked = lockstep_proto::session_request::Kind::Execute(ExecuteRequest {
                 command: Some(command.clone()),
             });
-            req.set_timeout(
-                self.attempt_timeout
-                    .min(self.deadline.saturating_sub(start.elapsed()))
-                    .max(Duration::from_millis(50)),
-            );
-            match client.execute(req).await {
+            let timeout = self
+                .attempt_timeout
+                .min(self.deadline.saturating_sub(start.elapsed()))
+                .max(Duration::from_millis(50));
+            match self.attempt(&endpoint, asked, timeout).await.and_then(execute_answer) {
                 Ok(resp) => {
                     self.primary = Some(endpoint);
-                    return Ok(resp.into_inner());
+                    return Ok(resp);
                 }
                 Err(status) if status.code() == Code::InvalidArgument => {
                     return Err(ClientError::Invalid(status.message().to_string()));
@@ -307,14 +360,16 @@ impl Client {
         let mut attempt = 0u32;
         while start.elapsed() < self.deadline && !self.endpoints.is_empty() {
             let endpoint = self.target();
-            let mut client =
-                ClientClient::new(self.chan(&endpoint)?).max_decoding_message_size(lockstep_proto::MAX_MESSAGE_BYTES);
-            let mut req = tonic::Request::new(ReadRequest { query: query.clone() });
-            req.set_timeout(self.attempt_timeout);
-            match client.read(req).await {
+            self.chan(&endpoint)?;
+            let asked = lockstep_proto::session_request::Kind::Read(ReadRequest { query: query.clone() });
+            match self
+                .attempt(&endpoint, asked, self.attempt_timeout)
+                .await
+                .and_then(read_answer)
+            {
                 Ok(resp) => {
                     self.primary = Some(endpoint);
-                    return Ok(resp.into_inner());
+                    return Ok(resp);
                 }
                 Err(status) if status.code() == Code::InvalidArgument => {
                     return Err(ClientError::Invalid(status.message().to_string()));
@@ -403,6 +458,20 @@ impl Client {
             }
         }
         Err(ClientError::Rejected(last))
+    }
+}
+
+fn execute_answer(answer: lockstep_proto::session_response::Kind) -> Result<ExecuteResponse, Status> {
+    match answer {
+        lockstep_proto::session_response::Kind::Execute(r) => Ok(r),
+        _ => Err(Status::internal("the replica answered an Execute with something else")),
+    }
+}
+
+fn read_answer(answer: lockstep_proto::session_response::Kind) -> Result<ReadResponse, Status> {
+    match answer {
+        lockstep_proto::session_response::Kind::Read(r) => Ok(r),
+        _ => Err(Status::internal("the replica answered a Read with something else")),
     }
 }
 

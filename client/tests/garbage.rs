@@ -103,6 +103,9 @@ fn garbage_and_oversized_messages_never_crash_a_replica() {
                 ),
                 "{err:?}"
             );
+            // The same over a client session: each request gets its error as an answer, an
+            // empty request too, and an oversized message ends the session with an error.
+            session_garbage(&mut c).await;
             // Garbage peer traffic: an Append with no machine and an absurd epoch-less body.
             // From a member (a client's certificate may not call the peer service).
             let peer = members.iter().find(|o| *o != m).expect("another member");
@@ -132,16 +135,61 @@ fn garbage_and_oversized_messages_never_crash_a_replica() {
     );
     for m in &members {
         let l = cluster.listening(m).expect("listening");
-        let body = reqwest_like_get(l.http, "/healthz");
+        let body = common::http_get(l.http, "/healthz");
         assert!(body.contains("200"), "{m} /healthz after garbage: {body}");
     }
 }
 
-fn reqwest_like_get(addr: SocketAddr, path: &str) -> String {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).expect("connect http");
-    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").expect("write");
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out
+/// Malformed, empty and oversized requests on a client session (`Client/Session`).
+async fn session_garbage(c: &mut ClientClient<tonic::transport::Channel>) {
+    use lockstep_proto::{SessionRequest, session_request::Kind as Asked, session_response::Kind as Answer};
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut answers = c
+        .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("open a session")
+        .into_inner();
+    let bad = Asked::Execute(ExecuteRequest {
+        command: Some(Command {
+            client_id: "bad-session".into(),
+            sequence: 1,
+            payload: b"\xff\xfe not json".to_vec(),
+        }),
+    });
+    for (id, kind) in [(1, Some(bad)), (2, None)] {
+        tx.send(SessionRequest { id, kind }).await.expect("send");
+        let answer = answers
+            .message()
+            .await
+            .expect("an answer")
+            .expect("the session is open");
+        assert_eq!(answer.id, id);
+        let Some(Answer::Error(e)) = answer.kind else {
+            panic!("request {id}: expected an error answer, got {answer:?}")
+        };
+        let code = tonic::Code::from_i32(e.code);
+        assert!(
+            matches!(code, tonic::Code::InvalidArgument | tonic::Code::FailedPrecondition),
+            "request {id}: {e:?}"
+        );
+    }
+    let big = Asked::Execute(ExecuteRequest {
+        command: Some(Command {
+            client_id: "big-session".into(),
+            sequence: 1,
+            payload: vec![b'x'; 20 * 1024 * 1024],
+        }),
+    });
+    tx.send(SessionRequest { id: 3, kind: Some(big) }).await.expect("send");
+    let ended = answers
+        .message()
+        .await
+        .expect_err("an oversized message ends the session");
+    assert!(
+        matches!(
+            ended.code(),
+            tonic::Code::OutOfRange | tonic::Code::ResourceExhausted | tonic::Code::Internal | tonic::Code::Unknown
+        ),
+        "unexpected end of an oversized session: {ended:?}"
+    );
 }

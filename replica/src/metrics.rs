@@ -28,6 +28,8 @@ pub struct Metrics {
     /// Calls received from a primary, by method: `Replicate` counts streams (one per primary,
     /// peer and epoch), `Append` and `InstallSnapshot` one call per message.
     pub peer_calls: Family<MethodLabel, Counter>,
+    /// Client sessions (`Client/Session` streams) opened.
+    pub client_sessions: Counter,
     /// Seconds from receiving a client request to answering it, by method (Execute, Read).
     pub request_seconds: Family<MethodLabel, Histogram>,
     /// `write_stage_seconds{stage}`: one histogram per [`Stage`], created up front (indexed by
@@ -71,6 +73,7 @@ impl Default for Metrics {
             entries_per_fsync: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
             snapshots: Counter::default(),
             peer_calls: Family::default(),
+            client_sessions: Counter::default(),
             request_seconds: Family::new_with_constructor(request_histogram),
             write_stage_seconds: Family::new_with_constructor(stage_histogram),
             stage_histograms: Vec::new(),
@@ -111,6 +114,11 @@ impl Default for Metrics {
             m.entries_per_fsync.clone(),
         );
         m.registry.register("snapshots", "Snapshots taken", m.snapshots.clone());
+        m.registry.register(
+            "client_sessions",
+            "Client sessions opened (one stream carrying a client's Executes and Reads)",
+            m.client_sessions.clone(),
+        );
         m.registry.register(
             "peer_calls",
             "Replication calls received from a primary, by method (Replicate: streams opened)",

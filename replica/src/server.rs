@@ -7,8 +7,8 @@ use futures::StreamExt as _;
 use lockstep_proto::{
     AppendRequest, AppendResponse, AppliedEntry, ExecuteRequest, ExecuteResponse, InstallSnapshotRequest, ReadRequest,
     ReadResponse, ReconfigureRequest, ReconfigureResponse, ResumeRequest, ResumeResponse, SealRequest, SealResponse,
-    SnapshotRequest, SnapshotResponse, StatusRequest, StatusResponse, WatchRequest, admin_server::Admin,
-    client_server::Client, peer_server::Peer,
+    SessionError, SessionRequest, SessionResponse, SnapshotRequest, SnapshotResponse, StatusRequest, StatusResponse,
+    WatchRequest, admin_server::Admin, client_server::Client, peer_server::Peer,
 };
 use std::pin::Pin;
 use std::sync::Arc;
@@ -20,19 +20,18 @@ use tonic::{Request, Response, Status};
 /// How long a command waits to commit before the client is told the outcome is unknown.
 pub const COMMIT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Requests of one client session handled at once; the session reads no further request
+/// until one of them is answered.
+const SESSION_IN_FLIGHT: usize = 256;
+
 #[derive(Clone)]
 pub struct Services {
     pub shared: Arc<Shared>,
 }
 
 impl Services {
-    async fn execute_inner(
-        &self,
-        request: Request<ExecuteRequest>,
-        received: Instant,
-    ) -> Result<Response<ExecuteResponse>, Status> {
+    async fn execute_inner(&self, request: ExecuteRequest, received: Instant) -> Result<ExecuteResponse, Status> {
         let command = request
-            .into_inner()
             .command
             .ok_or_else(|| Status::invalid_argument("missing command"))?;
         let (tx, rx) = oneshot::channel();
@@ -71,17 +70,17 @@ impl Services {
             }
             node.epoch
         };
-        Ok(Response::new(ExecuteResponse {
+        Ok(ExecuteResponse {
             index,
             epoch,
             output,
             machine: Some(self.machine()),
-        }))
+        })
     }
 
-    async fn read_inner(&self, request: Request<ReadRequest>) -> Result<Response<ReadResponse>, Status> {
+    async fn read_inner(&self, request: ReadRequest) -> Result<ReadResponse, Status> {
         let (tx, rx) = oneshot::channel();
-        self.shared.lock().read(request.into_inner().query, tx);
+        self.shared.lock().read(request.query, tx);
         self.shared.poke();
         let result = match tokio::time::timeout(COMMIT_TIMEOUT, rx).await {
             Ok(Ok(r)) => r,
@@ -90,7 +89,35 @@ impl Services {
         self.shared
             .metrics
             .count_read(if result.is_ok() { "ok" } else { "error" });
-        result.map(Response::new)
+        result
+    }
+
+    /// An Execute (unary or from a session) that arrived at `started`, timed as a request.
+    async fn execute_timed(&self, request: ExecuteRequest, started: Instant) -> Result<ExecuteResponse, Status> {
+        let result = self.execute_inner(request, started).await;
+        self.shared.metrics.observe_request("Execute", started.elapsed());
+        result
+    }
+
+    async fn read_timed(&self, request: ReadRequest, started: Instant) -> Result<ReadResponse, Status> {
+        let result = self.read_inner(request).await;
+        self.shared.metrics.observe_request("Read", started.elapsed());
+        result
+    }
+
+    /// The answer to one request of a client session.
+    async fn session_answer(self, request: SessionRequest) -> SessionResponse {
+        use lockstep_proto::{session_request::Kind as Asked, session_response::Kind as Answer};
+        let started = Instant::now();
+        let answer = match request.kind {
+            Some(Asked::Execute(r)) => self.execute_timed(r, started).await.map(Answer::Execute),
+            Some(Asked::Read(r)) => self.read_timed(r, started).await.map(Answer::Read),
+            None => Err(Status::invalid_argument("a session request needs execute or read")),
+        };
+        SessionResponse {
+            id: request.id,
+            kind: Some(answer.unwrap_or_else(|status| Answer::Error(SessionError::from_status(&status)))),
+        }
     }
 
     async fn wait<T>(&self, rx: oneshot::Receiver<Result<T, Status>>, what: &str) -> Result<T, Status> {
@@ -125,16 +152,57 @@ impl Client for Services {
                 .metrics
                 .observe_stage(Stage::Receive, started.saturating_duration_since(arrived.0));
         }
-        let result = self.execute_inner(request, started).await;
-        self.shared.metrics.observe_request("Execute", started.elapsed());
-        result
+        self.execute_timed(request.into_inner(), started)
+            .await
+            .map(Response::new)
     }
 
     async fn read(&self, request: Request<ReadRequest>) -> Result<Response<ReadResponse>, Status> {
-        let started = std::time::Instant::now();
-        let result = self.read_inner(request).await;
-        self.shared.metrics.observe_request("Read", started.elapsed());
-        result
+        self.read_timed(request.into_inner(), Instant::now())
+            .await
+            .map(Response::new)
+    }
+
+    type SessionStream = Pin<Box<dyn Stream<Item = Result<SessionResponse, Status>> + Send>>;
+
+    /// A client session: requests are handled as they arrive, up to SESSION_IN_FLIGHT at
+    /// once, and each answer goes out when it is ready, tagged with its request's id.
+    async fn session(
+        &self,
+        request: Request<tonic::Streaming<SessionRequest>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        self.shared.metrics.client_sessions.inc();
+        let mut inbound = request.into_inner();
+        let services = self.clone();
+        let stream = async_stream(move |tx| async move {
+            let mut running = futures::stream::FuturesUnordered::new();
+            let mut reading = true;
+            // Why reading stopped, when it was an error (a message too large, undecodable):
+            // the session ends with it once the requests before it are answered.
+            let mut failed = None;
+            loop {
+                tokio::select! {
+                    msg = inbound.message(), if reading && running.len() < SESSION_IN_FLIGHT => match msg {
+                        Ok(Some(request)) => running.push(services.clone().session_answer(request)),
+                        Ok(None) => reading = false,
+                        Err(status) => {
+                            reading = false;
+                            failed = Some(status);
+                        }
+                    },
+                    Some(answer) = running.next() => {
+                        if tx.send(Ok(answer)).await.is_err() {
+                            return;
+                        }
+                    }
+                    else => break,
+                }
+            }
+            if let Some(status) = failed {
+                let _ = tx.send(Err(status)).await;
+            }
+        });
+        Ok(Response::new(stream))
     }
 
     type WatchStream = Pin<Box<dyn Stream<Item = Result<AppliedEntry, Status>> + Send>>;

@@ -282,6 +282,17 @@ impl Drop for LocalCluster {
     }
 }
 
+/// `GET path` over plain HTTP/1.1 (a replica's `/healthz`, `/metrics`): the whole response.
+pub fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).expect("connect http");
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").expect("write");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
 /// A connected channel to `endpoint` with `transport`.
 pub async fn connect(
     transport: &lockstep::Transport,
