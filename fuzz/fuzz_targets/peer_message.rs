@@ -163,8 +163,15 @@ fuzz_target!(|data: &[u8]| {
                 }
                 let _ = round_trip::<pb::ReadRequest>(bytes);
                 let _ = round_trip::<pb::WatchRequest>(bytes);
+                let _ = round_trip::<pb::SessionRequest>(bytes);
+                let _ = round_trip::<pb::SessionResponse>(bytes);
+                if let Some(e) = round_trip::<pb::SessionError>(bytes) {
+                    // Any code and metadata from the wire map to a Status without a panic.
+                    let _ = e.into_status();
+                }
             }
             _ => {
+                let _ = round_trip::<pb::ReplicateRequest>(bytes);
                 let _ = round_trip::<pb::RelayBatch>(bytes);
                 let _ = round_trip::<pb::SignedItem>(bytes);
                 let _ = round_trip::<pb::StreamItem>(bytes);
