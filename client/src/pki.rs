@@ -416,14 +416,33 @@ pub fn local_client_transport(cluster_dir: &Path) -> anyhow::Result<Transport> {
         cert: dir.join("client.pem"),
         key: dir.join("client.key"),
     };
-    files.transport().with_context(|| {
-        format!(
-            "the local cluster in {} runs with TLS, but its client certificate is not usable \
-             (pass --tls-ca, --tls-cert and --tls-key, or restart `lockstep up` to issue it again)",
-            cluster_dir.display()
-        )
-    })
+    // `lockstep up` replaces the pair key first, certificate right after: a read in between
+    // sees a key that does not match the certificate. Look again for a moment before
+    // calling the pair unusable.
+    let mut tries = 0;
+    loop {
+        match files.transport() {
+            Ok(transport) => return Ok(transport),
+            Err(_) if tries < PAIR_REPLACED_TRIES => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!(
+                        "the local cluster in {} runs with TLS, but its client certificate is not usable \
+                         (pass --tls-ca, --tls-cert and --tls-key, or restart `lockstep up` to issue it again)",
+                        cluster_dir.display()
+                    )
+                });
+            }
+        }
+    }
 }
+
+/// How many times (10 ms apart) a client key and certificate that do not match are read
+/// again: long enough for `lockstep up` to finish replacing the pair.
+const PAIR_REPLACED_TRIES: u32 = 50;
 
 #[cfg(test)]
 mod tests {
