@@ -440,9 +440,34 @@ impl Master {
     }
 
     async fn observe(&mut self) -> Observed {
-        let failure_timeout = self.opts.failure_timeout;
         let now = Instant::now();
-        // Process exits and listening addresses.
+        self.notice_exits_and_endpoints();
+        self.probe_statuses(now).await;
+        let mut replicas: Vec<ObservedReplica> = self.replicas.values().map(|r| self.observed(r, now)).collect();
+        // Fenced replicas still alive keep their ordinal until they are gone.
+        for r in &self.retiring {
+            replicas.push(ObservedReplica {
+                id: r.id.clone(),
+                endpoint: String::new(),
+                machine: self.desired.machine.clone(),
+                health: Health::Failed {
+                    reason: "fenced, waiting to stop".into(),
+                },
+                status: None,
+            });
+        }
+        Observed {
+            config: self.state.config.clone(),
+            replicas,
+            rollout: self.state.rollout.clone(),
+            staged: true,
+            next_ordinal: self.state.next_ordinal,
+            volumes: self.data_dirs(),
+        }
+    }
+
+    /// Process exits, and the addresses replicas listen on (from the file each writes).
+    fn notice_exits_and_endpoints(&mut self) {
         for r in self.replicas.values_mut() {
             if r.exited.is_none()
                 && let Ok(Some(status)) = r.child.try_wait()
@@ -457,7 +482,11 @@ impl Master {
                 r.endpoint = Some(format!("http://{}", l.grpc));
             }
         }
-        // Admin status, all at once.
+    }
+
+    /// Admin `Status` of every live replica that listens, all at once; an answer counts as
+    /// heard from at `now`.
+    async fn probe_statuses(&mut self, now: Instant) {
         let live: Vec<(String, String)> = self
             .replicas
             .values()
@@ -492,63 +521,49 @@ impl Master {
                 }
             }
         }
-        let mut replicas = Vec::new();
-        for r in self.replicas.values() {
-            let health = if let Some(why) = &r.exited {
-                Health::Failed { reason: why.clone() }
+    }
+
+    /// What the planner sees of replica `r` at `now`.
+    fn observed(&self, r: &LocalReplica, now: Instant) -> ObservedReplica {
+        let health = self.health(r, now);
+        let machine = r
+            .status
+            .as_ref()
+            .and_then(|s| s.machine.as_ref())
+            .map(|mi| MachineRef {
+                name: mi.name.clone(),
+                version: mi.version.clone(),
+                image: None,
+            })
+            .unwrap_or_else(|| self.desired.machine.clone());
+        ObservedReplica {
+            id: r.id.clone(),
+            endpoint: r.endpoint.clone().unwrap_or_default(),
+            machine,
+            status: if health == Health::Running {
+                r.status.as_ref().map(lockstep_planner::wire::replica_status)
             } else {
-                match r.last_ok {
-                    None if r.started.elapsed() > START_GRACE => Health::Failed {
-                        reason: format!("did not answer within {START_GRACE:?} of starting"),
-                    },
-                    None => Health::Starting,
-                    Some(t) if now.duration_since(t) > failure_timeout => Health::Failed {
-                        reason: format!("unreachable for {} ms", now.duration_since(t).as_millis()),
-                    },
-                    Some(_) => Health::Running,
-                }
-            };
-            let machine = r
-                .status
-                .as_ref()
-                .and_then(|s| s.machine.as_ref())
-                .map(|mi| MachineRef {
-                    name: mi.name.clone(),
-                    version: mi.version.clone(),
-                    image: None,
-                })
-                .unwrap_or_else(|| self.desired.machine.clone());
-            replicas.push(ObservedReplica {
-                id: r.id.clone(),
-                endpoint: r.endpoint.clone().unwrap_or_default(),
-                machine,
-                status: if health == Health::Running {
-                    r.status.as_ref().map(lockstep_planner::wire::replica_status)
-                } else {
-                    None
-                },
-                health,
-            });
+                None
+            },
+            health,
         }
-        // Fenced replicas still alive keep their ordinal until they are gone.
-        for r in &self.retiring {
-            replicas.push(ObservedReplica {
-                id: r.id.clone(),
-                endpoint: String::new(),
-                machine: self.desired.machine.clone(),
-                health: Health::Failed {
-                    reason: "fenced, waiting to stop".into(),
-                },
-                status: None,
-            });
+    }
+
+    /// Failed once its process exits, it does not answer within `START_GRACE` of starting, or
+    /// it has not answered for `--failure-timeout`.
+    fn health(&self, r: &LocalReplica, now: Instant) -> Health {
+        if let Some(why) = &r.exited {
+            return Health::Failed { reason: why.clone() };
         }
-        Observed {
-            config: self.state.config.clone(),
-            replicas,
-            rollout: self.state.rollout.clone(),
-            staged: true,
-            next_ordinal: self.state.next_ordinal,
-            volumes: self.data_dirs(),
+        match r.last_ok {
+            None if r.started.elapsed() > START_GRACE => Health::Failed {
+                reason: format!("did not answer within {START_GRACE:?} of starting"),
+            },
+            None => Health::Starting,
+            Some(t) if now.duration_since(t) > self.opts.failure_timeout => Health::Failed {
+                reason: format!("unreachable for {} ms", now.duration_since(t).as_millis()),
+            },
+            Some(_) => Health::Running,
         }
     }
 
