@@ -290,18 +290,40 @@ impl Master {
             .create(true)
             .append(true)
             .open(self.dir.join("logs").join(format!("{id}.log")))?;
-        let exe = match std::env::var_os("LOCKSTEP_REPLICA_BIN") {
-            Some(p) => PathBuf::from(p),
-            None => std::env::current_exe().context("cannot find the lockstep executable")?,
-        };
-        let mut cmd = Command::new(&exe);
-        if std::env::var_os("LOCKSTEP_REPLICA_BIN").is_none() {
-            cmd.arg("replica");
-        }
+        let (exe, mut cmd) = replica_program()?;
+        self.add_replica_args(&mut cmd, id, &dir)?;
+        cmd.stdin(std::process::Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .process_group(0);
+        stop_with_parent(&mut cmd);
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start replica {id} ({})", exe.display()))?;
+        self.say(&format!("started replica {id} (pid {})", child.id().unwrap_or(0)));
+        self.replicas.insert(
+            id.to_string(),
+            LocalReplica {
+                id: id.to_string(),
+                child,
+                dir,
+                started: Instant::now(),
+                endpoint: None,
+                exited: None,
+                last_ok: None,
+                status: None,
+            },
+        );
+        Ok(())
+    }
+
+    /// Replica `id`'s flags: its data in `dir`, the machine, fsync, its transport (its
+    /// certificate, or plaintext) and, Byzantine, the era and any fault to inject.
+    fn add_replica_args(&mut self, cmd: &mut Command, id: &str, dir: &Path) -> anyhow::Result<()> {
         cmd.arg("--id")
             .arg(id)
             .arg("--data-dir")
-            .arg(&dir)
+            .arg(dir)
             .arg("--machine")
             .arg(&self.desired.machine.name);
         if self.opts.no_fsync {
@@ -326,46 +348,21 @@ impl Master {
         }
         if let Some(b) = &self.byz {
             cmd.args(b.replica_args());
-            let ordinal = lockstep_planner::ordinal_of(id).map(|n| format!("replica-{n}"));
-            if let Some(behaviour) = self
-                .opts
-                .inject
-                .get(id)
-                .or_else(|| ordinal.and_then(|o| self.opts.inject.get(&o)))
-            {
+            if let Some(behaviour) = self.injected(id) {
                 cmd.arg("--inject").arg(behaviour);
                 self.say(&format!("  {id} will be FAULTY on purpose: {behaviour}"));
             }
         }
-        cmd.stdin(std::process::Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .process_group(0);
-        // SAFETY: only async-signal-safe prctl between fork and exec.
-        unsafe {
-            cmd.pre_exec(|| {
-                let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM);
-                Ok(())
-            });
-        }
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("cannot start replica {id} ({})", exe.display()))?;
-        self.say(&format!("started replica {id} (pid {})", child.id().unwrap_or(0)));
-        self.replicas.insert(
-            id.to_string(),
-            LocalReplica {
-                id: id.to_string(),
-                child,
-                dir,
-                started: Instant::now(),
-                endpoint: None,
-                exited: None,
-                last_ok: None,
-                status: None,
-            },
-        );
         Ok(())
+    }
+
+    /// The fault `--inject` asks of replica `id`, by its id or as `replica-N`.
+    fn injected(&self, id: &str) -> Option<&String> {
+        let ordinal = lockstep_planner::ordinal_of(id).map(|n| format!("replica-{n}"));
+        self.opts
+            .inject
+            .get(id)
+            .or_else(|| ordinal.and_then(|o| self.opts.inject.get(&o)))
     }
 
     async fn run(&mut self) -> anyhow::Result<()> {
@@ -979,6 +976,35 @@ impl Master {
             self.dir.display(),
             self.opts.file.display()
         ));
+    }
+}
+
+/// The program that runs a replica: `$LOCKSTEP_REPLICA_BIN`, else this executable's
+/// `replica` subcommand.
+fn replica_program() -> anyhow::Result<(PathBuf, Command)> {
+    match std::env::var_os("LOCKSTEP_REPLICA_BIN") {
+        Some(p) => {
+            let exe = PathBuf::from(p);
+            let cmd = Command::new(&exe);
+            Ok((exe, cmd))
+        }
+        None => {
+            let exe = std::env::current_exe().context("cannot find the lockstep executable")?;
+            let mut cmd = Command::new(&exe);
+            cmd.arg("replica");
+            Ok((exe, cmd))
+        }
+    }
+}
+
+/// A replica gets SIGTERM when `up` dies, however it dies.
+fn stop_with_parent(cmd: &mut Command) {
+    // SAFETY: only async-signal-safe prctl between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM);
+            Ok(())
+        });
     }
 }
 
