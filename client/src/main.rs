@@ -67,44 +67,7 @@ struct ClientTls {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the ReplicatedStateMachine in FILE as a local cluster in the foreground (Ctrl-C stops it).
-    Up {
-        file: PathBuf,
-        /// Declare a replica fail-stopped after this many milliseconds without an answer.
-        #[arg(long, default_value_t = 1000)]
-        failure_timeout_ms: u64,
-        /// Keep a fenced (paused/partitioned) replica alive this long before stopping it.
-        #[arg(long, default_value_t = 10_000)]
-        fenced_grace_ms: u64,
-        /// Skip fsync in the replicas (benchmarks only; a crash may lose acknowledged writes).
-        #[arg(long)]
-        no_fsync: bool,
-        /// Print decisions only, not the member table.
-        #[arg(long)]
-        quiet: bool,
-        /// Byzantine mode: remove a client stream that has not moved for this long (a crashed
-        /// client stalls Lamport stability until then).
-        #[arg(long, default_value_t = 3000)]
-        client_timeout_ms: u64,
-        /// Test builds only (cargo feature `fault-injection`): make a replica faulty, e.g.
-        /// `--inject replica-1=wrong-output`. Behaviours: wrong-output, silent,
-        /// equivocate-relays, forge-requests, replay-requests, reorder, corrupt-snapshot,
-        /// wrong-version.
-        #[arg(long, hide = !lockstep_replica::byz::inject::AVAILABLE)]
-        inject: Vec<String>,
-        /// Run the replicas WITHOUT transport security: plaintext gRPC, every caller accepted
-        /// (benchmarks of the TLS cost). Default: mutual TLS with certificates made here.
-        #[arg(long = "insecure")]
-        insecure_replicas: bool,
-        /// How long the certificates `up` issues to the replicas, itself and the CLI are valid
-        /// (e.g. `90d`, `12h`, `30s`). Each is issued again, while everything runs, once a
-        /// third of this is left.
-        #[arg(long, default_value = "90d", value_parser = humantime::parse_duration)]
-        cert_validity: Duration,
-        /// How long the cluster's CA is valid. A new CA is made once a third of this is left;
-        /// the old one stays trusted until it expires.
-        #[arg(long, default_value = "365d", value_parser = humantime::parse_duration)]
-        ca_validity: Duration,
-    },
+    Up(UpArgs),
     /// Byzantine clusters: create a client key pair (secret in `clients/NAME.key`, public key in
     /// `client-identities/NAME`, the directory the replicas and the master read).
     AddClient { name: String },
@@ -135,36 +98,81 @@ enum Cmd {
         until: Option<u64>,
     },
     /// Load generator: throughput and latency.
-    Bench {
-        #[arg(long, default_value_t = 8)]
-        clients: usize,
-        #[arg(long, default_value_t = 10)]
-        duration: u64,
-        #[arg(long, default_value_t = 256)]
-        value_size: usize,
-        #[arg(long, default_value_t = 1000)]
-        keys: usize,
-        #[arg(long, value_enum, default_value = "write")]
-        mix: Mix,
-        /// Record every operation as a JSON line (lockstep-linearizability format).
-        #[arg(long)]
-        history: Option<PathBuf>,
-        /// Check the recorded history for linearizability at the end.
-        #[arg(long)]
-        check: bool,
-        /// Byzantine clusters: this many more clients stay connected but idle (they only send
-        /// signed no-ops), to measure what connected clients cost Lamport stability.
-        #[arg(long, default_value_t = 0)]
-        idle: usize,
-        /// Byzantine clusters: an idle client's no-op interval, in milliseconds.
-        #[arg(long, default_value_t = 50)]
-        noop_interval_ms: u64,
-    },
+    Bench(BenchArgs),
     /// Run one replica process (what `up` starts; `lockstep-replica` is the same).
     Replica {
         #[command(flatten)]
         args: Box<lockstep_replica::ReplicaArgs>,
     },
+}
+
+// The flags of `lockstep up` (its help is the doc comment of `Cmd::Up`).
+#[derive(clap::Args)]
+struct UpArgs {
+    file: PathBuf,
+    /// Declare a replica fail-stopped after this many milliseconds without an answer.
+    #[arg(long, default_value_t = 1000)]
+    failure_timeout_ms: u64,
+    /// Keep a fenced (paused/partitioned) replica alive this long before stopping it.
+    #[arg(long, default_value_t = 10_000)]
+    fenced_grace_ms: u64,
+    /// Skip fsync in the replicas (benchmarks only; a crash may lose acknowledged writes).
+    #[arg(long)]
+    no_fsync: bool,
+    /// Print decisions only, not the member table.
+    #[arg(long)]
+    quiet: bool,
+    /// Byzantine mode: remove a client stream that has not moved for this long (a crashed
+    /// client stalls Lamport stability until then).
+    #[arg(long, default_value_t = 3000)]
+    client_timeout_ms: u64,
+    /// Test builds only (cargo feature `fault-injection`): make a replica faulty, e.g.
+    /// `--inject replica-1=wrong-output`. Behaviours: wrong-output, silent,
+    /// equivocate-relays, forge-requests, replay-requests, reorder, corrupt-snapshot,
+    /// wrong-version.
+    #[arg(long, hide = !lockstep_replica::byz::inject::AVAILABLE)]
+    inject: Vec<String>,
+    /// Run the replicas WITHOUT transport security: plaintext gRPC, every caller accepted
+    /// (benchmarks of the TLS cost). Default: mutual TLS with certificates made here.
+    #[arg(long = "insecure")]
+    insecure_replicas: bool,
+    /// How long the certificates `up` issues to the replicas, itself and the CLI are valid
+    /// (e.g. `90d`, `12h`, `30s`). Each is issued again, while everything runs, once a
+    /// third of this is left.
+    #[arg(long, default_value = "90d", value_parser = humantime::parse_duration)]
+    cert_validity: Duration,
+    /// How long the cluster's CA is valid. A new CA is made once a third of this is left;
+    /// the old one stays trusted until it expires.
+    #[arg(long, default_value = "365d", value_parser = humantime::parse_duration)]
+    ca_validity: Duration,
+}
+
+// The flags of `lockstep bench` (its help is the doc comment of `Cmd::Bench`).
+#[derive(clap::Args)]
+struct BenchArgs {
+    #[arg(long, default_value_t = 8)]
+    clients: usize,
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    #[arg(long, default_value_t = 256)]
+    value_size: usize,
+    #[arg(long, default_value_t = 1000)]
+    keys: usize,
+    #[arg(long, value_enum, default_value = "write")]
+    mix: Mix,
+    /// Record every operation as a JSON line (lockstep-linearizability format).
+    #[arg(long)]
+    history: Option<PathBuf>,
+    /// Check the recorded history for linearizability at the end.
+    #[arg(long)]
+    check: bool,
+    /// Byzantine clusters: this many more clients stay connected but idle (they only send
+    /// signed no-ops), to measure what connected clients cost Lamport stability.
+    #[arg(long, default_value_t = 0)]
+    idle: usize,
+    /// Byzantine clusters: an idle client's no-op interval, in milliseconds.
+    #[arg(long, default_value_t = 50)]
+    noop_interval_ms: u64,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -291,138 +299,97 @@ fn explain(c: &lockstep::byz::ByzClient) {
 
 async fn byz_command(cli: &Cli, cmd: &Cmd) -> anyhow::Result<()> {
     match cmd {
-        Cmd::Put { key, value } => {
-            let mut c = byz_client(cli).await?;
-            let prev = c.put(key, value).await;
-            c.close().await;
-            explain(&c);
-            println!("OK (previous: {})", show(prev?));
-        }
-        Cmd::Get { key } => {
-            let mut c = byz_client(cli).await?;
-            let got = c.get(key).await;
-            c.close().await;
-            explain(&c);
-            match got? {
-                Some(v) => println!("{v}"),
-                None => {
-                    eprintln!("(not found)");
-                    std::process::exit(3);
-                }
-            }
-        }
-        Cmd::Delete { key } => {
-            let mut c = byz_client(cli).await?;
-            let prev = c.delete(key).await;
-            c.close().await;
-            explain(&c);
-            println!("OK (previous: {})", show(prev?));
-        }
+        Cmd::Put { key, value } => print_previous(byz_call(cli, async |c| c.put(key, value).await).await?),
+        Cmd::Get { key } => print_found(byz_call(cli, async |c| c.get(key).await).await?),
+        Cmd::Delete { key } => print_previous(byz_call(cli, async |c| c.delete(key).await).await?),
         Cmd::Cas { key, old, new } => {
-            let opt = |s: &str| (s != "-").then(|| s.to_string());
-            let mut c = byz_client(cli).await?;
-            let r = c.cas(key, opt(old).as_deref(), opt(new).as_deref()).await;
-            c.close().await;
-            explain(&c);
-            let (swapped, current) = r?;
-            println!(
-                "{} (current: {})",
-                if swapped { "SWAPPED" } else { "NOT SWAPPED" },
-                show(current)
-            );
-            if !swapped {
-                std::process::exit(4);
-            }
-        }
-        Cmd::Watch { from, until } => {
-            let c = byz_client(cli).await?;
-            let mut rx = c.watch(*from).await?;
-            while let Some(item) = rx.recv().await {
-                let (e, vote) = item.map_err(anyhow::Error::msg)?;
-                let command = e.command.as_ref().map(|c| {
-                    serde_json::json!({"client": c.client_id, "sequence": c.sequence,
-                        "payload": String::from_utf8_lossy(&c.payload)})
-                });
-                let line = serde_json::json!({
-                    "index": e.index, "epoch": e.epoch, "kind": e.kind, "command": command,
-                    "output": String::from_utf8_lossy(&e.output),
-                    "machine": e.machine.as_ref().map(|m| format!("{} {}", m.name, m.version)),
-                    "votedBy": vote.agreed, "disagreed": vote.disagreed.iter().map(|d| d.0.clone()).collect::<Vec<_>>(),
-                });
-                println!("{line}");
-                if until.is_some_and(|u| e.index >= u) {
-                    break;
-                }
-            }
-        }
-        Cmd::Status { output } => byz_status(cli, *output).await?,
-        Cmd::Bench {
-            clients,
-            duration,
-            value_size,
-            keys,
-            mix,
-            history,
-            check,
-            idle,
-            noop_interval_ms,
-        } => {
-            let interval = Duration::from_millis((*noop_interval_ms).max(1));
-            let mut idlers = Vec::new();
-            for _ in 0..*idle {
-                let mut c = byz_client(cli).await?;
-                c.noop_interval = interval;
-                idlers.push(c);
-            }
-            for c in idlers.iter_mut() {
-                c.open().await?;
-            }
-            if *idle > 0 {
-                eprintln!("bench: {idle} idle clients connected (no-op every {noop_interval_ms} ms)");
-            }
-            let mut pool = Vec::new();
-            for _ in 0..*clients {
-                let mut c = byz_client(cli).await?;
-                c.noop_interval = interval;
-                pool.push(Some(c));
-            }
-            let pool = std::sync::Mutex::new(pool);
-            let opts = WorkloadOptions {
-                clients: *clients,
-                duration: Duration::from_secs(*duration),
-                value_size: *value_size,
-                keys: *keys,
-                mix: *mix,
-                history: history.clone(),
-            };
-            let report = run_workload(
-                "byzantine",
-                opts,
-                |i| {
-                    pool.lock()
-                        .ok()
-                        .and_then(|mut p| p.get_mut(i).and_then(Option::take))
-                        .expect("one prepared client per index")
-                },
-                Arc::new(AtomicBool::new(false)),
-            )
+            let (swapped, current) = byz_call(cli, async |c| {
+                c.cas(key, cas_value(old).as_deref(), cas_value(new).as_deref()).await
+            })
             .await?;
-            println!("{report}");
-            for mut c in idlers {
-                c.close().await;
-            }
-            if let (Some(path), true) = (history, check) {
-                let h = lockstep_linearizability::parse_history(std::io::BufReader::new(std::fs::File::open(path)?))?;
-                let r = lockstep_linearizability::check_kv(&h, Default::default());
-                println!("history {}: {r}", path.display());
-                if !r.is_linearizable() {
-                    std::process::exit(1);
-                }
-            }
+            print_cas(swapped, current);
         }
+        Cmd::Watch { from, until } => byz_watch(cli, *from, *until).await?,
+        Cmd::Status { output } => byz_status(cli, *output).await?,
+        Cmd::Bench(args) => byz_bench(cli, args).await?,
         _ => anyhow::bail!("this command does not apply to a Byzantine cluster"),
     }
     Ok(())
+}
+
+/// One request on a client stream of its own: the stream is closed and the vote explained
+/// (stderr) before the answer, or the error, is returned.
+async fn byz_call<T>(
+    cli: &Cli,
+    call: impl AsyncFnOnce(&mut lockstep::byz::ByzClient) -> Result<T, ClientError>,
+) -> anyhow::Result<T> {
+    let mut c = byz_client(cli).await?;
+    let answer = call(&mut c).await;
+    c.close().await;
+    explain(&c);
+    Ok(answer?)
+}
+
+/// One JSON line per applied entry, with who voted for it and who disagreed.
+async fn byz_watch(cli: &Cli, from: u64, until: Option<u64>) -> anyhow::Result<()> {
+    let c = byz_client(cli).await?;
+    let mut rx = c.watch(from).await?;
+    while let Some(item) = rx.recv().await {
+        let (e, vote) = item.map_err(anyhow::Error::msg)?;
+        let mut line = watch_line(&e);
+        line["votedBy"] = serde_json::json!(vote.agreed);
+        line["disagreed"] = serde_json::json!(vote.disagreed.iter().map(|d| d.0.clone()).collect::<Vec<_>>());
+        println!("{line}");
+        if until.is_some_and(|u| e.index >= u) {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// The workload over signed client streams, one per benchmark client, with `--idle` more
+/// streams that only send no-ops.
+async fn byz_bench(cli: &Cli, args: &BenchArgs) -> anyhow::Result<()> {
+    let interval = Duration::from_millis(args.noop_interval_ms.max(1));
+    let mut idlers = Vec::new();
+    for _ in 0..args.idle {
+        let mut c = byz_client(cli).await?;
+        c.noop_interval = interval;
+        idlers.push(c);
+    }
+    for c in idlers.iter_mut() {
+        c.open().await?;
+    }
+    if args.idle > 0 {
+        eprintln!(
+            "bench: {} idle clients connected (no-op every {} ms)",
+            args.idle, args.noop_interval_ms
+        );
+    }
+    let mut pool = Vec::new();
+    for _ in 0..args.clients {
+        let mut c = byz_client(cli).await?;
+        c.noop_interval = interval;
+        pool.push(Some(c));
+    }
+    let pool = std::sync::Mutex::new(pool);
+    let report = run_workload(
+        "byzantine",
+        args.workload_options(),
+        |i| {
+            pool.lock()
+                .ok()
+                .and_then(|mut p| p.get_mut(i).and_then(Option::take))
+                .expect("one prepared client per index")
+        },
+        Arc::new(AtomicBool::new(false)),
+    )
+    .await?;
+    println!("{report}");
+    for mut c in idlers {
+        c.close().await;
+    }
+    check_history(args)
 }
 
 /// Per replica: what it reports about itself, and how it voted on a few probe reads.
@@ -525,198 +492,229 @@ fn show(v: Option<String>) -> String {
     v.unwrap_or_else(|| "(none)".into())
 }
 
+/// `put` and `delete`: the previous value.
+fn print_previous(prev: Option<String>) {
+    println!("OK (previous: {})", show(prev));
+}
+
+/// `get`: the value, or exit 3 when there is none.
+fn print_found(value: Option<String>) {
+    match value {
+        Some(v) => println!("{v}"),
+        None => {
+            eprintln!("(not found)");
+            std::process::exit(3);
+        }
+    }
+}
+
+/// `cas`: whether it swapped and what is there now; exit 4 when it did not swap.
+fn print_cas(swapped: bool, current: Option<String>) {
+    println!(
+        "{} (current: {})",
+        if swapped { "SWAPPED" } else { "NOT SWAPPED" },
+        show(current)
+    );
+    if !swapped {
+        std::process::exit(4);
+    }
+}
+
+/// A `cas` argument: "-" means absent.
+fn cas_value(s: &str) -> Option<String> {
+    (s != "-").then(|| s.to_string())
+}
+
+/// `watch`: an applied entry as one JSON object.
+fn watch_line(e: &lockstep_proto::AppliedEntry) -> serde_json::Value {
+    let command = e.command.as_ref().map(|c| {
+        serde_json::json!({"client": c.client_id, "sequence": c.sequence,
+            "payload": String::from_utf8_lossy(&c.payload)})
+    });
+    serde_json::json!({
+        "index": e.index, "epoch": e.epoch, "kind": e.kind, "command": command,
+        "output": String::from_utf8_lossy(&e.output),
+        "machine": e.machine.as_ref().map(|m| format!("{} {}", m.name, m.version)),
+    })
+}
+
+impl BenchArgs {
+    fn workload_options(&self) -> WorkloadOptions {
+        WorkloadOptions {
+            clients: self.clients,
+            duration: Duration::from_secs(self.duration),
+            value_size: self.value_size,
+            keys: self.keys,
+            mix: self.mix,
+            history: self.history.clone(),
+        }
+    }
+}
+
+/// With `--history FILE --check`: check the recorded history; exit 1 when it is not
+/// linearizable.
+fn check_history(args: &BenchArgs) -> anyhow::Result<()> {
+    if let (Some(path), true) = (&args.history, args.check) {
+        let h = lockstep_linearizability::parse_history(std::io::BufReader::new(std::fs::File::open(path)?))?;
+        let r = lockstep_linearizability::check_kv(&h, Default::default());
+        println!("history {}: {r}", path.display());
+        if !r.is_linearizable() {
+            std::process::exit(1);
+        }
+    }
+    Ok(())
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match &cli.command {
-        Cmd::Up {
-            file,
-            failure_timeout_ms,
-            fenced_grace_ms,
-            no_fsync,
-            quiet,
-            client_timeout_ms,
-            inject,
-            insecure_replicas,
-            cert_validity,
-            ca_validity,
-        } => {
-            lockstep_replica::init_tracing(false);
-            let mut injected = std::collections::BTreeMap::new();
-            for i in inject {
-                let (who, what) = i
-                    .split_once('=')
-                    .with_context(|| format!("--inject {i}: expected replica-N=BEHAVIOUR"))?;
-                lockstep_replica::byz::inject::Behaviour::parse(what).map_err(anyhow::Error::msg)?;
-                injected.insert(who.to_string(), what.to_string());
-            }
-            lockstep::up::up(lockstep::up::UpOptions {
-                file: file.clone(),
-                data_dir: cli.data_dir.clone(),
-                failure_timeout: Duration::from_millis(*failure_timeout_ms),
-                fenced_grace: Duration::from_millis(*fenced_grace_ms),
-                no_fsync: *no_fsync,
-                quiet: *quiet,
-                inject: injected,
-                client_timeout: Duration::from_millis(*client_timeout_ms),
-                insecure: *insecure_replicas,
-                tls_lifetimes: lockstep::pki::Lifetimes {
-                    leaf: *cert_validity,
-                    ca: *ca_validity,
-                },
-            })
-            .await
-        }
-        Cmd::AddClient { name } => {
-            let dir = cluster_dir_of(&cli)?;
-            let key = lockstep::byz::add_client(&dir, name)?;
-            println!(
-                "client '{name}': public key {} in {}; secret key in {}",
-                hex_key(&key.to_bytes()),
-                dir.join(lockstep::byz::IDENTITIES_DIR).join(name).display(),
-                dir.join(lockstep::byz::CLIENT_KEYS_DIR)
-                    .join(format!("{name}.key"))
-                    .display()
-            );
-            Ok(())
-        }
-        Cmd::Keygen { file } => {
-            let key = lockstep_replica::byz::keys::random_signing_key();
-            if file.exists() {
-                anyhow::bail!("{} exists: not overwriting a key", file.display());
-            }
-            lockstep_replica::byz::keys::write_private(
-                file,
-                lockstep_replica::byz::keys::encode_key(&key.to_bytes()).as_bytes(),
-            )?;
-            println!("{}", hex_key(&key.verifying_key().to_bytes()));
-            Ok(())
-        }
+        Cmd::Up(args) => up(&cli, args).await,
+        Cmd::AddClient { name } => add_client(&cli, name),
+        Cmd::Keygen { file } => keygen(file),
         cmd if byz_mode(&cli) => byz_command(&cli, cmd).await,
         Cmd::Put { key, value } => {
-            let prev = client(&cli)?.put(key, value).await?;
-            println!("OK (previous: {})", show(prev));
+            print_previous(client(&cli)?.put(key, value).await?);
             Ok(())
         }
         Cmd::Get { key } => {
-            match client(&cli)?.get(key).await? {
-                Some(v) => println!("{v}"),
-                None => {
-                    eprintln!("(not found)");
-                    std::process::exit(3);
-                }
-            }
+            print_found(client(&cli)?.get(key).await?);
             Ok(())
         }
         Cmd::Delete { key } => {
-            let prev = client(&cli)?.delete(key).await?;
-            println!("OK (previous: {})", show(prev));
+            print_previous(client(&cli)?.delete(key).await?);
             Ok(())
         }
         Cmd::Cas { key, old, new } => {
-            let opt = |s: &str| (s != "-").then(|| s.to_string());
-            let (swapped, current) = client(&cli)?.cas(key, opt(old).as_deref(), opt(new).as_deref()).await?;
-            println!(
-                "{} (current: {})",
-                if swapped { "SWAPPED" } else { "NOT SWAPPED" },
-                show(current)
-            );
-            if !swapped {
-                std::process::exit(4);
-            }
+            let (swapped, current) = client(&cli)?
+                .cas(key, cas_value(old).as_deref(), cas_value(new).as_deref())
+                .await?;
+            print_cas(swapped, current);
             Ok(())
         }
         Cmd::Status { output } => status(&cli, *output).await,
-        Cmd::Watch { from, until } => {
-            let mut stream = client(&cli)?.watch(*from).await?;
-            while let Some(e) = stream.message().await? {
-                let command = e.command.as_ref().map(|c| {
-                    serde_json::json!({"client": c.client_id, "sequence": c.sequence,
-                        "payload": String::from_utf8_lossy(&c.payload)})
-                });
-                let line = serde_json::json!({
-                    "index": e.index, "epoch": e.epoch, "kind": e.kind, "command": command,
-                    "output": String::from_utf8_lossy(&e.output),
-                    "machine": e.machine.as_ref().map(|m| format!("{} {}", m.name, m.version)),
-                });
-                println!("{line}");
-                if until.is_some_and(|u| e.index >= u) {
-                    break;
-                }
-            }
-            Ok(())
-        }
-        Cmd::Bench {
-            clients,
-            duration,
-            value_size,
-            keys,
-            mix,
-            history,
-            check,
-            ..
-        } => {
-            let endpoints = resolve_endpoints(
-                cli.cluster
-                    .as_deref()
-                    .context("which cluster? pass -c NAME or -c host:port,...")?,
-                &cli.data_dir,
-            )?;
-            let opts = WorkloadOptions {
-                clients: *clients,
-                duration: Duration::from_secs(*duration),
-                value_size: *value_size,
-                keys: *keys,
-                mix: *mix,
-                history: history.clone(),
-            };
-            eprintln!(
-                "bench: {clients} clients for {duration}s against {}",
-                endpoints.join(",")
-            );
-            // Ctrl-C (SIGINT) ends the run early: in-flight operations finish, then the report
-            // and the history are written as at the end of the duration.
-            let stop = Arc::new(AtomicBool::new(false));
-            let interrupted = tokio::spawn({
-                let stop = stop.clone();
-                async move {
-                    if tokio::signal::ctrl_c().await.is_ok() {
-                        eprintln!("\nbench: interrupted, finishing in-flight operations");
-                        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-                    }
-                }
-            });
-            let progress = tokio::spawn({
-                let d = *duration;
-                async move {
-                    for s in 1..=d {
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                        eprint!("\r  {s}/{d}s");
-                    }
-                    eprintln!();
-                }
-            });
-            let transport = transport(&cli)?;
-            let report = run_workload(
-                "lockstep",
-                opts,
-                |_| Client::new(endpoints.clone()).with_transport(transport.clone()),
-                stop,
-            )
-            .await?;
-            progress.abort();
-            interrupted.abort();
-            println!("{report}");
-            if let (Some(path), true) = (history, check) {
-                let h = lockstep_linearizability::parse_history(std::io::BufReader::new(std::fs::File::open(path)?))?;
-                let r = lockstep_linearizability::check_kv(&h, Default::default());
-                println!("history {}: {r}", path.display());
-                if !r.is_linearizable() {
-                    std::process::exit(1);
-                }
-            }
-            Ok(())
-        }
+        Cmd::Watch { from, until } => watch(&cli, *from, *until).await,
+        Cmd::Bench(args) => bench(&cli, args).await,
         Cmd::Replica { .. } => unreachable!("handled before the runtime starts"),
     }
+}
+
+/// `lockstep up FILE`: run the cluster in the foreground until Ctrl-C.
+async fn up(cli: &Cli, args: &UpArgs) -> anyhow::Result<()> {
+    lockstep_replica::init_tracing(false);
+    let mut injected = std::collections::BTreeMap::new();
+    for i in &args.inject {
+        let (who, what) = i
+            .split_once('=')
+            .with_context(|| format!("--inject {i}: expected replica-N=BEHAVIOUR"))?;
+        lockstep_replica::byz::inject::Behaviour::parse(what).map_err(anyhow::Error::msg)?;
+        injected.insert(who.to_string(), what.to_string());
+    }
+    lockstep::up::up(lockstep::up::UpOptions {
+        file: args.file.clone(),
+        data_dir: cli.data_dir.clone(),
+        failure_timeout: Duration::from_millis(args.failure_timeout_ms),
+        fenced_grace: Duration::from_millis(args.fenced_grace_ms),
+        no_fsync: args.no_fsync,
+        quiet: args.quiet,
+        inject: injected,
+        client_timeout: Duration::from_millis(args.client_timeout_ms),
+        insecure: args.insecure_replicas,
+        tls_lifetimes: lockstep::pki::Lifetimes {
+            leaf: args.cert_validity,
+            ca: args.ca_validity,
+        },
+    })
+    .await
+}
+
+/// A new client identity of a local Byzantine cluster.
+fn add_client(cli: &Cli, name: &str) -> anyhow::Result<()> {
+    let dir = cluster_dir_of(cli)?;
+    let key = lockstep::byz::add_client(&dir, name)?;
+    println!(
+        "client '{name}': public key {} in {}; secret key in {}",
+        hex_key(&key.to_bytes()),
+        dir.join(lockstep::byz::IDENTITIES_DIR).join(name).display(),
+        dir.join(lockstep::byz::CLIENT_KEYS_DIR)
+            .join(format!("{name}.key"))
+            .display()
+    );
+    Ok(())
+}
+
+/// A client key pair for a cluster elsewhere: the secret to `file`, the public key to stdout.
+fn keygen(file: &std::path::Path) -> anyhow::Result<()> {
+    let key = lockstep_replica::byz::keys::random_signing_key();
+    if file.exists() {
+        anyhow::bail!("{} exists: not overwriting a key", file.display());
+    }
+    lockstep_replica::byz::keys::write_private(
+        file,
+        lockstep_replica::byz::keys::encode_key(&key.to_bytes()).as_bytes(),
+    )?;
+    println!("{}", hex_key(&key.verifying_key().to_bytes()));
+    Ok(())
+}
+
+/// One JSON line per applied entry.
+async fn watch(cli: &Cli, from: u64, until: Option<u64>) -> anyhow::Result<()> {
+    let mut stream = client(cli)?.watch(from).await?;
+    while let Some(e) = stream.message().await? {
+        println!("{}", watch_line(&e));
+        if until.is_some_and(|u| e.index >= u) {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// The workload against a fail-stop cluster; Ctrl-C ends it early.
+async fn bench(cli: &Cli, args: &BenchArgs) -> anyhow::Result<()> {
+    let endpoints = resolve_endpoints(
+        cli.cluster
+            .as_deref()
+            .context("which cluster? pass -c NAME or -c host:port,...")?,
+        &cli.data_dir,
+    )?;
+    let opts = args.workload_options();
+    eprintln!(
+        "bench: {} clients for {}s against {}",
+        args.clients,
+        args.duration,
+        endpoints.join(",")
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let interrupted = tokio::spawn(stop_on_ctrl_c(stop.clone()));
+    let progress = tokio::spawn(show_progress(args.duration));
+    let transport = transport(cli)?;
+    let report = run_workload(
+        "lockstep",
+        opts,
+        |_| Client::new(endpoints.clone()).with_transport(transport.clone()),
+        stop,
+    )
+    .await?;
+    progress.abort();
+    interrupted.abort();
+    println!("{report}");
+    check_history(args)
+}
+
+/// Ctrl-C (SIGINT) ends a benchmark early: in-flight operations finish, then the report and
+/// the history are written as at the end of the duration.
+async fn stop_on_ctrl_c(stop: Arc<AtomicBool>) {
+    if tokio::signal::ctrl_c().await.is_ok() {
+        eprintln!("\nbench: interrupted, finishing in-flight operations");
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// A benchmark's seconds so far, on stderr.
+async fn show_progress(seconds: u64) {
+    for s in 1..=seconds {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        eprint!("\r  {s}/{seconds}s");
+    }
+    eprintln!();
 }
 
 async fn status(cli: &Cli, output: Format) -> anyhow::Result<()> {
@@ -781,6 +779,5 @@ async fn status(cli: &Cli, output: Format) -> anyhow::Result<()> {
             }
         }
     }
-    let _ = ClientError::Rejected(String::new());
     Ok(())
 }

@@ -290,18 +290,40 @@ impl Master {
             .create(true)
             .append(true)
             .open(self.dir.join("logs").join(format!("{id}.log")))?;
-        let exe = match std::env::var_os("LOCKSTEP_REPLICA_BIN") {
-            Some(p) => PathBuf::from(p),
-            None => std::env::current_exe().context("cannot find the lockstep executable")?,
-        };
-        let mut cmd = Command::new(&exe);
-        if std::env::var_os("LOCKSTEP_REPLICA_BIN").is_none() {
-            cmd.arg("replica");
-        }
+        let (exe, mut cmd) = replica_program()?;
+        self.add_replica_args(&mut cmd, id, &dir)?;
+        cmd.stdin(std::process::Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .process_group(0);
+        stop_with_parent(&mut cmd);
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start replica {id} ({})", exe.display()))?;
+        self.say(&format!("started replica {id} (pid {})", child.id().unwrap_or(0)));
+        self.replicas.insert(
+            id.to_string(),
+            LocalReplica {
+                id: id.to_string(),
+                child,
+                dir,
+                started: Instant::now(),
+                endpoint: None,
+                exited: None,
+                last_ok: None,
+                status: None,
+            },
+        );
+        Ok(())
+    }
+
+    /// Replica `id`'s flags: its data in `dir`, the machine, fsync, its transport (its
+    /// certificate, or plaintext) and, Byzantine, the era and any fault to inject.
+    fn add_replica_args(&mut self, cmd: &mut Command, id: &str, dir: &Path) -> anyhow::Result<()> {
         cmd.arg("--id")
             .arg(id)
             .arg("--data-dir")
-            .arg(&dir)
+            .arg(dir)
             .arg("--machine")
             .arg(&self.desired.machine.name);
         if self.opts.no_fsync {
@@ -326,46 +348,21 @@ impl Master {
         }
         if let Some(b) = &self.byz {
             cmd.args(b.replica_args());
-            let ordinal = lockstep_planner::ordinal_of(id).map(|n| format!("replica-{n}"));
-            if let Some(behaviour) = self
-                .opts
-                .inject
-                .get(id)
-                .or_else(|| ordinal.and_then(|o| self.opts.inject.get(&o)))
-            {
+            if let Some(behaviour) = self.injected(id) {
                 cmd.arg("--inject").arg(behaviour);
                 self.say(&format!("  {id} will be FAULTY on purpose: {behaviour}"));
             }
         }
-        cmd.stdin(std::process::Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .process_group(0);
-        // SAFETY: only async-signal-safe prctl between fork and exec.
-        unsafe {
-            cmd.pre_exec(|| {
-                let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM);
-                Ok(())
-            });
-        }
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("cannot start replica {id} ({})", exe.display()))?;
-        self.say(&format!("started replica {id} (pid {})", child.id().unwrap_or(0)));
-        self.replicas.insert(
-            id.to_string(),
-            LocalReplica {
-                id: id.to_string(),
-                child,
-                dir,
-                started: Instant::now(),
-                endpoint: None,
-                exited: None,
-                last_ok: None,
-                status: None,
-            },
-        );
         Ok(())
+    }
+
+    /// The fault `--inject` asks of replica `id`, by its id or as `replica-N`.
+    fn injected(&self, id: &str) -> Option<&String> {
+        let ordinal = lockstep_planner::ordinal_of(id).map(|n| format!("replica-{n}"));
+        self.opts
+            .inject
+            .get(id)
+            .or_else(|| ordinal.and_then(|o| self.opts.inject.get(&o)))
     }
 
     async fn run(&mut self) -> anyhow::Result<()> {
@@ -440,9 +437,34 @@ impl Master {
     }
 
     async fn observe(&mut self) -> Observed {
-        let failure_timeout = self.opts.failure_timeout;
         let now = Instant::now();
-        // Process exits and listening addresses.
+        self.notice_exits_and_endpoints();
+        self.probe_statuses(now).await;
+        let mut replicas: Vec<ObservedReplica> = self.replicas.values().map(|r| self.observed(r, now)).collect();
+        // Fenced replicas still alive keep their ordinal until they are gone.
+        for r in &self.retiring {
+            replicas.push(ObservedReplica {
+                id: r.id.clone(),
+                endpoint: String::new(),
+                machine: self.desired.machine.clone(),
+                health: Health::Failed {
+                    reason: "fenced, waiting to stop".into(),
+                },
+                status: None,
+            });
+        }
+        Observed {
+            config: self.state.config.clone(),
+            replicas,
+            rollout: self.state.rollout.clone(),
+            staged: true,
+            next_ordinal: self.state.next_ordinal,
+            volumes: self.data_dirs(),
+        }
+    }
+
+    /// Process exits, and the addresses replicas listen on (from the file each writes).
+    fn notice_exits_and_endpoints(&mut self) {
         for r in self.replicas.values_mut() {
             if r.exited.is_none()
                 && let Ok(Some(status)) = r.child.try_wait()
@@ -457,7 +479,11 @@ impl Master {
                 r.endpoint = Some(format!("http://{}", l.grpc));
             }
         }
-        // Admin status, all at once.
+    }
+
+    /// Admin `Status` of every live replica that listens, all at once; an answer counts as
+    /// heard from at `now`.
+    async fn probe_statuses(&mut self, now: Instant) {
         let live: Vec<(String, String)> = self
             .replicas
             .values()
@@ -492,63 +518,49 @@ impl Master {
                 }
             }
         }
-        let mut replicas = Vec::new();
-        for r in self.replicas.values() {
-            let health = if let Some(why) = &r.exited {
-                Health::Failed { reason: why.clone() }
+    }
+
+    /// What the planner sees of replica `r` at `now`.
+    fn observed(&self, r: &LocalReplica, now: Instant) -> ObservedReplica {
+        let health = self.health(r, now);
+        let machine = r
+            .status
+            .as_ref()
+            .and_then(|s| s.machine.as_ref())
+            .map(|mi| MachineRef {
+                name: mi.name.clone(),
+                version: mi.version.clone(),
+                image: None,
+            })
+            .unwrap_or_else(|| self.desired.machine.clone());
+        ObservedReplica {
+            id: r.id.clone(),
+            endpoint: r.endpoint.clone().unwrap_or_default(),
+            machine,
+            status: if health == Health::Running {
+                r.status.as_ref().map(lockstep_planner::wire::replica_status)
             } else {
-                match r.last_ok {
-                    None if r.started.elapsed() > START_GRACE => Health::Failed {
-                        reason: format!("did not answer within {START_GRACE:?} of starting"),
-                    },
-                    None => Health::Starting,
-                    Some(t) if now.duration_since(t) > failure_timeout => Health::Failed {
-                        reason: format!("unreachable for {} ms", now.duration_since(t).as_millis()),
-                    },
-                    Some(_) => Health::Running,
-                }
-            };
-            let machine = r
-                .status
-                .as_ref()
-                .and_then(|s| s.machine.as_ref())
-                .map(|mi| MachineRef {
-                    name: mi.name.clone(),
-                    version: mi.version.clone(),
-                    image: None,
-                })
-                .unwrap_or_else(|| self.desired.machine.clone());
-            replicas.push(ObservedReplica {
-                id: r.id.clone(),
-                endpoint: r.endpoint.clone().unwrap_or_default(),
-                machine,
-                status: if health == Health::Running {
-                    r.status.as_ref().map(lockstep_planner::wire::replica_status)
-                } else {
-                    None
-                },
-                health,
-            });
+                None
+            },
+            health,
         }
-        // Fenced replicas still alive keep their ordinal until they are gone.
-        for r in &self.retiring {
-            replicas.push(ObservedReplica {
-                id: r.id.clone(),
-                endpoint: String::new(),
-                machine: self.desired.machine.clone(),
-                health: Health::Failed {
-                    reason: "fenced, waiting to stop".into(),
-                },
-                status: None,
-            });
+    }
+
+    /// Failed once its process exits, it does not answer within `START_GRACE` of starting, or
+    /// it has not answered for `--failure-timeout`.
+    fn health(&self, r: &LocalReplica, now: Instant) -> Health {
+        if let Some(why) = &r.exited {
+            return Health::Failed { reason: why.clone() };
         }
-        Observed {
-            config: self.state.config.clone(),
-            replicas,
-            rollout: self.state.rollout.clone(),
-            staged: true,
-            next_ordinal: self.state.next_ordinal,
-            volumes: self.data_dirs(),
+        match r.last_ok {
+            None if r.started.elapsed() > START_GRACE => Health::Failed {
+                reason: format!("did not answer within {START_GRACE:?} of starting"),
+            },
+            None => Health::Starting,
+            Some(t) if now.duration_since(t) > self.opts.failure_timeout => Health::Failed {
+                reason: format!("unreachable for {} ms", now.duration_since(t).as_millis()),
+            },
+            Some(_) => Health::Running,
         }
     }
 
@@ -664,160 +676,242 @@ impl Master {
         self.state.config.as_ref().and_then(|c| self.endpoint_of(&c.primary))
     }
 
+    /// Carry out one planner action. In Byzantine mode the configuration changes go through
+    /// eras signed by this master instead of admin `Reconfigure`/`Seal`/`Resume` calls.
     async fn execute(&mut self, action: Action) -> anyhow::Result<()> {
+        let byzantine = self.byz.is_some();
         match action {
-            Action::CreateReplica { id, .. } => {
-                // Never hand this ordinal out again, even after this replica is gone.
-                if let Some(n) = lockstep_planner::ordinal_of(&id) {
-                    self.state.next_ordinal = self.state.next_ordinal.max(n + 1);
-                    save_state(&self.dir, &self.state)?;
-                }
-                self.spawn(&id, true)?
-            }
-            Action::Reconfigure { config, notify } if self.byz.is_some() => {
-                self.state.config = Some(config.clone());
-                save_state(&self.dir, &self.state)?;
-                self.byz_era_change(&config, None).await?;
-                for id in notify {
-                    if let (Some(ep), Some(b)) = (self.endpoint_of(&id), self.byz.as_ref()) {
-                        let _ = b.push_current(&ep).await;
-                    }
-                }
-            }
-            Action::PushConfig { id } if self.byz.is_some() => {
-                let era = self.byz.as_ref().map_or(0, |b| b.era_number());
-                match self.state.config.clone() {
-                    Some(c) if c.epoch > era => self.byz_era_change(&c, None).await?,
-                    _ => {
-                        if let (Some(ep), Some(b)) = (self.endpoint_of(&id), self.byz.as_ref()) {
-                            let _ = b.push_current(&ep).await;
-                        }
-                    }
-                }
-            }
-            Action::Seal if self.byz.is_some() => {
-                if let Some(b) = self.byz.as_mut() {
-                    let (index, _) = b.barrier(true, Duration::from_secs(30)).await?;
-                    self.say(&format!(
-                        "sealed at index {index} (an ordered barrier of the master's stream)"
-                    ));
-                }
-            }
-            Action::Resume { machine } if self.byz.is_some() => {
-                let identity = lockstep_replica::machine::builtin(&machine.name)
-                    .map(|f| f().identity())
-                    .context("built-in machine")?;
-                if let Some(config) = self.state.config.clone() {
-                    let mut next = config.clone();
-                    next.epoch += 1;
-                    self.state.config = Some(next.clone());
-                    save_state(&self.dir, &self.state)?;
-                    self.byz_era_change(&next, Some(identity)).await?;
-                }
-            }
-            Action::Reconfigure { config, notify } => {
-                // Fence first: the decision is durable before any replica acts on it.
-                self.state.config = Some(config.clone());
-                save_state(&self.dir, &self.state)?;
-                let proto = lockstep_planner::wire::to_proto(&config);
-                // The primary first: a member that learns the new epoch before the primary
-                // would fence it until the primary hears of the epoch too.
-                if let Some(p) = config.member(&config.primary)
-                    && let Err(e) = Self::push(&self.transport, &p.endpoint, &proto, Duration::from_secs(1)).await
-                {
-                    self.say(&format!(
-                        "  could not give epoch {} to primary {} yet: {e}",
-                        config.epoch, p.id
-                    ));
-                }
-                let pushes: Vec<_> = config
-                    .members
-                    .iter()
-                    .filter(|m| m.id != config.primary)
-                    .map(|m| {
-                        let proto = proto.clone();
-                        let ep = m.endpoint.clone();
-                        let id = m.id.clone();
-                        let transport = self.transport.clone();
-                        async move { (id, Self::push(&transport, &ep, &proto, Duration::from_secs(1)).await) }
-                    })
-                    .collect();
-                for (id, r) in futures::future::join_all(pushes).await {
-                    if let Err(e) = r {
-                        self.say(&format!("  could not give epoch {} to {id} yet: {e}", config.epoch));
-                    }
-                }
-                for id in notify {
-                    if let Some(ep) = self.endpoint_of(&id) {
-                        let proto = proto.clone();
-                        let transport = self.transport.clone();
-                        tokio::spawn(async move {
-                            let _ = Self::push(&transport, &ep, &proto, Duration::from_secs(5)).await;
-                        });
-                    }
-                }
-            }
+            Action::CreateReplica { id, .. } => self.create_replica(&id),
+            Action::Reconfigure { config, notify } if byzantine => self.byz_reconfigure(config, notify).await,
+            Action::Reconfigure { config, notify } => self.reconfigure(config, notify).await,
+            Action::PushConfig { id } if byzantine => self.byz_push_config(&id).await,
             Action::PushConfig { id } => {
-                if let (Some(c), Some(ep)) = (self.state.config.clone(), self.endpoint_of(&id)) {
-                    let _ = Self::push(
-                        &self.transport,
-                        &ep,
-                        &lockstep_planner::wire::to_proto(&c),
-                        Duration::from_secs(1),
-                    )
-                    .await;
-                }
+                self.push_config(&id).await;
+                Ok(())
             }
             Action::DeleteReplica { id, reason } => {
-                if let Some(r) = self.replicas.remove(&id) {
-                    if r.exited.is_some() {
-                        self.say(&format!("removed {id}: {reason}"));
-                    } else {
-                        self.say(&format!(
-                            "removed {id}: {reason}; it is fenced and will be stopped in {:?}",
-                            self.opts.fenced_grace
-                        ));
-                        self.retiring.push(Retiring {
-                            id,
-                            child: r.child,
-                            kill_at: Instant::now() + self.opts.fenced_grace,
-                        });
-                    }
-                }
+                self.delete_replica(id, &reason);
+                Ok(())
             }
-            Action::Seal => {
-                if let Some(ep) = self.primary_endpoint() {
-                    let mut c = AdminClient::new(crate::cluster_channel(&self.transport, &ep)?);
-                    let r = c.seal(lockstep_proto::SealRequest { at_index: 0 }).await?;
-                    self.say(&format!("sealed at index {}", r.into_inner().index));
-                }
-            }
-            Action::Resume { .. } => {
-                if let Some(ep) = self.primary_endpoint() {
-                    let mut c = AdminClient::new(crate::cluster_channel(&self.transport, &ep)?);
-                    c.resume(lockstep_proto::ResumeRequest {}).await?;
-                }
-            }
-            Action::RestartReplica { id, .. } => {
-                if let Some(mut r) = self.replicas.remove(&id) {
-                    terminate(&mut r.child, Duration::from_secs(5)).await;
-                    self.spawn(&id, false)?;
-                }
-            }
-            Action::Stage { .. } => {}
-            Action::DeleteVolume { id } => {
-                // Planned only with full redundancy, for a replica that left the configuration.
-                let live = self.replicas.contains_key(&id) || self.retiring.iter().any(|r| r.id == id);
-                let dir = self.dir.join("replicas").join(&id);
-                if !live && dir.exists() {
-                    std::fs::remove_dir_all(&dir).with_context(|| format!("cannot remove {}", dir.display()))?;
-                    self.say(&format!("deleted the data of {id}: redundancy is fully restored"));
-                }
-            }
+            Action::Seal if byzantine => self.byz_seal().await,
+            Action::Seal => self.seal().await,
+            Action::Stage { .. } => Ok(()),
+            Action::RestartReplica { id, .. } => self.restart_replica(&id).await,
+            Action::Resume { machine } if byzantine => self.byz_resume(&machine).await,
+            Action::Resume { .. } => self.resume().await,
+            Action::DeleteVolume { id } => self.delete_volume(&id),
             Action::SetRollout { rollout } => {
                 self.state.rollout = rollout;
-                save_state(&self.dir, &self.state)?;
+                save_state(&self.dir, &self.state)
             }
+        }
+    }
+
+    /// Persist `config` as the current configuration (the fence: durable before any replica
+    /// hears of it).
+    fn persist_config(&mut self, config: lockstep_planner::Config) -> anyhow::Result<()> {
+        self.state.config = Some(config);
+        save_state(&self.dir, &self.state)
+    }
+
+    fn create_replica(&mut self, id: &str) -> anyhow::Result<()> {
+        // Never hand this ordinal out again, even after this replica is gone.
+        if let Some(n) = lockstep_planner::ordinal_of(id) {
+            self.state.next_ordinal = self.state.next_ordinal.max(n + 1);
+            save_state(&self.dir, &self.state)?;
+        }
+        self.spawn(id, true)
+    }
+
+    /// Byzantine mode: move to `config`'s era, then tell the removed replicas in `notify`.
+    async fn byz_reconfigure(&mut self, config: lockstep_planner::Config, notify: Vec<String>) -> anyhow::Result<()> {
+        self.persist_config(config.clone())?;
+        self.byz_era_change(&config, None).await?;
+        for id in notify {
+            self.byz_push_current(&id).await;
+        }
+        Ok(())
+    }
+
+    /// Byzantine mode: start the persisted configuration's era if it is not running yet, else
+    /// give replica `id` the current era.
+    async fn byz_push_config(&mut self, id: &str) -> anyhow::Result<()> {
+        let era = self.byz.as_ref().map_or(0, |b| b.era_number());
+        match self.state.config.clone() {
+            Some(c) if c.epoch > era => self.byz_era_change(&c, None).await?,
+            _ => self.byz_push_current(id).await,
+        }
+        Ok(())
+    }
+
+    /// Byzantine mode: give replica `id` the current era, if it listens; failures are left to
+    /// the next tick.
+    async fn byz_push_current(&self, id: &str) {
+        if let (Some(ep), Some(b)) = (self.endpoint_of(id), self.byz.as_ref()) {
+            let _ = b.push_current(&ep).await;
+        }
+    }
+
+    /// Byzantine mode: seal with an ordered barrier of the master's own stream.
+    async fn byz_seal(&mut self) -> anyhow::Result<()> {
+        if let Some(b) = self.byz.as_mut() {
+            let (index, _) = b.barrier(true, Duration::from_secs(30)).await?;
+            self.say(&format!(
+                "sealed at index {index} (an ordered barrier of the master's stream)"
+            ));
+        }
+        Ok(())
+    }
+
+    /// Byzantine mode: resume under `machine` by starting the next era with it.
+    async fn byz_resume(&mut self, machine: &MachineRef) -> anyhow::Result<()> {
+        let identity = lockstep_replica::machine::builtin(&machine.name)
+            .map(|f| f().identity())
+            .context("built-in machine")?;
+        if let Some(config) = self.state.config.clone() {
+            let mut next = config.clone();
+            next.epoch += 1;
+            self.persist_config(next.clone())?;
+            self.byz_era_change(&next, Some(identity)).await?;
+        }
+        Ok(())
+    }
+
+    /// Fail-stop: persist `config` (the fence), give it to the primary, then to the other
+    /// members, and tell the removed replicas in `notify` in the background. A member that
+    /// does not take it now gets it again through `PushConfig`.
+    async fn reconfigure(&mut self, config: lockstep_planner::Config, notify: Vec<String>) -> anyhow::Result<()> {
+        // Fence first: the decision is durable before any replica acts on it.
+        self.persist_config(config.clone())?;
+        let proto = lockstep_planner::wire::to_proto(&config);
+        self.push_to_primary(&config, &proto).await;
+        self.push_to_other_members(&config, &proto).await;
+        self.notify_removed(notify, &proto);
+        Ok(())
+    }
+
+    /// The primary first: a member that learns the new epoch before the primary would fence it
+    /// until the primary hears of the epoch too.
+    async fn push_to_primary(&self, config: &lockstep_planner::Config, proto: &lockstep_proto::Configuration) {
+        if let Some(p) = config.member(&config.primary)
+            && let Err(e) = Self::push(&self.transport, &p.endpoint, proto, Duration::from_secs(1)).await
+        {
+            self.say(&format!(
+                "  could not give epoch {} to primary {} yet: {e}",
+                config.epoch, p.id
+            ));
+        }
+    }
+
+    /// Every member but the primary, all at once.
+    async fn push_to_other_members(&self, config: &lockstep_planner::Config, proto: &lockstep_proto::Configuration) {
+        let pushes: Vec<_> = config
+            .members
+            .iter()
+            .filter(|m| m.id != config.primary)
+            .map(|m| {
+                let proto = proto.clone();
+                let ep = m.endpoint.clone();
+                let id = m.id.clone();
+                let transport = self.transport.clone();
+                async move { (id, Self::push(&transport, &ep, &proto, Duration::from_secs(1)).await) }
+            })
+            .collect();
+        for (id, r) in futures::future::join_all(pushes).await {
+            if let Err(e) = r {
+                self.say(&format!("  could not give epoch {} to {id} yet: {e}", config.epoch));
+            }
+        }
+    }
+
+    /// Removed members learn the new epoch (and then refuse everything) in the background.
+    fn notify_removed(&self, notify: Vec<String>, proto: &lockstep_proto::Configuration) {
+        for id in notify {
+            if let Some(ep) = self.endpoint_of(&id) {
+                let proto = proto.clone();
+                let transport = self.transport.clone();
+                tokio::spawn(async move {
+                    let _ = Self::push(&transport, &ep, &proto, Duration::from_secs(5)).await;
+                });
+            }
+        }
+    }
+
+    /// Fail-stop: give replica `id` the current configuration again; a failure is left to the
+    /// next tick.
+    async fn push_config(&self, id: &str) {
+        if let (Some(c), Some(ep)) = (self.state.config.clone(), self.endpoint_of(id)) {
+            let _ = Self::push(
+                &self.transport,
+                &ep,
+                &lockstep_planner::wire::to_proto(&c),
+                Duration::from_secs(1),
+            )
+            .await;
+        }
+    }
+
+    /// Forget replica `id`; one still running is fenced and stopped after `--fenced-grace`.
+    fn delete_replica(&mut self, id: String, reason: &str) {
+        if let Some(r) = self.replicas.remove(&id) {
+            if r.exited.is_some() {
+                self.say(&format!("removed {id}: {reason}"));
+            } else {
+                self.say(&format!(
+                    "removed {id}: {reason}; it is fenced and will be stopped in {:?}",
+                    self.opts.fenced_grace
+                ));
+                self.retiring.push(Retiring {
+                    id,
+                    child: r.child,
+                    kill_at: Instant::now() + self.opts.fenced_grace,
+                });
+            }
+        }
+    }
+
+    /// The admin service of the current primary, if it listens.
+    fn primary_admin(&self) -> anyhow::Result<Option<AdminClient<tonic::transport::Channel>>> {
+        match self.primary_endpoint() {
+            Some(ep) => Ok(Some(AdminClient::new(crate::cluster_channel(&self.transport, &ep)?))),
+            None => Ok(None),
+        }
+    }
+
+    /// Fail-stop: the primary orders a seal barrier through the log.
+    async fn seal(&mut self) -> anyhow::Result<()> {
+        if let Some(mut c) = self.primary_admin()? {
+            let r = c.seal(lockstep_proto::SealRequest { at_index: 0 }).await?;
+            self.say(&format!("sealed at index {}", r.into_inner().index));
+        }
+        Ok(())
+    }
+
+    /// Fail-stop: the primary accepts commands again after a seal.
+    async fn resume(&mut self) -> anyhow::Result<()> {
+        if let Some(mut c) = self.primary_admin()? {
+            c.resume(lockstep_proto::ResumeRequest {}).await?;
+        }
+        Ok(())
+    }
+
+    /// Stop replica `id` and start it again on its data (a rollout's new version).
+    async fn restart_replica(&mut self, id: &str) -> anyhow::Result<()> {
+        if let Some(mut r) = self.replicas.remove(id) {
+            terminate(&mut r.child, Duration::from_secs(5)).await;
+            self.spawn(id, false)?;
+        }
+        Ok(())
+    }
+
+    /// Delete the data of a replica that left the configuration and is gone.
+    fn delete_volume(&mut self, id: &str) -> anyhow::Result<()> {
+        // Planned only with full redundancy, for a replica that left the configuration.
+        let live = self.replicas.contains_key(id) || self.retiring.iter().any(|r| r.id == id);
+        let dir = self.dir.join("replicas").join(id);
+        if !live && dir.exists() {
+            std::fs::remove_dir_all(&dir).with_context(|| format!("cannot remove {}", dir.display()))?;
+            self.say(&format!("deleted the data of {id}: redundancy is fully restored"));
         }
         Ok(())
     }
@@ -882,6 +976,35 @@ impl Master {
             self.dir.display(),
             self.opts.file.display()
         ));
+    }
+}
+
+/// The program that runs a replica: `$LOCKSTEP_REPLICA_BIN`, else this executable's
+/// `replica` subcommand.
+fn replica_program() -> anyhow::Result<(PathBuf, Command)> {
+    match std::env::var_os("LOCKSTEP_REPLICA_BIN") {
+        Some(p) => {
+            let exe = PathBuf::from(p);
+            let cmd = Command::new(&exe);
+            Ok((exe, cmd))
+        }
+        None => {
+            let exe = std::env::current_exe().context("cannot find the lockstep executable")?;
+            let mut cmd = Command::new(&exe);
+            cmd.arg("replica");
+            Ok((exe, cmd))
+        }
+    }
+}
+
+/// A replica gets SIGTERM when `up` dies, however it dies.
+fn stop_with_parent(cmd: &mut Command) {
+    // SAFETY: only async-signal-safe prctl between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM);
+            Ok(())
+        });
     }
 }
 
