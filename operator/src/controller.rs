@@ -237,6 +237,13 @@ struct Decision {
 async fn reconcile_inner(rsm: &ReplicatedStateMachine, ctx: &Context) -> Result<Action, Error> {
     let ns = rsm.namespace().ok_or(Error::NoNamespace)?;
     let api: Api<ReplicatedStateMachine> = Api::namespaced(ctx.client.clone(), &ns);
+    if rsm.meta().deletion_timestamp.is_some() {
+        // Its pods go with it (owner references; first, under foreground deletion). Replacing
+        // them as fail-stopped, or restarting one from disk, would fight the deletion and
+        // leave claims behind that a retained-volume RSM never had.
+        tracing::debug!(object = %key(rsm), "being deleted: nothing to reconcile");
+        return Ok(Action::await_change());
+    }
     let mut current = rsm.clone();
     let now = Timestamp::now();
     let desired = match validate(ctx, rsm, &api, &mut current, now).await? {

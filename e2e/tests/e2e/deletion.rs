@@ -6,11 +6,27 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
-use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use lockstep_e2e::{ToolsPod, epoch, fresh_namespace, kubectl_wait_ready, kv_rsm, wait_until};
 use lockstep_resource::ReplicatedStateMachine;
+use serde_json::json;
 
 use crate::common::setup;
+
+/// The test's own finalizer on an RSM it deletes.
+const HOLD: &str = "e2e.lockstep.dev/hold";
+
+/// The claims among `selector` that are not being deleted.
+async fn live_claims(pvcs: &Api<PersistentVolumeClaim>, selector: &ListParams) -> Vec<String> {
+    pvcs.list(selector)
+        .await
+        .expect("claims")
+        .items
+        .iter()
+        .filter(|c| c.metadata.deletion_timestamp.is_none())
+        .map(|c| c.metadata.name.clone().unwrap_or_default())
+        .collect()
+}
 
 #[tokio::test]
 #[ignore = "needs a Kubernetes cluster: run e2e/run.sh"]
@@ -79,25 +95,39 @@ async fn retained_volumes_outlive_the_rsm_and_a_new_one_starts_from_them() {
     let owned = ListParams::default().labels("lockstep.dev/cluster=kv");
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
     let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), ns);
+    // A finalizer of the test's own holds the RSM in its deleting state until the garbage
+    // collector is done with everything it owns: the operator sees its pods go while the
+    // RSM still exists, and must not replace them (nor restart one from disk).
+    let hold = |finalizers: Vec<&str>| Patch::Merge(json!({"metadata": {"finalizers": finalizers}}));
+    api.patch("kv", &PatchParams::default(), &hold(vec![HOLD]))
+        .await
+        .expect("hold finalizer added");
     api.delete("kv", &DeleteParams::foreground())
         .await
         .expect("RSM deleted");
-    wait_until("kv and its pods gone", Duration::from_secs(180), || async {
-        Ok(api.get_opt("kv").await?.is_none() && pods.list(&owned).await?.items.is_empty())
+    wait_until(
+        "the garbage collector done with what kv owns (only the test's finalizer left)",
+        Duration::from_secs(180),
+        || async {
+            let held = api.get_opt("kv").await?.is_some_and(|r| {
+                r.metadata.deletion_timestamp.is_some() && r.metadata.finalizers == Some(vec![HOLD.to_string()])
+            });
+            Ok(held && pods.list(&owned).await?.items.is_empty())
+        },
+    )
+    .await
+    .expect("pods gone while the RSM is being deleted");
+    let kept = live_claims(&pvcs, &owned).await;
+    assert_eq!(kept.len(), 2, "both claims kept, and no new one: {kept:?}");
+    api.patch("kv", &PatchParams::default(), &hold(vec![]))
+        .await
+        .expect("hold finalizer removed");
+    wait_until("kv gone", Duration::from_secs(60), || async {
+        Ok(api.get_opt("kv").await?.is_none())
     })
     .await
-    .expect("RSM and pods removed");
-    // Give the garbage collector time to (wrongly) take the claims too.
-    tokio::time::sleep(Duration::from_secs(10)).await;
-    let kept: Vec<String> = pvcs
-        .list(&owned)
-        .await
-        .expect("claims")
-        .items
-        .iter()
-        .filter(|c| c.metadata.deletion_timestamp.is_none())
-        .map(|c| c.metadata.name.clone().unwrap_or_default())
-        .collect();
+    .expect("RSM removed");
+    let kept = live_claims(&pvcs, &owned).await;
     assert_eq!(kept.len(), 2, "both claims kept: {kept:?}");
 
     api.create(&PostParams::default(), &rsm).await.expect("RSM recreated");
