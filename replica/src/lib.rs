@@ -7,6 +7,7 @@
 //! Build your own replica binary with your own machine by calling [`main_with`]; see
 //! `replica/examples/custom_machine.rs`.
 
+pub mod allocator;
 pub mod byz;
 pub mod http;
 pub mod machine;

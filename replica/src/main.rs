@@ -12,10 +12,8 @@ struct Cli {
     args: lockstep_replica::ReplicaArgs,
 }
 
-/// mimalloc instead of glibc's malloc: fewer instructions per allocation on the write path
-/// (docs/benchmarks.md, "Allocator").
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+// mimalloc, its arena committed on demand (docs/benchmarks.md, "Allocator").
+lockstep_replica::global_allocator!();
 
 fn main() {
     let cli = Cli::parse();
