@@ -178,20 +178,24 @@ impl StreamState {
     /// When this stream expects to send its next item, from `now` (µs): what its promise
     /// covers before a renewal is due ([`lockstep_replica::byz::promise`]).
     ///
-    /// Idle: one no-op interval. Busy (a command or query waiting for its answer): the next
-    /// item is the next command, one round trip after the last: the smoothed round trip plus
-    /// twice its deviation (so a renewal is needed only for a slow outlier), between 1 ms and
-    /// [`MAX_PROMISE_INTERVALS`] intervals. A renewal while the command is still waiting
-    /// promises at least as long as it has waited so far, so a command that stays stuck (a
-    /// lost quorum, an era change) costs geometrically spaced no-ops, not one per round trip.
+    /// Idle: one no-op interval. A command or query: the next item is the next command, one
+    /// round trip later: the smoothed round trip plus its deviation, at least 1 ms and at
+    /// most [`MAX_PROMISE_INTERVALS`] intervals, and no less than `ahead_us`. A renewal while the answer is still awaited:
+    /// half the time waited so far, so a slow answer costs no-ops spaced 1.5 times further
+    /// apart each (a command stuck for 3 s: about 20), and the next command, which must be
+    /// stamped at or after the renewal's horizon, is not pushed far into the future.
     ///
-    /// Not a whole interval for a busy stream: an item's timestamp is the previous horizon
-    /// when it comes earlier, and every unneeded µs of promise is a µs this stream's next
-    /// command waits for the other streams' promises to pass its timestamp (one writer among
-    /// idle clients at a 100 ms interval: p50 86 ms, docs/benchmarks.md). And not the round
-    /// trip alone: once the command took longer than promised, every other stream's later
-    /// items waited for this stream's no-op to be decided (the 64-client stall).
-    fn gap_us(&self, now: u64, interval: Duration) -> u64 {
+    /// Why not more: an item's timestamp is the previous horizon when it is sent earlier, and
+    /// it runs only once every other stream's promise has passed that timestamp; the streams
+    /// renew `renew_ahead` before their promises run out, so the lowest of those promises is
+    /// only that far ahead of the clock, and every µs promised beyond the next item is a µs
+    /// that item waits. Twice the deviation, or counting a renewal from the whole wait, put
+    /// the next commands tens of ms into the future (8 clients: p99 190 ms; 64 clients: the
+    /// commands' timestamps 47 ms past their arrival, executed 41 ms after their decision).
+    /// A whole interval for a busy stream is what the writer among idle clients at a 100 ms
+    /// interval paid (p50 86 ms, docs/benchmarks.md). Why not less: an answer later than
+    /// promised costs a renewal (a signed no-op, as costly as a command at every replica).
+    fn gap_us(&self, now: u64, interval: Duration, ahead_us: u64) -> u64 {
         let interval = (interval.as_micros() as u64).max(1);
         let Some(since) = self.busy_since else {
             return interval;
@@ -199,10 +203,15 @@ impl StreamState {
         if self.latency_us == 0 {
             return interval;
         }
-        let expected = self.latency_us + 2 * self.latency_var_us;
-        expected
-            .max(now.saturating_sub(since))
-            .clamp(1_000, interval.saturating_mul(MAX_PROMISE_INTERVALS))
+        let waited = now.saturating_sub(since);
+        let gap = if waited == 0 {
+            self.latency_us + self.latency_var_us
+        } else {
+            waited / 2
+        };
+        // At least the renewal's own lead, or a renewal could not be decided in time.
+        let cap = interval.saturating_mul(MAX_PROMISE_INTERVALS).max(1_000);
+        gap.clamp(ahead_us.clamp(1_000, cap), cap)
     }
 
     /// Fold one round trip into the smoothed latency and deviation (weights 1/8 and 1/4, as
@@ -563,7 +572,7 @@ impl ByzClient {
         if matches!(body, Body::Command(_) | Body::Query(_)) && s.busy_since.is_none() {
             s.busy_since = Some(now);
         }
-        let gap = interval.map_or(0, |i| s.gap_us(now, i));
+        let gap = interval.map_or(0, |i| s.gap_us(now, i, ahead));
         let (seq, ts, horizon) = s.stamp(now, gap, ahead);
         let item = StreamItem {
             identity: shared.identity.clone(),
@@ -1206,7 +1215,7 @@ mod tests {
         }
         let now = 2_000_000;
         s.busy_since = Some(now);
-        let (_, ts, horizon) = s.stamp(now, s.gap_us(now, interval), ahead);
+        let (_, ts, horizon) = s.stamp(now, s.gap_us(now, interval, ahead), ahead);
         assert_eq!(ts, now);
         // The promise covers the expected round trip, and a renewal sent when that is over
         // arrives (δ) and is decided (2(t + 1)δ) everywhere before the promise runs out.
@@ -1218,7 +1227,7 @@ mod tests {
         // The answer is late: the no-op sent at `renew_at` keeps the promise and renews it
         // in time again.
         let at = s.renew_at;
-        let (seq, ts2, horizon2) = s.stamp(at, s.gap_us(at, interval), ahead);
+        let (seq, ts2, horizon2) = s.stamp(at, s.gap_us(at, interval, ahead), ahead);
         assert_eq!(seq, 2);
         assert!(ts2 >= horizon && horizon2 > horizon);
         assert!(s.renew_at > at && timing.decide_at(s.renew_at + timing.delay_us) < horizon2);
@@ -1230,21 +1239,22 @@ mod tests {
         s.observe(Duration::from_millis(10));
         let start = 2_000_000;
         s.busy_since = Some(start);
-        let (_, _, mut horizon) = s.stamp(start, s.gap_us(start, interval), ahead);
+        let (_, _, mut horizon) = s.stamp(start, s.gap_us(start, interval, ahead), ahead);
         let mut renewals = 0;
         while s.renew_at < start + 3_000_000 {
             let at = s.renew_at;
-            let (_, ts, h) = s.stamp(at, s.gap_us(at, interval), ahead);
+            let (_, ts, h) = s.stamp(at, s.gap_us(at, interval, ahead), ahead);
             assert!(ts >= horizon, "the promise is kept");
             assert!(timing.decide_at(at + timing.delay_us) < horizon, "renewed in time");
             horizon = h;
             renewals += 1;
         }
-        // Spaced by the time waited so far, up to 4 intervals: ~17 in 3 s, not 3 s / 10 ms.
+        // Spaced 1.5 times further each, up to 4 intervals: about 20 in 3 s, not one per
+        // 10 ms round trip.
         assert!(renewals <= 25, "{renewals} renewals");
         // Answered: the stream is idle again and promises one interval.
         s.busy_since = None;
-        assert_eq!(s.gap_us(start + 3_000_000, interval), 50_000);
+        assert_eq!(s.gap_us(start + 3_000_000, interval, ahead), 50_000);
     }
 
     #[test]
@@ -1252,12 +1262,12 @@ mod tests {
         let (timing, ahead, interval, mut s) = bench_stream();
         s.observe(Duration::from_millis(10));
         let mut at = 2_000_000;
-        let (_, _, mut horizon) = s.stamp(at, s.gap_us(at, interval), ahead);
+        let (_, _, mut horizon) = s.stamp(at, s.gap_us(at, interval, ahead), ahead);
         for _ in 0..100 {
             assert_eq!(s.renew_at - at, 50_000, "one no-op per interval");
             at = s.renew_at;
             assert!(timing.decide_at(at + timing.delay_us) < horizon);
-            let (_, ts, h) = s.stamp(at, s.gap_us(at, interval), ahead);
+            let (_, ts, h) = s.stamp(at, s.gap_us(at, interval, ahead), ahead);
             assert!(ts >= horizon);
             horizon = h;
         }
