@@ -229,18 +229,26 @@ impl StreamState {
 
     /// Number, timestamp and promise of the stream's next item, sent at `now`; `gap_us` as
     /// from [`StreamState::gap_us`] (0: the stream's last item, a close), `ahead_us` from
-    /// [`lockstep_replica::byz::renew_ahead`]. The timestamp keeps the previous promise.
-    fn stamp(&mut self, now: u64, gap_us: u64, ahead_us: u64) -> (u64, u64, u64) {
+    /// [`lockstep_replica::byz::renew_ahead`], or `None` under `PhysicalClock`. The timestamp
+    /// keeps the previous promise.
+    ///
+    /// `PhysicalClock` runs an item at `ts + Δ` and waits for no promise, so a stream promises
+    /// nothing there (every µs of promise would be a µs its next item is stamped ahead, and
+    /// runs later) and sends a no-op only as a keep-alive, `gap_us` after its last item.
+    fn stamp(&mut self, now: u64, gap_us: u64, ahead_us: Option<u64>) -> (u64, u64, u64) {
         self.seq += 1;
         let ts = now.max(self.last_ts + 1).max(self.horizon);
         self.last_ts = ts;
         if gap_us == 0 {
             self.horizon = lockstep_replica::byz::next_horizon(now, ts, 0);
             self.renew_at = u64::MAX;
-        } else {
+        } else if let Some(ahead_us) = ahead_us {
             let p = lockstep_replica::byz::promise(now, ts, gap_us, ahead_us);
             self.horizon = p.horizon;
             self.renew_at = p.renew_at;
+        } else {
+            self.horizon = lockstep_replica::byz::next_horizon(now, ts, 0);
+            self.renew_at = now.saturating_add(gap_us);
         }
         (self.seq, ts, self.horizon)
     }
@@ -566,13 +574,18 @@ impl ByzClient {
     /// Build and sign the stream's next item; with it, its slot (session, seq). `interval`:
     /// the stream's no-op interval, `None` for its last item (a close: it promises nothing).
     fn next_item(shared: &Shared, body: Body, interval: Option<Duration>) -> (SignedItem, (u64, u64)) {
-        let ahead = lockstep_replica::byz::renew_ahead(&shared.info.lock().unwrap_or_else(|e| e.into_inner()).timing());
+        let timing = shared.info.lock().unwrap_or_else(|e| e.into_inner()).timing();
+        let ahead = (timing.stability == lockstep_replica::byz::order::Stability::Lamport)
+            .then(|| lockstep_replica::byz::renew_ahead(&timing));
         let mut s = shared.stream.lock().unwrap_or_else(|e| e.into_inner());
         let now = now_us();
         if matches!(body, Body::Command(_) | Body::Query(_)) && s.busy_since.is_none() {
             s.busy_since = Some(now);
         }
-        let gap = interval.map_or(0, |i| s.gap_us(now, i, ahead));
+        let gap = interval.map_or(0, |i| match ahead {
+            Some(ahead) => s.gap_us(now, i, ahead),
+            None => (i.as_micros() as u64).max(1),
+        });
         let (seq, ts, horizon) = s.stamp(now, gap, ahead);
         let item = StreamItem {
             identity: shared.identity.clone(),
@@ -1215,7 +1228,7 @@ mod tests {
         }
         let now = 2_000_000;
         s.busy_since = Some(now);
-        let (_, ts, horizon) = s.stamp(now, s.gap_us(now, interval, ahead), ahead);
+        let (_, ts, horizon) = s.stamp(now, s.gap_us(now, interval, ahead), Some(ahead));
         assert_eq!(ts, now);
         // The promise covers the expected round trip, and a renewal sent when that is over
         // arrives (δ) and is decided (2(t + 1)δ) everywhere before the promise runs out.
@@ -1227,7 +1240,7 @@ mod tests {
         // The answer is late: the no-op sent at `renew_at` keeps the promise and renews it
         // in time again.
         let at = s.renew_at;
-        let (seq, ts2, horizon2) = s.stamp(at, s.gap_us(at, interval, ahead), ahead);
+        let (seq, ts2, horizon2) = s.stamp(at, s.gap_us(at, interval, ahead), Some(ahead));
         assert_eq!(seq, 2);
         assert!(ts2 >= horizon && horizon2 > horizon);
         assert!(s.renew_at > at && timing.decide_at(s.renew_at + timing.delay_us) < horizon2);
@@ -1239,11 +1252,11 @@ mod tests {
         s.observe(Duration::from_millis(10));
         let start = 2_000_000;
         s.busy_since = Some(start);
-        let (_, _, mut horizon) = s.stamp(start, s.gap_us(start, interval, ahead), ahead);
+        let (_, _, mut horizon) = s.stamp(start, s.gap_us(start, interval, ahead), Some(ahead));
         let mut renewals = 0;
         while s.renew_at < start + 3_000_000 {
             let at = s.renew_at;
-            let (_, ts, h) = s.stamp(at, s.gap_us(at, interval, ahead), ahead);
+            let (_, ts, h) = s.stamp(at, s.gap_us(at, interval, ahead), Some(ahead));
             assert!(ts >= horizon, "the promise is kept");
             assert!(timing.decide_at(at + timing.delay_us) < horizon, "renewed in time");
             horizon = h;
@@ -1262,21 +1275,31 @@ mod tests {
         let (timing, ahead, interval, mut s) = bench_stream();
         s.observe(Duration::from_millis(10));
         let mut at = 2_000_000;
-        let (_, _, mut horizon) = s.stamp(at, s.gap_us(at, interval, ahead), ahead);
+        let (_, _, mut horizon) = s.stamp(at, s.gap_us(at, interval, ahead), Some(ahead));
         for _ in 0..100 {
             assert_eq!(s.renew_at - at, 50_000, "one no-op per interval");
             at = s.renew_at;
             assert!(timing.decide_at(at + timing.delay_us) < horizon);
-            let (_, ts, h) = s.stamp(at, s.gap_us(at, interval, ahead), ahead);
+            let (_, ts, h) = s.stamp(at, s.gap_us(at, interval, ahead), Some(ahead));
             assert!(ts >= horizon);
             horizon = h;
         }
     }
 
     #[test]
+    fn under_physical_clock_a_stream_promises_nothing_and_only_keeps_alive() {
+        let (_, _, interval, mut s) = bench_stream();
+        s.observe(Duration::from_millis(10));
+        s.busy_since = Some(2_000_000);
+        let (_, ts, horizon) = s.stamp(2_000_000, interval.as_micros() as u64, None);
+        assert_eq!(horizon, ts + 1, "the next item is not stamped ahead");
+        assert_eq!(s.renew_at, 2_000_000 + 50_000);
+    }
+
+    #[test]
     fn a_close_promises_nothing_and_is_never_renewed() {
         let (_, ahead, _, mut s) = bench_stream();
-        let (_, ts, horizon) = s.stamp(2_000_000, 0, ahead);
+        let (_, ts, horizon) = s.stamp(2_000_000, 0, Some(ahead));
         assert_eq!(horizon, ts + 1);
         assert_eq!(s.renew_at, u64::MAX);
     }

@@ -328,7 +328,24 @@ impl ByzMaster {
         if at_barrier {
             return;
         }
-        let floor_lead = 4 * 2 * (self.t as u64 + 1) * self.ordering.max_delay_millis * 1000 + 50_000;
+        // Once the admission ran, its client hears of it (δ), sends its first item (δ), and
+        // that item is decided (2(t + 1)δ): `renew_ahead`; twice that and 10 ms for a loaded
+        // machine. Not more: the first item is stamped at the floor and waits for it.
+        // `PhysicalClock` waits for no promise: the floor only refuses items stamped before
+        // the admission.
+        let timing = lockstep_replica::byz::order::Timing {
+            stability: lockstep_replica::byz::order::Stability::parse(&self.ordering.stability)
+                .unwrap_or(lockstep_replica::byz::order::Stability::Lamport),
+            t: self.t,
+            delay_us: self.ordering.max_delay_millis.saturating_mul(1000),
+            skew_us: self.ordering.max_clock_skew_millis.saturating_mul(1000),
+        };
+        let floor_lead = match timing.stability {
+            lockstep_replica::byz::order::Stability::Lamport => {
+                2 * lockstep_replica::byz::renew_ahead(&timing) + 10_000
+            }
+            lockstep_replica::byz::order::Stability::Physical => 0,
+        };
         for ((identity, session), open) in opens {
             let Some(key) = directory.get(&identity) else { continue };
             if !keys::verify(key, &open.item, &open.signature) {
