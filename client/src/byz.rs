@@ -47,18 +47,23 @@ impl ClusterInfo {
     /// first replica hears it (`LamportClock`). Every wait for an answer adds this, or a
     /// cluster with a large δ (Kubernetes: hundreds of ms) could never answer in time.
     pub fn ordering_delay(&self) -> Duration {
-        let timing = lockstep_replica::byz::order::Timing {
-            stability: lockstep_replica::byz::order::Stability::parse(&self.stability)
-                .unwrap_or(lockstep_replica::byz::order::Stability::Lamport),
-            t: self.t,
-            delay_us: self.max_delay_millis.saturating_mul(1000),
-            skew_us: self.max_skew_millis.saturating_mul(1000),
-        };
+        let timing = self.timing();
         let us = match timing.stability {
             lockstep_replica::byz::order::Stability::Physical => timing.execute_at(0),
             lockstep_replica::byz::order::Stability::Lamport => timing.decide_at(0),
         };
         Duration::from_micros(us)
+    }
+
+    /// The bounds the replicas order by.
+    pub fn timing(&self) -> lockstep_replica::byz::order::Timing {
+        lockstep_replica::byz::order::Timing {
+            stability: lockstep_replica::byz::order::Stability::parse(&self.stability)
+                .unwrap_or(lockstep_replica::byz::order::Stability::Lamport),
+            t: self.t,
+            delay_us: self.max_delay_millis.saturating_mul(1000),
+            skew_us: self.max_skew_millis.saturating_mul(1000),
+        }
     }
 }
 
@@ -142,40 +147,114 @@ struct StreamState {
     seq: u64,
     last_ts: u64,
     horizon: u64,
+    /// When to renew the promise with a no-op if nothing else was sent by then
+    /// (`lockstep_replica::byz::Promise::renew_at`).
+    renew_at: u64,
     open: bool,
-    /// Smoothed round trip of this stream's ordered items (µs), for the promise.
+    /// Smoothed round trip of this stream's ordered items (µs), for the promise ...
     latency_us: u64,
+    /// ... and its smoothed deviation (µs).
+    latency_var_us: u64,
+    /// Since when (µs) a command or query of this stream has been waiting for its answer.
+    busy_since: Option<u64>,
 }
 
 impl StreamState {
-    /// How far ahead this stream promises (nothing from it below now + this).
-    ///
-    /// At least the no-op interval, and as long as the stream's own round trip (up to
-    /// [`MAX_PROMISE_INTERVALS`] intervals). A busy client sends its next item one round trip
-    /// after the last, so promising that far keeps its horizon ahead of the clock with no
-    /// no-ops: with the interval alone, a round trip longer than the interval let the horizon
-    /// lapse while a command waited, every other stream's items waited for a no-op, and the
-    /// no-ops (each as costly as a command: three submissions, relays, signatures) multiplied
-    /// under load and made the round trips longer still. It is not longer than the round trip,
-    /// so the next item is not placed in the future in steady state.
-    fn promise_us(&self, interval: Duration) -> u64 {
-        let floor = interval.as_micros() as u64;
-        self.latency_us
-            .clamp(floor, floor.saturating_mul(MAX_PROMISE_INTERVALS))
+    fn new(era: u64, session: u64, floor: u64, open: bool) -> StreamState {
+        StreamState {
+            era,
+            session,
+            seq: 0,
+            last_ts: floor.saturating_sub(1),
+            horizon: floor,
+            renew_at: floor,
+            open,
+            latency_us: 0,
+            latency_var_us: 0,
+            busy_since: None,
+        }
     }
 
-    /// Fold one round trip into the smoothed latency (weight 1/8, as TCP's SRTT).
+    /// When this stream expects to send its next item, from `now` (µs): what its promise
+    /// covers before a renewal is due ([`lockstep_replica::byz::promise`]).
+    ///
+    /// Idle: one no-op interval. A command or query: the next item is the next command, one
+    /// round trip later: the smoothed round trip plus its deviation, at least 1 ms and at
+    /// most [`MAX_PROMISE_INTERVALS`] intervals, and no less than `ahead_us`. A renewal while the answer is still awaited:
+    /// half the time waited so far, so a slow answer costs no-ops spaced 1.5 times further
+    /// apart each (a command stuck for 3 s: about 20), and the next command, which must be
+    /// stamped at or after the renewal's horizon, is not pushed far into the future.
+    ///
+    /// Why not more: an item's timestamp is the previous horizon when it is sent earlier, and
+    /// it runs only once every other stream's promise has passed that timestamp; the streams
+    /// renew `renew_ahead` before their promises run out, so the lowest of those promises is
+    /// only that far ahead of the clock, and every µs promised beyond the next item is a µs
+    /// that item waits. Twice the deviation, or counting a renewal from the whole wait, put
+    /// the next commands tens of ms into the future (8 clients: p99 190 ms; 64 clients: the
+    /// commands' timestamps 47 ms past their arrival, executed 41 ms after their decision).
+    /// A whole interval for a busy stream is what the writer among idle clients at a 100 ms
+    /// interval paid (p50 86 ms, docs/benchmarks.md). Why not less: an answer later than
+    /// promised costs a renewal (a signed no-op, as costly as a command at every replica).
+    fn gap_us(&self, now: u64, interval: Duration, ahead_us: u64) -> u64 {
+        let interval = (interval.as_micros() as u64).max(1);
+        let Some(since) = self.busy_since else {
+            return interval;
+        };
+        if self.latency_us == 0 {
+            return interval;
+        }
+        let waited = now.saturating_sub(since);
+        let gap = if waited == 0 {
+            self.latency_us + self.latency_var_us
+        } else {
+            waited / 2
+        };
+        // At least the renewal's own lead, or a renewal could not be decided in time.
+        let cap = interval.saturating_mul(MAX_PROMISE_INTERVALS).max(1_000);
+        gap.clamp(ahead_us.clamp(1_000, cap), cap)
+    }
+
+    /// Fold one round trip into the smoothed latency and deviation (weights 1/8 and 1/4, as
+    /// TCP's SRTT and RTTVAR).
     fn observe(&mut self, sample: Duration) {
         let us = sample.as_micros() as u64;
-        self.latency_us = if self.latency_us == 0 {
-            us
+        if self.latency_us == 0 {
+            self.latency_us = us;
+            self.latency_var_us = us / 2;
         } else {
-            (self.latency_us * 7 + us) / 8
-        };
+            self.latency_var_us = (self.latency_var_us * 3 + self.latency_us.abs_diff(us)) / 4;
+            self.latency_us = (self.latency_us * 7 + us) / 8;
+        }
+    }
+
+    /// Number, timestamp and promise of the stream's next item, sent at `now`; `gap_us` as
+    /// from [`StreamState::gap_us`] (0: the stream's last item, a close), `ahead_us` from
+    /// [`lockstep_replica::byz::renew_ahead`], or `None` under `PhysicalClock`. The timestamp
+    /// keeps the previous promise.
+    ///
+    /// `PhysicalClock` runs an item at `ts + Δ` and waits for no promise, so a stream promises
+    /// nothing there (every µs of promise would be a µs its next item is stamped ahead, and
+    /// runs later) and sends a no-op only as a keep-alive, `gap_us` after its last item.
+    fn stamp(&mut self, now: u64, gap_us: u64, ahead_us: Option<u64>) -> (u64, u64, u64) {
+        self.seq += 1;
+        let ts = now.max(self.last_ts + 1).max(self.horizon);
+        self.last_ts = ts;
+        if gap_us == 0 {
+            self.horizon = lockstep_replica::byz::next_horizon(now, ts, 0);
+            self.renew_at = u64::MAX;
+        } else if let Some(ahead_us) = ahead_us {
+            let p = lockstep_replica::byz::promise(now, ts, gap_us, ahead_us);
+            self.horizon = p.horizon;
+            self.renew_at = p.renew_at;
+        } else {
+            self.horizon = lockstep_replica::byz::next_horizon(now, ts, 0);
+            self.renew_at = now.saturating_add(gap_us);
+        }
+        (self.seq, ts, self.horizon)
     }
 }
 
-/// A stream's promise is at most this many no-op intervals (see [`StreamState::promise_us`]).
+/// A stream's promise is at most this many no-op intervals (see [`StreamState::gap_us`]).
 const MAX_PROMISE_INTERVALS: u64 = 4;
 
 /// Where a replica's answer to one item goes: (replica id, its signed reply or why not).
@@ -323,6 +402,15 @@ impl Link {
     }
 }
 
+/// Marks a stream idle when dropped (its command or query is no longer waiting).
+struct Idle(Arc<Shared>);
+
+impl Drop for Idle {
+    fn drop(&mut self) {
+        self.0.stream.lock().unwrap_or_else(|e| e.into_inner()).busy_since = None;
+    }
+}
+
 fn links(chans: &[(String, Channel, VerifyingKey)]) -> Vec<Arc<Link>> {
     chans
         .iter()
@@ -396,15 +484,7 @@ impl ByzClient {
                 keys: Mutex::new(chans),
                 identity: identity.to_string(),
                 key,
-                stream: Mutex::new(StreamState {
-                    era,
-                    session: 0,
-                    seq: 0,
-                    last_ts: 0,
-                    horizon: 0,
-                    open: false,
-                    latency_us: 0,
-                }),
+                stream: Mutex::new(StreamState::new(era, 0, 0, false)),
                 tallies: Arc::new(Mutex::new(BTreeMap::new())),
             }),
             request_session: format!("{:016x}", rand::random::<u64>()),
@@ -491,25 +571,32 @@ impl ByzClient {
         }
     }
 
-    /// Build and sign the stream's next item.
-    fn next_item(shared: &Shared, body: Body, interval: Duration) -> SignedItem {
+    /// Build and sign the stream's next item; with it, its slot (session, seq). `interval`:
+    /// the stream's no-op interval, `None` for its last item (a close: it promises nothing).
+    fn next_item(shared: &Shared, body: Body, interval: Option<Duration>) -> (SignedItem, (u64, u64)) {
+        let timing = shared.info.lock().unwrap_or_else(|e| e.into_inner()).timing();
+        let ahead = (timing.stability == lockstep_replica::byz::order::Stability::Lamport)
+            .then(|| lockstep_replica::byz::renew_ahead(&timing));
         let mut s = shared.stream.lock().unwrap_or_else(|e| e.into_inner());
-        s.seq += 1;
         let now = now_us();
-        let ts = now.max(s.last_ts + 1).max(s.horizon);
-        s.last_ts = ts;
-        let promise_us = s.promise_us(interval);
-        s.horizon = lockstep_replica::byz::next_horizon(now, ts, promise_us);
+        if matches!(body, Body::Command(_) | Body::Query(_)) && s.busy_since.is_none() {
+            s.busy_since = Some(now);
+        }
+        let gap = interval.map_or(0, |i| match ahead {
+            Some(ahead) => s.gap_us(now, i, ahead),
+            None => (i.as_micros() as u64).max(1),
+        });
+        let (seq, ts, horizon) = s.stamp(now, gap, ahead);
         let item = StreamItem {
             identity: shared.identity.clone(),
             session: s.session,
-            seq: s.seq,
+            seq,
             ts,
-            horizon: s.horizon,
+            horizon,
             era: s.era,
             body: Some(body),
         };
-        lockstep_replica::byz::sign_item(&shared.key, &item)
+        (lockstep_replica::byz::sign_item(&shared.key, &item), (s.session, seq))
     }
 
     /// Send `signed` to every replica; resolve when t+1 signed identical answers arrived.
@@ -734,16 +821,11 @@ impl ByzClient {
             .await
             {
                 Ok(v) => {
+                    // The admission's floor is the stream's first promise: renew it in time.
+                    let ahead = lockstep_replica::byz::renew_ahead(&self.info().timing());
                     let mut s = self.shared.stream.lock().unwrap_or_else(|e| e.into_inner());
-                    *s = StreamState {
-                        era,
-                        session,
-                        seq: 0,
-                        last_ts: v.ts.saturating_sub(1),
-                        horizon: v.ts,
-                        open: true,
-                        latency_us: 0,
-                    };
+                    *s = StreamState::new(era, session, v.ts, true);
+                    s.renew_at = v.ts.saturating_sub(ahead);
                     drop(s);
                     self.start_noops();
                     return Ok(());
@@ -763,32 +845,27 @@ impl ByzClient {
         let interval = self.noop_interval;
         self.noop_task = Some(tokio::spawn(async move {
             loop {
-                tokio::time::sleep(interval / 2).await;
-                // Due when the stream's promise has run out (for an idle stream: one interval
-                // after its last item, as the promise is one interval).
-                let due = {
+                // Due shortly before the stream's promise runs out (`renew_at`), so the
+                // no-op is decided everywhere while the promise still holds: other streams'
+                // items never wait for this one, busy or idle. Sending something else moves
+                // `renew_at` on; waking early only means looking again.
+                let wait = {
                     let s = shared.stream.lock().unwrap_or_else(|e| e.into_inner());
                     if !s.open {
                         return;
                     }
-                    now_us() >= s.horizon
+                    s.renew_at.saturating_sub(now_us())
                 };
-                if !due {
+                if wait > 0 {
+                    tokio::time::sleep(Duration::from_micros(wait).min(interval)).await;
                     continue;
                 }
-                let signed = Self::next_item(&shared, Body::Noop(Noop {}), interval);
-                let slot = Self::slot(&shared);
+                let (signed, slot) = Self::next_item(&shared, Body::Noop(Noop {}), Some(interval));
                 for link in shared.links.lock().unwrap_or_else(|e| e.into_inner()).iter() {
                     link.send(&signed, slot, None, Duration::from_secs(2));
                 }
             }
         }));
-    }
-
-    /// The (session, seq) of the stream's last item.
-    fn slot(shared: &Shared) -> (u64, u64) {
-        let s = shared.stream.lock().unwrap_or_else(|e| e.into_inner());
-        (s.session, s.seq)
     }
 
     fn end_stream(&self) {
@@ -797,6 +874,8 @@ impl ByzClient {
 
     /// Run one command or query through the order, voted.
     async fn ordered(&mut self, payload: Vec<u8>, query: bool) -> Result<Voted, ClientError> {
+        // However this ends (answered, failed, dropped), the stream is idle again after it.
+        let _idle = Idle(self.shared.clone());
         self.request_seq += 1;
         let cmd = ByzCommand {
             request_session: self.request_session.clone(),
@@ -816,11 +895,7 @@ impl ByzClient {
             } else {
                 Body::Command(cmd.clone())
             };
-            let signed = Self::next_item(&self.shared, body, self.noop_interval);
-            let slot = {
-                let s = self.shared.stream.lock().unwrap_or_else(|e| e.into_inner());
-                (s.session, s.seq)
-            };
+            let (signed, slot) = Self::next_item(&self.shared, body, Some(self.noop_interval));
             // Resend the same item until t+1 agree or the deadline passes.
             loop {
                 let left = self.deadline.saturating_sub(start.elapsed());
@@ -937,8 +1012,7 @@ impl ByzClient {
         if !open {
             return;
         }
-        let signed = Self::next_item(&self.shared, Body::Close(Noop {}), Duration::ZERO);
-        let slot = Self::slot(&self.shared);
+        let (signed, slot) = Self::next_item(&self.shared, Body::Close(Noop {}), None);
         self.end_stream();
         // Each replica acknowledges the close; wait for all of them (at most 2 s).
         let (tx, mut rx) = mpsc::unbounded_channel();
@@ -1057,8 +1131,7 @@ impl Drop for ByzClient {
         if !open {
             return;
         }
-        let signed = Self::next_item(&self.shared, Body::Close(Noop {}), Duration::ZERO);
-        let slot = Self::slot(&self.shared);
+        let (signed, slot) = Self::next_item(&self.shared, Body::Close(Noop {}), None);
         self.end_stream();
         // Queued on each replica's stream, which ends (after it) when the links are dropped.
         let _guard = handle.enter();
@@ -1132,6 +1205,103 @@ mod tests {
             lamport >= Duration::from_millis(60) && lamport < Duration::from_millis(61),
             "{lamport:?}"
         );
+    }
+
+    /// The bench's cluster: t = 1, δ = 2 ms (renewals 12 ms ahead), no-ops every 50 ms.
+    fn bench_stream() -> (lockstep_replica::byz::order::Timing, u64, Duration, StreamState) {
+        let timing = info("LamportClock", 1, 2, 0).timing();
+        let ahead = lockstep_replica::byz::renew_ahead(&timing);
+        assert_eq!(ahead, 12_000);
+        (
+            timing,
+            ahead,
+            Duration::from_millis(50),
+            StreamState::new(1, 5, 1_000_000, true),
+        )
+    }
+
+    #[test]
+    fn a_stream_with_a_command_in_flight_renews_its_promise_before_it_runs_out() {
+        let (timing, ahead, interval, mut s) = bench_stream();
+        for _ in 0..30 {
+            s.observe(Duration::from_millis(30));
+        }
+        let now = 2_000_000;
+        s.busy_since = Some(now);
+        let (_, ts, horizon) = s.stamp(now, s.gap_us(now, interval, ahead), Some(ahead));
+        assert_eq!(ts, now);
+        // The promise covers the expected round trip, and a renewal sent when that is over
+        // arrives (δ) and is decided (2(t + 1)δ) everywhere before the promise runs out.
+        assert!(s.renew_at >= now + 30_000, "{}", s.renew_at - now);
+        assert!(timing.decide_at(s.renew_at + timing.delay_us) < horizon);
+        // No whole interval for a busy stream: its next command would be stamped that far
+        // ahead and wait for everyone else's promises to pass it.
+        assert!(horizon < now + interval.as_micros() as u64, "{}", horizon - now);
+        // The answer is late: the no-op sent at `renew_at` keeps the promise and renews it
+        // in time again.
+        let at = s.renew_at;
+        let (seq, ts2, horizon2) = s.stamp(at, s.gap_us(at, interval, ahead), Some(ahead));
+        assert_eq!(seq, 2);
+        assert!(ts2 >= horizon && horizon2 > horizon);
+        assert!(s.renew_at > at && timing.decide_at(s.renew_at + timing.delay_us) < horizon2);
+    }
+
+    #[test]
+    fn a_command_that_stays_stuck_costs_few_renewals_and_never_lets_the_promise_lapse() {
+        let (timing, ahead, interval, mut s) = bench_stream();
+        s.observe(Duration::from_millis(10));
+        let start = 2_000_000;
+        s.busy_since = Some(start);
+        let (_, _, mut horizon) = s.stamp(start, s.gap_us(start, interval, ahead), Some(ahead));
+        let mut renewals = 0;
+        while s.renew_at < start + 3_000_000 {
+            let at = s.renew_at;
+            let (_, ts, h) = s.stamp(at, s.gap_us(at, interval, ahead), Some(ahead));
+            assert!(ts >= horizon, "the promise is kept");
+            assert!(timing.decide_at(at + timing.delay_us) < horizon, "renewed in time");
+            horizon = h;
+            renewals += 1;
+        }
+        // Spaced 1.5 times further each, up to 4 intervals: about 20 in 3 s, not one per
+        // 10 ms round trip.
+        assert!(renewals <= 25, "{renewals} renewals");
+        // Answered: the stream is idle again and promises one interval.
+        s.busy_since = None;
+        assert_eq!(s.gap_us(start + 3_000_000, interval, ahead), 50_000);
+    }
+
+    #[test]
+    fn an_idle_stream_renews_once_per_interval_before_its_promise_runs_out() {
+        let (timing, ahead, interval, mut s) = bench_stream();
+        s.observe(Duration::from_millis(10));
+        let mut at = 2_000_000;
+        let (_, _, mut horizon) = s.stamp(at, s.gap_us(at, interval, ahead), Some(ahead));
+        for _ in 0..100 {
+            assert_eq!(s.renew_at - at, 50_000, "one no-op per interval");
+            at = s.renew_at;
+            assert!(timing.decide_at(at + timing.delay_us) < horizon);
+            let (_, ts, h) = s.stamp(at, s.gap_us(at, interval, ahead), Some(ahead));
+            assert!(ts >= horizon);
+            horizon = h;
+        }
+    }
+
+    #[test]
+    fn under_physical_clock_a_stream_promises_nothing_and_only_keeps_alive() {
+        let (_, _, interval, mut s) = bench_stream();
+        s.observe(Duration::from_millis(10));
+        s.busy_since = Some(2_000_000);
+        let (_, ts, horizon) = s.stamp(2_000_000, interval.as_micros() as u64, None);
+        assert_eq!(horizon, ts + 1, "the next item is not stamped ahead");
+        assert_eq!(s.renew_at, 2_000_000 + 50_000);
+    }
+
+    #[test]
+    fn a_close_promises_nothing_and_is_never_renewed() {
+        let (_, ahead, _, mut s) = bench_stream();
+        let (_, ts, horizon) = s.stamp(2_000_000, 0, Some(ahead));
+        assert_eq!(horizon, ts + 1);
+        assert_eq!(s.renew_at, u64::MAX);
     }
 
     #[test]

@@ -328,18 +328,38 @@ impl ByzMaster {
         if at_barrier {
             return;
         }
-        let floor_lead = 4 * 2 * (self.t as u64 + 1) * self.ordering.max_delay_millis * 1000 + 50_000;
+        // Once the admission ran, its client hears of it (δ), sends its first item (δ), and
+        // that item is decided (2(t + 1)δ): `renew_ahead`; twice that and 10 ms for a loaded
+        // machine. Not more: the first item is stamped at the floor and waits for it.
+        // `PhysicalClock` waits for no promise: the floor only refuses items stamped before
+        // the admission.
+        let timing = lockstep_replica::byz::order::Timing {
+            stability: lockstep_replica::byz::order::Stability::parse(&self.ordering.stability)
+                .unwrap_or(lockstep_replica::byz::order::Stability::Lamport),
+            t: self.t,
+            delay_us: self.ordering.max_delay_millis.saturating_mul(1000),
+            skew_us: self.ordering.max_clock_skew_millis.saturating_mul(1000),
+        };
+        let floor_lead = match timing.stability {
+            lockstep_replica::byz::order::Stability::Lamport => {
+                2 * lockstep_replica::byz::renew_ahead(&timing) + 10_000
+            }
+            lockstep_replica::byz::order::Stability::Physical => 0,
+        };
         for ((identity, session), open) in opens {
             let Some(key) = directory.get(&identity) else { continue };
             if !keys::verify(key, &open.item, &open.signature) {
                 continue;
             }
             self.admitted.insert((identity, session));
-            self.send(Body::Admit(Admit {
-                open: Some(open),
-                public_key: key.to_bytes().to_vec(),
-                floor: now_us() + floor_lead,
-            }));
+            // The floor is the new stream's promise until its first item is decided, so it
+            // counts from the admission's own timestamp: that is placed at the end of the
+            // master's promise (up to `LEAD` ahead), and runs no earlier. A floor counted from
+            // the clock was already behind the clock when the admission ran, and the new
+            // stream held every other stream back until its client had heard of the
+            // admission and its first item was decided (64 clients opening at once: the
+            // first writes waited up to a second, which was the bench's p99).
+            send_with(&self.stream, &self.key, admission(open, key, floor_lead));
         }
         for ((identity, session), mut seqs) in stale {
             if seqs.len() <= self.t {
@@ -657,11 +677,36 @@ pub async fn genesis_state(
 }
 
 fn send(stream: &Mutex<StreamState>, key: &SigningKey, body: Body) {
+    send_with(stream, key, |_| body);
+}
+
+/// The admission of a stream, for its timestamp: its floor `floor_lead` after it.
+fn admission(open: SignedItem, key: &ed25519_dalek::VerifyingKey, floor_lead: u64) -> impl FnOnce(u64) -> Body {
+    let public_key = key.to_bytes().to_vec();
+    move |ts| {
+        Body::Admit(Admit {
+            open: Some(open),
+            public_key,
+            floor: ts.saturating_add(floor_lead),
+        })
+    }
+}
+
+/// Sign and send the master stream's next item, its body made from the item's timestamp.
+fn send_with(stream: &Mutex<StreamState>, key: &SigningKey, body: impl FnOnce(u64) -> Body) {
     let (signed, endpoints, channels) = {
         let mut s = stream.lock().unwrap_or_else(|e| e.into_inner());
         if s.session == 0 {
             return;
         }
+        (next_item(&mut s, key, body), s.endpoints.clone(), s.channels.clone())
+    };
+    submit_all(&channels, &endpoints, signed);
+}
+
+/// Stamp and sign the master stream's next item.
+fn next_item(s: &mut StreamState, key: &SigningKey, body: impl FnOnce(u64) -> Body) -> SignedItem {
+    {
         s.seq += 1;
         // Keep the promise of the previous item.
         let now = now_us();
@@ -676,15 +721,10 @@ fn send(stream: &Mutex<StreamState>, key: &SigningKey, body: Body) {
             ts,
             horizon: s.horizon,
             era: s.era,
-            body: Some(body),
+            body: Some(body(ts)),
         };
-        (
-            lockstep_replica::byz::sign_item(key, &item),
-            s.endpoints.clone(),
-            s.channels.clone(),
-        )
-    };
-    submit_all(&channels, &endpoints, signed);
+        lockstep_replica::byz::sign_item(key, &item)
+    }
 }
 
 fn submit_all(channels: &crate::Channels, endpoints: &[String], signed: SignedItem) {
@@ -715,5 +755,39 @@ async fn push_era(
         Ok(Ok(_)) => Ok(()),
         Ok(Err(s)) => Err(s.message().to_string()),
         Err(_) => Err("timed out".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message;
+
+    /// The master's promise runs 200 ms ahead, so an admission is stamped (and runs) up to
+    /// 200 ms in the future; the new stream's floor must lie beyond that, or the stream is
+    /// behind the clock from the moment it is admitted and holds everyone back.
+    #[test]
+    fn an_admission_floor_lies_beyond_the_admission_itself() {
+        let key = SigningKey::from_bytes(&[7; 32]);
+        let client = SigningKey::from_bytes(&[8; 32]);
+        let now = now_us();
+        let mut s = StreamState {
+            era: 1,
+            session: 5,
+            seq: 3,
+            last_ts: now,
+            horizon: now + LEAD.as_micros() as u64,
+            endpoints: Vec::new(),
+            channels: crate::Channels::default(),
+        };
+        let open = lockstep_replica::byz::sign_item(&client, &StreamItem::default());
+        let lead = 82_000;
+        let signed = next_item(&mut s, &key, admission(open, &client.verifying_key(), lead));
+        let item = StreamItem::decode(signed.item.as_slice()).expect("item");
+        let Some(Body::Admit(a)) = item.body else {
+            panic!("an admission")
+        };
+        assert!(item.ts >= now + LEAD.as_micros() as u64);
+        assert_eq!(a.floor, item.ts + lead);
     }
 }

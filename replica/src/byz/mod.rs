@@ -80,6 +80,50 @@ pub fn next_horizon(now: u64, ts: u64, promise_us: u64) -> u64 {
     now.saturating_add(promise_us).max(ts.saturating_add(1))
 }
 
+/// How long before a stream's promise runs out its owner must send the next item (a no-op
+/// when it has nothing else to send) so that every correct replica holds the renewed promise
+/// before the old one lapses (`LamportClock`): δ for the item to arrive, `2(t + 1)δ` until
+/// the slot is decided, and one δ more as margin for the sender's timer and the replica's
+/// tick. A replica only moves a stream's bound when an item is *decided*, so an item sent when
+/// the promise has already run out holds every other stream's later items back for that whole
+/// window. `PhysicalClock` orders by `ts + Δ` and waits for no promise: 0.
+pub fn renew_ahead(timing: &order::Timing) -> u64 {
+    match timing.stability {
+        order::Stability::Lamport => (2 * (timing.t as u64 + 1) + 2).saturating_mul(timing.delay_us),
+        order::Stability::Physical => 0,
+    }
+}
+
+/// What a stream's owner promises with an item it sends at `now` stamped `ts`, when it
+/// expects to send its next item `gap_us` from now (a busy client: about its round trip; an
+/// idle one: its no-op interval), and renewals must be sent `ahead_us` before a promise runs
+/// out ([`renew_ahead`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Promise {
+    /// The item's `horizon`: `now + gap + lead` (never below `ts + 1`).
+    pub horizon: u64,
+    /// When to send a no-op if nothing else was sent by then: `horizon − lead`, so that it is
+    /// decided everywhere before `horizon`.
+    pub renew_at: u64,
+}
+
+/// The promise for an item (see [`Promise`]). The lead is `min(ahead_us, gap_us)`: the
+/// expected next item comes at `now + gap` and, being `lead` before the horizon, is decided
+/// everywhere before it, so the stream never holds anyone back; a renewal is sent only when
+/// the next item is later than expected (a slow round trip), and at most once per `gap`
+/// (the lead never exceeds the gap, so a renewal is never due at once). Every item still
+/// keeps the previous promise: its `ts` is at least the previous horizon (`ts ≥ horizon` is
+/// what replicas check; see [`next_horizon`]).
+pub fn promise(now: u64, ts: u64, gap_us: u64, ahead_us: u64) -> Promise {
+    let gap = gap_us.max(1);
+    let lead = ahead_us.min(gap);
+    let horizon = next_horizon(now, ts, gap.saturating_add(lead));
+    Promise {
+        horizon,
+        renew_at: horizon.saturating_sub(lead).max(now.saturating_add(1)),
+    }
+}
+
 /// Local wall-clock time in microseconds (the `now` every core call takes).
 pub fn now_micros() -> u64 {
     std::time::SystemTime::now()

@@ -20,6 +20,8 @@ struct Sim {
     n: u64,
     now: u64,
     logs: Vec<Vec<(u64, Vec<u8>)>>,
+    /// When each replica executed each command (by payload).
+    exec_at: Vec<HashMap<Vec<u8>, u64>>,
     ended: Vec<Vec<(SlotKey, String)>>,
     /// Delay of a relay from i to j.
     relay_delay: fn(usize, usize) -> u64,
@@ -78,6 +80,7 @@ impl Sim {
             n: 0,
             now: 0,
             logs: vec![Vec::new(); n],
+            exec_at: vec![HashMap::new(); n],
             ended: vec![Vec::new(); n],
             relay_delay: |_, _| DELTA / 2,
         }
@@ -125,6 +128,7 @@ impl Sim {
                 match e {
                     Effect::Log(entry) => {
                         if let Some(lockstep_proto::log_entry::Body::Command(c)) = entry.body {
+                            self.exec_at[i].insert(c.payload.clone(), self.now);
                             self.logs[i].push((entry.index, c.payload));
                         }
                     }
@@ -409,4 +413,134 @@ fn forged_and_unknown_items_are_refused_before_the_core_sees_them() {
     let p = prepare(&s.cores[0], &wrong_era, 0).expect("decodable");
     assert!(matches!(p.check, Precheck::Reject(_)));
     let _ = keys::sha256(b"");
+}
+
+/// A command with a promise, its payload a put of `value`.
+fn promised_put(s: &Sim, who: &str, seq: u64, ts: u64, horizon: u64, value: &str) -> SignedItem {
+    s.item(
+        who,
+        1,
+        seq,
+        ts,
+        horizon,
+        ItemBody::Command(ByzCommand {
+            request_session: who.into(),
+            request_seq: seq,
+            payload: format!(r#"{{"op":"put","key":"{who}","value":"{value}"}}"#).into_bytes(),
+        }),
+    )
+}
+
+/// Alice's command is in flight far longer than she expected (its answer comes late), while
+/// bob keeps writing past her promise. With `renew`, alice renews her promise with a no-op
+/// at `renew_at` (as the client does, `crate::byz::promise`); without, she sends nothing
+/// until her next command. Returns when every replica ran each of bob's puts, after it was
+/// sent, and checks that alice's stream survived (her items kept their promises).
+fn bob_behind_a_slow_alice(renew: bool) -> Vec<(u64, u64)> {
+    let mut s = admitted(Stability::Lamport);
+    let timing = s.cores[0].era.as_ref().map(|e| e.timing).expect("era");
+    let ahead = crate::byz::renew_ahead(&timing);
+    let gap = 20 * DELTA; // alice's expected round trip
+    let t0 = 30 * DELTA;
+    let p = crate::byz::promise(t0, t0, gap, ahead);
+    // Alice's items take the whole delay bound to arrive, bob's none.
+    s.send_all(t0 + DELTA, promised_put(&s, "alice", 1, t0, p.horizon, "a1"));
+    // Alice: renewals until her answer arrives at t0 + 5 gaps, then her next command.
+    let answer_at = t0 + 5 * gap;
+    let (mut seq, mut last_ts, mut horizon, mut renew_at) = (1u64, t0, p.horizon, p.renew_at);
+    while renew && renew_at < answer_at {
+        seq += 1;
+        let now = renew_at;
+        let ts = now.max(last_ts + 1).max(horizon);
+        assert!(ts >= horizon, "a renewal keeps the promise it renews");
+        let p = crate::byz::promise(now, ts, gap, ahead);
+        assert!(p.horizon > horizon && p.renew_at > now);
+        let noop = s.item("alice", 1, seq, ts, p.horizon, ItemBody::Noop(Noop {}));
+        s.send_all(now + DELTA, noop);
+        (last_ts, horizon, renew_at) = (ts, p.horizon, p.renew_at);
+    }
+    let ts = answer_at.max(last_ts + 1).max(horizon);
+    let next = promised_put(&s, "alice", seq + 1, ts, ts + gap, "a2");
+    s.send_all(answer_at + DELTA, next);
+    // Bob: a write every 3 δ once alice's command is decided, each promising nothing beyond
+    // its own timestamp.
+    let mut bob = Vec::new();
+    for i in 0..25u64 {
+        let at = t0 + DELTA + 3 * DELTA * i;
+        s.send_all(at, promised_put(&s, "bob", i + 1, at, at + 1, &format!("b{i}")));
+        bob.push(at);
+    }
+    // And a no-op far ahead, so alice's items are not waiting for bob.
+    s.send_all(
+        t0 + 80 * DELTA,
+        s.item("bob", 1, 26, t0 + 80 * DELTA, 1_000_000, ItemBody::Noop(Noop {})),
+    );
+    s.run_until(t0 + 200 * DELTA);
+    s.assert_agree();
+    for i in 0..3 {
+        assert!(s.ended[i].is_empty(), "replica {i} ended a stream: {:?}", s.ended[i]);
+    }
+    assert_eq!(s.logs[0].len(), 27, "every put ran: {:?}", s.values(0));
+    bob.iter()
+        .enumerate()
+        .map(|(i, &at)| {
+            let payload = format!(r#"{{"op":"put","key":"bob","value":"b{i}"}}"#).into_bytes();
+            let done = (0..3).map(|r| s.exec_at[r][&payload]).max().unwrap_or(u64::MAX);
+            (at, done)
+        })
+        .collect()
+}
+
+#[test]
+fn a_renewed_promise_keeps_other_streams_from_waiting_for_a_slow_command() {
+    let timing = Timing {
+        stability: Stability::Lamport,
+        t: 1,
+        delay_us: DELTA,
+        skew_us: 0,
+    };
+    // Decided a relay's delay after the decision window at the latest (δ/2 in this network).
+    let own_decision = timing.decide_at(0) + DELTA / 2;
+    for (at, done) in bob_behind_a_slow_alice(true) {
+        assert!(
+            done <= at + own_decision,
+            "bob's put sent at {at} ran at {done}: held back {} µs past its own decision",
+            done - at - own_decision
+        );
+    }
+    // The same without renewals: bob's puts past alice's first promise wait for her next
+    // command (sent at t0 + 5 gaps = 130 δ) to be decided.
+    let held: Vec<_> = bob_behind_a_slow_alice(false)
+        .into_iter()
+        .filter(|(at, done)| *done > at + own_decision)
+        .collect();
+    assert!(held.len() > 10, "without renewals bob waits for alice: {held:?}");
+    assert!(held.iter().all(|(_, done)| *done >= 131 * DELTA + timing.decide_at(0)));
+}
+
+#[test]
+fn a_promise_leaves_room_to_renew_it_before_it_runs_out() {
+    for (stability, t, delay, gap) in [
+        (Stability::Lamport, 1, 2_000, 50_000),
+        (Stability::Lamport, 2, 10_000, 30_000),
+        (Stability::Lamport, 1, 100_000, 50_000),
+        (Stability::Physical, 1, 2_000, 50_000),
+    ] {
+        let timing = Timing {
+            stability,
+            t,
+            delay_us: delay,
+            skew_us: 0,
+        };
+        let ahead = crate::byz::renew_ahead(&timing);
+        let now = 1_000_000;
+        let p = crate::byz::promise(now, now + 5, gap, ahead);
+        // Never due at once (a storm of no-ops), at most once per expected gap.
+        assert_eq!(p.renew_at, now + gap, "{stability:?} t={t} δ={delay}");
+        if stability == Stability::Lamport && ahead <= gap {
+            // A renewal sent then arrives within δ and is decided before the horizon.
+            assert!(timing.decide_at(p.renew_at + delay) < p.horizon, "t={t} δ={delay}");
+        }
+        assert!(p.horizon > now + 5);
+    }
 }
