@@ -36,6 +36,13 @@ pub struct Metrics {
     /// the stage) so an observation allocates nothing.
     pub write_stage_seconds: Family<StageLabel, Histogram>,
     stage_histograms: Vec<Histogram>,
+    /// Byzantine mode: signed items that arrived after their acceptance window, by sender.
+    pub byz_late_items: Family<FromLabel, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FromLabel {
+    pub from: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -77,6 +84,7 @@ impl Default for Metrics {
             request_seconds: Family::new_with_constructor(request_histogram),
             write_stage_seconds: Family::new_with_constructor(stage_histogram),
             stage_histograms: Vec::new(),
+            byz_late_items: Family::default(),
         };
         m.stage_histograms = Stage::ALL
             .iter()
@@ -114,6 +122,12 @@ impl Default for Metrics {
             m.entries_per_fsync.clone(),
         );
         m.registry.register("snapshots", "Snapshots taken", m.snapshots.clone());
+        m.registry.register(
+            "byz_late_items",
+            "Byzantine mode: signed items ignored because they arrived after their acceptance window, by \
+             sender (a client's identity or a replica): the delay bound did not hold for them",
+            m.byz_late_items.clone(),
+        );
         m.registry.register(
             "client_sessions",
             "Client sessions opened (one stream carrying a client's Executes and Reads)",
@@ -163,6 +177,13 @@ impl Metrics {
     }
     /// One durable batch of the storage thread: `written` entries (none: no fsync), `took`
     /// for the write + fsync.
+    /// One more late item from `from` (Byzantine mode).
+    pub fn late_item(&self, from: &str) {
+        self.byz_late_items
+            .get_or_create(&FromLabel { from: from.to_string() })
+            .inc();
+    }
+
     pub fn observe_batch(&self, written: usize, took: std::time::Duration) {
         if written > 0 {
             self.fsyncs.inc();

@@ -168,8 +168,11 @@ pub enum Offer {
     Accepted {
         chain: Vec<ChainSig>,
     },
-    /// Already held, or arrived outside its window (ignored the same way everywhere).
+    /// Already held (ignored the same way everywhere).
     Ignored(&'static str),
+    /// Arrived this many microseconds after its acceptance window: the delay bound (and for
+    /// `PhysicalClock` the skew bound) did not hold for it. Ignored like `Ignored`.
+    Late(u64),
     Rejected(String),
 }
 
@@ -546,7 +549,8 @@ impl Core {
             return Offer::Ignored("slot already decided");
         }
         let first = entry.versions.is_empty();
-        let in_window = now <= timing.window(entry.first_heard, item.ts, k);
+        let window = timing.window(entry.first_heard, item.ts, k);
+        let in_window = now <= window;
         let accept = match timing.stability {
             Stability::Lamport => first || in_window,
             Stability::Physical => in_window,
@@ -555,7 +559,7 @@ impl Core {
             if entry.versions.is_empty() {
                 self.slots.remove(&slot);
             }
-            return Offer::Ignored("outside its acceptance window");
+            return Offer::Late(now - window);
         }
         let decide_at = timing.decide_at(entry.first_heard);
         entry.versions.insert(d, Version { item });

@@ -379,6 +379,31 @@ fn physical_clock_orders_by_timestamp_at_ts_plus_delta() {
 }
 
 #[test]
+fn an_item_after_its_window_is_late_by_how_much_and_in_time_elsewhere() {
+    let mut s = Sim::new(3, Stability::Physical);
+    let a = s.admit(1, 10, "alice", 100);
+    s.send_all(10, a);
+    s.run_until(50 * DELTA);
+    let ts = 60 * DELTA;
+    let x = s.put("alice", 1, ts, "a");
+    let timing = s.cores[0].era.as_ref().expect("an era").timing;
+    let mut offer_at = |to: usize, now: u64| {
+        let prepared = prepare(&s.cores[to], &x, now).expect("decodable");
+        let valid = verify_prepared(&prepared, &x, &[]).expect("validly signed");
+        s.cores[to].offer(x.clone(), prepared.item, valid, now)
+    };
+    let last = timing.window(0, ts, 0);
+    assert!(
+        matches!(offer_at(0, last + 250), Offer::Late(250)),
+        "250 µs after the window"
+    );
+    assert!(
+        matches!(offer_at(1, last), Offer::Accepted { .. }),
+        "at the window's last moment"
+    );
+}
+
+#[test]
 fn forged_and_unknown_items_are_refused_before_the_core_sees_them() {
     let s = admitted(Stability::Lamport);
     let good = s.put("alice", 1, 200, "x");

@@ -21,6 +21,7 @@ use prost::Message;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::sync::{Notify, broadcast, mpsc, oneshot};
@@ -105,7 +106,12 @@ pub struct ByzShared {
     /// The encoded SignedEra of the current era (reported in status for clients).
     signed_era: Mutex<Vec<u8>>,
     transport: crate::tls::Transport,
+    /// When the last late item was logged (local microseconds).
+    late_warned: AtomicU64,
 }
+
+/// Late items are logged at most this often (each one is counted).
+const LATE_WARNING_EVERY_US: u64 = 10_000_000;
 
 impl ByzShared {
     pub fn lock(&self) -> MutexGuard<'_, Core> {
@@ -301,6 +307,29 @@ impl ByzShared {
         }
     }
 
+    /// An item from `from` arrived `by_us` after its acceptance window: counted by sender
+    /// (`lockstep_replica_byz_late_items_total`), and said in the log at most every 10 s.
+    /// Not evidence of a fault: a slow network or an overloaded machine does it too.
+    fn late(&self, from: &str, by_us: u64) {
+        self.metrics.late_item(from);
+        let now = now_micros();
+        let last = self.late_warned.load(Ordering::Relaxed);
+        if now.saturating_sub(last) >= LATE_WARNING_EVERY_US
+            && self
+                .late_warned
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(
+                from,
+                late_ms = by_us as f64 / 1000.0,
+                "an item arrived after its acceptance window and was ignored here: the delay bound \
+                 (spec.ordering.maxDelayMillis, and maxClockSkewMillis for PhysicalClock) did not hold \
+                 for it; if this repeats, raise it (lockstep_replica_byz_late_items_total counts them)"
+            );
+        }
+    }
+
     /// Verify and offer one item (from a client, or relayed by `from`). Returns whether it
     /// was accepted, or why it was refused.
     fn ingest(&self, signed: &SignedItem, chain: &[lockstep_proto::ChainSig], from: &str) -> Result<bool, String> {
@@ -343,6 +372,10 @@ impl ByzShared {
                 Ok(true)
             }
             Offer::Ignored(_) => Ok(false),
+            Offer::Late(by_us) => {
+                self.late(from, by_us);
+                Ok(false)
+            }
             Offer::Rejected(why) => Err(why),
         }
     }
@@ -1180,6 +1213,7 @@ pub fn build(
             last_snapshot: Mutex::new(snapshot_index),
             era_lock: tokio::sync::Mutex::new(()),
             signed_era: Mutex::new(Vec::new()),
+            late_warned: AtomicU64::new(0),
         }
     });
     {
