@@ -7,6 +7,10 @@
 #
 #   cargo build --release -p lockstep
 #   bench/scripts/byzantine.sh            # DURATION=10 by default, about 10 minutes
+#
+# delta is MAX_DELAY (2 ms) for LamportClock and PHYS_DELAY (10 ms) for PhysicalClock: with
+# 2 ms, items on this 2-core machine reach replicas after their PhysicalClock window
+# (lockstep_replica_byz_late_items_total) and writes stall (docs/byzantine.md).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 LOCKSTEP=${LOCKSTEP:-target/release/lockstep}
@@ -29,8 +33,11 @@ trap cleanup EXIT
 manifest() { # name model stability
     local ordering=""
     if [ "$2" = Byzantine ]; then
-        ordering="  ordering: {stability: $3, maxDelayMillis: ${MAX_DELAY:-2}"
-        if [ "$3" = PhysicalClock ]; then ordering="$ordering, maxClockSkewMillis: ${MAX_SKEW:-1}"; fi
+        if [ "$3" = PhysicalClock ]; then
+            ordering="  ordering: {stability: $3, maxDelayMillis: ${PHYS_DELAY:-10}, maxClockSkewMillis: ${MAX_SKEW:-1}"
+        else
+            ordering="  ordering: {stability: $3, maxDelayMillis: ${MAX_DELAY:-2}"
+        fi
         ordering="$ordering}"
     fi
     cat > "$WORK/$1.yaml" <<YAML

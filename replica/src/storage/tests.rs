@@ -697,6 +697,7 @@ mod torn {
                 let seg = s.active();
                 let (path, size, offsets) = (seg.path.clone(), seg.size, seg.offsets.clone());
                 drop(s);
+                let written = std::fs::read(&path).expect("read the segment");
                 let cut_at = synced + u64::from(cut) % (size - synced + 1);
                 let f = OpenOptions::new().write(true).open(&path).expect("open");
                 f.set_len(cut_at).expect("cut");
@@ -705,15 +706,20 @@ mod torn {
                     let mut f = OpenOptions::new().append(true).open(&path).expect("open");
                     f.write_all(&junk).expect("junk");
                 }
-                // Records that end at or before the cut survive.
+                // The records whose bytes are all still there survive: those that end at or
+                // before the cut, and one the junk happens to complete byte for byte (a cut
+                // of its last byte, followed by that byte).
+                let left = std::fs::read(&path).expect("read the segment");
                 let mut ends: Vec<u64> = offsets.iter().skip(1).copied().collect();
                 ends.push(size);
                 // The segment holds exactly `want` followed by `batch`.
                 let before = want.len();
                 for (k, e) in batch.into_iter().enumerate() {
-                    if ends[before + k] <= cut_at {
-                        want.push(e);
+                    let end = ends[before + k] as usize;
+                    if left.get(..end) != Some(&written[..end]) {
+                        break;
                     }
+                    want.push(e);
                 }
             }
             let (_, rec) = Storage::open(tmp.path(), o).expect("final open");
