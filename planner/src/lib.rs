@@ -336,6 +336,10 @@ fn choose_primary(observed: &Observed, current: Option<&str>, candidates: &[&Con
 }
 
 /// Decide the next step. `prefix` names replicas (`{prefix}-{ordinal}`).
+///
+/// The steps run in order, and the first that decides something ends the round: fence failed
+/// members, a rollout, moved endpoints, promotions, shrinking, new learners; then cleanup and
+/// replacements, and a summary.
 pub fn plan(prefix: &str, desired: &Desired, observed: &Observed) -> Plan {
     let mut p = Plan::default();
     p.conditions.paused = desired.paused;
@@ -349,102 +353,124 @@ pub fn plan(prefix: &str, desired: &Desired, observed: &Observed) -> Plan {
     let Some(config) = &observed.config else {
         return bootstrap(prefix, desired, observed, n, p);
     };
+    if fence_failed(observed, config, &mut p) {
+        return p;
+    }
+    if let Some(step) = rollout_step(desired, observed, config, &mut p) {
+        return step;
+    }
+    if follow_moved_endpoints(observed, config, &mut p) {
+        return p;
+    }
+    push_missed_configs(observed, config, &mut p);
+    if promote_caught_up(observed, config, n, &mut p) || shrink_to(config, n, &mut p) {
+        return p;
+    }
+    let Some(joining) = admit_outsiders(desired, observed, config, n, &mut p) else {
+        return p;
+    };
+    delete_left_volumes(observed, config, n, &mut p);
+    let create = create_replacements(prefix, desired, observed, config, n, joining, &mut p);
+    if p.summary.is_empty() {
+        p.summary = summary(config, n, create, joining, &p);
+    }
+    p
+}
 
-    // 1. Fence failed members: the next epoch leaves them out.
+/// Step 1: Fence failed members: the next epoch leaves them out (true: this round is decided).
+fn fence_failed(observed: &Observed, config: &Config, p: &mut Plan) -> bool {
     let failed: Vec<(&ConfigMember, String)> = config
         .members
         .iter()
         .filter_map(|m| is_failed(observed, &m.id).map(|r| (m, r)))
         .collect();
-    if !failed.is_empty() {
-        let surviving_voters: Vec<&ConfigMember> = config
-            .voters()
-            .filter(|m| !failed.iter().any(|(f, _)| f.id == m.id))
-            .collect();
-        if !surviving_voters.is_empty() && !surviving_voters.iter().any(|m| is_running(observed, &m.id)) {
-            // A survivor that has not answered yet may be failing too (a pod that still looks
-            // Running for a moment): an epoch whose only voters are dead would fence the one
-            // replica that may come back with every write. Wait until a survivor answers.
-            let why = format!(
-                "{} failed; no surviving voter of epoch {} has answered yet ({}): \
-                 not moving to a new epoch until one is confirmed running",
-                failed
-                    .iter()
-                    .map(|(m, r)| format!("{} ({r})", m.id))
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                config.epoch,
-                surviving_voters
-                    .iter()
-                    .map(|m| format!("{} starting", m.id))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
-            p.conditions.degraded = Some(why.clone());
-            p.summary = why;
-            return p;
-        }
-        if surviving_voters.is_empty() {
-            let why = format!(
-                "all {} voters of epoch {} failed ({}); every acknowledged write is on their disks: \
-                 not taking a data-losing action, waiting for one to come back",
-                config.voters().count(),
-                config.epoch,
-                failed
-                    .iter()
-                    .map(|(m, r)| format!("{}: {r}", m.id))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
-            p.conditions.degraded = Some(why.clone());
-            p.summary = why;
-            return p;
-        }
-        // The new primary answers (or already is the primary and has not failed).
-        let candidates: Vec<&ConfigMember> = surviving_voters
-            .iter()
-            .copied()
-            .filter(|m| m.id == config.primary || is_running(observed, &m.id))
-            .collect();
-        let primary = choose_primary(observed, Some(&config.primary), &candidates);
-        let members: Vec<ConfigMember> = config
-            .members
-            .iter()
-            .filter(|m| !failed.iter().any(|(f, _)| f.id == m.id))
-            .cloned()
-            .collect();
-        let what = format!(
-            "fencing failed {}",
+    if failed.is_empty() {
+        return false;
+    }
+    let surviving_voters: Vec<&ConfigMember> = config
+        .voters()
+        .filter(|m| !failed.iter().any(|(f, _)| f.id == m.id))
+        .collect();
+    if !surviving_voters.is_empty() && !surviving_voters.iter().any(|m| is_running(observed, &m.id)) {
+        // A survivor that has not answered yet may be failing too (a pod that still looks
+        // Running for a moment): an epoch whose only voters are dead would fence the one
+        // replica that may come back with every write. Wait until a survivor answers.
+        let why = format!(
+            "{} failed; no surviving voter of epoch {} has answered yet ({}): \
+             not moving to a new epoch until one is confirmed running",
             failed
                 .iter()
                 .map(|(m, r)| format!("{} ({r})", m.id))
                 .collect::<Vec<_>>()
+                .join(", "),
+            config.epoch,
+            surviving_voters
+                .iter()
+                .map(|m| format!("{} starting", m.id))
+                .collect::<Vec<_>>()
                 .join(", ")
         );
-        let notify = failed
+        p.conditions.degraded = Some(why.clone());
+        p.summary = why;
+        return true;
+    }
+    if surviving_voters.is_empty() {
+        let why = format!(
+            "all {} voters of epoch {} failed ({}); every acknowledged write is on their disks: \
+             not taking a data-losing action, waiting for one to come back",
+            config.voters().count(),
+            config.epoch,
+            failed
+                .iter()
+                .map(|(m, r)| format!("{}: {r}", m.id))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        p.conditions.degraded = Some(why.clone());
+        p.summary = why;
+        return true;
+    }
+    // The new primary answers (or already is the primary and has not failed).
+    let candidates: Vec<&ConfigMember> = surviving_voters
+        .iter()
+        .copied()
+        .filter(|m| m.id == config.primary || is_running(observed, &m.id))
+        .collect();
+    let primary = choose_primary(observed, Some(&config.primary), &candidates);
+    let members: Vec<ConfigMember> = config
+        .members
+        .iter()
+        .filter(|m| !failed.iter().any(|(f, _)| f.id == m.id))
+        .cloned()
+        .collect();
+    let what = format!(
+        "fencing failed {}",
+        failed
             .iter()
-            .filter(|(m, _)| observed.replica(&m.id).is_some())
-            .map(|(m, _)| m.id.clone())
-            .collect();
-        p.reconfigure(config, primary, members, notify, what);
-        for (m, reason) in &failed {
-            if observed.replica(&m.id).is_some() {
-                p.actions.push(Action::DeleteReplica {
-                    id: m.id.clone(),
-                    reason: format!("fail-stopped: {reason}"),
-                });
-            }
+            .map(|(m, r)| format!("{} ({r})", m.id))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let notify = failed
+        .iter()
+        .filter(|(m, _)| observed.replica(&m.id).is_some())
+        .map(|(m, _)| m.id.clone())
+        .collect();
+    p.reconfigure(config, primary, members, notify, what);
+    for (m, reason) in &failed {
+        if observed.replica(&m.id).is_some() {
+            p.actions.push(Action::DeleteReplica {
+                id: m.id.clone(),
+                reason: format!("fail-stopped: {reason}"),
+            });
         }
-        return p;
     }
+    true
+}
 
-    // 2. A rollout in progress, or a new one when the desired machine differs.
-    if let Some(step) = rollout_step(desired, observed, config, &mut p) {
-        return step;
-    }
-
-    // 3. Endpoints changed (a member restarted on a new address): new epoch with the new
-    //    endpoints, so peers find each other.
+/// Step 3: Endpoints changed (a member restarted on a new address): a new epoch with the new
+/// endpoints, so peers find each other (true: this round is decided).
+fn follow_moved_endpoints(observed: &Observed, config: &Config, p: &mut Plan) -> bool {
     let moved: Vec<String> = config
         .members
         .iter()
@@ -455,23 +481,26 @@ pub fn plan(prefix: &str, desired: &Desired, observed: &Observed) -> Plan {
         })
         .map(|m| m.id.clone())
         .collect();
-    if !moved.is_empty() {
-        let members = config
-            .members
-            .iter()
-            .map(|m| ConfigMember {
-                endpoint: observed
-                    .replica(&m.id)
-                    .map_or(m.endpoint.clone(), |r| r.endpoint.clone()),
-                ..m.clone()
-            })
-            .collect();
-        let what = format!("members {} moved", moved.join(", "));
-        p.reconfigure(config, config.primary.clone(), members, vec![], what);
-        return p;
+    if moved.is_empty() {
+        return false;
     }
+    let members = config
+        .members
+        .iter()
+        .map(|m| ConfigMember {
+            endpoint: observed
+                .replica(&m.id)
+                .map_or(m.endpoint.clone(), |r| r.endpoint.clone()),
+            ..m.clone()
+        })
+        .collect();
+    let what = format!("members {} moved", moved.join(", "));
+    p.reconfigure(config, config.primary.clone(), members, vec![], what);
+    true
+}
 
-    // 4. Members that missed the current configuration get it again.
+/// Step 4: Members that missed the current configuration get it again.
+fn push_missed_configs(observed: &Observed, config: &Config, p: &mut Plan) {
     for m in &config.members {
         if let Some(s) = observed.replica(&m.id).and_then(|r| r.status.as_ref())
             && s.epoch < config.epoch
@@ -479,76 +508,81 @@ pub fn plan(prefix: &str, desired: &Desired, observed: &Observed) -> Plan {
             p.actions.push(Action::PushConfig { id: m.id.clone() });
         }
     }
+}
 
-    let voters: Vec<&ConfigMember> = config.voters().collect();
-    let learners: Vec<&ConfigMember> = config.learners().collect();
-
-    // 5. Promote learners that caught up with the primary.
+/// Step 5: Promote learners that caught up with the primary, while voters are short of `n` (true:
+/// this round is decided).
+fn promote_caught_up(observed: &Observed, config: &Config, n: usize, p: &mut Plan) -> bool {
+    let voters = config.voters().count();
     let primary_status = observed.replica(&config.primary).and_then(|r| r.status.as_ref());
-    let caught_up: Vec<&ConfigMember> = learners
-        .iter()
-        .copied()
+    let caught_up: Vec<&ConfigMember> = config
+        .learners()
         .filter(|l| {
             primary_status.is_some_and(|ps| {
                 ps.peer_match.get(&l.id).is_some_and(|&mi| mi >= ps.commit_index) && is_running(observed, &l.id)
             })
         })
         .collect();
-    if !caught_up.is_empty() && voters.len() < n {
-        let room = n - voters.len();
-        let promote: BTreeSet<&str> = caught_up.iter().take(room).map(|m| m.id.as_str()).collect();
-        let members = config
-            .members
-            .iter()
-            .map(|m| ConfigMember {
-                role: if promote.contains(m.id.as_str()) {
-                    Role::Voter
-                } else {
-                    m.role
-                },
-                ..m.clone()
-            })
-            .collect();
-        let what = format!(
-            "promoting caught-up learner(s) {}",
-            promote.iter().copied().collect::<Vec<_>>().join(", ")
-        );
-        p.reconfigure(config, config.primary.clone(), members, vec![], what);
-        return p;
+    if caught_up.is_empty() || voters >= n {
+        return false;
     }
-
-    // 6. Too many voters (t lowered): remove one non-primary voter per epoch.
-    if voters.len() > n {
-        let victim = voters
-            .iter()
-            .filter(|m| m.id != config.primary)
-            .max_by_key(|m| (ordinal(&m.id), m.id.clone()))
-            .map(|m| m.id.clone())
-            .unwrap_or_default();
-        let members = config.members.iter().filter(|m| m.id != victim).cloned().collect();
-        let what = format!("shrinking to {n} replicas, removing {victim}");
-        p.reconfigure(config, config.primary.clone(), members, vec![victim.clone()], what);
-        p.actions.push(Action::DeleteReplica {
-            id: victim,
-            reason: "faultsTolerated lowered".into(),
-        });
-        return p;
-    }
-
-    // 7. Replicas outside the configuration: add as learners while short, delete otherwise.
-    let in_config: BTreeSet<&str> = config.members.iter().map(|m| m.id.as_str()).collect();
-    let outsiders: Vec<&ObservedReplica> = observed
-        .replicas
+    let room = n - voters;
+    let promote: BTreeSet<&str> = caught_up.iter().take(room).map(|m| m.id.as_str()).collect();
+    let members = config
+        .members
         .iter()
-        .filter(|r| !in_config.contains(r.id.as_str()))
+        .map(|m| ConfigMember {
+            role: if promote.contains(m.id.as_str()) {
+                Role::Voter
+            } else {
+                m.role
+            },
+            ..m.clone()
+        })
         .collect();
-    let short = n.saturating_sub(voters.len() + learners.len());
+    let what = format!(
+        "promoting caught-up learner(s) {}",
+        promote.iter().copied().collect::<Vec<_>>().join(", ")
+    );
+    p.reconfigure(config, config.primary.clone(), members, vec![], what);
+    true
+}
+
+/// Step 6: Too many voters (t lowered): remove one non-primary voter per epoch (true: this round
+/// is decided).
+fn shrink_to(config: &Config, n: usize, p: &mut Plan) -> bool {
+    let voters: Vec<&ConfigMember> = config.voters().collect();
+    if voters.len() <= n {
+        return false;
+    }
+    let victim = voters
+        .iter()
+        .filter(|m| m.id != config.primary)
+        .max_by_key(|m| (ordinal(&m.id), m.id.clone()))
+        .map(|m| m.id.clone())
+        .unwrap_or_default();
+    let members = config.members.iter().filter(|m| m.id != victim).cloned().collect();
+    let what = format!("shrinking to {n} replicas, removing {victim}");
+    p.reconfigure(config, config.primary.clone(), members, vec![victim.clone()], what);
+    p.actions.push(Action::DeleteReplica {
+        id: victim,
+        reason: "faultsTolerated lowered".into(),
+    });
+    true
+}
+
+/// Step 7: Replicas outside the configuration: added as learners while the configuration is short,
+/// deleted otherwise. `None`: some were added (this round is decided); otherwise how many
+/// wanted ones are still starting.
+fn admit_outsiders(desired: &Desired, observed: &Observed, config: &Config, n: usize, p: &mut Plan) -> Option<usize> {
+    let in_config: BTreeSet<&str> = config.members.iter().map(|m| m.id.as_str()).collect();
+    let short = n.saturating_sub(config.members.len());
     let mut joining = Vec::new();
-    for r in &outsiders {
+    for r in observed.replicas.iter().filter(|r| !in_config.contains(r.id.as_str())) {
         let wanted = joining.len() < short && r.machine.same_as(&desired.machine);
         match (&r.health, wanted) {
-            (Health::Running, true) if r.status.is_some() => joining.push(*r),
-            (Health::Starting, true) | (Health::Running, true) => joining.push(*r), // wait for it
+            (Health::Running, true) if r.status.is_some() => joining.push(r),
+            (Health::Starting, true) | (Health::Running, true) => joining.push(r), // wait for it
             _ => p.actions.push(Action::DeleteReplica {
                 id: r.id.clone(),
                 reason: match &r.health {
@@ -563,66 +597,83 @@ pub fn plan(prefix: &str, desired: &Desired, observed: &Observed) -> Plan {
         .copied()
         .filter(|r| r.health == Health::Running && r.status.is_some())
         .collect();
-    if !ready_to_join.is_empty() {
-        let mut members = config.members.clone();
-        members.extend(ready_to_join.iter().map(|r| ConfigMember {
-            id: r.id.clone(),
-            endpoint: r.endpoint.clone(),
-            role: Role::Learner,
-        }));
-        let what = format!(
-            "adding {} as learner(s) for state transfer",
-            ready_to_join
-                .iter()
-                .map(|r| r.id.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-        p.reconfigure(config, config.primary.clone(), members, vec![], what);
-        return p;
+    if ready_to_join.is_empty() {
+        return Some(joining.len());
     }
+    let mut members = config.members.clone();
+    members.extend(ready_to_join.iter().map(|r| ConfigMember {
+        id: r.id.clone(),
+        endpoint: r.endpoint.clone(),
+        role: Role::Learner,
+    }));
+    let what = format!(
+        "adding {} as learner(s) for state transfer",
+        ready_to_join
+            .iter()
+            .map(|r| r.id.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    p.reconfigure(config, config.primary.clone(), members, vec![], what);
+    None
+}
 
-    // Volumes of replicas that left the configuration are deleted only with full
-    // redundancy: until then a fenced replica's disk may be the last full copy.
+/// Volumes of replicas that left the configuration are deleted only with full redundancy:
+/// until then a fenced replica's disk may be the last full copy.
+fn delete_left_volumes(observed: &Observed, config: &Config, n: usize, p: &mut Plan) {
+    let voters: Vec<&ConfigMember> = config.voters().collect();
     let full_redundancy = voters.len() >= n && voters.iter().all(|m| is_running(observed, &m.id));
-    if full_redundancy {
-        for v in &observed.volumes {
-            if !in_config.contains(v.as_str()) && observed.replica(v).is_none() {
-                p.actions.push(Action::DeleteVolume { id: v.clone() });
-            }
+    if !full_redundancy {
+        return;
+    }
+    for v in &observed.volumes {
+        if !config.members.iter().any(|m| &m.id == v) && observed.replica(v).is_none() {
+            p.actions.push(Action::DeleteVolume { id: v.clone() });
         }
     }
+}
 
-    // 8. Still short: create replacements, at most t in flight (learners + joining).
-    let in_flight = learners.len() + joining.len();
-    let missing = short.saturating_sub(joining.len());
+/// Step 8: Still short: create replacements, at most t in flight (learners + joining). Returns how
+/// many.
+fn create_replacements(
+    prefix: &str,
+    desired: &Desired,
+    observed: &Observed,
+    config: &Config,
+    n: usize,
+    joining: usize,
+    p: &mut Plan,
+) -> usize {
+    let short = n.saturating_sub(config.members.len());
+    let in_flight = config.learners().count() + joining;
+    let missing = short.saturating_sub(joining);
     let budget = (desired.faults_tolerated as usize).max(1).saturating_sub(in_flight);
     let create = missing.min(budget);
-    if create > 0 {
-        for id in free_ids(prefix, observed, create) {
-            p.actions.push(Action::CreateReplica {
-                id,
-                machine: desired.machine.clone(),
-            });
-        }
+    for id in free_ids(prefix, observed, create) {
+        p.actions.push(Action::CreateReplica {
+            id,
+            machine: desired.machine.clone(),
+        });
     }
-    if p.summary.is_empty() {
-        p.summary = if create > 0 {
-            format!("creating {create} replica(s) to reach {n}")
-        } else if !joining.is_empty() || !learners.is_empty() {
-            "waiting for new replicas to start and catch up".into()
-        } else if !p.actions.is_empty() {
-            "cleaning up".into()
-        } else {
-            format!(
-                "steady: epoch {}, {} voters, primary {}",
-                config.epoch,
-                voters.len(),
-                config.primary
-            )
-        };
+    create
+}
+
+/// What a round that changed no configuration did, in a line.
+fn summary(config: &Config, n: usize, created: usize, joining: usize, p: &Plan) -> String {
+    if created > 0 {
+        format!("creating {created} replica(s) to reach {n}")
+    } else if joining > 0 || config.learners().next().is_some() {
+        "waiting for new replicas to start and catch up".into()
+    } else if !p.actions.is_empty() {
+        "cleaning up".into()
+    } else {
+        format!(
+            "steady: epoch {}, {} voters, primary {}",
+            config.epoch,
+            config.voters().count(),
+            config.primary
+        )
     }
-    p
 }
 
 fn bootstrap(prefix: &str, desired: &Desired, observed: &Observed, n: usize, mut p: Plan) -> Plan {
