@@ -743,73 +743,12 @@ fn bootstrap(prefix: &str, desired: &Desired, observed: &Observed, n: usize, mut
 /// Lockstep rollout: stage -> seal -> replace -> resume. Returns a finished plan when the
 /// rollout decides this step, None when there is no rollout work.
 fn rollout_step(desired: &Desired, observed: &Observed, config: &Config, p: &mut Plan) -> Option<Plan> {
-    let current_version = |id: &str| observed.replica(id).map(|r| r.machine.clone());
-    let rollout = match &observed.rollout {
-        Some(r) => r.clone(),
-        None => {
-            let differing = config
-                .members
-                .iter()
-                .filter(|m| current_version(&m.id).is_some_and(|v| !v.same_as(&desired.machine)))
-                .count();
-            // Byzantine: up to t replicas may report anything; only t+1 reports are a fact.
-            let needed = match desired.failure_model {
-                FailureModel::FailStop => 1,
-                FailureModel::Byzantine => desired.faults_tolerated as usize + 1,
-            };
-            if differing < needed {
-                return None;
-            }
-            let from = config
-                .members
-                .iter()
-                .find_map(|m| current_version(&m.id).filter(|v| !v.same_as(&desired.machine)))?;
-            // Roll out only a complete, healthy configuration: fail-stop repairs come first.
-            if config.voters().count() < desired.replicas() || config.learners().count() > 0 {
-                return None;
-            }
-            let r = Rollout {
-                from,
-                to: desired.machine.clone(),
-                phase: RolloutPhase::Staging,
-                seal_index: None,
-            };
-            let mut out = p.clone();
-            out.summary = format!("rollout {} -> {}: staging", r.from.version, r.to.version);
-            out.conditions.progressing = Some(out.summary.clone());
-            out.actions.push(Action::SetRollout {
-                rollout: Some(r.clone()),
-            });
-            out.actions.push(Action::Stage { machine: r.to.clone() });
-            return Some(out);
-        }
+    let Some(rollout) = observed.rollout.clone() else {
+        return start_rollout(desired, observed, config, p);
     };
     let mut out = p.clone();
-    // Target changed mid-rollout (rollback or a newer version).
     if !rollout.to.same_as(&desired.machine) {
-        match rollout.phase {
-            RolloutPhase::Staging | RolloutPhase::Sealing if desired.machine.same_as(&rollout.from) => {
-                // Roll back before anything was replaced: resume under the old version.
-                out.summary = format!(
-                    "rollout to {} cancelled: resuming {}",
-                    rollout.to.version, rollout.from.version
-                );
-                out.actions.push(Action::Resume {
-                    machine: rollout.from.clone(),
-                });
-                out.actions.push(Action::SetRollout { rollout: None });
-            }
-            _ => {
-                // Retarget: keep the phase, aim at the new version.
-                let r = Rollout {
-                    to: desired.machine.clone(),
-                    ..rollout.clone()
-                };
-                out.summary = format!("rollout retargeted to {}", r.to.version);
-                out.actions.push(Action::SetRollout { rollout: Some(r) });
-            }
-        }
-        out.conditions.progressing = Some(out.summary.clone());
+        retarget_rollout(desired, rollout, &mut out);
         return Some(out);
     }
     let voters: Vec<&ConfigMember> = config.voters().collect();
@@ -818,109 +757,202 @@ fn rollout_step(desired: &Desired, observed: &Observed, config: &Config, p: &mut
         .map(|m| observed.replica(&m.id).and_then(|r| r.status.as_ref()))
         .collect();
     match rollout.phase {
-        RolloutPhase::Staging => {
-            if observed.staged {
-                out.summary = format!("rollout to {}: staged everywhere, sealing", rollout.to.version);
-                out.actions.push(Action::SetRollout {
-                    rollout: Some(Rollout {
-                        phase: RolloutPhase::Sealing,
-                        ..rollout
-                    }),
-                });
-                out.actions.push(Action::Seal);
-            } else {
-                out.summary = format!("rollout to {}: staging", rollout.to.version);
-                out.actions.push(Action::Stage {
-                    machine: rollout.to.clone(),
-                });
-            }
-        }
-        RolloutPhase::Sealing => match sealed_barrier(desired, &statuses) {
-            Barrier::Agreed(index) => {
-                out.summary = format!("rollout to {}: voters sealed at {index}, replacing", rollout.to.version);
-                out.actions.push(Action::SetRollout {
-                    rollout: Some(Rollout {
-                        phase: RolloutPhase::Replacing,
-                        seal_index: Some(index),
-                        ..rollout.clone()
-                    }),
-                });
-                for m in &voters {
-                    out.actions.push(Action::RestartReplica {
-                        id: m.id.clone(),
-                        machine: rollout.to.clone(),
-                    });
-                }
-            }
-            Barrier::Diverged(index) => {
-                let why = format!(
-                    "rollout to {}: voters sealed at {index} with DIFFERENT snapshots; stopped",
-                    rollout.to.version
-                );
-                out.conditions.degraded = Some(why.clone());
-                out.summary = why;
-            }
-            Barrier::Waiting => {
-                out.summary = format!("rollout to {}: waiting for the voters to seal", rollout.to.version);
-                if statuses.iter().all(|s| s.is_some_and(|s| s.sealed_at.is_none())) {
-                    out.actions.push(Action::Seal); // idempotent: the primary seals once
-                }
-            }
-        },
-        RolloutPhase::Replacing => {
-            let stale: Vec<&ConfigMember> = voters
-                .iter()
-                .copied()
-                .filter(|m| current_version(&m.id).is_some_and(|v| !v.same_as(&rollout.to)))
-                .collect();
-            if stale.is_empty() && voters.iter().all(|m| is_running(observed, &m.id)) {
-                out.summary = format!("rollout to {}: every voter runs it, resuming", rollout.to.version);
-                out.actions.push(Action::SetRollout {
-                    rollout: Some(Rollout {
-                        phase: RolloutPhase::Resuming,
-                        ..rollout.clone()
-                    }),
-                });
-                out.actions.push(Action::Resume {
-                    machine: rollout.to.clone(),
-                });
-            } else {
-                out.summary = format!(
-                    "rollout to {}: waiting for {} voter(s) to restart",
-                    rollout.to.version,
-                    stale.len()
-                );
-                if let Some(why) = wrong_machine(observed, &rollout, &stale) {
-                    out.conditions.degraded = Some(why.clone());
-                    out.conditions.degraded_reason = Some("WrongMachineVersion".into());
-                    out.summary = why;
-                }
-                for m in stale {
-                    out.actions.push(Action::RestartReplica {
-                        id: m.id.clone(),
-                        machine: rollout.to.clone(),
-                    });
-                }
-            }
-        }
-        RolloutPhase::Resuming => {
-            let resumed = statuses
-                .iter()
-                .filter(|s| s.is_some_and(|s| s.sealed_at.is_none()))
-                .count();
-            if resumed >= vouching(desired, statuses.len()) {
-                out.summary = format!("rollout to {} done", rollout.to.version);
-                out.actions.push(Action::SetRollout { rollout: None });
-            } else {
-                out.summary = format!("rollout to {}: resuming", rollout.to.version);
-                out.actions.push(Action::Resume {
-                    machine: rollout.to.clone(),
-                });
-            }
-        }
+        RolloutPhase::Staging => stage(observed, rollout, &mut out),
+        RolloutPhase::Sealing => seal(desired, rollout, &voters, &statuses, &mut out),
+        RolloutPhase::Replacing => replace_voters(observed, rollout, &voters, &mut out),
+        RolloutPhase::Resuming => resume(desired, rollout, &statuses, &mut out),
     }
     out.conditions.progressing = Some(out.summary.clone());
     Some(out)
+}
+
+/// The machine a replica reports running, if it is observed.
+fn machine_of(observed: &Observed, id: &str) -> Option<MachineRef> {
+    observed.replica(id).map(|r| r.machine.clone())
+}
+
+/// No rollout yet: start one (staging) when enough members report another machine than the
+/// desired one, and the configuration is complete and healthy (repairs come first).
+fn start_rollout(desired: &Desired, observed: &Observed, config: &Config, p: &Plan) -> Option<Plan> {
+    let differing = config
+        .members
+        .iter()
+        .filter(|m| machine_of(observed, &m.id).is_some_and(|v| !v.same_as(&desired.machine)))
+        .count();
+    // Byzantine: up to t replicas may report anything; only t+1 reports are a fact.
+    let needed = match desired.failure_model {
+        FailureModel::FailStop => 1,
+        FailureModel::Byzantine => desired.faults_tolerated as usize + 1,
+    };
+    if differing < needed {
+        return None;
+    }
+    let from = config
+        .members
+        .iter()
+        .find_map(|m| machine_of(observed, &m.id).filter(|v| !v.same_as(&desired.machine)))?;
+    // Roll out only a complete, healthy configuration: fail-stop repairs come first.
+    if config.voters().count() < desired.replicas() || config.learners().count() > 0 {
+        return None;
+    }
+    let r = Rollout {
+        from,
+        to: desired.machine.clone(),
+        phase: RolloutPhase::Staging,
+        seal_index: None,
+    };
+    let mut out = p.clone();
+    out.summary = format!("rollout {} -> {}: staging", r.from.version, r.to.version);
+    out.conditions.progressing = Some(out.summary.clone());
+    out.actions.push(Action::SetRollout {
+        rollout: Some(r.clone()),
+    });
+    out.actions.push(Action::Stage { machine: r.to.clone() });
+    Some(out)
+}
+
+/// The desired machine changed mid-rollout: a rollback before anything was replaced resumes
+/// the old version; anything else keeps the phase and aims at the new version.
+fn retarget_rollout(desired: &Desired, rollout: Rollout, out: &mut Plan) {
+    match rollout.phase {
+        RolloutPhase::Staging | RolloutPhase::Sealing if desired.machine.same_as(&rollout.from) => {
+            out.summary = format!(
+                "rollout to {} cancelled: resuming {}",
+                rollout.to.version, rollout.from.version
+            );
+            out.actions.push(Action::Resume {
+                machine: rollout.from.clone(),
+            });
+            out.actions.push(Action::SetRollout { rollout: None });
+        }
+        _ => {
+            let r = Rollout {
+                to: desired.machine.clone(),
+                ..rollout
+            };
+            out.summary = format!("rollout retargeted to {}", r.to.version);
+            out.actions.push(Action::SetRollout { rollout: Some(r) });
+        }
+    }
+    out.conditions.progressing = Some(out.summary.clone());
+}
+
+/// Staging: the new machine is staged on every replica; then seal.
+fn stage(observed: &Observed, rollout: Rollout, out: &mut Plan) {
+    if observed.staged {
+        out.summary = format!("rollout to {}: staged everywhere, sealing", rollout.to.version);
+        out.actions.push(Action::SetRollout {
+            rollout: Some(Rollout {
+                phase: RolloutPhase::Sealing,
+                ..rollout
+            }),
+        });
+        out.actions.push(Action::Seal);
+    } else {
+        out.summary = format!("rollout to {}: staging", rollout.to.version);
+        out.actions.push(Action::Stage {
+            machine: rollout.to.clone(),
+        });
+    }
+}
+
+/// Sealing: once the voters agree on the seal's snapshot, restart every voter under the new
+/// machine; different snapshots stop the rollout.
+fn seal(
+    desired: &Desired,
+    rollout: Rollout,
+    voters: &[&ConfigMember],
+    statuses: &[Option<&ReplicaStatus>],
+    out: &mut Plan,
+) {
+    match sealed_barrier(desired, statuses) {
+        Barrier::Agreed(index) => {
+            out.summary = format!("rollout to {}: voters sealed at {index}, replacing", rollout.to.version);
+            out.actions.push(Action::SetRollout {
+                rollout: Some(Rollout {
+                    phase: RolloutPhase::Replacing,
+                    seal_index: Some(index),
+                    ..rollout.clone()
+                }),
+            });
+            for m in voters {
+                out.actions.push(Action::RestartReplica {
+                    id: m.id.clone(),
+                    machine: rollout.to.clone(),
+                });
+            }
+        }
+        Barrier::Diverged(index) => {
+            let why = format!(
+                "rollout to {}: voters sealed at {index} with DIFFERENT snapshots; stopped",
+                rollout.to.version
+            );
+            out.conditions.degraded = Some(why.clone());
+            out.summary = why;
+        }
+        Barrier::Waiting => {
+            out.summary = format!("rollout to {}: waiting for the voters to seal", rollout.to.version);
+            if statuses.iter().all(|s| s.is_some_and(|s| s.sealed_at.is_none())) {
+                out.actions.push(Action::Seal); // idempotent: the primary seals once
+            }
+        }
+    }
+}
+
+/// Replacing: restart the voters that do not run the new machine yet; when all do and are
+/// running, resume.
+fn replace_voters(observed: &Observed, rollout: Rollout, voters: &[&ConfigMember], out: &mut Plan) {
+    let stale: Vec<&ConfigMember> = voters
+        .iter()
+        .copied()
+        .filter(|m| machine_of(observed, &m.id).is_some_and(|v| !v.same_as(&rollout.to)))
+        .collect();
+    if stale.is_empty() && voters.iter().all(|m| is_running(observed, &m.id)) {
+        out.summary = format!("rollout to {}: every voter runs it, resuming", rollout.to.version);
+        out.actions.push(Action::SetRollout {
+            rollout: Some(Rollout {
+                phase: RolloutPhase::Resuming,
+                ..rollout.clone()
+            }),
+        });
+        out.actions.push(Action::Resume {
+            machine: rollout.to.clone(),
+        });
+        return;
+    }
+    out.summary = format!(
+        "rollout to {}: waiting for {} voter(s) to restart",
+        rollout.to.version,
+        stale.len()
+    );
+    if let Some(why) = wrong_machine(observed, &rollout, &stale) {
+        out.conditions.degraded = Some(why.clone());
+        out.conditions.degraded_reason = Some("WrongMachineVersion".into());
+        out.summary = why;
+    }
+    for m in stale {
+        out.actions.push(Action::RestartReplica {
+            id: m.id.clone(),
+            machine: rollout.to.clone(),
+        });
+    }
+}
+
+/// Resuming: done once enough voters run unsealed; until then, resume again.
+fn resume(desired: &Desired, rollout: Rollout, statuses: &[Option<&ReplicaStatus>], out: &mut Plan) {
+    let resumed = statuses
+        .iter()
+        .filter(|s| s.is_some_and(|s| s.sealed_at.is_none()))
+        .count();
+    if resumed >= vouching(desired, statuses.len()) {
+        out.summary = format!("rollout to {} done", rollout.to.version);
+        out.actions.push(Action::SetRollout { rollout: None });
+    } else {
+        out.summary = format!("rollout to {}: resuming", rollout.to.version);
+        out.actions.push(Action::Resume {
+            machine: rollout.to.clone(),
+        });
+    }
 }
 
 /// How many voters' reports make a fact: every voter's for fail-stop (all of them are
