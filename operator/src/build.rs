@@ -165,96 +165,130 @@ pub fn replica_pod(rsm: &ReplicatedStateMachine, id: &str, machine: &MachineRef,
         (VERSION_ANNOTATION.to_string(), machine.version.clone()),
         (IMAGE_ANNOTATION.to_string(), image.clone()),
     ]));
-
-    let volume = if ephemeral(rsm) {
-        Volume {
-            name: "data".into(),
-            empty_dir: Some(EmptyDirVolumeSource::default()),
-            ..Default::default()
-        }
-    } else {
-        Volume {
-            name: "data".into(),
-            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
-                claim_name: names::pvc(id),
-                read_only: None,
-            }),
-            ..Default::default()
-        }
-    };
-    let env = vec![
-        EnvVar {
-            name: "POD_NAMESPACE".into(),
-            value_from: Some(EnvVarSource {
-                field_ref: Some(ObjectFieldSelector {
-                    field_path: "metadata.namespace".into(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        },
-        // Resolved at each container start, so after a rollout's image patch the replica
-        // reports the image it was really launched from (admin Status `launched_image`).
-        EnvVar {
-            name: "LOCKSTEP_IMAGE".into(),
-            value_from: Some(EnvVarSource {
-                field_ref: Some(ObjectFieldSelector {
-                    field_path: format!("metadata.annotations['{IMAGE_ANNOTATION}']"),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        },
-    ];
-    let mut env = env;
-    let mut volume_mounts = vec![VolumeMount {
-        name: "data".into(),
-        mount_path: DATA_DIR.into(),
-        ..Default::default()
-    }];
-    let mut volumes = vec![volume];
+    let mut parts = PodParts::data(rsm, id);
     // Environment variables, not flags: an older replica image ignores them instead of
     // failing to parse its arguments.
-    if tls {
-        let (more_env, mount, tls_volume) = crate::tls::pod_additions(id);
-        env.extend(more_env);
-        volume_mounts.push(mount);
-        volumes.push(tls_volume);
-    } else {
-        // Explicit: a replica refuses to start with neither TLS nor this.
-        env.push(EnvVar {
-            name: "LOCKSTEP_INSECURE".into(),
-            value: Some("true".into()),
+    parts.transport(tls, id);
+    parts.ordering(rsm);
+    parts.client_identities(rsm);
+    parts.byzantine(rsm, &cluster, id);
+    let container = replica_container(rsm, id, machine, image, parts.env, parts.volume_mounts);
+    let scheduling = rsm.spec.scheduling.clone().unwrap_or_default();
+    Ok(Pod {
+        metadata,
+        spec: Some(PodSpec {
+            hostname: Some(id.into()),
+            subdomain: Some(names::peers_service(&cluster)),
+            // Fail-stop: a replica that exits stays failed; the operator fences and replaces it.
+            // (A rollout's image change still restarts the container: the kubelet restarts on a
+            // spec change regardless of the restart policy.)
+            restart_policy: Some("Never".into()),
+            enable_service_links: Some(false),
+            automount_service_account_token: Some(false),
+            termination_grace_period_seconds: Some(30),
+            security_context: Some(restricted_pod_security()),
+            containers: vec![container],
+            volumes: Some(parts.volumes),
+            node_selector: scheduling.node_selector,
+            tolerations: scheduling.tolerations,
+            affinity: Some(scheduling.affinity.unwrap_or_else(|| default_affinity(&cluster))),
+            topology_spread_constraints: scheduling.topology_spread_constraints,
+            ..Default::default()
+        }),
+        status: None,
+    })
+}
+
+/// What a replica pod's container gets besides its arguments: environment, volumes and where
+/// they are mounted. Each spec field that needs one adds its part.
+struct PodParts {
+    env: Vec<EnvVar>,
+    volume_mounts: Vec<VolumeMount>,
+    volumes: Vec<Volume>,
+}
+
+impl PodParts {
+    /// The data volume (the replica's claim, or an `emptyDir` for ephemeral storage), and the
+    /// environment every replica gets.
+    fn data(rsm: &ReplicatedStateMachine, id: &str) -> PodParts {
+        let volume = if ephemeral(rsm) {
+            Volume {
+                name: "data".into(),
+                empty_dir: Some(EmptyDirVolumeSource::default()),
+                ..Default::default()
+            }
+        } else {
+            Volume {
+                name: "data".into(),
+                persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                    claim_name: names::pvc(id),
+                    read_only: None,
+                }),
+                ..Default::default()
+            }
+        };
+        PodParts {
+            env: vec![
+                field_env("POD_NAMESPACE", "metadata.namespace".into()),
+                // Resolved at each container start, so after a rollout's image patch the
+                // replica reports the image it was really launched from (admin Status
+                // `launched_image`).
+                field_env("LOCKSTEP_IMAGE", format!("metadata.annotations['{IMAGE_ANNOTATION}']")),
+            ],
+            volume_mounts: vec![VolumeMount {
+                name: "data".into(),
+                mount_path: DATA_DIR.into(),
+                ..Default::default()
+            }],
+            volumes: vec![volume],
+        }
+    }
+
+    fn set(&mut self, name: &str, value: String) {
+        self.env.push(EnvVar {
+            name: name.into(),
+            value: Some(value),
             ..Default::default()
         });
     }
-    if let Some(o) = &rsm.spec.ordering {
-        let mut set = |name: &str, value: Option<String>| {
-            if let Some(value) = value {
-                env.push(EnvVar {
-                    name: name.into(),
-                    value: Some(value),
-                    ..Default::default()
-                });
-            }
-        };
-        set("LOCKSTEP_STABILITY", o.stability.map(|s| format!("{s:?}")));
-        set(
-            "LOCKSTEP_MAX_CLOCK_SKEW_MILLIS",
-            o.max_clock_skew_millis.map(|v| v.to_string()),
-        );
-        set("LOCKSTEP_MAX_DELAY_MILLIS", o.max_delay_millis.map(|v| v.to_string()));
+
+    /// TLS: the replica's certificate Secret. Without it, the explicit opt-out (a replica
+    /// refuses to start with neither).
+    fn transport(&mut self, tls: bool, id: &str) {
+        if tls {
+            let (env, mount, volume) = crate::tls::pod_additions(id);
+            self.env.extend(env);
+            self.volume_mounts.push(mount);
+            self.volumes.push(volume);
+        } else {
+            self.set("LOCKSTEP_INSECURE", "true".into());
+        }
     }
-    if let Some(ids) = &rsm.spec.client_identities {
-        volume_mounts.push(VolumeMount {
+
+    /// `spec.ordering` (Byzantine mode), field by field.
+    fn ordering(&mut self, rsm: &ReplicatedStateMachine) {
+        let Some(o) = &rsm.spec.ordering else { return };
+        if let Some(s) = o.stability {
+            self.set("LOCKSTEP_STABILITY", format!("{s:?}"));
+        }
+        if let Some(v) = o.max_clock_skew_millis {
+            self.set("LOCKSTEP_MAX_CLOCK_SKEW_MILLIS", v.to_string());
+        }
+        if let Some(v) = o.max_delay_millis {
+            self.set("LOCKSTEP_MAX_DELAY_MILLIS", v.to_string());
+        }
+    }
+
+    /// `spec.clientIdentities`: the Secret of client public keys, mounted read-only.
+    fn client_identities(&mut self, rsm: &ReplicatedStateMachine) {
+        let Some(ids) = &rsm.spec.client_identities else { return };
+        self.volume_mounts.push(VolumeMount {
             name: "client-identities".into(),
             mount_path: CLIENT_IDENTITIES_DIR.into(),
             read_only: Some(true),
             ..Default::default()
         });
-        volumes.push(Volume {
+        self.volumes.push(Volume {
             name: "client-identities".into(),
             secret: Some(SecretVolumeSource {
                 secret_name: Some(ids.secret_ref.name.clone()),
@@ -262,26 +296,49 @@ pub fn replica_pod(rsm: &ReplicatedStateMachine, id: &str, machine: &MachineRef,
             }),
             ..Default::default()
         });
-        env.push(EnvVar {
-            name: "LOCKSTEP_CLIENT_IDENTITIES".into(),
-            value: Some(CLIENT_IDENTITIES_DIR.into()),
-            ..Default::default()
-        });
+        self.set("LOCKSTEP_CLIENT_IDENTITIES", CLIENT_IDENTITIES_DIR.into());
     }
-    if rsm.spec.failure_model == lockstep_resource::FailureModel::Byzantine {
-        let (more_env, mount, key_volume) = crate::byzantine::objects::pod_additions(&cluster, id);
-        env.extend(more_env);
-        volume_mounts.push(mount);
-        volumes.push(key_volume);
+
+    /// Byzantine mode: the replica's signing key, and a fault to inject (test builds only).
+    fn byzantine(&mut self, rsm: &ReplicatedStateMachine, cluster: &str, id: &str) {
+        if rsm.spec.failure_model != lockstep_resource::FailureModel::Byzantine {
+            return;
+        }
+        let (env, mount, volume) = crate::byzantine::objects::pod_additions(cluster, id);
+        self.env.extend(env);
+        self.volume_mounts.push(mount);
+        self.volumes.push(volume);
         if let Some(behaviour) = injected_behaviour(rsm, id) {
-            env.push(EnvVar {
-                name: "LOCKSTEP_INJECT".into(),
-                value: Some(behaviour),
-                ..Default::default()
-            });
+            self.set("LOCKSTEP_INJECT", behaviour);
         }
     }
-    let container = Container {
+}
+
+/// An environment variable from a field of the pod (the downward API).
+fn field_env(name: &str, field_path: String) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The replica container: its arguments, ports, probes and limits.
+fn replica_container(
+    rsm: &ReplicatedStateMachine,
+    id: &str,
+    machine: &MachineRef,
+    image: String,
+    env: Vec<EnvVar>,
+    volume_mounts: Vec<VolumeMount>,
+) -> Container {
+    Container {
         name: REPLICA_CONTAINER.into(),
         image: Some(image),
         args: Some(vec![
@@ -319,31 +376,7 @@ pub fn replica_pod(rsm: &ReplicatedStateMachine, id: &str, machine: &MachineRef,
         termination_message_policy: Some("FallbackToLogsOnError".into()),
         security_context: Some(restricted_container_security()),
         ..Default::default()
-    };
-    let scheduling = rsm.spec.scheduling.clone().unwrap_or_default();
-    Ok(Pod {
-        metadata,
-        spec: Some(PodSpec {
-            hostname: Some(id.into()),
-            subdomain: Some(names::peers_service(&cluster)),
-            // Fail-stop: a replica that exits stays failed; the operator fences and replaces it.
-            // (A rollout's image change still restarts the container: the kubelet restarts on a
-            // spec change regardless of the restart policy.)
-            restart_policy: Some("Never".into()),
-            enable_service_links: Some(false),
-            automount_service_account_token: Some(false),
-            termination_grace_period_seconds: Some(30),
-            security_context: Some(restricted_pod_security()),
-            containers: vec![container],
-            volumes: Some(volumes),
-            node_selector: scheduling.node_selector,
-            tolerations: scheduling.tolerations,
-            affinity: Some(scheduling.affinity.unwrap_or_else(|| default_affinity(&cluster))),
-            topology_spread_constraints: scheduling.topology_spread_constraints,
-            ..Default::default()
-        }),
-        status: None,
-    })
+    }
 }
 
 /// The data volume claim of a replica (None with `storage.ephemeral: true`).
