@@ -155,186 +155,20 @@ impl Storage {
     pub fn open(dir: &Path, opts: StorageOptions) -> Result<(Storage, Recovered), StorageError> {
         let dir = dir.to_path_buf();
         let log_dir = dir.join(LOG_DIR);
-        let created = !dir.exists();
-        fs::create_dir_all(&log_dir).map_err(io_err("create directory", &log_dir))?;
-        if created && let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-            sync_dir(parent, opts.fsync)?;
-        }
-
-        let lock_path = dir.join(LOCK_FILE);
-        let lock = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&lock_path)
-            .map_err(io_err("open lock file", &lock_path))?;
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(fs::TryLockError::WouldBlock) => {
-                return Err(StorageError::Locked { path: lock_path });
-            }
-            Err(fs::TryLockError::Error(e)) => return Err(io_err("lock", &lock_path)(e)),
-        }
-        sync_dir(&dir, opts.fsync)?;
-        sync_dir(&log_dir, opts.fsync)?;
+        let lock = create_and_lock(&dir, &log_dir, opts.fsync)?;
         remove_tmp_files(&dir)?;
-
-        let config = match read_optional(&dir.join(CONFIG_FILE))? {
-            None => None,
-            Some(data) => {
-                let path = dir.join(CONFIG_FILE);
-                let payload = decode_framed(&path, CONFIG_MAGIC, &data)?;
-                Some(Configuration::decode(payload).map_err(|e| StorageError::Corrupt {
-                    path,
-                    offset: 0,
-                    reason: format!("undecodable Configuration: {e}"),
-                })?)
-            }
-        };
-        let identity = match read_optional(&dir.join(IDENTITY_FILE))? {
-            None => None,
-            Some(data) => {
-                let path = dir.join(IDENTITY_FILE);
-                let payload = decode_framed(&path, IDENTITY_MAGIC, &data)?;
-                Some(String::from_utf8(payload.to_vec()).map_err(|e| StorageError::Corrupt {
-                    path,
-                    offset: 0,
-                    reason: format!("identity is not UTF-8: {e}"),
-                })?)
-            }
-        };
-
-        // Newest valid snapshot; fall back to older files when the newest is corrupt.
+        let config = read_framed(&dir.join(CONFIG_FILE), CONFIG_MAGIC, |payload| {
+            Configuration::decode(payload).map_err(|e| format!("undecodable Configuration: {e}"))
+        })?;
+        let identity = read_framed(&dir.join(IDENTITY_FILE), IDENTITY_MAGIC, |payload| {
+            String::from_utf8(payload.to_vec()).map_err(|e| format!("identity is not UTF-8: {e}"))
+        })?;
         let snapshot_files = snapshot::list(&dir)?;
-        let mut snap = None;
-        for &idx in snapshot_files.iter().rev() {
-            match snapshot::load(&dir, idx) {
-                Ok(s) => {
-                    snap = Some(s);
-                    break;
-                }
-                Err(e) => warn!(error = %e, "snapshot unusable, falling back to an older one"),
-            }
-        }
+        let snap = newest_usable_snapshot(&dir, &snapshot_files);
         let snapshot_index = snap.as_ref().map_or(0, |s| s.index);
-
-        // Finish an install_snapshot interrupted by a crash.
-        let install_path = dir.join(INSTALL_FILE);
-        let mut discard_log = false;
-        if let Some(data) = read_optional(&install_path)? {
-            let payload = decode_framed(&install_path, INSTALL_MAGIC, &data);
-            let target = payload.ok().and_then(|p| <[u8; 8]>::try_from(p).ok());
-            match target.map(u64::from_le_bytes) {
-                Some(idx) if snap.is_some() && idx == snapshot_index => {
-                    info!(index = idx, "completing interrupted snapshot installation");
-                    discard_log = true;
-                }
-                _ => info!("snapshot installation was interrupted before the snapshot was saved; keeping the log"),
-            }
-        }
-        let mut firsts = wal::list(&log_dir)?;
-        if discard_log {
-            for &first in firsts.iter().rev() {
-                remove_if_exists(&log_dir.join(wal::file_name(first)))?;
-            }
-            firsts.clear();
-            sync_dir(&log_dir, opts.fsync)?;
-        }
-        if read_optional(&install_path)?.is_some() {
-            remove_if_exists(&install_path)?;
-            sync_dir(&dir, opts.fsync)?;
-        }
-
-        // Read the log.
-        let mut segments = Vec::with_capacity(firsts.len());
-        let mut entries = Vec::new();
-        for (i, &first) in firsts.iter().enumerate() {
-            let last_segment = i + 1 == firsts.len();
-            let sc = wal::scan(&log_dir, first)?;
-            if let Some(prev) = segments.last().map(Segment::end)
-                && prev != first
-            {
-                return Err(StorageError::Corrupt {
-                    path: sc.path,
-                    offset: 0,
-                    reason: format!(
-                        "segment starts at index {first} but the previous segment ends before \
-                         index {prev} (gap in the log)"
-                    ),
-                });
-            }
-            if let Some((offset, reason)) = sc.bad {
-                if !last_segment {
-                    return Err(StorageError::Corrupt {
-                        path: sc.path,
-                        offset,
-                        reason: format!("{reason} (in a segment that is not the last)"),
-                    });
-                }
-                if let Some(valid) = sc.valid_after_bad {
-                    return Err(StorageError::Corrupt {
-                        path: sc.path,
-                        offset,
-                        reason: format!(
-                            "{reason}, followed by a valid record at offset {valid}: not a torn \
-                             write, refusing to drop data"
-                        ),
-                    });
-                }
-                warn!(
-                    file = %sc.path.display(),
-                    offset,
-                    reason = %reason,
-                    dropped_bytes = sc.file_len - sc.valid_len,
-                    "truncating torn write at the end of the log"
-                );
-                let f = OpenOptions::new()
-                    .write(true)
-                    .open(&sc.path)
-                    .map_err(io_err("open", &sc.path))?;
-                f.set_len(sc.valid_len)
-                    .map_err(io_err("truncate torn tail of", &sc.path))?;
-                if opts.fsync {
-                    f.sync_all().map_err(io_err("fsync", &sc.path))?;
-                }
-            }
-            entries.extend(sc.entries.into_iter().filter(|e| e.index > snapshot_index));
-            segments.push(Segment {
-                first,
-                path: sc.path,
-                offsets: sc.offsets,
-                size: sc.valid_len,
-            });
-        }
-
-        // Reconcile the log with the snapshot.
-        let mut reset_to = None;
-        match (segments.first(), segments.last()) {
-            (Some(head), Some(tail)) => {
-                if head.first > snapshot_index + 1 {
-                    return Err(StorageError::Corrupt {
-                        path: head.path.clone(),
-                        offset: 0,
-                        reason: format!(
-                            "log starts at index {} but {} (gap between snapshot and log)",
-                            head.first,
-                            if snap.is_some() {
-                                format!("the newest usable snapshot ends at {snapshot_index}")
-                            } else {
-                                "there is no usable snapshot".to_string()
-                            }
-                        ),
-                    });
-                }
-                if tail.end() <= snapshot_index {
-                    // The whole log is covered by the snapshot.
-                    reset_to = Some(snapshot_index + 1);
-                }
-            }
-            _ => reset_to = Some(snapshot_index + 1),
-        }
-        if let Some(next) = reset_to {
+        let firsts = finish_interrupted_install(&dir, &log_dir, snapshot_index, snap.is_some(), opts.fsync)?;
+        let (mut segments, mut entries) = read_log(&log_dir, &firsts, snapshot_index, opts.fsync)?;
+        if let Some(next) = log_restart(&segments, snapshot_index, snap.is_some())? {
             for seg in segments.iter().rev() {
                 remove_if_exists(&seg.path)?;
             }
@@ -696,6 +530,209 @@ impl Storage {
         }
         r
     }
+}
+
+/// Creates the directory and its log directory (syncing the parent when the directory is
+/// new), and takes the exclusive lock: a second process on the same directory is refused.
+fn create_and_lock(dir: &Path, log_dir: &Path, fsync: bool) -> Result<File, StorageError> {
+    let created = !dir.exists();
+    fs::create_dir_all(log_dir).map_err(io_err("create directory", log_dir))?;
+    if created && let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        sync_dir(parent, fsync)?;
+    }
+    let lock_path = dir.join(LOCK_FILE);
+    let lock = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&lock_path)
+        .map_err(io_err("open lock file", &lock_path))?;
+    match lock.try_lock() {
+        Ok(()) => {}
+        Err(fs::TryLockError::WouldBlock) => {
+            return Err(StorageError::Locked { path: lock_path });
+        }
+        Err(fs::TryLockError::Error(e)) => return Err(io_err("lock", &lock_path)(e)),
+    }
+    sync_dir(dir, fsync)?;
+    sync_dir(log_dir, fsync)?;
+    Ok(lock)
+}
+
+/// A small framed file (`magic`, checksum, payload) decoded by `decode`; `None` when absent.
+fn read_framed<T>(
+    path: &Path,
+    magic: &[u8; 8],
+    decode: impl FnOnce(&[u8]) -> Result<T, String>,
+) -> Result<Option<T>, StorageError> {
+    let Some(data) = read_optional(path)? else {
+        return Ok(None);
+    };
+    let payload = decode_framed(path, magic, &data)?;
+    decode(payload).map(Some).map_err(|reason| StorageError::Corrupt {
+        path: path.to_path_buf(),
+        offset: 0,
+        reason,
+    })
+}
+
+/// The newest snapshot that loads, falling back to older files when the newest is corrupt.
+fn newest_usable_snapshot(dir: &Path, files: &[u64]) -> Option<Snapshot> {
+    for &idx in files.iter().rev() {
+        match snapshot::load(dir, idx) {
+            Ok(s) => return Some(s),
+            Err(e) => warn!(error = %e, "snapshot unusable, falling back to an older one"),
+        }
+    }
+    None
+}
+
+/// Finishes an `install_snapshot` interrupted by a crash: when the snapshot it was installing
+/// was saved, the old log goes. Returns the first indexes of the log segments left.
+fn finish_interrupted_install(
+    dir: &Path,
+    log_dir: &Path,
+    snapshot_index: u64,
+    have_snapshot: bool,
+    fsync: bool,
+) -> Result<Vec<u64>, StorageError> {
+    let install_path = dir.join(INSTALL_FILE);
+    let mut discard_log = false;
+    if let Some(data) = read_optional(&install_path)? {
+        let payload = decode_framed(&install_path, INSTALL_MAGIC, &data);
+        let target = payload.ok().and_then(|p| <[u8; 8]>::try_from(p).ok());
+        match target.map(u64::from_le_bytes) {
+            Some(idx) if have_snapshot && idx == snapshot_index => {
+                info!(index = idx, "completing interrupted snapshot installation");
+                discard_log = true;
+            }
+            _ => info!("snapshot installation was interrupted before the snapshot was saved; keeping the log"),
+        }
+    }
+    let mut firsts = wal::list(log_dir)?;
+    if discard_log {
+        for &first in firsts.iter().rev() {
+            remove_if_exists(&log_dir.join(wal::file_name(first)))?;
+        }
+        firsts.clear();
+        sync_dir(log_dir, fsync)?;
+    }
+    if read_optional(&install_path)?.is_some() {
+        remove_if_exists(&install_path)?;
+        sync_dir(dir, fsync)?;
+    }
+    Ok(firsts)
+}
+
+/// Reads the log segments starting at `firsts`, in order: a gap between segments or damage
+/// before the last segment's end is an error; a torn write at the very end is cut off. Returns
+/// the segments and the entries after `snapshot_index`.
+fn read_log(
+    log_dir: &Path,
+    firsts: &[u64],
+    snapshot_index: u64,
+    fsync: bool,
+) -> Result<(Vec<Segment>, Vec<LogEntry>), StorageError> {
+    let mut segments: Vec<Segment> = Vec::with_capacity(firsts.len());
+    let mut entries = Vec::new();
+    for (i, &first) in firsts.iter().enumerate() {
+        let last_segment = i + 1 == firsts.len();
+        let sc = wal::scan(log_dir, first)?;
+        if let Some(prev) = segments.last().map(Segment::end)
+            && prev != first
+        {
+            return Err(StorageError::Corrupt {
+                path: sc.path,
+                offset: 0,
+                reason: format!(
+                    "segment starts at index {first} but the previous segment ends before \
+                     index {prev} (gap in the log)"
+                ),
+            });
+        }
+        if let Some((offset, reason)) = &sc.bad {
+            cut_torn_tail(&sc, *offset, reason, last_segment, fsync)?;
+        }
+        entries.extend(sc.entries.into_iter().filter(|e| e.index > snapshot_index));
+        segments.push(Segment {
+            first,
+            path: sc.path,
+            offsets: sc.offsets,
+            size: sc.valid_len,
+        });
+    }
+    Ok((segments, entries))
+}
+
+/// A segment whose scan stopped at a bad record (`offset`, `reason`): a torn write when it is
+/// the last segment and nothing valid follows, cut off then; data loss otherwise, refused.
+fn cut_torn_tail(
+    sc: &wal::Scanned,
+    offset: u64,
+    reason: &str,
+    last_segment: bool,
+    fsync: bool,
+) -> Result<(), StorageError> {
+    if !last_segment {
+        return Err(StorageError::Corrupt {
+            path: sc.path.clone(),
+            offset,
+            reason: format!("{reason} (in a segment that is not the last)"),
+        });
+    }
+    if let Some(valid) = sc.valid_after_bad {
+        return Err(StorageError::Corrupt {
+            path: sc.path.clone(),
+            offset,
+            reason: format!(
+                "{reason}, followed by a valid record at offset {valid}: not a torn \
+                 write, refusing to drop data"
+            ),
+        });
+    }
+    warn!(
+        file = %sc.path.display(),
+        offset,
+        reason = %reason,
+        dropped_bytes = sc.file_len - sc.valid_len,
+        "truncating torn write at the end of the log"
+    );
+    let f = OpenOptions::new()
+        .write(true)
+        .open(&sc.path)
+        .map_err(io_err("open", &sc.path))?;
+    f.set_len(sc.valid_len)
+        .map_err(io_err("truncate torn tail of", &sc.path))?;
+    if fsync {
+        f.sync_all().map_err(io_err("fsync", &sc.path))?;
+    }
+    Ok(())
+}
+
+/// Reconciles the log with the snapshot: a gap between them is an error; a log that is empty
+/// or wholly covered by the snapshot restarts at the index after it (returned).
+fn log_restart(segments: &[Segment], snapshot_index: u64, have_snapshot: bool) -> Result<Option<u64>, StorageError> {
+    let (Some(head), Some(tail)) = (segments.first(), segments.last()) else {
+        return Ok(Some(snapshot_index + 1));
+    };
+    if head.first > snapshot_index + 1 {
+        return Err(StorageError::Corrupt {
+            path: head.path.clone(),
+            offset: 0,
+            reason: format!(
+                "log starts at index {} but {} (gap between snapshot and log)",
+                head.first,
+                if have_snapshot {
+                    format!("the newest usable snapshot ends at {snapshot_index}")
+                } else {
+                    "there is no usable snapshot".to_string()
+                }
+            ),
+        });
+    }
+    // The whole log covered by the snapshot: start it again after the snapshot.
+    Ok((tail.end() <= snapshot_index).then_some(snapshot_index + 1))
 }
 
 fn create_segment(log_dir: &Path, first: u64) -> Result<Segment, StorageError> {
