@@ -430,6 +430,14 @@ struct Shared {
     tallies: Arc<Mutex<BTreeMap<String, Tally>>>,
 }
 
+impl Shared {
+    /// Update what the voters saw of replica `id`.
+    fn tally(&self, id: &str, update: impl FnOnce(&mut Tally)) {
+        let mut tallies = self.tallies.lock().unwrap_or_else(|e| e.into_inner());
+        update(tallies.entry(id.to_string()).or_default());
+    }
+}
+
 pub struct ByzClient {
     shared: Arc<Shared>,
     request_session: String,
@@ -616,38 +624,21 @@ impl ByzClient {
             link.send(signed, slot, Some(tx.clone()), timeout);
         }
         drop(tx);
-        let keys: HashMap<String, VerifyingKey> = replicas.iter().map(|(id, _, k)| (id.clone(), *k)).collect();
-        let identity = shared.identity.clone();
-        let check = move |id: &str, r: Result<SignedReply, String>| -> Result<ReplyBody, (bool, String)> {
-            let r = r.map_err(|e| (false, e))?;
-            let key = keys.get(id).ok_or((true, "unknown replica".to_string()))?;
-            if !keys::verify_reply(key, &r.body, &r.signature, &r.path, r.position) {
-                return Err((true, "bad signature".into()));
-            }
-            let body = ReplyBody::decode(r.body.as_slice()).map_err(|e| (true, format!("undecodable: {e}")))?;
-            if body.replica != id || body.identity != identity || (body.session, body.seq) != slot {
-                return Err((true, "answer for another item".into()));
-            }
-            Ok(body)
+        let ids: Vec<String> = replicas.iter().map(|(id, _, _)| id.clone()).collect();
+        let check = ReplyCheck {
+            keys: replicas.iter().map(|(id, _, k)| (id.clone(), *k)).collect(),
+            identity: shared.identity.clone(),
+            slot,
         };
-        type VoteKey = (u64, Vec<u8>, String, String, String, u64);
         let mut votes: BTreeMap<VoteKey, Vec<String>> = BTreeMap::new();
         let mut heard: BTreeMap<String, Result<VoteKey, String>> = BTreeMap::new();
         let deadline = tokio::time::Instant::now() + timeout;
         let decided = loop {
             let next = tokio::time::timeout_at(deadline, rx.recv()).await;
             let Ok(Some((id, r))) = next else { break None };
-            match check(&id, r) {
+            match check.check(&id, r) {
                 Ok(body) => {
-                    let m = body.machine.clone().unwrap_or_default();
-                    let key: VoteKey = (
-                        body.index,
-                        body.output.clone(),
-                        body.error.clone(),
-                        m.name,
-                        m.version,
-                        body.ts,
-                    );
+                    let key = vote_key(&body);
                     heard.insert(id.clone(), Ok(key.clone()));
                     let v = votes.entry(key.clone()).or_default();
                     v.push(id);
@@ -657,103 +648,31 @@ impl ByzClient {
                 }
                 Err((bad, why)) => {
                     if bad {
-                        shared
-                            .tallies
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .entry(id.clone())
-                            .or_default()
-                            .bad_signature += 1;
+                        shared.tally(&id, |t| t.bad_signature += 1);
                     }
                     heard.insert(id, Err(why));
                 }
             }
         };
-        let report_for = |key: &VoteKey, heard: &BTreeMap<String, Result<VoteKey, String>>| {
-            let mut report = VoteReport::default();
-            for (id, _, _) in &replicas {
-                match heard.get(id) {
-                    Some(Ok(k)) if k == key => report.agreed.push(id.clone()),
-                    Some(Ok(k)) => report.disagreed.push((
-                        id.clone(),
-                        format!(
-                            "index {} output {} {} (machine {} {})",
-                            k.0,
-                            String::from_utf8_lossy(&k.1),
-                            k.2,
-                            k.3,
-                            k.4
-                        ),
-                    )),
-                    Some(Err(why)) if why != "silent" => report.silent.push(id.clone()),
-                    _ => report.silent.push(id.clone()),
-                }
-            }
-            report
-        };
         let Some(key) = decided else {
-            let mut tallies = shared.tallies.lock().unwrap_or_else(|e| e.into_inner());
-            for (id, _, _) in &replicas {
+            for id in &ids {
                 if !matches!(heard.get(id), Some(Ok(_))) {
-                    tallies.entry(id.clone()).or_default().silent += 1;
+                    shared.tally(id, |t| t.silent += 1);
                 }
             }
-            let mut said: Vec<String> = votes.values().map(|v| format!("{} agreed", v.join("+"))).collect();
-            said.extend(
-                heard
-                    .iter()
-                    .filter_map(|(id, r)| r.as_ref().err().map(|e| format!("{id}: {e}"))),
-            );
-            if said.is_empty() {
-                said.push("no answer".into());
-            }
-            return Err(format!(
-                "no {} replicas agreed within {timeout:?} ({})",
-                t + 1,
-                said.join("; ")
-            ));
+            return Err(no_agreement(t, timeout, &votes, &heard));
         };
-        let report = report_for(&key, &heard);
-        {
-            let mut tallies = shared.tallies.lock().unwrap_or_else(|e| e.into_inner());
-            for id in &report.agreed {
-                tallies.entry(id.clone()).or_default().agreed += 1;
-            }
-            for (id, _) in &report.disagreed {
-                tallies.entry(id.clone()).or_default().disagreed += 1;
-            }
+        let report = report_for(&ids, &key, &heard);
+        for id in &report.agreed {
+            shared.tally(id, |t| t.agreed += 1);
+        }
+        for (id, _) in &report.disagreed {
+            shared.tally(id, |t| t.disagreed += 1);
         }
         // The others may still answer: count them when they do (or when they time out).
-        let pending: Vec<String> = report.silent.clone();
-        if !pending.is_empty() {
-            let shared = shared.clone();
-            let key = key.clone();
-            tokio::spawn(async move {
-                let mut left: std::collections::BTreeSet<String> = pending.into_iter().collect();
-                while let Ok(Some((id, r))) = tokio::time::timeout_at(deadline, rx.recv()).await {
-                    if !left.remove(&id) {
-                        continue;
-                    }
-                    let mut tallies = shared.tallies.lock().unwrap_or_else(|e| e.into_inner());
-                    let t = tallies.entry(id.clone()).or_default();
-                    match check(&id, r) {
-                        Ok(body) => {
-                            let m = body.machine.clone().unwrap_or_default();
-                            if (body.index, body.output, body.error, m.name, m.version, body.ts) == key {
-                                t.agreed += 1;
-                            } else {
-                                t.disagreed += 1;
-                            }
-                        }
-                        Err((true, _)) => t.bad_signature += 1,
-                        Err((false, _)) => t.silent += 1,
-                    }
-                }
-                let mut tallies = shared.tallies.lock().unwrap_or_else(|e| e.into_inner());
-                for id in left {
-                    tallies.entry(id).or_default().silent += 1;
-                }
-            });
+        if !report.silent.is_empty() {
+            let late = tally_late_answers(shared.clone(), check, key.clone(), report.silent.clone(), rx, deadline);
+            tokio::spawn(late);
         }
         if !key.2.is_empty() {
             return Err(format!("refused: {}", key.2));
@@ -1171,6 +1090,117 @@ impl crate::bench::KvBackend for ByzClient {
 /// A path-friendly helper for tests and tools: the cluster directory of a local cluster.
 pub fn cluster_dir(data_dir: &Path, name: &str) -> PathBuf {
     crate::cluster::cluster_dir(data_dir, name)
+}
+
+/// What the voter compares between answers: index, output, error, machine name and version,
+/// and timestamp.
+type VoteKey = (u64, Vec<u8>, String, String, String, u64);
+
+fn vote_key(body: &ReplyBody) -> VoteKey {
+    let m = body.machine.clone().unwrap_or_default();
+    (
+        body.index,
+        body.output.clone(),
+        body.error.clone(),
+        m.name,
+        m.version,
+        body.ts,
+    )
+}
+
+/// Checks one replica's answer to one item.
+struct ReplyCheck {
+    keys: HashMap<String, VerifyingKey>,
+    identity: String,
+    slot: (u64, u64),
+}
+
+impl ReplyCheck {
+    /// The answer's body when `id` signed it and it answers this item. `Err((true, why))`:
+    /// the replica said something wrong (bad signature, undecodable, another item);
+    /// `Err((false, why))`: no answer (the call failed).
+    fn check(&self, id: &str, r: Result<SignedReply, String>) -> Result<ReplyBody, (bool, String)> {
+        let r = r.map_err(|e| (false, e))?;
+        let key = self.keys.get(id).ok_or((true, "unknown replica".to_string()))?;
+        if !keys::verify_reply(key, &r.body, &r.signature, &r.path, r.position) {
+            return Err((true, "bad signature".into()));
+        }
+        let body = ReplyBody::decode(r.body.as_slice()).map_err(|e| (true, format!("undecodable: {e}")))?;
+        if body.replica != id || body.identity != self.identity || (body.session, body.seq) != self.slot {
+            return Err((true, "answer for another item".into()));
+        }
+        Ok(body)
+    }
+}
+
+/// Who agreed with `key`, who said what instead, and who was silent, among `ids`.
+fn report_for(ids: &[String], key: &VoteKey, heard: &BTreeMap<String, Result<VoteKey, String>>) -> VoteReport {
+    let mut report = VoteReport::default();
+    for id in ids {
+        match heard.get(id) {
+            Some(Ok(k)) if k == key => report.agreed.push(id.clone()),
+            Some(Ok(k)) => report.disagreed.push((
+                id.clone(),
+                format!(
+                    "index {} output {} {} (machine {} {})",
+                    k.0,
+                    String::from_utf8_lossy(&k.1),
+                    k.2,
+                    k.3,
+                    k.4
+                ),
+            )),
+            _ => report.silent.push(id.clone()),
+        }
+    }
+    report
+}
+
+/// The error of a vote that no t + 1 replicas agreed on in time: what each group said.
+fn no_agreement(
+    t: usize,
+    timeout: Duration,
+    votes: &BTreeMap<VoteKey, Vec<String>>,
+    heard: &BTreeMap<String, Result<VoteKey, String>>,
+) -> String {
+    let mut said: Vec<String> = votes.values().map(|v| format!("{} agreed", v.join("+"))).collect();
+    said.extend(
+        heard
+            .iter()
+            .filter_map(|(id, r)| r.as_ref().err().map(|e| format!("{id}: {e}"))),
+    );
+    if said.is_empty() {
+        said.push("no answer".into());
+    }
+    format!("no {} replicas agreed within {timeout:?} ({})", t + 1, said.join("; "))
+}
+
+/// After a vote: the replicas in `pending` had not answered; count what each says until the
+/// deadline (agreed, disagreed, bad signature), and silence for the rest.
+async fn tally_late_answers(
+    shared: Arc<Shared>,
+    check: ReplyCheck,
+    key: VoteKey,
+    pending: Vec<String>,
+    mut rx: mpsc::UnboundedReceiver<(String, Result<SignedReply, String>)>,
+    deadline: tokio::time::Instant,
+) {
+    let mut left: std::collections::BTreeSet<String> = pending.into_iter().collect();
+    while let Ok(Some((id, r))) = tokio::time::timeout_at(deadline, rx.recv()).await {
+        if !left.remove(&id) {
+            continue;
+        }
+        let verdict = check.check(&id, r);
+        shared.tally(&id, |t| match verdict {
+            Ok(body) if vote_key(&body) == key => t.agreed += 1,
+            Ok(_) => t.disagreed += 1,
+            Err((true, _)) => t.bad_signature += 1,
+            Err((false, _)) => t.silent += 1,
+        });
+    }
+    for id in left {
+        shared.tally(&id, |t| t.silent += 1);
+    }
 }
 
 #[cfg(test)]
