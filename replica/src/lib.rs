@@ -164,6 +164,23 @@ pub fn transport(args: &ReplicaArgs) -> anyhow::Result<tls::Transport> {
 
 pub async fn run(args: ReplicaArgs, factory: MachineFactory) -> anyhow::Result<()> {
     let transport = transport(&args)?;
+    check_certificate_is_ours(&transport, &args)?;
+    if args.failure_model == FailureModel::Byzantine {
+        return byz::run(args, factory, transport).await;
+    }
+    let (storage, node) = recover(&args, factory)?;
+    let is_primary = node.role == node::Role::Primary;
+    let shared = start_shared(storage, node, &transport);
+    if is_primary {
+        peers::start(&shared);
+    }
+    shared.after_change();
+    let (grpc, http) = listen(&args).await?;
+    serve_until_signal(shared, transport, grpc, http).await
+}
+
+/// A replica's certificate must name this replica (its SAN URI `lockstep://replica/ID`).
+fn check_certificate_is_ours(transport: &tls::Transport, args: &ReplicaArgs) -> anyhow::Result<()> {
     if let Some(id) = transport.identity()
         && (id.role != tls::Role::Replica || id.name != args.id)
     {
@@ -173,9 +190,12 @@ pub async fn run(args: ReplicaArgs, factory: MachineFactory) -> anyhow::Result<(
             args.id
         );
     }
-    if args.failure_model == FailureModel::Byzantine {
-        return byz::run(args, factory, transport).await;
-    }
+    Ok(())
+}
+
+/// Opens the data directory (refusing one that belongs to another replica) and rebuilds the
+/// node from what it holds.
+fn recover(args: &ReplicaArgs, factory: MachineFactory) -> anyhow::Result<(storage::Storage, Node)> {
     let opts = storage::StorageOptions {
         fsync: !args.no_fsync,
         ..Default::default()
@@ -204,11 +224,15 @@ pub async fn run(args: ReplicaArgs, factory: MachineFactory) -> anyhow::Result<(
         log_entries = recovered_entries, machine = %format!("{} {}", node.identity.name, node.identity.version),
         "recovered from disk"
     );
-    let is_primary = node.role == node::Role::Primary;
+    Ok((storage, node))
+}
 
+/// The state the servers share, with the storage writer whose durable batches commit and
+/// apply entries.
+fn start_shared(storage: storage::Storage, node: Node, transport: &tls::Transport) -> Arc<Shared> {
     let (changed, _) = tokio::sync::watch::channel(0u64);
     let (applied_tx, _) = tokio::sync::broadcast::channel(4096);
-    let shared = Arc::new_cyclic(|weak: &Weak<Shared>| {
+    Arc::new_cyclic(|weak: &Weak<Shared>| {
         let weak = weak.clone();
         let writer = writer::spawn(
             storage,
@@ -233,12 +257,11 @@ pub async fn run(args: ReplicaArgs, factory: MachineFactory) -> anyhow::Result<(
             metrics: Default::default(),
             transport: transport.clone(),
         }
-    });
-    if is_primary {
-        peers::start(&shared);
-    }
-    shared.after_change();
+    })
+}
 
+/// Binds the gRPC and HTTP listeners and says where in `listening.json`.
+async fn listen(args: &ReplicaArgs) -> anyhow::Result<(tokio::net::TcpListener, tokio::net::TcpListener)> {
     let grpc = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -253,35 +276,48 @@ pub async fn run(args: ReplicaArgs, factory: MachineFactory) -> anyhow::Result<(
     };
     write_atomically(&args.data_dir.join(LISTENING_FILE), &serde_json::to_vec(&listening)?)?;
     tracing::info!(grpc = %listening.grpc, http = %listening.http, "listening");
+    Ok((grpc, http))
+}
 
+/// Who may call as a replica: the members of the current configuration (a refusal says why,
+/// and the epoch it is in).
+fn membership(shared: &Arc<Shared>) -> tls::Membership {
+    let shared = Arc::downgrade(shared);
+    Arc::new(move |id: &str| {
+        let Some(shared) = shared.upgrade() else {
+            return Err(("and this replica is shutting down".into(), 0));
+        };
+        let node = shared.lock();
+        match &node.config {
+            Some(c) if c.members.iter().any(|m| m.id == id) => Ok(()),
+            Some(c) => Err((
+                format!(
+                    "not a member of epoch {} ({})",
+                    c.epoch,
+                    c.members.iter().map(|m| m.id.as_str()).collect::<Vec<_>>().join(", ")
+                ),
+                node.epoch,
+            )),
+            None => Err(("and this replica has no configuration yet".into(), node.epoch)),
+        }
+    })
+}
+
+/// Serves gRPC (client, peer and admin services) and HTTP until SIGINT or SIGTERM, then stops
+/// both and waits for the storage writer to finish what it has.
+async fn serve_until_signal(
+    shared: Arc<Shared>,
+    transport: tls::Transport,
+    grpc: tokio::net::TcpListener,
+    http: tokio::net::TcpListener,
+) -> anyhow::Result<()> {
     let services = server::Services { shared: shared.clone() };
     let max = lockstep_proto::MAX_MESSAGE_BYTES;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let members: tls::Membership = {
-        let shared = Arc::downgrade(&shared);
-        Arc::new(move |id: &str| {
-            let Some(shared) = shared.upgrade() else {
-                return Err(("and this replica is shutting down".into(), 0));
-            };
-            let node = shared.lock();
-            match &node.config {
-                Some(c) if c.members.iter().any(|m| m.id == id) => Ok(()),
-                Some(c) => Err((
-                    format!(
-                        "not a member of epoch {} ({})",
-                        c.epoch,
-                        c.members.iter().map(|m| m.id.as_str()).collect::<Vec<_>>().join(", ")
-                    ),
-                    node.epoch,
-                )),
-                None => Err(("and this replica has no configuration yet".into(), node.epoch)),
-            }
-        })
-    };
     let grpc_server = transport
         .server()
         .layer(stages::StampArrivalLayer)
-        .layer(tls::AuthorizeLayer::new(&transport, members))
+        .layer(tls::AuthorizeLayer::new(&transport, membership(&shared)))
         .add_service(lockstep_proto::client_server::ClientServer::new(services.clone()).max_decoding_message_size(max))
         .add_service(lockstep_proto::peer_server::PeerServer::new(services.clone()).max_decoding_message_size(max))
         .add_service(lockstep_proto::admin_server::AdminServer::new(services.clone()).max_decoding_message_size(max))
