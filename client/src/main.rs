@@ -345,16 +345,22 @@ async fn byz_watch(cli: &Cli, from: u64, until: Option<u64>) -> anyhow::Result<(
     Ok(())
 }
 
+/// `n` Byzantine clients (not yet opened) that send a no-op every `interval` when idle.
+async fn byz_clients(cli: &Cli, n: usize, interval: Duration) -> anyhow::Result<Vec<lockstep::byz::ByzClient>> {
+    let mut clients = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut c = byz_client(cli).await?;
+        c.noop_interval = interval;
+        clients.push(c);
+    }
+    Ok(clients)
+}
+
 /// The workload over signed client streams, one per benchmark client, with `--idle` more
 /// streams that only send no-ops.
 async fn byz_bench(cli: &Cli, args: &BenchArgs) -> anyhow::Result<()> {
     let interval = Duration::from_millis(args.noop_interval_ms.max(1));
-    let mut idlers = Vec::new();
-    for _ in 0..args.idle {
-        let mut c = byz_client(cli).await?;
-        c.noop_interval = interval;
-        idlers.push(c);
-    }
+    let mut idlers = byz_clients(cli, args.idle, interval).await?;
     let opening = Instant::now();
     for c in idlers.iter_mut() {
         c.open().await?;
@@ -367,12 +373,7 @@ async fn byz_bench(cli: &Cli, args: &BenchArgs) -> anyhow::Result<()> {
             args.noop_interval_ms
         );
     }
-    let mut clients = Vec::new();
-    for _ in 0..args.clients {
-        let mut c = byz_client(cli).await?;
-        c.noop_interval = interval;
-        clients.push(c);
-    }
+    let mut clients = byz_clients(cli, args.clients, interval).await?;
     // Streams are opened (admitted by the configuration master) before the measured window,
     // as the idle ones are: the window measures the workload, not the admissions.
     let opening = Instant::now();
