@@ -37,22 +37,26 @@ pub fn longest_write_pause(history: &str) -> (Duration, usize) {
 pub fn applied_index(tools: &ToolsPod, service: &str) -> anyhow::Result<u64> {
     let out = tools.lockstep(service, &["status", "-o", "json"])?;
     let v: serde_json::Value = serde_json::from_str(&out)?;
-    Ok(v.pointer("/members")
+    v.pointer("/members")
         .and_then(|r| r.as_array())
-        .map(|rs| rs.iter().filter_map(|r| r["appliedIndex"].as_u64()).max().unwrap_or(0))
-        .unwrap_or(0))
+        .and_then(|rs| rs.iter().filter_map(|r| r["appliedIndex"].as_u64()).max())
+        .ok_or_else(|| anyhow::anyhow!("no member reported an applied index: {out}"))
 }
 
 /// Waits until the cluster behind `service` has applied `n` more commands.
 pub async fn wait_for_progress(tools: &ToolsPod, service: &str, n: u64) {
     let start = applied_index(tools, service).unwrap_or(0);
-    wait_until(
-        &format!("{n} more commands applied"),
+    let waited = wait_until(
+        &format!("{n} more commands applied after index {start}"),
         Duration::from_secs(120),
         || async { Ok(applied_index(tools, service)? >= start + n) },
     )
-    .await
-    .expect("the load makes progress");
+    .await;
+    if let Err(e) = waited {
+        // Say what the client saw, not only that it saw too little.
+        let seen = tools.lockstep(service, &["status", "-o", "json"]);
+        panic!("the load makes progress: {e:#}\n`lockstep status -o json` now: {seen:#?}");
+    }
 }
 
 /// Creates a t-fault RSM, runs a load, kills the primary's process once the load runs, and
