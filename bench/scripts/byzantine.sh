@@ -11,6 +11,8 @@
 # delta is MAX_DELAY (2 ms) for LamportClock and PHYS_DELAY (10 ms) for PhysicalClock: with
 # 2 ms, items on this 2-core machine reach replicas after their PhysicalClock window
 # (lockstep_replica_byz_late_items_total) and writes stall (docs/byzantine.md).
+# ByzantineBatched: the same clients sharing one signed stream that sends the commands waiting
+# at once as one item (lockstep bench --batch BATCH, default 256; docs/byzantine.md).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 LOCKSTEP=${LOCKSTEP:-target/release/lockstep}
@@ -89,9 +91,13 @@ echo "model,clients,ops_per_sec,p50_ms,p99_ms" > "$OUT/byzantine-throughput.csv"
 start fs FailStop
 start byz Byzantine LamportClock
 for c in $CLIENTS; do
-    for target in fs byz; do
-        line=$(bench "$target" "$c")
-        model=$([ "$target" = fs ] && echo FailStop || echo Byzantine)
+    for target in fs byz byz-batched; do
+        case $target in
+            fs) model=FailStop; line=$(bench fs "$c") ;;
+            byz) model=Byzantine; line=$(bench byz "$c") ;;
+            # The same clients sharing one signed stream that batches their waiting commands.
+            byz-batched) model=ByzantineBatched; line=$(bench byz "$c" --batch "${BATCH:-256}") ;;
+        esac
         echo "$model,$c,$line" | tee -a "$OUT/byzantine-throughput.csv"
     done
 done

@@ -59,6 +59,40 @@ impl KvBackend for Client {
     }
 }
 
+/// `op` as a command (or query) of the key-value machine.
+pub fn kv_payload(op: &Op) -> Vec<u8> {
+    let cmd = match op.kind {
+        OpKind::Get => serde_json::json!({"op": "get", "key": op.key}),
+        OpKind::Put => {
+            serde_json::json!({"op": "put", "key": op.key, "value": op.value.as_deref().unwrap_or_default()})
+        }
+        OpKind::Delete => serde_json::json!({"op": "delete", "key": op.key}),
+        OpKind::Cas => serde_json::json!({"op": "cas", "key": op.key, "old": op.old, "new": op.new}),
+    };
+    cmd.to_string().into_bytes()
+}
+
+/// The key-value machine's output for `op` (from [`kv_payload`]) in the history format.
+pub fn history_output(op: &Op, out: &serde_json::Value) -> serde_json::Value {
+    match op.kind {
+        OpKind::Get => serde_json::json!({"value": out["value"].as_str()}),
+        OpKind::Put | OpKind::Delete => serde_json::json!({"previous": out["previous"].as_str()}),
+        OpKind::Cas => serde_json::json!({
+            "swapped": out["swapped"].as_bool().unwrap_or(false),
+            "current": out["current"].as_str(),
+        }),
+    }
+}
+
+/// A backend's answer to `op` as the load generator records it.
+pub fn outcome(op: &Op, result: Result<serde_json::Value, ClientError>) -> (Outcome, Option<serde_json::Value>) {
+    match result {
+        Ok(v) => (Outcome::Ok, Some(history_output(op, &v))),
+        Err(ClientError::Unknown(_)) => (Outcome::Unknown, None),
+        Err(_) => (Outcome::Fail, None),
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mix {
     /// Only puts (write throughput).

@@ -10,8 +10,8 @@
 use crate::ClientError;
 use ed25519_dalek::{SigningKey, VerifyingKey};
 use lockstep_proto::{
-    AppliedEntry, ByzCommand, Noop, ReplyBody, SignedApplied, SignedItem, SignedReply, StreamItem, WatchRequest,
-    byzantine_client::ByzantineClient, stream_item::Body,
+    AppliedEntry, BatchOutputs, ByzCommand, CommandBatch, Noop, ReplyBody, SignedApplied, SignedItem, SignedReply,
+    StreamItem, WatchRequest, byzantine_client::ByzantineClient, stream_item::Body,
 };
 use lockstep_replica::byz::keys;
 use prost::Message;
@@ -587,7 +587,7 @@ impl ByzClient {
             .then(|| lockstep_replica::byz::renew_ahead(&timing));
         let mut s = shared.stream.lock().unwrap_or_else(|e| e.into_inner());
         let now = now_us();
-        if matches!(body, Body::Command(_) | Body::Query(_)) && s.busy_since.is_none() {
+        if matches!(body, Body::Command(_) | Body::Query(_) | Body::Batch(_)) && s.busy_since.is_none() {
             s.busy_since = Some(now);
         }
         let gap = interval.map_or(0, |i| match ahead {
@@ -791,16 +791,75 @@ impl ByzClient {
         self.shared.stream.lock().unwrap_or_else(|e| e.into_inner()).open = false;
     }
 
-    /// Run one command or query through the order, voted.
-    async fn ordered(&mut self, payload: Vec<u8>, query: bool) -> Result<Voted, ClientError> {
-        // However this ends (answered, failed, dropped), the stream is idle again after it.
-        let _idle = Idle(self.shared.clone());
+    /// The next command of this client's exactly-once session.
+    fn next_command(&mut self, payload: Vec<u8>) -> ByzCommand {
         self.request_seq += 1;
-        let cmd = ByzCommand {
+        ByzCommand {
             request_session: self.request_session.clone(),
             request_seq: self.request_seq,
             payload,
-        };
+        }
+    }
+
+    /// Run one command or query through the order, voted.
+    async fn ordered(&mut self, payload: Vec<u8>, query: bool) -> Result<Voted, ClientError> {
+        let cmd = self.next_command(payload);
+        let body = if query { Body::Query(cmd) } else { Body::Command(cmd) };
+        self.ordered_item(body).await
+    }
+
+    /// Run several commands and queries (`(payload, read_only)`) as one item (one signature,
+    /// one slot, one voted reply) and return each one's output, or why it was refused, in the
+    /// order given. Each command keeps its own place in the exactly-once session, so a
+    /// retried batch runs nothing twice.
+    pub async fn execute_batch(
+        &mut self,
+        requests: Vec<(Vec<u8>, bool)>,
+    ) -> Result<(Vec<Result<Vec<u8>, ClientError>>, VoteReport), ClientError> {
+        use lockstep_proto::{BatchEntry, batch_entry::Kind};
+        let n = requests.len();
+        let entries = requests
+            .into_iter()
+            .map(|(payload, read_only)| BatchEntry {
+                kind: Some(if read_only {
+                    Kind::Query(ByzCommand {
+                        payload,
+                        ..Default::default()
+                    })
+                } else {
+                    Kind::Command(self.next_command(payload))
+                }),
+            })
+            .collect();
+        let voted = self.ordered_item(Body::Batch(CommandBatch { entries })).await?;
+        // t+1 replicas signed this output: a malformed one is beyond the failure model.
+        let outputs = BatchOutputs::decode(voted.output.as_slice())
+            .map_err(|e| ClientError::Unknown(format!("the voted answer to a batch is not a batch's: {e}")))?
+            .outputs;
+        if outputs.len() != n {
+            return Err(ClientError::Unknown(format!(
+                "the voted answer to a batch of {n} has {} outputs",
+                outputs.len()
+            )));
+        }
+        let results = outputs
+            .into_iter()
+            .map(|o| {
+                if o.error.is_empty() {
+                    Ok(o.output)
+                } else {
+                    Err(ClientError::Invalid(o.error))
+                }
+            })
+            .collect();
+        Ok((results, voted.report))
+    }
+
+    /// Run one command, query or batch through the order, voted.
+    async fn ordered_item(&mut self, body: Body) -> Result<Voted, ClientError> {
+        // However this ends (answered, failed, dropped), the stream is idle again after it.
+        let _idle = Idle(self.shared.clone());
+        let query = matches!(body, Body::Query(_));
         let start = Instant::now();
         let mut maybe_applied = false;
         let mut last = String::new();
@@ -809,12 +868,7 @@ impl ByzClient {
                 last = e.to_string();
                 break;
             }
-            let body = if query {
-                Body::Query(cmd.clone())
-            } else {
-                Body::Command(cmd.clone())
-            };
-            let (signed, slot) = Self::next_item(&self.shared, body, Some(self.noop_interval));
+            let (signed, slot) = Self::next_item(&self.shared, body.clone(), Some(self.noop_interval));
             // Resend the same item until t+1 agree or the deadline passes.
             loop {
                 let left = self.deadline.saturating_sub(start.elapsed());
@@ -1066,24 +1120,9 @@ impl crate::bench::KvBackend for ByzClient {
     }
 
     async fn run(&mut self, op: &crate::bench::Op) -> (lockstep_linearizability::Outcome, Option<serde_json::Value>) {
-        use lockstep_linearizability::{OpKind, Outcome};
-        let result = match op.kind {
-            OpKind::Get => self.get(&op.key).await.map(|v| serde_json::json!({"value": v})),
-            OpKind::Put => self
-                .put(&op.key, op.value.as_deref().unwrap_or_default())
-                .await
-                .map(|p| serde_json::json!({"previous": p})),
-            OpKind::Delete => self.delete(&op.key).await.map(|p| serde_json::json!({"previous": p})),
-            OpKind::Cas => self
-                .cas(&op.key, op.old.as_deref(), op.new.as_deref())
-                .await
-                .map(|(s, c)| serde_json::json!({"swapped": s, "current": c})),
-        };
-        match result {
-            Ok(v) => (Outcome::Ok, Some(v)),
-            Err(ClientError::Unknown(_)) => (Outcome::Unknown, None),
-            Err(_) => (Outcome::Fail, None),
-        }
+        let query = op.kind == lockstep_linearizability::OpKind::Get;
+        let result = self.ordered(crate::bench::kv_payload(op), query).await;
+        crate::bench::outcome(op, result.and_then(|v| crate::parse_output(&v.output)))
     }
 }
 

@@ -15,6 +15,7 @@
 
 pub mod bench;
 pub mod byz;
+pub mod byz_batch;
 pub mod byz_discover;
 pub mod cluster;
 pub mod pki;

@@ -173,6 +173,14 @@ struct BenchArgs {
     /// Byzantine clusters: an idle client's no-op interval, in milliseconds.
     #[arg(long, default_value_t = 50)]
     noop_interval_ms: u64,
+    /// Byzantine clusters: the clients share one signed stream that sends the commands
+    /// waiting at once as one item, at most this many (0: one stream per client).
+    #[arg(long, default_value_t = 0)]
+    batch: usize,
+    /// Byzantine clusters with `--batch`: how many shared streams, each with one batch in
+    /// flight.
+    #[arg(long, default_value_t = 1)]
+    batch_streams: usize,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -373,29 +381,37 @@ async fn byz_bench(cli: &Cli, args: &BenchArgs) -> anyhow::Result<()> {
             args.noop_interval_ms
         );
     }
-    let mut clients = byz_clients(cli, args.clients, interval).await?;
+    let streams = if args.batch > 0 {
+        args.batch_streams.clamp(1, args.clients.max(1))
+    } else {
+        args.clients
+    };
+    let mut clients = byz_clients(cli, streams, interval).await?;
     // Streams are opened (admitted by the configuration master) before the measured window,
     // as the idle ones are: the window measures the workload, not the admissions.
     let opening = Instant::now();
     futures::future::try_join_all(clients.iter_mut().map(|c| c.open())).await?;
     eprintln!(
-        "bench: {} client stream(s) opened in {:.2}s",
-        args.clients,
+        "bench: {streams} client stream(s) opened in {:.2}s",
         opening.elapsed().as_secs_f64()
     );
-    let pool = std::sync::Mutex::new(clients.into_iter().map(Some).collect::<Vec<_>>());
-    let report = run_workload(
-        "byzantine",
-        args.workload_options(),
-        |i| {
+    let stop = Arc::new(AtomicBool::new(false));
+    let report = if args.batch > 0 {
+        let batcher = lockstep::byz_batch::ByzBatcher::spawn(clients, args.batch);
+        let label = format!("byzantine-batch{}", args.batch);
+        let report = run_workload(&label, args.workload_options(), |_| batcher.clone(), stop).await?;
+        batcher.close().await;
+        report
+    } else {
+        let pool = std::sync::Mutex::new(clients.into_iter().map(Some).collect::<Vec<_>>());
+        let take = |i: usize| {
             pool.lock()
                 .ok()
                 .and_then(|mut p| p.get_mut(i).and_then(Option::take))
                 .expect("one prepared client per index")
-        },
-        Arc::new(AtomicBool::new(false)),
-    )
-    .await?;
+        };
+        run_workload("byzantine", args.workload_options(), take, stop).await?
+    };
     println!("{report}");
     for mut c in idlers {
         c.close().await;

@@ -2,8 +2,10 @@
 //! on loopback, some of them made faulty with `--inject` (test builds only).
 #![allow(dead_code)]
 
-use lockstep::bench::{Mix, Report, WorkloadOptions, run_workload};
+use lockstep::bench::{KvBackend, Mix, Op, Report, WorkloadOptions, run_workload};
 use lockstep::byz::{ByzClient, Tally};
+use lockstep::byz_batch::ByzBatcher;
+use lockstep_linearizability::Outcome;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use std::collections::BTreeMap;
@@ -13,6 +15,27 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+/// A workload caller: its own signed stream, or a share of a batching one.
+pub enum Caller {
+    Stream(Box<ByzClient>),
+    Batched(ByzBatcher),
+}
+
+impl KvBackend for Caller {
+    async fn run(&mut self, op: &Op) -> (Outcome, Option<serde_json::Value>) {
+        match self {
+            Caller::Stream(c) => c.run(op).await,
+            Caller::Batched(b) => b.run(op).await,
+        }
+    }
+
+    async fn finish(&mut self) {
+        if let Caller::Stream(c) = self {
+            c.finish().await;
+        }
+    }
+}
 
 pub struct ByzCluster {
     pub name: String,
@@ -36,22 +59,30 @@ pub fn assert_linearizable(path: &Path) -> usize {
 }
 
 impl ByzCluster {
-    /// Four concurrent voting clients run the mixed workload over 6 keys for 4 s, recording
-    /// the history in `history.jsonl` of the cluster's directory (returned) and counting
-    /// every replica's votes into `tallies`. Runs on `rt`: answers still on their way when a
-    /// vote was decided are counted only while the caller keeps it alive.
+    /// Six concurrent voting callers run the mixed workload over 6 keys for 4 s: two with a
+    /// signed stream each, four sharing one stream that batches what they have waiting
+    /// (`ByzBatcher`). Records the history in `history.jsonl` of the cluster's directory
+    /// (returned) and counts every replica's votes into `tallies`. Runs on `rt`: answers still
+    /// on their way when a vote was decided are counted only while the caller keeps it alive.
     pub fn voted_workload(&self, rt: &tokio::runtime::Runtime, run: &str, tallies: &Tallies) -> (Report, PathBuf) {
         let history = self.dir.path().join("history.jsonl");
         let report = rt
             .block_on(async {
-                let clients: Vec<_> = (0..4)
-                    .map(|_| Some(self.client().with_tallies(tallies.clone())))
+                let batcher = ByzBatcher::spawn(vec![self.client().with_tallies(tallies.clone())], 16);
+                let callers: Vec<_> = (0..6)
+                    .map(|i| {
+                        Some(if i < 2 {
+                            Caller::Stream(Box::new(self.client().with_tallies(tallies.clone())))
+                        } else {
+                            Caller::Batched(batcher.clone())
+                        })
+                    })
                     .collect();
-                let pool = Mutex::new(clients);
-                run_workload(
+                let pool = Mutex::new(callers);
+                let report = run_workload(
                     run,
                     WorkloadOptions {
-                        clients: 4,
+                        clients: 6,
                         duration: Duration::from_secs(4),
                         value_size: 8,
                         keys: 6,
@@ -62,11 +93,13 @@ impl ByzCluster {
                         pool.lock()
                             .ok()
                             .and_then(|mut p| p.get_mut(i).and_then(Option::take))
-                            .expect("a client per index")
+                            .expect("a caller per index")
                     },
                     Arc::new(AtomicBool::new(false)),
                 )
-                .await
+                .await;
+                batcher.close().await;
+                report
             })
             .expect("workload");
         (report, history)

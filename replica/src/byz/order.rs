@@ -25,8 +25,9 @@
 use super::keys::{self, MASTER_IDENTITY};
 use crate::runtime::{Runtime, digest};
 use lockstep_proto::{
-    AppliedEntry, ChainSig, Command, Evidence, LogEntry, MachineIdentity, Noop, ReplyBody, Resume, SealBarrier,
-    SignedItem, Snapshot, StreamItem, StreamStatus, log_entry::Body, stream_item::Body as ItemBody,
+    AppliedEntry, BatchOutput, BatchOutputs, ByzCommand, ChainSig, Command, CommandBatch, Evidence, LogEntry,
+    MachineIdentity, Noop, ReplyBody, Resume, SealBarrier, SignedItem, Snapshot, StreamItem, StreamStatus, batch_entry,
+    log_entry::Body, stream_item::Body as ItemBody,
 };
 use prost::Message;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -814,7 +815,7 @@ impl Core {
                 self.streams.get(sk).is_some_and(|s| {
                     matches!(
                         self.slots.get(&(sk.0.clone(), sk.1, s.next_seq)).and_then(|x| x.decided.as_ref()),
-                        Some(Decision::Item(v)) if matches!(v.item.body, Some(ItemBody::Command(_)))
+                        Some(Decision::Item(v)) if matches!(v.item.body, Some(ItemBody::Command(_)) | Some(ItemBody::Batch(_)))
                     )
                 })
             };
@@ -1030,58 +1031,26 @@ impl Core {
         let from_master = item.identity == MASTER_IDENTITY;
         match &item.body {
             Some(ItemBody::Command(c)) => {
-                let command = Command {
-                    client_id: format!("{}/{}", item.identity, c.request_session),
-                    sequence: c.request_seq,
-                    payload: c.payload.clone(),
+                let (output, error) = match self.run_command(&item.identity, c, era, out) {
+                    Ok(r) => (r.output, r.error),
+                    Err(sealed) => (Vec::new(), sealed),
                 };
-                let refusal = if self.runtime.sealed_at().is_some() {
-                    Some("sealed: the cluster is being upgraded; retry".to_string())
+                // A refused command made nothing durable: answer it at once.
+                let durable_after = if error.is_empty() { self.index } else { 0 };
+                self.answer(key, output, error, item.ts, durable_after, out);
+            }
+            Some(ItemBody::Batch(b)) => {
+                let (output, error) = if b.entries.is_empty() {
+                    (Vec::new(), "invalid command: an empty batch".to_string())
                 } else {
-                    self.runtime
-                        .validate(&command)
-                        .err()
-                        .map(|e| format!("invalid command: {e}"))
+                    self.run_batch(&item.identity, b, era, out)
                 };
-                if let Some(error) = refusal {
-                    let body = self.reply_body(&key, self.index, Vec::new(), error, item.ts);
-                    self.remember(key.clone(), body.clone());
-                    out.push(Effect::Reply {
-                        slot: key,
-                        body,
-                        durable_after: 0,
-                    });
-                    return;
-                }
-                self.index += 1;
-                let entry = LogEntry {
-                    index: self.index,
-                    epoch: era,
-                    body: Some(Body::Command(command)),
-                };
-                let applied = self.runtime.apply(&entry);
-                out.push(Effect::Log(entry.clone()));
-                self.push_applied(&entry, &applied.output, applied.kind, out);
-                let body = self.reply_body(&key, self.index, applied.output, String::new(), item.ts);
-                self.remember(key.clone(), body.clone());
-                out.push(Effect::Reply {
-                    slot: key,
-                    body,
-                    durable_after: self.index,
-                });
+                let durable_after = if error.is_empty() { self.index } else { 0 };
+                self.answer(key, output, error, item.ts, durable_after, out);
             }
             Some(ItemBody::Query(q)) => {
-                let (output, error) = match self.runtime.query(&q.payload) {
-                    Ok(o) => (o, String::new()),
-                    Err(e) => (Vec::new(), format!("invalid query: {e}")),
-                };
-                let body = self.reply_body(&key, self.index, output, error, item.ts);
-                self.remember(key.clone(), body.clone());
-                out.push(Effect::Reply {
-                    slot: key,
-                    body,
-                    durable_after: 0,
-                });
+                let BatchOutput { output, error, .. } = self.run_query(q);
+                self.answer(key, output, error, item.ts, 0, out);
             }
             Some(ItemBody::Admit(a)) if from_master => self.admit(a, item.ts, now, out),
             Some(ItemBody::Barrier(b)) if from_master => {
@@ -1109,6 +1078,104 @@ impl Core {
             }
             _ => {}
         }
+    }
+
+    /// Answer `key` at the current index: remember the reply and send it once `durable_after`
+    /// is on disk (0: at once).
+    fn answer(
+        &mut self,
+        key: SlotKey,
+        output: Vec<u8>,
+        error: String,
+        ts: u64,
+        durable_after: u64,
+        out: &mut Vec<Effect>,
+    ) {
+        let body = self.reply_body(&key, self.index, output, error, ts);
+        self.remember(key.clone(), body.clone());
+        out.push(Effect::Reply {
+            slot: key,
+            body,
+            durable_after,
+        });
+    }
+
+    /// Validate and apply one client command at the next log index. `Err` when the runtime is
+    /// sealed (nothing runs until the rollout resumes it); an invalid command is refused in
+    /// the result (`error`) and takes no index.
+    fn run_command(
+        &mut self,
+        identity: &str,
+        c: &ByzCommand,
+        era: u64,
+        out: &mut Vec<Effect>,
+    ) -> Result<BatchOutput, String> {
+        if self.runtime.sealed_at().is_some() {
+            return Err("sealed: the cluster is being upgraded; retry".to_string());
+        }
+        let command = Command {
+            client_id: format!("{identity}/{}", c.request_session),
+            sequence: c.request_seq,
+            payload: c.payload.clone(),
+        };
+        if let Err(e) = self.runtime.validate(&command) {
+            return Ok(BatchOutput {
+                index: 0,
+                output: Vec::new(),
+                error: format!("invalid command: {e}"),
+            });
+        }
+        self.index += 1;
+        let entry = LogEntry {
+            index: self.index,
+            epoch: era,
+            body: Some(Body::Command(command)),
+        };
+        let applied = self.runtime.apply(&entry);
+        out.push(Effect::Log(entry.clone()));
+        self.push_applied(&entry, &applied.output, applied.kind, out);
+        Ok(BatchOutput {
+            index: self.index,
+            output: applied.output,
+            error: String::new(),
+        })
+    }
+
+    /// Answer a read-only query at the current index.
+    fn run_query(&self, q: &ByzCommand) -> BatchOutput {
+        let (output, error) = match self.runtime.query(&q.payload) {
+            Ok(o) => (o, String::new()),
+            Err(e) => (Vec::new(), format!("invalid query: {e}")),
+        };
+        BatchOutput {
+            index: self.index,
+            output,
+            error,
+        }
+    }
+
+    /// Run a batch's entries in order: the reply's output (an encoded `BatchOutputs`) and its
+    /// error. Sealed at its first command, the whole batch is refused (nothing before it
+    /// changed the state); a seal cannot come between two entries of one batch (it is an item
+    /// of its own). An entry without a kind is refused as invalid.
+    fn run_batch(&mut self, identity: &str, b: &CommandBatch, era: u64, out: &mut Vec<Effect>) -> (Vec<u8>, String) {
+        let mut outputs = Vec::with_capacity(b.entries.len());
+        for e in &b.entries {
+            let r = match &e.kind {
+                Some(batch_entry::Kind::Command(c)) => match self.run_command(identity, c, era, out) {
+                    Ok(r) => r,
+                    Err(sealed) => return (Vec::new(), sealed),
+                },
+                Some(batch_entry::Kind::Query(q)) => self.run_query(q),
+                None => BatchOutput {
+                    index: 0,
+                    output: Vec::new(),
+                    error: "invalid command: a batch entry without a command".into(),
+                },
+            };
+            outputs.push(r);
+        }
+        (BatchOutputs { outputs }.encode_to_vec(), String::new())
     }
 
     fn admit(&mut self, a: &lockstep_proto::Admit, ts: u64, now: u64, out: &mut Vec<Effect>) {

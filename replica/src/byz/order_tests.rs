@@ -569,3 +569,93 @@ fn a_promise_leaves_room_to_renew_it_before_it_runs_out() {
         assert!(p.horizon > now + 5);
     }
 }
+
+#[test]
+fn a_batch_runs_its_commands_in_order_each_at_its_own_index_everywhere() {
+    let mut s = admitted(Stability::Lamport);
+    let command = |seq: u64, payload: &str| lockstep_proto::BatchEntry {
+        kind: Some(batch_entry::Kind::Command(ByzCommand {
+            request_session: "alice-app".into(),
+            request_seq: seq,
+            payload: payload.as_bytes().to_vec(),
+        })),
+    };
+    let query = |payload: &str| lockstep_proto::BatchEntry {
+        kind: Some(batch_entry::Kind::Query(ByzCommand {
+            payload: payload.as_bytes().to_vec(),
+            ..Default::default()
+        })),
+    };
+    let batch = s.item(
+        "alice",
+        1,
+        1,
+        200,
+        0,
+        ItemBody::Batch(CommandBatch {
+            entries: vec![
+                command(1, r#"{"op":"put","key":"k","value":"one"}"#),
+                command(2, "not a command"),
+                query(r#"{"op":"get","key":"k"}"#),
+                command(3, r#"{"op":"put","key":"k","value":"three"}"#),
+            ],
+        }),
+    );
+    s.send_all(30 * DELTA, batch);
+    // Bob moves past the batch's timestamp: it is stable.
+    let b = s.item("bob", 1, 1, 300, 0, ItemBody::Noop(Noop {}));
+    s.send_all(30 * DELTA, b);
+    s.run_until(40 * DELTA);
+    s.assert_agree();
+    let puts = [
+        r#"{"op":"put","key":"k","value":"one"}"#,
+        r#"{"op":"put","key":"k","value":"three"}"#,
+    ];
+    assert_eq!(s.values(0), puts, "the valid commands ran, in the batch's order");
+    let slot: SlotKey = ("alice".into(), 1, 1);
+    let replies: Vec<ReplyBody> = (0..3)
+        .map(|i| s.cores[i].cached_reply(&slot).expect("the batch was answered"))
+        .collect();
+    for r in &replies[1..] {
+        assert_eq!(
+            (&r.output, &r.error, r.index),
+            (&replies[0].output, &replies[0].error, replies[0].index),
+            "every replica answers the batch alike"
+        );
+    }
+    let outputs = BatchOutputs::decode(replies[0].output.as_slice())
+        .expect("batch outputs")
+        .outputs;
+    assert_eq!(outputs.len(), 4, "one output per entry");
+    let first = s.logs[0][0].0;
+    assert_eq!((outputs[0].index, outputs[0].error.as_str()), (first, ""));
+    assert_eq!(outputs[1].index, 0, "a refused command takes no index");
+    assert!(outputs[1].error.starts_with("invalid command"), "{}", outputs[1].error);
+    assert_eq!(
+        (
+            outputs[2].index,
+            String::from_utf8_lossy(&outputs[2].output).contains(r#""one""#)
+        ),
+        (first, true),
+        "the query reads what the batch wrote before it: {:?}",
+        String::from_utf8_lossy(&outputs[2].output)
+    );
+    assert_eq!((outputs[3].index, outputs[3].error.as_str()), (first + 1, ""));
+    assert_eq!(replies[0].index, first + 1, "the reply names the batch's last index");
+}
+
+#[test]
+fn an_empty_batch_is_refused_alike_and_runs_nothing() {
+    let mut s = admitted(Stability::Lamport);
+    let batch = s.item("alice", 1, 1, 200, 0, ItemBody::Batch(CommandBatch { entries: vec![] }));
+    s.send_all(30 * DELTA, batch);
+    let b = s.item("bob", 1, 1, 300, 0, ItemBody::Noop(Noop {}));
+    s.send_all(30 * DELTA, b);
+    s.run_until(40 * DELTA);
+    s.assert_agree();
+    assert!(s.values(0).is_empty());
+    for i in 0..3 {
+        let r = s.cores[i].cached_reply(&("alice".into(), 1, 1)).expect("answered");
+        assert!(r.error.starts_with("invalid command"), "{}", r.error);
+    }
+}

@@ -564,7 +564,10 @@ impl ByzShared {
         }
         let slot: SlotKey = (item.identity.clone(), item.session, item.seq);
         let is_open = matches!(item.body, Some(ItemBody::Open(_)));
-        let wants_reply = matches!(item.body, Some(ItemBody::Command(_)) | Some(ItemBody::Query(_)));
+        let wants_reply = matches!(
+            item.body,
+            Some(ItemBody::Command(_)) | Some(ItemBody::Query(_)) | Some(ItemBody::Batch(_))
+        );
         let (tx, rx) = oneshot::channel();
         if is_open {
             self.open_waiters
