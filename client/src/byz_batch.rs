@@ -94,6 +94,12 @@ async fn next_batch(jobs: &Jobs, max_batch: usize) -> Option<(Vec<Request>, Opti
         Job::Close(done) => return Some((Vec::new(), Some(done))),
         Job::Run(payload, read_only, answer) => vec![(payload, read_only, answer)],
     };
+    // The callers answered by the previous item are being woken right now, each about to queue
+    // its next request: let them run first. Without this the stream took the first request
+    // alone, and the rest waited a whole round trip for the next item (measured: one stream,
+    // 64 writers, 2697 -> 4260 ops/s, p50 23.4 -> 13.1 ms; batches of 64 instead of
+    // alternating large and small).
+    tokio::task::yield_now().await;
     while batch.len() < max_batch {
         match rx.try_recv() {
             Ok(Job::Run(payload, read_only, answer)) => batch.push((payload, read_only, answer)),
