@@ -147,43 +147,8 @@ struct Master {
 pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
     let (name, desired, ordering) = load_resource(&opts.file)?;
     let dir = cluster_dir(&opts.data_dir, &name);
-    std::fs::create_dir_all(dir.join("replicas")).with_context(|| format!("cannot create {}", dir.display()))?;
-    std::fs::create_dir_all(dir.join("logs"))?;
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(dir.join("up.lock"))?;
-    if lock.try_lock().is_err() {
-        bail!(
-            "cluster '{name}' is already running from {} (another `lockstep up` holds it)",
-            dir.display()
-        );
-    }
-    let mut state = match load_state(&dir)? {
-        Some(mut s) => {
-            if s.machine.name != desired.machine.name {
-                bail!(
-                    "{} holds cluster '{name}' running machine '{}', but {} asks for '{}'; use another --data-dir",
-                    dir.display(),
-                    s.machine.name,
-                    opts.file.display(),
-                    desired.machine.name
-                );
-            }
-            s.faults_tolerated = desired.faults_tolerated;
-            s
-        }
-        None => MasterState {
-            name: name.clone(),
-            machine: desired.machine.clone(),
-            faults_tolerated: desired.faults_tolerated,
-            config: None,
-            rollout: None,
-            next_ordinal: 0,
-            insecure: false,
-        },
-    };
+    let lock = lock_cluster_dir(&dir, &name)?;
+    let mut state = master_state(&dir, &name, &desired, &opts.file)?;
     let pki = if opts.insecure {
         None
     } else {
@@ -199,30 +164,13 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
     // The CLI reads the mode from here (`-c NAME`).
     state.insecure = opts.insecure;
     save_state(&dir, &state)?;
-    let byz = if desired.failure_model == FailureModel::Byzantine {
-        if !opts.inject.is_empty() && !lockstep_replica::byz::inject::AVAILABLE {
-            bail!("--inject needs a build with the cargo feature `fault-injection` (test builds only)");
-        }
-        let machine = lockstep_replica::machine::builtin(&desired.machine.name)
-            .map(|f| f().identity())
-            .context("built-in machine")?;
-        let mut b = crate::up_byz::ByzMaster::open(&dir, &name, desired.faults_tolerated as usize, ordering, machine)?;
-        b.set_transport(transport.clone());
-        b.client_timeout = opts.client_timeout;
-        b.spawn_ticker();
-        Some(b)
-    } else {
-        if !opts.inject.is_empty() {
-            bail!("--inject applies to Byzantine clusters only");
-        }
-        None
-    };
+    let byz = byz_master(&dir, &name, &desired, ordering, &opts, &transport)?;
     let mut m = Master {
         byz,
         pki,
         transport,
         probe_channels: BTreeMap::new(),
-        name: name.clone(),
+        name,
         dir,
         desired,
         opts,
@@ -234,25 +182,117 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
         last_table: String::new(),
         _lock: lock,
     };
-    m.say(&format!(
-        "lockstep up: cluster '{name}', machine {} {}, t = {} ({:?}: {} replicas), data in {}",
-        m.desired.machine.name,
-        m.desired.machine.version,
-        m.desired.faults_tolerated,
-        m.desired.failure_model,
-        m.desired.replicas(),
-        m.dir.display()
-    ));
-    match &m.pki {
-        Some(p) => m.say(&format!(
-            "mutual TLS on every replica port; certificates in {} (the CLI finds them with -c {name})",
-            p.dir.display()
-        )),
-        None => m.say("WARNING: --insecure: the replicas speak plaintext gRPC and accept every caller"),
+    m.announce();
+    m.restart_members()?;
+    let result = m.run().await;
+    m.shutdown().await;
+    result
+}
+
+/// Create the cluster's directories and take its lock: one `lockstep up` per cluster.
+fn lock_cluster_dir(dir: &Path, name: &str) -> anyhow::Result<std::fs::File> {
+    std::fs::create_dir_all(dir.join("replicas")).with_context(|| format!("cannot create {}", dir.display()))?;
+    std::fs::create_dir_all(dir.join("logs"))?;
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("up.lock"))?;
+    if lock.try_lock().is_err() {
+        bail!(
+            "cluster '{name}' is already running from {} (another `lockstep up` holds it)",
+            dir.display()
+        );
     }
-    // Restart: bring back every member of the persisted configuration from its data dir.
-    if let Some(config) = m.state.config.clone() {
-        m.say(&format!(
+    Ok(lock)
+}
+
+/// The master's persisted state with the resource's t, or a new one; refuses a data directory
+/// that holds another machine.
+fn master_state(dir: &Path, name: &str, desired: &Desired, file: &Path) -> anyhow::Result<MasterState> {
+    Ok(match load_state(dir)? {
+        Some(mut s) => {
+            if s.machine.name != desired.machine.name {
+                bail!(
+                    "{} holds cluster '{name}' running machine '{}', but {} asks for '{}'; use another --data-dir",
+                    dir.display(),
+                    s.machine.name,
+                    file.display(),
+                    desired.machine.name
+                );
+            }
+            s.faults_tolerated = desired.faults_tolerated;
+            s
+        }
+        None => MasterState {
+            name: name.to_string(),
+            machine: desired.machine.clone(),
+            faults_tolerated: desired.faults_tolerated,
+            config: None,
+            rollout: None,
+            next_ordinal: 0,
+            insecure: false,
+        },
+    })
+}
+
+/// The Byzantine configuration master (its ticker started), for a Byzantine resource.
+fn byz_master(
+    dir: &Path,
+    name: &str,
+    desired: &Desired,
+    ordering: crate::up_byz::Ordering,
+    opts: &UpOptions,
+    transport: &crate::Transport,
+) -> anyhow::Result<Option<crate::up_byz::ByzMaster>> {
+    if desired.failure_model != FailureModel::Byzantine {
+        if !opts.inject.is_empty() {
+            bail!("--inject applies to Byzantine clusters only");
+        }
+        return Ok(None);
+    }
+    if !opts.inject.is_empty() && !lockstep_replica::byz::inject::AVAILABLE {
+        bail!("--inject needs a build with the cargo feature `fault-injection` (test builds only)");
+    }
+    let machine = lockstep_replica::machine::builtin(&desired.machine.name)
+        .map(|f| f().identity())
+        .context("built-in machine")?;
+    let mut b = crate::up_byz::ByzMaster::open(dir, name, desired.faults_tolerated as usize, ordering, machine)?;
+    b.set_transport(transport.clone());
+    b.client_timeout = opts.client_timeout;
+    b.spawn_ticker();
+    Ok(Some(b))
+}
+
+impl Master {
+    /// What runs where, and how it is secured.
+    fn announce(&self) {
+        self.say(&format!(
+            "lockstep up: cluster '{}', machine {} {}, t = {} ({:?}: {} replicas), data in {}",
+            self.name,
+            self.desired.machine.name,
+            self.desired.machine.version,
+            self.desired.faults_tolerated,
+            self.desired.failure_model,
+            self.desired.replicas(),
+            self.dir.display()
+        ));
+        match &self.pki {
+            Some(p) => self.say(&format!(
+                "mutual TLS on every replica port; certificates in {} (the CLI finds them with -c {})",
+                p.dir.display(),
+                self.name
+            )),
+            None => self.say("WARNING: --insecure: the replicas speak plaintext gRPC and accept every caller"),
+        }
+    }
+
+    /// Restart: bring back every member of the persisted configuration from its data dir.
+    fn restart_members(&mut self) -> anyhow::Result<()> {
+        let Some(config) = self.state.config.clone() else {
+            return Ok(());
+        };
+        self.say(&format!(
             "restarting from {}: epoch {}, members {}",
             crate::cluster::STATE_FILE,
             config.epoch,
@@ -264,15 +304,11 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
                 .join(", ")
         ));
         for member in &config.members {
-            m.spawn(&member.id, false)?;
+            self.spawn(&member.id, false)?;
         }
+        Ok(())
     }
-    let result = m.run().await;
-    m.shutdown().await;
-    result
-}
 
-impl Master {
     fn say(&self, line: &str) {
         let t = self.began.elapsed();
         println!("[{:>4}.{:03}s] {line}", t.as_secs(), t.subsec_millis());
