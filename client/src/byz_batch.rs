@@ -82,6 +82,11 @@ impl ByzBatcher {
     }
 }
 
+/// A batch stops growing once its payloads reach this: the item, its relays and the reply
+/// (whose outputs can be as large as the payloads: a put answers with the previous value)
+/// stay far below the largest gRPC message.
+const MAX_BATCH_BYTES: usize = lockstep_proto::MAX_MESSAGE_BYTES / 16;
+
 /// One caller's request: payload, read-only, where its answer goes.
 type Request = (Vec<u8>, bool, Answer);
 
@@ -100,9 +105,13 @@ async fn next_batch(jobs: &Jobs, max_batch: usize) -> Option<(Vec<Request>, Opti
     // 64 writers, 2697 -> 4260 ops/s, p50 23.4 -> 13.1 ms; batches of 64 instead of
     // alternating large and small).
     tokio::task::yield_now().await;
-    while batch.len() < max_batch {
+    let mut bytes = batch[0].0.len();
+    while batch.len() < max_batch && bytes < MAX_BATCH_BYTES {
         match rx.try_recv() {
-            Ok(Job::Run(payload, read_only, answer)) => batch.push((payload, read_only, answer)),
+            Ok(Job::Run(payload, read_only, answer)) => {
+                bytes += payload.len();
+                batch.push((payload, read_only, answer));
+            }
             Ok(Job::Close(done)) => return Some((batch, Some(done))),
             Err(_) => break,
         }
@@ -160,5 +169,61 @@ impl crate::bench::KvBackend for ByzBatcher {
             .submit(|tx| Job::Run(crate::bench::kv_payload(op), read_only, tx))
             .await;
         crate::bench::outcome(op, result.and_then(|out| crate::parse_output(&out)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn queue(jobs: Vec<Job>) -> Jobs {
+        let (tx, rx) = mpsc::unbounded_channel();
+        for j in jobs {
+            tx.send(j).ok();
+        }
+        Arc::new(Mutex::new(rx))
+    }
+
+    fn run_job(bytes: usize) -> Job {
+        Job::Run(vec![b'x'; bytes], false, oneshot::channel().0)
+    }
+
+    #[tokio::test]
+    async fn a_batch_takes_what_waits_up_to_its_count() {
+        let jobs = queue((0..10).map(|_| run_job(10)).collect());
+        let (batch, close) = next_batch(&jobs, 4).await.expect("a batch");
+        assert_eq!((batch.len(), close.is_none()), (4, true));
+        let (batch, _) = next_batch(&jobs, 100).await.expect("the rest");
+        assert_eq!(batch.len(), 6);
+    }
+
+    #[tokio::test]
+    async fn a_batch_stops_growing_once_its_payloads_pass_the_byte_budget() {
+        let big = MAX_BATCH_BYTES / 2 + 1;
+        let jobs = queue(vec![
+            run_job(big),
+            run_job(big),
+            run_job(1),
+            run_job(MAX_BATCH_BYTES * 2),
+        ]);
+        let (batch, _) = next_batch(&jobs, 100).await.expect("a batch");
+        assert_eq!(
+            batch.len(),
+            2,
+            "the second request takes it over the budget: nothing more"
+        );
+        let (batch, _) = next_batch(&jobs, 100).await.expect("a batch");
+        assert_eq!(batch.len(), 2, "a small one and then one over the budget alone");
+        let jobs = queue(vec![run_job(MAX_BATCH_BYTES * 2), run_job(1)]);
+        let (batch, _) = next_batch(&jobs, 100).await.expect("a batch");
+        assert_eq!(batch.len(), 1, "a request over the budget goes alone");
+    }
+
+    #[tokio::test]
+    async fn a_close_ends_the_batch_it_was_queued_behind() {
+        let (done, _) = oneshot::channel();
+        let jobs = queue(vec![run_job(1), run_job(1), Job::Close(done), run_job(1)]);
+        let (batch, close) = next_batch(&jobs, 100).await.expect("a batch");
+        assert_eq!((batch.len(), close.is_some()), (2, true));
     }
 }

@@ -32,8 +32,12 @@ use tonic::{Request, Response, Status};
 const EXECUTE_TIMEOUT: Duration = Duration::from_secs(20);
 /// Open requests are shown to the master this long.
 const OPEN_SHOWN_US: u64 = 30_000_000;
-/// Items per relay message.
+/// Items per relay message ...
 const RELAY_BATCH: usize = 512;
+/// ... and their bytes: a quarter of the largest message, so that chains and the item of a
+/// batch that is alone over it still fit (512 items of 64 KiB values were 32 MiB, over the
+/// gRPC limit, and failed forever).
+const RELAY_BATCH_BYTES: usize = lockstep_proto::MAX_MESSAGE_BYTES / 4;
 /// Unacknowledged relays kept for one peer while it cannot be reached.
 const RELAY_BACKLOG: usize = 100_000;
 pub const ERA_FILE: &str = "era";
@@ -460,7 +464,7 @@ fn spawn_relay_sender(
                     "relay backlog full: oldest relays dropped (the peer will need a new era to catch up)"
                 );
             }
-            let take = pending.len().min(RELAY_BATCH);
+            let take = relay_batch_len(&pending);
             let mut items: Vec<Relayed> = pending.iter().take(take).cloned().collect();
             sign_relays(&shared.id, &shared.signing, era, &mut items);
             if replay {
@@ -503,6 +507,21 @@ fn spawn_relay_sender(
         }
     });
     tx
+}
+
+/// How many of the oldest pending relays go in the next message: at most [`RELAY_BATCH`] and
+/// [`RELAY_BATCH_BYTES`] of items, and at least one.
+fn relay_batch_len(pending: &VecDeque<Relayed>) -> usize {
+    let mut bytes = 0;
+    let mut n = 0;
+    for r in pending.iter().take(RELAY_BATCH) {
+        bytes += r.item.as_ref().map_or(0, |i| i.item.len() + i.signature.len());
+        if n > 0 && bytes > RELAY_BATCH_BYTES {
+            break;
+        }
+        n += 1;
+    }
+    n
 }
 
 /// Fault injection: each item under a signature that is not the client's, and an item from a
@@ -1258,4 +1277,34 @@ pub fn http_router(shared: Arc<ByzShared>) -> axum::Router {
             }),
         )
         .with_state(shared)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn relayed(bytes: usize) -> Relayed {
+        Relayed {
+            item: Some(SignedItem {
+                item: vec![0; bytes],
+                signature: Vec::new(),
+            }),
+            chain: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_relay_message_holds_at_most_its_count_and_bytes_and_at_least_one_item() {
+        let small: VecDeque<Relayed> = (0..RELAY_BATCH + 5).map(|_| relayed(10)).collect();
+        assert_eq!(relay_batch_len(&small), RELAY_BATCH);
+        let large: VecDeque<Relayed> = (0..512).map(|_| relayed(64 * 1024)).collect();
+        let n = relay_batch_len(&large);
+        assert_eq!(
+            n,
+            RELAY_BATCH_BYTES / (64 * 1024),
+            "64 KiB items: as many as fit the budget"
+        );
+        let huge: VecDeque<Relayed> = (0..3).map(|_| relayed(RELAY_BATCH_BYTES * 2)).collect();
+        assert_eq!(relay_batch_len(&huge), 1, "one item over the budget still goes");
+    }
 }
