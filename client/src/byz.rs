@@ -428,6 +428,8 @@ struct Shared {
     key: SigningKey,
     stream: Mutex<StreamState>,
     tallies: Arc<Mutex<BTreeMap<String, Tally>>>,
+    /// Added to the system clock for this client's timestamps (µs).
+    clock_offset_us: std::sync::atomic::AtomicI64,
 }
 
 impl Shared {
@@ -475,6 +477,13 @@ fn now_us() -> u64 {
     lockstep_replica::byz::now_micros()
 }
 
+impl Shared {
+    /// This client's clock: the system's, moved by [`ByzClient::set_clock_offset_us`].
+    fn now_us(&self) -> u64 {
+        now_us().saturating_add_signed(self.clock_offset_us.load(std::sync::atomic::Ordering::Relaxed))
+    }
+}
+
 impl ByzClient {
     pub fn new(
         transport: crate::Transport,
@@ -494,6 +503,7 @@ impl ByzClient {
                 key,
                 stream: Mutex::new(StreamState::new(era, 0, 0, false)),
                 tallies: Arc::new(Mutex::new(BTreeMap::new())),
+                clock_offset_us: std::sync::atomic::AtomicI64::new(0),
             }),
             request_session: format!("{:016x}", rand::random::<u64>()),
             request_seq: 0,
@@ -586,7 +596,7 @@ impl ByzClient {
         let ahead = (timing.stability == lockstep_replica::byz::order::Stability::Lamport)
             .then(|| lockstep_replica::byz::renew_ahead(&timing));
         let mut s = shared.stream.lock().unwrap_or_else(|e| e.into_inner());
-        let now = now_us();
+        let now = shared.now_us();
         if matches!(body, Body::Command(_) | Body::Query(_) | Body::Batch(_)) && s.busy_since.is_none() {
             s.busy_since = Some(now);
         }
@@ -693,6 +703,14 @@ impl ByzClient {
             .ordering_delay()
     }
 
+    /// Move this client's clock by `offset_us` (negative: behind). For tests of what a client
+    /// with a wrong clock gets: `PhysicalClock` assumes every clock is within ε of the others.
+    pub fn set_clock_offset_us(&self, offset_us: i64) {
+        self.shared
+            .clock_offset_us
+            .store(offset_us, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Open a stream (admitted by the master), unless one is open.
     pub async fn open(&mut self) -> Result<(), ClientError> {
         if self.shared.stream.lock().unwrap_or_else(|e| e.into_inner()).open {
@@ -718,7 +736,7 @@ impl ByzClient {
                     identity: self.shared.identity.clone(),
                     session,
                     seq: 0,
-                    ts: now_us(),
+                    ts: self.shared.now_us(),
                     horizon: 0,
                     era,
                     body: Some(Body::Open(Noop {})),
@@ -773,7 +791,7 @@ impl ByzClient {
                     if !s.open {
                         return;
                     }
-                    s.renew_at.saturating_sub(now_us())
+                    s.renew_at.saturating_sub(shared.now_us())
                 };
                 if wait > 0 {
                     tokio::time::sleep(Duration::from_micros(wait).min(interval)).await;
@@ -865,7 +883,12 @@ impl ByzClient {
         let mut last = String::new();
         while start.elapsed() < self.deadline {
             if let Err(e) = self.open().await {
-                last = e.to_string();
+                // Keep why the last stream ended: that is what the caller needs to know.
+                last = if last.is_empty() {
+                    e.to_string()
+                } else {
+                    format!("{last}; then {e}")
+                };
                 break;
             }
             let (signed, slot) = Self::next_item(&self.shared, body.clone(), Some(self.noop_interval));

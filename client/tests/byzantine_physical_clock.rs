@@ -44,3 +44,39 @@ fn physical_clock_orders_concurrent_clients_and_outvotes_a_wrong_replica() {
     }
     eprintln!("PhysicalClock t=1: {report}; {n} operations linearizable");
 }
+
+/// A client whose clock is 5 s behind, beyond what `PhysicalClock` assumes (ε): its items are
+/// stamped no later than its admission's floor, which is already Δ old when the admission is
+/// answered, so every one reaches every replica after its window and runs nowhere. The replicas
+/// say so, signed, at ts + Δ (before, they let the client wait 20 s for an answer that could
+/// not come, and the client reported only that nobody answered); the client tries a new stream
+/// until its deadline and then reports that reason. Nothing it sent ran, and the cluster keeps
+/// serving a client whose clock is right.
+#[test]
+fn a_client_with_a_clock_behind_is_told_its_items_missed_their_window() {
+    let ordering = "  ordering:\n    stability: PhysicalClock\n    maxDelayMillis: 200\n    maxClockSkewMillis: 20\n";
+    let cluster = ByzCluster::start("bpclk", 1, ordering, &[]);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let mut behind = cluster.client();
+        behind.set_clock_offset_us(-5_000_000);
+        behind.deadline = Duration::from_secs(4);
+        let err = behind
+            .put("k", "late")
+            .await
+            .expect_err("items stamped behind run nowhere");
+        assert!(
+            err.to_string().contains("after its window"),
+            "the client is told why: {err}\n{}",
+            cluster.up_output()
+        );
+        behind.close().await;
+        let mut other = cluster.client();
+        assert_eq!(other.get("k").await.expect("read"), None, "the late write ran nowhere");
+        other
+            .put("k", "on time")
+            .await
+            .expect("a client with a right clock writes");
+        other.close().await;
+    });
+}

@@ -65,6 +65,10 @@ impl Stability {
     }
 }
 
+/// What a replica answers (signed) to an item that missed its `PhysicalClock` window there.
+pub const LATE_REFUSAL: &str = "not executed: it reached this replica after its window (ts + delta): \
+     the client's clock is behind, or maxDelayMillis / maxClockSkewMillis are too small for this network";
+
 /// The timing assumptions every window is computed from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Timing {
@@ -513,6 +517,25 @@ impl Core {
             .filter(|(_, at)| now.saturating_sub(*at) < max_age_us)
             .map(|(s, _)| s.clone())
             .collect()
+    }
+
+    /// `PhysicalClock`: the local time by which an item stamped `ts` has run here or never will
+    /// (its Δ, plus a millisecond for the ticker). `None` under `LamportClock`.
+    pub fn physical_final_at(&self, ts: u64) -> Option<u64> {
+        let timing = self.timing()?;
+        (timing.stability == Stability::Physical).then(|| timing.execute_at(ts).saturating_add(1_000))
+    }
+
+    /// The refusal of an item stamped `ts` that missed its window here, once its Δ has passed
+    /// (`physical_final_at`): `None` when a version of it is held, ran, or was answered.
+    /// Remembered, so the same item sent again gets the same answer.
+    pub fn late_refusal(&mut self, slot: &SlotKey, ts: u64) -> Option<ReplyBody> {
+        if self.slots.contains_key(slot) || self.executed_set.contains(slot) || self.replies.contains_key(slot) {
+            return None;
+        }
+        let body = self.reply_body(slot, 0, Vec::new(), LATE_REFUSAL.to_string(), ts);
+        self.remember(slot.clone(), body.clone());
+        Some(body)
     }
 
     pub fn cached_reply(&self, slot: &SlotKey) -> Option<ReplyBody> {

@@ -659,3 +659,46 @@ fn an_empty_batch_is_refused_alike_and_runs_nothing() {
         assert!(r.error.starts_with("invalid command"), "{}", r.error);
     }
 }
+
+#[test]
+fn an_item_that_missed_its_window_is_refused_where_no_version_is_held() {
+    let mut s = Sim::new(3, Stability::Physical);
+    let a = s.admit(1, 10, "alice", 100);
+    s.send_all(10, a);
+    s.run_until(50 * DELTA);
+    let ts = 60 * DELTA;
+    let x = s.put("alice", 1, ts, "a");
+    let timing = s.cores[0].era.as_ref().expect("an era").timing;
+    let slot: SlotKey = ("alice".into(), 1, 1);
+    // Replica 0 hears it too late; replica 1 in time.
+    let late = timing.window(0, ts, 0) + 1;
+    let prepared = prepare(&s.cores[0], &x, late).expect("decodable");
+    let valid = verify_prepared(&prepared, &x, &[]).expect("validly signed");
+    assert!(matches!(
+        s.cores[0].offer(x.clone(), prepared.item, valid, late),
+        Offer::Late(_)
+    ));
+    let prepared = prepare(&s.cores[1], &x, ts).expect("decodable");
+    let valid = verify_prepared(&prepared, &x, &[]).expect("validly signed");
+    assert!(matches!(
+        s.cores[1].offer(x.clone(), prepared.item, valid, ts),
+        Offer::Accepted { .. }
+    ));
+    let final_at = s.cores[0].physical_final_at(ts).expect("PhysicalClock");
+    assert!(final_at > timing.execute_at(ts), "after the item would have run");
+    let refusal = s.cores[0].late_refusal(&slot, ts).expect("no version held: refused");
+    assert_eq!(refusal.error, LATE_REFUSAL);
+    assert_eq!(
+        s.cores[0].cached_reply(&slot).map(|r| r.error),
+        Some(LATE_REFUSAL.to_string()),
+        "the same item sent again gets the same answer"
+    );
+    assert!(
+        s.cores[1].late_refusal(&slot, ts).is_none(),
+        "a replica holding a version waits for it to run"
+    );
+    assert!(
+        Sim::new(3, Stability::Lamport).cores[0].physical_final_at(ts).is_none(),
+        "LamportClock refuses nothing this way"
+    );
+}

@@ -562,11 +562,18 @@ enum Submitted {
     /// Answer this now (a cached reply, an admission already known, a refusal).
     Now(Result<SignedReply, Status>),
     /// The answer comes when the item has run (or not within [`EXECUTE_TIMEOUT`]).
-    Later(oneshot::Receiver<SignedReply>),
+    Later(Waiting),
     /// Accepted; nothing to vote on (a no-op, a close).
     Accepted,
     /// Injected fault `silent`: taken in, never answered.
     Silent,
+}
+
+/// An item whose answer is awaited: where it comes, and for an ordered item (not an open,
+/// which the master admits) its slot and timestamp.
+struct Waiting {
+    rx: oneshot::Receiver<SignedReply>,
+    ordered: Option<(SlotKey, u64)>,
 }
 
 impl ByzShared {
@@ -626,11 +633,33 @@ impl ByzShared {
         } else if let Some(body) = self.lock().cached_reply(&slot) {
             return Submitted::Now(Ok(self.sign_reply(body)));
         }
-        Submitted::Later(rx)
+        Submitted::Later(Waiting {
+            rx,
+            ordered: (!is_open).then_some((slot, item.ts)),
+        })
     }
 
-    /// Wait for an item's execution and sign the answer.
-    async fn answer_when_run(&self, rx: oneshot::Receiver<SignedReply>) -> Result<SignedReply, Status> {
+    /// Wait for an item's execution and sign the answer. Under `PhysicalClock` an item that no
+    /// version of reached this replica in its window by the time it would have run never runs
+    /// here, nor at any correct replica (they agree on what is in): it is refused then, signed
+    /// like any answer, instead of left to the client's timeout.
+    async fn answer_when_run(&self, w: Waiting) -> Result<SignedReply, Status> {
+        let Waiting { mut rx, ordered } = w;
+        let final_at = ordered.and_then(|(slot, ts)| Some((slot, ts, self.lock().physical_final_at(ts)?)));
+        if let Some((slot, ts, final_at)) = final_at {
+            let wait = Duration::from_micros(final_at.saturating_sub(now_micros()));
+            match tokio::time::timeout(wait, &mut rx).await {
+                Ok(Ok(signed)) => return Ok(signed),
+                Ok(Err(_)) => return Err(reply_wait_status()),
+                Err(_) => {
+                    let refusal = self.lock().late_refusal(&slot, ts);
+                    if let Some(body) = refusal {
+                        self.waiters.lock().unwrap_or_else(|e| e.into_inner()).remove(&slot);
+                        return Ok(self.sign_reply(body));
+                    }
+                }
+            }
+        }
         match tokio::time::timeout(EXECUTE_TIMEOUT, rx).await {
             Ok(Ok(signed)) => Ok(signed),
             _ => Err(reply_wait_status()),
@@ -680,10 +709,10 @@ async fn serve_submit_stream(
                     };
                     match shared.submit_item(&signed) {
                         Submitted::Now(r) => stream_answer(session, seq, r),
-                        Submitted::Later(rx) => {
+                        Submitted::Later(w) => {
                             let shared = shared.clone();
                             waiting.push(Box::pin(async move {
-                                stream_answer(session, seq, shared.answer_when_run(rx).await)
+                                stream_answer(session, seq, shared.answer_when_run(w).await)
                             }));
                             continue;
                         }
@@ -713,7 +742,7 @@ impl Byzantine for ByzServices {
         let shared = &self.shared;
         match shared.submit_item(&request.into_inner()) {
             Submitted::Now(r) => r.map(Response::new),
-            Submitted::Later(rx) => shared.answer_when_run(rx).await.map(Response::new),
+            Submitted::Later(w) => shared.answer_when_run(w).await.map(Response::new),
             Submitted::Accepted => Ok(Response::new(SignedReply::default())),
             Submitted::Silent => std::future::pending().await,
         }
