@@ -378,8 +378,9 @@ fn physical_clock_orders_by_timestamp_at_ts_plus_delta() {
     s.assert_agree();
 }
 
-#[test]
-fn an_item_after_its_window_is_late_by_how_much_and_in_time_elsewhere() {
+/// `PhysicalClock`, alice admitted, and her first put stamped `ts` (not yet sent): the
+/// simulation, the put, `ts` and the era's timing.
+fn physical_put() -> (Sim, SignedItem, u64, Timing) {
     let mut s = Sim::new(3, Stability::Physical);
     let a = s.admit(1, 10, "alice", 100);
     s.send_all(10, a);
@@ -387,18 +388,28 @@ fn an_item_after_its_window_is_late_by_how_much_and_in_time_elsewhere() {
     let ts = 60 * DELTA;
     let x = s.put("alice", 1, ts, "a");
     let timing = s.cores[0].era.as_ref().expect("an era").timing;
-    let mut offer_at = |to: usize, now: u64| {
-        let prepared = prepare(&s.cores[to], &x, now).expect("decodable");
-        let valid = verify_prepared(&prepared, &x, &[]).expect("validly signed");
-        s.cores[to].offer(x.clone(), prepared.item, valid, now)
-    };
+    (s, x, ts, timing)
+}
+
+impl Sim {
+    /// Offer `x` to replica `to` at `now` as the client sends it (no relay signatures).
+    fn offer_direct(&mut self, to: usize, x: &SignedItem, now: u64) -> Offer {
+        let prepared = prepare(&self.cores[to], x, now).expect("decodable");
+        let valid = verify_prepared(&prepared, x, &[]).expect("validly signed");
+        self.cores[to].offer(x.clone(), prepared.item, valid, now)
+    }
+}
+
+#[test]
+fn an_item_after_its_window_is_late_by_how_much_and_in_time_elsewhere() {
+    let (mut s, x, ts, timing) = physical_put();
     let last = timing.window(0, ts, 0);
     assert!(
-        matches!(offer_at(0, last + 250), Offer::Late(250)),
+        matches!(s.offer_direct(0, &x, last + 250), Offer::Late(250)),
         "250 µs after the window"
     );
     assert!(
-        matches!(offer_at(1, last), Offer::Accepted { .. }),
+        matches!(s.offer_direct(1, &x, last), Offer::Accepted { .. }),
         "at the window's last moment"
     );
 }
@@ -662,28 +673,12 @@ fn an_empty_batch_is_refused_alike_and_runs_nothing() {
 
 #[test]
 fn an_item_that_missed_its_window_is_refused_where_no_version_is_held() {
-    let mut s = Sim::new(3, Stability::Physical);
-    let a = s.admit(1, 10, "alice", 100);
-    s.send_all(10, a);
-    s.run_until(50 * DELTA);
-    let ts = 60 * DELTA;
-    let x = s.put("alice", 1, ts, "a");
-    let timing = s.cores[0].era.as_ref().expect("an era").timing;
+    let (mut s, x, ts, timing) = physical_put();
     let slot: SlotKey = ("alice".into(), 1, 1);
     // Replica 0 hears it too late; replica 1 in time.
     let late = timing.window(0, ts, 0) + 1;
-    let prepared = prepare(&s.cores[0], &x, late).expect("decodable");
-    let valid = verify_prepared(&prepared, &x, &[]).expect("validly signed");
-    assert!(matches!(
-        s.cores[0].offer(x.clone(), prepared.item, valid, late),
-        Offer::Late(_)
-    ));
-    let prepared = prepare(&s.cores[1], &x, ts).expect("decodable");
-    let valid = verify_prepared(&prepared, &x, &[]).expect("validly signed");
-    assert!(matches!(
-        s.cores[1].offer(x.clone(), prepared.item, valid, ts),
-        Offer::Accepted { .. }
-    ));
+    assert!(matches!(s.offer_direct(0, &x, late), Offer::Late(_)));
+    assert!(matches!(s.offer_direct(1, &x, ts), Offer::Accepted { .. }));
     let final_at = s.cores[0].physical_final_at(ts).expect("PhysicalClock");
     assert!(final_at > timing.execute_at(ts), "after the item would have run");
     let refusal = s.cores[0].late_refusal(&slot, ts).expect("no version held: refused");
