@@ -433,6 +433,11 @@ struct Shared {
 }
 
 impl Shared {
+    /// This client's clock: the system's, moved by [`ByzClient::set_clock_offset_us`].
+    fn now_us(&self) -> u64 {
+        now_us().saturating_add_signed(self.clock_offset_us.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
     /// Update what the voters saw of replica `id`.
     fn tally(&self, id: &str, update: impl FnOnce(&mut Tally)) {
         let mut tallies = self.tallies.lock().unwrap_or_else(|e| e.into_inner());
@@ -475,13 +480,6 @@ fn channels(
 
 fn now_us() -> u64 {
     lockstep_replica::byz::now_micros()
-}
-
-impl Shared {
-    /// This client's clock: the system's, moved by [`ByzClient::set_clock_offset_us`].
-    fn now_us(&self) -> u64 {
-        now_us().saturating_add_signed(self.clock_offset_us.load(std::sync::atomic::Ordering::Relaxed))
-    }
 }
 
 impl ByzClient {

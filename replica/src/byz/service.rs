@@ -569,11 +569,12 @@ enum Submitted {
     Silent,
 }
 
-/// An item whose answer is awaited: where it comes, and for an ordered item (not an open,
-/// which the master admits) its slot and timestamp.
+/// An item whose answer is awaited: where it comes, and, for an ordered item under
+/// `PhysicalClock` (not an open, which the master admits), its slot, timestamp and the local
+/// time by which it has run or never will (`Core::physical_final_at`).
 struct Waiting {
     rx: oneshot::Receiver<SignedReply>,
-    ordered: Option<(SlotKey, u64)>,
+    late_check: Option<(SlotKey, u64, u64)>,
 }
 
 impl ByzShared {
@@ -619,6 +620,7 @@ impl ByzShared {
             self.waiters.lock().unwrap_or_else(|e| e.into_inner()).remove(&slot);
             return Submitted::Now(Err(Status::permission_denied(why)));
         }
+        let mut late_check = None;
         if is_open {
             let admitted = {
                 let mut core = self.lock();
@@ -630,13 +632,17 @@ impl ByzShared {
         } else if !wants_reply {
             // No-ops and closes: accepted; nothing to vote on.
             return Submitted::Accepted;
-        } else if let Some(body) = self.lock().cached_reply(&slot) {
-            return Submitted::Now(Ok(self.sign_reply(body)));
+        } else {
+            let (cached, final_at) = {
+                let core = self.lock();
+                (core.cached_reply(&slot), core.physical_final_at(item.ts))
+            };
+            if let Some(body) = cached {
+                return Submitted::Now(Ok(self.sign_reply(body)));
+            }
+            late_check = final_at.map(|at| (slot, item.ts, at));
         }
-        Submitted::Later(Waiting {
-            rx,
-            ordered: (!is_open).then_some((slot, item.ts)),
-        })
+        Submitted::Later(Waiting { rx, late_check })
     }
 
     /// Wait for an item's execution and sign the answer. Under `PhysicalClock` an item that no
@@ -644,9 +650,8 @@ impl ByzShared {
     /// here, nor at any correct replica (they agree on what is in): it is refused then, signed
     /// like any answer, instead of left to the client's timeout.
     async fn answer_when_run(&self, w: Waiting) -> Result<SignedReply, Status> {
-        let Waiting { mut rx, ordered } = w;
-        let final_at = ordered.and_then(|(slot, ts)| Some((slot, ts, self.lock().physical_final_at(ts)?)));
-        if let Some((slot, ts, final_at)) = final_at {
+        let Waiting { mut rx, late_check } = w;
+        if let Some((slot, ts, final_at)) = late_check {
             let wait = Duration::from_micros(final_at.saturating_sub(now_micros()));
             match tokio::time::timeout(wait, &mut rx).await {
                 Ok(Ok(signed)) => return Ok(signed),
