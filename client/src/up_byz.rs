@@ -23,7 +23,7 @@ use lockstep_proto::{
     Admit, Barrier, ByzMember, Era, MachineIdentity, Noop, SignedEra, SignedItem, StatusResponse, StreamItem,
     Tombstone, byzantine_client::ByzantineClient, stream_item::Body,
 };
-use lockstep_replica::byz::keys;
+use lockstep_replica::byz::{keys, order};
 use prost::Message;
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
@@ -40,15 +40,16 @@ pub struct Ordering {
 
 pub const MASTER_KEY_FILE: &str = "master.key";
 const MASTER_STATE_FILE: &str = "byz-master.json";
-/// The master's stream promises this far ahead (a Lamport participant must keep moving, or
-/// promise not to send anything below some timestamp). Its own items (admissions, barriers)
-/// are placed at the end of the current promise, so this is also their added latency (one
-/// promise at most: promises count from the clock, `lockstep_replica::byz::next_horizon`).
-const LEAD: Duration = Duration::from_millis(200);
+/// How often the master's stream renews its promise when it has nothing else to send (a
+/// Lamport participant must keep moving, or promise not to send anything below some
+/// timestamp).
+const RENEW_EVERY: Duration = Duration::from_millis(100);
 /// How often the ticker looks whether a new promise is due.
 const TICK: Duration = Duration::from_millis(20);
 
 struct StreamState {
+    /// How long before the promise runs out the renewal goes out (`renew_lead`).
+    renew_lead: u64,
     era: u64,
     session: u64,
     seq: u64,
@@ -87,6 +88,30 @@ pub struct ByzMaster {
 
 fn now_us() -> u64 {
     lockstep_replica::byz::now_micros()
+}
+
+impl Ordering {
+    /// The ordering's bounds for a cluster that tolerates `t` faults.
+    pub fn timing(&self, t: usize) -> order::Timing {
+        order::Timing {
+            stability: order::Stability::parse(&self.stability).unwrap_or(order::Stability::Lamport),
+            t,
+            delay_us: self.max_delay_millis.saturating_mul(1000),
+            skew_us: self.max_clock_skew_millis.saturating_mul(1000),
+        }
+    }
+}
+
+/// How long before the master's promise runs out its renewal is sent: the time a renewal
+/// takes to be decided everywhere (`renew_ahead`, 6δ at t = 1), and never less than
+/// `RENEW_EVERY`. The promise itself runs `RENEW_EVERY` beyond that, and the master's own
+/// items (admissions, barriers) are placed at its end, so this is also their added latency.
+/// A fixed lead of 100 ms let the promise lapse whenever a renewal took longer than that to be
+/// decided (δ above about 13 ms at t = 1; the Kubernetes example's δ = 100 ms), and every
+/// client's items then waited for the master's late renewal.
+fn renew_lead(ordering: &Ordering, t: usize) -> u64 {
+    let every = RENEW_EVERY.as_micros() as u64;
+    lockstep_replica::byz::renew_ahead(&ordering.timing(t)).max(every)
 }
 
 impl ByzMaster {
@@ -132,6 +157,7 @@ impl ByzMaster {
         public_keys: BTreeMap<String, String>,
     ) -> ByzMaster {
         let era = era.and_then(|signed| Era::decode(signed.era.as_slice()).ok().map(|e| (e, signed)));
+        let renew_lead = renew_lead(&ordering, t);
         ByzMaster {
             dir: None,
             key,
@@ -142,6 +168,7 @@ impl ByzMaster {
             era,
             public_keys,
             stream: Arc::new(Mutex::new(StreamState {
+                renew_lead,
                 era: 0,
                 session: 0,
                 seq: 0,
@@ -251,7 +278,7 @@ impl ByzMaster {
                 tokio::time::sleep(TICK).await;
                 let due = {
                     let s = stream.lock().unwrap_or_else(|e| e.into_inner());
-                    s.session != 0 && now_us() + (LEAD.as_micros() as u64) / 2 >= s.horizon
+                    s.session != 0 && now_us() + s.renew_lead >= s.horizon
                 };
                 if due {
                     send(&stream, &key, Body::Noop(Noop {}));
@@ -333,18 +360,10 @@ impl ByzMaster {
         // machine. Not more: the first item is stamped at the floor and waits for it.
         // `PhysicalClock` waits for no promise: the floor only refuses items stamped before
         // the admission.
-        let timing = lockstep_replica::byz::order::Timing {
-            stability: lockstep_replica::byz::order::Stability::parse(&self.ordering.stability)
-                .unwrap_or(lockstep_replica::byz::order::Stability::Lamport),
-            t: self.t,
-            delay_us: self.ordering.max_delay_millis.saturating_mul(1000),
-            skew_us: self.ordering.max_clock_skew_millis.saturating_mul(1000),
-        };
+        let timing = self.ordering.timing(self.t);
         let floor_lead = match timing.stability {
-            lockstep_replica::byz::order::Stability::Lamport => {
-                2 * lockstep_replica::byz::renew_ahead(&timing) + 10_000
-            }
-            lockstep_replica::byz::order::Stability::Physical => 0,
+            order::Stability::Lamport => 2 * lockstep_replica::byz::renew_ahead(&timing) + 10_000,
+            order::Stability::Physical => 0,
         };
         for ((identity, session), open) in opens {
             let Some(key) = directory.get(&identity) else { continue };
@@ -354,7 +373,7 @@ impl ByzMaster {
             self.admitted.insert((identity, session));
             // The floor is the new stream's promise until its first item is decided, so it
             // counts from the admission's own timestamp: that is placed at the end of the
-            // master's promise (up to `LEAD` ahead), and runs no earlier. A floor counted from
+            // master's promise (up to `RENEW_EVERY + renew_lead` ahead), and runs no earlier. A floor counted from
             // the clock was already behind the clock when the admission ran, and the new
             // stream held every other stream back until its client had heard of the
             // admission and its first item was decided (64 clients opening at once: the
@@ -532,6 +551,7 @@ impl ByzMaster {
         {
             let mut s = self.stream.lock().unwrap_or_else(|e| e.into_inner());
             *s = StreamState {
+                renew_lead: s.renew_lead,
                 era: era.number,
                 session,
                 seq: 0,
@@ -582,6 +602,7 @@ impl ByzMaster {
         };
         let mut s = self.stream.lock().unwrap_or_else(|e| e.into_inner());
         *s = StreamState {
+            renew_lead: s.renew_lead,
             era: era.number,
             session: era.master_session,
             seq: next_seq.saturating_sub(1),
@@ -713,7 +734,8 @@ fn next_item(s: &mut StreamState, key: &SigningKey, body: impl FnOnce(u64) -> Bo
         let ts = now.max(s.last_ts + 1).max(s.horizon);
         s.last_ts = ts;
         // Promise: nothing from the master below this.
-        s.horizon = lockstep_replica::byz::next_horizon(now, ts, LEAD.as_micros() as u64);
+        let promise = (RENEW_EVERY.as_micros() as u64).saturating_add(s.renew_lead);
+        s.horizon = lockstep_replica::byz::next_horizon(now, ts, promise);
         let item = StreamItem {
             identity: keys::MASTER_IDENTITY.into(),
             session: s.session,
@@ -763,20 +785,22 @@ mod tests {
     use super::*;
     use prost::Message;
 
-    /// The master's promise runs 200 ms ahead, so an admission is stamped (and runs) up to
-    /// 200 ms in the future; the new stream's floor must lie beyond that, or the stream is
-    /// behind the clock from the moment it is admitted and holds everyone back.
+    /// The master's promise runs `RENEW_EVERY + renew_lead` ahead, so an admission is stamped
+    /// (and runs) that far in the future; the new stream's floor must lie beyond that, or the
+    /// stream is behind the clock from the moment it is admitted and holds everyone back.
     #[test]
     fn an_admission_floor_lies_beyond_the_admission_itself() {
         let key = SigningKey::from_bytes(&[7; 32]);
         let client = SigningKey::from_bytes(&[8; 32]);
         let now = now_us();
+        let promise = 200_000;
         let mut s = StreamState {
+            renew_lead: 100_000,
             era: 1,
             session: 5,
             seq: 3,
             last_ts: now,
-            horizon: now + LEAD.as_micros() as u64,
+            horizon: now + promise,
             endpoints: Vec::new(),
             channels: crate::Channels::default(),
         };
@@ -787,7 +811,31 @@ mod tests {
         let Some(Body::Admit(a)) = item.body else {
             panic!("an admission")
         };
-        assert!(item.ts >= now + LEAD.as_micros() as u64);
+        assert!(item.ts >= now + promise);
         assert_eq!(a.floor, item.ts + lead);
+    }
+
+    fn ordering(stability: &str, delay_ms: u64) -> Ordering {
+        Ordering {
+            stability: stability.into(),
+            max_delay_millis: delay_ms,
+            max_clock_skew_millis: 0,
+        }
+    }
+
+    /// A renewal must be decided everywhere before the promise it renews runs out: it goes
+    /// out at least `renew_ahead` (the decision time) before, for any δ.
+    #[test]
+    fn the_master_renews_its_promise_a_decision_time_ahead() {
+        // Small δ: the decision takes 12 ms, the renewal goes 100 ms ahead (as before).
+        assert_eq!(renew_lead(&ordering("LamportClock", 2), 1), 100_000);
+        // The Kubernetes example's δ = 100 ms: a decision takes 6δ at t = 1, 8δ at t = 2.
+        for (t, ahead) in [(1, 600_000), (2, 800_000)] {
+            let o = ordering("LamportClock", 100);
+            assert_eq!(lockstep_replica::byz::renew_ahead(&o.timing(t)), ahead);
+            assert_eq!(renew_lead(&o, t), ahead);
+        }
+        // PhysicalClock waits for no promise.
+        assert_eq!(renew_lead(&ordering("PhysicalClock", 500), 1), 100_000);
     }
 }
