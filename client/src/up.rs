@@ -306,6 +306,14 @@ impl Master {
         for member in &config.members {
             self.spawn(&member.id, false)?;
         }
+        if self.byz.as_ref().is_some_and(|b| b.era_number() >= config.epoch) {
+            // Byzantine: the restarted replicas wait for an era, and the recorded one cannot
+            // go on (its streams and relays are gone): the next era starts where t + 1 of them
+            // rebuild the same state (`up_byz::recovery_state`).
+            let mut next = config;
+            next.epoch += 1;
+            self.persist_config(next)?;
+        }
         Ok(())
     }
 
@@ -968,10 +976,10 @@ impl Master {
                 let empty = lockstep_replica::runtime::Runtime::new(factory()).snapshot();
                 (0, lockstep_replica::runtime::digest(&empty))
             }
-            Some(era) => match b.barrier_reached(&era).await {
-                Some(at) => at,
-                None => b.barrier(false, Duration::from_secs(30)).await?,
-            },
+            Some(_) => {
+                let endpoints: Vec<String> = config.members.iter().map(|m| m.endpoint.clone()).collect();
+                b.next_era_state(&endpoints, Duration::from_secs(30)).await?
+            }
         };
         b.start_era(config, start, digest, resume).await?;
         self.say(&format!(

@@ -617,15 +617,36 @@ impl ByzMaster {
     /// The state the next era starts from: the current era's barrier (ordered now unless t + 1
     /// members already stand at one), or, before the first era, the state t + 1 replicas hold
     /// (`genesis_state`).
+    ///
+    /// After a full-cluster restart (the current era lost its members: t + 1 of the next
+    /// era's report no era at all) no barrier can be ordered; the next era then starts where
+    /// t + 1 of them can rebuild the same state (`recovery_state`).
     pub async fn next_era_state(&mut self, endpoints: &[String], timeout: Duration) -> anyhow::Result<(u64, Vec<u8>)> {
-        match self.current_era().cloned() {
-            None => genesis_state(self.channels.transport(), endpoints, self.t, timeout)
+        let Some(era) = self.current_era().cloned() else {
+            return genesis_state(self.channels.transport(), endpoints, self.t, timeout)
                 .await
-                .context("no t + 1 replicas hold the same initial state yet"),
-            Some(era) => match self.barrier_reached(&era).await {
-                Some(at) => Ok(at),
-                None => self.barrier(false, timeout).await,
-            },
+                .context("no t + 1 replicas hold the same initial state yet");
+        };
+        if let Some(at) = self.barrier_reached(&era).await {
+            return Ok(at);
+        }
+        let replicas = statuses_at(self.channels.transport(), endpoints, Duration::from_millis(500)).await;
+        match era_standing(&era, replicas.iter().map(|(_, s)| s), self.t) {
+            EraStanding::Running => self.barrier(false, timeout).await,
+            EraStanding::Restarted => recovery_state(self.channels.transport(), &replicas, self.t, timeout)
+                .await
+                .with_context(|| {
+                    format!(
+                        "era {} lost its members (a full-cluster restart) and no t + 1 replicas rebuild the same state yet",
+                        era.number
+                    )
+                }),
+            // No barrier can be reached now; ordering one would only wait out its timeout.
+            EraStanding::Short(n) => bail!(
+                "only {n} replicas answer as members of era {}; its barrier needs {}",
+                era.number,
+                self.t + 1
+            ),
         }
     }
 
@@ -669,32 +690,124 @@ impl ByzMaster {
     }
 }
 
+/// Status of each replica at `endpoints` that answers: (endpoint, status).
+pub async fn statuses_at(
+    transport: &crate::Transport,
+    endpoints: &[String],
+    timeout: Duration,
+) -> Vec<(String, StatusResponse)> {
+    let probes = endpoints.iter().map(|ep| async move {
+        let status = crate::status_of(transport, ep, timeout).await.ok()?;
+        Some((ep.clone(), status))
+    });
+    futures::future::join_all(probes).await.into_iter().flatten().collect()
+}
+
 /// Before the first era: the (index, digest) of the state t + 1 replicas serve as their
 /// snapshot at their own applied index (new replicas: the machine's empty state at 0). The
 /// master does not need to know the machine: a custom image's empty state is what its replicas
-/// report. None until t + 1 agree.
+/// report. None until t + 1 agree. (`recovery_state` over replicas that can rebuild only their
+/// current index.)
 pub async fn genesis_state(
     transport: &crate::Transport,
     endpoints: &[String],
     t: usize,
     timeout: Duration,
 ) -> Option<(u64, Vec<u8>)> {
-    let probes = endpoints.iter().map(|ep| async move {
-        let status = crate::status_of(transport, ep, timeout).await.ok()?;
-        let ch = crate::cluster_channel(transport, ep).ok()?;
-        let mut c = ByzantineClient::new(ch).max_decoding_message_size(lockstep_proto::MAX_MESSAGE_BYTES);
-        let mut req = tonic::Request::new(lockstep_proto::FetchSnapshotRequest {
-            index: status.applied_index,
-        });
-        req.set_timeout(timeout);
-        let snap = c.fetch_snapshot(req).await.ok()?.into_inner();
-        Some((snap.index, lockstep_replica::runtime::digest(&snap.data)))
-    });
-    let mut counts: BTreeMap<(u64, Vec<u8>), usize> = BTreeMap::new();
-    for found in futures::future::join_all(probes).await.into_iter().flatten() {
-        *counts.entry(found).or_default() += 1;
+    let replicas = statuses_at(transport, endpoints, timeout).await;
+    recovery_state(transport, &replicas, t, timeout).await
+}
+
+/// Whether an era can still reach a barrier, from its replicas' statuses.
+#[derive(Debug, PartialEq, Eq)]
+pub enum EraStanding {
+    /// t + 1 replicas answer as its members.
+    Running,
+    /// At most t do, and t + 1 report no era at all: they restarted on their disks and wait
+    /// for the master (a full-cluster restart). The era's streams and relays are gone.
+    Restarted,
+    /// Only this many answer as members, and not enough report a restart: wait.
+    Short(usize),
+}
+
+pub fn era_standing<'a>(era: &Era, statuses: impl IntoIterator<Item = &'a StatusResponse>, t: usize) -> EraStanding {
+    let (mut in_era, mut in_none) = (0, 0);
+    for b in statuses.into_iter().filter_map(|s| s.byzantine.as_ref()) {
+        in_era += usize::from(b.era == era.number);
+        in_none += usize::from(b.era == 0);
     }
-    counts.into_iter().filter(|(_, n)| *n > t).map(|(k, _)| k).max()
+    match (in_era > t, in_none > t) {
+        (true, _) => EraStanding::Running,
+        (false, true) => EraStanding::Restarted,
+        (false, false) => EraStanding::Short(in_era),
+    }
+}
+
+/// The highest index at which t + 1 of `replicas` (endpoint, status) rebuild the same state,
+/// and its digest. A replica restarted on its disk can rebuild any
+/// index from its snapshot to the end of its log (`recoverable_from..=applied_index` in its
+/// status; a new one, or one in an era, only its current index). Correct replicas hold prefixes of one order, so
+/// their states at an index agree, and t faulty ones cannot make up a digest that t + 1
+/// report. Candidates are tried from the highest down, since a faulty replica may claim a
+/// range and then serve something else. None until t + 1 agree.
+///
+/// What a recovery era keeps: every entry that t + 1 replicas still hold. A command answered
+/// before the restart (t + 1 replicas made it durable first) is lost only if some of those
+/// that answered it are faulty and now hide it (docs/byzantine.md, "Full-cluster restart").
+pub async fn recovery_state(
+    transport: &crate::Transport,
+    replicas: &[(String, StatusResponse)],
+    t: usize,
+    timeout: Duration,
+) -> Option<(u64, Vec<u8>)> {
+    let ranges: Vec<(&str, u64, u64)> = replicas
+        .iter()
+        .filter_map(|(endpoint, s)| {
+            let b = s.byzantine.as_ref()?;
+            Some((
+                endpoint.as_str(),
+                b.recoverable_from.min(s.applied_index),
+                s.applied_index,
+            ))
+        })
+        .collect();
+    let mut candidates: Vec<u64> = ranges.iter().map(|r| r.2).collect();
+    candidates.sort_unstable_by(|a, b| b.cmp(a));
+    candidates.dedup();
+    for at in candidates {
+        let covering: Vec<&str> = ranges
+            .iter()
+            .filter(|(_, from, to)| (*from..=*to).contains(&at))
+            .map(|r| r.0)
+            .collect();
+        if covering.len() <= t {
+            continue;
+        }
+        let probes = covering.iter().map(|ep| state_digest_at(transport, ep, at, timeout));
+        let mut counts: BTreeMap<Vec<u8>, usize> = BTreeMap::new();
+        for d in futures::future::join_all(probes).await.into_iter().flatten() {
+            *counts.entry(d).or_default() += 1;
+        }
+        if let Some((digest, _)) = counts.into_iter().find(|(_, n)| *n > t) {
+            return Some((at, digest));
+        }
+    }
+    None
+}
+
+/// The digest of the state the replica at `endpoint` serves at `index`.
+async fn state_digest_at(
+    transport: &crate::Transport,
+    endpoint: &str,
+    index: u64,
+    timeout: Duration,
+) -> Option<Vec<u8>> {
+    let ch = crate::cluster_channel(transport, endpoint).ok()?;
+    let mut c = ByzantineClient::new(ch).max_decoding_message_size(lockstep_proto::MAX_MESSAGE_BYTES);
+    let mut req = tonic::Request::new(lockstep_proto::FetchSnapshotRequest { index });
+    req.set_timeout(timeout);
+    let snap = c.fetch_snapshot(req).await.ok()?.into_inner();
+    (snap.index == index).then(|| lockstep_replica::runtime::digest(&snap.data))
 }
 
 fn send(stream: &Mutex<StreamState>, key: &SigningKey, body: Body) {

@@ -11,7 +11,7 @@ use nix::unistd::Pid;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -42,11 +42,14 @@ pub struct ByzCluster {
     pub dir: tempfile::TempDir,
     pub t: usize,
     up: Option<Child>,
+    /// What `lockstep up` is started with besides the file and the data dir.
+    up_args: Vec<String>,
 }
 
 // The helpers every process test shares (one definition: tests/common).
 #[path = "../common/mod.rs"]
 mod common;
+#[allow(unused_imports)]
 pub use common::{lockstep_bin, wait_until};
 
 /// How each replica's answers voted, per replica id, as the clients counted them.
@@ -116,33 +119,56 @@ impl ByzCluster {
             ),
         )
         .expect("yaml");
-        let out = std::fs::File::create(dir.path().join("up.out")).expect("up.out");
-        let up = Command::new(lockstep_bin())
-            .arg("up")
-            .arg(&yaml)
-            .arg("--data-dir")
-            .arg(dir.path().join("data"))
+        let mut up_args: Vec<String> = vec!["--quiet".into(), "--failure-timeout-ms".into(), "5000".into()];
+        if !args.contains(&"--client-timeout-ms") {
             // A loaded test machine delays no-ops: only remove a client stream when a test asks.
-            .args(["--quiet", "--failure-timeout-ms", "5000"])
-            .args(if args.contains(&"--client-timeout-ms") {
-                &[][..]
-            } else {
-                &["--client-timeout-ms", "30000"][..]
-            })
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().expect("dup"))
-            .stderr(out)
-            .spawn()
-            .expect("spawn lockstep up");
-        let c = ByzCluster {
+            up_args.extend(["--client-timeout-ms".into(), "30000".into()]);
+        }
+        up_args.extend(args.iter().map(|a| a.to_string()));
+        let mut c = ByzCluster {
             name: name.into(),
             dir,
             t,
-            up: Some(up),
+            up: None,
+            up_args,
         };
+        c.launch();
         c.wait_members(2 * t + 1, Duration::from_secs(60));
         c
+    }
+
+    /// (Re)start `lockstep up` on the cluster's file and data dir.
+    pub fn launch(&mut self) {
+        let up = common::up_command(self.dir.path(), &self.dir.path().join("rsm.yaml"), &self.data_dir())
+            .args(&self.up_args)
+            .spawn()
+            .expect("spawn lockstep up");
+        self.up = Some(up);
+    }
+
+    /// `kill -9` `lockstep up` and every replica at once, and wait until they are gone.
+    pub fn crash_all(&mut self) {
+        let pids: Vec<Pid> = self.replica_dirs().iter().filter_map(|id| self.pid(id)).collect();
+        if let Some(mut up) = self.up.take() {
+            let _ = up.kill();
+            let _ = up.wait();
+        }
+        for &p in &pids {
+            let _ = kill(p, Signal::SIGKILL);
+        }
+        let gone = wait_until(Duration::from_secs(20), || pids.iter().all(|&p| kill(p, None).is_err()));
+        assert!(gone, "replicas still running after kill -9");
+    }
+
+    /// Every replica that ever had a data dir in this cluster.
+    fn replica_dirs(&self) -> Vec<String> {
+        std::fs::read_dir(self.cluster_dir().join("replicas"))
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -242,13 +268,7 @@ impl ByzCluster {
 
 impl Drop for ByzCluster {
     fn drop(&mut self) {
-        let ids: Vec<String> = std::fs::read_dir(self.cluster_dir().join("replicas"))
-            .map(|rd| {
-                rd.filter_map(|e| e.ok())
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect()
-            })
-            .unwrap_or_default();
+        let ids = self.replica_dirs();
         self.stop();
         for id in ids {
             if let Some(p) = self.pid(&id) {

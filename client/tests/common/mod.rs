@@ -25,6 +25,24 @@ pub fn lockstep_bin() -> &'static str {
     env!("CARGO_BIN_EXE_lockstep")
 }
 
+/// `lockstep up FILE --data-dir DATA`, its output appended to `dir/up.out`.
+pub fn up_command(dir: &Path, yaml: &Path, data_dir: &Path) -> Command {
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("up.out"))
+        .expect("up.out");
+    let mut cmd = Command::new(lockstep_bin());
+    cmd.arg("up")
+        .arg(yaml)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().expect("dup"))
+        .stderr(out);
+    cmd
+}
+
 impl LocalCluster {
     pub fn yaml(name: &str, t: u32, machine: &str) -> String {
         format!(
@@ -73,21 +91,10 @@ impl LocalCluster {
 
     /// (Re)start `lockstep up` on the same data dir.
     pub fn launch(&mut self) {
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join("up.out"))
-            .expect("up.out");
-        let child = Command::new(lockstep_bin())
-            .arg("up")
-            .arg(&self.yaml)
-            .arg("--data-dir")
-            .arg(self.data_dir())
+        let mut cmd = up_command(self.dir.path(), &self.yaml, &self.data_dir());
+        let child = cmd
             .args(&self.extra_args)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().expect("dup"))
-            .stderr(out)
             .spawn()
             .expect("spawn lockstep up");
         self.up = Some(child);

@@ -10,6 +10,7 @@
 pub mod inject;
 pub mod keys;
 pub mod order;
+pub mod recovery;
 pub mod service;
 
 use ed25519_dalek::SigningKey;
@@ -244,7 +245,7 @@ pub async fn run(
         inject,
         transport: transport.clone(),
     };
-    let (shared, services) = service::build(&args, cfg, crate::runtime::Runtime::new(factory()))?;
+    let (shared, services) = service::build(&args, cfg, factory)?;
     let grpc = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;

@@ -109,6 +109,12 @@ pub struct ByzShared {
     era_lock: tokio::sync::Mutex<()>,
     /// The encoded SignedEra of the current era (reported in status for clients).
     signed_era: Mutex<Vec<u8>>,
+    /// What this replica recovered from disk, until it first joins an era (`recovery`).
+    recovered: Mutex<Option<super::recovery::RecoveredLog>>,
+    /// The era this replica was in when it stopped (from its data dir; 0: none). It cannot
+    /// rejoin that era (its streams and relays are gone) and must not rebuild that era's start
+    /// state from its log (that would drop what the era ran): it waits for a later one.
+    left_era: u64,
     transport: crate::tls::Transport,
     /// When the last late item was logged (local microseconds).
     late_warned: AtomicU64,
@@ -404,7 +410,9 @@ async fn ticker(shared: Arc<ByzShared>) {
             let effects = core.tick(now_micros());
             let snapshot = {
                 let mut last = shared.last_snapshot.lock().unwrap_or_else(|e| e.into_inner());
-                (core.index >= *last + shared.snapshot_every && core.barrier.is_none()).then(|| {
+                // Not before the first era: the recovered log must stay rebuildable from its snapshot.
+                let due = core.index >= *last + shared.snapshot_every && core.era.is_some();
+                (due && core.barrier.is_none()).then(|| {
                     *last = core.index;
                     core.snapshot()
                 })
@@ -828,16 +836,7 @@ impl Byzantine for ByzServices {
 
     async fn fetch_snapshot(&self, request: Request<FetchSnapshotRequest>) -> Result<Response<Snapshot>, Status> {
         let index = request.into_inner().index;
-        let mut snap = {
-            let core = self.shared.lock();
-            if core.index != index {
-                return Err(Status::failed_precondition(format!(
-                    "this replica is at index {}, not {index}",
-                    core.index
-                )));
-            }
-            core.snapshot()
-        };
+        let mut snap = self.shared.state_at(index)?;
         if self.shared.injected(Behaviour::CorruptSnapshot) {
             if let Some(b) = snap.data.last_mut() {
                 *b ^= 0xff;
@@ -926,6 +925,11 @@ async fn start_era(shared: &Arc<ByzShared>, signed: SignedEra) -> Result<EraAck,
                     era.number, cur.number
                 )));
             }
+        } else if era.number <= shared.left_era {
+            return Err(Status::failed_precondition(format!(
+                "this replica restarted out of era {} and waits for a later era (era {} offered)",
+                shared.left_era, era.number
+            )));
         }
     }
     if !params.members.iter().any(|(id, _, _)| *id == shared.id) {
@@ -938,13 +942,14 @@ async fn start_era(shared: &Arc<ByzShared>, signed: SignedEra) -> Result<EraAck,
         let core = shared.lock();
         core.index == era.start_index && core.state_digest() == era.state_digest
     };
-    if !in_place {
+    if !in_place && !shared.roll_back_to(&era)? {
         transfer_state(shared, &era, &params).await?;
     }
     let effects = {
         let mut core = shared.lock();
         let resume = era.resume.then(|| era.machine.clone()).flatten();
         let out = core.start_era(params.clone(), resume);
+        *shared.recovered.lock().unwrap_or_else(|e| e.into_inner()) = None;
         let replies = shared.handle(out.clone());
         (out, replies)
     };
@@ -1067,6 +1072,73 @@ pub fn era_params(era: &Era, ordering: &OrderingArgs) -> Result<EraParams, Strin
 }
 
 impl ByzShared {
+    /// The state at `index`: the current one, or, before the first era, one rebuilt from the
+    /// recovered log (`recovery`).
+    fn state_at(&self, index: u64) -> Result<Snapshot, Status> {
+        let (current, before_any_era) = {
+            let core = self.lock();
+            if core.index == index {
+                return Ok(core.snapshot());
+            }
+            (core.index, core.era.is_none())
+        };
+        let log = self.recovered.lock().unwrap_or_else(|e| e.into_inner());
+        let rebuilt = match log.as_ref().filter(|_| before_any_era) {
+            Some(log) => log.state_at(index).map_err(|e| Status::internal(format!("{e:#}")))?,
+            None => None,
+        };
+        rebuilt.ok_or_else(|| {
+            let range = log
+                .as_ref()
+                .filter(|_| before_any_era)
+                .map(|l| {
+                    format!(
+                        " (it can rebuild its state from {} to {})",
+                        l.from_index(),
+                        l.end_index()
+                    )
+                })
+                .unwrap_or_default();
+            Status::failed_precondition(format!("this replica is at index {current}, not {index}{range}"))
+        })
+    }
+
+    /// Before its first era, a replica that applied past the era's start rebuilds the start
+    /// state from its recovered log when that has the digest the master signed, and drops the
+    /// entries after it (a recovery era after a full-cluster restart: `recovery`). False when
+    /// it cannot; it then fetches the state from the members.
+    fn roll_back_to(&self, era: &Era) -> Result<bool, Status> {
+        let internal = |e: anyhow::Error| Status::internal(format!("{e:#}"));
+        let mut core = self.lock();
+        if core.era.is_some() || core.index <= era.start_index {
+            return Ok(false);
+        }
+        let log = self.recovered.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(snap) = log
+            .as_ref()
+            .map(|l| l.state_at(era.start_index))
+            .transpose()
+            .map_err(internal)?
+            .flatten()
+            .filter(|s| s.digest == era.state_digest)
+        else {
+            return Ok(false);
+        };
+        let dropped = core.index - snap.index;
+        core.install(&snap).map_err(internal)?;
+        // Nothing after the start is durable any more: the install resets the log there.
+        *self.durable.lock().unwrap_or_else(|e| e.into_inner()) = snap.index;
+        *self.last_snapshot.lock().unwrap_or_else(|e| e.into_inner()) = snap.index;
+        self.writer.send(StorageOp::Install(snap));
+        tracing::warn!(
+            era = era.number,
+            index = era.start_index,
+            dropped,
+            "rolled back to the era's start state: the recovered log went further than t + 1 replicas vouch for"
+        );
+        Ok(true)
+    }
+
     pub fn status(&self) -> StatusResponse {
         let now = now_micros();
         let core = self.lock();
@@ -1132,6 +1204,10 @@ impl ByzShared {
                 evidence: core.evidence(),
                 pending_items: core.pending_items() as u64,
                 inject: self.inject.map(|b| b.name().to_string()).unwrap_or_default(),
+                recoverable_from: match (&core.era, &*self.recovered.lock().unwrap_or_else(|e| e.into_inner())) {
+                    (None, Some(log)) => log.from_index(),
+                    _ => core.index,
+                },
                 signed_era: if core.era.is_some() {
                     self.signed_era.lock().unwrap_or_else(|e| e.into_inner()).clone()
                 } else {
@@ -1193,7 +1269,7 @@ pub struct ByzConfig {
 pub fn build(
     args: &crate::ReplicaArgs,
     cfg: ByzConfig,
-    runtime: crate::runtime::Runtime,
+    factory: crate::machine::MachineFactory,
 ) -> anyhow::Result<(Arc<ByzShared>, ByzServices)> {
     use anyhow::Context;
     let key_path = cfg
@@ -1229,10 +1305,13 @@ pub fn build(
         Some(_) => {}
         None => storage.save_identity(&args.id)?,
     }
+    let runtime = crate::runtime::Runtime::new(factory());
     let mut core = Core::new(args.id.clone(), runtime, cfg.master_public_key, directory);
     core.reorder = cfg.inject == Some(Behaviour::Reorder);
     let snapshot_index = recovered.snapshot.as_ref().map_or(0, |s| s.index);
-    core.recover(recovered.snapshot, recovered.entries)?;
+    core.recover(recovered.snapshot.clone(), recovered.entries.clone())?;
+    let recovered_log = super::recovery::RecoveredLog::new(recovered.snapshot, recovered.entries, factory);
+    let left_era = super::recovery::left_era(&args.data_dir.join(ERA_FILE))?;
     tracing::info!(id = %args.id, index = core.index, "recovered from disk; waiting for an era from the configuration master");
     let (applied_tx, _) = broadcast::channel(4096);
     let shared = Arc::new_cyclic(|weak: &std::sync::Weak<ByzShared>| {
@@ -1269,6 +1348,8 @@ pub fn build(
             last_snapshot: Mutex::new(snapshot_index),
             era_lock: tokio::sync::Mutex::new(()),
             signed_era: Mutex::new(Vec::new()),
+            recovered: Mutex::new(Some(recovered_log)),
+            left_era,
             late_warned: AtomicU64::new(0),
         }
     });

@@ -1,0 +1,145 @@
+//! Byzantine mode: a full-cluster restart. Every replica and `lockstep up` stop (cleanly, or
+//! all `kill -9`ed under load) and start again on their disks. The replicas recover their logs
+//! but the era they were in cannot go on (its streams and relays are gone), so the master starts
+//! a recovery era where t + 1 of them rebuild the same state (`up_byz::recovery_state`). Every
+//! acknowledged write must be there, although one replica (`brs-0`) serves corrupt state
+//! throughout, and a correct replica that ran a command nobody else holds rolls it back.
+
+mod byzcommon;
+
+use byzcommon::{ByzCluster, wait_until};
+use nix::sys::signal::{Signal, kill};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+type Acked = Arc<Mutex<BTreeMap<String, String>>>;
+
+/// Four clients write until `stop` (or `per_client` writes each); what was acknowledged.
+fn spawn_writers(
+    cluster: &ByzCluster,
+    rt: &tokio::runtime::Runtime,
+    round: &str,
+    per_client: usize,
+    stop: Arc<AtomicBool>,
+) -> (Acked, Vec<tokio::task::JoinHandle<()>>) {
+    let acked: Acked = Arc::default();
+    let tasks = (0..4)
+        .map(|c| {
+            let _in_runtime = rt.enter();
+            let mut client = cluster.client();
+            let (acked, stop, round) = (acked.clone(), stop.clone(), round.to_string());
+            rt.spawn(async move {
+                for i in 0..per_client {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let (k, v) = (format!("{round}-{c}-{i}"), format!("v{i}"));
+                    if client.put(&k, &v).await.is_ok() {
+                        acked.lock().expect("acked").insert(k, v);
+                    }
+                }
+                client.close().await;
+            })
+        })
+        .collect();
+    (acked, tasks)
+}
+
+fn assert_all_present(cluster: &ByzCluster, rt: &tokio::runtime::Runtime, acked: &Acked, when: &str) {
+    let _in_runtime = rt.enter();
+    let mut client = cluster.client();
+    for (k, v) in acked.lock().expect("acked").iter() {
+        let got = rt
+            .block_on(client.get(k))
+            .unwrap_or_else(|e| panic!("read of {k} {when}: {e}\nlockstep up said:\n{}", cluster.up_output()));
+        assert_eq!(
+            got.as_deref(),
+            Some(v.as_str()),
+            "acknowledged write {k}={v} lost {when}"
+        );
+    }
+    rt.block_on(client.put(&format!("after-{when}"), "x"))
+        .unwrap_or_else(|e| panic!("a write {when}: {e}"));
+    rt.block_on(client.close());
+}
+
+fn relaunch(cluster: &mut ByzCluster) {
+    cluster.launch();
+    cluster.wait_members(3, Duration::from_secs(90));
+}
+
+fn applied(cluster: &ByzCluster, id: &str) -> u64 {
+    cluster.status(id).map_or(0, |s| s.applied_index)
+}
+
+#[test]
+fn a_byzantine_cluster_restarted_from_its_disks_keeps_every_acknowledged_write() {
+    let mut cluster = ByzCluster::start("brs", 1, "", &["--inject", "replica-0=corrupt-snapshot"]);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+
+    // 1. A clean stop (Ctrl-C) and a restart.
+    let (acked, tasks) = spawn_writers(&cluster, &rt, "clean", 25, Arc::default());
+    for t in tasks {
+        rt.block_on(t).expect("writer");
+    }
+    assert_eq!(
+        acked.lock().expect("acked").len(),
+        100,
+        "a healthy cluster acknowledges every write"
+    );
+    cluster.stop();
+    relaunch(&mut cluster);
+    assert_all_present(&cluster, &rt, &acked, "after a clean restart");
+
+    // 2. kill -9 of `lockstep up` and every replica at once, under load.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (acked2, tasks) = spawn_writers(&cluster, &rt, "crash", 1_000_000, stop.clone());
+    let some = wait_until(Duration::from_secs(60), || acked2.lock().expect("acked").len() >= 200);
+    assert!(some, "writers made no progress:\n{}", cluster.up_output());
+    cluster.crash_all();
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.abort();
+    }
+    relaunch(&mut cluster);
+    assert_all_present(&cluster, &rt, &acked, "after a crash (first round)");
+    assert_all_present(&cluster, &rt, &acked2, "after a crash");
+
+    // 3. A correct replica that ran a command nobody else holds: brs-0 and brs-1 are
+    //    stopped, a write reaches brs-2 alone, which runs it and logs it (no client can accept
+    //    it: one answer is not t + 1). Then everything crashes. The recovery era starts where
+    //    brs-0 and brs-1 stand, and brs-2 rolls the write back.
+    let _in_runtime = rt.enter();
+    let mut lone = cluster.client();
+    rt.block_on(lone.put("warm", "x")).expect("a write before the stop");
+    let level = wait_until(Duration::from_secs(30), || {
+        let at = applied(&cluster, "brs-2");
+        at > 0 && ["brs-0", "brs-1"].iter().all(|id| applied(&cluster, id) == at)
+    });
+    assert!(level, "the replicas did not reach one index");
+    let behind = applied(&cluster, "brs-1");
+    for id in ["brs-0", "brs-1"] {
+        kill(cluster.pid(id).expect("pid"), Signal::SIGSTOP).expect("SIGSTOP");
+    }
+    let lone_write = rt.spawn(async move { lone.put("lone", "only-brs-2").await });
+    let ahead = wait_until(Duration::from_secs(30), || applied(&cluster, "brs-2") > behind);
+    assert!(ahead, "brs-2 did not run the write alone:\n{}", cluster.log("brs-2"));
+    cluster.crash_all();
+    lone_write.abort();
+    relaunch(&mut cluster);
+    let log = cluster.log("brs-2");
+    assert!(
+        log.contains("rolled back to the era's start state"),
+        "brs-2 did not roll back to the recovery era's start:\n{log}"
+    );
+    assert_all_present(&cluster, &rt, &acked2, "after a rollback");
+    let mut c = cluster.client();
+    assert_eq!(
+        rt.block_on(c.get("lone")).expect("get"),
+        None,
+        "a write only one replica ran survived the recovery era"
+    );
+    rt.block_on(c.close());
+}
