@@ -98,7 +98,7 @@ impl Executor<'_> {
         match step {
             Step::CreateReplica { id, machine } => return self.create_replica(current, id, machine).await,
             Step::Reconfigure { config, notify } => return self.reconfigure(current, config, notify).await,
-            Step::PushConfig { id } => self.push_config(current, id).await,
+            Step::PushConfig { id } => return self.push_config(current, id).await,
             Step::DeleteReplica { id, reason } => self.delete_replica(id, reason).await?,
             Step::DeleteVolume { id } => self.delete_volume(id).await?,
             Step::Seal => self.seal(current).await,
@@ -210,11 +210,43 @@ impl Executor<'_> {
         Ok(Outcome::Continue)
     }
 
-    async fn push_config(&self, current: &ReplicatedStateMachine, id: &str) {
+    async fn push_config(&self, current: &mut ReplicatedStateMachine, id: &str) -> Result<Outcome, Error> {
         self.ctx.metrics.action("push_config");
+        if let Some(era) = crate::byzantine::restarted_era(self.ctx, self.rsm) {
+            return self.recover_byzantine(current, era).await;
+        }
         if let Some(config) = translate::persisted_config(current) {
             self.push_to(&config, std::iter::once(id)).await;
         }
+        Ok(Outcome::Continue)
+    }
+
+    /// Byzantine: every replica restarted on its volume and the master's era lost its members
+    /// (they report no era, and the planner pushes the configuration to them). The next era is
+    /// a recovery era with the same members (docs/byzantine.md, "Full-cluster restart"): its
+    /// configuration (next epoch) is persisted first, once, as for a resume.
+    async fn recover_byzantine(&self, current: &mut ReplicatedStateMachine, era: u64) -> Result<Outcome, Error> {
+        let Some(config) = translate::persisted_config(current) else {
+            return Ok(Outcome::Continue);
+        };
+        if config.epoch > era {
+            crate::byzantine::push(self.ctx, self.rsm, &config);
+            return Ok(Outcome::Continue);
+        }
+        let next = Config {
+            epoch: config.epoch + 1,
+            ..config
+        };
+        if !self.persist(current, |s| status::with_config(s, &next)).await? {
+            return Ok(Outcome::Stale);
+        }
+        crate::byzantine::push(self.ctx, self.rsm, &next);
+        let note = format!(
+            "every replica restarted and era {era} cannot go on: era {} starts where t + 1 of them rebuild the same state",
+            next.epoch
+        );
+        self.event(EventType::Warning, "Recovering", "Recover", note).await;
+        Ok(Outcome::Continue)
     }
 
     /// Pushes `config` to the given replicas. Failures are logged: a replica that missed it

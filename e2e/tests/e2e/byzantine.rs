@@ -3,7 +3,8 @@
 //! way docs/byzantine.md says, voted writes and reads through the `lockstep` CLI inside the
 //! cluster (knowing only the client Service and the master public key from status), and a
 //! replica killed (`kill -9`) and then one deleted: each is replaced through a new era with
-//! state transfer, and the data is still there. A second resource is rolled out to 1.1.0: the
+//! state transfer, and the data is still there; then every replica killed at once comes back
+//! from its volume in a recovery era. A second resource is rolled out to 1.1.0: the
 //! seal is a barrier of the master's stream, and the next era resumes under the new machine,
 //! while one of its three replicas signs wrong outputs (test-only fault injection through the
 //! RSM annotation `lockstep.dev/inject`, on replica images built with `fault-injection`).
@@ -159,9 +160,48 @@ async fn byzantine_rsm_votes_and_replaces_killed_and_deleted_replicas() {
     let o = replaced(&api, &victim, epoch(&o)).await;
     voted_eventually(&tools, &master, &["get", "greeting"], "hello").await;
     voted_eventually(&tools, &master, &["get", "after-kill"], "yes").await;
-    let byz = o.status.and_then(|s| s.byzantine).expect("status.byzantine");
+    let byz = o
+        .status
+        .as_ref()
+        .and_then(|s| s.byzantine.clone())
+        .expect("status.byzantine");
     println!("status.byzantine: {byz:?}");
     assert_eq!(byz.master_public_key, master, "the master key never changes");
+
+    // Every replica's process killed at once (a node losing power): the containers restart on
+    // their volumes, the era they were in cannot go on, and the operator starts a recovery era
+    // where t + 1 of them rebuild the same state (docs/byzantine.md, "Full-cluster restart").
+    let members: Vec<String> = o
+        .status
+        .as_ref()
+        .map(|s| s.members.iter().map(|m| m.pod.clone()).collect())
+        .unwrap_or_default();
+    let killed = std::time::Instant::now();
+    faults
+        .kill_replicas_at_once(&client, NS, &members)
+        .await
+        .expect("kill -9 of every replica");
+    wait_for(
+        &api,
+        NAME,
+        "the loss of every replica noticed",
+        Duration::from_secs(120),
+        |o| !condition(o, "Available"),
+    )
+    .await
+    .expect("down");
+    wait_for(&api, NAME, "back from the volumes", Duration::from_secs(300), |o| {
+        condition(o, "Ready")
+    })
+    .await
+    .expect("recovered");
+    voted_eventually(&tools, &master, &["get", "greeting"], "hello").await;
+    voted_eventually(&tools, &master, &["get", "after-kill"], "yes").await;
+    voted_eventually(&tools, &master, &["put", "after-restart", "yes"], "OK").await;
+    lockstep_e2e::timing(
+        "Byzantine: every replica killed -> voted write in a recovery era",
+        format!("{:.1?}", killed.elapsed()),
+    );
 
     lockstep_e2e::delete_namespace(&client, NS).await.expect("cleanup");
 }

@@ -54,6 +54,9 @@ pub struct Seen {
     pub era: u64,
     pub statuses: BTreeMap<String, StatusResponse>,
     pub error: Option<String>,
+    /// The era lost its members: t + 1 replicas restarted and report no era
+    /// (`up_byz::EraStanding::Restarted`). The reconcile then records a recovery era.
+    pub restarted: bool,
 }
 
 /// What the reconcile asked of the master for a lockstep rollout (docs/byzantine.md, "On
@@ -259,6 +262,10 @@ impl Task {
         if let Ok(mut s) = self.seen.lock() {
             s.era = self.setup.master.era_number();
             s.statuses = statuses.clone();
+            s.restarted = self.setup.master.current_era().is_some_and(|era| {
+                lockstep::up_byz::era_standing(era, statuses.values(), self.setup.master.t)
+                    == lockstep::up_byz::EraStanding::Restarted
+            });
         }
         self.keep_era_going(&statuses).await;
         if self.setup.master.streaming() {

@@ -141,6 +141,12 @@ pub fn master_era(ctx: &Context, rsm: &ReplicatedStateMachine) -> Option<u64> {
     ctx.masters.get(&key(rsm)).map(|r| r.seen().era)
 }
 
+/// The master's era, when its members restarted and it cannot go on (`Seen::restarted`).
+pub fn restarted_era(ctx: &Context, rsm: &ReplicatedStateMachine) -> Option<u64> {
+    let seen = ctx.masters.get(&key(rsm))?.seen();
+    seen.restarted.then_some(seen.era)
+}
+
 /// `.status.byzantine`, and the evidence metrics.
 pub fn publish(ctx: &Context, rsm: &ReplicatedStateMachine) -> Option<ByzantineStatus> {
     let runner = ctx.masters.get(&key(rsm))?;

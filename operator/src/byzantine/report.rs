@@ -109,6 +109,7 @@ mod tests {
                 ("kv-2".to_string(), reporting(3, vec![])),
             ]),
             error: None,
+            restarted: false,
         };
         let s = status("ab", &seen);
         assert_eq!((s.master_public_key.as_str(), s.era), ("ab", Some(4)));
