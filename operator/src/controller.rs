@@ -656,13 +656,13 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
     pruner.abort();
 }
 
-/// Drop the per-RSM gauges of deleted RSMs (a deleted RSM is never reconciled again).
+/// Drop the per-RSM gauges and evidence of deleted RSMs (a deleted RSM is never reconciled again).
 async fn prune_rsm_gauges(ctx: Arc<Context>, rsms: reflector::Store<ReplicatedStateMachine>) {
     let mut tick = tokio::time::interval(Duration::from_secs(30));
     loop {
         tick.tick().await;
-        ctx.metrics
-            .rsm
-            .retain(|ns, name| rsms.get(&ObjectRef::new(name).within(ns)).is_some());
+        let exists = |ns: &str, name: &str| rsms.get(&ObjectRef::new(name).within(ns)).is_some();
+        ctx.metrics.rsm.retain(exists);
+        ctx.metrics.byzantine_evidence.retain(exists);
     }
 }

@@ -32,6 +32,47 @@ pub struct EvidenceLabel {
     pub reporter: String,
 }
 
+/// `byzantine_evidence`, with the label sets last published per RSM, so that those of
+/// replicas that are gone (replaced, or their reporter is) and of deleted RSMs are dropped
+/// instead of being exported until the operator restarts.
+#[derive(Default)]
+pub struct EvidenceGauges {
+    pub family: Family<EvidenceLabel, Gauge>,
+    published: std::sync::Mutex<std::collections::HashMap<(String, String), std::collections::HashSet<EvidenceLabel>>>,
+}
+
+impl EvidenceGauges {
+    /// The evidence of RSM `namespace/name` now: every label set given is set, every one
+    /// published before for it and not given now is removed.
+    pub fn record(&self, namespace: &str, name: &str, now: impl IntoIterator<Item = (EvidenceLabel, i64)>) {
+        let mut current = std::collections::HashSet::new();
+        for (labels, count) in now {
+            self.family.get_or_create(&labels).set(count);
+            current.insert(labels);
+        }
+        let mut published = self.published.lock().unwrap_or_else(|e| e.into_inner());
+        let before = published.insert((namespace.to_string(), name.to_string()), current);
+        let current = &published[&(namespace.to_string(), name.to_string())];
+        for gone in before.unwrap_or_default().difference(current) {
+            self.family.remove(gone);
+        }
+    }
+
+    /// Drop every label set of an RSM for which `exists(namespace, name)` is false.
+    pub fn retain(&self, exists: impl Fn(&str, &str) -> bool) {
+        let mut published = self.published.lock().unwrap_or_else(|e| e.into_inner());
+        published.retain(|(ns, name), labels| {
+            let keep = exists(ns, name);
+            if !keep {
+                for l in labels.iter() {
+                    self.family.remove(l);
+                }
+            }
+            keep
+        });
+    }
+}
+
 pub struct Metrics {
     pub registry: Registry,
     pub reconciles: Family<ResultLabel, Counter>,
@@ -47,7 +88,7 @@ pub struct Metrics {
     pub api_requests: Family<MethodLabel, Counter>,
     /// Resident set size, read from /proc when /metrics is scraped.
     pub resident_memory: Gauge,
-    pub byzantine_evidence: Family<EvidenceLabel, Gauge>,
+    pub byzantine_evidence: EvidenceGauges,
     /// Per-RSM gauges (`rsm_*{namespace, name}`).
     pub rsm: crate::rsm_metrics::RsmGauges,
 }
@@ -66,11 +107,11 @@ impl Default for Metrics {
         let leader = Gauge::default();
         let api_requests = Family::<MethodLabel, Counter>::default();
         let resident_memory = Gauge::default();
-        let byzantine_evidence = Family::<EvidenceLabel, Gauge>::default();
+        let byzantine_evidence = EvidenceGauges::default();
         registry.register(
             "byzantine_evidence",
             "Byzantine mode: evidence (bad signatures, refused relays, equivocation, corrupt snapshots) one replica reports against another",
-            byzantine_evidence.clone(),
+            byzantine_evidence.family.clone(),
         );
         registry.register(
             "reconciles",
@@ -177,4 +218,59 @@ fn resident_memory_bytes() -> Option<i64> {
     let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
     let pages: i64 = statm.split_whitespace().nth(1)?.parse().ok()?;
     Some(pages * 4096)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn label(name: &str, replica: &str, reporter: &str) -> EvidenceLabel {
+        EvidenceLabel {
+            namespace: "ns".into(),
+            name: name.into(),
+            replica: replica.into(),
+            kind: "corrupt-snapshot".into(),
+            reporter: reporter.into(),
+        }
+    }
+
+    fn exported(m: &Metrics) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &m.registry).expect("encode");
+        out.lines()
+            .filter(|l| l.starts_with("lockstep_operator_byzantine_evidence{"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Evidence about a replica that is gone stops being exported at the next publish, and
+    /// all of a deleted RSM's at the next prune.
+    #[test]
+    fn evidence_of_replicas_and_rsms_that_are_gone_is_dropped() {
+        let m = Metrics::default();
+        let e = &m.byzantine_evidence;
+        e.record(
+            "ns",
+            "a",
+            [(label("a", "a-1", "a-0"), 3), (label("a", "a-2", "a-0"), 1)],
+        );
+        e.record("ns", "b", [(label("b", "b-1", "b-0"), 2)]);
+        let out = exported(&m);
+        assert!(
+            out.contains("replica=\"a-1\"") && out.contains("replica=\"a-2\"") && out.contains("replica=\"b-1\""),
+            "{out}"
+        );
+        e.record("ns", "a", [(label("a", "a-1", "a-0"), 4)]);
+        let out = exported(&m);
+        assert!(
+            out.contains("replica=\"a-1\"") && !out.contains("replica=\"a-2\""),
+            "{out}"
+        );
+        e.retain(|_, name| name != "b");
+        let out = exported(&m);
+        assert!(
+            out.contains("replica=\"a-1\"") && !out.contains("replica=\"b-1\""),
+            "{out}"
+        );
+    }
 }

@@ -151,18 +151,17 @@ pub fn restarted_era(ctx: &Context, rsm: &ReplicatedStateMachine) -> Option<u64>
 pub fn publish(ctx: &Context, rsm: &ReplicatedStateMachine) -> Option<ByzantineStatus> {
     let runner = ctx.masters.get(&key(rsm))?;
     let seen = runner.seen();
-    for (reporter, e) in report::evidence(&seen.statuses) {
+    let (namespace, name) = (rsm.namespace().unwrap_or_default(), rsm.name_any());
+    let evidence = report::evidence(&seen.statuses).into_iter().map(|(reporter, e)| {
         let labels = EvidenceLabel {
-            namespace: rsm.namespace().unwrap_or_default(),
-            name: rsm.name_any(),
+            namespace: namespace.clone(),
+            name: name.clone(),
             replica: e.peer.clone(),
             kind: e.kind.clone(),
             reporter: reporter.to_string(),
         };
-        ctx.metrics
-            .byzantine_evidence
-            .get_or_create(&labels)
-            .set(i64::try_from(e.count).unwrap_or(i64::MAX));
-    }
+        (labels, i64::try_from(e.count).unwrap_or(i64::MAX))
+    });
+    ctx.metrics.byzantine_evidence.record(&namespace, &name, evidence);
     Some(report::status(&runner.master_public_key, &seen))
 }
