@@ -630,7 +630,12 @@ impl ByzMaster {
         if let Some(at) = self.barrier_reached(&era).await {
             return Ok(at);
         }
+        // Only the era's own members hold its state (a newcomer in `endpoints` holds none).
+        // They are asked at the addresses they have now (`lockstep up` gives a restarted
+        // replica a new port) and known by id.
         let replicas = statuses_at(self.channels.transport(), endpoints, Duration::from_millis(500)).await;
+        let replicas: Vec<(String, StatusResponse)> =
+            replicas.into_iter().filter(|(_, s)| holds_era(&era, s)).collect();
         match era_standing(&era, replicas.iter().map(|(_, s)| s), self.t) {
             EraStanding::Running => self.barrier(false, timeout).await,
             EraStanding::Restarted => recovery_state(self.channels.transport(), &replicas, self.t, timeout)
@@ -723,20 +728,37 @@ pub async fn genesis_state(
 pub enum EraStanding {
     /// t + 1 replicas answer as its members.
     Running,
-    /// At most t do, and t + 1 report no era at all: they restarted on their disks and wait
-    /// for the master (a full-cluster restart). The era's streams and relays are gone.
+    /// At most t do, and t + 1 of its members report that they restarted out of it (on their
+    /// disks, waiting for the master: a full-cluster restart). Its streams and relays are gone.
     Restarted,
     /// Only this many answer as members, and not enough report a restart: wait.
     Short(usize),
 }
 
+/// Whether the replica of `status` is a member of `era` that is in it or restarted out of it
+/// (and so holds its state up to some index).
+pub fn holds_era(era: &Era, status: &StatusResponse) -> bool {
+    era.members.iter().any(|m| m.id == status.id)
+        && status
+            .byzantine
+            .as_ref()
+            .is_some_and(|b| b.era == era.number || (b.era == 0 && b.left_era == era.number))
+}
+
+/// Counts only `era`'s members: a replica that never joined it (a newcomer, or one its push
+/// never reached) holds nothing of it, and counting it as restarted would let fresh replicas
+/// vouch for the empty state. Sealed replicas restarted by a rollout are not a restart to
+/// recover from.
 pub fn era_standing<'a>(era: &Era, statuses: impl IntoIterator<Item = &'a StatusResponse>, t: usize) -> EraStanding {
-    let (mut in_era, mut in_none) = (0, 0);
-    for b in statuses.into_iter().filter_map(|s| s.byzantine.as_ref()) {
-        in_era += usize::from(b.era == era.number);
-        in_none += usize::from(b.era == 0);
+    let (mut in_era, mut restarted) = (0, 0);
+    for s in statuses.into_iter().filter(|s| holds_era(era, s)) {
+        let b = s.byzantine.as_ref().map_or(0, |b| b.era);
+        in_era += usize::from(b == era.number);
+        // A sealed replica restarted on purpose (a lockstep rollout): the resume path starts
+        // the next era from the sealing barrier.
+        restarted += usize::from(b == 0 && s.sealed_at == 0);
     }
-    match (in_era > t, in_none > t) {
+    match (in_era > t, restarted > t) {
         (true, _) => EraStanding::Running,
         (false, true) => EraStanding::Restarted,
         (false, false) => EraStanding::Short(in_era),
@@ -950,5 +972,70 @@ mod tests {
         }
         // PhysicalClock waits for no promise.
         assert_eq!(renew_lead(&ordering("PhysicalClock", 500), 1), 100_000);
+    }
+
+    fn member_status(id: &str, era: u64, left_era: u64) -> StatusResponse {
+        StatusResponse {
+            id: id.into(),
+            byzantine: Some(lockstep_proto::ByzStatus {
+                era,
+                left_era,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn era_with(number: u64, ids: &[&str]) -> Era {
+        Era {
+            number,
+            members: ids
+                .iter()
+                .map(|id| lockstep_proto::ByzMember {
+                    id: id.to_string(),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    /// An era is restarted only when t + 1 of its own members restarted out of it; fresh
+    /// replicas (a newcomer, a member the era never reached) report no era too, but hold none
+    /// of its state, and must never be counted: two of them would vouch for the empty state.
+    #[test]
+    fn only_members_that_left_the_era_make_it_restarted() {
+        let era = era_with(7, &["a", "b", "c"]);
+        let standing = |s: &[StatusResponse]| era_standing(&era, s.iter(), 1);
+        // Every member restarted out of era 7.
+        let all = [
+            member_status("a", 0, 7),
+            member_status("b", 0, 7),
+            member_status("c", 0, 7),
+        ];
+        assert_eq!(standing(&all), EraStanding::Restarted);
+        // Two still in it: it runs.
+        let two = [
+            member_status("a", 7, 0),
+            member_status("b", 7, 0),
+            member_status("c", 0, 7),
+        ];
+        assert_eq!(standing(&two), EraStanding::Running);
+        // One left in it, the others fresh (never joined era 7) or newcomers: wait, never recover.
+        let fresh = [
+            member_status("a", 7, 0),
+            member_status("b", 0, 0),
+            member_status("c", 0, 6),
+            member_status("new-1", 0, 0),
+            member_status("new-2", 0, 0),
+        ];
+        assert_eq!(standing(&fresh), EraStanding::Short(1));
+        // Restarted sealed, on a new image (a rollout): the resume path's, not a recovery.
+        let sealed: Vec<StatusResponse> = all
+            .iter()
+            .cloned()
+            .map(|s| StatusResponse { sealed_at: 40, ..s })
+            .collect();
+        assert_eq!(standing(&sealed), EraStanding::Short(0));
     }
 }

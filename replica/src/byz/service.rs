@@ -1204,6 +1204,7 @@ impl ByzShared {
                 evidence: core.evidence(),
                 pending_items: core.pending_items() as u64,
                 inject: self.inject.map(|b| b.name().to_string()).unwrap_or_default(),
+                left_era: self.left_era,
                 recoverable_from: match (&core.era, &*self.recovered.lock().unwrap_or_else(|e| e.into_inner())) {
                     (None, Some(log)) => log.from_index(),
                     _ => core.index,
