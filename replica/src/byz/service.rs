@@ -1247,7 +1247,23 @@ impl Admin for ByzServices {
     }
 
     async fn take_snapshot(&self, _: Request<SnapshotRequest>) -> Result<Response<SnapshotResponse>, Status> {
-        let snap = self.shared.lock().snapshot();
+        let snap = {
+            let core = self.shared.lock();
+            if core.era.is_none()
+                && self
+                    .shared
+                    .recovered
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .is_some()
+            {
+                // A snapshot now would compact away the log a recovery era may roll back into.
+                return Err(Status::failed_precondition(
+                    "this replica waits for an era after a restart: its recovered log is kept as it is until then",
+                ));
+            }
+            core.snapshot()
+        };
         let index = snap.index;
         self.shared.writer.send(StorageOp::Snapshot(snap));
         Ok(Response::new(SnapshotResponse { index }))
