@@ -133,6 +133,8 @@ struct Master {
     began: Instant,
     last_summary: String,
     last_table: String,
+    /// The errors of the last tick's actions (each is printed when it first appears).
+    last_errors: Vec<String>,
     byz: Option<crate::up_byz::ByzMaster>,
     /// The cluster's certificates (None: `--insecure`).
     pki: Option<crate::pki::LocalPki>,
@@ -180,6 +182,7 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
         began: Instant::now(),
         last_summary: String::new(),
         last_table: String::new(),
+        last_errors: Vec::new(),
         _lock: lock,
     };
     m.announce();
@@ -444,11 +447,18 @@ impl Master {
             let plan = lockstep_planner::plan(&self.name, &self.desired, &observed);
             self.report(&plan, &observed);
             let acting = Instant::now();
+            let mut errors = Vec::new();
             for action in plan.actions {
                 if let Err(e) = self.execute(action).await {
-                    self.say(&format!("error: {e:#}"));
+                    errors.push(format!("error: {e:#}"));
                 }
             }
+            // An action retried every tick (an era change waiting for its replicas) says so
+            // once, not 20 times a second.
+            for e in errors.iter().filter(|e| !self.last_errors.contains(*e)) {
+                self.say(e);
+            }
+            self.last_errors = errors;
             // Time spent acting (a Byzantine era change waits for a barrier) is time nobody
             // was observed: it must not count as the replicas' silence.
             let took = acting.elapsed();
