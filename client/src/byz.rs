@@ -57,13 +57,12 @@ impl ClusterInfo {
 
     /// The bounds the replicas order by.
     pub fn timing(&self) -> lockstep_replica::byz::order::Timing {
-        lockstep_replica::byz::order::Timing {
-            stability: lockstep_replica::byz::order::Stability::parse(&self.stability)
-                .unwrap_or(lockstep_replica::byz::order::Stability::Lamport),
-            t: self.t,
-            delay_us: self.max_delay_millis.saturating_mul(1000),
-            skew_us: self.max_skew_millis.saturating_mul(1000),
+        crate::up_byz::Ordering {
+            stability: self.stability.clone(),
+            max_delay_millis: self.max_delay_millis,
+            max_clock_skew_millis: self.max_skew_millis,
         }
+        .timing(self.t)
     }
 }
 

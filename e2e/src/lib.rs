@@ -253,6 +253,14 @@ pub fn epoch(obj: &ReplicatedStateMachine) -> i64 {
     obj.status.as_ref().and_then(|s| s.epoch).unwrap_or(0)
 }
 
+/// The pods of the members the RSM's status lists.
+pub fn member_pods(obj: &ReplicatedStateMachine) -> Vec<String> {
+    obj.status
+        .as_ref()
+        .map(|s| s.members.iter().map(|m| m.pod.clone()).collect())
+        .unwrap_or_default()
+}
+
 pub fn primary(obj: &ReplicatedStateMachine) -> Option<String> {
     obj.status.as_ref().and_then(|s| s.primary.clone())
 }

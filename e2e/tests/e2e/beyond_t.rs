@@ -36,11 +36,7 @@ async fn every_replica_killed_twice_in_a_row_comes_back_from_disk() {
             assert!(out.contains("OK"), "{out}");
         }
         let obj = api.get("kv").await.expect("RSM");
-        let members: Vec<String> = obj
-            .status
-            .as_ref()
-            .map(|s| s.members.iter().map(|m| m.pod.clone()).collect())
-            .unwrap_or_default();
+        let members = lockstep_e2e::member_pods(&obj);
         let killed = Instant::now();
         faults
             .kill_replicas_at_once(&client, ns, &members)

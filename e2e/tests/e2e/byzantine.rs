@@ -171,11 +171,7 @@ async fn byzantine_rsm_votes_and_replaces_killed_and_deleted_replicas() {
     // Every replica's process killed at once (a node losing power): the containers restart on
     // their volumes, the era they were in cannot go on, and the operator starts a recovery era
     // where t + 1 of them rebuild the same state (docs/byzantine.md, "Full-cluster restart").
-    let members: Vec<String> = o
-        .status
-        .as_ref()
-        .map(|s| s.members.iter().map(|m| m.pod.clone()).collect())
-        .unwrap_or_default();
+    let members = lockstep_e2e::member_pods(&o);
     let killed = std::time::Instant::now();
     faults
         .kill_replicas_at_once(&client, NS, &members)

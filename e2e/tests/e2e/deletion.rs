@@ -78,11 +78,7 @@ async fn retained_volumes_outlive_the_rsm_and_a_new_one_starts_from_them() {
     api.create(&PostParams::default(), &rsm).await.expect("RSM created");
     kubectl_wait_ready(ns, "kv", Duration::from_secs(300)).expect("Ready");
     let first = api.get("kv").await.expect("RSM");
-    let members: Vec<String> = first
-        .status
-        .as_ref()
-        .map(|s| s.members.iter().map(|m| m.pod.clone()).collect())
-        .unwrap_or_default();
+    let members = lockstep_e2e::member_pods(&first);
 
     let tools = ToolsPod::start(&client, ns, &images, "kv").await.expect("tools pod");
     for i in 0..10 {

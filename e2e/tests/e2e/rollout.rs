@@ -92,11 +92,7 @@ async fn rollout_under_load_runs_each_index_on_one_version() {
 
     // Watch every replica from now on: each stream ends when its replica restarts.
     let obj = api.get("kv").await.expect("RSM");
-    let members: Vec<String> = obj
-        .status
-        .as_ref()
-        .map(|s| s.members.iter().map(|m| m.pod.clone()).collect())
-        .unwrap_or_default();
+    let members = lockstep_e2e::member_pods(&obj);
     let mut before = Vec::new();
     for m in &members {
         before.push((
