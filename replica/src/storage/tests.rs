@@ -37,6 +37,7 @@ fn small_segments() -> StorageOptions {
     StorageOptions {
         fsync: true,
         segment_bytes: 256,
+        preallocate_bytes: 1024,
     }
 }
 
@@ -47,6 +48,21 @@ fn written(opts: StorageOptions, last: u64) -> (tempfile::TempDir, Storage) {
     s.append(&entries(1, last)).expect("append");
     s.sync().expect("sync");
     (tmp, s)
+}
+
+/// End of a segment's records: its file may go on with reserved space (zeros).
+fn records_end(path: &Path) -> u64 {
+    let (log_dir, name) = (path.parent().expect("log dir"), path.file_name().expect("name"));
+    let first = wal::parse_file_name(name.to_str().expect("utf-8")).expect("segment name");
+    wal::scan(log_dir, first).expect("scan").valid_len
+}
+
+/// Writes `bytes` right after a segment's records, as an interrupted append would.
+fn write_after_records(path: &Path, bytes: &[u8]) {
+    let end = records_end(path);
+    let mut f = OpenOptions::new().write(true).open(path).expect("open");
+    f.seek(SeekFrom::Start(end)).expect("seek");
+    f.write_all(bytes).expect("write");
 }
 
 fn segment_files(dir: &Path) -> Vec<u64> {
@@ -180,17 +196,20 @@ fn torn_tail_is_truncated_and_valid_prefix_kept() {
     let (tmp, s) = written(opts(), 10);
     drop(s);
     let seg = tmp.path().join(LOG_DIR).join(wal::file_name(1));
-    let good_len = fs::metadata(&seg).expect("meta").len();
+    let good_len = records_end(&seg);
     // Half a record: a header promising 100 bytes, then only 10 of them.
-    let mut f = OpenOptions::new().append(true).open(&seg).expect("open");
-    f.write_all(&100u32.to_le_bytes()).expect("write");
-    f.write_all(&0xdead_beefu32.to_le_bytes()).expect("write");
-    f.write_all(&[7u8; 10]).expect("write");
-    drop(f);
+    let mut torn = 100u32.to_le_bytes().to_vec();
+    torn.extend(0xdead_beefu32.to_le_bytes());
+    torn.extend([7u8; 10]);
+    write_after_records(&seg, &torn);
 
     let (mut s, rec) = Storage::open(tmp.path(), opts()).expect("reopen after torn write");
     assert_eq!(rec.entries, entries(1, 10));
-    assert_eq!(fs::metadata(&seg).expect("meta").len(), good_len);
+    assert_eq!(
+        fs::metadata(&seg).expect("meta").len(),
+        good_len,
+        "the torn write is cut off"
+    );
     s.append(&[entry(11, 2)]).expect("append after recovery");
     s.sync().expect("sync");
     drop(s);
@@ -220,8 +239,7 @@ fn bad_checksum_on_last_record_is_a_torn_tail() {
     let (tmp, s) = written(opts(), 10);
     drop(s);
     let seg = tmp.path().join(LOG_DIR).join(wal::file_name(1));
-    let len = fs::metadata(&seg).expect("meta").len();
-    flip_byte(&seg, len - 2);
+    flip_byte(&seg, records_end(&seg) - 2);
     let (_, rec) = Storage::open(tmp.path(), opts()).expect("reopen");
     assert_eq!(rec.entries, entries(1, 9));
 }
@@ -262,9 +280,8 @@ fn corruption_in_a_middle_segment_is_an_error() {
     let segs = segment_files(tmp.path());
     assert!(segs.len() >= 3, "{segs:?}");
     let middle = tmp.path().join(LOG_DIR).join(wal::file_name(segs[1]));
-    let len = fs::metadata(&middle).expect("meta").len();
     // Even the last record of a middle segment is protected.
-    flip_byte(&middle, len - 1);
+    flip_byte(&middle, records_end(&middle) - 1);
     let (path, _, reason) = corrupt_err(Storage::open(tmp.path(), small_segments()));
     assert_eq!(path, middle);
     assert!(reason.contains("not the last"), "{reason}");
@@ -276,9 +293,8 @@ fn truncated_middle_segment_is_an_error() {
     drop(s);
     let segs = segment_files(tmp.path());
     let first = tmp.path().join(LOG_DIR).join(wal::file_name(segs[0]));
-    let len = fs::metadata(&first).expect("meta").len();
     let f = OpenOptions::new().write(true).open(&first).expect("open");
-    f.set_len(len - 3).expect("truncate");
+    f.set_len(records_end(&first) - 3).expect("truncate");
     let (path, _, _) = corrupt_err(Storage::open(tmp.path(), small_segments()));
     assert_eq!(path, first);
 }
@@ -321,9 +337,9 @@ fn segments_roll_and_are_named_by_first_index() {
     }
     for &first in &segs {
         let path = tmp.path().join(LOG_DIR).join(wal::file_name(first));
-        let len = fs::metadata(&path).expect("meta").len();
+        let len = records_end(&path);
         // Rolls once past segment_bytes: at most one record over.
-        assert!(len <= 256 + 200, "{path:?} is {len} bytes");
+        assert!(len <= 256 + 200, "{path:?} holds {len} bytes of records");
         let sc = wal::scan(&tmp.path().join(LOG_DIR), first).expect("scan");
         assert_eq!(sc.entries[0].index, first);
     }
@@ -531,6 +547,7 @@ fn no_fsync_mode_round_trips() {
     let o = StorageOptions {
         fsync: false,
         segment_bytes: 512,
+        ..Default::default()
     };
     let (mut s, _) = Storage::open(tmp.path(), o.clone()).expect("open");
     s.append(&entries(1, 50)).expect("append");
@@ -547,11 +564,9 @@ fn appended_data_reaches_the_file_on_sync() {
     let (mut s, _) = Storage::open(tmp.path(), opts()).expect("open");
     let seg = tmp.path().join(LOG_DIR).join(wal::file_name(1));
     s.append(&entries(1, 3)).expect("append");
-    assert_eq!(fs::metadata(&seg).expect("meta").len(), 0, "append is buffered");
+    assert_eq!(records_end(&seg), 0, "append is buffered");
     s.sync().expect("sync");
-    let mut f = File::open(&seg).expect("open");
-    let len = f.seek(SeekFrom::End(0)).expect("seek");
-    assert_eq!(len, s.active().size);
+    assert_eq!(records_end(&seg), s.active().size);
 }
 
 mod model {
@@ -612,7 +627,7 @@ mod model {
         #[test]
         fn random_operations_match_model(ops in proptest::collection::vec(op(), 1..60)) {
             let tmp = tempfile::tempdir().expect("tempdir");
-            let o = StorageOptions { fsync: false, segment_bytes: 300 };
+            let o = StorageOptions { fsync: false, segment_bytes: 300, preallocate_bytes: 100 };
             let (mut s, rec) = Storage::open(tmp.path(), o.clone()).expect("open");
             prop_assert_eq!(rec, Recovered::default());
             let mut m = Model::default();
@@ -674,19 +689,26 @@ mod torn {
 
     proptest! {
         #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
-        /// Crash mid-batch: the file is cut at an arbitrary byte of the last (unsynced)
-        /// batch, optionally followed by junk. Recovery returns exactly the complete records.
+        /// Crash mid-batch: the last (unsynced) batch's bytes from an arbitrary one on are
+        /// lost, the file either cut there (a file grown by appends) or zeros from there on
+        /// (records written into reserved space), optionally followed by junk where the
+        /// write stopped. Recovery returns exactly the complete records.
         #[test]
         fn cut_batches_recover_the_complete_prefix(
             rounds in proptest::collection::vec(
-                (1u64..12, any::<u16>(), proptest::option::of(proptest::collection::vec(any::<u8>(), 0..64))),
+                (
+                    1u64..12,
+                    any::<u16>(),
+                    any::<bool>(),
+                    proptest::option::of(proptest::collection::vec(any::<u8>(), 0..64)),
+                ),
                 1..8,
             )
         ) {
             let tmp = tempfile::tempdir().expect("tempdir");
-            let o = StorageOptions { fsync: false, segment_bytes: 1 << 30 };
+            let o = StorageOptions { fsync: false, segment_bytes: 1 << 30, preallocate_bytes: 4096 };
             let mut want: Vec<LogEntry> = Vec::new();
-            for (n, cut, junk) in rounds {
+            for (n, cut, in_reserved_space, junk) in rounds {
                 let (mut s, rec) = Storage::open(tmp.path(), o.clone()).expect("open");
                 prop_assert_eq!(&rec.entries, &want);
                 let from = want.len() as u64 + 1;
@@ -699,13 +721,19 @@ mod torn {
                 drop(s);
                 let written = std::fs::read(&path).expect("read the segment");
                 let cut_at = synced + u64::from(cut) % (size - synced + 1);
-                let f = OpenOptions::new().write(true).open(&path).expect("open");
-                f.set_len(cut_at).expect("cut");
-                drop(f);
+                let mut f = OpenOptions::new().write(true).open(&path).expect("open");
+                if in_reserved_space {
+                    f.seek(SeekFrom::Start(cut_at)).expect("seek");
+                    f.write_all(&vec![0u8; (size - cut_at) as usize]).expect("zero");
+                    f.seek(SeekFrom::Start(cut_at)).expect("seek");
+                } else {
+                    f.set_len(cut_at).expect("cut");
+                    f.seek(SeekFrom::End(0)).expect("seek");
+                }
                 if let Some(junk) = junk {
-                    let mut f = OpenOptions::new().append(true).open(&path).expect("open");
                     f.write_all(&junk).expect("junk");
                 }
+                drop(f);
                 // The records whose bytes are all still there survive: those that end at or
                 // before the cut, and one the junk happens to complete byte for byte (a cut
                 // of its last byte, followed by that byte).
@@ -726,4 +754,34 @@ mod torn {
             prop_assert_eq!(rec.entries, want);
         }
     }
+}
+
+#[test]
+fn appends_fill_reserved_space_across_reopens() {
+    let o = StorageOptions {
+        preallocate_bytes: 4096,
+        ..opts()
+    };
+    let (tmp, s) = written(o.clone(), 10);
+    let seg = tmp.path().join(LOG_DIR).join(wal::file_name(1));
+    let (end, reserved) = (records_end(&seg), fs::metadata(&seg).expect("meta").len());
+    assert!(
+        end < reserved && reserved == 4096,
+        "records end at {end}, file is {reserved} bytes"
+    );
+    drop(s);
+    for round in 1..=3u64 {
+        let (mut s, rec) = Storage::open(tmp.path(), o.clone()).expect("reopen");
+        assert_eq!(rec.entries, entries(1, 10 * round));
+        s.append(&entries(10 * round + 1, 10 * round + 10)).expect("append");
+        s.sync().expect("sync");
+    }
+    let (_, rec) = Storage::open(tmp.path(), o).expect("reopen");
+    assert_eq!(rec.entries, entries(1, 40));
+    let len = fs::metadata(&seg).expect("meta").len();
+    assert!(
+        len % 4096 == 0 && len > records_end(&seg),
+        "{len} bytes, records end at {}",
+        records_end(&seg)
+    );
 }

@@ -1,5 +1,6 @@
 //! Write-ahead log segments: `log/<20-digit first index>.wal`, a sequence of records
-//! `[u32 len LE][u32 crc32 LE of (len ++ payload)][payload = prost LogEntry]`.
+//! `[u32 len LE][u32 crc32 LE of (len ++ payload)][payload = prost LogEntry]`, then possibly
+//! zeros to the end of the file (space reserved ahead of the records).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -107,6 +108,7 @@ pub(crate) struct Scanned {
     pub offsets: Vec<u64>,
     /// Length of the valid prefix (end of the last good record).
     pub valid_len: u64,
+    /// File length: `valid_len`, reserved space (zeros) and anything `bad` names.
     pub file_len: u64,
     /// First invalid record: offset and reason. `None` when the file parsed to its end.
     pub bad: Option<(u64, String)>,
@@ -158,6 +160,8 @@ pub(crate) fn scan(log_dir: &Path, first: u64) -> Result<Scanned, StorageError> 
                 entries.push(entry);
                 off += size;
             }
+            // Nothing but zeros to the end: space reserved ahead of the records.
+            Err(_) if data[off..].iter().all(|&b| b == 0) => break,
             Err(reason) => {
                 bad = Some((off as u64, reason));
                 break;
