@@ -140,135 +140,32 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_tracing(cli.log_json);
     let metrics = Arc::new(Metrics::default());
-    let mut config = kube::Config::infer()
-        .await
-        .context("no Kubernetes configuration (in-cluster service account or KUBECONFIG)")?;
-    // kube retries 429/503/504 by itself, up to 15 times with a backoff that grows to minutes:
-    // one throttled call would hold a reconcile (or the Lease renewal) that long. The
-    // controller's per-object backoff and the Lease's retry period retry instead, in seconds.
-    config.default_retry = false;
-    let client = kube::client::ClientBuilder::try_from(config)
-        .context("building the Kubernetes client")?
-        .with_layer(&metrics.api_request_layer())
-        .build();
+    let client = kube_client(&metrics).await?;
     let ready = Arc::new(AtomicBool::new(false));
-    let listener = tokio::net::TcpListener::bind(cli.http)
-        .await
-        .with_context(|| format!("binding {}", cli.http))?;
-    let app = router(HttpState {
-        metrics: metrics.clone(),
-        ready: ready.clone(),
-    });
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let mut http_stop = stop_rx.clone();
-    let http = tokio::spawn(async move {
-        let stop = async move {
-            let _ = http_stop.wait_for(|s| *s).await;
-        };
-        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop).await {
-            tracing::error!(error = %e, "http server failed");
-        }
-    });
-    tracing::info!(addr = %cli.http, "serving /healthz /readyz /metrics");
-
+    let http = serve_http(cli.http, metrics.clone(), ready.clone(), stop_rx.clone()).await?;
     let signal = tokio::spawn(async move {
         shutdown_signal().await;
         tracing::info!("shutting down");
         let _ = stop_tx.send(true);
     });
-
-    let elector = if cli.leader_election {
-        let identity = cli
-            .identity
-            .clone()
-            .or_else(|| std::env::var("HOSTNAME").ok())
-            .unwrap_or_else(|| format!("lockstep-operator-{}", std::process::id()));
-        Some(LeaderElector::new(
-            client.clone(),
-            LeaseConfig {
-                namespace: cli.lease_namespace.clone(),
-                name: cli.lease_name.clone(),
-                identity,
-                lease_duration: Duration::from_secs(cli.lease_duration_seconds),
-                renew_deadline: Duration::from_secs(cli.renew_deadline_seconds),
-                retry_period: Duration::from_secs(2),
-            },
-        ))
-    } else {
-        None
-    };
+    let elector = cli.leader_election.then(|| leader_elector(&cli, &client));
 
     // A follower is a healthy standby: ready before it leads.
     ready.store(true, Ordering::Relaxed);
-    let mut stopping = stop_rx.clone();
-    if let Some(e) = &elector {
-        tracing::info!(identity = %e.config().identity, lease = %e.config().name, "waiting for leadership");
-        tokio::select! {
-            _ = e.acquire() => {},
-            _ = stopping.wait_for(|s| *s) => {
-                let _ = http.await;
-                return Ok(());
-            }
-        }
-        tracing::info!("leading");
+    if let Some(e) = &elector
+        && !lead_or_stop(e, stop_rx.clone()).await
+    {
+        let _ = http.await;
+        return Ok(());
     }
     metrics.leader.set(1);
 
     let (source, drive_caches) = controller::caches(&client);
     tokio::spawn(drive_caches.for_each(|_| async {}));
-    if let lockstep_operator::observe::Source::Cache(c) = &source {
-        let wait = async {
-            let _ = c.pods.wait_until_ready().await;
-            let _ = c.pvcs.wait_until_ready().await;
-            let _ = c.nodes.wait_until_ready().await;
-            let _ = c.services.wait_until_ready().await;
-            let _ = c.config_maps.wait_until_ready().await;
-            let _ = c.pdbs.wait_until_ready().await;
-            let _ = c.network_policies.wait_until_ready().await;
-        };
-        if tokio::time::timeout(Duration::from_secs(60), wait).await.is_err() {
-            anyhow::bail!(
-                "watch caches did not fill within 60s (RBAC for pods, persistentvolumeclaims, nodes, services, configmaps, poddisruptionbudgets, networkpolicies?)"
-            );
-        }
-    }
-    let mut ctx = Context::new(client.clone(), Arc::new(GrpcAdmin::default()), metrics.clone(), source).with_liveness();
-    ctx.default_image = cli.default_replica_image.clone();
-    ctx.admin_address = if cli.admin_address == "dns" {
-        AdminAddress::Dns
-    } else {
-        AdminAddress::PodIp
-    };
-    ctx.network_policy = cli.network_policy.then(|| lockstep_operator::build::OperatorPods {
-        namespace: cli.operator_namespace.clone(),
-        labels: cli.operator_pod_labels.clone(),
-    });
-    ctx.steady_requeue = Duration::from_secs(cli.resync_seconds.max(5));
-    let ctx = Arc::new(ctx);
-
-    let mut stop_controller = stop_rx.clone();
-    let (lost_tx, lost_rx) = tokio::sync::oneshot::channel::<()>();
-    let controller = tokio::spawn(controller::run(ctx, async move {
-        tokio::select! {
-            _ = stop_controller.wait_for(|s| *s) => {},
-            _ = lost_rx => {},
-        }
-    }));
-    let mut lost_leadership = false;
-    let mut stopping = stop_rx.clone();
-    match &elector {
-        Some(e) => tokio::select! {
-            _ = e.keep_renewing() => { lost_leadership = true; }
-            _ = stopping.wait_for(|s| *s) => {}
-        },
-        None => {
-            let _ = stopping.wait_for(|s| *s).await;
-        }
-    }
-    let _ = lost_tx.send(());
-    if let Err(e) = controller.await {
-        tracing::error!(error = %e, "controller task failed");
-    }
+    wait_for_caches(&source).await?;
+    let ctx = controller_context(&cli, client, metrics.clone(), source);
+    let lost_leadership = run_controller(ctx, elector.as_ref(), stop_rx).await;
     metrics.leader.set(0);
     if let Some(e) = &elector
         && !lost_leadership
@@ -281,4 +178,147 @@ async fn main() -> anyhow::Result<()> {
         anyhow::bail!("lost leadership; exiting so a fresh instance can campaign");
     }
     Ok(())
+}
+
+/// The API client, without kube's own retries, counting every request in the metrics.
+async fn kube_client(metrics: &Arc<Metrics>) -> anyhow::Result<kube::Client> {
+    let mut config = kube::Config::infer()
+        .await
+        .context("no Kubernetes configuration (in-cluster service account or KUBECONFIG)")?;
+    // kube retries 429/503/504 by itself, up to 15 times with a backoff that grows to minutes:
+    // one throttled call would hold a reconcile (or the Lease renewal) that long. The
+    // controller's per-object backoff and the Lease's retry period retry instead, in seconds.
+    config.default_retry = false;
+    Ok(kube::client::ClientBuilder::try_from(config)
+        .context("building the Kubernetes client")?
+        .with_layer(&metrics.api_request_layer())
+        .build())
+}
+
+/// Serves /healthz, /readyz and /metrics on `addr` until `stop` turns true.
+async fn serve_http(
+    addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    ready: Arc<AtomicBool>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))?;
+    let app = router(HttpState { metrics, ready });
+    let http = tokio::spawn(async move {
+        let stop = async move {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop).await {
+            tracing::error!(error = %e, "http server failed");
+        }
+    });
+    tracing::info!(addr = %addr, "serving /healthz /readyz /metrics");
+    Ok(http)
+}
+
+fn leader_elector(cli: &Cli, client: &kube::Client) -> LeaderElector {
+    let identity = cli
+        .identity
+        .clone()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| format!("lockstep-operator-{}", std::process::id()));
+    LeaderElector::new(
+        client.clone(),
+        LeaseConfig {
+            namespace: cli.lease_namespace.clone(),
+            name: cli.lease_name.clone(),
+            identity,
+            lease_duration: Duration::from_secs(cli.lease_duration_seconds),
+            renew_deadline: Duration::from_secs(cli.renew_deadline_seconds),
+            retry_period: Duration::from_secs(2),
+        },
+    )
+}
+
+/// Waits for the Lease: true once this instance leads, false when asked to stop first.
+async fn lead_or_stop(elector: &LeaderElector, mut stop: tokio::sync::watch::Receiver<bool>) -> bool {
+    tracing::info!(identity = %elector.config().identity, lease = %elector.config().name, "waiting for leadership");
+    tokio::select! {
+        _ = elector.acquire() => {},
+        _ = stop.wait_for(|s| *s) => return false,
+    }
+    tracing::info!("leading");
+    true
+}
+
+/// The watch caches must hold every kind the planner reads before the first reconcile.
+async fn wait_for_caches(source: &lockstep_operator::observe::Source) -> anyhow::Result<()> {
+    let lockstep_operator::observe::Source::Cache(c) = source else {
+        return Ok(());
+    };
+    let wait = async {
+        let _ = c.pods.wait_until_ready().await;
+        let _ = c.pvcs.wait_until_ready().await;
+        let _ = c.nodes.wait_until_ready().await;
+        let _ = c.services.wait_until_ready().await;
+        let _ = c.config_maps.wait_until_ready().await;
+        let _ = c.pdbs.wait_until_ready().await;
+        let _ = c.network_policies.wait_until_ready().await;
+    };
+    if tokio::time::timeout(Duration::from_secs(60), wait).await.is_err() {
+        anyhow::bail!(
+            "watch caches did not fill within 60s (RBAC for pods, persistentvolumeclaims, nodes, services, configmaps, poddisruptionbudgets, networkpolicies?)"
+        );
+    }
+    Ok(())
+}
+
+fn controller_context(
+    cli: &Cli,
+    client: kube::Client,
+    metrics: Arc<Metrics>,
+    source: lockstep_operator::observe::Source,
+) -> Arc<Context> {
+    let mut ctx = Context::new(client, Arc::new(GrpcAdmin::default()), metrics, source).with_liveness();
+    ctx.default_image = cli.default_replica_image.clone();
+    ctx.admin_address = if cli.admin_address == "dns" {
+        AdminAddress::Dns
+    } else {
+        AdminAddress::PodIp
+    };
+    ctx.network_policy = cli.network_policy.then(|| lockstep_operator::build::OperatorPods {
+        namespace: cli.operator_namespace.clone(),
+        labels: cli.operator_pod_labels.clone(),
+    });
+    ctx.steady_requeue = Duration::from_secs(cli.resync_seconds.max(5));
+    Arc::new(ctx)
+}
+
+/// Runs the controller until `stop` turns true or the Lease is lost (returns true then).
+async fn run_controller(
+    ctx: Arc<Context>,
+    elector: Option<&LeaderElector>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> bool {
+    let mut stop_controller = stop.clone();
+    let (lost_tx, lost_rx) = tokio::sync::oneshot::channel::<()>();
+    let controller = tokio::spawn(controller::run(ctx, async move {
+        tokio::select! {
+            _ = stop_controller.wait_for(|s| *s) => {},
+            _ = lost_rx => {},
+        }
+    }));
+    let mut lost_leadership = false;
+    let mut stopping = stop;
+    match elector {
+        Some(e) => tokio::select! {
+            _ = e.keep_renewing() => { lost_leadership = true; }
+            _ = stopping.wait_for(|s| *s) => {}
+        },
+        None => {
+            let _ = stopping.wait_for(|s| *s).await;
+        }
+    }
+    let _ = lost_tx.send(());
+    if let Err(e) = controller.await {
+        tracing::error!(error = %e, "controller task failed");
+    }
+    lost_leadership
 }
