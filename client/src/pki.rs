@@ -236,11 +236,7 @@ impl LocalPki {
             ),
             None => (Ca::generate_valid(name, lifetimes.ca)?, None),
         };
-        let files = |stem: &str| TlsFiles {
-            ca: dir.join("ca.pem"),
-            cert: dir.join(format!("{stem}.pem")),
-            key: dir.join(format!("{stem}.key")),
-        };
+        let files = |stem: &str| local_tls_files(cluster_dir, stem);
         let mut pki = LocalPki {
             admin: files("admin"),
             client: files("client"),
@@ -403,6 +399,17 @@ pub fn validity(pem: &str) -> Option<(i64, i64)> {
     })
 }
 
+/// The CA, certificate and key `lockstep up` keeps for `stem` (`admin`, `client`,
+/// `replicas/<id>`) in `<cluster-dir>/tls`.
+pub fn local_tls_files(cluster_dir: &Path, stem: &str) -> TlsFiles {
+    let dir = cluster_dir.join(TLS_DIR);
+    TlsFiles {
+        ca: dir.join("ca.pem"),
+        cert: dir.join(format!("{stem}.pem")),
+        key: dir.join(format!("{stem}.key")),
+    }
+}
+
 /// The client transport of a local cluster started by `lockstep up`, as the CLI uses it
 /// for `-c NAME`: plaintext if that cluster runs `--insecure`, else its client certificate.
 pub fn local_client_transport(cluster_dir: &Path) -> anyhow::Result<Transport> {
@@ -410,12 +417,7 @@ pub fn local_client_transport(cluster_dir: &Path) -> anyhow::Result<Transport> {
     if insecure {
         return Ok(Transport::plaintext());
     }
-    let dir = cluster_dir.join(TLS_DIR);
-    let files = TlsFiles {
-        ca: dir.join("ca.pem"),
-        cert: dir.join("client.pem"),
-        key: dir.join("client.key"),
-    };
+    let files = local_tls_files(cluster_dir, "client");
     // `lockstep up` replaces the pair key first, certificate right after: a read in between
     // sees a key that does not match the certificate. Look again for a moment before
     // calling the pair unusable.

@@ -110,7 +110,10 @@ fn a_byzantine_cluster_restarted_from_its_disks_keeps_every_acknowledged_write()
     // 3. A correct replica that ran a command nobody else holds: brs-0 and brs-1 are
     //    stopped, a write reaches brs-2 alone, which runs it and logs it (no client can accept
     //    it: one answer is not t + 1). Then everything crashes. The recovery era starts where
-    //    brs-0 and brs-1 stand, and brs-2 rolls the write back.
+    //    brs-0 and brs-1 stand, and brs-2 rolls the write back. brs-2 also snapshots after the
+    //    lone write, beyond the end of brs-1's log: it rebuilds the era's start from the
+    //    snapshot before (taken where all stood), or only brs-1 could vouch for that state and
+    //    the cluster would never serve again.
     let _in_runtime = rt.enter();
     let mut lone = cluster.client();
     rt.block_on(lone.put("warm", "x")).expect("a write before the stop");
@@ -120,12 +123,14 @@ fn a_byzantine_cluster_restarted_from_its_disks_keeps_every_acknowledged_write()
     });
     assert!(level, "the replicas did not reach one index");
     let behind = applied(&cluster, "brs-1");
+    assert_eq!(cluster.snapshot("brs-2"), behind);
     for id in ["brs-0", "brs-1"] {
         kill(cluster.pid(id).expect("pid"), Signal::SIGSTOP).expect("SIGSTOP");
     }
     let lone_write = rt.spawn(async move { lone.put("lone", "only-brs-2").await });
     let ahead = wait_until(Duration::from_secs(30), || applied(&cluster, "brs-2") > behind);
     assert!(ahead, "brs-2 did not run the write alone:\n{}", cluster.log("brs-2"));
+    assert!(cluster.snapshot("brs-2") > behind);
     cluster.crash_all();
     lone_write.abort();
     relaunch(&mut cluster);

@@ -206,6 +206,39 @@ impl ByzCluster {
         .ok()
     }
 
+    /// Has replica `id` take a snapshot and waits until its file is on disk; its index.
+    pub fn snapshot(&self, id: &str) -> u64 {
+        let info = self.info().expect("cluster info");
+        let endpoint = &info.replicas.iter().find(|r| r.id == id).expect("replica").endpoint;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let index = rt.block_on(async {
+            let admin = lockstep::pki::local_tls_files(&self.cluster_dir(), "admin");
+            let transport = admin.transport().expect("admin certificate");
+            let ch = lockstep::cluster_channel(&transport, endpoint).expect("channel");
+            let mut admin = lockstep_proto::admin_client::AdminClient::new(ch);
+            admin
+                .take_snapshot(lockstep_proto::SnapshotRequest {})
+                .await
+                .unwrap_or_else(|e| panic!("snapshot of {id}: {e}"))
+                .into_inner()
+                .index
+        });
+        let file = self
+            .cluster_dir()
+            .join("replicas")
+            .join(id)
+            .join(format!("snapshot-{index:020}.snap"));
+        assert!(
+            wait_until(Duration::from_secs(30), || file.exists()),
+            "{} was not written",
+            file.display()
+        );
+        index
+    }
+
     /// Wait until `n` replicas of the newest era report themselves members of it.
     pub fn wait_members(&self, n: usize, timeout: Duration) {
         let ok = wait_until(timeout, || {

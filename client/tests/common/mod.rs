@@ -172,12 +172,7 @@ impl LocalCluster {
     }
 
     pub fn tls_files(&self, stem: &str) -> lockstep::pki::TlsFiles {
-        let dir = self.cluster_dir().join(lockstep::pki::TLS_DIR);
-        lockstep::pki::TlsFiles {
-            ca: dir.join("ca.pem"),
-            cert: dir.join(format!("{stem}.pem")),
-            key: dir.join(format!("{stem}.key")),
-        }
+        lockstep::pki::local_tls_files(&self.cluster_dir(), stem)
     }
 
     /// Admin status of one replica, as a client may ask for it.

@@ -1327,7 +1327,13 @@ pub fn build(
     core.reorder = cfg.inject == Some(Behaviour::Reorder);
     let snapshot_index = recovered.snapshot.as_ref().map_or(0, |s| s.index);
     core.recover(recovered.snapshot.clone(), recovered.entries.clone())?;
-    let recovered_log = super::recovery::RecoveredLog::new(recovered.snapshot, recovered.entries, factory);
+    // The snapshot before the newest widens the range this replica can rebuild for a recovery
+    // era (docs/byzantine.md, "Full-cluster restart"); without it, the newest is the floor.
+    let earlier = storage.read_earlier().unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "cannot read the snapshot before the newest; recovery starts from the newest");
+        None
+    });
+    let recovered_log = super::recovery::RecoveredLog::new(recovered.snapshot, recovered.entries, earlier, factory);
     let left_era = super::recovery::left_era(&args.data_dir.join(ERA_FILE))?;
     tracing::info!(id = %args.id, index = core.index, "recovered from disk; waiting for an era from the configuration master");
     let (applied_tx, _) = broadcast::channel(4096);

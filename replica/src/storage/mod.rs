@@ -106,6 +106,15 @@ pub struct Recovered {
     pub identity: Option<String>,
 }
 
+/// The snapshot before the newest one and the log from it up to the newest snapshot's index
+/// (`Storage::read_earlier`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Earlier {
+    pub snapshot: Snapshot,
+    /// Entries `snapshot.index + 1 ..=` the newest snapshot's index, in order.
+    pub entries: Vec<LogEntry>,
+}
+
 /// One WAL segment file.
 struct Segment {
     first: u64,
@@ -174,7 +183,7 @@ impl Storage {
             String::from_utf8(payload.to_vec()).map_err(|e| format!("identity is not UTF-8: {e}"))
         })?;
         let snapshot_files = snapshot::list(&dir)?;
-        let snap = newest_usable_snapshot(&dir, &snapshot_files);
+        let snap = usable_snapshot_below(&dir, &snapshot_files, u64::MAX);
         let snapshot_index = snap.as_ref().map_or(0, |s| s.index);
         let firsts = finish_interrupted_install(&dir, &log_dir, snapshot_index, snap.is_some(), opts.fsync)?;
         let (mut segments, mut entries) = read_log(&log_dir, &firsts, snapshot_index, opts.fsync)?;
@@ -220,6 +229,30 @@ impl Storage {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The snapshot before the newest one, with the log from it to the newest: what the one
+    /// snapshot lag of compaction keeps (docs/storage.md). `None` when there is no older usable
+    /// snapshot or the log no longer holds every entry from it (say, after an install). Reads
+    /// the files again: meant for right after `open`, by a caller that must rebuild states
+    /// below the newest snapshot (a Byzantine replica after a full-cluster restart).
+    pub fn read_earlier(&self) -> Result<Option<Earlier>, StorageError> {
+        if self.snapshot_index == 0 {
+            return Ok(None);
+        }
+        let Some(snapshot) = usable_snapshot_below(&self.dir, &self.snapshot_files, self.snapshot_index) else {
+            return Ok(None);
+        };
+        let (from, to) = (snapshot.index + 1, self.snapshot_index);
+        let mut entries = Vec::new();
+        for seg in self.segments.iter().filter(|s| s.first <= to && s.end() > from) {
+            let scanned = wal::scan(&self.log_dir, seg.first)?;
+            entries.extend(scanned.entries.into_iter().filter(|e| (from..=to).contains(&e.index)));
+        }
+        let complete = entries.first().map(|e| e.index) == Some(from)
+            && entries.last().map(|e| e.index) == Some(to)
+            && entries.len() as u64 == to + 1 - from;
+        Ok(complete.then_some(Earlier { snapshot, entries }))
     }
 
     /// Last appended index; the snapshot index when the log is empty; 0 when nothing.
@@ -619,8 +652,9 @@ fn read_framed<T>(
 }
 
 /// The newest snapshot that loads, falling back to older files when the newest is corrupt.
-fn newest_usable_snapshot(dir: &Path, files: &[u64]) -> Option<Snapshot> {
-    for &idx in files.iter().rev() {
+/// The newest snapshot file with an index below `below` that loads and checks out.
+fn usable_snapshot_below(dir: &Path, files: &[u64], below: u64) -> Option<Snapshot> {
+    for &idx in files.iter().rev().filter(|&&i| i < below) {
         match snapshot::load(dir, idx) {
             Ok(s) => return Some(s),
             Err(e) => warn!(error = %e, "snapshot unusable, falling back to an older one"),

@@ -465,6 +465,11 @@ fn install_snapshot_discards_the_log() {
     let (mut s, rec) = Storage::open(tmp.path(), small_segments()).expect("reopen");
     assert_eq!(rec.snapshot, Some(snap(30)));
     assert_eq!(rec.entries, new);
+    assert_eq!(
+        s.read_earlier().expect("read"),
+        None,
+        "an install keeps no earlier state"
+    );
     // Install far ahead.
     s.install_snapshot(&snap(500)).expect("install");
     drop(s);
@@ -784,4 +789,23 @@ fn appends_fill_reserved_space_across_reopens() {
         "{len} bytes, records end at {}",
         records_end(&seg)
     );
+}
+
+#[test]
+fn the_snapshot_before_the_newest_comes_back_with_the_log_from_it() {
+    let (tmp, mut s) = written(small_segments(), 30);
+    assert_eq!(s.read_earlier().expect("read"), None, "no snapshot yet");
+    s.save_snapshot(&snap(10)).expect("snapshot");
+    assert_eq!(s.read_earlier().expect("read"), None, "one snapshot only");
+    s.save_snapshot(&snap(20)).expect("snapshot");
+    s.save_snapshot(&snap(25)).expect("snapshot");
+    drop(s);
+    let (s, rec) = Storage::open(tmp.path(), small_segments()).expect("reopen");
+    assert_eq!(rec.entries, entries(26, 30));
+    let earlier = s
+        .read_earlier()
+        .expect("read")
+        .expect("the fallback snapshot and its log");
+    assert_eq!(earlier.snapshot, snap(20));
+    assert_eq!(earlier.entries, entries(21, 25));
 }
