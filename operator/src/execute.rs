@@ -233,20 +233,33 @@ impl Executor<'_> {
             crate::byzantine::push(self.ctx, self.rsm, &config);
             return Ok(Outcome::Continue);
         }
-        let next = Config {
-            epoch: config.epoch + 1,
-            ..config
-        };
-        if !self.persist(current, |s| status::with_config(s, &next)).await? {
+        let Some(next) = self.push_next_era(current, config).await? else {
             return Ok(Outcome::Stale);
-        }
-        crate::byzantine::push(self.ctx, self.rsm, &next);
+        };
         let note = format!(
             "every replica restarted and era {era} cannot go on: era {} starts where t + 1 of them rebuild the same state",
             next.epoch
         );
         self.event(EventType::Warning, "Recovering", "Recover", note).await;
         Ok(Outcome::Continue)
+    }
+
+    /// Records the next epoch with the same members and hands it to the Byzantine master, which
+    /// signs it as the next era. `None` when another writer changed the status first (stale).
+    async fn push_next_era(
+        &self,
+        current: &mut ReplicatedStateMachine,
+        config: Config,
+    ) -> Result<Option<Config>, Error> {
+        let next = Config {
+            epoch: config.epoch + 1,
+            ..config
+        };
+        if !self.persist(current, |s| status::with_config(s, &next)).await? {
+            return Ok(None);
+        }
+        crate::byzantine::push(self.ctx, self.rsm, &next);
+        Ok(Some(next))
     }
 
     /// Pushes `config` to the given replicas. Failures are logged: a replica that missed it
@@ -416,15 +429,9 @@ impl Executor<'_> {
         if era < config.epoch {
             return Ok(Outcome::Continue);
         }
-        let next = Config {
-            epoch: config.epoch + 1,
-            ..config
-        };
-        let won = self.persist(current, |s| status::with_config(s, &next)).await?;
-        if !won {
+        let Some(next) = self.push_next_era(current, config).await? else {
             return Ok(Outcome::Stale);
-        }
-        crate::byzantine::push(self.ctx, self.rsm, &next);
+        };
         let note = format!(
             "commands resume under {} {} with era {} (signed by the master once t + 1 members report it)",
             machine.name, machine.version, next.epoch
