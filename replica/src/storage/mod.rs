@@ -456,6 +456,12 @@ impl Storage {
     /// Entries up to `s.index` are no longer returned by recovery either way.
     pub fn save_snapshot(&mut self, s: &Snapshot) -> Result<(), StorageError> {
         self.check_poisoned()?;
+        if s.index < self.snapshot_index {
+            return Err(StorageError::Invalid(format!(
+                "snapshot at index {} is older than the current snapshot at {}",
+                s.index, self.snapshot_index
+            )));
+        }
         let s = self.checked_snapshot(s)?;
         let r = self.save_snapshot_inner(&s);
         self.poison_on_err(r)
@@ -495,7 +501,11 @@ impl Storage {
     }
 
     /// State transfer: durably saves the snapshot and discards the whole log; the next
-    /// append is `s.index + 1`. Crash-atomic via the `install.pending` redo marker.
+    /// append is `s.index + 1`. Crash-atomic via the `install.pending` redo marker. The
+    /// snapshot may be older than the current one (a Byzantine replica rolling back to a
+    /// recovery era's start): newer snapshot files go before the log does, so a crash
+    /// leaves either the old state (a newer snapshot still wins, the marker does not name
+    /// it and the log is kept) or the installed one.
     pub fn install_snapshot(&mut self, s: &Snapshot) -> Result<(), StorageError> {
         self.check_poisoned()?;
         let s = self.checked_snapshot(s)?;
@@ -512,11 +522,16 @@ impl Storage {
             &snapshot::encode(s),
             self.opts.fsync,
         )?;
-        self.snapshot_index = s.index;
-        if !self.snapshot_files.contains(&s.index) {
-            self.snapshot_files.push(s.index);
-            self.snapshot_files.sort_unstable();
+        let newer: Vec<u64> = self.snapshot_files.iter().copied().filter(|&i| i > s.index).collect();
+        for &idx in newer.iter().rev() {
+            remove_if_exists(&self.dir.join(snapshot::file_name(idx)))?;
         }
+        if !newer.is_empty() {
+            sync_dir(&self.dir, self.opts.fsync)?;
+        }
+        self.snapshot_files.retain(|&i| i < s.index);
+        self.snapshot_files.push(s.index);
+        self.snapshot_index = s.index;
         self.reset_log(s.index + 1)?;
         remove_if_exists(&self.dir.join(INSTALL_FILE))?;
         sync_dir(&self.dir, self.opts.fsync)?;
@@ -524,12 +539,6 @@ impl Storage {
     }
 
     fn checked_snapshot(&self, s: &Snapshot) -> Result<Snapshot, StorageError> {
-        if s.index < self.snapshot_index {
-            return Err(StorageError::Invalid(format!(
-                "snapshot at index {} is older than the current snapshot at {}",
-                s.index, self.snapshot_index
-            )));
-        }
         let digest = snapshot::digest(&s.data);
         let mut s = s.clone();
         if s.digest.is_empty() {

@@ -809,3 +809,40 @@ fn the_snapshot_before_the_newest_comes_back_with_the_log_from_it() {
     assert_eq!(earlier.snapshot, snap(20));
     assert_eq!(earlier.entries, entries(21, 25));
 }
+
+#[test]
+fn an_install_below_the_newest_snapshot_rolls_back() {
+    let (tmp, mut s) = written(small_segments(), 30);
+    s.save_snapshot(&snap(10)).expect("snapshot");
+    s.save_snapshot(&snap(25)).expect("snapshot");
+    assert!(matches!(s.save_snapshot(&snap(20)), Err(StorageError::Invalid(_))));
+    s.install_snapshot(&snap(20)).expect("install below the newest");
+    assert_eq!((s.first_index(), s.last_index()), (21, 20));
+    assert_eq!(
+        snapshot_files(tmp.path()),
+        vec![20],
+        "no newer snapshot outlives the rollback"
+    );
+    s.append(&entries(21, 22)).expect("append");
+    s.sync().expect("sync");
+    drop(s);
+    let (s, rec) = Storage::open(tmp.path(), small_segments()).expect("reopen");
+    assert_eq!(rec.snapshot, Some(snap(20)));
+    assert_eq!(rec.entries, entries(21, 22));
+    assert_eq!(s.read_earlier().expect("read"), None);
+}
+
+#[test]
+fn a_rollback_interrupted_before_the_newer_snapshot_went_keeps_the_old_state() {
+    let (tmp, mut s) = written(opts(), 30);
+    s.save_snapshot(&snap(25)).expect("snapshot");
+    drop(s);
+    // The install wrote its marker and its snapshot, then the process died.
+    let marker = encode_framed(INSTALL_MAGIC, &20u64.to_le_bytes());
+    write_atomic(tmp.path(), INSTALL_FILE, &marker, true).expect("marker");
+    write_atomic(tmp.path(), &snapshot::file_name(20), &snapshot::encode(&snap(20)), true).expect("snapshot");
+    let (_, rec) = Storage::open(tmp.path(), opts()).expect("reopen");
+    assert_eq!(rec.snapshot, Some(snap(25)));
+    assert_eq!(rec.entries, entries(26, 30));
+    assert!(!tmp.path().join(INSTALL_FILE).exists());
+}
