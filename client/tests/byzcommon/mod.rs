@@ -191,16 +191,16 @@ impl ByzCluster {
         lockstep::byz::load_info(&self.cluster_dir()).ok().flatten()
     }
 
-    pub fn status(&self, id: &str) -> Option<lockstep_proto::StatusResponse> {
+    fn endpoint(&self, id: &str) -> Option<String> {
         let info = self.info()?;
-        let r = info.replicas.iter().find(|r| r.id == id)?;
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .ok()?;
-        rt.block_on(lockstep::status_of(
+        Some(info.replicas.into_iter().find(|r| r.id == id)?.endpoint)
+    }
+
+    pub fn status(&self, id: &str) -> Option<lockstep_proto::StatusResponse> {
+        let endpoint = self.endpoint(id)?;
+        block_on(lockstep::status_of(
             &self.transport(),
-            &r.endpoint,
+            &endpoint,
             Duration::from_secs(2),
         ))
         .ok()
@@ -208,16 +208,11 @@ impl ByzCluster {
 
     /// Has replica `id` take a snapshot and waits until its file is on disk; its index.
     pub fn snapshot(&self, id: &str) -> u64 {
-        let info = self.info().expect("cluster info");
-        let endpoint = &info.replicas.iter().find(|r| r.id == id).expect("replica").endpoint;
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let index = rt.block_on(async {
+        let endpoint = self.endpoint(id).expect("replica endpoint");
+        let index = block_on(async {
             let admin = lockstep::pki::local_tls_files(&self.cluster_dir(), "admin");
             let transport = admin.transport().expect("admin certificate");
-            let ch = lockstep::cluster_channel(&transport, endpoint).expect("channel");
+            let ch = lockstep::cluster_channel(&transport, &endpoint).expect("channel");
             let mut admin = lockstep_proto::admin_client::AdminClient::new(ch);
             admin
                 .take_snapshot(lockstep_proto::SnapshotRequest {})
@@ -309,4 +304,13 @@ impl Drop for ByzCluster {
             }
         }
     }
+}
+
+/// Runs `f` to completion on a runtime of its own (the harness's callers are synchronous).
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(f)
 }

@@ -198,10 +198,10 @@ impl Storage {
             segments.push(seg);
         }
 
-        let writer = match segments.last() {
-            Some(seg) => open_at(&seg.path, seg.size)?,
-            None => open_at(Path::new(""), 0)?,
-        };
+        let (active, end) = segments
+            .last()
+            .map_or((PathBuf::new(), 0), |s| (s.path.clone(), s.size));
+        let writer = open_at(&active, end)?;
         let storage = Storage {
             dir,
             log_dir,
@@ -249,9 +249,8 @@ impl Storage {
             let scanned = wal::scan(&self.log_dir, seg.first)?;
             entries.extend(scanned.entries.into_iter().filter(|e| (from..=to).contains(&e.index)));
         }
-        let complete = entries.first().map(|e| e.index) == Some(from)
-            && entries.last().map(|e| e.index) == Some(to)
-            && entries.len() as u64 == to + 1 - from;
+        // The segments are contiguous (`open` checked), so the first index and the count settle it.
+        let complete = entries.first().map(|e| e.index) == Some(from) && entries.len() as u64 == to + 1 - from;
         Ok(complete.then_some(Earlier { snapshot, entries }))
     }
 
@@ -324,12 +323,13 @@ impl Storage {
         }
         let start = seg.allocated.max(seg.size);
         let len = (need - start).div_ceil(step) * step;
-        let reserved = i64::try_from(start)
-            .and_then(|start| Ok((start, i64::try_from(len)?)))
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
-            .and_then(|(start, len)| {
-                nix::fcntl::posix_fallocate(self.writer.get_ref(), start, len).map_err(io::Error::from)
-            });
+        let reserved = match (i64::try_from(start), i64::try_from(len)) {
+            (Ok(at), Ok(n)) => nix::fcntl::posix_fallocate(self.writer.get_ref(), at, n).map_err(io::Error::from),
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "offset beyond the file size limit",
+            )),
+        };
         match reserved {
             Ok(()) => self.active_mut().allocated = start + len,
             Err(e) => {
@@ -660,8 +660,8 @@ fn read_framed<T>(
     })
 }
 
-/// The newest snapshot that loads, falling back to older files when the newest is corrupt.
-/// The newest snapshot file with an index below `below` that loads and checks out.
+/// The newest snapshot file with an index below `below` that loads and checks out, falling
+/// back to older files when a newer one is corrupt.
 fn usable_snapshot_below(dir: &Path, files: &[u64], below: u64) -> Option<Snapshot> {
     for &idx in files.iter().rev().filter(|&&i| i < below) {
         match snapshot::load(dir, idx) {
