@@ -256,6 +256,7 @@ fn start_shared(storage: storage::Storage, node: Node, transport: &tls::Transpor
             writer,
             metrics: Default::default(),
             transport: transport.clone(),
+            outboxes: Default::default(),
         }
     })
 }

@@ -153,6 +153,8 @@ pub struct Shared {
     pub metrics: Metrics,
     /// How this replica reaches its peers (mutual TLS or plaintext).
     pub transport: crate::tls::Transport,
+    /// The open replication streams (as primary), for handlers to send new entries on.
+    pub outboxes: crate::peers::Outboxes,
 }
 
 impl Shared {

@@ -8,15 +8,19 @@
 //! both sides, which was a quarter of the primary's instructions per write
 //! (docs/fail-stop-replication.md, "Transport"). A peer that answers `Replicate` with
 //! UNIMPLEMENTED gets one unary `Append`/`InstallSnapshot` per message instead.
+//!
+//! A stream's sending half (its [`Outbox`]) is registered in [`Shared::outboxes`], so the
+//! handler that orders a client write sends the Append itself, under the node lock it already
+//! holds, instead of waking this task to do it (docs/fail-stop-replication.md, "Transport").
 
-use crate::node::{PeerMessage, Shared};
+use crate::node::{Node, PeerMessage, Shared};
 use crate::tls::Transport;
 use futures::stream::{FuturesUnordered, StreamExt};
 use lockstep_proto::peer_client::PeerClient;
 use lockstep_proto::{AppendResponse, ReplicateRequest, replicate_request::Kind};
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::time::Instant;
 use tonic::Status;
@@ -68,8 +72,20 @@ enum Link {
 }
 
 struct StreamLink {
-    requests: tokio::sync::mpsc::Sender<ReplicateRequest>,
+    outbox: Arc<Outbox>,
     answers: tonic::Streaming<AppendResponse>,
+}
+
+/// The sending half of one peer's `Replicate` stream. Everything sent on it goes out under
+/// the node lock, in the order the node produced it, from this peer's task or from a handler
+/// ([`send_new_entries`]).
+pub struct Outbox {
+    epoch: u64,
+    sending: Mutex<Sending>,
+}
+
+struct Sending {
+    requests: tokio::sync::mpsc::Sender<ReplicateRequest>,
     /// The read round and send time of each unanswered message, oldest first.
     waiting: VecDeque<(u64, Instant)>,
     /// What the last Append on this stream carried, so later ones can leave it out.
@@ -77,18 +93,74 @@ struct StreamLink {
     config: Option<lockstep_proto::Configuration>,
 }
 
+/// The open replication streams of this replica (as primary), by peer.
+#[derive(Default)]
+pub struct Outboxes(Mutex<HashMap<String, Arc<Outbox>>>);
+
+impl Outboxes {
+    fn map(&self) -> MutexGuard<'_, HashMap<String, Arc<Outbox>>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Forget `outbox` unless a newer one replaced it already.
+    fn remove(&self, peer: &str, outbox: &Arc<Outbox>) {
+        let mut map = self.map();
+        if map.get(peer).is_some_and(|o| Arc::ptr_eq(o, outbox)) {
+            map.remove(peer);
+        }
+    }
+}
+
+/// Called with the node lock held right after a write was ordered: send each peer with an
+/// open stream what it lacks now, so the write is on its way to the backups without waiting
+/// for the peer tasks to wake. A send that fails is counted as lost; the peer's task sees the
+/// broken stream and reconnects.
+pub fn send_new_entries(shared: &Shared, node: &mut Node) {
+    let outboxes: Vec<(String, Arc<Outbox>)> = shared
+        .outboxes
+        .map()
+        .iter()
+        .filter(|(_, o)| o.epoch == node.epoch)
+        .map(|(peer, o)| (peer.clone(), o.clone()))
+        .collect();
+    for (peer, outbox) in outboxes {
+        while let Some(msg) = next_message(node, &peer, false) {
+            if outbox.send(msg).is_err() {
+                node.on_peer_unreachable(&peer);
+                break;
+            }
+        }
+    }
+}
+
+/// The node's next message for `peer`, its entries stamped as sent (the `replicate` stage).
+fn next_message(node: &mut Node, peer: &str, heartbeat_due: bool) -> Option<PeerMessage> {
+    let msg = node.next_message(peer, heartbeat_due);
+    if let Some(PeerMessage::Append(req, _)) = &msg
+        && let (Some(first), Some(last)) = (req.entries.first(), req.entries.last())
+    {
+        node.stages.sent(first.index, last.index, std::time::Instant::now());
+    }
+    msg
+}
+
 impl Link {
     /// Open the stream; a peer that does not know it gets unary calls from then on.
-    async fn open(client: &mut Client) -> Result<Link, Status> {
+    async fn open(client: &mut Client, epoch: u64) -> Result<Link, Status> {
         // The window bounds what is unanswered, so the channel always has room.
         let (requests, rx) = tokio::sync::mpsc::channel(crate::node::APPEND_WINDOW + 1);
         match client.replicate(tokio_stream::wrappers::ReceiverStream::new(rx)).await {
             Ok(answers) => Ok(Link::Stream(Box::new(StreamLink {
-                requests,
+                outbox: Arc::new(Outbox {
+                    epoch,
+                    sending: Mutex::new(Sending {
+                        requests,
+                        waiting: VecDeque::new(),
+                        machine: None,
+                        config: None,
+                    }),
+                }),
                 answers: answers.into_inner(),
-                waiting: VecDeque::new(),
-                machine: None,
-                config: None,
             }))),
             Err(status) if status.code() == tonic::Code::Unimplemented => {
                 tracing::info!("peer has no Replicate stream: one call per Append");
@@ -108,7 +180,7 @@ impl Link {
         }
         match self {
             Link::Closed => Err(Status::unavailable("not connected")),
-            Link::Stream(link) => link.send(msg),
+            Link::Stream(link) => link.outbox.send(msg),
             Link::Unary(calls) => {
                 let mut client = client.clone();
                 calls.push(Box::pin(async move {
@@ -127,11 +199,11 @@ impl Link {
         match self {
             Link::Closed => std::future::pending().await,
             Link::Stream(link) => {
-                let Some(&(round, sent)) = link.waiting.front() else {
+                let Some((round, sent)) = link.outbox.sending().waiting.front().copied() else {
                     return std::future::pending().await;
                 };
                 let answer = tokio::time::timeout_at(sent + RPC_TIMEOUT, link.answers.message()).await;
-                link.waiting.pop_front();
+                link.outbox.sending().waiting.pop_front();
                 match answer {
                     Ok(Ok(Some(resp))) => (Ok(resp), round),
                     Ok(Ok(None)) => (Err(Status::unavailable("the peer ended the stream")), round),
@@ -150,26 +222,32 @@ impl Link {
     fn unanswered(&self) -> usize {
         match self {
             Link::Closed => 0,
-            Link::Stream(link) => link.waiting.len(),
+            Link::Stream(link) => link.outbox.sending().waiting.len(),
             Link::Unary(calls) => calls.len(),
         }
     }
 }
 
-impl StreamLink {
-    fn send(&mut self, msg: PeerMessage) -> Result<(), Status> {
+impl Outbox {
+    fn sending(&self) -> MutexGuard<'_, Sending> {
+        self.sending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn send(&self, msg: PeerMessage) -> Result<(), Status> {
+        let mut sending = self.sending();
         let (kind, round) = match msg {
             PeerMessage::Append(mut req, round) => {
-                elide_repeat(&mut req.machine, &mut self.machine);
-                elide_repeat(&mut req.config, &mut self.config);
+                elide_repeat(&mut req.machine, &mut sending.machine);
+                elide_repeat(&mut req.config, &mut sending.config);
                 (Kind::Append(req), round)
             }
             PeerMessage::Snapshot(req) => (Kind::Install(req), 0),
         };
-        self.requests
+        sending
+            .requests
             .try_send(ReplicateRequest { kind: Some(kind) })
             .map_err(|_| Status::unavailable("the replication stream is closed"))?;
-        self.waiting.push_back((round, Instant::now()));
+        sending.waiting.push_back((round, Instant::now()));
         Ok(())
     }
 }
@@ -200,35 +278,39 @@ async fn replicate(shared: Arc<Shared>, peer: String, endpoint: String, epoch: u
     let mut link = Link::Closed;
     loop {
         if !still_replicating(&shared, &peer, epoch) {
+            close_link(&shared, &peer, &mut link);
             return;
         }
         if matches!(link, Link::Closed) {
-            match Link::open(&mut client).await {
+            match Link::open(&mut client, epoch).await {
                 Ok(open) => link = open,
                 Err(status) => {
                     on_failure(&shared, &peer, &endpoint, epoch, 0, &status, &mut failures).await;
                     continue;
                 }
             }
+            if let Link::Stream(stream) = &link {
+                let _node = shared.lock();
+                shared.outboxes.map().insert(peer.clone(), stream.outbox.clone());
+            }
         }
-        // Fill the window.
+        // Fill the window. Messages go out under the node lock, in the order the node made
+        // them, as handlers send theirs (`send_new_entries`).
         loop {
-            let msg = {
+            let sent = {
                 let mut node = shared.lock();
                 if node.epoch != epoch || !node.peers.contains_key(&peer) {
+                    drop(node);
+                    close_link(&shared, &peer, &mut link);
                     return;
                 }
-                let msg = node.next_message(&peer, last_sent.elapsed() >= HEARTBEAT);
-                if let Some(PeerMessage::Append(req, _)) = &msg
-                    && let (Some(first), Some(last)) = (req.entries.first(), req.entries.last())
-                {
-                    node.stages.sent(first.index, last.index, std::time::Instant::now());
-                }
-                msg
+                let Some(msg) = next_message(&mut node, &peer, last_sent.elapsed() >= HEARTBEAT) else {
+                    break;
+                };
+                last_sent = Instant::now();
+                link.send(&client, msg)
             };
-            let Some(msg) = msg else { break };
-            last_sent = Instant::now();
-            if let Err(status) = link.send(&client, msg) {
+            if let Err(status) = sent {
                 drop_link(&shared, &peer, &mut link);
                 on_failure(&shared, &peer, &endpoint, epoch, 0, &status, &mut failures).await;
                 break;
@@ -239,14 +321,18 @@ async fn replicate(shared: Arc<Shared>, peer: String, endpoint: String, epoch: u
                 Ok(resp) => {
                     failures = 0;
                     let now = std::time::Instant::now();
-                    let mut node = shared.lock();
-                    node.on_peer_response(&peer, epoch, round, &resp);
-                    if let Some(replicated) = node.replicated_index() {
-                        node.stages.acked(replicated, now);
+                    {
+                        let mut node = shared.lock();
+                        node.on_peer_response(&peer, epoch, round, &resp);
+                        if let Some(replicated) = node.replicated_index() {
+                            node.stages.acked(replicated, now);
+                        }
+                        shared.apply_committed(&mut node, now);
                     }
-                    shared.apply_committed(&mut node, now);
-                    drop(node);
                     shared.after_change();
+                    // Let the handlers just answered reply before this task sends the new
+                    // commit index on (which would run first and delay them).
+                    tokio::task::yield_now().await;
                 }
                 Err(status) => {
                     if matches!(link, Link::Stream(_)) {
@@ -268,14 +354,29 @@ fn still_replicating(shared: &Shared, peer: &str, epoch: u64) -> bool {
     node.epoch == epoch && node.peers.contains_key(peer)
 }
 
-/// Close `link`, counting each of its unanswered messages as lost.
+/// Close `link`, counting each of its unanswered messages as lost. Under the node lock, so no
+/// handler sends on it between the count and the close.
 fn drop_link(shared: &Shared, peer: &str, link: &mut Link) {
-    let lost = link.unanswered();
-    *link = Link::Closed;
     let mut node = shared.lock();
+    let lost = link.unanswered();
+    close(shared, peer, link);
     for _ in 0..lost {
         node.on_peer_unreachable(peer);
     }
+}
+
+/// Close `link` when this task ends: handlers no longer send on it.
+fn close_link(shared: &Shared, peer: &str, link: &mut Link) {
+    let _node = shared.lock();
+    close(shared, peer, link);
+}
+
+/// Call with the node lock held.
+fn close(shared: &Shared, peer: &str, link: &mut Link) {
+    if let Link::Stream(stream) = &link {
+        shared.outboxes.remove(peer, &stream.outbox);
+    }
+    *link = Link::Closed;
 }
 
 /// One message to `peer` (or opening the link) failed with `status`: count it as lost and

@@ -47,6 +47,7 @@ impl Services {
                     node.stages.ordered(index, received, Instant::now());
                 }
                 self.enqueue(entries);
+                crate::peers::send_new_entries(&self.shared, &mut node);
                 ordered
             })
         };
