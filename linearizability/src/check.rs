@@ -273,6 +273,239 @@ fn describe(idx: usize, e: &HistoryEntry) -> String {
     )
 }
 
+// ------------------------------------------------------------------ building the model
+
+/// One entry's concrete transition: `Some((expect, next))` for an ok entry, `None` for an
+/// unknown write.
+struct Pre {
+    entry: usize,
+    ok: Option<(Option<String>, Option<String>)>,
+}
+
+/// The concrete transitions of the entries `idxs`; an ok entry whose output contradicts
+/// itself is an error.
+fn transitions(history: &[HistoryEntry], idxs: &[usize]) -> Result<Vec<Pre>, String> {
+    let mut pre = Vec::with_capacity(idxs.len());
+    for &i in idxs {
+        let e = &history[i];
+        match e.result {
+            Outcome::Ok => {
+                let t =
+                    ok_transition(e).map_err(|why| format!("{}\n  its output is impossible: {why}", describe(i, e)))?;
+                pre.push(Pre { entry: i, ok: Some(t) });
+            }
+            // an unanswered read constrains nothing
+            Outcome::Unknown if e.op == OpKind::Get => {}
+            Outcome::Unknown => pre.push(Pre { entry: i, ok: None }),
+            Outcome::Fail => {}
+        }
+    }
+    Ok(pre)
+}
+
+/// Ids (from 1) for the values that are ever compared against the register.
+fn intern_values(history: &[HistoryEntry], pre: &[Pre]) -> HashMap<Option<String>, u32> {
+    let mut ids: HashMap<Option<String>, u32> = HashMap::new();
+    let mut intern = |v: &Option<String>| {
+        let n = ids.len() as u32 + 1;
+        ids.entry(v.clone()).or_insert(n);
+    };
+    for p in pre {
+        match &p.ok {
+            Some((expect, _)) => intern(expect),
+            None => {
+                let e = &history[p.entry];
+                if e.op == OpKind::Cas {
+                    intern(&e.old);
+                }
+            }
+        }
+    }
+    ids
+}
+
+fn value_id(ids: &HashMap<Option<String>, u32>, v: &Option<String>) -> u32 {
+    ids.get(v).copied().unwrap_or(UNOBSERVED)
+}
+
+/// The abstract ops, ok ops by call time then unknown ops by call time, and how many are
+/// ok. Unknown ops that can never matter are left out; identical unknown ops are chained
+/// (`twin_before`) so they are only linearized in call order (symmetry).
+fn abstract_ops(history: &[HistoryEntry], pre: &[Pre], ids: &HashMap<Option<String>, u32>) -> (Vec<Op>, usize) {
+    let id = |v: &Option<String>| value_id(ids, v);
+    let mut ops: Vec<Op> = pre
+        .iter()
+        .map(|p| {
+            let e = &history[p.entry];
+            let step = match &p.ok {
+                Some((expect, next)) => Step::Ok {
+                    expect: id(expect),
+                    next: id(next),
+                },
+                None => match e.op {
+                    OpKind::Put => Step::Set { next: id(&e.value) },
+                    OpKind::Delete => Step::Set { next: id(&None) },
+                    OpKind::Cas => Step::Cas {
+                        old: id(&e.old),
+                        new: id(&e.new),
+                    },
+                    OpKind::Get => unreachable!("unknown gets are dropped"),
+                },
+            };
+            Op {
+                entry: p.entry,
+                call: e.call,
+                ret: if p.ok.is_some() { e.ret } else { None },
+                step,
+                twin_before: None,
+                call_node: NIL,
+                ret_node: NIL,
+            }
+        })
+        // an unknown op that can only leave a value nothing ever compares against,
+        // or that can never change the value, is never needed (see `run`)
+        .filter(|o| match o.step {
+            Step::Ok { .. } => true,
+            Step::Set { next } => next != UNOBSERVED,
+            Step::Cas { old, new } => new != UNOBSERVED && new != old,
+        })
+        .collect();
+    ops.sort_by_key(|o| (!o.is_ok(), o.call, o.entry));
+    let n_ok = ops.iter().filter(|o| o.is_ok()).count();
+    let mut last_twin: HashMap<Step, u32> = HashMap::new();
+    for (i, op) in ops.iter_mut().enumerate().skip(n_ok) {
+        op.twin_before = last_twin.insert(op.step, i as u32);
+    }
+    (ops, n_ok)
+}
+
+/// The calls and returns of the ops as a doubly linked list in time order: node 0 is the
+/// head sentinel, the last node the tail sentinel.
+struct EventList {
+    node_op: Vec<u32>,
+    node_is_ret: Vec<bool>,
+    /// time of each node (`u64::MAX` for the tail sentinel)
+    node_time: Vec<u64>,
+    next: Vec<u32>,
+    prev: Vec<u32>,
+}
+
+impl EventList {
+    /// The list for `ops`, whose `call_node` and `ret_node` it sets.
+    fn new(ops: &mut [Op]) -> EventList {
+        let mut events: Vec<(u64, bool, u32)> = Vec::with_capacity(2 * ops.len());
+        for (i, op) in ops.iter().enumerate() {
+            events.push((op.call, false, i as u32));
+            if let Some(r) = op.ret {
+                events.push((r, true, i as u32));
+            }
+        }
+        // calls before returns at equal times: such ops count as concurrent
+        events.sort_unstable();
+        let n_nodes = events.len() + 2;
+        let mut node_op = vec![NIL; n_nodes];
+        let mut node_is_ret = vec![false; n_nodes];
+        let mut node_time = vec![0u64; n_nodes];
+        for (k, &(t, is_ret, op)) in events.iter().enumerate() {
+            let node = k as u32 + 1;
+            node_op[node as usize] = op;
+            node_is_ret[node as usize] = is_ret;
+            node_time[node as usize] = t;
+            if is_ret {
+                ops[op as usize].ret_node = node;
+            } else {
+                ops[op as usize].call_node = node;
+            }
+        }
+        // the tail sentinel counts as a return: it ends every scan
+        node_is_ret[n_nodes - 1] = true;
+        node_time[n_nodes - 1] = u64::MAX;
+        EventList {
+            node_op,
+            node_is_ret,
+            node_time,
+            next: (1..=n_nodes as u32).collect(),
+            prev: (0..n_nodes as u32).map(|i| i.wrapping_sub(1)).collect(),
+        }
+    }
+}
+
+/// Per interned value, for the counting bounds (`static_bound`, `supply_ok`).
+struct ValueIndex {
+    /// (return time, op) of the ok ops that move the register away from the value, ascending
+    leave: Vec<Vec<(u64, u32)>>,
+    /// call times of the ops that can move the register to the value, ascending
+    arrive_call: Vec<Vec<u64>>,
+    /// (return time, op) of the ok ops that need the value and leave it unchanged, ascending
+    read: Vec<Vec<(u64, u32)>>,
+}
+
+impl ValueIndex {
+    fn new(ops: &[Op], n_values: usize) -> ValueIndex {
+        let mut leave: Vec<Vec<(u64, u32)>> = vec![Vec::new(); n_values];
+        let mut arrive_call: Vec<Vec<u64>> = vec![Vec::new(); n_values];
+        let mut read: Vec<Vec<(u64, u32)>> = vec![Vec::new(); n_values];
+        for (i, op) in ops.iter().enumerate() {
+            match op.step {
+                Step::Ok { expect, next } if expect != next => {
+                    leave[expect as usize].push((op.ret.expect("ok op"), i as u32));
+                    arrive_call[next as usize].push(op.call);
+                }
+                Step::Ok { expect, .. } => read[expect as usize].push((op.ret.expect("ok op"), i as u32)),
+                Step::Set { next } => arrive_call[next as usize].push(op.call),
+                Step::Cas { new, .. } => arrive_call[new as usize].push(op.call),
+            }
+        }
+        leave.iter_mut().for_each(|l| l.sort_unstable());
+        arrive_call.iter_mut().for_each(|a| a.sort_unstable());
+        read.iter_mut().for_each(|l| l.sort_unstable());
+        ValueIndex {
+            leave,
+            arrive_call,
+            read,
+        }
+    }
+}
+
+/// Static bound: an ok op X that needs the value v sees v between an arrival at v and the
+/// next departure. Arrivals and departures alternate, so the arrivals usable before X
+/// (called by its return, plus the initial value) must outnumber the ok departures from v
+/// that certainly precede X (returned before its call). This finds reads of never-written
+/// values and most stale reads at once.
+fn static_bound(history: &[HistoryEntry], ok_ops: &[Op], init: u32, index: &ValueIndex) -> Result<(), String> {
+    for op in ok_ops {
+        let Step::Ok { expect: v, .. } = op.step else {
+            continue;
+        };
+        let ret = op.ret.expect("ok op");
+        let arrivals = index.arrive_call[v as usize].partition_point(|&c| c <= ret) + usize::from(v == init);
+        let gone = index.leave[v as usize].partition_point(|&(r, _)| r < op.call);
+        if arrivals <= gone {
+            let e = &history[op.entry];
+            let (seen, _) = ok_transition(e).expect("checked above");
+            let mut why = format!(
+                "{}\n  needs the key to hold {}, but ",
+                describe(op.entry, e),
+                show(&seen)
+            );
+            if arrivals == 0 {
+                why.push_str("no op that could have written that value was called before it returned.\n");
+            } else {
+                why.push_str(&format!(
+                    "that value can have been written at most {arrivals} time(s) before it returned{}, and {gone} op(s) had already replaced it before it was called, e.g.:\n",
+                    if v == init { " (counting the initial absent state)" } else { "" }
+                ));
+                for &(_, l) in index.leave[v as usize][..gone].iter().rev().take(3) {
+                    let le = ok_ops[l as usize].entry;
+                    why.push_str(&format!("  {}\n", describe(le, &history[le])));
+                }
+            }
+            return Err(why);
+        }
+    }
+    Ok(())
+}
+
 // ------------------------------------------------------------------ per-key search
 
 enum KeyVerdict {
@@ -310,189 +543,27 @@ struct KeyChecker<'h> {
 impl<'h> KeyChecker<'h> {
     /// Builds the abstract ops for the entries `idxs` (all on `key`, none `fail`).
     fn new(history: &'h [HistoryEntry], key: &'h str, idxs: &[usize]) -> Result<Self, String> {
-        // 1. concrete transitions
-        struct Pre {
-            entry: usize,
-            ok: Option<(Option<String>, Option<String>)>,
-        }
-        let mut pre = Vec::with_capacity(idxs.len());
-        for &i in idxs {
-            let e = &history[i];
-            match e.result {
-                Outcome::Ok => {
-                    let t = ok_transition(e)
-                        .map_err(|why| format!("{}\n  its output is impossible: {why}", describe(i, e)))?;
-                    pre.push(Pre { entry: i, ok: Some(t) });
-                }
-                // an unanswered read constrains nothing
-                Outcome::Unknown if e.op == OpKind::Get => {}
-                Outcome::Unknown => pre.push(Pre { entry: i, ok: None }),
-                Outcome::Fail => {}
-            }
-        }
-
-        // 2. intern the values that are ever compared against the register
-        let mut ids: HashMap<Option<String>, u32> = HashMap::new();
-        let mut intern = |v: &Option<String>| {
-            let n = ids.len() as u32 + 1;
-            *ids.entry(v.clone()).or_insert(n)
-        };
-        for p in &pre {
-            match &p.ok {
-                Some((expect, _)) => {
-                    intern(expect);
-                }
-                None => {
-                    let e = &history[p.entry];
-                    if e.op == OpKind::Cas {
-                        intern(&e.old);
-                    }
-                }
-            }
-        }
-        let id = |v: &Option<String>| ids.get(v).copied().unwrap_or(UNOBSERVED);
-
-        // 3. abstract ops: ok ops by call time, then unknown ops by call time
-        let mut ops: Vec<Op> = pre
-            .iter()
-            .map(|p| {
-                let e = &history[p.entry];
-                let step = match &p.ok {
-                    Some((expect, next)) => Step::Ok {
-                        expect: id(expect),
-                        next: id(next),
-                    },
-                    None => match e.op {
-                        OpKind::Put => Step::Set { next: id(&e.value) },
-                        OpKind::Delete => Step::Set { next: id(&None) },
-                        OpKind::Cas => Step::Cas {
-                            old: id(&e.old),
-                            new: id(&e.new),
-                        },
-                        OpKind::Get => unreachable!("unknown gets are dropped"),
-                    },
-                };
-                Op {
-                    entry: p.entry,
-                    call: e.call,
-                    ret: if p.ok.is_some() { e.ret } else { None },
-                    step,
-                    twin_before: None,
-                    call_node: NIL,
-                    ret_node: NIL,
-                }
-            })
-            // an unknown op that can only leave a value nothing ever compares against,
-            // or that can never change the value, is never needed (see `run`)
-            .filter(|o| match o.step {
-                Step::Ok { .. } => true,
-                Step::Set { next } => next != UNOBSERVED,
-                Step::Cas { old, new } => new != UNOBSERVED && new != old,
-            })
-            .collect();
-        ops.sort_by_key(|o| (!o.is_ok(), o.call, o.entry));
-        let n_ok = ops.iter().filter(|o| o.is_ok()).count();
-
-        // symmetry: identical unknown ops are interchangeable, so only linearize them in
-        // call order
-        let mut last_twin: HashMap<Step, u32> = HashMap::new();
-        for (i, op) in ops.iter_mut().enumerate().skip(n_ok) {
-            op.twin_before = last_twin.insert(op.step, i as u32);
-        }
-
-        // 4. the event list
-        let mut events: Vec<(u64, bool, u32)> = Vec::with_capacity(2 * ops.len());
-        for (i, op) in ops.iter().enumerate() {
-            events.push((op.call, false, i as u32));
-            if let Some(r) = op.ret {
-                events.push((r, true, i as u32));
-            }
-        }
-        // calls before returns at equal times: such ops count as concurrent
-        events.sort_unstable();
-        let n_nodes = events.len() + 2;
-        let mut node_op = vec![NIL; n_nodes];
-        let mut node_is_ret = vec![false; n_nodes];
-        let next: Vec<u32> = (1..=n_nodes as u32).collect();
-        let prev: Vec<u32> = (0..n_nodes as u32).map(|i| i.wrapping_sub(1)).collect();
-        for (k, &(_, is_ret, op)) in events.iter().enumerate() {
-            let node = k as u32 + 1;
-            node_op[node as usize] = op;
-            node_is_ret[node as usize] = is_ret;
-            if is_ret {
-                ops[op as usize].ret_node = node;
-            } else {
-                ops[op as usize].call_node = node;
-            }
-        }
-        // the tail sentinel counts as a return: it ends every scan
-        node_is_ret[n_nodes - 1] = true;
-        let mut node_time = vec![0u64; n_nodes];
-        for (k, &(t, _, _)) in events.iter().enumerate() {
-            node_time[k + 1] = t;
-        }
-        node_time[n_nodes - 1] = u64::MAX;
-
-        let n_values = ids.len() + 1;
-        let mut leave: Vec<Vec<(u64, u32)>> = vec![Vec::new(); n_values];
-        let mut arrive_call: Vec<Vec<u64>> = vec![Vec::new(); n_values];
-        let mut read: Vec<Vec<(u64, u32)>> = vec![Vec::new(); n_values];
-        for (i, op) in ops.iter().enumerate() {
-            match op.step {
-                Step::Ok { expect, next } if expect != next => {
-                    leave[expect as usize].push((op.ret.expect("ok op"), i as u32));
-                    arrive_call[next as usize].push(op.call);
-                }
-                Step::Ok { expect, .. } => read[expect as usize].push((op.ret.expect("ok op"), i as u32)),
-                Step::Set { next } => arrive_call[next as usize].push(op.call),
-                Step::Cas { new, .. } => arrive_call[new as usize].push(op.call),
-            }
-        }
-        leave.iter_mut().for_each(|l| l.sort_unstable());
-        arrive_call.iter_mut().for_each(|a| a.sort_unstable());
-        let leave_ret = leave.iter().map(|l| l.iter().map(|x| x.0).collect()).collect();
-        let leave_op = leave.iter().map(|l| l.iter().map(|x| x.1).collect()).collect();
-        read.iter_mut().for_each(|l| l.sort_unstable());
-        let read_ret = read.iter().map(|l| l.iter().map(|x| x.0).collect()).collect();
-        let read_op = read.iter().map(|l| l.iter().map(|x| x.1).collect()).collect();
-
-        // Static bound: an ok op X that needs the value v sees v between an arrival at v
-        // and the next departure. Arrivals and departures alternate, so the arrivals
-        // usable before X (called by its return, plus the initial value) must outnumber
-        // the ok departures from v that certainly precede X (returned before its call).
-        // This finds reads of never-written values and most stale reads at once.
-        let init = id(&None);
-        for op in &ops[..n_ok] {
-            let Step::Ok { expect: v, .. } = op.step else {
-                continue;
-            };
-            let ret = op.ret.expect("ok op");
-            let arrivals = arrive_call[v as usize].partition_point(|&c| c <= ret) + usize::from(v == init);
-            let gone = leave[v as usize].partition_point(|&(r, _)| r < op.call);
-            if arrivals <= gone {
-                let e = &history[op.entry];
-                let (seen, _) = ok_transition(e).expect("checked above");
-                let mut why = format!(
-                    "{}\n  needs the key to hold {}, but ",
-                    describe(op.entry, e),
-                    show(&seen)
-                );
-                if arrivals == 0 {
-                    why.push_str("no op that could have written that value was called before it returned.\n");
-                } else {
-                    why.push_str(&format!(
-                        "that value can have been written at most {arrivals} time(s) before it returned{}, and {gone} op(s) had already replaced it before it was called, e.g.:\n",
-                        if v == init { " (counting the initial absent state)" } else { "" }
-                    ));
-                    for &(_, l) in leave[v as usize][..gone].iter().rev().take(3) {
-                        let le = ops[l as usize].entry;
-                        why.push_str(&format!("  {}\n", describe(le, &history[le])));
-                    }
-                }
-                return Err(why);
-            }
-        }
-
+        let pre = transitions(history, idxs)?;
+        let ids = intern_values(history, &pre);
+        let (mut ops, n_ok) = abstract_ops(history, &pre, &ids);
+        let events = EventList::new(&mut ops);
+        let index = ValueIndex::new(&ops, ids.len() + 1);
+        let init = value_id(&ids, &None);
+        static_bound(history, &ops[..n_ok], init, &index)?;
+        let ValueIndex {
+            leave,
+            arrive_call,
+            read,
+        } = index;
+        let (leave_ret, leave_op) = leave.into_iter().map(|l| l.into_iter().unzip()).unzip();
+        let (read_ret, read_op) = read.into_iter().map(|l| l.into_iter().unzip()).unzip();
+        let EventList {
+            node_op,
+            node_is_ret,
+            node_time,
+            next,
+            prev,
+        } = events;
         Ok(KeyChecker {
             history,
             key,
@@ -589,224 +660,14 @@ impl<'h> KeyChecker<'h> {
     }
 
     fn run(&mut self, limits: CheckLimits) -> KeyVerdict {
-        let n = self.ops.len();
-        let n_ok = self.n_ok;
-        // linearized ok ops (bit = op id) and unknown ops (bit = op id - n_ok)
-        let mut bits = vec![0u64; n_ok.div_ceil(64).max(1)];
-        let mut ubits = vec![0u64; (n - n_ok).div_ceil(64)];
-        // The memo cache: (ok set, value, restricted) -> the sets of unknown ops used
-        // in configurations already searched. Unknown ops are optional and never
-        // block anything, so a configuration that used a superset of the unknown ops
-        // of a searched one (same ok set and value) has no completion the searched one
-        // lacked: it is skipped too (subsumption).
-        let mut cache: MemoCache = HashMap::default();
-        let mut cached = 0usize;
-        let mut cached_bytes = 0usize;
-        let mut sparse_buf: Vec<u64> = Vec::new();
-        // per value: == useful_gen iff a pending op needs or can use it
-        let mut useful: Vec<u32> = vec![0; self.leave_ret.len()];
-        let mut useful_gen = 0u32;
-        let mut key_buf: Vec<u64> = Vec::new();
-        let subsumed = |list: Option<&Vec<Box<[u64]>>>, ubits: &[u64]| -> bool {
-            list.is_some_and(|l| {
-                l.iter()
-                    .rev()
-                    .take(256) // a partial look-up is still sound
-                    .any(|u| u.chunks(2).all(|p| p[1] & !ubits[p[0] as usize] == 0))
-            })
-        };
-
-        struct Frame {
-            /// candidates are `cands[start..end]`, the next to try at `cursor`
-            start: usize,
-            end: usize,
-            cursor: usize,
-            applied: u32,
-            /// the register value in this configuration
-            state: u32,
-        }
-        let mut frames: Vec<Frame> = Vec::new();
-        let mut cands: Vec<(u32, u32)> = Vec::new();
-        let mut path: Vec<u32> = Vec::new();
-        let mut best_path: Vec<u32> = Vec::new();
-        let mut best_ok = 0usize;
-
-        let mut state = self.init;
-        // per value: how many linearized ops moved the register to it
-        let mut used_arrivals = vec![0u32; self.leave_ret.len()];
-        // the value the last step moved the register away from
-        let mut departed: Option<u32> = None;
-        let mut remaining_ok = self.n_ok;
-        let mut steps: u64 = 0;
-
-        'enter: loop {
-            if remaining_ok == 0 {
+        let mut search = Search::new(self);
+        loop {
+            if search.remaining_ok == 0 {
                 return KeyVerdict::Linearizable;
             }
-            // After an unknown op, the next op must use the value it left: an ok op legal
-            // now, or an unknown cas expecting it. (Otherwise the unknown op could be left
-            // out: the next state change overwrites its value unobserved.) Such a
-            // "restricted" configuration is marked in the memo key.
-            let restricted = path.last().is_some_and(|&op| op as usize >= self.n_ok);
-            // candidates: the calls before the first return
-            let start = cands.len();
-            let mut forced = None;
-            // the values some op that may go next needs (ok ops) or can use (unknown
-            // cas): an unknown op leaving any other value would be a dead end
-            useful_gen = useful_gen.wrapping_add(1);
-            if useful_gen == 0 {
-                useful.iter_mut().for_each(|g| *g = 0);
-                useful_gen = 1;
-            }
-            let mut node = self.next[0];
-            while !self.node_is_ret[node as usize] {
-                let op_id = self.node_op[node as usize];
-                let op = &self.ops[op_id as usize];
-                match op.step {
-                    Step::Ok { expect, .. } => useful[expect as usize] = useful_gen,
-                    Step::Cas { old, .. } => useful[old as usize] = useful_gen,
-                    Step::Set { .. } => {}
-                }
-                if let Some(ns) = op.step.apply(state) {
-                    if op.is_ok() {
-                        if ns == state {
-                            forced = Some((op_id, ns));
-                            break;
-                        }
-                        cands.push((op_id, ns));
-                    } else if ns != state
-                        && (!restricted || matches!(op.step, Step::Cas { old, .. } if old == state))
-                        && op.twin_before.is_none_or(|t| {
-                            let t = t as usize - n_ok;
-                            ubits[t / 64] & (1 << (t % 64)) != 0
-                        })
-                    {
-                        cands.push((op_id, ns));
-                    }
-                }
-                node = self.next[node as usize];
-            }
-            let frontier = self.node_time[node as usize];
-            if let Some(v) = departed.take()
-                && !self.supply_ok(v, frontier, &bits, used_arrivals[v as usize])
-            {
-                cands.truncate(start); // dead end: no candidates
-            } else if let Some(f) = forced {
-                cands.truncate(start);
-                cands.push(f);
-            } else {
-                let ops = &self.ops;
-                let mut k = start;
-                for i in start..cands.len() {
-                    let (op, ns) = cands[i];
-                    if (op as usize) < n_ok || useful[ns as usize] == useful_gen {
-                        cands[k] = cands[i];
-                        k += 1;
-                    }
-                }
-                cands.truncate(k);
-                // ok ops first: unknown ops are only needed when an ok op needs their value
-                // and the most urgent (earliest return) first
-                cands[start..].sort_by_key(|&(op, _)| ops[op as usize].ret.unwrap_or(u64::MAX));
-            }
-            frames.push(Frame {
-                start,
-                end: cands.len(),
-                cursor: start,
-                applied: NIL,
-                state,
-            });
-
-            loop {
-                let Some(f) = frames.last_mut() else {
-                    return KeyVerdict::NotLinearizable(self.explain(&best_path));
-                };
-                if f.cursor < f.end {
-                    let (op, ns) = cands[f.cursor];
-                    f.cursor += 1;
-                    steps += 1;
-                    if steps > limits.max_steps {
-                        return KeyVerdict::Inconclusive(format!(
-                            "key {:?}: search budget of {} steps exhausted ({} ops, at most {} of {} completed ops linearized)",
-                            self.key, limits.max_steps, n, best_ok, self.n_ok
-                        ));
-                    }
-                    set_bit(&mut bits, &mut ubits, n_ok, op, true);
-                    // the configuration this leads to is restricted iff `op` is unknown;
-                    // an unrestricted configuration that failed also fails restricted
-                    let to_restricted = op as usize >= n_ok;
-                    compress(&bits, ns, false, &mut key_buf);
-                    let mut seen = subsumed(cache.get(key_buf.as_slice()), &ubits);
-                    if to_restricted {
-                        key_buf[0] |= 1;
-                        seen = seen || subsumed(cache.get(key_buf.as_slice()), &ubits);
-                    }
-                    if seen {
-                        set_bit(&mut bits, &mut ubits, n_ok, op, false);
-                        continue;
-                    }
-                    if cached >= limits.max_cache_entries || cached_bytes >= limits.max_cache_bytes {
-                        return KeyVerdict::Inconclusive(format!(
-                            "key {:?}: memo cache limit reached ({} configurations, ~{} MiB; {} ops, at most {} of {} completed ops linearized)",
-                            self.key,
-                            cached,
-                            cached_bytes >> 20,
-                            n,
-                            best_ok,
-                            self.n_ok
-                        ));
-                    }
-                    // the unknown ops used, stored sparsely: (word index, word) pairs
-                    sparse_buf.clear();
-                    for (i, &w) in ubits.iter().enumerate() {
-                        if w != 0 {
-                            sparse_buf.extend([i as u64, w]);
-                        }
-                    }
-                    cached += 1;
-                    cached_bytes += 8 * sparse_buf.len() + 24;
-                    let entry = sparse_buf.clone().into_boxed_slice();
-                    match cache.get_mut(key_buf.as_slice()) {
-                        Some(list) => list.push(entry),
-                        None => {
-                            cached_bytes += 8 * key_buf.len() + 64;
-                            cache.insert(key_buf.clone().into_boxed_slice(), vec![entry]);
-                        }
-                    }
-                    f.applied = op;
-                    self.lift(op);
-                    path.push(op);
-                    if ns != f.state {
-                        used_arrivals[ns as usize] += 1;
-                        departed = Some(f.state);
-                    }
-                    state = ns;
-                    if (op as usize) < self.n_ok {
-                        remaining_ok -= 1;
-                        if self.n_ok - remaining_ok > best_ok {
-                            best_ok = self.n_ok - remaining_ok;
-                            best_path.clone_from(&path);
-                        }
-                    }
-                    continue 'enter;
-                }
-                // this configuration is a dead end: undo the step that led to it
-                let f = frames.pop().expect("frame");
-                cands.truncate(f.start);
-                let Some(parent) = frames.last_mut() else {
-                    return KeyVerdict::NotLinearizable(self.explain(&best_path));
-                };
-                let op = parent.applied;
-                parent.applied = NIL;
-                self.unlift(op);
-                if f.state != parent.state {
-                    used_arrivals[f.state as usize] -= 1;
-                }
-                set_bit(&mut bits, &mut ubits, n_ok, op, false);
-                path.pop();
-                if (op as usize) < self.n_ok {
-                    remaining_ok += 1;
-                }
+            search.enter(self);
+            if let Err(verdict) = search.advance(self, &limits) {
+                return verdict;
             }
         }
     }
@@ -928,6 +789,299 @@ impl<'h> KeyChecker<'h> {
 }
 
 /// Marks op `op` linearized (`on`) or not: ok ops in `bits`, unknown ones in `ubits`.
+/// One configuration on the search stack.
+struct Frame {
+    /// candidates are `cands[start..end]`, the next to try at `cursor`
+    start: usize,
+    end: usize,
+    cursor: usize,
+    applied: u32,
+    /// the register value in this configuration
+    state: u32,
+}
+
+/// The depth-first search of [`KeyChecker::run`]: the current configuration (the ops
+/// linearized, the register value), the stack of configurations that led to it, and the memo
+/// cache of configurations already searched.
+struct Search {
+    n_ok: usize,
+    /// linearized ok ops (bit = op id) and unknown ops (bit = op id - n_ok)
+    bits: Vec<u64>,
+    ubits: Vec<u64>,
+    /// The memo cache: (ok set, value, restricted) -> the sets of unknown ops used in
+    /// configurations already searched. Unknown ops are optional and never block anything,
+    /// so a configuration that used a superset of the unknown ops of a searched one (same ok
+    /// set and value) has no completion the searched one lacked: it is skipped too
+    /// (subsumption).
+    cache: MemoCache,
+    cached: usize,
+    cached_bytes: usize,
+    sparse_buf: Vec<u64>,
+    key_buf: Vec<u64>,
+    /// per value: == useful_gen iff a pending op needs or can use it
+    useful: Vec<u32>,
+    useful_gen: u32,
+    frames: Vec<Frame>,
+    cands: Vec<(u32, u32)>,
+    path: Vec<u32>,
+    best_path: Vec<u32>,
+    best_ok: usize,
+    state: u32,
+    /// per value: how many linearized ops moved the register to it
+    used_arrivals: Vec<u32>,
+    /// the value the last step moved the register away from
+    departed: Option<u32>,
+    remaining_ok: usize,
+    steps: u64,
+}
+
+/// Whether `ubits` uses every unknown op of one of the searched sets in `list`.
+fn subsumed(list: Option<&Vec<Box<[u64]>>>, ubits: &[u64]) -> bool {
+    list.is_some_and(|l| {
+        l.iter()
+            .rev()
+            .take(256) // a partial look-up is still sound
+            .any(|u| u.chunks(2).all(|p| p[1] & !ubits[p[0] as usize] == 0))
+    })
+}
+
+impl Search {
+    fn new(kc: &KeyChecker) -> Search {
+        let (n, n_ok, n_values) = (kc.ops.len(), kc.n_ok, kc.leave_ret.len());
+        Search {
+            n_ok,
+            bits: vec![0u64; n_ok.div_ceil(64).max(1)],
+            ubits: vec![0u64; (n - n_ok).div_ceil(64)],
+            cache: MemoCache::default(),
+            cached: 0,
+            cached_bytes: 0,
+            sparse_buf: Vec::new(),
+            key_buf: Vec::new(),
+            useful: vec![0; n_values],
+            useful_gen: 0,
+            frames: Vec::new(),
+            cands: Vec::new(),
+            path: Vec::new(),
+            best_path: Vec::new(),
+            best_ok: 0,
+            state: kc.init,
+            used_arrivals: vec![0u32; n_values],
+            departed: None,
+            remaining_ok: n_ok,
+            steps: 0,
+        }
+    }
+
+    /// Push the current configuration with its candidates: the ops that may go next.
+    fn enter(&mut self, kc: &KeyChecker) {
+        let start = self.cands.len();
+        let (forced, frontier) = self.collect_candidates(kc);
+        if let Some(v) = self.departed.take()
+            && !kc.supply_ok(v, frontier, &self.bits, self.used_arrivals[v as usize])
+        {
+            self.cands.truncate(start); // dead end: no candidates
+        } else if let Some(f) = forced {
+            self.cands.truncate(start);
+            self.cands.push(f);
+        } else {
+            self.prune_candidates(kc, start);
+        }
+        self.frames.push(Frame {
+            start,
+            end: self.cands.len(),
+            cursor: start,
+            applied: NIL,
+            state: self.state,
+        });
+    }
+
+    /// Push (op, value after it) for every call before the first return that is legal now;
+    /// an ok op that leaves the value unchanged is forced (returned, not pushed). Also marks
+    /// the `useful` values and returns the time of the first return (the frontier).
+    fn collect_candidates(&mut self, kc: &KeyChecker) -> (Option<(u32, u32)>, u64) {
+        // After an unknown op, the next op must use the value it left: an ok op legal
+        // now, or an unknown cas expecting it. (Otherwise the unknown op could be left
+        // out: the next state change overwrites its value unobserved.) Such a
+        // "restricted" configuration is marked in the memo key.
+        let restricted = self.path.last().is_some_and(|&op| op as usize >= self.n_ok);
+        // the values some op that may go next needs (ok ops) or can use (unknown
+        // cas): an unknown op leaving any other value would be a dead end
+        self.useful_gen = self.useful_gen.wrapping_add(1);
+        if self.useful_gen == 0 {
+            self.useful.iter_mut().for_each(|g| *g = 0);
+            self.useful_gen = 1;
+        }
+        let state = self.state;
+        let mut node = kc.next[0];
+        while !kc.node_is_ret[node as usize] {
+            let op_id = kc.node_op[node as usize];
+            let op = &kc.ops[op_id as usize];
+            match op.step {
+                Step::Ok { expect, .. } => self.useful[expect as usize] = self.useful_gen,
+                Step::Cas { old, .. } => self.useful[old as usize] = self.useful_gen,
+                Step::Set { .. } => {}
+            }
+            if let Some(ns) = op.step.apply(state) {
+                if op.is_ok() {
+                    if ns == state {
+                        return (Some((op_id, ns)), kc.node_time[node as usize]);
+                    }
+                    self.cands.push((op_id, ns));
+                } else if ns != state
+                    && (!restricted || matches!(op.step, Step::Cas { old, .. } if old == state))
+                    && op.twin_before.is_none_or(|t| {
+                        let t = t as usize - self.n_ok;
+                        self.ubits[t / 64] & (1 << (t % 64)) != 0
+                    })
+                {
+                    self.cands.push((op_id, ns));
+                }
+            }
+            node = kc.next[node as usize];
+        }
+        (None, kc.node_time[node as usize])
+    }
+
+    /// Keep the unknown candidates that leave a useful value; put ok ops first (unknown ops
+    /// are only needed when an ok op needs their value) and the most urgent (earliest
+    /// return) first.
+    fn prune_candidates(&mut self, kc: &KeyChecker, start: usize) {
+        let mut k = start;
+        for i in start..self.cands.len() {
+            let (op, ns) = self.cands[i];
+            if (op as usize) < self.n_ok || self.useful[ns as usize] == self.useful_gen {
+                self.cands[k] = self.cands[i];
+                k += 1;
+            }
+        }
+        self.cands.truncate(k);
+        self.cands[start..].sort_by_key(|&(op, _)| kc.ops[op as usize].ret.unwrap_or(u64::MAX));
+    }
+
+    /// Step into the next configuration not searched yet, backtracking as needed. `Err` is
+    /// the verdict when there is none left or a limit is reached.
+    fn advance(&mut self, kc: &mut KeyChecker, limits: &CheckLimits) -> Result<(), KeyVerdict> {
+        loop {
+            let Some(f) = self.frames.last_mut() else {
+                return Err(KeyVerdict::NotLinearizable(kc.explain(&self.best_path)));
+            };
+            if f.cursor == f.end {
+                self.backtrack(kc)?;
+                continue;
+            }
+            let (op, ns) = self.cands[f.cursor];
+            f.cursor += 1;
+            self.steps += 1;
+            if self.steps > limits.max_steps {
+                return Err(KeyVerdict::Inconclusive(format!(
+                    "key {:?}: search budget of {} steps exhausted ({} ops, at most {} of {} completed ops linearized)",
+                    kc.key,
+                    limits.max_steps,
+                    kc.ops.len(),
+                    self.best_ok,
+                    self.n_ok
+                )));
+            }
+            set_bit(&mut self.bits, &mut self.ubits, self.n_ok, op, true);
+            if self.searched(op, ns) {
+                set_bit(&mut self.bits, &mut self.ubits, self.n_ok, op, false);
+                continue;
+            }
+            if self.cached >= limits.max_cache_entries || self.cached_bytes >= limits.max_cache_bytes {
+                return Err(KeyVerdict::Inconclusive(format!(
+                    "key {:?}: memo cache limit reached ({} configurations, ~{} MiB; {} ops, at most {} of {} completed ops linearized)",
+                    kc.key,
+                    self.cached,
+                    self.cached_bytes >> 20,
+                    kc.ops.len(),
+                    self.best_ok,
+                    self.n_ok
+                )));
+            }
+            self.remember();
+            self.step(kc, op, ns);
+            return Ok(());
+        }
+    }
+
+    /// Whether the configuration that linearizing `op` (leaving `ns`) leads to was searched
+    /// already, or one it subsumes. Leaves its memo key in `key_buf`.
+    fn searched(&mut self, op: u32, ns: u32) -> bool {
+        // the configuration this leads to is restricted iff `op` is unknown; an
+        // unrestricted configuration that failed also fails restricted
+        let to_restricted = op as usize >= self.n_ok;
+        compress(&self.bits, ns, false, &mut self.key_buf);
+        let mut seen = subsumed(self.cache.get(self.key_buf.as_slice()), &self.ubits);
+        if to_restricted {
+            self.key_buf[0] |= 1;
+            seen = seen || subsumed(self.cache.get(self.key_buf.as_slice()), &self.ubits);
+        }
+        seen
+    }
+
+    /// Add the configuration keyed by `key_buf` with the unknown ops used now, stored
+    /// sparsely as (word index, word) pairs.
+    fn remember(&mut self) {
+        self.sparse_buf.clear();
+        for (i, &w) in self.ubits.iter().enumerate() {
+            if w != 0 {
+                self.sparse_buf.extend([i as u64, w]);
+            }
+        }
+        self.cached += 1;
+        self.cached_bytes += 8 * self.sparse_buf.len() + 24;
+        let entry = self.sparse_buf.clone().into_boxed_slice();
+        match self.cache.get_mut(self.key_buf.as_slice()) {
+            Some(list) => list.push(entry),
+            None => {
+                self.cached_bytes += 8 * self.key_buf.len() + 64;
+                self.cache.insert(self.key_buf.clone().into_boxed_slice(), vec![entry]);
+            }
+        }
+    }
+
+    /// Linearize `op`, leaving the register at `ns`.
+    fn step(&mut self, kc: &mut KeyChecker, op: u32, ns: u32) {
+        let f = self.frames.last_mut().expect("a frame");
+        f.applied = op;
+        kc.lift(op);
+        self.path.push(op);
+        if ns != f.state {
+            self.used_arrivals[ns as usize] += 1;
+            self.departed = Some(f.state);
+        }
+        self.state = ns;
+        if (op as usize) < self.n_ok {
+            self.remaining_ok -= 1;
+            if self.n_ok - self.remaining_ok > self.best_ok {
+                self.best_ok = self.n_ok - self.remaining_ok;
+                self.best_path.clone_from(&self.path);
+            }
+        }
+    }
+
+    /// The top configuration is a dead end: undo the step that led to it.
+    fn backtrack(&mut self, kc: &mut KeyChecker) -> Result<(), KeyVerdict> {
+        let f = self.frames.pop().expect("frame");
+        self.cands.truncate(f.start);
+        let Some(parent) = self.frames.last_mut() else {
+            return Err(KeyVerdict::NotLinearizable(kc.explain(&self.best_path)));
+        };
+        let op = parent.applied;
+        parent.applied = NIL;
+        kc.unlift(op);
+        if f.state != parent.state {
+            self.used_arrivals[f.state as usize] -= 1;
+        }
+        set_bit(&mut self.bits, &mut self.ubits, self.n_ok, op, false);
+        self.path.pop();
+        if (op as usize) < self.n_ok {
+            self.remaining_ok += 1;
+        }
+        Ok(())
+    }
+}
+
 #[inline]
 fn set_bit(bits: &mut [u64], ubits: &mut [u64], n_ok: usize, op: u32, on: bool) {
     let (v, i) = if (op as usize) < n_ok {
