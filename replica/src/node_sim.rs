@@ -66,170 +66,233 @@ fn committed_prefix(n: &Node) -> Vec<(u64, u64)> {
         .collect()
 }
 
-fn run(seed: u64, steps: usize) {
-    let mut rng = Rng(seed | 1);
-    let (tx, _) = broadcast::channel(1 << 16);
-    let mut nodes: Vec<Node> = IDS
-        .iter()
-        .map(|id| Node::new(id.to_string(), Runtime::new(Box::new(Kv::default())), 1_000_000, true))
-        .collect();
-    let mut alive = [true; 3];
-    let mut epoch = 1;
-    let mut primary = 0;
-    let mut voters = vec![0, 1, 2];
-    for n in nodes.iter_mut() {
-        n.reconfigure(config(epoch, primary, &voters)).expect("bootstrap");
-    }
-    let mut net: Vec<Msg> = Vec::new();
-    type Answer = oneshot::Receiver<Result<(u64, Vec<u8>), Status>>;
-    let mut pending: Vec<(String, Answer)> = Vec::new();
-    let mut acked: Vec<String> = Vec::new();
-    let mut writes = 0u64;
+type Answer = oneshot::Receiver<Result<(u64, Vec<u8>), Status>>;
 
+/// The simulated world: three nodes, the master's view, the network, the clients.
+struct Sim {
+    seed: u64,
+    rng: Rng,
+    tx: broadcast::Sender<AppliedEntry>,
+    nodes: Vec<Node>,
+    alive: [bool; 3],
+    epoch: u64,
+    primary: usize,
+    voters: Vec<usize>,
+    net: Vec<Msg>,
+    /// Writes not answered yet, by key.
+    pending: Vec<(String, Answer)>,
+    acked: Vec<String>,
+    writes: u64,
+}
+
+fn run(seed: u64, steps: usize) {
+    let mut sim = Sim::new(seed);
     for step in 0..steps {
-        match rng.below(100) {
-            // A client write at whoever the master says is primary.
-            0..=19 => {
-                writes += 1;
-                let key = format!("k{writes}");
-                let cmd = Command {
-                    client_id: format!("c{writes}"),
-                    sequence: 1,
-                    payload: serde_json::json!({"op": "put", "key": key, "value": "v"})
-                        .to_string()
-                        .into_bytes(),
-                };
-                let (reply, rx) = oneshot::channel();
-                if nodes[primary].propose(cmd, reply).is_ok() {
-                    pending.push((key, rx));
+        match sim.rng.below(100) {
+            0..=19 => sim.client_write(),
+            20..=44 => sim.send(),
+            45..=74 if !sim.net.is_empty() => sim.deliver(),
+            75..=89 => sim.local_fsync(),
+            90..=92 if sim.voters.len() > 1 => sim.fail_voter(),
+            _ => sim.repush_config(),
+        }
+        sim.collect_answers();
+        if step % 10 == 0 {
+            sim.check_agreement();
+        }
+    }
+    sim.heal();
+    sim.check_converged();
+}
+
+impl Sim {
+    fn new(seed: u64) -> Sim {
+        let (tx, _) = broadcast::channel(1 << 16);
+        let mut nodes: Vec<Node> = IDS
+            .iter()
+            .map(|id| Node::new(id.to_string(), Runtime::new(Box::new(Kv::default())), 1_000_000, true))
+            .collect();
+        let voters = vec![0, 1, 2];
+        for n in nodes.iter_mut() {
+            n.reconfigure(config(1, 0, &voters)).expect("bootstrap");
+        }
+        Sim {
+            seed,
+            rng: Rng(seed | 1),
+            tx,
+            nodes,
+            alive: [true; 3],
+            epoch: 1,
+            primary: 0,
+            voters,
+            net: Vec::new(),
+            pending: Vec::new(),
+            acked: Vec::new(),
+            writes: 0,
+        }
+    }
+
+    /// A client write at whoever the master says is primary.
+    fn client_write(&mut self) {
+        self.writes += 1;
+        let key = format!("k{}", self.writes);
+        let cmd = Command {
+            client_id: format!("c{}", self.writes),
+            sequence: 1,
+            payload: serde_json::json!({"op": "put", "key": key, "value": "v"})
+                .to_string()
+                .into_bytes(),
+        };
+        let (reply, rx) = oneshot::channel();
+        if self.nodes[self.primary].propose(cmd, reply).is_ok() {
+            self.pending.push((key, rx));
+        }
+    }
+
+    /// The primary (or a fenced old one) sends to a peer.
+    fn send(&mut self) {
+        let from = self.rng.below(3);
+        let to = self.rng.below(3);
+        if from == to || !self.alive[from] {
+            return;
+        }
+        let round = self.nodes[from].read_round();
+        let heartbeat = self.rng.chance(30);
+        if let Some(msg) = self.nodes[from].next_message(IDS[to], heartbeat) {
+            let round = if let PeerMessage::Append(_, r) = &msg {
+                *r
+            } else {
+                round
+            };
+            self.net.push(Msg::Request {
+                from,
+                to,
+                epoch: self.nodes[from].epoch,
+                round,
+                msg,
+            });
+        }
+    }
+
+    /// Deliver (or drop, or duplicate) a random message.
+    fn deliver(&mut self) {
+        let i = self.rng.below(self.net.len());
+        let m = self.net.swap_remove(i);
+        if self.rng.chance(5) {
+            // Lost: the sender's RPC times out.
+            match m {
+                Msg::Request { from, to, .. } | Msg::Response { to: from, from: to, .. } if self.alive[from] => {
+                    self.nodes[from].on_peer_unreachable(IDS[to]);
                 }
+                _ => {}
             }
-            // The primary (or a fenced old one) sends to a peer.
-            20..=44 => {
-                let from = rng.below(3);
-                let to = rng.below(3);
-                if from != to && alive[from] {
-                    let round = nodes[from].read_round();
-                    if let Some(msg) = nodes[from].next_message(IDS[to], rng.chance(30)) {
-                        let round = if let PeerMessage::Append(_, r) = &msg {
-                            *r
-                        } else {
-                            round
-                        };
-                        net.push(Msg::Request {
-                            from,
-                            to,
-                            epoch: nodes[from].epoch,
-                            round,
-                            msg,
-                        });
-                    }
-                }
+            return;
+        }
+        match m {
+            Msg::Request { from, to, .. } if !self.alive[to] && self.alive[from] => {
+                self.nodes[from].on_peer_unreachable(IDS[to]); // connection refused
             }
-            // Deliver (or drop, or duplicate) a random message.
-            45..=74 if !net.is_empty() => {
-                let i = rng.below(net.len());
-                let m = net.swap_remove(i);
-                if rng.chance(5) {
-                    // Lost: the sender's RPC times out.
-                    match m {
-                        Msg::Request { from, to, .. } | Msg::Response { to: from, from: to, .. } if alive[from] => {
-                            nodes[from].on_peer_unreachable(IDS[to]);
-                        }
-                        _ => {}
-                    }
-                    continue;
-                }
-                match m {
-                    Msg::Request { from, to, .. } if !alive[to] && alive[from] => {
-                        nodes[from].on_peer_unreachable(IDS[to]); // connection refused
-                    }
-                    Msg::Request { to, .. } if !alive[to] => {}
-                    Msg::Request {
-                        from,
-                        to,
-                        epoch,
-                        round,
-                        msg,
-                    } => {
-                        let (resp, _ops) = match msg {
-                            PeerMessage::Append(req, _) => nodes[to].handle_append(req),
-                            PeerMessage::Snapshot(req) => nodes[to].handle_install(req),
-                        };
-                        // Backups acknowledge only what is durable: model the fsync here.
-                        let last = nodes[to].last_index();
-                        nodes[to].on_durable(last);
-                        nodes[to].apply_committed(&tx);
-                        net.push(Msg::Response {
-                            to: from,
-                            from: to,
-                            epoch,
-                            round,
-                            resp,
-                        });
-                    }
-                    Msg::Response {
+            Msg::Request { to, .. } if !self.alive[to] => {}
+            Msg::Request {
+                from,
+                to,
+                epoch,
+                round,
+                msg,
+            } => {
+                let resp = self.handle_at_backup(to, msg);
+                self.net.push(Msg::Response {
+                    to: from,
+                    from: to,
+                    epoch,
+                    round,
+                    resp,
+                });
+            }
+            Msg::Response {
+                to,
+                from,
+                epoch,
+                round,
+                resp,
+            } if self.alive[to] => {
+                self.nodes[to].on_peer_response(IDS[from], epoch, round, &resp);
+                self.nodes[to].apply_committed(&self.tx);
+                if self.rng.chance(5) {
+                    self.net.push(Msg::Response {
                         to,
                         from,
                         epoch,
                         round,
                         resp,
-                    } if alive[to] => {
-                        nodes[to].on_peer_response(IDS[from], epoch, round, &resp);
-                        nodes[to].apply_committed(&tx);
-                        if rng.chance(5) {
-                            net.push(Msg::Response {
-                                to,
-                                from,
-                                epoch,
-                                round,
-                                resp,
-                            }); // duplicate
-                        }
-                    }
-                    _ => {}
+                    }); // duplicate
                 }
             }
-            // Local fsync + apply.
-            75..=89 => {
-                let i = rng.below(3);
-                if alive[i] {
-                    let last = nodes[i].last_index();
-                    nodes[i].on_durable(last);
-                    nodes[i].apply_committed(&tx);
-                }
-            }
-            // The master: fail a voter (at most t = 2 in total), fence with a new epoch.
-            90..=92 if voters.len() > 1 => {
-                let victim = voters[rng.below(voters.len())];
-                alive[victim] = false;
-                voters.retain(|&v| v != victim);
-                epoch += 1;
-                // Any surviving voter holds every acknowledged write.
-                primary = if voters.contains(&primary) {
-                    primary
-                } else {
-                    voters[rng.below(voters.len())]
-                };
-                let c = config(epoch, primary, &voters);
-                for &v in &voters {
-                    if v == primary || rng.chance(50) {
-                        nodes[v].reconfigure(c.clone()).expect("newer epoch");
-                    }
-                }
-            }
-            // The master re-pushes the configuration to a lagging member.
-            _ => {
-                let v = voters[rng.below(voters.len())];
-                if nodes[v].epoch < epoch {
-                    nodes[v]
-                        .reconfigure(config(epoch, primary, &voters))
-                        .expect("newer epoch");
-                }
+            _ => {}
+        }
+    }
+
+    /// Node `to` handles a message from the primary and answers once it is durable.
+    fn handle_at_backup(&mut self, to: usize, msg: PeerMessage) -> AppendResponse {
+        let (resp, _ops) = match msg {
+            PeerMessage::Append(req, _) => self.nodes[to].handle_append(req),
+            PeerMessage::Snapshot(req) => self.nodes[to].handle_install(req),
+        };
+        // Backups acknowledge only what is durable: model the fsync here.
+        self.fsync(to);
+        resp
+    }
+
+    fn fsync(&mut self, i: usize) {
+        let last = self.nodes[i].last_index();
+        self.nodes[i].on_durable(last);
+        self.nodes[i].apply_committed(&self.tx);
+    }
+
+    /// Local fsync + apply at a random live node.
+    fn local_fsync(&mut self) {
+        let i = self.rng.below(3);
+        if self.alive[i] {
+            self.fsync(i);
+        }
+    }
+
+    /// The master: fail a voter (at most t = 2 in total), fence with a new epoch.
+    fn fail_voter(&mut self) {
+        let victim = self.voters[self.rng.below(self.voters.len())];
+        self.alive[victim] = false;
+        self.voters.retain(|&v| v != victim);
+        self.epoch += 1;
+        // Any surviving voter holds every acknowledged write.
+        if !self.voters.contains(&self.primary) {
+            self.primary = self.voters[self.rng.below(self.voters.len())];
+        }
+        let c = config(self.epoch, self.primary, &self.voters);
+        for v in self.voters.clone() {
+            if v == self.primary || self.rng.chance(50) {
+                self.nodes[v].reconfigure(c.clone()).expect("newer epoch");
             }
         }
-        // Answers that came back.
-        pending.retain_mut(|(key, rx)| match rx.try_recv() {
+    }
+
+    /// The master re-pushes the configuration to a lagging member.
+    fn repush_config(&mut self) {
+        let v = self.voters[self.rng.below(self.voters.len())];
+        self.catch_up_config(v);
+    }
+
+    fn catch_up_config(&mut self, v: usize) {
+        if self.nodes[v].epoch < self.epoch {
+            self.nodes[v]
+                .reconfigure(config(self.epoch, self.primary, &self.voters))
+                .expect("newer epoch");
+        }
+    }
+
+    /// Answers that came back.
+    fn collect_answers(&mut self) {
+        let acked = &mut self.acked;
+        self.pending.retain_mut(|(key, rx)| match rx.try_recv() {
             Ok(Ok(_)) => {
                 acked.push(key.clone());
                 false
@@ -238,20 +301,20 @@ fn run(seed: u64, steps: usize) {
             Err(oneshot::error::TryRecvError::Empty) => true,
             Err(oneshot::error::TryRecvError::Closed) => false,
         });
-        // Agreement on committed indexes, pairwise among live replicas.
-        if step % 10 != 0 {
-            continue;
-        }
-        let live: Vec<usize> = (0..3).filter(|&i| alive[i]).collect();
+    }
+
+    /// Agreement on committed indexes, pairwise among live replicas.
+    fn check_agreement(&self) {
+        let live: Vec<usize> = (0..3).filter(|&i| self.alive[i]).collect();
         for &i in &live {
             for &j in &live {
-                let (pi, pj) = (committed_prefix(&nodes[i]), committed_prefix(&nodes[j]));
+                let (pi, pj) = (committed_prefix(&self.nodes[i]), committed_prefix(&self.nodes[j]));
                 for (x, y) in pi.iter().zip(pj.iter()) {
                     if x.0 == y.0 {
                         assert_eq!(
                             x, y,
-                            "seed {seed}: {} and {} disagree on committed index {}",
-                            IDS[i], IDS[j], x.0
+                            "seed {}: {} and {} disagree on committed index {}",
+                            self.seed, IDS[i], IDS[j], x.0
                         );
                     }
                 }
@@ -259,68 +322,68 @@ fn run(seed: u64, steps: usize) {
         }
     }
 
-    // Heal: everyone alive gets the latest configuration, the network delivers in order.
-    for &v in &voters {
-        if nodes[v].epoch < epoch {
-            nodes[v]
-                .reconfigure(config(epoch, primary, &voters))
-                .expect("newer epoch");
+    /// Heal: everyone alive gets the latest configuration, the network delivers in order.
+    fn heal(&mut self) {
+        for v in self.voters.clone() {
+            self.catch_up_config(v);
         }
-    }
-    for _ in 0..50 {
-        for &v in &voters {
-            if v == primary {
-                continue;
-            }
-            while let Some(msg) = nodes[primary].next_message(IDS[v], true) {
-                let (resp, round) = match msg {
-                    PeerMessage::Append(req, round) => (nodes[v].handle_append(req).0, round),
-                    PeerMessage::Snapshot(req) => (nodes[v].handle_install(req).0, 0),
-                };
-                let last = nodes[v].last_index();
-                nodes[v].on_durable(last);
-                nodes[v].apply_committed(&tx);
-                let e = nodes[primary].epoch;
-                nodes[primary].on_peer_response(IDS[v], e, round, &resp);
-                if resp.success && resp.match_index >= nodes[primary].last_index() {
-                    break;
+        for _ in 0..50 {
+            for v in self.voters.clone() {
+                if v != self.primary {
+                    self.bring_up_to_date(v);
                 }
             }
+            self.fsync(self.primary);
         }
-        let last = nodes[primary].last_index();
-        nodes[primary].on_durable(last);
-        nodes[primary].apply_committed(&tx);
+        self.collect_answers();
     }
-    for (key, mut rx) in pending {
-        if let Ok(Ok(_)) = rx.try_recv() {
-            acked.push(key);
+
+    /// The primary sends `v` everything it lacks, in order, with no loss.
+    fn bring_up_to_date(&mut self, v: usize) {
+        let primary = self.primary;
+        while let Some(msg) = self.nodes[primary].next_message(IDS[v], true) {
+            let round = match &msg {
+                PeerMessage::Append(_, round) => *round,
+                PeerMessage::Snapshot(_) => 0,
+            };
+            let resp = self.handle_at_backup(v, msg);
+            let e = self.nodes[primary].epoch;
+            self.nodes[primary].on_peer_response(IDS[v], e, round, &resp);
+            if resp.success && resp.match_index >= self.nodes[primary].last_index() {
+                break;
+            }
         }
     }
-    let p = &nodes[primary];
-    assert_eq!(p.role, Role::Primary, "seed {seed}");
-    for key in &acked {
-        let got = p
-            .runtime
-            .query(serde_json::json!({"op": "get", "key": key}).to_string().as_bytes())
-            .expect("query");
-        assert_eq!(
-            got, br#"{"value":"v"}"#,
-            "seed {seed}: acknowledged write {key} lost (primary {})",
-            IDS[primary]
-        );
-    }
-    for &v in &voters {
-        assert_eq!(
-            nodes[v].applied_index, p.applied_index,
-            "seed {seed}: {} did not converge",
-            IDS[v]
-        );
-        assert_eq!(
-            nodes[v].runtime.snapshot(),
-            p.runtime.snapshot(),
-            "seed {seed}: {} diverged",
-            IDS[v]
-        );
+
+    /// Every acknowledged write is in the surviving primary's state; every survivor agrees.
+    fn check_converged(&self) {
+        let seed = self.seed;
+        let p = &self.nodes[self.primary];
+        assert_eq!(p.role, Role::Primary, "seed {seed}");
+        for key in &self.acked {
+            let got = p
+                .runtime
+                .query(serde_json::json!({"op": "get", "key": key}).to_string().as_bytes())
+                .expect("query");
+            assert_eq!(
+                got, br#"{"value":"v"}"#,
+                "seed {seed}: acknowledged write {key} lost (primary {})",
+                IDS[self.primary]
+            );
+        }
+        for &v in &self.voters {
+            assert_eq!(
+                self.nodes[v].applied_index, p.applied_index,
+                "seed {seed}: {} did not converge",
+                IDS[v]
+            );
+            assert_eq!(
+                self.nodes[v].runtime.snapshot(),
+                p.runtime.snapshot(),
+                "seed {seed}: {} diverged",
+                IDS[v]
+            );
+        }
     }
 }
 
