@@ -370,19 +370,14 @@ fn measure_floor(dir: &Path, when: &str) -> Option<floor::Floor> {
 }
 
 /// One pass of writes (8 clients, 2 s) under each target's key names, so reads find values.
-async fn prefill<B, F>(args: &Args, ls_make: &F, etcd: Option<&str>) -> anyhow::Result<()>
+/// `secs` of writes by 8 clients over the whole key space, on lockstep and then etcd: the
+/// warm-up, and the prefill that gives reads keys that exist.
+async fn write_pass<B, F>(args: &Args, secs: u64, ls_make: &F, etcd: Option<&str>) -> anyhow::Result<()>
 where
     B: KvBackend,
     F: Fn(usize) -> B,
 {
-    let opts = WorkloadOptions {
-        clients: 8,
-        duration: Duration::from_secs(2),
-        value_size: args.value_size,
-        keys: args.keys,
-        mix: Mix::Write,
-        history: None,
-    };
+    let opts = workload_options(args, 8, secs, Mix::Write);
     run_workload("lockstep", opts.clone(), ls_make, Arc::new(AtomicBool::new(false))).await?;
     if let Some(url) = etcd {
         run_workload(
@@ -394,6 +389,17 @@ where
         .await?;
     }
     Ok(())
+}
+
+fn workload_options(args: &Args, clients: usize, secs: u64, mix: Mix) -> WorkloadOptions {
+    WorkloadOptions {
+        clients,
+        duration: Duration::from_secs(secs),
+        value_size: args.value_size,
+        keys: args.keys,
+        mix,
+        history: None,
+    }
 }
 
 async fn measure<B, F>(t: &Target, opts: WorkloadOptions, make: F) -> anyhow::Result<Run>
@@ -522,17 +528,7 @@ fn resolve_manifest(arg: Option<PathBuf>) -> anyhow::Result<PathBuf> {
 async fn run(args: Args) -> anyhow::Result<()> {
     let lockstep_bin = resolve_lockstep_bin(args.lockstep_bin.clone())?;
     let manifest = resolve_manifest(args.manifest.clone())?;
-    let etcd_version = if args.skip_etcd {
-        None
-    } else {
-        if !args.etcd_bin.is_file() {
-            bail!(
-                "no etcd at {} (Debian: `apt-get install -y etcd-server`), or pass --skip-etcd",
-                args.etcd_bin.display()
-            );
-        }
-        Some(etcd::version(&args.etcd_bin)?)
-    };
+    let etcd_version = etcd_version(&args)?;
     let work_dir = args.work_dir.clone().unwrap_or_else(std::env::temp_dir);
     // Declared first, so it is removed last: after every guard below has stopped its process.
     let tmp = tempfile::Builder::new()
@@ -540,17 +536,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .tempdir_in(&work_dir)?;
     let base = tmp.path().to_path_buf();
     let machine = machine(&base, etcd_version.clone());
-    println!("lockstep-bench: data and logs in {}", base.display());
-    println!(
-        "machine: {} x {} | kernel {} | {} | load {}",
-        machine.nproc, machine.cpu_model, machine.kernel, machine.work_dir_fs, machine.loadavg_at_start
-    );
-    if machine.work_dir_fs.starts_with("tmpfs") {
-        eprintln!(
-            "WARNING: {} is on tmpfs: fsync costs nothing there; pass --work-dir on a real disk",
-            base.display()
-        );
-    }
+    print_machine(&base, &machine);
 
     // The floor first, while nothing else of ours runs; again at the end (a busy disk or CPU
     // inflates one measurement, never deflates it: the lower one is the estimate).
@@ -558,75 +544,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     // 1 + 2: both clusters.
     let mut ls = local::LocalCluster::start(&lockstep_bin, &manifest, &base.join("lockstep"), args.insecure)?;
-    let t0 = Instant::now();
-    let healthy = ls.wait_healthy(Duration::from_secs(60)).await?;
-    println!(
-        "lockstep: healthy in {:.1}s: epoch {}, primary {}, members {}",
-        t0.elapsed().as_secs_f64(),
-        healthy.epoch,
-        healthy.primary,
-        healthy.members.join(", ")
-    );
+    let healthy = wait_lockstep(&mut ls).await?;
     let (mut ec, etcd_leader) = match &etcd_version {
-        Some(_) => {
-            let (ec, url) = etcd::EtcdCluster::start_healthy(&args.etcd_bin, &base.join("etcd"), 3).await?;
-            let name = ec.member_by_url(&url).map(|m| m.name.clone()).unwrap_or_default();
-            println!(
-                "etcd: healthy: {} members, leader {name} ({url}) — clients talk to the leader",
-                ec.members.len()
-            );
-            (Some(ec), Some(url))
-        }
+        Some(_) => start_etcd(&args, &base).await.map(|(ec, url)| (Some(ec), Some(url)))?,
         None => (None, None),
     };
-
-    let ls_target = || -> anyhow::Result<Target> {
-        let mut metrics = Vec::new();
-        let mut pids = Vec::new();
-        for (i, id) in healthy.members.iter().enumerate() {
-            let l = ls.listening(id)?;
-            let label = format!("{id} ({})", if i == 0 { "primary" } else { "backup" });
-            metrics.push((label.clone(), l.http));
-            pids.push((label, l.pid));
-        }
-        Ok(Target {
-            name: "lockstep",
-            metrics,
-            pids,
-            names: &LOCKSTEP_METRICS,
-        })
-    };
-    let lockstep_target = ls_target()?;
-    let etcd_target = ec.as_ref().map(|ec| {
-        let leader = etcd_leader.clone().unwrap_or_default();
-        let label = |m: &etcd::EtcdMember| {
-            format!(
-                "etcd {}{}",
-                m.name,
-                if m.client_url == leader { " (leader)" } else { "" }
-            )
-        };
-        Target {
-            name: "etcd",
-            metrics: ec.members.iter().map(|m| (label(m), m.client_addr)).collect(),
-            pids: ec
-                .members
-                .iter()
-                .filter_map(|m| m.proc.pid().map(|p| (label(m), p)))
-                .collect(),
-            names: &ETCD_METRICS,
-        }
-    });
-
-    let opts_mix = |clients: usize, secs: u64, mix: Mix| WorkloadOptions {
-        clients,
-        duration: Duration::from_secs(secs),
-        value_size: args.value_size,
-        keys: args.keys,
-        mix,
-        history: None,
-    };
-    let opts = |clients: usize, secs: u64| opts_mix(clients, secs, Mix::Write);
+    let lockstep_target = lockstep_target(&ls, &healthy)?;
+    let etcd_target = ec
+        .as_ref()
+        .map(|ec| etcd_target(ec, etcd_leader.as_deref().unwrap_or_default()));
     let ls_endpoints = healthy.endpoints.clone();
     let ls_transport = ls.transport()?;
     let ls_make = |_: usize| lockstep::Client::new(ls_endpoints.clone()).with_transport(ls_transport.clone());
@@ -634,106 +560,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // 3: throughput and latency.
     if args.warmup > 0 {
         println!("warm-up: {}s x 8 clients per target", args.warmup);
-        run_workload(
-            "warmup",
-            opts(8, args.warmup),
-            ls_make,
-            Arc::new(AtomicBool::new(false)),
-        )
-        .await?;
-        if let Some(url) = &etcd_leader {
-            run_workload(
-                "warmup",
-                opts(8, args.warmup),
-                |_| etcd::EtcdBackend::new(url).expect("valid etcd url"),
-                Arc::new(AtomicBool::new(false)),
-            )
-            .await?;
-        }
+        write_pass(&args, args.warmup, &ls_make, etcd_leader.as_deref()).await?;
     }
-    let mut runs = Vec::new();
-    for &mix in &args.mix {
-        if mix != Mix::Write {
-            // Reads need keys that exist: one pass of writes over the key space, both targets.
-            prefill(&args, &ls_make, etcd_leader.as_deref()).await?;
-        }
-        for &clients in &args.clients {
-            println!(
-                "--- {clients} clients, {}s each, {} mix, {}-byte values, {} keys",
-                args.duration,
-                mix.name(),
-                args.value_size,
-                args.keys
-            );
-            let r = measure(&lockstep_target, opts_mix(clients, args.duration, mix), ls_make).await?;
-            print_run(&r);
-            runs.push(r);
-            if let (Some(t), Some(url)) = (&etcd_target, &etcd_leader) {
-                let r = measure(t, opts_mix(clients, args.duration, mix), |_| {
-                    etcd::EtcdBackend::new(url).expect("valid etcd url")
-                })
-                .await?;
-                print_run(&r);
-                runs.push(r);
-            }
-        }
-    }
+    let etcd = etcd_target.as_ref().zip(etcd_leader.as_deref());
+    let runs = measure_all(&args, &lockstep_target, &ls_make, etcd).await?;
 
     // 5: memory after the load, then at rest.
-    let mut mem_pids = lockstep_target.pids.clone();
-    if let Some(t) = &etcd_target {
-        mem_pids.extend(t.pids.iter().cloned());
-    }
-    let after_load: Vec<Option<u64>> = mem_pids.iter().map(|(_, p)| rss_bytes(*p)).collect();
-    println!("memory: waiting {}s idle", args.idle);
-    tokio::time::sleep(Duration::from_secs(args.idle)).await;
-    let memory: Vec<Memory> = mem_pids
-        .iter()
-        .zip(after_load)
-        .map(|((label, pid), a)| Memory {
-            process: label.clone(),
-            after_load_bytes: a,
-            at_rest_bytes: rss_bytes(*pid),
-        })
-        .collect();
-    for m in &memory {
-        println!(
-            "  {:<24} RSS after load {:>10}   at rest ({}s idle) {:>10}",
-            m.process,
-            mib(m.after_load_bytes),
-            args.idle,
-            mib(m.at_rest_bytes)
-        );
-    }
+    let memory = measure_memory(&args, &lockstep_target, etcd_target.as_ref()).await;
     // etcd is not needed for the fail-over trials; give its CPU back.
     if let Some(ec) = &mut ec {
         ec.stop();
     }
 
     // 4: fail-over.
-    let mut failovers = Vec::new();
-    for trial in 1..=args.failovers {
-        match failover_trial(&mut ls, trial, &args, &opts).await {
-            Ok(f) => {
-                println!(
-                    "fail-over {trial}: killed {} (epoch {}): next epoch decided after {} ms, first new write acked after {} ms, replacement joined after {} ms; ok={} fail={} unknown={}",
-                    f.killed,
-                    f.epoch_before,
-                    f.reconfigured_ms.map_or("-".into(), |v| format!("{v:.0}")),
-                    f.failover_ms.map_or("-".into(), |v| format!("{v:.0}")),
-                    f.rejoin_ms.map_or("-".into(), |v| format!("{v:.0}")),
-                    f.ok,
-                    f.failed,
-                    f.unknown
-                );
-                failovers.push(f);
-            }
-            Err(e) => {
-                eprintln!("fail-over {trial}: {e:#}");
-                break;
-            }
-        }
-    }
+    let failovers = failover_trials(&mut ls, &args).await;
     let failover_median_ms = median(failovers.iter().filter_map(|f| f.failover_ms).collect());
 
     ls.stop();
@@ -763,6 +603,193 @@ async fn run(args: Args) -> anyhow::Result<()> {
         println!("data and logs kept in {}", kept.display());
     }
     Ok(())
+}
+
+/// etcd's version, `None` with `--skip-etcd`; an error when etcd is wanted but missing.
+fn etcd_version(args: &Args) -> anyhow::Result<Option<String>> {
+    if args.skip_etcd {
+        return Ok(None);
+    }
+    if !args.etcd_bin.is_file() {
+        bail!(
+            "no etcd at {} (Debian: `apt-get install -y etcd-server`), or pass --skip-etcd",
+            args.etcd_bin.display()
+        );
+    }
+    Ok(Some(etcd::version(&args.etcd_bin)?))
+}
+
+fn print_machine(base: &Path, machine: &Machine) {
+    println!("lockstep-bench: data and logs in {}", base.display());
+    println!(
+        "machine: {} x {} | kernel {} | {} | load {}",
+        machine.nproc, machine.cpu_model, machine.kernel, machine.work_dir_fs, machine.loadavg_at_start
+    );
+    if machine.work_dir_fs.starts_with("tmpfs") {
+        eprintln!(
+            "WARNING: {} is on tmpfs: fsync costs nothing there; pass --work-dir on a real disk",
+            base.display()
+        );
+    }
+}
+
+async fn wait_lockstep(ls: &mut local::LocalCluster) -> anyhow::Result<local::Healthy> {
+    let t0 = Instant::now();
+    let healthy = ls.wait_healthy(Duration::from_secs(60)).await?;
+    println!(
+        "lockstep: healthy in {:.1}s: epoch {}, primary {}, members {}",
+        t0.elapsed().as_secs_f64(),
+        healthy.epoch,
+        healthy.primary,
+        healthy.members.join(", ")
+    );
+    Ok(healthy)
+}
+
+/// A 3-member etcd and the URL of its leader, which the clients talk to.
+async fn start_etcd(args: &Args, base: &Path) -> anyhow::Result<(etcd::EtcdCluster, String)> {
+    let (ec, url) = etcd::EtcdCluster::start_healthy(&args.etcd_bin, &base.join("etcd"), 3).await?;
+    let name = ec.member_by_url(&url).map(|m| m.name.clone()).unwrap_or_default();
+    println!(
+        "etcd: healthy: {} members, leader {name} ({url}) — clients talk to the leader",
+        ec.members.len()
+    );
+    Ok((ec, url))
+}
+
+fn lockstep_target(ls: &local::LocalCluster, healthy: &local::Healthy) -> anyhow::Result<Target> {
+    let mut metrics = Vec::new();
+    let mut pids = Vec::new();
+    for (i, id) in healthy.members.iter().enumerate() {
+        let l = ls.listening(id)?;
+        let label = format!("{id} ({})", if i == 0 { "primary" } else { "backup" });
+        metrics.push((label.clone(), l.http));
+        pids.push((label, l.pid));
+    }
+    Ok(Target {
+        name: "lockstep",
+        metrics,
+        pids,
+        names: &LOCKSTEP_METRICS,
+    })
+}
+
+fn etcd_target(ec: &etcd::EtcdCluster, leader: &str) -> Target {
+    let label = |m: &etcd::EtcdMember| {
+        format!(
+            "etcd {}{}",
+            m.name,
+            if m.client_url == leader { " (leader)" } else { "" }
+        )
+    };
+    Target {
+        name: "etcd",
+        metrics: ec.members.iter().map(|m| (label(m), m.client_addr)).collect(),
+        pids: ec
+            .members
+            .iter()
+            .filter_map(|m| m.proc.pid().map(|p| (label(m), p)))
+            .collect(),
+        names: &ETCD_METRICS,
+    }
+}
+
+/// Every mix at every client count, lockstep and then etcd (its target and leader URL).
+async fn measure_all<B, F>(
+    args: &Args,
+    lockstep: &Target,
+    ls_make: &F,
+    etcd: Option<(&Target, &str)>,
+) -> anyhow::Result<Vec<Run>>
+where
+    B: KvBackend,
+    F: Fn(usize) -> B,
+{
+    let mut runs = Vec::new();
+    for &mix in &args.mix {
+        if mix != Mix::Write {
+            // Reads need keys that exist: one pass of writes over the key space, both targets.
+            write_pass(args, 2, ls_make, etcd.map(|(_, url)| url)).await?;
+        }
+        for &clients in &args.clients {
+            println!(
+                "--- {clients} clients, {}s each, {} mix, {}-byte values, {} keys",
+                args.duration,
+                mix.name(),
+                args.value_size,
+                args.keys
+            );
+            let opts = workload_options(args, clients, args.duration, mix);
+            let r = measure(lockstep, opts.clone(), ls_make).await?;
+            print_run(&r);
+            runs.push(r);
+            if let Some((t, url)) = etcd {
+                let r = measure(t, opts, |_| etcd::EtcdBackend::new(url).expect("valid etcd url")).await?;
+                print_run(&r);
+                runs.push(r);
+            }
+        }
+    }
+    Ok(runs)
+}
+
+/// RSS of every process after the load, and again after `--idle` seconds at rest.
+async fn measure_memory(args: &Args, lockstep: &Target, etcd: Option<&Target>) -> Vec<Memory> {
+    let mut mem_pids = lockstep.pids.clone();
+    if let Some(t) = etcd {
+        mem_pids.extend(t.pids.iter().cloned());
+    }
+    let after_load: Vec<Option<u64>> = mem_pids.iter().map(|(_, p)| rss_bytes(*p)).collect();
+    println!("memory: waiting {}s idle", args.idle);
+    tokio::time::sleep(Duration::from_secs(args.idle)).await;
+    let memory: Vec<Memory> = mem_pids
+        .iter()
+        .zip(after_load)
+        .map(|((label, pid), a)| Memory {
+            process: label.clone(),
+            after_load_bytes: a,
+            at_rest_bytes: rss_bytes(*pid),
+        })
+        .collect();
+    for m in &memory {
+        println!(
+            "  {:<24} RSS after load {:>10}   at rest ({}s idle) {:>10}",
+            m.process,
+            mib(m.after_load_bytes),
+            args.idle,
+            mib(m.at_rest_bytes)
+        );
+    }
+    memory
+}
+
+/// `--failovers` trials of killing the primary under load; stops at the first that fails.
+async fn failover_trials(ls: &mut local::LocalCluster, args: &Args) -> Vec<Failover> {
+    let opts = |clients: usize, secs: u64| workload_options(args, clients, secs, Mix::Write);
+    let mut failovers = Vec::new();
+    for trial in 1..=args.failovers {
+        match failover_trial(ls, trial, args, &opts).await {
+            Ok(f) => {
+                println!(
+                    "fail-over {trial}: killed {} (epoch {}): next epoch decided after {} ms, first new write acked after {} ms, replacement joined after {} ms; ok={} fail={} unknown={}",
+                    f.killed,
+                    f.epoch_before,
+                    f.reconfigured_ms.map_or("-".into(), |v| format!("{v:.0}")),
+                    f.failover_ms.map_or("-".into(), |v| format!("{v:.0}")),
+                    f.rejoin_ms.map_or("-".into(), |v| format!("{v:.0}")),
+                    f.ok,
+                    f.failed,
+                    f.unknown
+                );
+                failovers.push(f);
+            }
+            Err(e) => {
+                eprintln!("fail-over {trial}: {e:#}");
+                break;
+            }
+        }
+    }
+    failovers
 }
 
 async fn failover_trial(
