@@ -892,105 +892,14 @@ impl Node {
     /// immediate response (no ops).
     pub fn handle_append(&mut self, req: AppendRequest) -> (AppendResponse, Vec<StorageOp>) {
         let mut ops = Vec::new();
-        let refuse = |epoch: u64, hint: u64, error: String| AppendResponse {
-            epoch,
-            success: false,
-            match_index: 0,
-            hint_index: hint,
-            error,
-        };
-        if req.epoch < self.epoch {
-            return (
-                refuse(self.epoch, 0, format!("stale epoch {} < {}", req.epoch, self.epoch)),
-                ops,
-            );
-        }
-        if req.machine.as_ref() != Some(&self.identity) {
-            let theirs = req
-                .machine
-                .as_ref()
-                .map_or("none".into(), |m| format!("{} {} ({})", m.name, m.version, m.digest));
-            return (
-                refuse(
-                    self.epoch,
-                    0,
-                    format!(
-                        "machine mismatch: primary runs {theirs}, this replica runs {} {} ({})",
-                        self.identity.name, self.identity.version, self.identity.digest
-                    ),
-                ),
-                ops,
-            );
-        }
-        if let Err(error) = self.adopt_from_primary(req.epoch, &req.primary_id, req.config.as_ref(), &mut ops) {
-            return (refuse(self.epoch, 0, error), ops);
-        }
-        let primary = self.config.as_ref().map(|c| c.primary_id.clone()).unwrap_or_default();
-        if req.primary_id != primary
-            || matches!(
-                self.role,
-                Role::Removed | Role::Primary | Role::Unconfigured | Role::Fenced
-            )
-        {
-            return (
-                refuse(
-                    self.epoch,
-                    0,
-                    format!("{} is not the primary of epoch {} here", req.primary_id, self.epoch),
-                ),
-                ops,
-            );
-        }
-        // Log matching.
-        if req.prev_index > self.last_index() {
-            return (refuse(self.epoch, self.last_index() + 1, "missing entries".into()), ops);
-        }
-        if req.prev_index >= self.log_start && self.epoch_at(req.prev_index) != Some(req.prev_epoch) {
-            // Conflicting uncommitted suffix: drop everything after our commit index.
-            let keep = self.commit_index;
-            self.truncate_after(keep);
-            ops.push(StorageOp::Truncate(keep));
-            return (
-                refuse(
-                    self.epoch,
-                    keep + 1,
-                    "log diverged; truncated to the commit index".into(),
-                ),
-                ops,
-            );
-        }
-        let mut appended = Vec::new();
-        for e in req.entries.iter() {
-            if e.index <= self.last_index() {
-                if e.index < self.log_start || self.epoch_at(e.index) == Some(e.epoch) {
-                    continue; // already held (or covered by the snapshot)
-                }
-                if e.index <= self.commit_index {
-                    tracing::error!(index = e.index, "primary sent a conflicting committed entry; refusing");
-                    return (refuse(self.epoch, 0, "conflict below the commit index".into()), ops);
-                }
-                self.truncate_after(e.index - 1);
-                ops.push(StorageOp::Truncate(e.index - 1));
-            }
-            if e.index > crate::storage::MAX_INDEX {
-                return (
-                    refuse(self.epoch, 0, format!("entry index {} is out of range", e.index)),
-                    ops,
-                );
-            }
-            if e.index != self.last_index() + 1 {
-                return (
-                    refuse(self.epoch, self.last_index() + 1, "non-contiguous entries".into()),
-                    ops,
-                );
-            }
-            self.push_entry(e.clone());
-            appended.push(e.clone());
-        }
-        if !appended.is_empty() {
-            ops.push(StorageOp::Append(appended));
-        }
         let matched = req.prev_index + req.entries.len() as u64;
+        let accepted = self
+            .accept_primary(&req, &mut ops)
+            .and_then(|()| self.match_log(req.prev_index, req.prev_epoch))
+            .and_then(|()| self.append_entries(req.entries, &mut ops));
+        if let Err(refusal) = accepted {
+            return (refusal, ops);
+        }
         let new_commit = req.commit_index.min(matched);
         if new_commit > self.commit_index {
             self.commit_index = new_commit;
@@ -1005,6 +914,117 @@ impl Node {
             },
             ops,
         )
+    }
+
+    /// An Append refused at this replica's epoch; `hint` is where the primary should resend
+    /// from (0: no hint).
+    fn refusal(&self, hint: u64, error: String) -> AppendResponse {
+        AppendResponse {
+            epoch: self.epoch,
+            success: false,
+            match_index: 0,
+            hint_index: hint,
+            error,
+        }
+    }
+
+    /// The sender is the primary of this replica's epoch (adopting a newer epoch's
+    /// configuration the request carries) and runs the same machine.
+    fn accept_primary(&mut self, req: &AppendRequest, ops: &mut Vec<StorageOp>) -> Result<(), AppendResponse> {
+        if req.epoch < self.epoch {
+            return Err(self.refusal(0, format!("stale epoch {} < {}", req.epoch, self.epoch)));
+        }
+        if req.machine.as_ref() != Some(&self.identity) {
+            let theirs = req
+                .machine
+                .as_ref()
+                .map_or("none".into(), |m| format!("{} {} ({})", m.name, m.version, m.digest));
+            return Err(self.refusal(
+                0,
+                format!(
+                    "machine mismatch: primary runs {theirs}, this replica runs {} {} ({})",
+                    self.identity.name, self.identity.version, self.identity.digest
+                ),
+            ));
+        }
+        if let Err(error) = self.adopt_from_primary(req.epoch, &req.primary_id, req.config.as_ref(), ops) {
+            return Err(self.refusal(0, error));
+        }
+        let primary = self.config.as_ref().map(|c| c.primary_id.clone()).unwrap_or_default();
+        if req.primary_id != primary
+            || matches!(
+                self.role,
+                Role::Removed | Role::Primary | Role::Unconfigured | Role::Fenced
+            )
+        {
+            return Err(self.refusal(
+                0,
+                format!("{} is not the primary of epoch {} here", req.primary_id, self.epoch),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Log matching: this replica holds the entry before the new ones, from the same epoch.
+    /// When it holds another entry there, the primary is asked to resend from the commit
+    /// index; nothing is dropped here. This replica's commit index can lag what the old
+    /// primary committed, so entries after it may be committed ones the new primary holds
+    /// too: only an entry that differs from one the primary sends is dropped
+    /// (`append_each`), and then with everything after it.
+    fn match_log(&self, prev_index: u64, prev_epoch: u64) -> Result<(), AppendResponse> {
+        if prev_index > self.last_index() {
+            return Err(self.refusal(self.last_index() + 1, "missing entries".into()));
+        }
+        if prev_index >= self.log_start && self.epoch_at(prev_index) != Some(prev_epoch) {
+            return Err(self.refusal(
+                self.commit_index + 1,
+                format!("log diverged at index {prev_index}; resend from the commit index"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Append the entries this replica does not hold yet (truncating an uncommitted
+    /// conflicting suffix first) and queue them for the disk. Refused at a bad entry, the ones
+    /// before it are held and queued all the same: an entry in the log is always on its way to
+    /// the disk, or a later Append would find it held and acknowledge it undurable.
+    fn append_entries(&mut self, entries: Vec<LogEntry>, ops: &mut Vec<StorageOp>) -> Result<(), AppendResponse> {
+        let mut appended = Vec::new();
+        let result = self.append_each(entries, ops, &mut appended);
+        if !appended.is_empty() {
+            ops.push(StorageOp::Append(appended));
+        }
+        result
+    }
+
+    fn append_each(
+        &mut self,
+        entries: Vec<LogEntry>,
+        ops: &mut Vec<StorageOp>,
+        appended: &mut Vec<LogEntry>,
+    ) -> Result<(), AppendResponse> {
+        for e in entries {
+            if e.index <= self.last_index() {
+                if e.index < self.log_start || self.epoch_at(e.index) == Some(e.epoch) {
+                    continue; // already held (or covered by the snapshot)
+                }
+                if e.index <= self.commit_index {
+                    tracing::error!(index = e.index, "primary sent a conflicting committed entry; refusing");
+                    return Err(self.refusal(0, "conflict below the commit index".into()));
+                }
+                self.truncate_after(e.index - 1);
+                ops.push(StorageOp::Truncate(e.index - 1));
+            }
+            if e.index > crate::storage::MAX_INDEX {
+                return Err(self.refusal(0, format!("entry index {} is out of range", e.index)));
+            }
+            if e.index != self.last_index() + 1 {
+                return Err(self.refusal(self.last_index() + 1, "non-contiguous entries".into()));
+            }
+            self.push_entry(e.clone());
+            appended.push(e);
+        }
+        Ok(())
     }
 
     /// A message from the primary of a newer epoch carries that epoch's configuration:

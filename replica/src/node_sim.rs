@@ -394,3 +394,12 @@ proptest! {
         run(seed, 1000);
     }
 }
+
+/// Found by the proptest above: b, primary after a's failure, sends c an Append whose
+/// `prev_index` c holds from the old epoch before the Append that replaces it; c used to drop
+/// everything after its own commit index (0), writes a had committed included, and became
+/// the only voter when b failed too.
+#[test]
+fn a_reordered_append_after_two_fail_overs_loses_no_acknowledged_write() {
+    run(6778388606590219218, 1000);
+}

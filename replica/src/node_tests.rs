@@ -83,6 +83,30 @@ fn a_write_commits_only_when_every_voter_holds_it() {
 }
 
 #[test]
+fn entries_held_before_a_refused_one_are_queued_for_the_disk() {
+    let (mut a, mut b, _tx) = pair();
+    for seq in 1..=3 {
+        let (reply, _rx) = oneshot::channel();
+        a.propose(put("c", seq, "k", "v"), reply).unwrap();
+    }
+    let full = append_for(&mut a, "b");
+    let mut req = full.clone();
+    req.entries.remove(1); // 1, 3: not contiguous
+    let (resp, ops) = b.handle_append(req);
+    assert!(!resp.success);
+    assert_eq!(resp.hint_index, 2, "resend from the gap");
+    assert_eq!(b.last_index(), 1, "entry 1 is held");
+    assert!(
+        matches!(ops.as_slice(), [StorageOp::Append(e)] if e.len() == 1 && e[0].index == 1),
+        "entry 1 is queued for the disk too"
+    );
+    // The resend finds entry 1 held and acknowledges all three, queueing the other two.
+    let (resp, ops) = b.handle_append(full);
+    assert!(resp.success && resp.match_index == 3);
+    assert!(matches!(ops.as_slice(), [StorageOp::Append(e)] if e.len() == 2 && e[0].index == 2));
+}
+
+#[test]
 fn durability_of_the_primary_counts_too() {
     let (mut a, mut b, tx) = pair();
     let (reply, _rx) = oneshot::channel();
@@ -216,6 +240,69 @@ fn a_diverged_suffix_is_truncated_back_to_the_commit_index() {
     assert!(resp.success, "{}", resp.error);
     assert_eq!(b.last_index(), 2);
     assert_eq!(b.epoch_at(2), Some(2), "the old uncommitted entry was replaced");
+}
+
+#[test]
+fn a_mismatched_append_drops_nothing_the_old_primary_may_have_committed() {
+    let (tx, _) = broadcast::channel(1024);
+    let three = config(1, "a", &["a", "b", "c"], &[]);
+    let (mut a, mut b, mut c) = (node("a"), node("b"), node("c"));
+    for n in [&mut a, &mut b, &mut c] {
+        n.reconfigure(three.clone()).unwrap();
+    }
+    // a commits 1 and 2 (every voter holds them; b and c never hear the commit index).
+    for seq in 1..=2 {
+        let (reply, _rx) = oneshot::channel();
+        a.propose(put("c", seq, "k", "v"), reply).unwrap();
+    }
+    a.on_durable(2);
+    for (id, peer) in [("b", &mut b), ("c", &mut c)] {
+        let (resp, _) = peer.handle_append(append_for(&mut a, id));
+        a.on_peer_response(id, 1, 0, &resp);
+    }
+    a.apply_committed(&tx);
+    assert_eq!(a.commit_index, 2);
+    // a's entries 3 and 4 reach c only, then a fails.
+    for seq in 3..=4 {
+        let (reply, _rx) = oneshot::channel();
+        a.propose(put("c", seq, "k", "v"), reply).unwrap();
+    }
+    let mut late = append_for(&mut a, "c");
+    late.commit_index = 0; // as if sent before a counted the acknowledgements
+    assert!(c.handle_append(late).0.success);
+    assert_eq!((c.last_index(), c.commit_index), (4, 0));
+
+    // b becomes primary and writes 3..=6; its second Append (prev 4 from epoch 2) reaches c
+    // before its first.
+    let two = config(2, "b", &["b", "c"], &[]);
+    b.reconfigure(two.clone()).unwrap();
+    c.reconfigure(two).unwrap();
+    for seq in 1..=2 {
+        let (reply, _rx) = oneshot::channel();
+        b.propose(put("d", seq, "k", "w"), reply).unwrap();
+    }
+    let first = append_for(&mut b, "c");
+    for seq in 3..=4 {
+        let (reply, _rx) = oneshot::channel();
+        b.propose(put("d", seq, "k", "w"), reply).unwrap();
+    }
+    let second = append_for(&mut b, "c");
+    assert_eq!(second.prev_index, 4);
+    let (resp, ops) = c.handle_append(second);
+    assert!(!resp.success);
+    assert!(ops.is_empty(), "nothing truncated");
+    assert_eq!(c.last_index(), 4);
+    // b fails before resending: c, the last voter, still holds what a committed.
+    for i in 1..=2 {
+        assert_eq!(c.epoch_at(i), Some(1), "committed entry {i} kept");
+    }
+    // The earlier Append replaces only the entries a never committed.
+    let (resp, _) = c.handle_append(first);
+    assert!(resp.success, "{}", resp.error);
+    assert_eq!(
+        (1..=4).map(|i| c.epoch_at(i)).collect::<Vec<_>>(),
+        [Some(1), Some(1), Some(2), Some(2)]
+    );
 }
 
 #[test]
