@@ -1060,67 +1060,28 @@ impl Node {
     pub fn handle_install(&mut self, req: InstallSnapshotRequest) -> (AppendResponse, Vec<StorageOp>) {
         let mut ops = Vec::new();
         if req.epoch < self.epoch {
-            return (
-                AppendResponse {
-                    epoch: self.epoch,
-                    error: format!("stale epoch {}", req.epoch),
-                    ..Default::default()
-                },
-                ops,
-            );
+            return (self.refusal(0, format!("stale epoch {}", req.epoch)), ops);
         }
         let Some(snap) = req.snapshot else {
-            return (
-                AppendResponse {
-                    epoch: self.epoch,
-                    error: "no snapshot".into(),
-                    ..Default::default()
-                },
-                ops,
-            );
+            return (self.refusal(0, "no snapshot".into()), ops);
         };
         if let Err(error) = self.adopt_from_primary(req.epoch, &req.primary_id, req.config.as_ref(), &mut ops) {
-            return (
-                AppendResponse {
-                    epoch: self.epoch,
-                    error,
-                    ..Default::default()
-                },
-                ops,
-            );
+            return (self.refusal(0, error), ops);
         }
         if matches!(
             self.role,
             Role::Removed | Role::Primary | Role::Unconfigured | Role::Fenced
         ) {
-            return (
-                AppendResponse {
-                    epoch: self.epoch,
-                    error: "not a follower".into(),
-                    ..Default::default()
-                },
-                ops,
-            );
+            return (self.refusal(0, "not a follower".into()), ops);
         }
         if snap.index > crate::storage::MAX_INDEX {
             return (
-                AppendResponse {
-                    epoch: self.epoch,
-                    error: format!("snapshot index {} is out of range", snap.index),
-                    ..Default::default()
-                },
+                self.refusal(0, format!("snapshot index {} is out of range", snap.index)),
                 ops,
             );
         }
         if digest(&snap.data) != snap.digest {
-            return (
-                AppendResponse {
-                    epoch: self.epoch,
-                    error: "snapshot digest mismatch".into(),
-                    ..Default::default()
-                },
-                ops,
-            );
+            return (self.refusal(0, "snapshot digest mismatch".into()), ops);
         }
         if snap.index <= self.applied_index {
             let m = self.last_index().max(snap.index);
@@ -1135,14 +1096,7 @@ impl Node {
             );
         }
         if let Err(e) = self.runtime.restore(&snap.data) {
-            return (
-                AppendResponse {
-                    epoch: self.epoch,
-                    error: format!("cannot restore: {e}"),
-                    ..Default::default()
-                },
-                ops,
-            );
+            return (self.refusal(0, format!("cannot restore: {e}")), ops);
         }
         self.log.clear();
         self.log_start = snap.index + 1;

@@ -53,6 +53,17 @@ fn pair() -> (Node, Node, broadcast::Sender<AppliedEntry>) {
     (a, b, tx)
 }
 
+/// Primary `a`, backups `b` and `c` (t = 2), epoch 1.
+fn trio() -> (Node, Node, Node, broadcast::Sender<AppliedEntry>) {
+    let (tx, _) = broadcast::channel(1024);
+    let epoch1 = config(1, "a", &["a", "b", "c"], &[]);
+    let (mut a, mut b, mut c) = (node("a"), node("b"), node("c"));
+    for n in [&mut a, &mut b, &mut c] {
+        n.reconfigure(epoch1.clone()).unwrap();
+    }
+    (a, b, c, tx)
+}
+
 #[test]
 fn a_write_commits_only_when_every_voter_holds_it() {
     let (mut a, mut b, tx) = pair();
@@ -244,12 +255,7 @@ fn a_diverged_suffix_is_truncated_back_to_the_commit_index() {
 
 #[test]
 fn a_mismatched_append_drops_nothing_the_old_primary_may_have_committed() {
-    let (tx, _) = broadcast::channel(1024);
-    let three = config(1, "a", &["a", "b", "c"], &[]);
-    let (mut a, mut b, mut c) = (node("a"), node("b"), node("c"));
-    for n in [&mut a, &mut b, &mut c] {
-        n.reconfigure(three.clone()).unwrap();
-    }
+    let (mut a, mut b, mut c, tx) = trio();
     // a commits 1 and 2 (every voter holds them; b and c never hear the commit index).
     for seq in 1..=2 {
         let (reply, _rx) = oneshot::channel();
@@ -391,12 +397,7 @@ fn get_k(n: &mut Node) -> oneshot::Receiver<Result<ReadResponse, Status>> {
 #[test]
 fn a_new_primary_reads_only_after_applying_what_it_inherited() {
     // t = 2: a primary, b and c backups; k = v is acknowledged, b and c never hear the commit.
-    let (tx, _) = broadcast::channel(1024);
-    let epoch1 = config(1, "a", &["a", "b", "c"], &[]);
-    let (mut a, mut b, mut c) = (node("a"), node("b"), node("c"));
-    for n in [&mut a, &mut b, &mut c] {
-        n.reconfigure(epoch1.clone()).unwrap();
-    }
+    let (mut a, mut b, mut c, tx) = trio();
     let (reply, mut acked) = oneshot::channel();
     a.propose(put("c", 1, "k", "v"), reply).unwrap();
     a.on_durable(1);

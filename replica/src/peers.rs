@@ -116,17 +116,13 @@ impl Outboxes {
 /// for the peer tasks to wake. A send that fails is counted as lost; the peer's task sees the
 /// broken stream and reconnects.
 pub fn send_new_entries(shared: &Shared, node: &mut Node) {
-    let outboxes: Vec<(String, Arc<Outbox>)> = shared
-        .outboxes
-        .map()
-        .iter()
-        .filter(|(_, o)| o.epoch == node.epoch)
-        .map(|(peer, o)| (peer.clone(), o.clone()))
-        .collect();
-    for (peer, outbox) in outboxes {
-        while let Some(msg) = next_message(node, &peer, false) {
+    // Lock order: node, then the outbox map, then an outbox.
+    let epoch = node.epoch;
+    let outboxes = shared.outboxes.map();
+    for (peer, outbox) in outboxes.iter().filter(|(_, o)| o.epoch == epoch) {
+        while let Some(msg) = next_message(node, peer, false) {
             if outbox.send(msg).is_err() {
-                node.on_peer_unreachable(&peer);
+                node.on_peer_unreachable(peer);
                 break;
             }
         }

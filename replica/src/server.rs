@@ -47,7 +47,9 @@ impl Services {
                     node.stages.ordered(index, received, Instant::now());
                 }
                 self.enqueue(entries);
-                crate::peers::send_new_entries(&self.shared, &mut node);
+                if ordered.is_some() {
+                    crate::peers::send_new_entries(&self.shared, &mut node);
+                }
                 ordered
             })
         };
