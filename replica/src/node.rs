@@ -687,7 +687,11 @@ impl Node {
             }));
         }
         let has_new = p.next_index <= last;
-        let news = p.sent_commit < commit || p.sent_round < round;
+        // One read round in flight at a time: its answer confirms every read that arrived
+        // before it left, and the next round then serves all reads that came meanwhile.
+        // (A round also rides along with any message sent for entries or the commit index.)
+        let round_in_flight = p.sent_round > p.acked_round;
+        let news = p.sent_commit < commit || (p.sent_round < round && !round_in_flight);
         if !(has_new || news || (heartbeat_due && p.in_flight == 0)) {
             return None;
         }

@@ -186,6 +186,44 @@ fn a_read_waits_for_every_voter_to_confirm_the_epoch() {
 }
 
 #[test]
+fn one_read_round_in_flight_serves_every_read_that_came_meanwhile() {
+    let (mut a, mut b, tx) = pair();
+    let get = || br#"{"op":"get","key":"k"}"#.to_vec();
+    let (first, mut first_rx) = oneshot::channel();
+    a.read(get(), first);
+    let Some(PeerMessage::Append(req, round)) = a.next_message("b", false) else {
+        panic!("the first read starts a round")
+    };
+    // Three more reads while that round is out: no message for each of them.
+    let mut later: Vec<_> = (0..3)
+        .map(|_| {
+            let (reply, rx) = oneshot::channel();
+            a.read(get(), reply);
+            rx
+        })
+        .collect();
+    assert!(a.next_message("b", false).is_none(), "one round in flight at a time");
+    let (resp, _) = b.handle_append(req);
+    a.on_peer_response("b", 1, round, &resp);
+    a.apply_committed(&tx);
+    first_rx.try_recv().expect("answered").expect("ok");
+    assert!(
+        later.iter_mut().all(|rx| rx.try_recv().is_err()),
+        "they arrived after it left"
+    );
+    // The next round, sent once the first is answered, serves all three.
+    let Some(PeerMessage::Append(req, next)) = a.next_message("b", false) else {
+        panic!("the waiting reads need the next round")
+    };
+    assert_eq!(next, round + 3);
+    let (resp, _) = b.handle_append(req);
+    a.on_peer_response("b", 1, next, &resp);
+    for mut rx in later {
+        rx.try_recv().expect("answered").expect("ok");
+    }
+}
+
+#[test]
 fn a_backup_refuses_lower_epochs_other_primaries_and_other_machines() {
     let (mut a, mut b, _tx) = pair();
     let mut req = append_for(&mut a, "b");
