@@ -379,6 +379,13 @@ impl Executor<'_> {
         let Some(obs) = self.world.replicas.iter().find(|o| o.pod.name_any() == id) else {
             return Ok(());
         };
+        if crate::byzantine::is_byzantine(self.rsm) && !crate::byzantine::seal_recorded(self.ctx, self.rsm) {
+            // A restarted member reports no era and so no barrier: the next era could only
+            // resume from the master's record of it, which a new operator leader reads back.
+            tracing::info!(object = %key(self.rsm), replica = id,
+                "restart waits until the master has recorded the sealing barrier");
+            return Ok(());
+        }
         let spec_image = obs
             .pod
             .spec

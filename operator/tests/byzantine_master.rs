@@ -131,6 +131,7 @@ fn setup(api: &Arc<Mutex<FakeApi>>, master_key: &SigningKey) -> master::Setup {
         identities_secret: Some("clients".into()),
         master: byz,
         machine,
+        sealed: objects::sealed_in(&secret),
     }
 }
 
@@ -153,6 +154,37 @@ async fn connect(endpoint: &str, master: &SigningKey, key_file: &Path) -> ByzCli
     }
 }
 
+/// The operator leader changes: the old master task is stopped, a new one starts from the
+/// Secrets alone.
+async fn new_leader(
+    masters: &master::Masters,
+    api: &Arc<Mutex<FakeApi>>,
+    master_key: &SigningKey,
+    config: &Config,
+) -> Arc<master::Runner> {
+    masters.stop_all();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    masters
+        .ensure("apps/kv-byz", || {
+            master::start(setup(api, master_key), Some(config.clone()))
+        })
+        .expect("runner")
+}
+
+/// Waits up to a minute for the replica at `endpoint` to report `era` (failing with what the
+/// master last reported).
+async fn wait_for_era(endpoint: &str, era: u64, runner: &master::Runner) {
+    let start = Instant::now();
+    while era_of(endpoint).await < era {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "era {era} never reached {endpoint}: {:?}",
+            runner.seen().error
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 async fn era_of(endpoint: &str) -> u64 {
     lockstep::status_of(&lockstep::Transport::plaintext(), endpoint, Duration::from_secs(1))
         .await
@@ -166,32 +198,7 @@ async fn operator_master_serves_fails_over_and_replaces_a_member() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir: PathBuf = tmp.path().to_path_buf();
     let api = Arc::new(Mutex::new(FakeApi::default()));
-    let master_key = keys::random_signing_key();
-    put_secret(
-        &api,
-        "kv-byz-byz-master",
-        json!({"master.key": b64(keys::encode_key(&master_key.to_bytes()))}),
-    );
-    let alice = keys::random_signing_key();
-    let alice_file = dir.join("alice.key");
-    keys::write_private(&alice_file, keys::encode_key(&alice.to_bytes()).as_bytes()).expect("alice key");
-    let identities = dir.join("identities");
-    std::fs::create_dir_all(&identities).expect("identities dir");
-    let alice_pub = hex::encode(alice.verifying_key().to_bytes());
-    std::fs::write(identities.join("alice"), &alice_pub).expect("alice pub");
-    put_secret(&api, "clients", json!({"alice": b64(alice_pub)}));
-
-    let mut eps = Vec::new();
-    for i in 0..4 {
-        let id = format!("kv-byz-{i}");
-        let key = keys::random_signing_key();
-        put_secret(
-            &api,
-            &format!("{id}-byz-key"),
-            json!({"replica.key": b64(keys::encode_key(&key.to_bytes()))}),
-        );
-        eps.push(replica(&dir, &id, &key, &master_key, &identities).await);
-    }
+    let (master_key, alice_file, eps) = replicas_and_secrets(&dir, &api, 4).await;
     let first = config(
         1,
         &[("kv-byz-0", &eps[0]), ("kv-byz-1", &eps[1]), ("kv-byz-2", &eps[2])],
@@ -214,13 +221,7 @@ async fn operator_master_serves_fails_over_and_replaces_a_member() {
     );
 
     // Fail-over: the old master is gone; a new one knows only the Secret.
-    masters.stop_all();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let runner = masters
-        .ensure("apps/kv-byz", || {
-            master::start(setup(&api, &master_key), Some(first.clone()))
-        })
-        .expect("runner");
+    let runner = new_leader(&masters, &api, &master_key, &first).await;
     assert_eq!(c.put("k2", "v2").await.expect("voted put after fail-over"), None);
 
     // kv-byz-2 replaced by kv-byz-3: a barrier, a new era, state transfer.
@@ -229,15 +230,7 @@ async fn operator_master_serves_fails_over_and_replaces_a_member() {
         &[("kv-byz-0", &eps[0]), ("kv-byz-1", &eps[1]), ("kv-byz-3", &eps[3])],
     );
     runner.want(Some(second));
-    let start = Instant::now();
-    while era_of(&eps[3]).await < 2 {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "era 2 never reached kv-byz-3: {:?}",
-            runner.seen().error
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for_era(&eps[3], 2, &runner).await;
     c.close().await;
     let mut c = connect(&eps[3], &master_key, &alice_file).await;
     assert_eq!(c.info().era, 2);
@@ -250,6 +243,97 @@ async fn operator_master_serves_fails_over_and_replaces_a_member() {
         assert!(start.elapsed() < Duration::from_secs(20), "{:?}", c.last_vote);
         assert_eq!(c.get("k").await.expect("voted get").as_deref(), Some("v"));
     }
+    c.close().await;
+    masters.stop_all();
+}
+
+/// The master Secret with a fresh key, client alice (her key file and the identities
+/// Secret), and `n` replicas kv-byz-0.. with their key Secrets; returns the master key,
+/// alice's key file and the replicas' endpoints.
+async fn replicas_and_secrets(dir: &Path, api: &Arc<Mutex<FakeApi>>, n: usize) -> (SigningKey, PathBuf, Vec<String>) {
+    let master_key = keys::random_signing_key();
+    put_secret(
+        api,
+        "kv-byz-byz-master",
+        json!({"master.key": b64(keys::encode_key(&master_key.to_bytes()))}),
+    );
+    let alice = keys::random_signing_key();
+    let alice_file = dir.join("alice.key");
+    keys::write_private(&alice_file, keys::encode_key(&alice.to_bytes()).as_bytes()).expect("alice key");
+    let identities = dir.join("identities");
+    std::fs::create_dir_all(&identities).expect("identities dir");
+    let alice_pub = hex::encode(alice.verifying_key().to_bytes());
+    std::fs::write(identities.join("alice"), &alice_pub).expect("alice pub");
+    put_secret(api, "clients", json!({"alice": b64(alice_pub)}));
+    let mut eps = Vec::new();
+    for i in 0..n {
+        let id = format!("kv-byz-{i}");
+        let key = keys::random_signing_key();
+        put_secret(
+            api,
+            &format!("{id}-byz-key"),
+            json!({"replica.key": b64(keys::encode_key(&key.to_bytes()))}),
+        );
+        eps.push(replica(dir, &id, &key, &master_key, &identities).await);
+    }
+    (master_key, alice_file, eps)
+}
+
+fn master_secret(api: &Mutex<FakeApi>) -> k8s_openapi::api::core::v1::Secret {
+    serde_json::from_value(lock(api).objects[&format!("{SECRETS}/kv-byz-byz-master")].clone()).expect("Secret")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_new_operator_leader_resumes_a_rollout_from_the_sealing_barrier_in_the_secret() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir: PathBuf = tmp.path().to_path_buf();
+    let api = Arc::new(Mutex::new(FakeApi::default()));
+    let (master_key, alice_file, eps) = replicas_and_secrets(&dir, &api, 3).await;
+    let members: Vec<(&str, &str)> = (0..3)
+        .map(|i| (["kv-byz-0", "kv-byz-1", "kv-byz-2"][i], eps[i].as_str()))
+        .collect();
+    let first = config(1, &members);
+    let masters = master::Masters::default();
+    let runner = masters
+        .ensure("apps/kv-byz", || {
+            master::start(setup(&api, &master_key), Some(first.clone()))
+        })
+        .expect("runner");
+    let mut c = connect(&eps[0], &master_key, &alice_file).await;
+    assert_eq!(c.put("k", "v").await.expect("voted put"), None);
+    c.close().await;
+
+    // A rollout's seal: the barrier t + 1 members reach goes to the master Secret.
+    runner.seal();
+    let start = Instant::now();
+    while runner.seen().seal_recorded != Some(1) {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no sealing barrier recorded: {:?}",
+            runner.seen().error
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let barrier = objects::sealed_in(&master_secret(&api)).expect("the barrier is in the master Secret");
+    assert_eq!(barrier.era, 1);
+    assert!(barrier.index > 0 && !barrier.digest.is_empty(), "{barrier:?}");
+
+    // The operator leader changes: the new master knows the barrier from the Secret alone.
+    let runner = new_leader(&masters, &api, &master_key, &first).await;
+    assert_eq!(
+        runner.seen().seal_recorded,
+        Some(1),
+        "read back from the Secret at start"
+    );
+    // ...and resumes the sealed state in the next era (here under the same machine: a
+    // rollback before any restart takes the same path).
+    runner.resume_under("kv", "1.0.0");
+    runner.want(Some(config(2, &members)));
+    wait_for_era(&eps[0], 2, &runner).await;
+    let mut c = connect(&eps[1], &master_key, &alice_file).await;
+    assert_eq!(c.info().era, 2);
+    assert_eq!(c.get("k").await.expect("voted get in era 2").as_deref(), Some("v"));
+    assert_eq!(c.put("k2", "v2").await.expect("voted put in the resumed era"), None);
     c.close().await;
     masters.stop_all();
 }

@@ -18,9 +18,10 @@
 //!    master Secret (before anyone sees it), and pushes it.
 //!
 //! Sequence numbers and timestamps of the master stream are not stored: they are recovered
-//! from the replicas, which must agree on them anyway. Only the key and the signed era (with
-//! its master session) are, because replicas cannot give those back trustworthily: a
-//! replica could not prove which session is the newest, and the key must never leave the
+//! from the replicas, which must agree on them anyway. Only the key, the signed era (with
+//! its master session) and a rollout's sealing barrier are, because replicas cannot give
+//! those back trustworthily: a replica could not prove which session is the newest, members
+//! restarted for a rollout report no era and so no barrier, and the key must never leave the
 //! operator.
 
 use std::collections::{BTreeMap, HashMap};
@@ -37,7 +38,7 @@ use lockstep_proto::{MachineIdentity, StatusResponse};
 use lockstep_replica::byz::keys;
 use tokio::sync::watch;
 
-use super::objects;
+use super::objects::{self, SealedBarrier};
 
 const POLL: Duration = Duration::from_millis(100);
 const STATUS_TIMEOUT: Duration = Duration::from_secs(1);
@@ -57,6 +58,9 @@ pub struct Seen {
     /// The era lost its members: t + 1 replicas restarted and report no era
     /// (`up_byz::EraStanding::Restarted`). The reconcile then records a recovery era.
     pub restarted: bool,
+    /// The era whose sealing barrier is recorded in the master Secret: a rollout restarts
+    /// replicas only after that (restarted members no longer report the barrier).
+    pub seal_recorded: Option<u64>,
 }
 
 /// What the reconcile asked of the master for a lockstep rollout (docs/byzantine.md, "On
@@ -157,6 +161,8 @@ pub struct Setup {
     pub master: ByzMaster,
     /// The machine to name in an era when t + 1 replicas do not agree on one yet.
     pub machine: MachineIdentity,
+    /// The sealing barrier recorded in the master Secret (`objects::sealed_in`), if any.
+    pub sealed: Option<SealedBarrier>,
 }
 
 /// Starts a master task.
@@ -166,12 +172,17 @@ pub fn start(setup: Setup, config: Option<Config>) -> Runner {
     let seen = Arc::new(Mutex::new(Seen::default()));
     let master_public_key = setup.master.public_key_hex();
     let ticker = TickerGuard(setup.master.spawn_ticker());
+    let sealed = setup.sealed.clone();
+    if let (Some(b), Ok(mut s)) = (&sealed, seen.lock()) {
+        s.seal_recorded = Some(b.era);
+    }
     let task = Task {
         setup,
         target: rx,
         wish: wish.clone(),
-        sealed_era: None,
-        sealed_state: None,
+        sealed_era: sealed.as_ref().map(|b| b.era),
+        sealed_state: sealed.clone(),
+        recorded_seal: sealed,
         seen: seen.clone(),
         last_push: BTreeMap::new(),
         identities: None,
@@ -193,10 +204,12 @@ struct Task {
     /// The era in which this task ordered a sealing barrier (one per era is enough: execution
     /// stops at it until the next era).
     sealed_era: Option<u64>,
-    /// (era, index, digest) of the sealing barrier t + 1 members reached: a resumed era starts
-    /// there. Kept here because members restarted on the new image report no era (they wait
-    /// for the next one) and so no barrier digest.
-    sealed_state: Option<(u64, u64, Vec<u8>)>,
+    /// The sealing barrier t + 1 members reached: a resumed era starts there. Kept here and
+    /// recorded in the master Secret because members restarted on the new image report no era
+    /// (they wait for the next one) and so no barrier digest.
+    sealed_state: Option<SealedBarrier>,
+    /// What the master Secret holds of `sealed_state`.
+    recorded_seal: Option<SealedBarrier>,
     seen: Arc<Mutex<Seen>>,
     last_push: BTreeMap<String, Instant>,
     /// Client identities as last read, and when (an unknown client retrying its open must not
@@ -395,8 +408,13 @@ impl Task {
             return;
         };
         if let Some((index, digest)) = sealed_barrier(&era, statuses, self.setup.master.t) {
-            self.sealed_state = Some((era.number, index, digest));
+            self.sealed_state = Some(SealedBarrier {
+                era: era.number,
+                index,
+                digest,
+            });
         }
+        self.record_seal().await;
         if !wanted || self.sealed_era == Some(era.number) || !self.setup.master.streaming() {
             return;
         }
@@ -412,7 +430,12 @@ impl Task {
         match self.setup.master.barrier(true, BARRIER_TIMEOUT).await {
             Ok((index, digest)) => {
                 tracing::info!(object = %self.setup.name, era = era.number, index, "sealing barrier reached");
-                self.sealed_state = Some((era.number, index, digest));
+                self.sealed_state = Some(SealedBarrier {
+                    era: era.number,
+                    index,
+                    digest,
+                });
+                self.record_seal().await;
             }
             Err(e) => {
                 // Ordered; the rollout waits for the members to report it (or for the era).
@@ -422,6 +445,33 @@ impl Task {
         }
         if let Ok(mut w) = self.wish.lock() {
             w.seal = false;
+        }
+    }
+
+    /// Writes a newly reached sealing barrier to the master Secret (retried on the next
+    /// iteration when the write fails), so a new operator leader can resume from it.
+    async fn record_seal(&mut self) {
+        let Some(barrier) = self
+            .sealed_state
+            .clone()
+            .filter(|b| self.recorded_seal.as_ref() != Some(b))
+        else {
+            return;
+        };
+        let api: Api<Secret> = Api::namespaced(self.setup.client.clone(), &self.setup.namespace);
+        let secret = objects::master_secret_name(&self.setup.name);
+        let patch = Patch::Merge(objects::sealed_patch(&barrier));
+        match api.patch(&secret, &PatchParams::default(), &patch).await {
+            Ok(_) => {
+                tracing::info!(object = %self.setup.name, era = barrier.era, index = barrier.index,
+                    "sealing barrier recorded in the master Secret");
+                if let Ok(mut s) = self.seen.lock() {
+                    s.seal_recorded = Some(barrier.era);
+                }
+                self.recorded_seal = Some(barrier);
+            }
+            Err(e) => tracing::warn!(object = %self.setup.name, secret = %secret, error = %e,
+                "recording the sealing barrier failed; will retry"),
         }
     }
 
@@ -458,9 +508,14 @@ impl Task {
         statuses: &BTreeMap<String, StatusResponse>,
     ) -> Result<(u64, Vec<u8>), EraError> {
         let era = self.setup.master.era_number();
-        let Some((sealed_era, index, digest)) = self.sealed_state.clone().filter(|s| s.0 == era) else {
+        let Some(SealedBarrier {
+            era: sealed_era,
+            index,
+            digest,
+        }) = self.sealed_state.clone().filter(|s| s.era == era)
+        else {
             return Err(EraError::NotYet(format!(
-                "no sealing barrier of era {era} is known to this master (a new operator leader after the seal cannot resume yet)"
+                "no sealing barrier of era {era} is known to this master"
             )));
         };
         let at = target

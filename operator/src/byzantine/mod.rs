@@ -99,6 +99,7 @@ pub async fn prepare(
         identities_secret: rsm.spec.client_identities.as_ref().map(|c| c.secret_ref.name.clone()),
         master: byz,
         machine,
+        sealed: objects::sealed_in(&secret),
     };
     ctx.masters.ensure(&key(rsm), || master::start(setup, config));
     Ok(())
@@ -139,6 +140,15 @@ pub fn resume_under(ctx: &Context, rsm: &ReplicatedStateMachine, machine: &locks
 /// The era the resource's master last saw itself in.
 pub fn master_era(ctx: &Context, rsm: &ReplicatedStateMachine) -> Option<u64> {
     ctx.masters.get(&key(rsm)).map(|r| r.seen().era)
+}
+
+/// Whether the resource's master recorded the sealing barrier of its current era in the
+/// master Secret (a rollout restarts replicas only then).
+pub fn seal_recorded(ctx: &Context, rsm: &ReplicatedStateMachine) -> bool {
+    ctx.masters.get(&key(rsm)).is_some_and(|r| {
+        let seen = r.seen();
+        seen.seal_recorded.is_some_and(|era| era == seen.era)
+    })
 }
 
 /// The master's era, when its members restarted and it cannot go on (`Seen::restarted`).

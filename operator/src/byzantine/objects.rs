@@ -4,7 +4,10 @@
 //! - `<rsm>-byz-master` holds the master's Ed25519 secret key (`master.key`), its public key
 //!   (`master.pub`, given to replicas as `LOCKSTEP_MASTER_PUBLIC_KEY` through a secretKeyRef,
 //!   so the pod never sees the secret key) and the last era the master signed (`era`, written
-//!   before the era is pushed: a new operator leader resumes from it).
+//!   before the era is pushed: a new operator leader resumes from it) and, during a rollout,
+//!   the sealing barrier t + 1 members reached (`sealed`: era, index, digest), written before
+//!   any replica is restarted: restarted members report no era and so no barrier, and a new
+//!   operator leader resumes the next era from this record.
 //! - `<replica>-byz-key` holds one replica's key (`replica.key`), mounted read-only at
 //!   `/etc/lockstep/replica-key/replica.key` (`LOCKSTEP_REPLICA_KEY_FILE`). The operator
 //!   creates it before the pod, so it knows every member's public key without trusting what a
@@ -30,6 +33,7 @@ pub const COMPONENT_BYZ_KEYS: &str = "byzantine-keys";
 pub const MASTER_KEY: &str = "master.key";
 pub const MASTER_PUB: &str = "master.pub";
 pub const ERA: &str = "era";
+pub const SEALED: &str = "sealed";
 pub const REPLICA_KEY: &str = "replica.key";
 pub const REPLICA_KEY_DIR: &str = "/etc/lockstep/replica-key";
 
@@ -98,6 +102,29 @@ pub fn era_patch(era: &SignedEra) -> serde_json::Value {
     serde_json::json!({ "data": { ERA: b64 } })
 }
 
+/// A sealing barrier of a rollout: execution in `era` stopped at `index`, whose state has
+/// `digest`. The next era resumes there.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SealedBarrier {
+    pub era: u64,
+    pub index: u64,
+    #[serde(with = "hex::serde")]
+    pub digest: Vec<u8>,
+}
+
+/// The sealing barrier recorded in the master's Secret.
+pub fn sealed_in(secret: &Secret) -> Option<SealedBarrier> {
+    let bytes = secret.data.as_ref()?.get(SEALED)?;
+    serde_json::from_slice(&bytes.0).ok()
+}
+
+/// The merge patch that records `barrier` in the master's Secret.
+pub fn sealed_patch(barrier: &SealedBarrier) -> serde_json::Value {
+    let json = serde_json::to_vec(barrier).unwrap_or_default();
+    let b64 = serde_json::to_value(ByteString(json)).unwrap_or_default();
+    serde_json::json!({ "data": { SEALED: b64 } })
+}
+
 /// Env, mounts and volumes a Byzantine replica pod gets on top of the common ones.
 pub fn pod_additions(cluster: &str, id: &str) -> (Vec<EnvVar>, VolumeMount, Volume) {
     let env = vec![
@@ -140,4 +167,22 @@ pub fn pod_additions(cluster: &str, id: &str) -> (Vec<EnvVar>, VolumeMount, Volu
         ..Default::default()
     };
     (env, mount, volume)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sealing_barrier_reads_back_from_the_patch_that_records_it() {
+        let barrier = SealedBarrier {
+            era: 7,
+            index: 1234,
+            digest: vec![0xab, 0x01, 0xff],
+        };
+        let patch = sealed_patch(&barrier);
+        let secret: Secret = serde_json::from_value(patch).expect("a Secret's data");
+        assert_eq!(sealed_in(&secret), Some(barrier));
+        assert_eq!(sealed_in(&Secret::default()), None, "no record, no barrier");
+    }
 }

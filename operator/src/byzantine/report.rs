@@ -108,8 +108,7 @@ mod tests {
                 ("kv-1".to_string(), reporting(4, vec![])),
                 ("kv-2".to_string(), reporting(3, vec![])),
             ]),
-            error: None,
-            restarted: false,
+            ..Default::default()
         };
         let s = status("ab", &seen);
         assert_eq!((s.master_public_key.as_str(), s.era), ("ab", Some(4)));
