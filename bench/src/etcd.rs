@@ -52,99 +52,116 @@ impl EtcdBackend {
 
     async fn exec(&mut self, op: &Op) -> Result<serde_json::Value, tonic::Status> {
         let key = op.key.as_bytes().to_vec();
-        let text = |kv: Option<&pb::KeyValue>| kv.map(|kv| String::from_utf8_lossy(&kv.value).into_owned());
         match op.kind {
-            OpKind::Get => {
-                // Linearizable (etcd's default: serializable = false).
-                let r = self
-                    .kv
-                    .range(self.req(pb::RangeRequest {
-                        key,
-                        ..Default::default()
-                    }))
-                    .await?
-                    .into_inner();
-                Ok(serde_json::json!({"value": text(r.kvs.first())}))
-            }
-            OpKind::Put => {
-                let value = op.value.clone().unwrap_or_default().into_bytes();
-                let r = self
-                    .kv
-                    .put(self.req(pb::PutRequest {
-                        key,
-                        value,
-                        prev_kv: true,
-                        ..Default::default()
-                    }))
-                    .await?
-                    .into_inner();
-                Ok(serde_json::json!({"previous": text(r.prev_kv.as_ref())}))
-            }
-            OpKind::Delete => {
-                let r = self
-                    .kv
-                    .delete_range(self.req(pb::DeleteRangeRequest {
-                        key,
-                        prev_kv: true,
-                        ..Default::default()
-                    }))
-                    .await?
-                    .into_inner();
-                Ok(serde_json::json!({"previous": text(r.prev_kvs.first())}))
-            }
-            OpKind::Cas => {
-                // lockstep's kv: swap when the current value equals `old` (None = absent);
-                // `new` None deletes. Output: {"swapped", "current"}.
-                let compare = match &op.old {
-                    Some(v) => pb::Compare {
-                        result: CompareResult::Equal as i32,
-                        target: CompareTarget::Value as i32,
-                        key: key.clone(),
-                        target_union: Some(TargetUnion::Value(v.clone().into_bytes())),
-                        range_end: vec![],
-                    },
-                    None => pb::Compare {
-                        result: CompareResult::Equal as i32,
-                        target: CompareTarget::Create as i32,
-                        key: key.clone(),
-                        target_union: Some(TargetUnion::CreateRevision(0)),
-                        range_end: vec![],
-                    },
-                };
-                let success = match &op.new {
-                    Some(v) => Request::RequestPut(pb::PutRequest {
-                        key: key.clone(),
-                        value: v.clone().into_bytes(),
-                        ..Default::default()
-                    }),
-                    None => Request::RequestDeleteRange(pb::DeleteRangeRequest {
-                        key: key.clone(),
-                        ..Default::default()
-                    }),
-                };
-                let failure = Request::RequestRange(pb::RangeRequest {
-                    key,
-                    ..Default::default()
-                });
-                let r = self
-                    .kv
-                    .txn(self.req(pb::TxnRequest {
-                        compare: vec![compare],
-                        success: vec![pb::RequestOp { request: Some(success) }],
-                        failure: vec![pb::RequestOp { request: Some(failure) }],
-                    }))
-                    .await?
-                    .into_inner();
-                if r.succeeded {
-                    return Ok(serde_json::json!({"swapped": true, "current": op.new}));
-                }
-                let current = r.responses.iter().find_map(|x| match &x.response {
-                    Some(Response::ResponseRange(rr)) => Some(text(rr.kvs.first())),
-                    _ => None,
-                });
-                Ok(serde_json::json!({"swapped": false, "current": current.flatten()}))
-            }
+            OpKind::Get => self.get(key).await,
+            OpKind::Put => self.put(key, op.value.clone().unwrap_or_default()).await,
+            OpKind::Delete => self.delete(key).await,
+            OpKind::Cas => self.cas(key, &op.old, &op.new).await,
         }
+    }
+
+    async fn get(&mut self, key: Vec<u8>) -> Result<serde_json::Value, tonic::Status> {
+        // Linearizable (etcd's default: serializable = false).
+        let r = self
+            .kv
+            .range(self.req(pb::RangeRequest {
+                key,
+                ..Default::default()
+            }))
+            .await?
+            .into_inner();
+        Ok(serde_json::json!({"value": text(r.kvs.first())}))
+    }
+
+    async fn put(&mut self, key: Vec<u8>, value: String) -> Result<serde_json::Value, tonic::Status> {
+        let r = self
+            .kv
+            .put(self.req(pb::PutRequest {
+                key,
+                value: value.into_bytes(),
+                prev_kv: true,
+                ..Default::default()
+            }))
+            .await?
+            .into_inner();
+        Ok(serde_json::json!({"previous": text(r.prev_kv.as_ref())}))
+    }
+
+    async fn delete(&mut self, key: Vec<u8>) -> Result<serde_json::Value, tonic::Status> {
+        let r = self
+            .kv
+            .delete_range(self.req(pb::DeleteRangeRequest {
+                key,
+                prev_kv: true,
+                ..Default::default()
+            }))
+            .await?
+            .into_inner();
+        Ok(serde_json::json!({"previous": text(r.prev_kvs.first())}))
+    }
+
+    /// lockstep's kv cas as one etcd transaction: swap when the current value equals `old`
+    /// (None = absent); `new` None deletes. Output: {"swapped", "current"}.
+    async fn cas(
+        &mut self,
+        key: Vec<u8>,
+        old: &Option<String>,
+        new: &Option<String>,
+    ) -> Result<serde_json::Value, tonic::Status> {
+        let r = self.kv.txn(self.req(cas_txn(key, old, new))).await?.into_inner();
+        if r.succeeded {
+            return Ok(serde_json::json!({"swapped": true, "current": new}));
+        }
+        let current = r.responses.iter().find_map(|x| match &x.response {
+            Some(Response::ResponseRange(rr)) => Some(text(rr.kvs.first())),
+            _ => None,
+        });
+        Ok(serde_json::json!({"swapped": false, "current": current.flatten()}))
+    }
+}
+
+/// The value of a key-value pair as text, `None` for no pair.
+fn text(kv: Option<&pb::KeyValue>) -> Option<String> {
+    kv.map(|kv| String::from_utf8_lossy(&kv.value).into_owned())
+}
+
+/// If `key` holds `old`, set it to `new`; otherwise read it (the current value for the output).
+fn cas_txn(key: Vec<u8>, old: &Option<String>, new: &Option<String>) -> pb::TxnRequest {
+    let compare = match old {
+        Some(v) => pb::Compare {
+            result: CompareResult::Equal as i32,
+            target: CompareTarget::Value as i32,
+            key: key.clone(),
+            target_union: Some(TargetUnion::Value(v.clone().into_bytes())),
+            range_end: vec![],
+        },
+        None => pb::Compare {
+            result: CompareResult::Equal as i32,
+            target: CompareTarget::Create as i32,
+            key: key.clone(),
+            target_union: Some(TargetUnion::CreateRevision(0)),
+            range_end: vec![],
+        },
+    };
+    let success = match new {
+        Some(v) => Request::RequestPut(pb::PutRequest {
+            key: key.clone(),
+            value: v.clone().into_bytes(),
+            ..Default::default()
+        }),
+        None => Request::RequestDeleteRange(pb::DeleteRangeRequest {
+            key: key.clone(),
+            ..Default::default()
+        }),
+    };
+    let failure = Request::RequestRange(pb::RangeRequest {
+        key,
+        ..Default::default()
+    });
+    pb::TxnRequest {
+        compare: vec![compare],
+        success: vec![pb::RequestOp { request: Some(success) }],
+        failure: vec![pb::RequestOp { request: Some(failure) }],
     }
 }
 

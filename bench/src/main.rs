@@ -284,6 +284,11 @@ fn fmt_ms(us: u64) -> String {
     format!("{:.2}", us as f64 / 1000.0)
 }
 
+/// Whole milliseconds, `-` for none.
+fn fmt_opt_ms(ms: Option<f64>) -> String {
+    ms.map_or("-".into(), |v| format!("{v:.0}"))
+}
+
 fn mib(b: Option<u64>) -> String {
     b.map_or("-".into(), |b| format!("{:.1} MiB", b as f64 / (1024.0 * 1024.0)))
 }
@@ -774,9 +779,9 @@ async fn failover_trials(ls: &mut local::LocalCluster, args: &Args) -> Vec<Failo
                     "fail-over {trial}: killed {} (epoch {}): next epoch decided after {} ms, first new write acked after {} ms, replacement joined after {} ms; ok={} fail={} unknown={}",
                     f.killed,
                     f.epoch_before,
-                    f.reconfigured_ms.map_or("-".into(), |v| format!("{v:.0}")),
-                    f.failover_ms.map_or("-".into(), |v| format!("{v:.0}")),
-                    f.rejoin_ms.map_or("-".into(), |v| format!("{v:.0}")),
+                    fmt_opt_ms(f.reconfigured_ms),
+                    fmt_opt_ms(f.failover_ms),
+                    fmt_opt_ms(f.rejoin_ms),
                     f.ok,
                     f.failed,
                     f.unknown
@@ -867,6 +872,36 @@ async fn failover_trial(
 }
 
 fn print_summary(r: &Results, args: &Args) {
+    print_setup(r, args);
+    print_throughput_table(&r.runs);
+    if r.runs.iter().any(|x| x.report.target == "etcd") {
+        print_comparison_table(r, args);
+    }
+    if r.runs.iter().any(|x| !x.stages.is_empty()) {
+        print_stage_table(&r.runs);
+    }
+    if let (Some(f), Some(one)) = (&r.floor, r.run(Mix::Write.name(), "lockstep", 1)) {
+        print_floor_line(f, one);
+    }
+    if !r.failovers.is_empty() {
+        print_failovers(r);
+    }
+    if !r.memory.is_empty() {
+        print_memory(&r.memory);
+    }
+}
+
+impl Results {
+    /// The run of `mix` against `target` with `clients` clients, if it was measured.
+    fn run(&self, mix: &str, target: &str, clients: usize) -> Option<&Run> {
+        self.runs
+            .iter()
+            .find(|x| x.mix == mix && x.report.target == target && x.report.clients == clients)
+    }
+}
+
+/// The summary's header: the machine, both systems under test and the load.
+fn print_setup(r: &Results, args: &Args) {
     println!();
     println!("==================================== summary ====================================");
     println!(
@@ -890,10 +925,14 @@ fn print_summary(r: &Results, args: &Args) {
         "load:    {}-byte values, {} keys, {}s per run; reads are linearizable on both",
         args.value_size, args.keys, args.duration
     );
+}
+
+/// One row per run: throughput, latency and failures.
+fn print_throughput_table(runs: &[Run]) {
     println!();
     println!("| mix | target   | clients |    ops/s | p50 ms | p99 ms | max ms | fail | unknown |");
     println!("|-----|----------|--------:|---------:|-------:|-------:|-------:|-----:|--------:|");
-    for run in &r.runs {
+    for run in runs {
         let x = &run.report;
         println!(
             "| {} | {:<8} | {:>7} | {:>8.0} | {:>6} | {:>6} | {:>6} | {:>4} | {:>7} |",
@@ -908,101 +947,97 @@ fn print_summary(r: &Results, args: &Args) {
             x.unknown
         );
     }
-    let by_mix = |mix: &str, target: &str, clients: usize| {
-        r.runs
-            .iter()
-            .find(|x| x.mix == mix && x.report.target == target && x.report.clients == clients)
-    };
-    let by = |target: &str, clients: usize| by_mix(Mix::Write.name(), target, clients);
-    if r.runs.iter().any(|x| x.report.target == "etcd") {
-        println!();
-        println!(
-            "| mix | clients | lockstep/etcd throughput (target: write >= 2.0, read >= 3.0 at 64) | lockstep p99 | etcd p99 | p99 no worse? |"
-        );
-        println!("|-----|--------:|------:|-------------:|---------:|:-------------:|");
-        for &mix in &args.mix {
-            for &c in &args.clients {
-                if let (Some(l), Some(e)) = (by_mix(mix.name(), "lockstep", c), by_mix(mix.name(), "etcd", c)) {
-                    let ratio = l.report.ops_per_sec / e.report.ops_per_sec.max(1e-9);
-                    println!(
-                        "| {} | {:>7} | {:.2}x | {:>9} ms | {:>5} ms | {:^13} |",
-                        mix.name(),
-                        c,
-                        ratio,
-                        fmt_ms(l.report.p99_us),
-                        fmt_ms(e.report.p99_us),
-                        if l.report.p99_us <= e.report.p99_us {
-                            "yes"
-                        } else {
-                            "NO"
-                        }
-                    );
-                }
+}
+
+/// lockstep against etcd, for every mix and client count measured on both.
+fn print_comparison_table(r: &Results, args: &Args) {
+    println!();
+    println!(
+        "| mix | clients | lockstep/etcd throughput (target: write >= 2.0, read >= 3.0 at 64) | lockstep p99 | etcd p99 | p99 no worse? |"
+    );
+    println!("|-----|--------:|------:|-------------:|---------:|:-------------:|");
+    for &mix in &args.mix {
+        for &c in &args.clients {
+            if let (Some(l), Some(e)) = (r.run(mix.name(), "lockstep", c), r.run(mix.name(), "etcd", c)) {
+                let ratio = l.report.ops_per_sec / e.report.ops_per_sec.max(1e-9);
+                println!(
+                    "| {} | {:>7} | {:.2}x | {:>9} ms | {:>5} ms | {:^13} |",
+                    mix.name(),
+                    c,
+                    ratio,
+                    fmt_ms(l.report.p99_us),
+                    fmt_ms(e.report.p99_us),
+                    if l.report.p99_us <= e.report.p99_us {
+                        "yes"
+                    } else {
+                        "NO"
+                    }
+                );
             }
         }
     }
-    if r.runs.iter().any(|x| !x.stages.is_empty()) {
-        println!();
-        println!(
-            "where one write's time goes (lockstep; means and bucket-estimated p50/p99, ms; replicate runs beside queue .. commit_wait):"
-        );
-        println!();
-        println!("| mix | clients | node | stage | count | mean ms | p50 ms | p99 ms |");
-        println!("|-----|--------:|------|-------|------:|--------:|-------:|-------:|");
-        for run in &r.runs {
-            for n in &run.stages {
-                for s in &n.stages {
-                    println!(
-                        "| {} | {} | {} | {} | {} | {:.3} | {:.3} | {:.3} |",
-                        run.mix, run.report.clients, n.node, s.stage, s.count, s.mean_ms, s.p50_ms, s.p99_ms
-                    );
-                }
+}
+
+/// Where one write's time goes, per run, node and stage (lockstep runs only have stages).
+fn print_stage_table(runs: &[Run]) {
+    println!();
+    println!(
+        "where one write's time goes (lockstep; means and bucket-estimated p50/p99, ms; replicate runs beside queue .. commit_wait):"
+    );
+    println!();
+    println!("| mix | clients | node | stage | count | mean ms | p50 ms | p99 ms |");
+    println!("|-----|--------:|------|-------|------:|--------:|-------:|-------:|");
+    for run in runs {
+        for n in &run.stages {
+            for s in &n.stages {
+                println!(
+                    "| {} | {} | {} | {} | {} | {:.3} | {:.3} | {:.3} |",
+                    run.mix, run.report.clients, n.node, s.stage, s.count, s.mean_ms, s.p50_ms, s.p99_ms
+                );
             }
         }
     }
-    if let (Some(f), Some(one)) = (&r.floor, by("lockstep", 1)) {
-        println!();
+}
+
+/// The single-client write latency against the physical floor of a durable replicated write.
+fn print_floor_line(f: &floor::Floor, one: &Run) {
+    println!();
+    println!(
+        "single-client write p50 {} ms = {:.2} x the floor ({:.0} µs = 2 x loopback round trip {:.0} µs + fdatasync {:.0} µs; target <= 2)",
+        fmt_ms(one.report.p50_us),
+        one.report.p50_us as f64 / f.write_floor_us,
+        f.write_floor_us,
+        f.loopback_rtt_p50_us,
+        f.fdatasync_256b_p50_us
+    );
+}
+
+/// Fail-over and rejoin times of every trial.
+fn print_failovers(r: &Results) {
+    println!();
+    let each: Vec<String> = r.failovers.iter().map(|f| fmt_opt_ms(f.failover_ms)).collect();
+    println!(
+        "fail-over (kill -9 primary -> first acked write issued after it), ms: {} | median {} (target < 1000)",
+        each.join(", "),
+        fmt_opt_ms(r.failover_median_ms)
+    );
+    let rejoin: Vec<String> = r.failovers.iter().map(|f| fmt_opt_ms(f.rejoin_ms)).collect();
+    println!(
+        "replacement joined (back to {} replicas), ms after the kill: {}",
+        r.replicas,
+        rejoin.join(", ")
+    );
+}
+
+/// RSS of every process after the load and at rest.
+fn print_memory(memory: &[Memory]) {
+    println!();
+    for m in memory {
         println!(
-            "single-client write p50 {} ms = {:.2} x the floor ({:.0} µs = 2 x loopback round trip {:.0} µs + fdatasync {:.0} µs; target <= 2)",
-            fmt_ms(one.report.p50_us),
-            one.report.p50_us as f64 / f.write_floor_us,
-            f.write_floor_us,
-            f.loopback_rtt_p50_us,
-            f.fdatasync_256b_p50_us
+            "memory {:<24} after load {:>10}, at rest {:>10}",
+            m.process,
+            mib(m.after_load_bytes),
+            mib(m.at_rest_bytes)
         );
-    }
-    if !r.failovers.is_empty() {
-        println!();
-        let each: Vec<String> = r
-            .failovers
-            .iter()
-            .map(|f| f.failover_ms.map_or("-".into(), |v| format!("{v:.0}")))
-            .collect();
-        println!(
-            "fail-over (kill -9 primary -> first acked write issued after it), ms: {} | median {} (target < 1000)",
-            each.join(", "),
-            r.failover_median_ms.map_or("-".into(), |v| format!("{v:.0}"))
-        );
-        let rejoin: Vec<String> = r
-            .failovers
-            .iter()
-            .map(|f| f.rejoin_ms.map_or("-".into(), |v| format!("{v:.0}")))
-            .collect();
-        println!(
-            "replacement joined (back to {} replicas), ms after the kill: {}",
-            r.replicas,
-            rejoin.join(", ")
-        );
-    }
-    if !r.memory.is_empty() {
-        println!();
-        for m in &r.memory {
-            println!(
-                "memory {:<24} after load {:>10}, at rest {:>10}",
-                m.process,
-                mib(m.after_load_bytes),
-                mib(m.at_rest_bytes)
-            );
-        }
     }
 }

@@ -9,9 +9,9 @@ use hdrhistogram::Histogram;
 use lockstep_linearizability::{HistoryEntry, OpKind, Outcome};
 use rand::{Rng, SeedableRng};
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 /// One key-value operation.
@@ -245,93 +245,145 @@ where
     B: KvBackend,
     F: Fn(usize) -> B,
 {
-    let base = Instant::now();
-    // Unique to this run (see `next_op`).
-    let run: Arc<str> = format!("r{:016x}", rand::rng().random::<u64>()).into();
-    let ns = move |t: Instant| t.duration_since(base).as_nanos() as u64;
-    let done = Arc::new(AtomicU64::new(0));
+    let shared = Shared {
+        base: Instant::now(),
+        // Unique to this run (see `next_op`).
+        run: format!("r{:016x}", rand::rng().random::<u64>()).into(),
+        opts,
+        stop,
+    };
     let mut tasks = Vec::new();
-    for i in 0..opts.clients {
-        let mut backend = make(i);
-        let opts = opts.clone();
-        let stop = stop.clone();
-        let done = done.clone();
-        let record = opts.history.is_some();
-        let run = run.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds");
-            let mut entries = Vec::new();
-            let (mut ok, mut failed, mut unknown) = (0u64, 0u64, 0u64);
-            let mut rng = rand::rngs::StdRng::from_rng(&mut rand::rng());
-            let mut n = 0u64;
-            let end = base + opts.duration;
-            while Instant::now() < end && !stop.load(Ordering::Relaxed) {
-                n += 1;
-                let op = next_op(&mut rng, &run, i, n, &opts);
-                let call = Instant::now();
-                let (outcome, output) = backend.run(&op).await;
-                let ret = Instant::now();
-                match outcome {
-                    Outcome::Ok => {
-                        ok += 1;
-                        let _ = hist.record(ret.duration_since(call).as_micros().max(1) as u64);
-                    }
-                    Outcome::Fail => failed += 1,
-                    Outcome::Unknown => unknown += 1,
-                }
-                done.fetch_add(1, Ordering::Relaxed);
-                if record {
-                    entries.push(HistoryEntry {
-                        client: format!("c{i}"),
-                        op: op.kind,
-                        key: op.key,
-                        value: op.value,
-                        old: op.old,
-                        new: op.new,
-                        call: ns(call),
-                        ret: (outcome == Outcome::Ok).then(|| ns(ret)),
-                        result: outcome,
-                        output,
-                    });
-                }
-            }
-            backend.finish().await;
-            (hist, entries, ok, failed, unknown)
-        }));
+    for i in 0..shared.opts.clients {
+        tasks.push(tokio::spawn(client_loop(i, make(i), shared.clone())));
     }
     let started = Instant::now();
-    let mut total = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
-    let mut history = Vec::new();
-    let (mut ok, mut failed, mut unknown) = (0, 0, 0);
+    let mut total = Tally::new();
     for t in tasks {
-        let (h, e, o, f, u) = t.await?;
-        total.add(h)?;
-        history.extend(e);
-        ok += o;
-        failed += f;
-        unknown += u;
+        total.add(t.await?)?;
     }
     let seconds = started.elapsed().as_secs_f64();
-    if let Some(path) = &opts.history {
-        use std::io::Write;
-        history.sort_by_key(|e| e.call);
-        let mut w = std::io::BufWriter::new(std::fs::File::create(path)?);
-        for e in &history {
-            lockstep_linearizability::write_entry(&mut w, e)?;
-        }
-        w.flush()?;
+    if let Some(path) = &shared.opts.history {
+        write_history(path, &mut total.entries)?;
     }
-    Ok(Report {
-        target: target.into(),
-        clients: opts.clients,
-        value_size: opts.value_size,
-        seconds,
-        ok,
-        failed,
-        unknown,
-        ops_per_sec: ok as f64 / seconds.max(1e-9),
-        p50_us: total.value_at_quantile(0.5),
-        p99_us: total.value_at_quantile(0.99),
-        max_us: total.max(),
-    })
+    Ok(total.report(target, &shared.opts, seconds))
+}
+
+/// What every client of one run shares.
+#[derive(Clone)]
+struct Shared {
+    /// History times are nanoseconds since `base`.
+    base: Instant,
+    run: Arc<str>,
+    opts: WorkloadOptions,
+    stop: Arc<AtomicBool>,
+}
+
+impl Shared {
+    fn ns(&self, t: Instant) -> u64 {
+        t.duration_since(self.base).as_nanos() as u64
+    }
+}
+
+/// Outcome counts, latencies of the `Ok` operations and (when recorded) the history of one
+/// client, or of all of them.
+struct Tally {
+    latency_us: Histogram<u64>,
+    entries: Vec<HistoryEntry>,
+    ok: u64,
+    failed: u64,
+    unknown: u64,
+}
+
+impl Tally {
+    fn new() -> Tally {
+        Tally {
+            latency_us: Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds"),
+            entries: Vec::new(),
+            ok: 0,
+            failed: 0,
+            unknown: 0,
+        }
+    }
+
+    fn count(&mut self, outcome: Outcome, call: Instant, ret: Instant) {
+        match outcome {
+            Outcome::Ok => {
+                self.ok += 1;
+                let _ = self
+                    .latency_us
+                    .record(ret.duration_since(call).as_micros().max(1) as u64);
+            }
+            Outcome::Fail => self.failed += 1,
+            Outcome::Unknown => self.unknown += 1,
+        }
+    }
+
+    fn add(&mut self, other: Tally) -> anyhow::Result<()> {
+        self.latency_us.add(other.latency_us)?;
+        self.entries.extend(other.entries);
+        self.ok += other.ok;
+        self.failed += other.failed;
+        self.unknown += other.unknown;
+        Ok(())
+    }
+
+    fn report(&self, target: &str, opts: &WorkloadOptions, seconds: f64) -> Report {
+        Report {
+            target: target.into(),
+            clients: opts.clients,
+            value_size: opts.value_size,
+            seconds,
+            ok: self.ok,
+            failed: self.failed,
+            unknown: self.unknown,
+            ops_per_sec: self.ok as f64 / seconds.max(1e-9),
+            p50_us: self.latency_us.value_at_quantile(0.5),
+            p99_us: self.latency_us.value_at_quantile(0.99),
+            max_us: self.latency_us.max(),
+        }
+    }
+}
+
+/// Client `i`: operations back to back until the run's duration is over or `stop` is set.
+async fn client_loop<B: KvBackend>(i: usize, mut backend: B, shared: Shared) -> Tally {
+    let mut tally = Tally::new();
+    let mut rng = rand::rngs::StdRng::from_rng(&mut rand::rng());
+    let mut n = 0u64;
+    let end = shared.base + shared.opts.duration;
+    while Instant::now() < end && !shared.stop.load(Ordering::Relaxed) {
+        n += 1;
+        let op = next_op(&mut rng, &shared.run, i, n, &shared.opts);
+        let call = Instant::now();
+        let (outcome, output) = backend.run(&op).await;
+        let ret = Instant::now();
+        tally.count(outcome, call, ret);
+        if shared.opts.history.is_some() {
+            tally.entries.push(HistoryEntry {
+                client: format!("c{i}"),
+                op: op.kind,
+                key: op.key,
+                value: op.value,
+                old: op.old,
+                new: op.new,
+                call: shared.ns(call),
+                ret: (outcome == Outcome::Ok).then(|| shared.ns(ret)),
+                result: outcome,
+                output,
+            });
+        }
+    }
+    backend.finish().await;
+    tally
+}
+
+/// The history of every client, in call order, one JSON line per operation.
+fn write_history(path: &Path, history: &mut [HistoryEntry]) -> anyhow::Result<()> {
+    use std::io::Write;
+    history.sort_by_key(|e| e.call);
+    let mut w = std::io::BufWriter::new(std::fs::File::create(path)?);
+    for e in history.iter() {
+        lockstep_linearizability::write_entry(&mut w, e)?;
+    }
+    w.flush()?;
+    Ok(())
 }

@@ -1031,82 +1031,130 @@ impl ByzClient {
     ) -> Result<mpsc::Receiver<Result<(AppliedEntry, VoteReport), String>>, ClientError> {
         let replicas = self.shared.keys.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let t = self.shared.info.lock().unwrap_or_else(|e| e.into_inner()).t;
-        let (in_tx, mut in_rx) = mpsc::unbounded_channel::<(String, SignedApplied)>();
+        let (in_tx, in_rx) = mpsc::unbounded_channel::<(String, SignedApplied)>();
         for (id, channel, _) in &replicas {
-            let mut c =
-                ByzantineClient::new(channel.clone()).max_decoding_message_size(lockstep_proto::MAX_MESSAGE_BYTES);
-            let in_tx = in_tx.clone();
-            let id = id.clone();
-            tokio::spawn(async move {
-                let Ok(resp) = c.watch(WatchRequest { from_index }).await else {
-                    return;
-                };
-                let mut s = resp.into_inner();
-                while let Ok(Some(e)) = s.message().await {
-                    if in_tx.send((id.clone(), e)).is_err() {
-                        return;
-                    }
-                }
-            });
+            let c = ByzantineClient::new(channel.clone()).max_decoding_message_size(lockstep_proto::MAX_MESSAGE_BYTES);
+            tokio::spawn(forward_watch(c, id.clone(), from_index, in_tx.clone()));
         }
         drop(in_tx);
-        let keys: HashMap<String, VerifyingKey> = replicas.iter().map(|(id, _, k)| (id.clone(), *k)).collect();
-        let ids: Vec<String> = replicas.iter().map(|(id, _, _)| id.clone()).collect();
+        let votes = WatchVotes {
+            keys: replicas.iter().map(|(id, _, k)| (id.clone(), *k)).collect(),
+            ids: replicas.iter().map(|(id, _, _)| id.clone()).collect(),
+            t,
+            pending: BTreeMap::new(),
+            next: (from_index > 0).then_some(from_index),
+        };
         let (out_tx, out_rx) = mpsc::channel(256);
-        tokio::spawn(async move {
-            // index -> replica -> entry bytes
-            let mut pending: BTreeMap<u64, BTreeMap<String, Vec<u8>>> = BTreeMap::new();
-            let mut next: Option<u64> = (from_index > 0).then_some(from_index);
-            while let Some((id, e)) = in_rx.recv().await {
-                let Some(key) = keys.get(&id) else { continue };
-                if e.replica != id || !keys::verify(key, &e.entry, &e.signature) {
-                    continue;
-                }
-                let Ok(entry) = AppliedEntry::decode(e.entry.as_slice()) else {
-                    continue;
-                };
-                if next.is_some_and(|n| entry.index < n) {
-                    continue;
-                }
-                pending.entry(entry.index).or_default().insert(id, e.entry);
-                // Emit every index in order that has t+1 identical copies.
-                while let Some((&index, votes)) = pending.first_key_value() {
-                    if next.is_some_and(|n| index < n) {
-                        pending.pop_first();
-                        continue;
-                    }
-                    if next.is_some_and(|n| index > n) {
-                        break; // wait for the expected index
-                    }
-                    let mut groups: BTreeMap<&Vec<u8>, Vec<&String>> = BTreeMap::new();
-                    for (rid, bytes) in votes {
-                        groups.entry(bytes).or_default().push(rid);
-                    }
-                    let Some((bytes, agreed)) = groups.iter().find(|(_, v)| v.len() > t) else {
-                        break;
-                    };
-                    let Ok(entry) = AppliedEntry::decode(bytes.as_slice()) else {
-                        break;
-                    };
-                    let report = VoteReport {
-                        agreed: agreed.iter().map(|s| s.to_string()).collect(),
-                        disagreed: votes
-                            .iter()
-                            .filter(|(_, b)| *b != *bytes)
-                            .map(|(r, _)| (r.clone(), "a different entry".to_string()))
-                            .collect(),
-                        silent: ids.iter().filter(|r| !votes.contains_key(*r)).cloned().collect(),
-                    };
-                    pending.pop_first();
-                    next = Some(index + 1);
-                    if out_tx.send(Ok((entry, report))).await.is_err() {
-                        return;
-                    }
+        tokio::spawn(votes.run(in_rx, out_tx));
+        Ok(out_rx)
+    }
+}
+
+/// Replica `id`'s watch stream from `from_index`, into `in_tx`, until either ends.
+async fn forward_watch(
+    mut c: ByzantineClient<Channel>,
+    id: String,
+    from_index: u64,
+    in_tx: mpsc::UnboundedSender<(String, SignedApplied)>,
+) {
+    let Ok(resp) = c.watch(WatchRequest { from_index }).await else {
+        return;
+    };
+    let mut s = resp.into_inner();
+    while let Ok(Some(e)) = s.message().await {
+        if in_tx.send((id.clone(), e)).is_err() {
+            return;
+        }
+    }
+}
+
+/// The vote over the replicas' watch streams: an index is passed on, in order, once t+1
+/// replicas sent the same signed entry for it.
+struct WatchVotes {
+    keys: HashMap<String, VerifyingKey>,
+    ids: Vec<String>,
+    t: usize,
+    /// index -> replica -> entry bytes
+    pending: BTreeMap<u64, BTreeMap<String, Vec<u8>>>,
+    /// The index to pass on next (`None`: the first one that gets t+1 votes).
+    next: Option<u64>,
+}
+
+impl WatchVotes {
+    async fn run(
+        mut self,
+        mut in_rx: mpsc::UnboundedReceiver<(String, SignedApplied)>,
+        out_tx: mpsc::Sender<Result<(AppliedEntry, VoteReport), String>>,
+    ) {
+        while let Some((id, e)) = in_rx.recv().await {
+            if !self.accept(id, e) {
+                continue;
+            }
+            // Emit every index in order that has t+1 identical copies.
+            while let Some(voted) = self.next_voted() {
+                if out_tx.send(Ok(voted)).await.is_err() {
+                    return;
                 }
             }
-            let _ = out_tx.send(Err("every replica's watch stream ended".into())).await;
-        });
-        Ok(out_rx)
+        }
+        let _ = out_tx.send(Err("every replica's watch stream ended".into())).await;
+    }
+
+    /// Counts replica `id`'s entry as its vote, unless it is not signed by `id`, undecodable or
+    /// already passed on.
+    fn accept(&mut self, id: String, e: SignedApplied) -> bool {
+        let Some(key) = self.keys.get(&id) else { return false };
+        if e.replica != id || !keys::verify(key, &e.entry, &e.signature) {
+            return false;
+        }
+        let Ok(entry) = AppliedEntry::decode(e.entry.as_slice()) else {
+            return false;
+        };
+        if self.next.is_some_and(|n| entry.index < n) {
+            return false;
+        }
+        self.pending.entry(entry.index).or_default().insert(id, e.entry);
+        true
+    }
+
+    /// The next index's entry and its vote, once t+1 replicas agree on it; it is no longer
+    /// pending then.
+    fn next_voted(&mut self) -> Option<(AppliedEntry, VoteReport)> {
+        while let Some((&index, votes)) = self.pending.first_key_value() {
+            if self.next.is_some_and(|n| index < n) {
+                self.pending.pop_first();
+                continue;
+            }
+            if self.next.is_some_and(|n| index > n) {
+                return None; // wait for the expected index
+            }
+            let voted = self.agreed(votes)?;
+            self.pending.pop_first();
+            self.next = Some(index + 1);
+            return Some(voted);
+        }
+        None
+    }
+
+    /// The entry t+1 of `votes` (replica -> entry bytes) agree on, and who agreed, differed or
+    /// was silent.
+    fn agreed(&self, votes: &BTreeMap<String, Vec<u8>>) -> Option<(AppliedEntry, VoteReport)> {
+        let mut groups: BTreeMap<&Vec<u8>, Vec<&String>> = BTreeMap::new();
+        for (rid, bytes) in votes {
+            groups.entry(bytes).or_default().push(rid);
+        }
+        let (bytes, agreed) = groups.iter().find(|(_, v)| v.len() > self.t)?;
+        let entry = AppliedEntry::decode(bytes.as_slice()).ok()?;
+        let report = VoteReport {
+            agreed: agreed.iter().map(|s| s.to_string()).collect(),
+            disagreed: votes
+                .iter()
+                .filter(|(_, b)| *b != *bytes)
+                .map(|(r, _)| (r.clone(), "a different entry".to_string()))
+                .collect(),
+            silent: self.ids.iter().filter(|r| !votes.contains_key(*r)).cloned().collect(),
+        };
+        Some((entry, report))
     }
 }
 

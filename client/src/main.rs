@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 use lockstep::bench::{Mix, WorkloadOptions, run_workload};
 use lockstep::cluster::{DEFAULT_DATA_DIR, resolve_endpoints};
 use lockstep::{Client, ClientError};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -422,97 +423,145 @@ async fn byz_bench(cli: &Cli, args: &BenchArgs) -> anyhow::Result<()> {
 /// Per replica: what it reports about itself, and how it voted on a few probe reads.
 async fn byz_status(cli: &Cli, output: Format) -> anyhow::Result<()> {
     let mut c = byz_client(cli).await?;
-    let mut probe_error = None;
-    for _ in 0..3 {
-        if let Err(e) = c.get("lockstep-status-probe").await {
-            probe_error = Some(e.to_string());
-            break;
-        }
-    }
+    let probe_error = probe_reads(&mut c).await;
     c.close().await;
     let tallies = c.tallies();
     let info = c.info();
+    let rows = replica_rows(cli, &info, &tallies).await?;
+    let reported = evidence_against(&rows);
+    match output {
+        Format::Json => print_byz_status_json(&info, &rows, &reported, probe_error)?,
+        Format::Table => print_byz_status_table(&info, &rows, &reported, probe_error),
+    }
+    Ok(())
+}
+
+/// Up to three reads, so that every replica gets a vote to tally; the first error, if any.
+async fn probe_reads(c: &mut lockstep::byz::ByzClient) -> Option<String> {
+    for _ in 0..3 {
+        if let Err(e) = c.get("lockstep-status-probe").await {
+            return Some(e.to_string());
+        }
+    }
+    None
+}
+
+/// One replica in `byz status`: its own report (or why it has none) and how it voted.
+struct ReplicaRow {
+    replica: lockstep::byz::ReplicaInfo,
+    status: Result<lockstep_proto::StatusResponse, String>,
+    votes: lockstep::byz::Tally,
+}
+
+/// Every replica's status, asked directly, beside its votes in `tallies`.
+async fn replica_rows(
+    cli: &Cli,
+    info: &lockstep::byz::ClusterInfo,
+    tallies: &BTreeMap<String, lockstep::byz::Tally>,
+) -> anyhow::Result<Vec<ReplicaRow>> {
     let mut rows = Vec::new();
     let transport = transport(cli)?;
     for r in &info.replicas {
-        let s = lockstep::status_of(&transport, &r.endpoint, Duration::from_secs(2)).await;
-        let t = tallies.get(&r.id).cloned().unwrap_or_default();
-        rows.push((r.clone(), s, t));
+        rows.push(ReplicaRow {
+            replica: r.clone(),
+            status: lockstep::status_of(&transport, &r.endpoint, Duration::from_secs(2)).await,
+            votes: tallies.get(&r.id).cloned().unwrap_or_default(),
+        });
     }
-    // Evidence each replica holds against the others.
-    let mut reported: std::collections::BTreeMap<String, Vec<String>> = Default::default();
-    for (r, s, _) in &rows {
-        if let Ok(s) = s {
+    Ok(rows)
+}
+
+/// Evidence each replica holds against the others: per accused replica, one line per kind.
+fn evidence_against(rows: &[ReplicaRow]) -> BTreeMap<String, Vec<String>> {
+    let mut reported: BTreeMap<String, Vec<String>> = Default::default();
+    for row in rows {
+        if let Ok(s) = &row.status {
             for e in s.byzantine.iter().flat_map(|b| b.evidence.iter()) {
                 reported
                     .entry(e.peer.clone())
                     .or_default()
-                    .push(format!("{} x{} (seen by {})", e.kind, e.count, r.id));
+                    .push(format!("{} x{} (seen by {})", e.kind, e.count, row.replica.id));
             }
         }
     }
-    match output {
-        Format::Json => {
-            let members: Vec<_> = rows
-                .iter()
-                .map(|(r, s, t)| match s {
-                    Ok(s) => serde_json::json!({
-                        "id": r.id, "endpoint": r.endpoint, "state": s.state, "era": s.epoch,
-                        "version": s.machine.as_ref().map(|m| m.version.clone()),
-                        "appliedIndex": s.applied_index,
-                        "votes": t, "evidence": reported.get(&r.id),
-                        "inject": s.byzantine.as_ref().map(|b| b.inject.clone()).filter(|i| !i.is_empty()),
-                    }),
-                    Err(e) => serde_json::json!({"id": r.id, "endpoint": r.endpoint, "state": "unreachable", "error": e, "votes": t}),
-                })
-                .collect();
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&serde_json::json!({
-                    "failureModel": "Byzantine", "t": info.t, "era": info.era, "stability": info.stability,
-                    "probe": probe_error.clone().unwrap_or_else(|| "ok".into()), "members": members
-                }))?
-            );
-        }
-        Format::Table => {
-            println!(
-                "Byzantine, t = {} ({} replicas, answers need {} matching), era {}, {}",
-                info.t,
-                info.replicas.len(),
-                info.t + 1,
-                info.era,
-                info.stability
-            );
-            println!(
-                "{:<10} {:<10} {:>5} {:<12} {:>8}  {:<24} EVIDENCE",
-                "ID", "STATE", "ERA", "VERSION", "INDEX", "VOTES agree/differ/silent"
-            );
-            for (r, s, t) in &rows {
-                let votes = format!("{}/{}/{}", t.agreed, t.disagreed + t.bad_signature, t.silent);
-                let evidence = reported.get(&r.id).map_or("-".to_string(), |v| v.join("; "));
-                match s {
-                    Ok(s) => println!(
-                        "{:<10} {:<10} {:>5} {:<12} {:>8}  {:<24} {}",
-                        r.id,
-                        s.state,
-                        s.epoch,
-                        s.machine.as_ref().map_or("?".into(), |m| m.version.clone()),
-                        s.applied_index,
-                        votes,
-                        evidence
-                    ),
-                    Err(e) => println!(
-                        "{:<10} {:<10} {:>5} {:<12} {:>8}  {:<24} {} ({e})",
-                        r.id, "unreachable", "-", "-", "-", votes, evidence
-                    ),
-                }
-            }
-            if let Some(e) = probe_error {
-                println!("probe reads failed: {e}");
-            }
-        }
-    }
+    reported
+}
+
+fn print_byz_status_json(
+    info: &lockstep::byz::ClusterInfo,
+    rows: &[ReplicaRow],
+    reported: &BTreeMap<String, Vec<String>>,
+    probe_error: Option<String>,
+) -> anyhow::Result<()> {
+    let members: Vec<_> = rows
+        .iter()
+        .map(|ReplicaRow { replica: r, status, votes: t }| match status {
+            Ok(s) => serde_json::json!({
+                "id": r.id, "endpoint": r.endpoint, "state": s.state, "era": s.epoch,
+                "version": s.machine.as_ref().map(|m| m.version.clone()),
+                "appliedIndex": s.applied_index,
+                "votes": t, "evidence": reported.get(&r.id),
+                "inject": s.byzantine.as_ref().map(|b| b.inject.clone()).filter(|i| !i.is_empty()),
+            }),
+            Err(e) => serde_json::json!({"id": r.id, "endpoint": r.endpoint, "state": "unreachable", "error": e, "votes": t}),
+        })
+        .collect();
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&serde_json::json!({
+            "failureModel": "Byzantine", "t": info.t, "era": info.era, "stability": info.stability,
+            "probe": probe_error.unwrap_or_else(|| "ok".into()), "members": members
+        }))?
+    );
     Ok(())
+}
+
+fn print_byz_status_table(
+    info: &lockstep::byz::ClusterInfo,
+    rows: &[ReplicaRow],
+    reported: &BTreeMap<String, Vec<String>>,
+    probe_error: Option<String>,
+) {
+    println!(
+        "Byzantine, t = {} ({} replicas, answers need {} matching), era {}, {}",
+        info.t,
+        info.replicas.len(),
+        info.t + 1,
+        info.era,
+        info.stability
+    );
+    println!(
+        "{:<10} {:<10} {:>5} {:<12} {:>8}  {:<24} EVIDENCE",
+        "ID", "STATE", "ERA", "VERSION", "INDEX", "VOTES agree/differ/silent"
+    );
+    for ReplicaRow {
+        replica: r,
+        status,
+        votes: t,
+    } in rows
+    {
+        let votes = format!("{}/{}/{}", t.agreed, t.disagreed + t.bad_signature, t.silent);
+        let evidence = reported.get(&r.id).map_or("-".to_string(), |v| v.join("; "));
+        match status {
+            Ok(s) => println!(
+                "{:<10} {:<10} {:>5} {:<12} {:>8}  {:<24} {}",
+                r.id,
+                s.state,
+                s.epoch,
+                s.machine.as_ref().map_or("?".into(), |m| m.version.clone()),
+                s.applied_index,
+                votes,
+                evidence
+            ),
+            Err(e) => println!(
+                "{:<10} {:<10} {:>5} {:<12} {:>8}  {:<24} {} ({e})",
+                r.id, "unreachable", "-", "-", "-", votes, evidence
+            ),
+        }
+    }
+    if let Some(e) = probe_error {
+        println!("probe reads failed: {e}");
+    }
 }
 
 fn show(v: Option<String>) -> String {

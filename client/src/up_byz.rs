@@ -321,50 +321,60 @@ impl ByzMaster {
         if !self.streaming() {
             return;
         }
-        let Some((era, _)) = &self.era else { return };
+        let Some(reports) = self.stream_reports(statuses) else {
+            return;
+        };
+        if reports.at_barrier {
+            return;
+        }
+        self.admit(reports.opens, directory);
+        self.remove_stalled(reports.stale);
+    }
+
+    /// What the members of the current era report about client streams; `None` without an
+    /// era.
+    fn stream_reports(&self, statuses: &BTreeMap<String, StatusResponse>) -> Option<StreamReports> {
+        let (era, _) = self.era.as_ref()?;
         let era_no = era.number;
         let members: BTreeSet<String> = era.members.iter().map(|m| m.id.clone()).collect();
-        let mut opens: BTreeMap<(String, u64), SignedItem> = BTreeMap::new();
-        let mut stale: BTreeMap<(String, u64), Vec<u64>> = BTreeMap::new();
-        let mut at_barrier = false;
+        let mut reports = StreamReports::default();
         for (id, s) in statuses {
             let Some(b) = &s.byzantine else { continue };
             if !members.contains(id) || b.era != era_no {
                 continue;
             }
-            at_barrier |= b.barrier_index > 0;
+            reports.at_barrier |= b.barrier_index > 0;
             for o in &b.pending_opens {
                 if let Ok(item) = StreamItem::decode(o.item.as_slice())
                     && item.era == era_no
                     && !self.admitted.contains(&(item.identity.clone(), item.session))
                 {
-                    opens
+                    reports
+                        .opens
                         .entry((item.identity.clone(), item.session))
                         .or_insert_with(|| o.clone());
                 }
             }
             for st in &b.streams {
                 if st.identity != keys::MASTER_IDENTITY && st.idle_micros > self.client_timeout.as_micros() as u64 {
-                    stale
+                    reports
+                        .stale
                         .entry((st.identity.clone(), st.session))
                         .or_default()
                         .push(st.next_seq);
                 }
             }
         }
-        if at_barrier {
-            return;
-        }
-        // Once the admission ran, its client hears of it (δ), sends its first item (δ), and
-        // that item is decided (2(t + 1)δ): `renew_ahead`; twice that and 10 ms for a loaded
-        // machine. Not more: the first item is stamped at the floor and waits for it.
-        // `PhysicalClock` waits for no promise: the floor only refuses items stamped before
-        // the admission.
-        let timing = self.ordering.timing(self.t);
-        let floor_lead = match timing.stability {
-            order::Stability::Lamport => 2 * lockstep_replica::byz::renew_ahead(&timing) + 10_000,
-            order::Stability::Physical => 0,
-        };
+        Some(reports)
+    }
+
+    /// Admit the pending opens signed by a client key in `directory`.
+    fn admit(
+        &mut self,
+        opens: BTreeMap<(String, u64), SignedItem>,
+        directory: &BTreeMap<String, ed25519_dalek::VerifyingKey>,
+    ) {
+        let floor_lead = self.floor_lead();
         for ((identity, session), open) in opens {
             let Some(key) = directory.get(&identity) else { continue };
             if !keys::verify(key, &open.item, &open.signature) {
@@ -380,6 +390,25 @@ impl ByzMaster {
             // first writes waited up to a second, which was the bench's p99).
             send_with(&self.stream, &self.key, admission(open, key, floor_lead));
         }
+    }
+
+    /// How far ahead of an admission a new stream's floor lies, in microseconds.
+    fn floor_lead(&self) -> u64 {
+        // Once the admission ran, its client hears of it (δ), sends its first item (δ), and
+        // that item is decided (2(t + 1)δ): `renew_ahead`; twice that and 10 ms for a loaded
+        // machine. Not more: the first item is stamped at the floor and waits for it.
+        // `PhysicalClock` waits for no promise: the floor only refuses items stamped before
+        // the admission.
+        let timing = self.ordering.timing(self.t);
+        match timing.stability {
+            order::Stability::Lamport => 2 * lockstep_replica::byz::renew_ahead(&timing) + 10_000,
+            order::Stability::Physical => 0,
+        }
+    }
+
+    /// Tombstone each stream that more than t members report idle past the client timeout, at
+    /// most once every 5 s for the same sequence.
+    fn remove_stalled(&mut self, stale: BTreeMap<(String, u64), Vec<u64>>) {
         for ((identity, session), mut seqs) in stale {
             if seqs.len() <= self.t {
                 continue;
@@ -396,31 +425,37 @@ impl ByzMaster {
                 continue;
             }
             self.tombstoned.insert(slot, Instant::now());
-            let note = format!(
-                "removing stalled client stream {identity}/{session} at sequence {seq} (no item for {:?})",
-                self.client_timeout
-            );
-            if self.dir.is_some() {
-                println!("  {note}");
-            } else {
-                tracing::info!(cluster = %self.name, "{note}");
-            }
-            let item = StreamItem {
-                identity,
-                session,
-                seq,
-                ts: now_us(),
-                horizon: 0,
-                era: era_no,
-                body: Some(Body::Tombstone(Tombstone {})),
-            };
-            let signed = lockstep_replica::byz::sign_item(&self.key, &item);
-            submit_all(
-                &self.channels,
-                &self.stream.lock().unwrap_or_else(|e| e.into_inner()).endpoints,
-                signed,
-            );
+            self.tombstone(identity, session, seq);
         }
+    }
+
+    /// Sign a tombstone for client stream `identity`/`session` at `seq` and submit it to every
+    /// member.
+    fn tombstone(&self, identity: String, session: u64, seq: u64) {
+        let note = format!(
+            "removing stalled client stream {identity}/{session} at sequence {seq} (no item for {:?})",
+            self.client_timeout
+        );
+        if self.dir.is_some() {
+            println!("  {note}");
+        } else {
+            tracing::info!(cluster = %self.name, "{note}");
+        }
+        let item = StreamItem {
+            identity,
+            session,
+            seq,
+            ts: now_us(),
+            horizon: 0,
+            era: self.era_number(),
+            body: Some(Body::Tombstone(Tombstone {})),
+        };
+        let signed = lockstep_replica::byz::sign_item(&self.key, &item);
+        submit_all(
+            &self.channels,
+            &self.stream.lock().unwrap_or_else(|e| e.into_inner()).endpoints,
+            signed,
+        );
     }
 
     /// Order a barrier (seal: also seal the runtime) and wait until t+1 members of the current
@@ -834,6 +869,18 @@ async fn state_digest_at(
 
 fn send(stream: &Mutex<StreamState>, key: &SigningKey, body: Body) {
     send_with(stream, key, |_| body);
+}
+
+/// What the members of the current era report about client streams.
+#[derive(Default)]
+struct StreamReports {
+    /// Opens not admitted yet, one per (identity, session).
+    opens: BTreeMap<(String, u64), SignedItem>,
+    /// Per stream idle past the client timeout: the next sequence each member reporting it
+    /// expects.
+    stale: BTreeMap<(String, u64), Vec<u64>>,
+    /// Some member is at a barrier: no admissions or removals then.
+    at_barrier: bool,
 }
 
 /// The admission of a stream, for its timestamp: its floor `floor_lead` after it.

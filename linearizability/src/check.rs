@@ -674,15 +674,35 @@ impl<'h> KeyChecker<'h> {
 
     /// Human-readable account of where the longest linearization found got stuck.
     fn explain(&self, best_path: &[u32]) -> String {
-        let h = self.history;
-        let mut out = String::new();
-        let total_ok = self.n_ok;
-        let n_unknown = self.ops.len() - self.n_ok;
-        // replay the prefix with concrete values
+        let (value, done) = self.replay(best_path);
+        let mut out = self.describe_path(best_path, &value);
+        // the completed ops still pending there, most urgent first
+        let mut pending: Vec<usize> = (0..self.n_ok).filter(|&o| !done[o]).collect();
+        pending.sort_by_key(|&o| (self.ops[o].ret, self.ops[o].call, o));
+        let Some(&first) = pending.first() else {
+            return out;
+        };
+        let horizon = self.ops[first].ret.unwrap_or(u64::MAX);
+        out.push_str("No way on from there; the completed ops still pending (earliest return first):\n");
+        self.describe_pending(&pending, &value, &done, &mut out);
+        let unknown_open = (self.n_ok..self.ops.len())
+            .filter(|&o| !done[o] && self.ops[o].call <= horizon)
+            .count();
+        if unknown_open > 0 {
+            out.push_str(&format!(
+                "({unknown_open} unknown-outcome ops could also take effect there; none helps.)\n"
+            ));
+        }
+        out
+    }
+
+    /// Replays `path` with concrete values: the value the key holds after it, and which
+    /// ops it placed.
+    fn replay(&self, path: &[u32]) -> (Option<String>, Vec<bool>) {
         let mut value: Option<String> = None;
         let mut done = vec![false; self.ops.len()];
-        for &op in best_path {
-            let e = &h[self.ops[op as usize].entry];
+        for &op in path {
+            let e = &self.history[self.ops[op as usize].entry];
             done[op as usize] = true;
             value = match e.op {
                 OpKind::Get => value,
@@ -702,72 +722,46 @@ impl<'h> KeyChecker<'h> {
                 }
             };
         }
+        (value, done)
+    }
+
+    /// How far the longest linearization found got: its last ops and the value after them.
+    fn describe_path(&self, best_path: &[u32], value: &Option<String>) -> String {
+        let h = self.history;
+        let total_ok = self.n_ok;
+        let n_unknown = self.ops.len() - self.n_ok;
         let linearized_ok = best_path.iter().filter(|&&o| (o as usize) < self.n_ok).count();
-        out.push_str(&format!(
+        let mut out = format!(
             "no linearization exists for the {total_ok} completed and {n_unknown} unknown-outcome ops on this key.\n"
-        ));
+        );
         if best_path.is_empty() {
             out.push_str("Not even the first op can be linearized; the key starts absent (null).\n");
-        } else {
-            out.push_str(&format!(
-                "The longest linearization found covers {linearized_ok} of the {total_ok} completed ops; it ends with:\n"
-            ));
-            let tail = best_path.len().saturating_sub(6);
-            if tail > 0 {
-                out.push_str(&format!("  ... ({tail} earlier ops)\n"));
-            }
-            for &op in &best_path[tail..] {
-                let i = self.ops[op as usize].entry;
-                out.push_str(&format!("  {}\n", describe(i, &h[i])));
-            }
-            out.push_str(&format!("after which the key holds {}.\n", show(&value)));
-        }
-        // the completed ops still pending there, most urgent first
-        let mut pending: Vec<usize> = (0..self.n_ok).filter(|&o| !done[o]).collect();
-        pending.sort_by_key(|&o| (self.ops[o].ret, self.ops[o].call, o));
-        let Some(&first) = pending.first() else {
             return out;
-        };
-        let horizon = self.ops[first].ret.unwrap_or(u64::MAX);
-        out.push_str("No way on from there; the completed ops still pending (earliest return first):\n");
-        // the value each not-yet-placed op could write (reads write nothing new)
-        let writes = |o: usize| -> Option<Option<String>> {
-            let e = &h[self.ops[o].entry];
-            match (e.result, e.op) {
-                (_, OpKind::Get) => None,
-                (Outcome::Ok, _) => match ok_transition(e) {
-                    Ok((expect, next)) if expect != next => Some(next),
-                    _ => None,
-                },
-                (_, OpKind::Put) => Some(e.value.clone()),
-                (_, OpKind::Delete) => Some(None),
-                (_, OpKind::Cas) => Some(e.new.clone()),
-            }
-        };
+        }
+        out.push_str(&format!(
+            "The longest linearization found covers {linearized_ok} of the {total_ok} completed ops; it ends with:\n"
+        ));
+        let tail = best_path.len().saturating_sub(6);
+        if tail > 0 {
+            out.push_str(&format!("  ... ({tail} earlier ops)\n"));
+        }
+        for &op in &best_path[tail..] {
+            let i = self.ops[op as usize].entry;
+            out.push_str(&format!("  {}\n", describe(i, &h[i])));
+        }
+        out.push_str(&format!("after which the key holds {}.\n", show(value)));
+        out
+    }
+
+    /// The first few `pending` ops, each with why it cannot come next when the key holds
+    /// `value`.
+    fn describe_pending(&self, pending: &[usize], value: &Option<String>, done: &[bool], out: &mut String) {
         let shown = pending.len().min(8);
         for &o in &pending[..shown] {
             let op = &self.ops[o];
-            let e = &h[op.entry];
+            let e = &self.history[op.entry];
             let why = match ok_transition(e) {
-                Ok((expect, _)) if expect != value => {
-                    let ret = op.ret.unwrap_or(u64::MAX);
-                    let writers = (0..self.ops.len())
-                        .filter(|&w| {
-                            w != o && !done[w] && self.ops[w].call <= ret && writes(w).as_ref() == Some(&expect)
-                        })
-                        .count();
-                    if writers == 0 {
-                        format!(
-                            "needs the key to hold {}, and no op left could write that before it returns",
-                            show(&expect)
-                        )
-                    } else {
-                        format!(
-                            "needs the key to hold {} ({writers} op(s) left could write it, none in a way that works)",
-                            show(&expect)
-                        )
-                    }
-                }
+                Ok((expect, _)) if expect != *value => self.missing_value(o, &expect, done),
                 Ok(_) => "fits here, but then the rest cannot be linearized".to_string(),
                 Err(why) => why,
             };
@@ -776,15 +770,41 @@ impl<'h> KeyChecker<'h> {
         if pending.len() > shown {
             out.push_str(&format!("  ... and {} more\n", pending.len() - shown));
         }
-        let unknown_open = (self.n_ok..self.ops.len())
-            .filter(|&o| !done[o] && self.ops[o].call <= horizon)
+    }
+
+    /// Why ok op `o`, which needs the key to hold `expect`, cannot get it: whether any op
+    /// not `done` could write that value before `o` returns.
+    fn missing_value(&self, o: usize, expect: &Option<String>, done: &[bool]) -> String {
+        let ret = self.ops[o].ret.unwrap_or(u64::MAX);
+        let writers = (0..self.ops.len())
+            .filter(|&w| w != o && !done[w] && self.ops[w].call <= ret && self.writes(w).as_ref() == Some(expect))
             .count();
-        if unknown_open > 0 {
-            out.push_str(&format!(
-                "({unknown_open} unknown-outcome ops could also take effect there; none helps.)\n"
-            ));
+        if writers == 0 {
+            format!(
+                "needs the key to hold {}, and no op left could write that before it returns",
+                show(expect)
+            )
+        } else {
+            format!(
+                "needs the key to hold {} ({writers} op(s) left could write it, none in a way that works)",
+                show(expect)
+            )
         }
-        out
+    }
+
+    /// The value op `o` could write if placed now; `None` if it writes nothing new (reads).
+    fn writes(&self, o: usize) -> Option<Option<String>> {
+        let e = &self.history[self.ops[o].entry];
+        match (e.result, e.op) {
+            (_, OpKind::Get) => None,
+            (Outcome::Ok, _) => match ok_transition(e) {
+                Ok((expect, next)) if expect != next => Some(next),
+                _ => None,
+            },
+            (_, OpKind::Put) => Some(e.value.clone()),
+            (_, OpKind::Delete) => Some(None),
+            (_, OpKind::Cas) => Some(e.new.clone()),
+        }
     }
 }
 
