@@ -531,7 +531,7 @@ fn print_byz_status_table(
         info.stability
     );
     println!(
-        "{:<10} {:<10} {:>5} {:<12} {:>8}  {:<24} EVIDENCE",
+        "{:<10} {:<11} {:>5} {:<12} {:>8}  {:<24} EVIDENCE",
         "ID", "STATE", "ERA", "VERSION", "INDEX", "VOTES agree/differ/silent"
     );
     for ReplicaRow {
@@ -544,7 +544,7 @@ fn print_byz_status_table(
         let evidence = reported.get(&r.id).map_or("-".to_string(), |v| v.join("; "));
         match status {
             Ok(s) => println!(
-                "{:<10} {:<10} {:>5} {:<12} {:>8}  {:<24} {}",
+                "{:<10} {:<11} {:>5} {:<12} {:>8}  {:<24} {}",
                 r.id,
                 s.state,
                 s.epoch,
@@ -554,7 +554,7 @@ fn print_byz_status_table(
                 evidence
             ),
             Err(e) => println!(
-                "{:<10} {:<10} {:>5} {:<12} {:>8}  {:<24} {} ({e})",
+                "{:<10} {:<11} {:>5} {:<12} {:>8}  {:<24} {} ({e})",
                 r.id, "unreachable", "-", "-", "-", votes, evidence
             ),
         }
@@ -676,7 +676,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 /// `lockstep up FILE`: run the cluster in the foreground until Ctrl-C.
 async fn up(cli: &Cli, args: &UpArgs) -> anyhow::Result<()> {
     lockstep_replica::init_tracing(false);
-    let mut injected = std::collections::BTreeMap::new();
+    let mut injected = BTreeMap::new();
     for i in &args.inject {
         let (who, what) = i
             .split_once('=')
