@@ -43,8 +43,17 @@ pub const CLIENT_IDENTITIES_DIR: &str = "/etc/lockstep/client-identities";
 /// Default PVC size when `spec.storage.size` is unset.
 pub const DEFAULT_STORAGE_SIZE: &str = "1Gi";
 
+/// The controller reference every object the operator creates carries. It blocks the
+/// RSM's foreground deletion (`kubectl delete --cascade=foreground`) until the object is
+/// gone, as a StatefulSet's does for its pods: without it the garbage collector may drop the
+/// RSM's `foregroundDeletion` finalizer before it has deleted every pod, and a pod it reaches
+/// after that, while a finalizer of someone else still holds the RSM, is kept (its owner
+/// still exists). Setting it needs `update` on `replicatedstatemachines/finalizers` where
+/// the API server enforces owner-reference permissions (manifests/01-rbac.yaml).
 pub fn owner_reference(rsm: &ReplicatedStateMachine) -> Result<OwnerReference, BuildError> {
-    rsm.controller_owner_ref(&()).ok_or(BuildError::NoUid)
+    let mut owner = rsm.controller_owner_ref(&()).ok_or(BuildError::NoUid)?;
+    owner.block_owner_deletion = Some(true);
+    Ok(owner)
 }
 
 pub(crate) fn meta(rsm: &ReplicatedStateMachine, name: String, component: &str) -> Result<ObjectMeta, BuildError> {
@@ -787,8 +796,8 @@ mod tests {
         );
         let owner = &pod.metadata.owner_references.as_ref().expect("owner")[0];
         assert_eq!(
-            (owner.kind.as_str(), owner.controller),
-            ("ReplicatedStateMachine", Some(true))
+            (owner.kind.as_str(), owner.controller, owner.block_owner_deletion),
+            ("ReplicatedStateMachine", Some(true), Some(true))
         );
         let vol = &spec.volumes.as_ref().expect("volumes")[0];
         assert_eq!(
