@@ -1288,13 +1288,32 @@ pub fn build(
     cfg: ByzConfig,
     factory: crate::machine::MachineFactory,
 ) -> anyhow::Result<(Arc<ByzShared>, ByzServices)> {
-    use anyhow::Context;
-    let key_path = cfg
-        .key_file
-        .clone()
+    let signing = signing_key(args, cfg.key_file.as_ref())?;
+    let directory = match &cfg.client_identities {
+        Some(dir) => keys::load_identity_dir(dir)?,
+        None => BTreeMap::new(),
+    };
+    let (storage, recovered) = open_storage(args)?;
+    let recovery = recover(args, &cfg, directory, &storage, recovered, factory)?;
+    tracing::info!(id = %args.id, index = recovery.core.index, "recovered from disk; waiting for an era from the configuration master");
+    let shared = share(args, cfg, signing, storage, recovery);
+    {
+        let index = shared.lock().index;
+        *shared.durable.lock().unwrap_or_else(|e| e.into_inner()) = index;
+    }
+    tokio::spawn(ticker(shared.clone()));
+    let services = ByzServices { shared: shared.clone() };
+    Ok((shared, services))
+}
+
+/// The replica's signing key (`key_file`, or one made on first start in the data directory),
+/// its public half written beside it.
+fn signing_key(args: &crate::ReplicaArgs, key_file: Option<&PathBuf>) -> anyhow::Result<SigningKey> {
+    let key_path = key_file
+        .cloned()
         .unwrap_or_else(|| args.data_dir.join(keys::REPLICA_KEY_FILE));
     std::fs::create_dir_all(&args.data_dir)?;
-    let signing = if cfg.key_file.is_some() {
+    let signing = if key_file.is_some() {
         keys::load_signing_key(&key_path)?
     } else {
         keys::load_or_create_signing_key(&key_path)?
@@ -1303,10 +1322,12 @@ pub fn build(
         &args.data_dir.join(keys::REPLICA_PUB_FILE),
         keys::encode_key(&signing.verifying_key().to_bytes()).as_bytes(),
     )?;
-    let directory = match &cfg.client_identities {
-        Some(dir) => keys::load_identity_dir(dir)?,
-        None => BTreeMap::new(),
-    };
+    Ok(signing)
+}
+
+/// The data directory's storage, which must be this replica's (a fresh one becomes it).
+fn open_storage(args: &crate::ReplicaArgs) -> anyhow::Result<(crate::storage::Storage, crate::storage::Recovered)> {
+    use anyhow::Context;
     let opts = crate::storage::StorageOptions {
         fsync: !args.no_fsync,
         ..Default::default()
@@ -1322,6 +1343,27 @@ pub fn build(
         Some(_) => {}
         None => storage.save_identity(&args.id)?,
     }
+    Ok((storage, recovered))
+}
+
+/// What a replica rebuilt from its disk.
+struct Recovery {
+    core: Core,
+    log: super::recovery::RecoveredLog,
+    snapshot_index: u64,
+    left_era: u64,
+}
+
+/// The ordering core rebuilt from the snapshot and log on disk, and what a recovery era may
+/// need of them.
+fn recover(
+    args: &crate::ReplicaArgs,
+    cfg: &ByzConfig,
+    directory: BTreeMap<String, ed25519_dalek::VerifyingKey>,
+    storage: &crate::storage::Storage,
+    recovered: crate::storage::Recovered,
+    factory: crate::machine::MachineFactory,
+) -> anyhow::Result<Recovery> {
     let runtime = crate::runtime::Runtime::new(factory());
     let mut core = Core::new(args.id.clone(), runtime, cfg.master_public_key, directory);
     core.reorder = cfg.inject == Some(Behaviour::Reorder);
@@ -1333,23 +1375,31 @@ pub fn build(
         tracing::warn!(error = %e, "cannot read the snapshot before the newest; recovery starts from the newest");
         None
     });
-    let recovered_log = super::recovery::RecoveredLog::new(recovered.snapshot, recovered.entries, earlier, factory);
+    let log = super::recovery::RecoveredLog::new(recovered.snapshot, recovered.entries, earlier, factory);
     let left_era = super::recovery::left_era(&args.data_dir.join(ERA_FILE))?;
-    tracing::info!(id = %args.id, index = core.index, "recovered from disk; waiting for an era from the configuration master");
+    Ok(Recovery {
+        core,
+        log,
+        snapshot_index,
+        left_era,
+    })
+}
+
+/// The state the services and tasks share, with the storage writer whose durable batches it
+/// hears of.
+fn share(
+    args: &crate::ReplicaArgs,
+    cfg: ByzConfig,
+    signing: SigningKey,
+    storage: crate::storage::Storage,
+    recovery: Recovery,
+) -> Arc<ByzShared> {
     let (applied_tx, _) = broadcast::channel(4096);
-    let shared = Arc::new_cyclic(|weak: &std::sync::Weak<ByzShared>| {
-        let weak = weak.clone();
-        let writer = crate::writer::spawn(
-            storage,
-            Box::new(move |durable, written, started| {
-                let Some(shared) = weak.upgrade() else { return };
-                shared.metrics.observe_batch(written, started.elapsed());
-                shared.on_durable(durable);
-            }),
-        );
+    Arc::new_cyclic(|weak: &std::sync::Weak<ByzShared>| {
+        let writer = spawn_writer(storage, weak.clone());
         ByzShared {
             id: args.id.clone(),
-            core: Mutex::new(core),
+            core: Mutex::new(recovery.core),
             signing,
             master_key: cfg.master_public_key,
             writer,
@@ -1364,25 +1414,30 @@ pub fn build(
             applied_tx,
             metrics: Metrics::default(),
             data_dir: args.data_dir.clone(),
-            ordering: cfg.ordering.clone(),
-            transport: cfg.transport.clone(),
+            ordering: cfg.ordering,
+            transport: cfg.transport,
             inject: cfg.inject,
             snapshot_every: args.snapshot_every.max(1),
-            last_snapshot: Mutex::new(snapshot_index),
+            last_snapshot: Mutex::new(recovery.snapshot_index),
             era_lock: tokio::sync::Mutex::new(()),
             signed_era: Mutex::new(Vec::new()),
-            recovered: Mutex::new(Some(recovered_log)),
-            left_era,
+            recovered: Mutex::new(Some(recovery.log)),
+            left_era: recovery.left_era,
             late_warned: AtomicU64::new(0),
         }
-    });
-    {
-        let index = shared.lock().index;
-        *shared.durable.lock().unwrap_or_else(|e| e.into_inner()) = index;
-    }
-    tokio::spawn(ticker(shared.clone()));
-    let services = ByzServices { shared: shared.clone() };
-    Ok((shared, services))
+    })
+}
+
+/// The storage writer; each durable batch is counted and handed to the replica.
+fn spawn_writer(storage: crate::storage::Storage, weak: std::sync::Weak<ByzShared>) -> WriterHandle {
+    crate::writer::spawn(
+        storage,
+        Box::new(move |durable, written, started| {
+            let Some(shared) = weak.upgrade() else { return };
+            shared.metrics.observe_batch(written, started.elapsed());
+            shared.on_durable(durable);
+        }),
+    )
 }
 
 /// `/healthz`, `/readyz` (a member of an era, not at a barrier) and `/metrics`.
