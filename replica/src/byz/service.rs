@@ -436,85 +436,145 @@ fn spawn_relay_sender(
     endpoint: String,
     era: u64,
 ) -> mpsc::UnboundedSender<Relayed> {
-    let (tx, mut rx) = mpsc::unbounded_channel::<Relayed>();
+    let (tx, rx) = mpsc::unbounded_channel::<Relayed>();
     tokio::spawn(async move {
         let Some(channel) = crate::peers::connect_lazy(&shared.transport, &endpoint) else {
             tracing::error!(peer, endpoint, "invalid peer endpoint");
             return;
         };
-        let mut client = ByzantineClient::new(channel)
+        let client = ByzantineClient::new(channel)
             .max_decoding_message_size(lockstep_proto::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(lockstep_proto::MAX_MESSAGE_BYTES);
         let replay = shared.injected(Behaviour::ReplayRequests);
         let forge = shared.injected(Behaviour::ForgeRequests);
-        let mut history: Vec<Relayed> = Vec::new();
-        // What this peer has not acknowledged yet, oldest first. A relay that fails (the peer
-        // is not up yet, its name does not resolve yet, it has not started this era yet) is
-        // sent again: a replica that misses relays can never execute past the gap.
-        let mut pending: VecDeque<Relayed> = VecDeque::new();
-        let mut failures = 0u32;
+        RelaySender {
+            shared,
+            peer,
+            era,
+            client,
+            rx,
+            replay,
+            forge,
+            history: Vec::new(),
+            pending: VecDeque::new(),
+            failures: 0,
+        }
+        .run()
+        .await;
+    });
+    tx
+}
+
+/// The task that relays items to one peer for one era.
+struct RelaySender {
+    shared: Arc<ByzShared>,
+    peer: String,
+    era: u64,
+    client: ByzantineClient<tonic::transport::Channel>,
+    rx: mpsc::UnboundedReceiver<Relayed>,
+    /// Fault injection: send what was relayed before again.
+    replay: bool,
+    /// Fault injection: add forged items.
+    forge: bool,
+    history: Vec<Relayed>,
+    /// What this peer has not acknowledged yet, oldest first. A relay that fails (the peer
+    /// is not up yet, its name does not resolve yet, it has not started this era yet) is
+    /// sent again: a replica that misses relays can never execute past the gap.
+    pending: VecDeque<Relayed>,
+    /// Failed relays in a row.
+    failures: u32,
+}
+
+impl RelaySender {
+    /// Until the channel closes or the era ends: gather what is pending, send a batch of it.
+    async fn run(mut self) {
         loop {
-            if pending.is_empty() {
-                match rx.recv().await {
-                    Some(r) => pending.push_back(r),
-                    None => return,
-                }
+            if !self.gather().await {
+                return;
             }
-            while let Ok(r) = rx.try_recv() {
-                pending.push_back(r);
-            }
-            if pending.len() > RELAY_BACKLOG {
-                let dropped = pending.len() - RELAY_BACKLOG;
-                pending.drain(..dropped);
-                tracing::warn!(
-                    peer,
-                    dropped,
-                    "relay backlog full: oldest relays dropped (the peer will need a new era to catch up)"
-                );
-            }
-            let take = relay_batch_len(&pending);
-            let mut items: Vec<Relayed> = pending.iter().take(take).cloned().collect();
-            sign_relays(&shared.id, &shared.signing, era, &mut items);
-            if replay {
-                // Send what was relayed before again, alongside the new items.
-                let old: Vec<Relayed> = history.iter().take(8).cloned().collect();
-                history.extend(items.iter().cloned());
-                history.truncate(1000);
-                items.extend(old);
-            }
-            if forge {
-                items.extend(forgeries(&shared, &items));
-            }
-            let applied_index = shared.lock().index;
-            let batch = RelayBatch {
-                from: shared.id.clone(),
-                era,
-                applied_index,
-                items,
-                retry: failures > 0,
-            };
-            let mut req = Request::new(batch);
-            req.set_timeout(Duration::from_secs(2));
-            match client.relay(req).await {
-                Ok(_) => {
-                    pending.drain(..take);
-                    failures = 0;
-                }
-                Err(status) => {
-                    failures += 1;
-                    if failures == 1 || failures.is_multiple_of(100) {
-                        tracing::warn!(peer, failures, backlog = pending.len(), error = %status.message(), "relay failed: will retry");
-                    }
-                    let backoff = Duration::from_millis(20u64 << failures.min(7)).min(Duration::from_secs(2));
-                    tokio::time::sleep(backoff).await;
-                }
-            }
-            if shared.lock().era.as_ref().map_or(0, |e| e.number) != era {
+            self.trim_backlog();
+            let take = relay_batch_len(&self.pending);
+            let items = self.batch_items(take);
+            self.send(take, items).await;
+            if self.shared.lock().era.as_ref().map_or(0, |e| e.number) != self.era {
                 return;
             }
         }
-    });
-    tx
+    }
+
+    /// With nothing pending, wait for a relay; then take every one queued (false: the channel
+    /// is closed).
+    async fn gather(&mut self) -> bool {
+        if self.pending.is_empty() {
+            match self.rx.recv().await {
+                Some(r) => self.pending.push_back(r),
+                None => return false,
+            }
+        }
+        while let Ok(r) = self.rx.try_recv() {
+            self.pending.push_back(r);
+        }
+        true
+    }
+
+    /// Past [`RELAY_BACKLOG`], drop the oldest relays.
+    fn trim_backlog(&mut self) {
+        if self.pending.len() > RELAY_BACKLOG {
+            let dropped = self.pending.len() - RELAY_BACKLOG;
+            self.pending.drain(..dropped);
+            tracing::warn!(
+                peer = self.peer,
+                dropped,
+                "relay backlog full: oldest relays dropped (the peer will need a new era to catch up)"
+            );
+        }
+    }
+
+    /// The first `take` pending relays, signed for this era (with the injected faults).
+    fn batch_items(&mut self, take: usize) -> Vec<Relayed> {
+        let mut items: Vec<Relayed> = self.pending.iter().take(take).cloned().collect();
+        sign_relays(&self.shared.id, &self.shared.signing, self.era, &mut items);
+        if self.replay {
+            // Send what was relayed before again, alongside the new items.
+            let old: Vec<Relayed> = self.history.iter().take(8).cloned().collect();
+            self.history.extend(items.iter().cloned());
+            self.history.truncate(1000);
+            items.extend(old);
+        }
+        if self.forge {
+            items.extend(forgeries(&self.shared, &items));
+        }
+        items
+    }
+
+    /// Send `items`: acknowledged, the first `take` pending relays are done; failed, back off.
+    async fn send(&mut self, take: usize, items: Vec<Relayed>) {
+        let applied_index = self.shared.lock().index;
+        let batch = RelayBatch {
+            from: self.shared.id.clone(),
+            era: self.era,
+            applied_index,
+            items,
+            retry: self.failures > 0,
+        };
+        let mut req = Request::new(batch);
+        req.set_timeout(Duration::from_secs(2));
+        match self.client.relay(req).await {
+            Ok(_) => {
+                self.pending.drain(..take);
+                self.failures = 0;
+            }
+            Err(status) => {
+                self.failures += 1;
+                let failures = self.failures;
+                if failures == 1 || failures.is_multiple_of(100) {
+                    tracing::warn!(peer = self.peer, failures, backlog = self.pending.len(), error = %status.message(), "relay failed: will retry");
+                }
+                let backoff = Duration::from_millis(20u64 << failures.min(7)).min(Duration::from_secs(2));
+                tokio::time::sleep(backoff).await;
+            }
+        }
+    }
 }
 
 /// How many of the oldest pending relays go in the next message: at most [`RELAY_BATCH`] and
