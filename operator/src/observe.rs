@@ -1,7 +1,7 @@
 //! Observe: the replica pods, their volumes and nodes (from watch caches, or the API in
 //! tests), and each replica's own view through its Admin.Status call.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 
 use k8s_openapi::api::core::v1::{ConfigMap, Node, PersistentVolumeClaim, Pod, Service};
@@ -11,6 +11,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams};
 use kube::runtime::reflector::Store;
 use kube::{Client, ResourceExt};
+use lockstep_proto::StatusResponse;
 use lockstep_resource::ReplicatedStateMachine;
 
 use crate::admin::ReplicaAdmin;
@@ -162,15 +163,47 @@ pub async fn world(
     let ns = rsm.namespace().unwrap_or_default();
     let cluster = rsm.name_any();
     let (pods, pvcs, nodes) = owned(client, source, &ns, &cluster).await?;
-    let component = |p: &Pod| p.labels().get(names::COMPONENT_LABEL).cloned().unwrap_or_default();
-    let (replica_pods, stage_pods): (Vec<Pod>, Vec<Pod>) = pods
-        .into_iter()
-        .filter(|p| component(p) == names::COMPONENT_REPLICA || component(p) == names::COMPONENT_STAGE)
-        .partition(|p| component(p) == names::COMPONENT_REPLICA);
-
+    let (replica_pods, stage_pods) = replicas_and_stages(pods);
     if let Some(l) = liveness {
         l.watch(rsm, &replica_pods);
     }
+    let answers = statuses(admin, mode, pki, rsm, &replica_pods).await;
+    let view = ReplicaView {
+        rsm,
+        liveness,
+        nodes: &nodes,
+        tuning,
+        now,
+    };
+    let replicas = view.observe(replica_pods, answers, unreachable);
+    Ok(World {
+        replicas,
+        stage_pods,
+        terminating_pvcs: terminating_claims(&pvcs, rsm),
+        owned_pvcs: owned_claims(&pvcs, rsm),
+        pvcs: pvcs.iter().map(|p| p.name_any()).collect(),
+        disk_restarts: disk_restarts(&pvcs),
+        now: Some(now),
+    })
+}
+
+/// The replica pods and the image pre-pull pods of the cluster (other pods are dropped).
+fn replicas_and_stages(pods: Vec<Pod>) -> (Vec<Pod>, Vec<Pod>) {
+    let component = |p: &Pod| p.labels().get(names::COMPONENT_LABEL).cloned().unwrap_or_default();
+    pods.into_iter()
+        .filter(|p| component(p) == names::COMPONENT_REPLICA || component(p) == names::COMPONENT_STAGE)
+        .partition(|p| component(p) == names::COMPONENT_REPLICA)
+}
+
+/// Each replica's Admin.Status answer, asked of all at once (`None`: not asked, the pod has
+/// no admin address).
+async fn statuses(
+    admin: &dyn ReplicaAdmin,
+    mode: AdminAddress,
+    pki: Option<&crate::tls::Pki>,
+    rsm: &ReplicatedStateMachine,
+    replica_pods: &[Pod],
+) -> Vec<Option<Result<StatusResponse, String>>> {
     let calls = replica_pods.iter().map(|pod| {
         let addr = admin_address(pod, rsm, mode).map(|a| crate::tls::admin_target(rsm, pod, a, pki));
         async move {
@@ -180,13 +213,56 @@ pub async fn world(
             }
         }
     });
-    let answers = futures::future::join_all(calls).await;
+    futures::future::join_all(calls).await
+}
 
-    let mut replicas = Vec::with_capacity(replica_pods.len());
-    let mut silent = unreachable.lock().unwrap_or_else(|e| e.into_inner());
-    for (pod, answer) in replica_pods.into_iter().zip(answers) {
+/// What a reconcile knows besides the replica pods and their answers.
+struct ReplicaView<'a> {
+    rsm: &'a ReplicatedStateMachine,
+    liveness: Option<&'a Liveness>,
+    nodes: &'a HashMap<String, Node>,
+    tuning: &'a Tuning,
+    now: Timestamp,
+}
+
+impl ReplicaView<'_> {
+    /// One observation per replica pod; `unreachable` (held throughout) keeps since when each
+    /// replica has failed to answer.
+    fn observe(
+        &self,
+        replica_pods: Vec<Pod>,
+        answers: Vec<Option<Result<StatusResponse, String>>>,
+        unreachable: &Mutex<HashMap<String, (Timestamp, Timestamp)>>,
+    ) -> Vec<ReplicaObservation> {
+        let mut replicas = Vec::with_capacity(replica_pods.len());
+        let mut silent = unreachable.lock().unwrap_or_else(|e| e.into_inner());
+        for (pod, answer) in replica_pods.into_iter().zip(answers) {
+            let admin = self.admin(&pod, answer, &mut silent);
+            let node_lost = self.node_lost(&pod);
+            let connection_lost = self.liveness.is_some_and(|l| l.connection_lost(self.rsm, &pod));
+            replicas.push(ReplicaObservation {
+                pod,
+                admin,
+                node_lost,
+                connection_lost,
+            });
+        }
+        // Forget replicas not seen failing for ten minutes (deleted pods, other clusters' gone).
+        let now = self.now;
+        silent.retain(|_, (_, last)| now.as_second().saturating_sub(last.as_second()) < 600);
+        drop(silent);
+        replicas
+    }
+
+    /// The replica's answer, and since when it has failed in a row (kept in `silent`).
+    fn admin(
+        &self,
+        pod: &Pod,
+        answer: Option<Result<StatusResponse, String>>,
+        silent: &mut HashMap<String, (Timestamp, Timestamp)>,
+    ) -> Admin {
         let key = pod.uid().unwrap_or_else(|| pod.name_any());
-        let admin = match answer {
+        match answer {
             None => {
                 silent.remove(&key);
                 Admin::NotAsked
@@ -194,62 +270,57 @@ pub async fn world(
             Some(Ok(s)) => {
                 let s = Box::new(s);
                 silent.remove(&key);
-                if let Some(l) = liveness {
-                    l.answered(rsm, &pod);
+                if let Some(l) = self.liveness {
+                    l.answered(self.rsm, pod);
                 }
                 Admin::Answered(s)
             }
             Some(Err(error)) => {
-                let entry = silent.entry(key).or_insert((now, now));
-                entry.1 = now;
+                let entry = silent.entry(key).or_insert((self.now, self.now));
+                entry.1 = self.now;
                 Admin::Failed { error, since: entry.0 }
             }
-        };
-        let node_lost = pod
-            .spec
+        }
+    }
+
+    /// Why the pod's node counts as lost (with no nodes known, none is).
+    fn node_lost(&self, pod: &Pod) -> Option<String> {
+        pod.spec
             .as_ref()
             .and_then(|s| s.node_name.as_deref())
-            .and_then(|n| match nodes.get(n) {
-                Some(node) => node_lost(node, now, tuning),
-                None if !nodes.is_empty() => Some(format!("node {n} no longer exists")),
+            .and_then(|n| match self.nodes.get(n) {
+                Some(node) => node_lost(node, self.now, self.tuning),
+                None if !self.nodes.is_empty() => Some(format!("node {n} no longer exists")),
                 None => None,
-            });
-        let connection_lost = liveness.is_some_and(|l| l.connection_lost(rsm, &pod));
-        replicas.push(ReplicaObservation {
-            pod,
-            admin,
-            node_lost,
-            connection_lost,
-        });
-    }
-    // Forget replicas not seen failing for ten minutes (deleted pods, other clusters' gone).
-    silent.retain(|_, (_, last)| now.as_second().saturating_sub(last.as_second()) < 600);
-    drop(silent);
-    Ok(World {
-        replicas,
-        stage_pods,
-        // A claim still owned by a deleted RSM of the same name is about to be collected.
-        terminating_pvcs: pvcs
-            .iter()
-            .filter(|p| p.metadata.deletion_timestamp.is_some() || crate::adopt::owned_by_other(p, rsm))
-            .map(|p| p.name_any())
-            .collect(),
-        owned_pvcs: pvcs
-            .iter()
-            .filter(|p| crate::adopt::owned_by(p, rsm))
-            .map(|p| p.name_any())
-            .collect(),
-        pvcs: pvcs.iter().map(|p| p.name_any()).collect(),
-        disk_restarts: pvcs
-            .iter()
-            .filter_map(|p| {
-                let id = p.name_any().strip_prefix("data-")?.to_string();
-                let n = p.annotations().get(names::DISK_RESTARTS_ANNOTATION)?.parse().ok()?;
-                Some((id, n))
             })
-            .collect(),
-        now: Some(now),
-    })
+    }
+}
+
+/// Claims being deleted; a claim still owned by a deleted RSM of the same name is about to be
+/// collected.
+fn terminating_claims(pvcs: &[PersistentVolumeClaim], rsm: &ReplicatedStateMachine) -> Vec<String> {
+    pvcs.iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_some() || crate::adopt::owned_by_other(p, rsm))
+        .map(|p| p.name_any())
+        .collect()
+}
+
+fn owned_claims(pvcs: &[PersistentVolumeClaim], rsm: &ReplicatedStateMachine) -> Vec<String> {
+    pvcs.iter()
+        .filter(|p| crate::adopt::owned_by(p, rsm))
+        .map(|p| p.name_any())
+        .collect()
+}
+
+/// Per replica id, the quick restarts from disk its claim's annotation counts.
+fn disk_restarts(pvcs: &[PersistentVolumeClaim]) -> BTreeMap<String, u32> {
+    pvcs.iter()
+        .filter_map(|p| {
+            let id = p.name_any().strip_prefix("data-")?.to_string();
+            let n = p.annotations().get(names::DISK_RESTARTS_ANNOTATION)?.parse().ok()?;
+            Some((id, n))
+        })
+        .collect()
 }
 
 #[cfg(test)]

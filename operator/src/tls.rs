@@ -572,13 +572,8 @@ pub async fn renew(
                 let patch = serde_json::json!({
                     "metadata": { "annotations": { TLS_RENEW_ANNOTATION: due.to_string() } }
                 });
-                match pods.patch(&id, &PatchParams::default(), &Patch::Merge(&patch)).await {
-                    // Deleted since the cache saw it: its successor gets a fresh certificate.
-                    Err(kube::Error::Api(s)) if s.code == 404 => {}
-                    other => {
-                        other?;
-                    }
-                }
+                // Deleted since the cache saw it: its successor gets a fresh certificate.
+                tolerate_gone(pods.patch(&id, &PatchParams::default(), &Patch::Merge(&patch)).await)?;
                 due
             }
         };
@@ -621,15 +616,37 @@ pub async fn rotate_ca(
 ) -> Result<Arc<Pki>, Error> {
     let who = key(rsm);
     let now = Timestamp::now();
+    let until = now + ctx.ca_trust_settle;
     let old_ca = old.ca(&who)?;
     let cas = Cas {
         ca: Ca::generate(&who).map_err(|e| tls_error(&who, e))?,
         previous: Some(Ca::from_pem(old_ca.pem(), &old_ca.key_pem()).map_err(|e| tls_error(&who, e))?),
-        settle_until: Some(now + ctx.ca_trust_settle),
+        settle_until: Some(until),
     };
-    let until = now + ctx.ca_trust_settle;
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
-    let b64 = |v: &str| ByteString(v.as_bytes().to_vec());
+    store_rotated(&secrets, rsm, &cas, old_ca, now).await?;
+    tracing::info!(object = %who, settle_until = %until,
+        "TLS: the RSM's CA is past 2/3 of its life: a new CA, trusted beside the old one from now on; \
+         certificates come from it once every replica has the new trust bundle");
+    let pki = rotated_pki(cas, old, until, &who)?;
+    spread_trust(ctx, rsm, ns, world, &secrets, &pki.trust, until).await?;
+    let pki = Arc::new(pki);
+    ctx.pki.insert(rsm, pki.clone());
+    Ok(pki)
+}
+
+fn b64(v: &str) -> ByteString {
+    ByteString(v.as_bytes().to_vec())
+}
+
+/// The new CA as current in the CA Secret, the old one as previous, rotated `now`.
+async fn store_rotated(
+    secrets: &Api<Secret>,
+    rsm: &ReplicatedStateMachine,
+    cas: &Cas,
+    old_ca: &Ca,
+    now: Timestamp,
+) -> Result<(), Error> {
     let ca_data = serde_json::json!({ "data": {
         CA_CRT: b64(cas.ca.pem()),
         CA_KEY: b64(&cas.ca.key_pem()),
@@ -644,10 +661,12 @@ pub async fn rotate_ca(
             &Patch::Merge(&ca_data),
         )
         .await?;
-    tracing::info!(object = %who, settle_until = %until,
-        "TLS: the RSM's CA is past 2/3 of its life: a new CA, trusted beside the old one from now on; \
-         certificates come from it once every replica has the new trust bundle");
-    // The admin identity keeps its certificate (from the old CA) and trusts both.
+    Ok(())
+}
+
+/// The RSM's PKI after a rotation to `cas`, everything due at `until`. The admin identity
+/// keeps its certificate (from the old CA) and trusts both.
+fn rotated_pki(cas: Cas, old: &Pki, until: Timestamp, who: &str) -> Result<Pki, Error> {
     let pki = Pki {
         trust: cas.trust(),
         ca: Some(cas.ca),
@@ -658,20 +677,27 @@ pub async fn rotate_ca(
         admin_due: Mutex::new(Some(until)),
         waiting: Mutex::default(),
     };
-    let (leaf, _) = pki.issue(&PeerIdentity::new(Role::Admin, ADMIN_NAME), &[], &who)?;
+    let (leaf, _) = pki.issue(&PeerIdentity::new(Role::Admin, ADMIN_NAME), &[], who)?;
     pki.admin
         .reissue(pki.trust.as_bytes(), leaf.cert.as_bytes(), leaf.key.as_bytes())
-        .map_err(|e| tls_error(&who, e))?;
-    let trust = serde_json::json!({ "data": { CA_CRT: b64(&pki.trust) } });
+        .map_err(|e| tls_error(who, e))?;
+    Ok(pki)
+}
+
+/// The `trust` bundle into every running TLS replica's certificate Secret (its pod due at
+/// `until`) and the client Secret.
+async fn spread_trust(
+    ctx: &Context,
+    rsm: &ReplicatedStateMachine,
+    ns: &str,
+    world: &World,
+    secrets: &Api<Secret>,
+    trust: &str,
+    until: Timestamp,
+) -> Result<(), Error> {
+    let trust = serde_json::json!({ "data": { CA_CRT: b64(trust) } });
     let due = serde_json::json!({ "metadata": { "annotations": { TLS_RENEW_ANNOTATION: until.to_string() } } });
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
-    // Deleted since the cache saw it: its successor gets the bundle when it is made.
-    fn tolerate_gone<T>(r: Result<T, kube::Error>) -> Result<(), kube::Error> {
-        match r {
-            Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
-            other => other.map(|_| ()),
-        }
-    }
     for pod in world.replicas.iter().map(|r| &r.pod) {
         if runs_plaintext(pod) || pod.metadata.deletion_timestamp.is_some() {
             continue;
@@ -697,9 +723,15 @@ pub async fn rotate_ca(
             )
             .await,
     )?;
-    let pki = Arc::new(pki);
-    ctx.pki.insert(rsm, pki.clone());
-    Ok(pki)
+    Ok(())
+}
+
+/// Deleted since the cache saw it: its successor gets what it needs when it is made.
+fn tolerate_gone<T>(r: Result<T, kube::Error>) -> Result<(), kube::Error> {
+    match r {
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        other => other.map(|_| ()),
+    }
 }
 
 /// The DNS names a replica is dialled by: its pod in the peers Service (members, the

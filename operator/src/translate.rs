@@ -572,15 +572,59 @@ mod tests {
         Timestamp::from_second(1_700_000_000 + secs).unwrap_or(Timestamp::UNIX_EPOCH)
     }
 
-    #[test]
-    fn fail_stop_detector() {
-        let t = Tuning::default();
-        let obs = |pod: Pod, admin: Admin, node_lost: Option<String>| ReplicaObservation {
+    fn obs(pod: Pod, admin: Admin, node_lost: Option<String>) -> ReplicaObservation {
+        ReplicaObservation {
             pod,
             admin,
             node_lost,
             connection_lost: false,
+        }
+    }
+
+    /// The admin call has failed since `since`.
+    fn silent(since: Timestamp) -> Admin {
+        Admin::Failed {
+            error: "connection refused".into(),
+            since,
+        }
+    }
+
+    /// The pod's spec names `to` while its container still runs `from` (a rollout's in-place
+    /// restart as the kubelet reports it).
+    fn restart_in_place(p: &mut Pod, from: &str, to: &str) {
+        p.spec = Some(k8s_openapi::api::core::v1::PodSpec {
+            containers: vec![k8s_openapi::api::core::v1::Container {
+                name: names::REPLICA_CONTAINER.into(),
+                image: Some(to.into()),
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        if let Some(c) = p
+            .status
+            .as_mut()
+            .and_then(|s| s.container_statuses.as_mut())
+            .and_then(|cs| cs.first_mut())
+        {
+            c.image = from.into();
+        }
+    }
+
+    /// A replica that closed the operator's connection and refuses new ones.
+    fn gone() -> ReplicaObservation {
+        let refused = Admin::Failed {
+            error: "connect http://10.0.0.1:7000: transport error: tcp connect error: Connection refused".into(),
+            since: at(100),
         };
+        ReplicaObservation {
+            connection_lost: true,
+            ..obs(pod("Running", at(95)), refused, None)
+        }
+    }
+
+    #[test]
+    fn fail_stop_detector() {
+        let t = Tuning::default();
         let answered = Admin::Answered(Box::default());
         assert_eq!(
             classify(&obs(pod("Running", at(0)), answered.clone(), None), at(100), &t),
@@ -600,11 +644,12 @@ mod tests {
             classify(&obs(deleting, answered, None), at(100), &t),
             Health::Failed { .. }
         ));
+    }
+
+    #[test]
+    fn a_silent_replica_fails_after_its_grace() {
+        let t = Tuning::default();
         // Silent for 10s: still starting. Silent for 40s after a minute of uptime: failed.
-        let silent = |since| Admin::Failed {
-            error: "connection refused".into(),
-            since,
-        };
         assert_eq!(
             classify(&obs(pod("Running", at(0)), silent(at(90)), None), at(100), &t),
             Health::Starting
@@ -622,46 +667,35 @@ mod tests {
             classify(&obs(pod("Pending", at(0)), Admin::NotAsked, None), at(100), &t),
             Health::Starting
         );
+    }
+
+    #[test]
+    fn a_lost_connection_that_is_refused_is_a_gone_process() {
+        let t = Tuning::default();
         // The replica closed the operator's connection and refuses new ones: its process is
         // gone, whatever its uptime. A closed connection alone (it still answers, or fails
         // in another way) is not enough.
-        let refused = Admin::Failed {
-            error: "connect http://10.0.0.1:7000: transport error: tcp connect error: Connection refused".into(),
-            since: at(100),
-        };
-        let mut gone = obs(pod("Running", at(95)), refused.clone(), None);
-        gone.connection_lost = true;
+        let mut gone = gone();
         assert!(matches!(
             classify(&gone, at(100), &t),
             Health::Failed { reason } if reason.contains("process gone")
         ));
-        assert_eq!(
-            classify(&obs(pod("Running", at(95)), refused, None), at(100), &t),
-            Health::Starting
-        );
-        // A rollout's in-place restart (spec names the new image, the container still the
-        // old one) closes the connection too: not a death.
-        let mut restarting = gone.clone();
-        restarting.pod.spec = Some(k8s_openapi::api::core::v1::PodSpec {
-            containers: vec![k8s_openapi::api::core::v1::Container {
-                name: names::REPLICA_CONTAINER.into(),
-                image: Some("img:2".into()),
-                ..Default::default()
-            }],
-            ..Default::default()
-        });
-        if let Some(c) = restarting
-            .pod
-            .status
-            .as_mut()
-            .and_then(|s| s.container_statuses.as_mut())
-            .and_then(|cs| cs.first_mut())
-        {
-            c.image = "img:1".into();
-        }
-        assert_eq!(classify(&restarting, at(100), &t), Health::Starting);
+        let still_connected = ReplicaObservation {
+            connection_lost: false,
+            ..gone.clone()
+        };
+        assert_eq!(classify(&still_connected, at(100), &t), Health::Starting);
         gone.admin = silent(at(100));
         assert_eq!(classify(&gone, at(100), &t), Health::Starting);
+    }
+
+    #[test]
+    fn a_rollout_restart_closing_the_connection_is_not_a_death() {
+        // A rollout's in-place restart (spec names the new image, the container still the
+        // old one) closes the connection too.
+        let mut restarting = gone();
+        restart_in_place(&mut restarting.pod, "img:1", "img:2");
+        assert_eq!(classify(&restarting, at(100), &Tuning::default()), Health::Starting);
     }
 
     #[test]
@@ -681,22 +715,7 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
         );
-        p.spec = Some(k8s_openapi::api::core::v1::PodSpec {
-            containers: vec![k8s_openapi::api::core::v1::Container {
-                name: names::REPLICA_CONTAINER.into(),
-                image: Some("img:2".into()),
-                ..Default::default()
-            }],
-            ..Default::default()
-        });
-        if let Some(c) = p
-            .status
-            .as_mut()
-            .and_then(|s| s.container_statuses.as_mut())
-            .and_then(|cs| cs.first_mut())
-        {
-            c.image = "docker.io/library/img:1".into();
-        }
+        restart_in_place(&mut p, "docker.io/library/img:1", "img:2");
         // From the pod alone it looks like the restart never happened (the old bug: sealed
         // forever).
         assert_eq!(pod_machine(&p).version, "1.0.0");

@@ -267,6 +267,12 @@ impl Plan {
         }
         self.actions.push(Action::Reconfigure { config, notify });
     }
+
+    /// The cluster is degraded: `why` is both the condition and the summary.
+    fn degrade(&mut self, why: String) {
+        self.conditions.degraded = Some(why.clone());
+        self.summary = why;
+    }
 }
 
 /// Replica ids are `{prefix}-{ordinal}`.
@@ -379,58 +385,83 @@ pub fn plan(prefix: &str, desired: &Desired, observed: &Observed) -> Plan {
 
 /// Step 1: Fence failed members: the next epoch leaves them out (true: this round is decided).
 fn fence_failed(observed: &Observed, config: &Config, p: &mut Plan) -> bool {
-    let failed: Vec<(&ConfigMember, String)> = config
-        .members
-        .iter()
-        .filter_map(|m| is_failed(observed, &m.id).map(|r| (m, r)))
-        .collect();
+    let failed = failed_members(observed, config);
     if failed.is_empty() {
         return false;
     }
-    let surviving_voters: Vec<&ConfigMember> = config
-        .voters()
-        .filter(|m| !failed.iter().any(|(f, _)| f.id == m.id))
-        .collect();
-    if !surviving_voters.is_empty() && !surviving_voters.iter().any(|m| is_running(observed, &m.id)) {
+    let surviving_voters: Vec<&ConfigMember> = config.voters().filter(|m| !is_among(&failed, &m.id)).collect();
+    if surviving_voters.is_empty() {
+        p.degrade(all_voters_failed(config, &failed));
+    } else if !surviving_voters.iter().any(|m| is_running(observed, &m.id)) {
         // A survivor that has not answered yet may be failing too (a pod that still looks
         // Running for a moment): an epoch whose only voters are dead would fence the one
         // replica that may come back with every write. Wait until a survivor answers.
-        let why = format!(
-            "{} failed; no surviving voter of epoch {} has answered yet ({}): \
-             not moving to a new epoch until one is confirmed running",
-            failed
-                .iter()
-                .map(|(m, r)| format!("{} ({r})", m.id))
-                .collect::<Vec<_>>()
-                .join(", "),
-            config.epoch,
-            surviving_voters
-                .iter()
-                .map(|m| format!("{} starting", m.id))
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-        p.conditions.degraded = Some(why.clone());
-        p.summary = why;
-        return true;
+        p.degrade(no_survivor_answered(config, &failed, &surviving_voters));
+    } else {
+        fence(observed, config, &failed, &surviving_voters, p);
     }
-    if surviving_voters.is_empty() {
-        let why = format!(
-            "all {} voters of epoch {} failed ({}); every acknowledged write is on their disks: \
-             not taking a data-losing action, waiting for one to come back",
-            config.voters().count(),
-            config.epoch,
-            failed
-                .iter()
-                .map(|(m, r)| format!("{}: {r}", m.id))
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-        p.conditions.degraded = Some(why.clone());
-        p.summary = why;
-        return true;
-    }
-    // The new primary answers (or already is the primary and has not failed).
+    true
+}
+
+/// The members of `config` that failed, each with why.
+fn failed_members<'a>(observed: &Observed, config: &'a Config) -> Vec<(&'a ConfigMember, String)> {
+    config
+        .members
+        .iter()
+        .filter_map(|m| is_failed(observed, &m.id).map(|r| (m, r)))
+        .collect()
+}
+
+fn is_among(failed: &[(&ConfigMember, String)], id: &str) -> bool {
+    failed.iter().any(|(f, _)| f.id == id)
+}
+
+/// "id (reason), ..." of the failed members.
+fn with_reasons(failed: &[(&ConfigMember, String)]) -> String {
+    failed
+        .iter()
+        .map(|(m, r)| format!("{} ({r})", m.id))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn no_survivor_answered(config: &Config, failed: &[(&ConfigMember, String)], surviving: &[&ConfigMember]) -> String {
+    format!(
+        "{} failed; no surviving voter of epoch {} has answered yet ({}): \
+         not moving to a new epoch until one is confirmed running",
+        with_reasons(failed),
+        config.epoch,
+        surviving
+            .iter()
+            .map(|m| format!("{} starting", m.id))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
+
+fn all_voters_failed(config: &Config, failed: &[(&ConfigMember, String)]) -> String {
+    format!(
+        "all {} voters of epoch {} failed ({}); every acknowledged write is on their disks: \
+         not taking a data-losing action, waiting for one to come back",
+        config.voters().count(),
+        config.epoch,
+        failed
+            .iter()
+            .map(|(m, r)| format!("{}: {r}", m.id))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
+
+/// The next epoch without the failed members, its primary one of the surviving voters that
+/// answers (or the current primary); the failed replicas still around are told and deleted.
+fn fence(
+    observed: &Observed,
+    config: &Config,
+    failed: &[(&ConfigMember, String)],
+    surviving_voters: &[&ConfigMember],
+    p: &mut Plan,
+) {
     let candidates: Vec<&ConfigMember> = surviving_voters
         .iter()
         .copied()
@@ -440,24 +471,17 @@ fn fence_failed(observed: &Observed, config: &Config, p: &mut Plan) -> bool {
     let members: Vec<ConfigMember> = config
         .members
         .iter()
-        .filter(|m| !failed.iter().any(|(f, _)| f.id == m.id))
+        .filter(|m| !is_among(failed, &m.id))
         .cloned()
         .collect();
-    let what = format!(
-        "fencing failed {}",
-        failed
-            .iter()
-            .map(|(m, r)| format!("{} ({r})", m.id))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
+    let what = format!("fencing failed {}", with_reasons(failed));
     let notify = failed
         .iter()
         .filter(|(m, _)| observed.replica(&m.id).is_some())
         .map(|(m, _)| m.id.clone())
         .collect();
     p.reconfigure(config, primary, members, notify, what);
-    for (m, reason) in &failed {
+    for (m, reason) in failed {
         if observed.replica(&m.id).is_some() {
             p.actions.push(Action::DeleteReplica {
                 id: m.id.clone(),
@@ -465,7 +489,6 @@ fn fence_failed(observed: &Observed, config: &Config, p: &mut Plan) -> bool {
             });
         }
     }
-    true
 }
 
 /// Step 3: Endpoints changed (a member restarted on a new address): a new epoch with the new
@@ -887,8 +910,7 @@ fn seal(
                 "rollout to {}: voters sealed at {index} with DIFFERENT snapshots; stopped",
                 rollout.to.version
             );
-            out.conditions.degraded = Some(why.clone());
-            out.summary = why;
+            out.degrade(why);
         }
         Barrier::Waiting => {
             out.summary = format!("rollout to {}: waiting for the voters to seal", rollout.to.version);
@@ -926,9 +948,8 @@ fn replace_voters(observed: &Observed, rollout: Rollout, voters: &[&ConfigMember
         stale.len()
     );
     if let Some(why) = wrong_machine(observed, &rollout, &stale) {
-        out.conditions.degraded = Some(why.clone());
         out.conditions.degraded_reason = Some("WrongMachineVersion".into());
-        out.summary = why;
+        out.degrade(why);
     }
     for m in stale {
         out.actions.push(Action::RestartReplica {

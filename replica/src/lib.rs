@@ -175,7 +175,7 @@ pub async fn run(args: ReplicaArgs, factory: MachineFactory) -> anyhow::Result<(
         peers::start(&shared);
     }
     shared.after_change();
-    let (grpc, http) = listen(&args).await?;
+    let (grpc, http) = listen(&args, "listening").await?;
     serve_until_signal(shared, transport, grpc, http).await
 }
 
@@ -261,8 +261,9 @@ fn start_shared(storage: storage::Storage, node: Node, transport: &tls::Transpor
     })
 }
 
-/// Binds the gRPC and HTTP listeners and says where in `listening.json`.
-async fn listen(args: &ReplicaArgs) -> anyhow::Result<(tokio::net::TcpListener, tokio::net::TcpListener)> {
+/// Binds the gRPC and HTTP listeners and says where in `listening.json` (and in the log, as
+/// `what`).
+async fn listen(args: &ReplicaArgs, what: &str) -> anyhow::Result<(tokio::net::TcpListener, tokio::net::TcpListener)> {
     let grpc = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -276,7 +277,7 @@ async fn listen(args: &ReplicaArgs) -> anyhow::Result<(tokio::net::TcpListener, 
         pid: std::process::id(),
     };
     write_atomically(&args.data_dir.join(LISTENING_FILE), &serde_json::to_vec(&listening)?)?;
-    tracing::info!(grpc = %listening.grpc, http = %listening.http, "listening");
+    tracing::info!(grpc = %listening.grpc, http = %listening.http, "{what}");
     Ok((grpc, http))
 }
 
@@ -332,7 +333,18 @@ async fn serve_until_signal(
         axum::serve(http, http::router(shared.clone())).with_graceful_shutdown(wait_stop(stop_rx.clone()));
     let grpc_task = tokio::spawn(grpc_server);
     let http_task = tokio::spawn(async move { http_server.await });
+    stop_on_signal(stop_tx, grpc_task, http_task, &shared.writer).await;
+    Ok(())
+}
 
+/// On SIGINT or SIGTERM: stop both servers (a second at most) and wait for the storage writer
+/// to finish what it has.
+pub(crate) async fn stop_on_signal<G, H>(
+    stop_tx: tokio::sync::watch::Sender<bool>,
+    grpc_task: tokio::task::JoinHandle<G>,
+    http_task: tokio::task::JoinHandle<H>,
+    writer: &writer::WriterHandle,
+) {
     shutdown_signal().await;
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
@@ -341,8 +353,7 @@ async fn serve_until_signal(
         let _ = http_task.await;
     })
     .await;
-    let _ = shared.writer.barrier().await;
-    Ok(())
+    let _ = writer.barrier().await;
 }
 
 pub(crate) async fn wait_stop(mut rx: tokio::sync::watch::Receiver<bool>) {

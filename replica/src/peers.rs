@@ -19,6 +19,7 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use lockstep_proto::peer_client::PeerClient;
 use lockstep_proto::{AppendResponse, ReplicateRequest, replicate_request::Kind};
 use std::collections::{HashMap, VecDeque};
+use std::ops::ControlFlow;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -265,88 +266,171 @@ async fn replicate(shared: Arc<Shared>, peer: String, endpoint: String, epoch: u
         tracing::error!(peer, endpoint, "invalid peer endpoint");
         return;
     };
-    let mut client = PeerClient::new(channel)
+    let client = PeerClient::new(channel)
         .max_decoding_message_size(lockstep_proto::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(lockstep_proto::MAX_MESSAGE_BYTES);
-    let mut changed = shared.changed.subscribe();
-    let mut last_sent = Instant::now() - HEARTBEAT;
-    let mut failures = 0u32;
-    let mut link = Link::Closed;
-    loop {
-        if !still_replicating(&shared, &peer, epoch) {
-            close_link(&shared, &peer, &mut link);
-            return;
-        }
-        if matches!(link, Link::Closed) {
-            match Link::open(&mut client, epoch).await {
-                Ok(open) => link = open,
-                Err(status) => {
-                    on_failure(&shared, &peer, &endpoint, epoch, 0, &status, &mut failures).await;
-                    continue;
-                }
+    let changed = shared.changed.subscribe();
+    Replicator {
+        shared,
+        peer,
+        endpoint,
+        epoch,
+        client,
+        changed,
+        last_sent: Instant::now() - HEARTBEAT,
+        failures: 0,
+        link: Link::Closed,
+    }
+    .run()
+    .await;
+}
+
+/// The task that replicates to one peer for one epoch.
+struct Replicator {
+    shared: Arc<Shared>,
+    peer: String,
+    endpoint: String,
+    epoch: u64,
+    client: Client,
+    changed: tokio::sync::watch::Receiver<u64>,
+    last_sent: Instant,
+    /// Failures in a row.
+    failures: u32,
+    link: Link,
+}
+
+impl Replicator {
+    /// Until this replica no longer replicates to the peer in this epoch: open the link, fill
+    /// the window, wait for an answer, a change or the heartbeat.
+    async fn run(mut self) {
+        loop {
+            if !still_replicating(&self.shared, &self.peer, self.epoch) {
+                close_link(&self.shared, &self.peer, &mut self.link);
+                return;
             }
-            if let Link::Stream(stream) = &link {
-                let _node = shared.lock();
-                shared.outboxes.map().insert(peer.clone(), stream.outbox.clone());
+            if matches!(self.link, Link::Closed) && !self.open().await {
+                continue;
+            }
+            if self.fill_window().await.is_break() {
+                return;
+            }
+            self.wait().await;
+        }
+    }
+
+    /// Open the link and make it the peer's outbox (false: it failed).
+    async fn open(&mut self) -> bool {
+        match Link::open(&mut self.client, self.epoch).await {
+            Ok(open) => self.link = open,
+            Err(status) => {
+                self.on_failure(0, &status).await;
+                return false;
             }
         }
-        // Fill the window. Messages go out under the node lock, in the order the node made
-        // them, as handlers send theirs (`send_new_entries`).
+        if let Link::Stream(stream) = &self.link {
+            let _node = self.shared.lock();
+            self.shared
+                .outboxes
+                .map()
+                .insert(self.peer.clone(), stream.outbox.clone());
+        }
+        true
+    }
+
+    /// Fill the window. Messages go out under the node lock, in the order the node made
+    /// them, as handlers send theirs (`send_new_entries`). Break: no longer replicating (the
+    /// link is closed).
+    async fn fill_window(&mut self) -> ControlFlow<()> {
         loop {
             let sent = {
-                let mut node = shared.lock();
-                if node.epoch != epoch || !node.peers.contains_key(&peer) {
+                let mut node = self.shared.lock();
+                if !replicates_to(&node, &self.peer, self.epoch) {
                     drop(node);
-                    close_link(&shared, &peer, &mut link);
-                    return;
+                    close_link(&self.shared, &self.peer, &mut self.link);
+                    return ControlFlow::Break(());
                 }
-                let Some(msg) = next_message(&mut node, &peer, last_sent.elapsed() >= HEARTBEAT) else {
-                    break;
+                let Some(msg) = next_message(&mut node, &self.peer, self.last_sent.elapsed() >= HEARTBEAT) else {
+                    return ControlFlow::Continue(());
                 };
-                last_sent = Instant::now();
-                link.send(&client, msg)
+                self.last_sent = Instant::now();
+                self.link.send(&self.client, msg)
             };
             if let Err(status) = sent {
-                drop_link(&shared, &peer, &mut link);
-                on_failure(&shared, &peer, &endpoint, epoch, 0, &status, &mut failures).await;
-                break;
+                drop_link(&self.shared, &self.peer, &mut self.link);
+                self.on_failure(0, &status).await;
+                return ControlFlow::Continue(());
             }
         }
+    }
+
+    /// Until an answer (or a failure) arrives, the node changes, or a heartbeat is due.
+    async fn wait(&mut self) {
         tokio::select! {
-            (result, round) = link.next() => match result {
-                Ok(resp) => {
-                    failures = 0;
-                    let now = std::time::Instant::now();
-                    {
-                        let mut node = shared.lock();
-                        node.on_peer_response(&peer, epoch, round, &resp);
-                        if let Some(replicated) = node.replicated_index() {
-                            node.stages.acked(replicated, now);
-                        }
-                        shared.apply_committed(&mut node, now);
-                    }
-                    shared.after_change();
-                    // Let the handlers just answered reply before this task sends the new
-                    // commit index on (which would run first and delay them).
-                    tokio::task::yield_now().await;
-                }
+            (result, round) = self.link.next() => match result {
+                Ok(resp) => self.on_answer(round, &resp).await,
                 Err(status) => {
-                    if matches!(link, Link::Stream(_)) {
+                    if matches!(self.link, Link::Stream(_)) {
                         // The stream is broken (or an answer is overdue): everything else
                         // sent on it is lost too.
-                        drop_link(&shared, &peer, &mut link);
+                        drop_link(&self.shared, &self.peer, &mut self.link);
                     }
-                    on_failure(&shared, &peer, &endpoint, epoch, round, &status, &mut failures).await;
+                    self.on_failure(round, &status).await;
                 }
             },
-            _ = changed.changed() => {}
-            _ = tokio::time::sleep_until(last_sent + HEARTBEAT) => {}
+            _ = self.changed.changed() => {}
+            _ = tokio::time::sleep_until(self.last_sent + HEARTBEAT) => {}
         }
+    }
+
+    /// The peer answered message `round`: count it, apply what it commits.
+    async fn on_answer(&mut self, round: u64, resp: &AppendResponse) {
+        self.failures = 0;
+        let now = std::time::Instant::now();
+        {
+            let mut node = self.shared.lock();
+            node.on_peer_response(&self.peer, self.epoch, round, resp);
+            if let Some(replicated) = node.replicated_index() {
+                node.stages.acked(replicated, now);
+            }
+            self.shared.apply_committed(&mut node, now);
+        }
+        self.shared.after_change();
+        // Let the handlers just answered reply before this task sends the new
+        // commit index on (which would run first and delay them).
+        tokio::task::yield_now().await;
+    }
+
+    /// One message to the peer (or opening the link) failed with `status`: count it as lost
+    /// and back off, or be fenced when the peer refused this replica as a non-member at a
+    /// newer epoch.
+    async fn on_failure(&mut self, round: u64, status: &Status) {
+        let (shared, peer, epoch) = (&self.shared, self.peer.as_str(), self.epoch);
+        if let Some(their) = crate::tls::refused_epoch(status).filter(|e| *e > epoch) {
+            // Refused as a non-member by a replica at a newer epoch: this replica was removed,
+            // so it is fenced (as an AppendResponse at that epoch says).
+            let resp = AppendResponse {
+                epoch: their,
+                ..Default::default()
+            };
+            shared.lock().on_peer_response(peer, epoch, round, &resp);
+            shared.after_change();
+            return;
+        }
+        self.failures += 1;
+        let failures = self.failures;
+        shared.lock().on_peer_unreachable(peer);
+        if failures == 1 || failures.is_multiple_of(50) {
+            tracing::warn!(peer, endpoint = self.endpoint.as_str(), error = %status.message(), "peer unreachable");
+        }
+        tokio::time::sleep(Duration::from_millis(10 * u64::from(failures.min(10)))).await;
     }
 }
 
 fn still_replicating(shared: &Shared, peer: &str, epoch: u64) -> bool {
-    let node = shared.lock();
+    replicates_to(&shared.lock(), peer, epoch)
+}
+
+fn replicates_to(node: &Node, peer: &str, epoch: u64) -> bool {
     node.epoch == epoch && node.peers.contains_key(peer)
 }
 
@@ -373,34 +457,4 @@ fn close(shared: &Shared, peer: &str, link: &mut Link) {
         shared.outboxes.remove(peer, &stream.outbox);
     }
     *link = Link::Closed;
-}
-
-/// One message to `peer` (or opening the link) failed with `status`: count it as lost and
-/// back off, or be fenced when the peer refused this replica as a non-member at a newer epoch.
-async fn on_failure(
-    shared: &Shared,
-    peer: &str,
-    endpoint: &str,
-    epoch: u64,
-    round: u64,
-    status: &Status,
-    failures: &mut u32,
-) {
-    if let Some(their) = crate::tls::refused_epoch(status).filter(|e| *e > epoch) {
-        // Refused as a non-member by a replica at a newer epoch: this replica was removed,
-        // so it is fenced (as an AppendResponse at that epoch says).
-        let resp = AppendResponse {
-            epoch: their,
-            ..Default::default()
-        };
-        shared.lock().on_peer_response(peer, epoch, round, &resp);
-        shared.after_change();
-        return;
-    }
-    *failures += 1;
-    shared.lock().on_peer_unreachable(peer);
-    if *failures == 1 || failures.is_multiple_of(50) {
-        tracing::warn!(peer, endpoint, error = %status.message(), "peer unreachable");
-    }
-    tokio::time::sleep(Duration::from_millis(10 * u64::from((*failures).min(10)))).await;
 }

@@ -3,7 +3,10 @@
 use std::fmt;
 
 use crate::rules::*;
-use crate::types::{CERT_MANAGER_GROUP, FailureModel, ReplicatedStateMachine, Stability};
+use crate::types::{
+    CERT_MANAGER_GROUP, FailureModel, IssuerRef, MachineSpec, OrderingSpec, ReplicatedStateMachine, Stability,
+    StorageSpec,
+};
 
 /// One violated rule: the field it is attached to and the rule's message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,6 +51,14 @@ impl Collector {
             });
         }
     }
+
+    fn into_result(self) -> Result<(), ValidationErrors> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(ValidationErrors(self.0))
+        }
+    }
 }
 
 impl ReplicatedStateMachine {
@@ -64,63 +75,12 @@ impl ReplicatedStateMachine {
             "spec.faultsTolerated",
             FAULTS_MSG,
         );
-        c.check(is_dns_label(&s.machine.name, 63), "spec.machine.name", MACHINE_NAME_MSG);
-        c.check(
-            s.machine.version.len() <= 64 && is_semver(&s.machine.version),
-            "spec.machine.version",
-            VERSION_MSG,
-        );
-        if let Some(image) = &s.machine.image {
-            c.check(
-                !image.is_empty() && image.chars().count() <= 512 && !image.contains(' '),
-                "spec.machine.image",
-                IMAGE_MSG,
-            );
-        }
-        if let Some(digest) = &s.machine.digest {
-            c.check(is_sha256_digest(digest), "spec.machine.digest", DIGEST_MSG);
-        }
+        c.check_machine(&s.machine);
         if let Some(o) = &s.ordering {
-            c.check(
-                o.max_clock_skew_millis.is_none() || o.stability == Some(Stability::PhysicalClock),
-                "spec.ordering",
-                CLOCK_BOUNDS_MSG,
-            );
-            if let Some(v) = o.max_clock_skew_millis {
-                c.check(
-                    (0..=60_000).contains(&v),
-                    "spec.ordering.maxClockSkewMillis",
-                    MAX_SKEW_MSG,
-                );
-            }
-            if let Some(v) = o.max_delay_millis {
-                c.check(
-                    (1..=600_000).contains(&v),
-                    "spec.ordering.maxDelayMillis",
-                    MAX_DELAY_MSG,
-                );
-            }
+            c.check_ordering(o);
         }
         if let Some(st) = &s.storage {
-            c.check(
-                st.ephemeral != Some(true) || (st.size.is_none() && st.storage_class_name.is_none()),
-                "spec.storage",
-                EPHEMERAL_MSG,
-            );
-            if let Some(size) = &st.size {
-                c.check(
-                    size.len() <= 64 && is_positive_quantity(size),
-                    "spec.storage.size",
-                    SIZE_MSG,
-                );
-            }
-            if let Some(class) = &st.storage_class_name {
-                c.check(
-                    is_dns_subdomain(class),
-                    "spec.storage.storageClassName",
-                    STORAGE_CLASS_MSG,
-                );
-            }
+            c.check_storage(st);
         }
         if let Some(ids) = &s.client_identities {
             c.check(
@@ -130,24 +90,7 @@ impl ReplicatedStateMachine {
             );
         }
         if let Some(issuer) = self.issuer_ref() {
-            c.check(
-                is_dns_subdomain(&issuer.name),
-                "spec.tls.issuerRef.name",
-                ISSUER_NAME_MSG,
-            );
-            if let Some(group) = &issuer.group {
-                c.check(is_dns_subdomain(group), "spec.tls.issuerRef.group", ISSUER_GROUP_MSG);
-            }
-            if let Some(kind) = &issuer.kind {
-                let external = issuer.group.as_deref().is_some_and(|g| g != CERT_MANAGER_GROUP);
-                let ok = if external {
-                    kind.chars().next().is_some_and(|c| c.is_ascii_uppercase())
-                        && kind.chars().all(|c| c.is_ascii_alphanumeric())
-                } else {
-                    kind == "Issuer" || kind == "ClusterIssuer"
-                };
-                c.check(ok, "spec.tls.issuerRef", ISSUER_KIND_MSG);
-            }
+            c.check_issuer(issuer);
         }
         c.check(
             s.ordering.is_none() || s.failure_model == FailureModel::Byzantine,
@@ -159,37 +102,117 @@ impl ReplicatedStateMachine {
             "spec",
             CLIENT_IDENTITIES_BYZANTINE_MSG,
         );
-        if c.0.is_empty() {
-            Ok(())
-        } else {
-            Err(ValidationErrors(c.0))
-        }
+        c.into_result()
     }
 
     /// Checks an update from `old` to `self`: the creation rules plus the transition rules
     /// (the immutable failure model and certificate issuer).
     pub fn validate_update(&self, old: &ReplicatedStateMachine) -> Result<(), ValidationErrors> {
-        let mut errors = match self.validate() {
+        let mut c = Collector(match self.validate() {
             Ok(()) => Vec::new(),
             Err(ValidationErrors(e)) => e,
-        };
-        if self.spec.failure_model != old.spec.failure_model {
-            errors.push(FieldError {
-                field: "spec.failureModel".into(),
-                message: FAILURE_MODEL_IMMUTABLE_MSG.into(),
-            });
+        });
+        c.check(
+            self.spec.failure_model == old.spec.failure_model,
+            "spec.failureModel",
+            FAILURE_MODEL_IMMUTABLE_MSG,
+        );
+        c.check(self.issuer_ref() == old.issuer_ref(), "spec", ISSUER_IMMUTABLE_MSG);
+        c.into_result()
+    }
+}
+
+impl Collector {
+    fn check_machine(&mut self, m: &MachineSpec) {
+        self.check(is_dns_label(&m.name, 63), "spec.machine.name", MACHINE_NAME_MSG);
+        self.check(
+            m.version.len() <= 64 && is_semver(&m.version),
+            "spec.machine.version",
+            VERSION_MSG,
+        );
+        if let Some(image) = &m.image {
+            self.check(
+                !image.is_empty() && image.chars().count() <= 512 && !image.contains(' '),
+                "spec.machine.image",
+                IMAGE_MSG,
+            );
         }
-        if self.issuer_ref() != old.issuer_ref() {
-            errors.push(FieldError {
-                field: "spec".into(),
-                message: ISSUER_IMMUTABLE_MSG.into(),
-            });
+        if let Some(digest) = &m.digest {
+            self.check(is_sha256_digest(digest), "spec.machine.digest", DIGEST_MSG);
         }
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            Err(ValidationErrors(errors))
+    }
+
+    fn check_ordering(&mut self, o: &OrderingSpec) {
+        self.check(
+            o.max_clock_skew_millis.is_none() || o.stability == Some(Stability::PhysicalClock),
+            "spec.ordering",
+            CLOCK_BOUNDS_MSG,
+        );
+        if let Some(v) = o.max_clock_skew_millis {
+            self.check(
+                (0..=60_000).contains(&v),
+                "spec.ordering.maxClockSkewMillis",
+                MAX_SKEW_MSG,
+            );
         }
+        if let Some(v) = o.max_delay_millis {
+            self.check(
+                (1..=600_000).contains(&v),
+                "spec.ordering.maxDelayMillis",
+                MAX_DELAY_MSG,
+            );
+        }
+    }
+
+    fn check_storage(&mut self, st: &StorageSpec) {
+        self.check(
+            st.ephemeral != Some(true) || (st.size.is_none() && st.storage_class_name.is_none()),
+            "spec.storage",
+            EPHEMERAL_MSG,
+        );
+        if let Some(size) = &st.size {
+            self.check(
+                size.len() <= 64 && is_positive_quantity(size),
+                "spec.storage.size",
+                SIZE_MSG,
+            );
+        }
+        if let Some(class) = &st.storage_class_name {
+            self.check(
+                is_dns_subdomain(class),
+                "spec.storage.storageClassName",
+                STORAGE_CLASS_MSG,
+            );
+        }
+    }
+
+    fn check_issuer(&mut self, issuer: &IssuerRef) {
+        self.check(
+            is_dns_subdomain(&issuer.name),
+            "spec.tls.issuerRef.name",
+            ISSUER_NAME_MSG,
+        );
+        if let Some(group) = &issuer.group {
+            self.check(is_dns_subdomain(group), "spec.tls.issuerRef.group", ISSUER_GROUP_MSG);
+        }
+        if let Some(kind) = &issuer.kind {
+            self.check(
+                is_issuer_kind(kind, issuer.group.as_deref()),
+                "spec.tls.issuerRef",
+                ISSUER_KIND_MSG,
+            );
+        }
+    }
+}
+
+/// cert-manager's own kinds (`Issuer`, `ClusterIssuer`), or for an external issuer's group any
+/// `UpperCamelCase` kind.
+fn is_issuer_kind(kind: &str, group: Option<&str>) -> bool {
+    let external = group.is_some_and(|g| g != CERT_MANAGER_GROUP);
+    if external {
+        kind.chars().next().is_some_and(|c| c.is_ascii_uppercase()) && kind.chars().all(|c| c.is_ascii_alphanumeric())
+    } else {
+        kind == "Issuer" || kind == "ClusterIssuer"
     }
 }
 

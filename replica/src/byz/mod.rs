@@ -16,6 +16,7 @@ pub mod service;
 use ed25519_dalek::SigningKey;
 use lockstep_proto::{ChainSig, SignedItem, StreamItem};
 use prost::Message;
+use std::sync::Arc;
 
 /// Sign an item as its owner.
 pub fn sign_item(key: &SigningKey, item: &StreamItem) -> SignedItem {
@@ -206,8 +207,15 @@ pub async fn run(
     factory: crate::machine::MachineFactory,
     transport: crate::tls::Transport,
 ) -> anyhow::Result<()> {
+    let cfg = config(&args.byzantine, &transport)?;
+    let (shared, services) = service::build(&args, cfg, factory)?;
+    let (grpc, http) = crate::listen(&args, "listening (Byzantine mode)").await?;
+    serve_until_signal(shared, services, transport, grpc, http).await
+}
+
+/// The Byzantine flags checked and read.
+fn config(b: &crate::ByzantineArgs, transport: &crate::tls::Transport) -> anyhow::Result<service::ByzConfig> {
     use anyhow::Context;
-    let b = &args.byzantine;
     let stability = order::Stability::parse(&b.stability).with_context(|| {
         format!(
             "--stability must be LamportClock or PhysicalClock, not '{}'",
@@ -218,12 +226,28 @@ pub async fn run(
         "Byzantine mode needs the configuration master's public key (--master-public-key / LOCKSTEP_MASTER_PUBLIC_KEY)",
     )?;
     let master_public_key = keys::public_key_arg(master).context("--master-public-key")?;
-    let inject = match &b.inject {
+    Ok(service::ByzConfig {
+        key_file: b.key_file.clone(),
+        master_public_key,
+        client_identities: b.client_identities.clone(),
+        ordering: service::OrderingArgs {
+            stability,
+            delay_us: b.max_delay_millis.max(1) * 1000,
+            skew_us: b.max_clock_skew_millis * 1000,
+        },
+        inject: injected(b.inject.as_deref())?,
+        transport: transport.clone(),
+    })
+}
+
+/// The fault `--inject` asks for (only in a build with fault injection), said loudly.
+fn injected(inject: Option<&str>) -> anyhow::Result<Option<inject::Behaviour>> {
+    let inject = match inject {
         None => None,
-        Some(s) if s.is_empty() => None,
+        Some("") => None,
         Some(s) if inject::AVAILABLE => Some(inject::Behaviour::parse(s).map_err(anyhow::Error::msg)?),
         Some(s) => anyhow::bail!(
-            "--inject {s}: this build has no fault injection (it needs the cargo feature `fault-injection`, \\
+            "--inject {s}: this build has no fault injection (it needs the cargo feature `fault-injection`, \
              which release builds never enable)"
         ),
     };
@@ -233,66 +257,50 @@ pub async fn run(
             "FAULT INJECTION: this replica behaves faultily on purpose"
         );
     }
-    let cfg = service::ByzConfig {
-        key_file: b.key_file.clone(),
-        master_public_key,
-        client_identities: b.client_identities.clone(),
-        ordering: service::OrderingArgs {
-            stability,
-            delay_us: b.max_delay_millis.max(1) * 1000,
-            skew_us: b.max_clock_skew_millis * 1000,
-        },
-        inject,
-        transport: transport.clone(),
-    };
-    let (shared, services) = service::build(&args, cfg, factory)?;
-    let grpc = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
-    let http = tokio::net::TcpListener::bind(args.http)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.http))?;
-    let listening = crate::Listening {
-        id: args.id.clone(),
-        grpc: grpc.local_addr()?,
-        http: http.local_addr()?,
-        pid: std::process::id(),
-    };
-    crate::write_atomically(
-        &args.data_dir.join(crate::LISTENING_FILE),
-        &serde_json::to_vec(&listening)?,
-    )?;
-    tracing::info!(grpc = %listening.grpc, http = %listening.http, "listening (Byzantine mode)");
+    Ok(inject)
+}
+
+/// Who may call as a replica: the members of the current era (a refusal says why, and the
+/// era it is in).
+fn membership(shared: &Arc<service::ByzShared>) -> crate::tls::Membership {
+    let shared = Arc::downgrade(shared);
+    Arc::new(move |id: &str| {
+        let Some(shared) = shared.upgrade() else {
+            return Err(("and this replica is shutting down".into(), 0));
+        };
+        let core = shared.lock();
+        match &core.era {
+            Some(e) if e.members.iter().any(|(m, _, _)| m == id) => Ok(()),
+            Some(e) => Err((
+                format!(
+                    "not a member of era {} ({})",
+                    e.number,
+                    e.members
+                        .iter()
+                        .map(|(m, _, _)| m.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                e.number,
+            )),
+            None => Err(("and this replica is in no era yet".into(), 0)),
+        }
+    })
+}
+
+/// Serves gRPC (Byzantine and admin services) and HTTP until SIGINT or SIGTERM.
+async fn serve_until_signal(
+    shared: Arc<service::ByzShared>,
+    services: service::ByzServices,
+    transport: crate::tls::Transport,
+    grpc: tokio::net::TcpListener,
+    http: tokio::net::TcpListener,
+) -> anyhow::Result<()> {
     let max = lockstep_proto::MAX_MESSAGE_BYTES;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let members: crate::tls::Membership = {
-        let shared = std::sync::Arc::downgrade(&shared);
-        std::sync::Arc::new(move |id: &str| {
-            let Some(shared) = shared.upgrade() else {
-                return Err(("and this replica is shutting down".into(), 0));
-            };
-            let core = shared.lock();
-            match &core.era {
-                Some(e) if e.members.iter().any(|(m, _, _)| m == id) => Ok(()),
-                Some(e) => Err((
-                    format!(
-                        "not a member of era {} ({})",
-                        e.number,
-                        e.members
-                            .iter()
-                            .map(|(m, _, _)| m.as_str())
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ),
-                    e.number,
-                )),
-                None => Err(("and this replica is in no era yet".into(), 0)),
-            }
-        })
-    };
     let grpc_server = transport
         .server()
-        .layer(crate::tls::AuthorizeLayer::new(&transport, members))
+        .layer(crate::tls::AuthorizeLayer::new(&transport, membership(&shared)))
         .add_service(
             lockstep_proto::byzantine_server::ByzantineServer::new(services.clone()).max_decoding_message_size(max),
         )
@@ -302,15 +310,7 @@ pub async fn run(
         .with_graceful_shutdown(crate::wait_stop(stop_rx.clone()));
     let grpc_task = tokio::spawn(grpc_server);
     let http_task = tokio::spawn(async move { http_server.await });
-    crate::shutdown_signal().await;
-    tracing::info!("shutting down");
-    let _ = stop_tx.send(true);
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
-        let _ = grpc_task.await;
-        let _ = http_task.await;
-    })
-    .await;
-    let _ = shared.writer.barrier().await;
+    crate::stop_on_signal(stop_tx, grpc_task, http_task, &shared.writer).await;
     Ok(())
 }
 

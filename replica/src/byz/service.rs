@@ -436,85 +436,145 @@ fn spawn_relay_sender(
     endpoint: String,
     era: u64,
 ) -> mpsc::UnboundedSender<Relayed> {
-    let (tx, mut rx) = mpsc::unbounded_channel::<Relayed>();
+    let (tx, rx) = mpsc::unbounded_channel::<Relayed>();
     tokio::spawn(async move {
         let Some(channel) = crate::peers::connect_lazy(&shared.transport, &endpoint) else {
             tracing::error!(peer, endpoint, "invalid peer endpoint");
             return;
         };
-        let mut client = ByzantineClient::new(channel)
+        let client = ByzantineClient::new(channel)
             .max_decoding_message_size(lockstep_proto::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(lockstep_proto::MAX_MESSAGE_BYTES);
         let replay = shared.injected(Behaviour::ReplayRequests);
         let forge = shared.injected(Behaviour::ForgeRequests);
-        let mut history: Vec<Relayed> = Vec::new();
-        // What this peer has not acknowledged yet, oldest first. A relay that fails (the peer
-        // is not up yet, its name does not resolve yet, it has not started this era yet) is
-        // sent again: a replica that misses relays can never execute past the gap.
-        let mut pending: VecDeque<Relayed> = VecDeque::new();
-        let mut failures = 0u32;
+        RelaySender {
+            shared,
+            peer,
+            era,
+            client,
+            rx,
+            replay,
+            forge,
+            history: Vec::new(),
+            pending: VecDeque::new(),
+            failures: 0,
+        }
+        .run()
+        .await;
+    });
+    tx
+}
+
+/// The task that relays items to one peer for one era.
+struct RelaySender {
+    shared: Arc<ByzShared>,
+    peer: String,
+    era: u64,
+    client: ByzantineClient<tonic::transport::Channel>,
+    rx: mpsc::UnboundedReceiver<Relayed>,
+    /// Fault injection: send what was relayed before again.
+    replay: bool,
+    /// Fault injection: add forged items.
+    forge: bool,
+    history: Vec<Relayed>,
+    /// What this peer has not acknowledged yet, oldest first. A relay that fails (the peer
+    /// is not up yet, its name does not resolve yet, it has not started this era yet) is
+    /// sent again: a replica that misses relays can never execute past the gap.
+    pending: VecDeque<Relayed>,
+    /// Failed relays in a row.
+    failures: u32,
+}
+
+impl RelaySender {
+    /// Until the channel closes or the era ends: gather what is pending, send a batch of it.
+    async fn run(mut self) {
         loop {
-            if pending.is_empty() {
-                match rx.recv().await {
-                    Some(r) => pending.push_back(r),
-                    None => return,
-                }
+            if !self.gather().await {
+                return;
             }
-            while let Ok(r) = rx.try_recv() {
-                pending.push_back(r);
-            }
-            if pending.len() > RELAY_BACKLOG {
-                let dropped = pending.len() - RELAY_BACKLOG;
-                pending.drain(..dropped);
-                tracing::warn!(
-                    peer,
-                    dropped,
-                    "relay backlog full: oldest relays dropped (the peer will need a new era to catch up)"
-                );
-            }
-            let take = relay_batch_len(&pending);
-            let mut items: Vec<Relayed> = pending.iter().take(take).cloned().collect();
-            sign_relays(&shared.id, &shared.signing, era, &mut items);
-            if replay {
-                // Send what was relayed before again, alongside the new items.
-                let old: Vec<Relayed> = history.iter().take(8).cloned().collect();
-                history.extend(items.iter().cloned());
-                history.truncate(1000);
-                items.extend(old);
-            }
-            if forge {
-                items.extend(forgeries(&shared, &items));
-            }
-            let applied_index = shared.lock().index;
-            let batch = RelayBatch {
-                from: shared.id.clone(),
-                era,
-                applied_index,
-                items,
-                retry: failures > 0,
-            };
-            let mut req = Request::new(batch);
-            req.set_timeout(Duration::from_secs(2));
-            match client.relay(req).await {
-                Ok(_) => {
-                    pending.drain(..take);
-                    failures = 0;
-                }
-                Err(status) => {
-                    failures += 1;
-                    if failures == 1 || failures.is_multiple_of(100) {
-                        tracing::warn!(peer, failures, backlog = pending.len(), error = %status.message(), "relay failed: will retry");
-                    }
-                    let backoff = Duration::from_millis(20u64 << failures.min(7)).min(Duration::from_secs(2));
-                    tokio::time::sleep(backoff).await;
-                }
-            }
-            if shared.lock().era.as_ref().map_or(0, |e| e.number) != era {
+            self.trim_backlog();
+            let take = relay_batch_len(&self.pending);
+            let items = self.batch_items(take);
+            self.send(take, items).await;
+            if self.shared.lock().era.as_ref().map_or(0, |e| e.number) != self.era {
                 return;
             }
         }
-    });
-    tx
+    }
+
+    /// With nothing pending, wait for a relay; then take every one queued (false: the channel
+    /// is closed).
+    async fn gather(&mut self) -> bool {
+        if self.pending.is_empty() {
+            match self.rx.recv().await {
+                Some(r) => self.pending.push_back(r),
+                None => return false,
+            }
+        }
+        while let Ok(r) = self.rx.try_recv() {
+            self.pending.push_back(r);
+        }
+        true
+    }
+
+    /// Past [`RELAY_BACKLOG`], drop the oldest relays.
+    fn trim_backlog(&mut self) {
+        if self.pending.len() > RELAY_BACKLOG {
+            let dropped = self.pending.len() - RELAY_BACKLOG;
+            self.pending.drain(..dropped);
+            tracing::warn!(
+                peer = self.peer,
+                dropped,
+                "relay backlog full: oldest relays dropped (the peer will need a new era to catch up)"
+            );
+        }
+    }
+
+    /// The first `take` pending relays, signed for this era (with the injected faults).
+    fn batch_items(&mut self, take: usize) -> Vec<Relayed> {
+        let mut items: Vec<Relayed> = self.pending.iter().take(take).cloned().collect();
+        sign_relays(&self.shared.id, &self.shared.signing, self.era, &mut items);
+        if self.replay {
+            // Send what was relayed before again, alongside the new items.
+            let old: Vec<Relayed> = self.history.iter().take(8).cloned().collect();
+            self.history.extend(items.iter().cloned());
+            self.history.truncate(1000);
+            items.extend(old);
+        }
+        if self.forge {
+            items.extend(forgeries(&self.shared, &items));
+        }
+        items
+    }
+
+    /// Send `items`: acknowledged, the first `take` pending relays are done; failed, back off.
+    async fn send(&mut self, take: usize, items: Vec<Relayed>) {
+        let applied_index = self.shared.lock().index;
+        let batch = RelayBatch {
+            from: self.shared.id.clone(),
+            era: self.era,
+            applied_index,
+            items,
+            retry: self.failures > 0,
+        };
+        let mut req = Request::new(batch);
+        req.set_timeout(Duration::from_secs(2));
+        match self.client.relay(req).await {
+            Ok(_) => {
+                self.pending.drain(..take);
+                self.failures = 0;
+            }
+            Err(status) => {
+                self.failures += 1;
+                let failures = self.failures;
+                if failures == 1 || failures.is_multiple_of(100) {
+                    tracing::warn!(peer = self.peer, failures, backlog = self.pending.len(), error = %status.message(), "relay failed: will retry");
+                }
+                let backoff = Duration::from_millis(20u64 << failures.min(7)).min(Duration::from_secs(2));
+                tokio::time::sleep(backoff).await;
+            }
+        }
+    }
 }
 
 /// How many of the oldest pending relays go in the next message: at most [`RELAY_BATCH`] and
@@ -1288,13 +1348,32 @@ pub fn build(
     cfg: ByzConfig,
     factory: crate::machine::MachineFactory,
 ) -> anyhow::Result<(Arc<ByzShared>, ByzServices)> {
-    use anyhow::Context;
-    let key_path = cfg
-        .key_file
-        .clone()
+    let signing = signing_key(args, cfg.key_file.as_ref())?;
+    let directory = match &cfg.client_identities {
+        Some(dir) => keys::load_identity_dir(dir)?,
+        None => BTreeMap::new(),
+    };
+    let (storage, recovered) = open_storage(args)?;
+    let recovery = recover(args, &cfg, directory, &storage, recovered, factory)?;
+    tracing::info!(id = %args.id, index = recovery.core.index, "recovered from disk; waiting for an era from the configuration master");
+    let shared = share(args, cfg, signing, storage, recovery);
+    {
+        let index = shared.lock().index;
+        *shared.durable.lock().unwrap_or_else(|e| e.into_inner()) = index;
+    }
+    tokio::spawn(ticker(shared.clone()));
+    let services = ByzServices { shared: shared.clone() };
+    Ok((shared, services))
+}
+
+/// The replica's signing key (`key_file`, or one made on first start in the data directory),
+/// its public half written beside it.
+fn signing_key(args: &crate::ReplicaArgs, key_file: Option<&PathBuf>) -> anyhow::Result<SigningKey> {
+    let key_path = key_file
+        .cloned()
         .unwrap_or_else(|| args.data_dir.join(keys::REPLICA_KEY_FILE));
     std::fs::create_dir_all(&args.data_dir)?;
-    let signing = if cfg.key_file.is_some() {
+    let signing = if key_file.is_some() {
         keys::load_signing_key(&key_path)?
     } else {
         keys::load_or_create_signing_key(&key_path)?
@@ -1303,10 +1382,12 @@ pub fn build(
         &args.data_dir.join(keys::REPLICA_PUB_FILE),
         keys::encode_key(&signing.verifying_key().to_bytes()).as_bytes(),
     )?;
-    let directory = match &cfg.client_identities {
-        Some(dir) => keys::load_identity_dir(dir)?,
-        None => BTreeMap::new(),
-    };
+    Ok(signing)
+}
+
+/// The data directory's storage, which must be this replica's (a fresh one becomes it).
+fn open_storage(args: &crate::ReplicaArgs) -> anyhow::Result<(crate::storage::Storage, crate::storage::Recovered)> {
+    use anyhow::Context;
     let opts = crate::storage::StorageOptions {
         fsync: !args.no_fsync,
         ..Default::default()
@@ -1322,6 +1403,27 @@ pub fn build(
         Some(_) => {}
         None => storage.save_identity(&args.id)?,
     }
+    Ok((storage, recovered))
+}
+
+/// What a replica rebuilt from its disk.
+struct Recovery {
+    core: Core,
+    log: super::recovery::RecoveredLog,
+    snapshot_index: u64,
+    left_era: u64,
+}
+
+/// The ordering core rebuilt from the snapshot and log on disk, and what a recovery era may
+/// need of them.
+fn recover(
+    args: &crate::ReplicaArgs,
+    cfg: &ByzConfig,
+    directory: BTreeMap<String, ed25519_dalek::VerifyingKey>,
+    storage: &crate::storage::Storage,
+    recovered: crate::storage::Recovered,
+    factory: crate::machine::MachineFactory,
+) -> anyhow::Result<Recovery> {
     let runtime = crate::runtime::Runtime::new(factory());
     let mut core = Core::new(args.id.clone(), runtime, cfg.master_public_key, directory);
     core.reorder = cfg.inject == Some(Behaviour::Reorder);
@@ -1333,23 +1435,31 @@ pub fn build(
         tracing::warn!(error = %e, "cannot read the snapshot before the newest; recovery starts from the newest");
         None
     });
-    let recovered_log = super::recovery::RecoveredLog::new(recovered.snapshot, recovered.entries, earlier, factory);
+    let log = super::recovery::RecoveredLog::new(recovered.snapshot, recovered.entries, earlier, factory);
     let left_era = super::recovery::left_era(&args.data_dir.join(ERA_FILE))?;
-    tracing::info!(id = %args.id, index = core.index, "recovered from disk; waiting for an era from the configuration master");
+    Ok(Recovery {
+        core,
+        log,
+        snapshot_index,
+        left_era,
+    })
+}
+
+/// The state the services and tasks share, with the storage writer whose durable batches it
+/// hears of.
+fn share(
+    args: &crate::ReplicaArgs,
+    cfg: ByzConfig,
+    signing: SigningKey,
+    storage: crate::storage::Storage,
+    recovery: Recovery,
+) -> Arc<ByzShared> {
     let (applied_tx, _) = broadcast::channel(4096);
-    let shared = Arc::new_cyclic(|weak: &std::sync::Weak<ByzShared>| {
-        let weak = weak.clone();
-        let writer = crate::writer::spawn(
-            storage,
-            Box::new(move |durable, written, started| {
-                let Some(shared) = weak.upgrade() else { return };
-                shared.metrics.observe_batch(written, started.elapsed());
-                shared.on_durable(durable);
-            }),
-        );
+    Arc::new_cyclic(|weak: &std::sync::Weak<ByzShared>| {
+        let writer = spawn_writer(storage, weak.clone());
         ByzShared {
             id: args.id.clone(),
-            core: Mutex::new(core),
+            core: Mutex::new(recovery.core),
             signing,
             master_key: cfg.master_public_key,
             writer,
@@ -1364,25 +1474,30 @@ pub fn build(
             applied_tx,
             metrics: Metrics::default(),
             data_dir: args.data_dir.clone(),
-            ordering: cfg.ordering.clone(),
-            transport: cfg.transport.clone(),
+            ordering: cfg.ordering,
+            transport: cfg.transport,
             inject: cfg.inject,
             snapshot_every: args.snapshot_every.max(1),
-            last_snapshot: Mutex::new(snapshot_index),
+            last_snapshot: Mutex::new(recovery.snapshot_index),
             era_lock: tokio::sync::Mutex::new(()),
             signed_era: Mutex::new(Vec::new()),
-            recovered: Mutex::new(Some(recovered_log)),
-            left_era,
+            recovered: Mutex::new(Some(recovery.log)),
+            left_era: recovery.left_era,
             late_warned: AtomicU64::new(0),
         }
-    });
-    {
-        let index = shared.lock().index;
-        *shared.durable.lock().unwrap_or_else(|e| e.into_inner()) = index;
-    }
-    tokio::spawn(ticker(shared.clone()));
-    let services = ByzServices { shared: shared.clone() };
-    Ok((shared, services))
+    })
+}
+
+/// The storage writer; each durable batch is counted and handed to the replica.
+fn spawn_writer(storage: crate::storage::Storage, weak: std::sync::Weak<ByzShared>) -> WriterHandle {
+    crate::writer::spawn(
+        storage,
+        Box::new(move |durable, written, started| {
+            let Some(shared) = weak.upgrade() else { return };
+            shared.metrics.observe_batch(written, started.elapsed());
+            shared.on_durable(durable);
+        }),
+    )
 }
 
 /// `/healthz`, `/readyz` (a member of an era, not at a barrier) and `/metrics`.
