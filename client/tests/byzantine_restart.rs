@@ -2,8 +2,15 @@
 //! all `kill -9`ed under load) and start again on their disks. The replicas recover their logs
 //! but the era they were in cannot go on (its streams and relays are gone), so the master starts
 //! a recovery era where t + 1 of them rebuild the same state (`up_byz::recovery_state`). Every
-//! acknowledged write must be there, although one replica (`brs-0`) serves corrupt state
-//! throughout, and a correct replica that ran a command nobody else holds rolls it back.
+//! acknowledged write that t + 1 correct replicas hold must be there, although one replica
+//! (`brs-0`) serves corrupt state throughout, and a correct replica that ran a command nobody
+//! else holds rolls it back.
+//!
+//! "Held by t + 1 correct replicas" is what the README promises when a faulty replica hides
+//! its log: a write the client accepted on the answers of `brs-0` and one correct replica may
+//! be missing at the other correct one when everything crashes, and then no t + 1 replicas
+//! vouch for a state that has it (docs/byzantine.md, "Full-cluster restart"). The writers
+//! therefore record who answered each write.
 
 mod byzcommon;
 
@@ -14,7 +21,25 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-type Acked = Arc<Mutex<BTreeMap<String, String>>>;
+/// The replicas that run correctly (`brs-0` serves corrupt snapshots, so it never vouches
+/// for a recovery state).
+const CORRECT: [&str; 2] = ["brs-1", "brs-2"];
+
+/// An acknowledged write: its value, and whether both correct replicas were among those that
+/// answered it (so both hold it durably).
+struct Write {
+    value: String,
+    held_by_correct: bool,
+}
+
+type Acked = Arc<Mutex<BTreeMap<String, Write>>>;
+
+/// Which acknowledged writes must survive.
+#[derive(Clone, Copy, PartialEq)]
+enum MustKeep {
+    Every,
+    HeldByCorrect,
+}
 
 /// Four clients write until `stop` (or `per_client` writes each); what was acknowledged.
 fn spawn_writers(
@@ -37,7 +62,13 @@ fn spawn_writers(
                     }
                     let (k, v) = (format!("{round}-{c}-{i}"), format!("v{i}"));
                     if client.put(&k, &v).await.is_ok() {
-                        acked.lock().expect("acked").insert(k, v);
+                        let agreed = &client.last_vote.agreed;
+                        let held_by_correct = CORRECT.iter().all(|id| agreed.iter().any(|a| a == id));
+                        let write = Write {
+                            value: v,
+                            held_by_correct,
+                        };
+                        acked.lock().expect("acked").insert(k, write);
                     }
                 }
                 client.close().await;
@@ -47,18 +78,28 @@ fn spawn_writers(
     (acked, tasks)
 }
 
-fn assert_all_present(cluster: &ByzCluster, rt: &tokio::runtime::Runtime, acked: &Acked, when: &str) {
+fn assert_all_present(cluster: &ByzCluster, rt: &tokio::runtime::Runtime, acked: &Acked, keep: MustKeep, when: &str) {
     let _in_runtime = rt.enter();
     let mut client = cluster.client();
-    for (k, v) in acked.lock().expect("acked").iter() {
+    let acked = acked.lock().expect("acked");
+    let mut lost_allowed = 0;
+    for (k, w) in acked.iter() {
         let got = rt
             .block_on(client.get(k))
             .unwrap_or_else(|e| panic!("read of {k} {when}: {e}\nlockstep up said:\n{}", cluster.up_output()));
-        assert_eq!(
-            got.as_deref(),
-            Some(v.as_str()),
-            "acknowledged write {k}={v} lost {when}"
+        if got.as_deref() == Some(w.value.as_str()) {
+            continue;
+        }
+        assert!(
+            keep == MustKeep::HeldByCorrect && !w.held_by_correct,
+            "acknowledged write {k}={} lost {when} (answered by both correct replicas: {})",
+            w.value,
+            w.held_by_correct
         );
+        lost_allowed += 1;
+    }
+    if lost_allowed > 0 {
+        println!("{when}: {lost_allowed} writes accepted on brs-0's answer are gone (beyond the guarantee)");
     }
     rt.block_on(client.put(&format!("after-{when}"), "x"))
         .unwrap_or_else(|e| panic!("a write {when}: {e}"));
@@ -91,7 +132,7 @@ fn a_byzantine_cluster_restarted_from_its_disks_keeps_every_acknowledged_write()
     );
     cluster.stop();
     relaunch(&mut cluster);
-    assert_all_present(&cluster, &rt, &acked, "after a clean restart");
+    assert_all_present(&cluster, &rt, &acked, MustKeep::Every, "after a clean restart");
 
     // 2. kill -9 of `lockstep up` and every replica at once, under load.
     let stop = Arc::new(AtomicBool::new(false));
@@ -104,8 +145,22 @@ fn a_byzantine_cluster_restarted_from_its_disks_keeps_every_acknowledged_write()
         t.abort();
     }
     relaunch(&mut cluster);
-    assert_all_present(&cluster, &rt, &acked, "after a crash (first round)");
-    assert_all_present(&cluster, &rt, &acked2, "after a crash");
+    assert_all_present(&cluster, &rt, &acked, MustKeep::Every, "after a crash (first round)");
+    let held = acked2
+        .lock()
+        .expect("acked")
+        .values()
+        .filter(|w| w.held_by_correct)
+        .count();
+    println!(
+        "{held} of {} writes acknowledged before the crash were answered by both correct replicas",
+        acked2.lock().expect("acked").len()
+    );
+    assert!(
+        held >= 20,
+        "too few writes answered by both correct replicas to check ({held})"
+    );
+    assert_all_present(&cluster, &rt, &acked2, MustKeep::HeldByCorrect, "after a crash");
 
     // 3. A correct replica that ran a command nobody else holds: brs-0 and brs-1 are
     //    stopped, a write reaches brs-2 alone, which runs it and logs it (no client can accept
@@ -139,7 +194,7 @@ fn a_byzantine_cluster_restarted_from_its_disks_keeps_every_acknowledged_write()
         log.contains("rolled back to the era's start state"),
         "brs-2 did not roll back to the recovery era's start:\n{log}"
     );
-    assert_all_present(&cluster, &rt, &acked2, "after a rollback");
+    assert_all_present(&cluster, &rt, &acked2, MustKeep::HeldByCorrect, "after a rollback");
     let mut c = cluster.client();
     assert_eq!(
         rt.block_on(c.get("lone")).expect("get"),
