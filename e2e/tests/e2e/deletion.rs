@@ -7,7 +7,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use lockstep_e2e::{ToolsPod, epoch, fresh_namespace, kubectl_wait_ready, kv_rsm, wait_until};
+use lockstep_e2e::{ToolsPod, epoch, fresh_namespace, kubectl, kubectl_wait_ready, kv_rsm, wait_until};
 use lockstep_resource::ReplicatedStateMachine;
 use serde_json::json;
 
@@ -15,6 +15,23 @@ use crate::common::setup;
 
 /// The test's own finalizer on an RSM it deletes.
 const HOLD: &str = "e2e.lockstep.dev/hold";
+
+/// Removes the test's finalizer from RSM `kv` in `ns` if the test ends (fails) while it still
+/// holds it: a held RSM keeps its CRD from being deleted, and the next test that reinstalls
+/// the operator would wait on it.
+struct HeldRsm {
+    ns: &'static str,
+    held: bool,
+}
+
+impl Drop for HeldRsm {
+    fn drop(&mut self) {
+        if self.held {
+            let patch = r#"{"metadata":{"finalizers":null}}"#;
+            let _ = kubectl(&["-n", self.ns, "patch", "rsm", "kv", "--type=merge", "-p", patch]);
+        }
+    }
+}
 
 /// The claims among `selector` that are not being deleted.
 async fn live_claims(pvcs: &Api<PersistentVolumeClaim>, selector: &ListParams) -> Vec<String> {
@@ -95,6 +112,7 @@ async fn retained_volumes_outlive_the_rsm_and_a_new_one_starts_from_them() {
     // collector is done with everything it owns: the operator sees its pods go while the
     // RSM still exists, and must not replace them (nor restart one from disk).
     let hold = |finalizers: Vec<&str>| Patch::Merge(json!({"metadata": {"finalizers": finalizers}}));
+    let mut guard = HeldRsm { ns, held: true };
     api.patch("kv", &PatchParams::default(), &hold(vec![HOLD]))
         .await
         .expect("hold finalizer added");
@@ -118,6 +136,7 @@ async fn retained_volumes_outlive_the_rsm_and_a_new_one_starts_from_them() {
     api.patch("kv", &PatchParams::default(), &hold(vec![]))
         .await
         .expect("hold finalizer removed");
+    guard.held = false;
     wait_until("kv gone", Duration::from_secs(60), || async {
         Ok(api.get_opt("kv").await?.is_none())
     })
