@@ -91,8 +91,8 @@ struct Sim {
     /// Reads not answered yet, each of a key acknowledged before the read was sent.
     reads: Vec<(String, ReadAnswer)>,
     reads_answered: usize,
-    /// Whether a failed voter may stay alive (see `Extras::paused_voters`).
-    paused_voters: bool,
+    /// What this run does besides writes and crashes.
+    extras: Extras,
 }
 
 /// What a simulation run does besides writes and crashes. Each changes the messages sent,
@@ -112,8 +112,7 @@ const CRASHES_ONLY: Extras = Extras {
 };
 
 fn run(seed: u64, steps: usize, extras: Extras) -> Sim {
-    let mut sim = Sim::new(seed);
-    sim.paused_voters = extras.paused_voters;
+    let mut sim = Sim::new(seed, extras);
     for step in 0..steps {
         match sim.rng.below(100) {
             0..=4 if extras.reads => sim.client_read(),
@@ -135,7 +134,7 @@ fn run(seed: u64, steps: usize, extras: Extras) -> Sim {
 }
 
 impl Sim {
-    fn new(seed: u64) -> Sim {
+    fn new(seed: u64, extras: Extras) -> Sim {
         let (tx, _) = broadcast::channel(1 << 16);
         let mut nodes: Vec<Node> = IDS
             .iter()
@@ -160,14 +159,14 @@ impl Sim {
             writes: 0,
             reads: Vec::new(),
             reads_answered: 0,
-            paused_voters: false,
+            extras,
         }
     }
 
     /// A client write at whoever the master says is primary (or, with paused voters, now
     /// and then at a live node an outdated client still takes for the primary).
     fn client_write(&mut self) {
-        let at = if self.paused_voters && self.rng.chance(20) {
+        let at = if self.extras.paused_voters && self.rng.chance(20) {
             self.rng.below(3)
         } else {
             self.primary
@@ -318,7 +317,7 @@ impl Sim {
     /// The master: fail a voter (at most t = 2 in total), fence with a new epoch.
     fn fail_voter(&mut self) {
         let victim = self.voters[self.rng.below(self.voters.len())];
-        if !(self.paused_voters && self.rng.chance(50)) {
+        if !(self.extras.paused_voters && self.rng.chance(50)) {
             self.alive[victim] = false;
         }
         self.voters.retain(|&v| v != victim);
