@@ -499,6 +499,26 @@ impl ByzMaster {
         counts.into_iter().find(|(_, n)| *n > self.t).map(|(k, _)| k)
     }
 
+    /// (index, digest) of the barrier t + 1 members of the current era stopped at because
+    /// its master stream ended (they no longer list it): no barrier can be ordered in that
+    /// era, and the next one starts there (docs/byzantine.md, "When the master stream ends").
+    pub fn ended_at_barrier(&self, statuses: &BTreeMap<String, StatusResponse>) -> Option<(u64, Vec<u8>)> {
+        let (era, _) = self.era.as_ref()?;
+        let mut counts: BTreeMap<(u64, Vec<u8>), usize> = BTreeMap::new();
+        for (id, s) in statuses {
+            let Some(b) = &s.byzantine else { continue };
+            let member = era.members.iter().any(|m| m.id == *id);
+            let lists_master = b
+                .streams
+                .iter()
+                .any(|st| st.identity == keys::MASTER_IDENTITY && st.session == era.master_session);
+            if member && b.era == era.number && b.barrier_index > 0 && !lists_master {
+                *counts.entry((b.barrier_index, b.barrier_digest.clone())).or_default() += 1;
+            }
+        }
+        counts.into_iter().find(|(_, n)| *n > self.t).map(|(k, _)| k)
+    }
+
     /// Sign the era of `config` (starting at `start` with state `digest`), push it to its
     /// members and open a new master stream for it.
     pub async fn start_era(

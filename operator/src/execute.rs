@@ -86,12 +86,36 @@ impl Executor<'_> {
             tracing::info!(object = %key(self.rsm), summary = %self.plan.summary,
                 actions = self.plan.actions.len(), "plan");
         }
+        if self.era_after_ended_stream(current).await? == Outcome::Stale {
+            return Ok(false);
+        }
         for step in &self.plan.actions {
             if self.step(current, step).await? == Outcome::Stale {
                 return Ok(false);
             }
         }
         Ok(true)
+    }
+
+    /// Byzantine: the master stream of the master's era ended (two master items for one
+    /// sequence number: a fail-over whose old leader's last item reached only some replicas)
+    /// and its members stopped at one barrier. Unless the plan moves the era anyway, the next
+    /// era has the same members and starts at that barrier (docs/byzantine.md, "When the
+    /// master stream ends").
+    async fn era_after_ended_stream(&self, current: &mut ReplicatedStateMachine) -> Result<Outcome, Error> {
+        let Some(era) = crate::byzantine::ended_era(self.ctx, self.rsm) else {
+            return Ok(Outcome::Continue);
+        };
+        let moves_era = |s: &Step| matches!(s, Step::Reconfigure { .. } | Step::Resume { .. });
+        if self.plan.actions.iter().any(moves_era) {
+            return Ok(Outcome::Continue);
+        }
+        self.next_era_with_same_members(current, era, "MasterStreamEnded", |next| {
+            format!(
+                "the master stream of era {era} ended and its members stopped at one barrier: era {next} starts there"
+            )
+        })
+        .await
     }
 
     async fn step(&self, current: &mut ReplicatedStateMachine, step: &Step) -> Result<Outcome, Error> {
@@ -226,6 +250,22 @@ impl Executor<'_> {
     /// a recovery era with the same members (docs/byzantine.md, "Full-cluster restart"): its
     /// configuration (next epoch) is persisted first, once, as for a resume.
     async fn recover_byzantine(&self, current: &mut ReplicatedStateMachine, era: u64) -> Result<Outcome, Error> {
+        self.next_era_with_same_members(current, era, "Recovering", |next| {
+            format!("every replica restarted and era {era} cannot go on: era {next} starts where t + 1 of them rebuild the same state")
+        })
+        .await
+    }
+
+    /// Byzantine: era `era` cannot go on. Its successor (same members, next epoch) is
+    /// persisted once and handed to the master; an event with `reason` and `note(next epoch)`
+    /// says why.
+    async fn next_era_with_same_members(
+        &self,
+        current: &mut ReplicatedStateMachine,
+        era: u64,
+        reason: &str,
+        note: impl FnOnce(u64) -> String,
+    ) -> Result<Outcome, Error> {
         let Some(config) = translate::persisted_config(current) else {
             return Ok(Outcome::Continue);
         };
@@ -236,11 +276,8 @@ impl Executor<'_> {
         let Some(next) = self.push_next_era(current, config).await? else {
             return Ok(Outcome::Stale);
         };
-        let note = format!(
-            "every replica restarted and era {era} cannot go on: era {} starts where t + 1 of them rebuild the same state",
-            next.epoch
-        );
-        self.event(EventType::Warning, "Recovering", "Recover", note).await;
+        self.event(EventType::Warning, reason, "Recover", note(next.epoch))
+            .await;
         Ok(Outcome::Continue)
     }
 

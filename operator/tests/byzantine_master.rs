@@ -2,8 +2,10 @@
 //! loopback) and a mocked API server at the HTTP edge holding the Secrets: the first era
 //! from the replicas' own initial state, a client admitted with its key from the
 //! `spec.clientIdentities` Secret, voted writes and reads, an operator fail-over (a new master
-//! task that knows only the Secret continues the master stream), and an era change that
-//! replaces a member by state transfer.
+//! task that knows only the Secret continues the master stream), an era change that
+//! replaces a member by state transfer, a rollout's sealing barrier read back from the Secret,
+//! and a master stream ended by two items for one slot (the next era starts at the barrier
+//! every replica stopped at).
 
 mod common;
 
@@ -26,6 +28,9 @@ use lockstep_replica::byz::keys;
 use serde_json::json;
 
 const SECRETS: &str = "/api/v1/namespaces/apps/secrets";
+/// δ of these clusters: larger than the replicas' default (10 ms), so that what a test sends
+/// to several replicas at once arrives within the bound on a loaded 2-core machine.
+const DELAY_MILLIS: u64 = 50;
 
 fn b64(text: String) -> serde_json::Value {
     serde_json::to_value(ByteString(text.into_bytes())).unwrap_or_default()
@@ -69,6 +74,8 @@ async fn replica(dir: &Path, id: &str, key: &SigningKey, master: &SigningKey, id
         identities.to_str().unwrap_or_default(),
         // As the operator runs replicas until TLS on Kubernetes lands (docs/security.md).
         "--insecure",
+        "--max-delay-millis",
+        &DELAY_MILLIS.to_string(),
     ])
     .expect("replica args")
     .args;
@@ -112,7 +119,7 @@ fn setup(api: &Arc<Mutex<FakeApi>>, master_key: &SigningKey) -> master::Setup {
     };
     let ordering = Ordering {
         stability: "LamportClock".into(),
-        max_delay_millis: lockstep_replica::byz::DEFAULT_MAX_DELAY_MILLIS,
+        max_delay_millis: DELAY_MILLIS,
         max_clock_skew_millis: 0,
     };
     let byz = ByzMaster::from_parts(
@@ -279,12 +286,22 @@ async fn replicas_and_secrets(dir: &Path, api: &Arc<Mutex<FakeApi>>, n: usize) -
     (master_key, alice_file, eps)
 }
 
-fn master_secret(api: &Mutex<FakeApi>) -> k8s_openapi::api::core::v1::Secret {
-    serde_json::from_value(lock(api).objects[&format!("{SECRETS}/kv-byz-byz-master")].clone()).expect("Secret")
+/// Three replicas in era 1 under a master task, with k = v written.
+struct Three {
+    _tmp: tempfile::TempDir,
+    dir: PathBuf,
+    api: Arc<Mutex<FakeApi>>,
+    master_key: SigningKey,
+    alice_file: PathBuf,
+    eps: Vec<String>,
+    first: Config,
+    /// The same members in epoch 2.
+    second: Config,
+    masters: master::Masters,
+    runner: Arc<master::Runner>,
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_new_operator_leader_resumes_a_rollout_from_the_sealing_barrier_in_the_secret() {
+async fn three_in_era_one() -> Three {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir: PathBuf = tmp.path().to_path_buf();
     let api = Arc::new(Mutex::new(FakeApi::default()));
@@ -292,7 +309,7 @@ async fn a_new_operator_leader_resumes_a_rollout_from_the_sealing_barrier_in_the
     let members: Vec<(&str, &str)> = (0..3)
         .map(|i| (["kv-byz-0", "kv-byz-1", "kv-byz-2"][i], eps[i].as_str()))
         .collect();
-    let first = config(1, &members);
+    let (first, second) = (config(1, &members), config(2, &members));
     let masters = master::Masters::default();
     let runner = masters
         .ensure("apps/kv-byz", || {
@@ -302,6 +319,38 @@ async fn a_new_operator_leader_resumes_a_rollout_from_the_sealing_barrier_in_the
     let mut c = connect(&eps[0], &master_key, &alice_file).await;
     assert_eq!(c.put("k", "v").await.expect("voted put"), None);
     c.close().await;
+    Three {
+        _tmp: tmp,
+        dir,
+        api,
+        master_key,
+        alice_file,
+        eps,
+        first,
+        second,
+        masters,
+        runner,
+    }
+}
+
+fn master_secret(api: &Mutex<FakeApi>) -> k8s_openapi::api::core::v1::Secret {
+    serde_json::from_value(lock(api).objects[&format!("{SECRETS}/kv-byz-byz-master")].clone()).expect("Secret")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_new_operator_leader_resumes_a_rollout_from_the_sealing_barrier_in_the_secret() {
+    let Three {
+        _tmp,
+        api,
+        master_key,
+        alice_file,
+        eps,
+        first,
+        second,
+        masters,
+        runner,
+        ..
+    } = three_in_era_one().await;
 
     // A rollout's seal: the barrier t + 1 members reach goes to the master Secret.
     runner.seal();
@@ -328,12 +377,164 @@ async fn a_new_operator_leader_resumes_a_rollout_from_the_sealing_barrier_in_the
     // ...and resumes the sealed state in the next era (here under the same machine: a
     // rollback before any restart takes the same path).
     runner.resume_under("kv", "1.0.0");
-    runner.want(Some(config(2, &members)));
+    runner.want(Some(second));
     wait_for_era(&eps[0], 2, &runner).await;
     let mut c = connect(&eps[1], &master_key, &alice_file).await;
     assert_eq!(c.info().era, 2);
     assert_eq!(c.get("k").await.expect("voted get in era 2").as_deref(), Some("v"));
     assert_eq!(c.put("k2", "v2").await.expect("voted put in the resumed era"), None);
+    c.close().await;
+    masters.stop_all();
+}
+
+/// Each replica's (era, barrier index, barrier digest) and the master stream it lists
+/// (session, next seq, bound), if any.
+async fn byz_view(endpoint: &str) -> Option<(u64, u64, Vec<u8>, Option<(u64, u64, u64)>)> {
+    let s = lockstep::status_of(&lockstep::Transport::plaintext(), endpoint, Duration::from_secs(1))
+        .await
+        .ok()?;
+    let b = s.byzantine?;
+    let master = b
+        .streams
+        .iter()
+        .find(|st| st.identity == keys::MASTER_IDENTITY)
+        .map(|st| (st.session, st.next_seq, st.bound));
+    Some((b.era, b.barrier_index, b.barrier_digest, master))
+}
+
+/// A master-signed no-op for (`session`, `seq`) at `ts`.
+fn master_noop(master: &SigningKey, session: u64, seq: u64, ts: u64) -> lockstep_proto::SignedItem {
+    let item = lockstep_proto::StreamItem {
+        identity: keys::MASTER_IDENTITY.to_string(),
+        session,
+        seq,
+        ts,
+        horizon: 0,
+        era: 1,
+        body: Some(lockstep_proto::stream_item::Body::Noop(lockstep_proto::Noop {})),
+    };
+    lockstep_replica::byz::sign_item(master, &item)
+}
+
+/// Offers `item` to every replica directly, as the master does, and waits until each took it.
+async fn offer_to_all(endpoints: &[String], item: &lockstep_proto::SignedItem) {
+    for ep in endpoints {
+        let mut c = lockstep_proto::byzantine_client::ByzantineClient::connect(ep.clone())
+            .await
+            .expect("connect to a replica");
+        c.submit(item.clone()).await.expect("a master no-op is taken");
+    }
+}
+
+/// Relays `item` to `endpoints` as replica `from` does (its relay signature appended).
+async fn relay_as(from: &str, key: &SigningKey, endpoints: &[String], item: &lockstep_proto::SignedItem) {
+    let batch = lockstep_proto::RelayBatch {
+        from: from.to_string(),
+        era: 1,
+        applied_index: 0,
+        items: vec![lockstep_proto::Relayed {
+            item: Some(item.clone()),
+            chain: vec![lockstep_replica::byz::chain_sig(from, key, 1, item)],
+        }],
+        retry: false,
+    };
+    for ep in endpoints {
+        let mut c = lockstep_proto::byzantine_client::ByzantineClient::connect(ep.clone())
+            .await
+            .expect("connect to a replica");
+        c.relay(batch.clone()).await.expect("relay taken");
+    }
+}
+
+/// The operator fail-over corner case: the old leader's last master item reached only one
+/// replica, and the new leader signs a different item for the same sequence number. The
+/// master stream ends there at every replica, they all stop at one barrier, and the next era
+/// (what the reconcile records then: same members, next epoch) starts from it with
+/// everything written before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_master_stream_ended_by_two_items_for_one_slot_stops_at_one_barrier_and_the_next_era_starts_there() {
+    let Three {
+        _tmp,
+        dir,
+        api,
+        master_key,
+        alice_file,
+        eps,
+        first,
+        second,
+        masters,
+        ..
+    } = three_in_era_one().await;
+
+    // The old leader is gone; once the replicas agree where its stream stands and its last
+    // items are decided (the same report twice, a decision window apart: a slot that already
+    // holds a version takes another only with relay signatures), the slot after them gets
+    // two items.
+    masters.stop_all();
+    let start = Instant::now();
+    let mut last = None;
+    let (session, seq, bound) = loop {
+        let views = futures::future::join_all(eps.iter().map(|e| byz_view(e))).await;
+        let streams: Vec<_> = views.iter().map(|v| v.as_ref().and_then(|v| v.3)).collect();
+        if let Some(Some(s)) = streams.first()
+            && streams.iter().all(|x| *x == Some(*s))
+        {
+            if last == Some(*s) {
+                break *s;
+            }
+            last = Some(*s);
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "replicas never agreed on the master stream: {streams:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(8 * DELAY_MILLIS)).await;
+    };
+    // The new leader's item for that slot reaches every replica; then kv-byz-0, which alone
+    // got the old leader's last item for it, relays that one (within the delay bound, as a
+    // faulty replica can).
+    let (old, new) = (
+        master_noop(&master_key, session, seq, bound + 1_000),
+        master_noop(&master_key, session, seq, bound + 2_000),
+    );
+    offer_to_all(&eps, &new).await;
+    let key0 = keys::load_signing_key(&dir.join("kv-byz-0.key")).expect("kv-byz-0's key");
+    relay_as("kv-byz-0", &key0, &eps[1..], &old).await;
+
+    // The new leader sees the members stopped at one barrier with the stream ended.
+    let runner = new_leader(&masters, &api, &master_key, &first).await;
+    let start = Instant::now();
+    while !runner.seen().stream_ended {
+        if start.elapsed() > Duration::from_secs(30) {
+            let views = futures::future::join_all(eps.iter().map(|e| byz_view(e))).await;
+            panic!(
+                "the master never saw the stream end: {:?}; replicas (era, barrier, digest, master stream): {views:?}",
+                runner.seen().error
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let views = futures::future::join_all(eps.iter().map(|e| byz_view(e))).await;
+    let barriers: Vec<_> = views
+        .iter()
+        .map(|v| v.as_ref().map(|v| (v.0, v.1, v.2.clone(), v.3)))
+        .collect();
+    let first_barrier = barriers[0].clone().expect("replica 0 answers");
+    assert!(first_barrier.1 > 0 && first_barrier.3.is_none(), "{barriers:?}");
+    assert!(
+        barriers.iter().all(|b| b.as_ref() == Some(&first_barrier)),
+        "one barrier everywhere: {barriers:?}"
+    );
+
+    // The reconcile records the next epoch with the same members; the next era starts there.
+    runner.want(Some(second));
+    for ep in &eps {
+        wait_for_era(ep, 2, &runner).await;
+    }
+    let mut c = connect(&eps[1], &master_key, &alice_file).await;
+    assert_eq!(c.info().era, 2);
+    assert_eq!(c.get("k").await.expect("voted get in era 2").as_deref(), Some("v"));
+    assert_eq!(c.put("k2", "v2").await.expect("voted put in era 2"), None);
     c.close().await;
     masters.stop_all();
 }

@@ -58,6 +58,10 @@ pub struct Seen {
     /// The era lost its members: t + 1 replicas restarted and report no era
     /// (`up_byz::EraStanding::Restarted`). The reconcile then records a recovery era.
     pub restarted: bool,
+    /// The era's master stream ended and t + 1 members stopped at the barrier that follows
+    /// (`ByzMaster::ended_at_barrier`): no barrier can be ordered in it any more. The
+    /// reconcile then records the next epoch with the same members, which starts there.
+    pub stream_ended: bool,
     /// The era whose sealing barrier is recorded in the master Secret: a rollout restarts
     /// replicas only after that (restarted members no longer report the barrier).
     pub seal_recorded: Option<u64>,
@@ -279,6 +283,7 @@ impl Task {
                 lockstep::up_byz::era_standing(era, statuses.values(), self.setup.master.t)
                     == lockstep::up_byz::EraStanding::Restarted
             });
+            s.stream_ended = self.setup.master.ended_at_barrier(&statuses).is_some();
         }
         self.keep_era_going(&statuses).await;
         if self.setup.master.streaming() {
@@ -538,7 +543,11 @@ impl Task {
         statuses: &BTreeMap<String, StatusResponse>,
     ) -> Result<(), EraError> {
         let resume = self.resume_machine(target, statuses)?;
-        if resume.is_none() && self.setup.master.current_era().is_some() && !self.setup.master.streaming() {
+        if resume.is_none()
+            && self.setup.master.current_era().is_some()
+            && !self.setup.master.streaming()
+            && self.setup.master.ended_at_barrier(statuses).is_none()
+        {
             return Err(EraError::NotYet(
                 "the current era's master stream is not running yet (fewer than t + 1 members report it)".into(),
             ));

@@ -157,6 +157,13 @@ pub fn restarted_era(ctx: &Context, rsm: &ReplicatedStateMachine) -> Option<u64>
     seen.restarted.then_some(seen.era)
 }
 
+/// The master's era, when its master stream ended and its members stopped at a barrier
+/// (`Seen::stream_ended`): the next era must start there.
+pub fn ended_era(ctx: &Context, rsm: &ReplicatedStateMachine) -> Option<u64> {
+    let seen = ctx.masters.get(&key(rsm))?.seen();
+    seen.stream_ended.then_some(seen.era)
+}
+
 /// `.status.byzantine`, and the evidence metrics.
 pub fn publish(ctx: &Context, rsm: &ReplicatedStateMachine) -> Option<ByzantineStatus> {
     let runner = ctx.masters.get(&key(rsm))?;

@@ -129,6 +129,24 @@ struct Slot {
     decided: Option<Decision>,
 }
 
+/// Smallest ts a stream's next item can carry when nothing after what ran is decided.
+fn resting_bound(s: &Stream) -> u64 {
+    if s.next_seq > 1 {
+        (s.last_ts.saturating_add(1)).max(s.horizon).max(s.floor)
+    } else {
+        s.floor
+    }
+}
+
+/// Where a decided `End` stands in the order. A client stream's end runs at once (it only
+/// lifts the stream's bound). The master stream's end waits at the bound the stream held
+/// until then (`LamportClock`): everything ordered before that bound runs first, nothing after
+/// it runs in this era, and the replica stops at a barrier there — one place, the same at
+/// every correct replica, since they decided the same items and the same end.
+fn end_head(sk: &StreamKey, s: &Stream) -> u64 {
+    if sk.0 == MASTER_IDENTITY { resting_bound(s) } else { 0 }
+}
+
 #[derive(Clone, Debug)]
 enum Decision {
     Item(Box<Version>),
@@ -694,7 +712,7 @@ impl Core {
             .and_then(|x| x.decided.as_ref())
         {
             Some(Decision::Item(v)) => Some(v.item.ts),
-            Some(Decision::End(_)) => Some(0), // ends run at once: they only lift the stream's bound
+            Some(Decision::End(_)) => Some(end_head(sk, s)),
             None => None,
         }
     }
@@ -748,8 +766,7 @@ impl Core {
             match last {
                 Some(Decision::End(_)) => u64::MAX,
                 Some(Decision::Item(v)) => (v.item.ts.saturating_add(1)).max(v.item.horizon).max(s.floor),
-                None if s.next_seq > 1 => (s.last_ts.saturating_add(1)).max(s.horizon).max(s.floor),
-                None => s.floor,
+                None => resting_bound(s),
             }
         };
         debug_assert_eq!(
@@ -825,7 +842,7 @@ impl Core {
                 .and_then(|x| x.decided.as_ref())
             {
                 Some(Decision::Item(v)) => v.item.ts,
-                Some(Decision::End(_)) => 0, // ends run at once: they only lift the stream's bound
+                Some(Decision::End(_)) => end_head(sk, s),
                 None => continue,
             };
             heads.push(((ts, sk.clone()), false));
@@ -909,6 +926,18 @@ impl Core {
             }
         }
         self.refresh(&sk);
+        if sk.0 == MASTER_IDENTITY && s.ended.is_some() && self.barrier.is_none() {
+            // No barrier can be ordered in this era any more. Every correct replica decided
+            // the same end at the same place in the order, so they all stop here, alike, and
+            // the master starts the next era from this state (docs/byzantine.md, "When the
+            // master stream ends").
+            tracing::warn!(
+                why = s.ended.as_deref().unwrap_or_default(),
+                index = self.index,
+                "the configuration master's stream ended: stopping at a barrier for the next era"
+            );
+            self.stop_at_barrier(Body::Noop(Noop {}), out);
+        }
     }
 
     fn end_reply(&mut self, key: &SlotKey, s: &Stream, out: &mut Vec<Effect>) {
@@ -1077,30 +1106,36 @@ impl Core {
             }
             Some(ItemBody::Admit(a)) if from_master => self.admit(a, item.ts, now, out),
             Some(ItemBody::Barrier(b)) if from_master => {
-                self.index += 1;
-                let entry = LogEntry {
-                    index: self.index,
-                    epoch: era,
-                    body: Some(if b.seal {
-                        Body::Seal(SealBarrier {
-                            machine: Some(self.machine.clone()),
-                        })
-                    } else {
-                        Body::Noop(Noop {})
-                    }),
+                let body = if b.seal {
+                    Body::Seal(SealBarrier {
+                        machine: Some(self.machine.clone()),
+                    })
+                } else {
+                    Body::Noop(Noop {})
                 };
-                let applied = self.runtime.apply(&entry);
-                out.push(Effect::Log(entry.clone()));
-                self.push_applied(&entry, &applied.output, applied.kind, out);
-                let snapshot = self.snapshot();
-                self.barrier = Some((self.index, snapshot.digest.clone()));
-                out.push(Effect::Barrier {
-                    index: self.index,
-                    snapshot,
-                });
+                self.stop_at_barrier(body, out);
             }
             _ => {}
         }
+    }
+
+    /// Log `body` as the era's last entry, snapshot, and run nothing more until the next era.
+    fn stop_at_barrier(&mut self, body: Body, out: &mut Vec<Effect>) {
+        self.index += 1;
+        let entry = LogEntry {
+            index: self.index,
+            epoch: self.era.as_ref().map_or(0, |e| e.number),
+            body: Some(body),
+        };
+        let applied = self.runtime.apply(&entry);
+        out.push(Effect::Log(entry.clone()));
+        self.push_applied(&entry, &applied.output, applied.kind, out);
+        let snapshot = self.snapshot();
+        self.barrier = Some((self.index, snapshot.digest.clone()));
+        out.push(Effect::Barrier {
+            index: self.index,
+            snapshot,
+        });
     }
 
     /// Answer `key` at the current index: remember the reply and send it once `durable_after`

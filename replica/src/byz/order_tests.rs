@@ -355,6 +355,55 @@ fn a_tombstone_from_the_master_ends_a_silent_client_and_unblocks_the_others() {
     s.assert_agree();
 }
 
+/// A new operator leader resumes the master stream at the sequence number t + 1 replicas
+/// report, while the old leader's last item for it reached only one replica: two master items
+/// for one slot. The stream ends there, and every replica stops at one barrier: what was
+/// ordered before the stream's bound ran, nothing after it did.
+#[test]
+fn a_master_stream_that_ends_stops_every_replica_at_one_barrier() {
+    let mut s = Sim::new(3, Stability::Lamport);
+    let (a, b) = (s.admit(1, 10, "alice", 100), s.admit(2, 11, "bob", 100));
+    s.send_all(0, a);
+    s.send_all(0, b);
+    let tick = s.master_tick(3, 1_000); // the master's bound: 1_001
+    s.send_all(0, tick);
+    s.run_until(20 * DELTA);
+    for (who, seq, ts, v) in [
+        ("alice", 1, 500, "a1"),
+        ("bob", 1, 900, "b1"),
+        ("alice", 2, 1_500, "a2"),
+        ("bob", 2, 1_600, "b2"),
+    ] {
+        let put = s.put(who, seq, ts, v);
+        s.send_all(21 * DELTA, put);
+    }
+    let (old, new) = (s.master_tick(4, 2_000), s.master_tick(4, 2_100));
+    s.send(30 * DELTA, 0, old);
+    s.send(30 * DELTA, 1, new.clone());
+    s.send(30 * DELTA, 2, new);
+    s.run_until(80 * DELTA);
+    s.assert_agree();
+    let ran: Vec<String> = s.values(0);
+    assert_eq!(
+        ran.len(),
+        2,
+        "only the puts stamped below the master's bound ran: {ran:?}"
+    );
+    assert!(ran[0].contains(r#""a1""#) && ran[1].contains(r#""b1""#), "{ran:?}");
+    let barrier = s.cores[0].barrier.clone();
+    assert!(barrier.is_some(), "replica 0 stopped at no barrier");
+    for i in 0..3 {
+        assert_eq!(s.cores[i].barrier, barrier, "replica {i} stopped elsewhere");
+        assert!(
+            s.ended[i]
+                .iter()
+                .any(|(k, why)| k.0 == MASTER_IDENTITY && why.contains("different items")),
+            "replica {i}: {:?}",
+            s.ended[i]
+        );
+    }
+}
+
 #[test]
 fn physical_clock_orders_by_timestamp_at_ts_plus_delta() {
     let mut s = Sim::new(3, Stability::Physical);
