@@ -101,9 +101,9 @@ impl Executor<'_> {
     /// sequence number: a fail-over whose old leader's last item reached only some replicas)
     /// and its members stopped at one barrier. Unless the plan moves the era anyway, the next
     /// era has the same members and starts at that barrier (docs/byzantine.md, "When the
-    /// master stream ends").
+    /// master stream ends"). Not while paused: the operator then only observes.
     async fn era_after_ended_stream(&self, current: &mut ReplicatedStateMachine) -> Result<Outcome, Error> {
-        let Some(era) = crate::byzantine::ended_era(self.ctx, self.rsm) else {
+        let Some(era) = crate::byzantine::ended_era(self.ctx, self.rsm).filter(|_| !self.plan.conditions.paused) else {
             return Ok(Outcome::Continue);
         };
         let moves_era = |s: &Step| matches!(s, Step::Reconfigure { .. } | Step::Resume { .. });
