@@ -258,6 +258,8 @@ const MAX_PROMISE_INTERVALS: u64 = 4;
 
 /// Where a replica's answer to one item goes: (replica id, its signed reply or why not).
 type AnswerTx = mpsc::UnboundedSender<(String, Result<SignedReply, String>)>;
+/// Where the answers to one item are read: see [`AnswerTx`].
+type AnswerRx = mpsc::UnboundedReceiver<(String, Result<SignedReply, String>)>;
 
 /// A client's one long-lived `SubmitStream` to one replica, opened on first use and again
 /// after it broke. Items go out in order on that one HTTP/2 stream; answers come back tagged
@@ -442,6 +444,26 @@ impl Shared {
         let mut tallies = self.tallies.lock().unwrap_or_else(|e| e.into_inner());
         update(tallies.entry(id.to_string()).or_default());
     }
+
+    /// Count a decided vote: who agreed with it and who said something else.
+    fn tally_vote(&self, report: &VoteReport) {
+        for id in &report.agreed {
+            self.tally(id, |t| t.agreed += 1);
+        }
+        for (id, _) in &report.disagreed {
+            self.tally(id, |t| t.disagreed += 1);
+        }
+    }
+}
+
+/// What one attempt at an item came to (see [`ByzClient::ordered_item`]).
+enum Attempt {
+    /// Finished: the voted answer, or an error that sending again cannot change.
+    Done(Result<Voted, ClientError>),
+    /// The stream ended (why): open a new one and send the item again on it.
+    NewStream(String),
+    /// No agreement in time (why): send the same item again.
+    Again(String),
 }
 
 pub struct ByzClient {
@@ -622,60 +644,24 @@ impl ByzClient {
         timeout: Duration,
     ) -> Result<Voted, String> {
         let replicas = shared.keys.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let (t, machine) = {
+        let mut ballot = {
             let i = shared.info.lock().unwrap_or_else(|e| e.into_inner());
-            (i.t, (i.machine_name.clone(), i.machine_version.clone()))
+            Ballot::new(i.t, (i.machine_name.clone(), i.machine_version.clone()))
         };
-        let (tx, mut rx) = mpsc::unbounded_channel::<(String, Result<SignedReply, String>)>();
-        for link in shared.links.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-            link.send(signed, slot, Some(tx.clone()), timeout);
-        }
-        drop(tx);
+        let mut rx = Self::broadcast(shared, signed, slot, timeout);
         let ids: Vec<String> = replicas.iter().map(|(id, _, _)| id.clone()).collect();
         let check = ReplyCheck {
             keys: replicas.iter().map(|(id, _, k)| (id.clone(), *k)).collect(),
             identity: shared.identity.clone(),
             slot,
         };
-        let mut votes: BTreeMap<VoteKey, Vec<String>> = BTreeMap::new();
-        let mut heard: BTreeMap<String, Result<VoteKey, String>> = BTreeMap::new();
         let deadline = tokio::time::Instant::now() + timeout;
-        let decided = loop {
-            let next = tokio::time::timeout_at(deadline, rx.recv()).await;
-            let Ok(Some((id, r))) = next else { break None };
-            match check.check(&id, r) {
-                Ok(body) => {
-                    let key = vote_key(&body);
-                    heard.insert(id.clone(), Ok(key.clone()));
-                    let v = votes.entry(key.clone()).or_default();
-                    v.push(id);
-                    if v.len() > t && (key.3 == machine.0 && key.4 == machine.1) {
-                        break Some(key);
-                    }
-                }
-                Err((bad, why)) => {
-                    if bad {
-                        shared.tally(&id, |t| t.bad_signature += 1);
-                    }
-                    heard.insert(id, Err(why));
-                }
-            }
+        let Some(key) = ballot.collect(shared, &check, &mut rx, deadline).await else {
+            ballot.tally_silent(shared, &ids);
+            return Err(no_agreement(ballot.t, timeout, &ballot.votes, &ballot.heard));
         };
-        let Some(key) = decided else {
-            for id in &ids {
-                if !matches!(heard.get(id), Some(Ok(_))) {
-                    shared.tally(id, |t| t.silent += 1);
-                }
-            }
-            return Err(no_agreement(t, timeout, &votes, &heard));
-        };
-        let report = report_for(&ids, &key, &heard);
-        for id in &report.agreed {
-            shared.tally(id, |t| t.agreed += 1);
-        }
-        for (id, _) in &report.disagreed {
-            shared.tally(id, |t| t.disagreed += 1);
-        }
+        let report = report_for(&ids, &key, &ballot.heard);
+        shared.tally_vote(&report);
         // The others may still answer: count them when they do (or when they time out).
         if !report.silent.is_empty() {
             let late = tally_late_answers(shared.clone(), check, key.clone(), report.silent.clone(), rx, deadline);
@@ -690,6 +676,16 @@ impl ByzClient {
             ts: key.5,
             report,
         })
+    }
+
+    /// Send `signed` to every replica's link; their answers (or why none came) arrive on
+    /// the returned receiver, which ends once every link has answered or given up.
+    fn broadcast(shared: &Shared, signed: &SignedItem, slot: (u64, u64), timeout: Duration) -> AnswerRx {
+        let (tx, rx) = mpsc::unbounded_channel();
+        for link in shared.links.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            link.send(signed, slot, Some(tx.clone()), timeout);
+        }
+        rx
     }
 
     fn ordering_delay(&self) -> Duration {
@@ -896,47 +892,13 @@ impl ByzClient {
                     break;
                 }
                 maybe_applied = maybe_applied || !query;
-                let attempt = (self.attempt_timeout + self.ordering_delay()).min(left);
-                let sent = Instant::now();
-                match Self::vote(&self.shared, &signed, slot, attempt).await {
-                    Ok(v) => {
-                        self.shared
-                            .stream
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .observe(sent.elapsed());
-                        self.last_vote = v.report.clone();
-                        return Ok(v);
-                    }
-                    Err(why) if why.starts_with("refused: ") => {
-                        let why = why.trim_start_matches("refused: ").to_string();
-                        if why.starts_with("invalid") {
-                            return Err(ClientError::Invalid(why));
-                        }
-                        if why.starts_with("sealed") {
-                            return Err(ClientError::Rejected(why));
-                        }
-                        // The stream ended (era change, removal): this item did not run.
+                match self.attempt(&signed, slot, left).await {
+                    Attempt::Done(result) => return result,
+                    Attempt::NewStream(why) => {
                         last = why;
-                        self.end_stream();
-                        self.reload().await;
                         break;
                     }
-                    Err(why) => {
-                        last = why;
-                        if self.shared.stream.lock().unwrap_or_else(|e| e.into_inner()).era
-                            < self.shared.info.lock().unwrap_or_else(|e| e.into_inner()).era
-                        {
-                            self.end_stream();
-                            break;
-                        }
-                        self.reload().await;
-                        let newer = self.shared.info.lock().unwrap_or_else(|e| e.into_inner()).era;
-                        if newer > self.shared.stream.lock().unwrap_or_else(|e| e.into_inner()).era {
-                            self.end_stream();
-                            break;
-                        }
-                    }
+                    Attempt::Again(why) => last = why,
                 }
             }
         }
@@ -945,6 +907,60 @@ impl ByzClient {
         } else {
             ClientError::Rejected(last)
         })
+    }
+
+    /// Send the item once and wait for its vote, at most one attempt's timeout (the order's
+    /// delay included) and never past `left`.
+    async fn attempt(&mut self, signed: &SignedItem, slot: (u64, u64), left: Duration) -> Attempt {
+        let attempt = (self.attempt_timeout + self.ordering_delay()).min(left);
+        let sent = Instant::now();
+        match Self::vote(&self.shared, signed, slot, attempt).await {
+            Ok(v) => {
+                self.shared
+                    .stream
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .observe(sent.elapsed());
+                self.last_vote = v.report.clone();
+                Attempt::Done(Ok(v))
+            }
+            Err(why) if why.starts_with("refused: ") => {
+                self.refused(why.trim_start_matches("refused: ").to_string()).await
+            }
+            Err(why) => self.unanswered(why).await,
+        }
+    }
+
+    /// The replicas agreed to refuse the item: it is invalid, or the cluster is sealed (both
+    /// final), or its stream ended (era change, removal) and it did not run.
+    async fn refused(&mut self, why: String) -> Attempt {
+        if why.starts_with("invalid") {
+            return Attempt::Done(Err(ClientError::Invalid(why)));
+        }
+        if why.starts_with("sealed") {
+            return Attempt::Done(Err(ClientError::Rejected(why)));
+        }
+        self.end_stream();
+        self.reload().await;
+        Attempt::NewStream(why)
+    }
+
+    /// No t+1 agreed in time: send the item again, on a new stream if the stream's era is
+    /// over (already known, or learned by reloading the cluster info).
+    async fn unanswered(&mut self, why: String) -> Attempt {
+        if self.shared.stream.lock().unwrap_or_else(|e| e.into_inner()).era
+            < self.shared.info.lock().unwrap_or_else(|e| e.into_inner()).era
+        {
+            self.end_stream();
+            return Attempt::NewStream(why);
+        }
+        self.reload().await;
+        let newer = self.shared.info.lock().unwrap_or_else(|e| e.into_inner()).era;
+        if newer > self.shared.stream.lock().unwrap_or_else(|e| e.into_inner()).era {
+            self.end_stream();
+            return Attempt::NewStream(why);
+        }
+        Attempt::Again(why)
     }
 
     pub async fn execute(&mut self, payload: Vec<u8>) -> Result<Voted, ClientError> {
@@ -1215,6 +1231,79 @@ fn vote_key(body: &ReplyBody) -> VoteKey {
     )
 }
 
+/// One vote in progress: the answers heard so far, grouped by what they say, until t+1 of
+/// them say the same for the cluster's machine.
+struct Ballot {
+    t: usize,
+    /// The machine (name, version) the replicas must report to be counted.
+    machine: (String, String),
+    /// Who said each answer.
+    votes: BTreeMap<VoteKey, Vec<String>>,
+    /// What each replica said, or why it said nothing usable.
+    heard: BTreeMap<String, Result<VoteKey, String>>,
+}
+
+impl Ballot {
+    fn new(t: usize, machine: (String, String)) -> Ballot {
+        Ballot {
+            t,
+            machine,
+            votes: BTreeMap::new(),
+            heard: BTreeMap::new(),
+        }
+    }
+
+    /// Read answers from `rx` until one is decided (`Some`), or until the deadline or the
+    /// last answer (`None`). Bad signatures are tallied as they come.
+    async fn collect(
+        &mut self,
+        shared: &Shared,
+        check: &ReplyCheck,
+        rx: &mut AnswerRx,
+        deadline: tokio::time::Instant,
+    ) -> Option<VoteKey> {
+        loop {
+            let next = tokio::time::timeout_at(deadline, rx.recv()).await;
+            let Ok(Some((id, r))) = next else { return None };
+            let verdict = check.check(&id, r);
+            if let Some(key) = self.count(shared, id, verdict) {
+                return Some(key);
+            }
+        }
+    }
+
+    /// Count replica `id`'s checked answer; the answer it decides, if it is the (t+1)th
+    /// alike and names the cluster's machine.
+    fn count(&mut self, shared: &Shared, id: String, verdict: Result<ReplyBody, (bool, String)>) -> Option<VoteKey> {
+        match verdict {
+            Ok(body) => {
+                let key = vote_key(&body);
+                self.heard.insert(id.clone(), Ok(key.clone()));
+                let v = self.votes.entry(key.clone()).or_default();
+                v.push(id);
+                (v.len() > self.t && (key.3 == self.machine.0 && key.4 == self.machine.1)).then_some(key)
+            }
+            Err((bad, why)) => {
+                if bad {
+                    shared.tally(&id, |t| t.bad_signature += 1);
+                }
+                self.heard.insert(id, Err(why));
+                None
+            }
+        }
+    }
+
+    /// After a vote that decided nothing: count silence for each of `ids` that gave no
+    /// well-signed answer.
+    fn tally_silent(&self, shared: &Shared, ids: &[String]) {
+        for id in ids {
+            if !matches!(self.heard.get(id), Some(Ok(_))) {
+                shared.tally(id, |t| t.silent += 1);
+            }
+        }
+    }
+}
+
 /// Checks one replica's answer to one item.
 struct ReplyCheck {
     keys: HashMap<String, VerifyingKey>,
@@ -1289,7 +1378,7 @@ async fn tally_late_answers(
     check: ReplyCheck,
     key: VoteKey,
     pending: Vec<String>,
-    mut rx: mpsc::UnboundedReceiver<(String, Result<SignedReply, String>)>,
+    mut rx: AnswerRx,
     deadline: tokio::time::Instant,
 ) {
     let mut left: std::collections::BTreeSet<String> = pending.into_iter().collect();
