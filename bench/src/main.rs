@@ -554,32 +554,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Some(_) => start_etcd(&args, &base).await.map(|(ec, url)| (Some(ec), Some(url)))?,
         None => (None, None),
     };
-    let lockstep_target = lockstep_target(&ls, &healthy)?;
-    let etcd_target = ec
-        .as_ref()
-        .map(|ec| etcd_target(ec, etcd_leader.as_deref().unwrap_or_default()));
-    let ls_endpoints = healthy.endpoints.clone();
-    let ls_transport = ls.transport()?;
-    let ls_make = |_: usize| lockstep::Client::new(ls_endpoints.clone()).with_transport(ls_transport.clone());
-
-    // 3: throughput and latency.
-    if args.warmup > 0 {
-        println!("warm-up: {}s x 8 clients per target", args.warmup);
-        write_pass(&args, args.warmup, &ls_make, etcd_leader.as_deref()).await?;
-    }
-    let etcd = etcd_target.as_ref().zip(etcd_leader.as_deref());
-    let runs = measure_all(&args, &lockstep_target, &ls_make, etcd).await?;
-
-    // 5: memory after the load, then at rest.
-    let memory = measure_memory(&args, &lockstep_target, etcd_target.as_ref()).await;
-    // etcd is not needed for the fail-over trials; give its CPU back.
-    if let Some(ec) = &mut ec {
-        ec.stop();
-    }
-
-    // 4: fail-over.
-    let failovers = failover_trials(&mut ls, &args).await;
-    let failover_median_ms = median(failovers.iter().filter_map(|f| f.failover_ms).collect());
+    let measured = measure_clusters(&args, &mut ls, &healthy, &mut ec, etcd_leader.as_deref()).await?;
 
     ls.stop();
     drop(ec);
@@ -587,20 +562,62 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .into_iter()
         .flatten()
         .min_by(|a, b| a.write_floor_us.total_cmp(&b.write_floor_us));
+    let results = Results::new(machine, ls.replicas, measured, floor);
+    print_summary(&results, &args);
+    write_outputs(&results, &args, tmp)
+}
 
-    let results = Results {
-        machine,
-        command: std::env::args().collect::<Vec<_>>().join(" "),
-        replicas: ls.replicas,
+/// What [`measure_clusters`] measured.
+struct Measured {
+    runs: Vec<Run>,
+    memory: Vec<Memory>,
+    failovers: Vec<Failover>,
+}
+
+/// Steps 3 to 5 on the running clusters (`ec` and its leader URL: etcd, when it runs):
+/// throughput and latency, memory after the load and at rest, then the fail-over trials,
+/// with etcd stopped first (they do not need it).
+async fn measure_clusters(
+    args: &Args,
+    ls: &mut local::LocalCluster,
+    healthy: &local::Healthy,
+    ec: &mut Option<etcd::EtcdCluster>,
+    etcd_leader: Option<&str>,
+) -> anyhow::Result<Measured> {
+    let lockstep_target = lockstep_target(ls, healthy)?;
+    let etcd_target = ec.as_ref().map(|ec| etcd_target(ec, etcd_leader.unwrap_or_default()));
+    let ls_endpoints = healthy.endpoints.clone();
+    let ls_transport = ls.transport()?;
+    let ls_make = |_: usize| lockstep::Client::new(ls_endpoints.clone()).with_transport(ls_transport.clone());
+
+    // 3: throughput and latency.
+    if args.warmup > 0 {
+        println!("warm-up: {}s x 8 clients per target", args.warmup);
+        write_pass(args, args.warmup, &ls_make, etcd_leader).await?;
+    }
+    let etcd = etcd_target.as_ref().zip(etcd_leader);
+    let runs = measure_all(args, &lockstep_target, &ls_make, etcd).await?;
+
+    // 5: memory after the load, then at rest.
+    let memory = measure_memory(args, &lockstep_target, etcd_target.as_ref()).await;
+    // etcd is not needed for the fail-over trials; give its CPU back.
+    if let Some(ec) = ec {
+        ec.stop();
+    }
+
+    // 4: fail-over.
+    let failovers = failover_trials(ls, args).await;
+    Ok(Measured {
         runs,
         memory,
         failovers,
-        failover_median_ms,
-        floor,
-    };
-    print_summary(&results, &args);
+    })
+}
+
+/// After the summary: the results as JSON (`--json`), and the data dirs kept (`--keep`).
+fn write_outputs(results: &Results, args: &Args, tmp: tempfile::TempDir) -> anyhow::Result<()> {
     if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_vec_pretty(&results)?)?;
+        std::fs::write(path, serde_json::to_vec_pretty(results)?)?;
         println!("results written to {}", path.display());
     }
     if args.keep {
@@ -797,6 +814,9 @@ async fn failover_trials(ls: &mut local::LocalCluster, args: &Args) -> Vec<Failo
     failovers
 }
 
+/// One fail-over trial: `kill -9` the primary under `--failover-clients` writing clients and
+/// time, from the kill, the next epoch, the first acknowledged write issued after it, and the
+/// replacement's joining.
 async fn failover_trial(
     ls: &mut local::LocalCluster,
     trial: usize,
@@ -807,57 +827,18 @@ async fn failover_trial(
     let victim = ls.listening(&h.primary)?;
     let state = Arc::new(ProbeState::default());
     let stop = Arc::new(AtomicBool::new(false));
-    let endpoints = h.endpoints.clone();
-    let transport = ls.transport()?;
-    let load = tokio::spawn({
-        let state = state.clone();
-        let stop = stop.clone();
-        let o = opts(args.failover_clients, 60);
-        async move {
-            run_workload(
-                "failover",
-                o,
-                move |_| Probe {
-                    inner: lockstep::Client::new(endpoints.clone()).with_transport(transport.clone()),
-                    state: state.clone(),
-                },
-                stop,
-            )
-            .await
-        }
-    });
+    let load = spawn_probe_load(ls, &h, opts(args.failover_clients, 60), &state, &stop)?;
     // Let the load reach a steady state, then kill the primary.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(victim.pid as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .with_context(|| format!("kill -9 {} (pid {})", h.primary, victim.pid))?;
-    // Taken after kill(2) returned: a write issued from now on cannot be served by the victim.
-    let killed_at = Instant::now();
-    *state.kill.lock().expect("probe lock") = Some(killed_at);
-    let deadline = killed_at + Duration::from_secs(20);
-    let mut reconfigured = None;
-    while state.first_new.lock().expect("probe lock").is_none() && Instant::now() < deadline {
-        if reconfigured.is_none()
-            && let Ok(Some(s)) = ls.state()
-            && s.config.is_some_and(|c| c.epoch > h.epoch)
-        {
-            reconfigured = Some(Instant::now());
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let killed_at = kill_primary(&h, &victim, &state)?;
+    let reconfigured = wait_first_new_write(ls, &state, h.epoch, killed_at).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let report = load.await??;
     let ms = |t: Option<Instant>| t.map(|t| t.duration_since(killed_at).as_secs_f64() * 1000.0);
     let failover_ms = ms(*state.first_new.lock().expect("probe lock"));
     let reconfigured_ms = ms(reconfigured);
-    let rejoin_ms = match ls.wait_healthy(Duration::from_secs(60)).await {
-        Ok(h2) if h2.epoch > h.epoch => Some(killed_at.elapsed().as_secs_f64() * 1000.0),
-        Ok(_) => None,
-        Err(e) => return Err(e.context("the replacement did not join")),
-    };
+    let rejoin_ms = rejoin_ms(ls, h.epoch, killed_at).await?;
     Ok(Failover {
         trial,
         killed: h.primary.clone(),
@@ -869,6 +850,79 @@ async fn failover_trial(
         failed: report.failed,
         unknown: report.unknown,
     })
+}
+
+/// The fail-over load: writes through [`Probe`]s that note into `state` the first write
+/// acknowledged after the kill, until `stop` is set.
+fn spawn_probe_load(
+    ls: &local::LocalCluster,
+    h: &local::Healthy,
+    o: WorkloadOptions,
+    state: &Arc<ProbeState>,
+    stop: &Arc<AtomicBool>,
+) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<Report>>> {
+    let endpoints = h.endpoints.clone();
+    let transport = ls.transport()?;
+    let state = state.clone();
+    let stop = stop.clone();
+    Ok(tokio::spawn(async move {
+        run_workload(
+            "failover",
+            o,
+            move |_| Probe {
+                inner: lockstep::Client::new(endpoints.clone()).with_transport(transport.clone()),
+                state: state.clone(),
+            },
+            stop,
+        )
+        .await
+    }))
+}
+
+/// `kill -9` the primary (`victim`) and note the time in `state`: writes issued from then on
+/// are the ones the trial waits for.
+fn kill_primary(h: &local::Healthy, victim: &local::Listening, state: &ProbeState) -> anyhow::Result<Instant> {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(victim.pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .with_context(|| format!("kill -9 {} (pid {})", h.primary, victim.pid))?;
+    // Taken after kill(2) returned: a write issued from now on cannot be served by the victim.
+    let killed_at = Instant::now();
+    *state.kill.lock().expect("probe lock") = Some(killed_at);
+    Ok(killed_at)
+}
+
+/// Wait (20 s at most after the kill) for the first acknowledged write issued after it;
+/// meanwhile, when the master persisted an epoch after `epoch` (`None`: not seen by then).
+async fn wait_first_new_write(
+    ls: &local::LocalCluster,
+    state: &ProbeState,
+    epoch: u64,
+    killed_at: Instant,
+) -> Option<Instant> {
+    let deadline = killed_at + Duration::from_secs(20);
+    let mut reconfigured = None;
+    while state.first_new.lock().expect("probe lock").is_none() && Instant::now() < deadline {
+        if reconfigured.is_none()
+            && let Ok(Some(s)) = ls.state()
+            && s.config.is_some_and(|c| c.epoch > epoch)
+        {
+            reconfigured = Some(Instant::now());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    reconfigured
+}
+
+/// Milliseconds from the kill until the cluster is healthy again in an epoch after `epoch`
+/// (the replacement joined); `None` when it is healthy still in `epoch`.
+async fn rejoin_ms(ls: &mut local::LocalCluster, epoch: u64, killed_at: Instant) -> anyhow::Result<Option<f64>> {
+    match ls.wait_healthy(Duration::from_secs(60)).await {
+        Ok(h2) if h2.epoch > epoch => Ok(Some(killed_at.elapsed().as_secs_f64() * 1000.0)),
+        Ok(_) => Ok(None),
+        Err(e) => Err(e.context("the replacement did not join")),
+    }
 }
 
 fn print_summary(r: &Results, args: &Args) {
@@ -892,6 +946,22 @@ fn print_summary(r: &Results, args: &Args) {
 }
 
 impl Results {
+    /// The results of one benchmark on `machine`, with `replicas` lockstep replicas; the
+    /// command line is this process's.
+    fn new(machine: Machine, replicas: usize, measured: Measured, floor: Option<floor::Floor>) -> Results {
+        let failover_median_ms = median(measured.failovers.iter().filter_map(|f| f.failover_ms).collect());
+        Results {
+            machine,
+            command: std::env::args().collect::<Vec<_>>().join(" "),
+            replicas,
+            runs: measured.runs,
+            memory: measured.memory,
+            failovers: measured.failovers,
+            failover_median_ms,
+            floor,
+        }
+    }
+
     /// The run of `mix` against `target` with `clients` clients, if it was measured.
     fn run(&self, mix: &str, target: &str, clients: usize) -> Option<&Run> {
         self.runs
