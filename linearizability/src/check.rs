@@ -1138,6 +1138,24 @@ fn compress(bits: &[u64], state: u32, restricted: bool, out: &mut Vec<u64>) {
 /// Checks a key-value history for linearizability (see the crate docs for the format
 /// and the machine's semantics). Keys are checked independently, in parallel.
 pub fn check_kv(history: &[HistoryEntry], limits: CheckLimits) -> CheckResult {
+    let (keys, ops) = match entries_by_key(history) {
+        Ok(grouped) => grouped,
+        Err(inconclusive) => return inconclusive,
+    };
+    let verdicts = map_in_parallel(&keys, |(key, idxs)| match KeyChecker::new(history, key, idxs) {
+        Ok(mut kc) => kc.run(limits),
+        Err(explanation) => KeyVerdict::NotLinearizable(explanation),
+    });
+    combine_verdicts(&keys, verdicts, ops)
+}
+
+/// Each key with the indexes of its entries in the history, in key order.
+type KeyEntries<'h> = Vec<(&'h str, Vec<usize>)>;
+
+/// The entries to check (all but `fail`), as indexes into `history` grouped by key in key
+/// order, and how many there are; `Err`: the first invalid one, which makes the check
+/// inconclusive.
+fn entries_by_key(history: &[HistoryEntry]) -> Result<(KeyEntries<'_>, usize), CheckResult> {
     let mut by_key: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
     let mut ops = 0;
     for (i, e) in history.iter().enumerate() {
@@ -1145,55 +1163,56 @@ pub fn check_kv(history: &[HistoryEntry], limits: CheckLimits) -> CheckResult {
             continue;
         }
         if let Err(reason) = e.validate() {
-            return CheckResult::Inconclusive {
+            return Err(CheckResult::Inconclusive {
                 reason: format!("invalid history entry #{}: {reason}", i + 1),
-            };
+            });
         }
         ops += 1;
         by_key.entry(e.key.as_str()).or_default().push(i);
     }
-    let keys: Vec<(&str, Vec<usize>)> = by_key.into_iter().collect();
-    let check_one = |(key, idxs): &(&str, Vec<usize>)| -> KeyVerdict {
-        match KeyChecker::new(history, key, idxs) {
-            Ok(mut kc) => kc.run(limits),
-            Err(explanation) => KeyVerdict::NotLinearizable(explanation),
-        }
-    };
+    Ok((by_key.into_iter().collect(), ops))
+}
 
+/// `f` of each item, in the items' order, computed on up to 16 threads (as many as the
+/// machine runs at once, and no more than there are items); on this thread when that is one.
+fn map_in_parallel<T: Sync, V: Send>(items: &[T], f: impl Fn(&T) -> V + Sync) -> Vec<V> {
     let workers = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)
-        .min(keys.len())
+        .min(items.len())
         .min(16);
-    let verdicts: Vec<KeyVerdict> = if workers <= 1 {
-        keys.iter().map(check_one).collect()
-    } else {
-        use std::sync::Mutex;
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        let next = AtomicUsize::new(0);
-        let slots: Mutex<Vec<Option<KeyVerdict>>> = Mutex::new((0..keys.len()).map(|_| None).collect());
-        std::thread::scope(|s| {
-            for _ in 0..workers {
-                s.spawn(|| {
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        if i >= keys.len() {
-                            break;
-                        }
-                        let v = check_one(&keys[i]);
-                        slots.lock().expect("no panics while locked")[i] = Some(v);
+    if workers <= 1 {
+        return items.iter().map(f).collect();
+    }
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let next = AtomicUsize::new(0);
+    let slots: Mutex<Vec<Option<V>>> = Mutex::new((0..items.len()).map(|_| None).collect());
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= items.len() {
+                        break;
                     }
-                });
-            }
-        });
-        slots
-            .into_inner()
-            .expect("no panics while locked")
-            .into_iter()
-            .map(|v| v.expect("every key checked"))
-            .collect()
-    };
+                    let v = f(&items[i]);
+                    slots.lock().expect("no panics while locked")[i] = Some(v);
+                }
+            });
+        }
+    });
+    slots
+        .into_inner()
+        .expect("no panics while locked")
+        .into_iter()
+        .map(|v| v.expect("every key checked"))
+        .collect()
+}
 
+/// The history's verdict from its keys' (in key order): the first key that is not
+/// linearizable, else the first reason a key was inconclusive, else linearizable.
+fn combine_verdicts(keys: &[(&str, Vec<usize>)], verdicts: Vec<KeyVerdict>, ops: usize) -> CheckResult {
     let mut inconclusive = None;
     for ((key, _), v) in keys.iter().zip(verdicts) {
         match v {
