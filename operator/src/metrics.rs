@@ -94,86 +94,105 @@ pub struct Metrics {
 }
 
 impl Default for Metrics {
+    /// Every metric at zero, registered under `lockstep_operator_` in the order `/metrics`
+    /// lists them: Byzantine evidence, reconciliation, changes made, then the operator
+    /// itself, and last the per-RSM gauges.
     fn default() -> Self {
-        let mut registry = Registry::with_prefix("lockstep_operator");
-        let reconciles = Family::<ResultLabel, Counter>::default();
-        let errors = Counter::default();
-        let duration = Histogram::new(exponential_buckets(0.001, 2.0, 16));
-        let actions = Family::<ActionLabel, Counter>::default();
-        let replacements = Counter::default();
-        let rollouts_started = Counter::default();
-        let rollouts_completed = Counter::default();
-        let status_conflicts = Counter::default();
-        let leader = Gauge::default();
-        let api_requests = Family::<MethodLabel, Counter>::default();
-        let resident_memory = Gauge::default();
-        let byzantine_evidence = EvidenceGauges::default();
-        registry.register(
+        let mut m = Self {
+            registry: Registry::with_prefix("lockstep_operator"),
+            reconciles: Family::<ResultLabel, Counter>::default(),
+            errors: Counter::default(),
+            duration: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
+            actions: Family::<ActionLabel, Counter>::default(),
+            replacements: Counter::default(),
+            rollouts_started: Counter::default(),
+            rollouts_completed: Counter::default(),
+            status_conflicts: Counter::default(),
+            leader: Gauge::default(),
+            api_requests: Family::<MethodLabel, Counter>::default(),
+            resident_memory: Gauge::default(),
+            byzantine_evidence: EvidenceGauges::default(),
+            rsm: crate::rsm_metrics::RsmGauges::default(),
+        };
+        m.register_evidence();
+        m.register_reconciliation();
+        m.register_changes();
+        m.register_operator();
+        m.rsm.register(&mut m.registry);
+        m
+    }
+}
+
+impl Metrics {
+    /// Byzantine mode: what replicas report against each other.
+    fn register_evidence(&mut self) {
+        self.registry.register(
             "byzantine_evidence",
             "Byzantine mode: evidence (bad signatures, refused relays, equivocation, corrupt snapshots) one replica reports against another",
-            byzantine_evidence.family.clone(),
+            self.byzantine_evidence.family.clone(),
         );
-        registry.register(
+    }
+
+    /// How reconciliations went: by result, the failed ones, and how long each took.
+    fn register_reconciliation(&mut self) {
+        let r = &mut self.registry;
+        r.register(
             "reconciles",
             "Reconciliations by result (ok, error)",
-            reconciles.clone(),
+            self.reconciles.clone(),
         );
-        registry.register("reconcile_errors", "Reconciliations that failed", errors.clone());
-        registry.register(
+        r.register("reconcile_errors", "Reconciliations that failed", self.errors.clone());
+        r.register(
             "reconcile_duration_seconds",
             "Duration of one reconciliation",
-            duration.clone(),
+            self.duration.clone(),
         );
-        registry.register("actions", "Planner actions carried out, by kind", actions.clone());
-        registry.register(
+    }
+
+    /// What the operator changed in the clusters: planner actions, replacements, rollouts.
+    fn register_changes(&mut self) {
+        let r = &mut self.registry;
+        r.register("actions", "Planner actions carried out, by kind", self.actions.clone());
+        r.register(
             "replacements",
             "Fail-stopped replicas fenced out and replaced",
-            replacements.clone(),
+            self.replacements.clone(),
         );
-        registry.register(
+        r.register(
             "rollouts_started",
             "Lockstep rollouts started",
-            rollouts_started.clone(),
+            self.rollouts_started.clone(),
         );
-        registry.register(
+        r.register(
             "rollouts_completed",
             "Lockstep rollouts completed",
-            rollouts_completed.clone(),
+            self.rollouts_completed.clone(),
         );
-        registry.register(
+    }
+
+    /// The operator process itself: its status writes, leader lease, API requests, memory.
+    fn register_operator(&mut self) {
+        let r = &mut self.registry;
+        r.register(
             "status_conflicts",
             "Status writes refused by optimistic concurrency (409)",
-            status_conflicts.clone(),
+            self.status_conflicts.clone(),
         );
-        registry.register("leader", "1 when this instance holds the leader lease", leader.clone());
-        registry.register(
+        r.register(
+            "leader",
+            "1 when this instance holds the leader lease",
+            self.leader.clone(),
+        );
+        r.register(
             "kube_api_requests",
             "Requests sent to the Kubernetes API server, by HTTP method (a watch counts once)",
-            api_requests.clone(),
+            self.api_requests.clone(),
         );
-        registry.register(
+        r.register(
             "resident_memory_bytes",
             "Resident memory of the operator process",
-            resident_memory.clone(),
+            self.resident_memory.clone(),
         );
-        let rsm = crate::rsm_metrics::RsmGauges::default();
-        rsm.register(&mut registry);
-        Self {
-            registry,
-            reconciles,
-            errors,
-            duration,
-            actions,
-            replacements,
-            rollouts_started,
-            rollouts_completed,
-            status_conflicts,
-            leader,
-            api_requests,
-            resident_memory,
-            byzantine_evidence,
-            rsm,
-        }
     }
 }
 
