@@ -961,76 +961,23 @@ impl Byzantine for ByzServices {
 }
 
 /// Adopt a master-signed era: check it, bring the state to its start (state transfer from a
-/// member whose snapshot matches the digest the era names), then start ordering.
+/// member whose snapshot matches the digest the era names), then start ordering. One era at a
+/// time: `era_lock` is held for the whole of it, the core's lock only between awaits.
 async fn start_era(shared: &Arc<ByzShared>, signed: SignedEra) -> Result<EraAck, Status> {
     let _serial = shared.era_lock.lock().await;
-    if !keys::verify(&shared.master_key, &signed.era, &signed.signature) {
-        shared.lock().note("master?", "bad-era-signature");
-        return Err(Status::permission_denied(
-            "era is not signed by the configuration master",
-        ));
-    }
-    let era =
-        Era::decode(signed.era.as_slice()).map_err(|e| Status::invalid_argument(format!("undecodable era: {e}")))?;
-    let params = era_params(&era, &shared.ordering).map_err(Status::invalid_argument)?;
-    {
-        let core = shared.lock();
-        if let Some(cur) = &core.era {
-            if cur.number == era.number {
-                return Ok(EraAck { number: era.number });
-            }
-            if cur.number > era.number {
-                return Err(Status::failed_precondition(format!(
-                    "stale era {} (this replica is in era {})",
-                    era.number, cur.number
-                )));
-            }
-        } else if era.number <= shared.left_era {
-            return Err(Status::failed_precondition(format!(
-                "this replica restarted out of era {} and waits for a later era (era {} offered)",
-                shared.left_era, era.number
-            )));
-        }
+    let (era, params) = shared.verify_era(&signed)?;
+    let ack = EraAck { number: era.number };
+    if shared.already_in(&era)? {
+        return Ok(ack);
     }
     if !params.members.iter().any(|(id, _, _)| *id == shared.id) {
-        let mut core = shared.lock();
-        core.era = None;
-        tracing::info!(era = era.number, "removed from the membership: serving nothing");
-        return Ok(EraAck { number: era.number });
+        shared.leave(&era);
+        return Ok(ack);
     }
-    let in_place = {
-        let core = shared.lock();
-        core.index == era.start_index && core.state_digest() == era.state_digest
-    };
-    if !in_place && !shared.roll_back_to(&era)? {
-        transfer_state(shared, &era, &params).await?;
-    }
-    let effects = {
-        let mut core = shared.lock();
-        let resume = era.resume.then(|| era.machine.clone()).flatten();
-        let out = core.start_era(params.clone(), resume);
-        *shared.recovered.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        let replies = shared.handle(out.clone());
-        (out, replies)
-    };
-    let (effects, replies) = effects;
-    shared.answer_all(replies);
-    let _ = effects;
-    lockstep_replica_write_era(&shared.data_dir, &signed).map_err(|e| Status::internal(format!("{e:#}")))?;
-    *shared.signed_era.lock().unwrap_or_else(|e| e.into_inner()) = signed.encode_to_vec();
-    shared
-        .writer
-        .barrier()
-        .await
-        .map_err(|_| Status::internal("storage stopped"))?;
-    // New relay senders for the new members.
-    let senders = params
-        .members
-        .iter()
-        .filter(|(id, _, _)| *id != shared.id)
-        .map(|(id, endpoint, _)| spawn_relay_sender(shared.clone(), id.clone(), endpoint.clone(), era.number))
-        .collect();
-    *shared.relays.lock().unwrap_or_else(|e| e.into_inner()) = senders;
+    reach_start_state(shared, &era, &params).await?;
+    shared.enter(&era, params.clone());
+    record_era(shared, &signed).await?;
+    start_relay_senders(shared, &params, era.number);
     shared.metrics.epoch.set(era.number as i64);
     tracing::info!(
         era = era.number,
@@ -1041,7 +988,107 @@ async fn start_era(shared: &Arc<ByzShared>, signed: SignedEra) -> Result<EraAck,
         "started era"
     );
     shared.wake.notify_one();
-    Ok(EraAck { number: era.number })
+    Ok(ack)
+}
+
+/// The steps of [`start_era`] that need no await.
+impl ByzShared {
+    /// The era, if the configuration master signed it, with its parameters, if this replica's
+    /// ordering flags agree with them.
+    fn verify_era(&self, signed: &SignedEra) -> Result<(Era, EraParams), Status> {
+        if !keys::verify(&self.master_key, &signed.era, &signed.signature) {
+            self.lock().note("master?", "bad-era-signature");
+            return Err(Status::permission_denied(
+                "era is not signed by the configuration master",
+            ));
+        }
+        let era = Era::decode(signed.era.as_slice())
+            .map_err(|e| Status::invalid_argument(format!("undecodable era: {e}")))?;
+        let params = era_params(&era, &self.ordering).map_err(Status::invalid_argument)?;
+        Ok((era, params))
+    }
+
+    /// True when this replica is in `era` already (the master repeated it); an error when the
+    /// era is older than the one it is in, or not after the one it left when it stopped.
+    fn already_in(&self, era: &Era) -> Result<bool, Status> {
+        let core = self.lock();
+        if let Some(cur) = &core.era {
+            if cur.number == era.number {
+                return Ok(true);
+            }
+            if cur.number > era.number {
+                return Err(Status::failed_precondition(format!(
+                    "stale era {} (this replica is in era {})",
+                    era.number, cur.number
+                )));
+            }
+        } else if era.number <= self.left_era {
+            return Err(Status::failed_precondition(format!(
+                "this replica restarted out of era {} and waits for a later era (era {} offered)",
+                self.left_era, era.number
+            )));
+        }
+        Ok(false)
+    }
+
+    /// `era` does not name this replica: it leaves its era and serves nothing.
+    fn leave(&self, era: &Era) {
+        let mut core = self.lock();
+        core.era = None;
+        tracing::info!(era = era.number, "removed from the membership: serving nothing");
+    }
+
+    /// Start ordering in `era` from its start state (resuming the machine the era names, if it
+    /// says to), forget the recovered log, and carry out what starting decided; the replies
+    /// are signed after the core's lock is released.
+    fn enter(&self, era: &Era, params: EraParams) {
+        let replies = {
+            let mut core = self.lock();
+            let resume = era.resume.then(|| era.machine.clone()).flatten();
+            let out = core.start_era(params, resume);
+            *self.recovered.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            self.handle(out)
+        };
+        self.answer_all(replies);
+    }
+}
+
+/// Bring the state to the era's start: it is there already, or rolls back to it in the
+/// recovered log, or else fetches it from a member (the core's lock is not held while fetching).
+async fn reach_start_state(shared: &Arc<ByzShared>, era: &Era, params: &EraParams) -> Result<(), Status> {
+    let in_place = {
+        let core = shared.lock();
+        core.index == era.start_index && core.state_digest() == era.state_digest
+    };
+    if !in_place && !shared.roll_back_to(era)? {
+        transfer_state(shared, era, params).await?;
+    }
+    Ok(())
+}
+
+/// Keep the signed era in the data dir (a restarted replica knows which era it left) and for
+/// status, then wait until everything queued to storage before it is durable.
+async fn record_era(shared: &Arc<ByzShared>, signed: &SignedEra) -> Result<(), Status> {
+    lockstep_replica_write_era(&shared.data_dir, signed).map_err(|e| Status::internal(format!("{e:#}")))?;
+    *shared.signed_era.lock().unwrap_or_else(|e| e.into_inner()) = signed.encode_to_vec();
+    shared
+        .writer
+        .barrier()
+        .await
+        .map_err(|_| Status::internal("storage stopped"))?;
+    Ok(())
+}
+
+/// New relay senders for the era's other members; the previous era's senders are dropped,
+/// which ends them.
+fn start_relay_senders(shared: &Arc<ByzShared>, params: &EraParams, era: u64) {
+    let senders = params
+        .members
+        .iter()
+        .filter(|(id, _, _)| *id != shared.id)
+        .map(|(id, endpoint, _)| spawn_relay_sender(shared.clone(), id.clone(), endpoint.clone(), era))
+        .collect();
+    *shared.relays.lock().unwrap_or_else(|e| e.into_inner()) = senders;
 }
 
 fn lockstep_replica_write_era(dir: &std::path::Path, signed: &SignedEra) -> anyhow::Result<()> {
