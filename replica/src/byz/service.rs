@@ -11,11 +11,11 @@ use crate::metrics::Metrics;
 use crate::writer::{StorageOp, WriterHandle};
 use ed25519_dalek::SigningKey;
 use lockstep_proto::{
-    AppliedEntry, ByzStatus, Configuration, Era, EraAck, FetchSnapshotRequest, Member, MemberRole, PeerProgress,
-    RelayAck, RelayBatch, Relayed, ReplyBody, ResumeRequest, ResumeResponse, SealRequest, SealResponse, SignedApplied,
-    SignedEra, SignedItem, SignedReply, Snapshot, SnapshotRequest, SnapshotResponse, StatusRequest, StatusResponse,
-    SubmitAnswer, WatchRequest, admin_server::Admin, byzantine_client::ByzantineClient, byzantine_server::Byzantine,
-    stream_item::Body as ItemBody,
+    AppliedEntry, ByzStatus, Configuration, Era, EraAck, FetchSnapshotRequest, MachineIdentity, Member, MemberRole,
+    PeerProgress, RelayAck, RelayBatch, Relayed, ReplyBody, ResumeRequest, ResumeResponse, SealRequest, SealResponse,
+    SignedApplied, SignedEra, SignedItem, SignedReply, Snapshot, SnapshotRequest, SnapshotResponse, StatusRequest,
+    StatusResponse, SubmitAnswer, WatchRequest, admin_server::Admin, byzantine_client::ByzantineClient,
+    byzantine_server::Byzantine, stream_item::Body as ItemBody,
 };
 use prost::Message;
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -1246,44 +1246,23 @@ impl ByzShared {
         Ok(true)
     }
 
+    /// What this replica reports to the operator, `lockstep status` and clients, read under
+    /// one hold of the core's lock so that the parts agree with each other.
     pub fn status(&self) -> StatusResponse {
         let now = now_micros();
         let core = self.lock();
         let peers = self.peers_applied.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let sealed_at = core.runtime().sealed_at().unwrap_or(0);
-        let state = match (&core.era, &core.barrier) {
-            (None, _) => "unconfigured",
-            (Some(_), Some(_)) if sealed_at > 0 => "sealed",
-            (Some(_), Some(_)) => "barrier",
-            (Some(_), None) if sealed_at > 0 => "sealed",
-            (Some(_), None) => "member",
-        };
-        let mut machine = core.machine.clone();
-        if self.injected(Behaviour::WrongVersion) {
-            machine.version = "6.6.6".into();
-        }
         let era_number = core.era.as_ref().map_or(0, |e| e.number);
         StatusResponse {
             id: self.id.clone(),
             epoch: era_number,
-            state: state.into(),
+            state: status_state(&core, sealed_at).into(),
             applied_index: core.index,
             commit_index: core.index,
             last_index: core.index,
-            machine: Some(machine),
-            config: core.era.as_ref().map(|e| Configuration {
-                epoch: e.number,
-                primary_id: String::new(),
-                members: e
-                    .members
-                    .iter()
-                    .map(|(id, ep, _)| Member {
-                        id: id.clone(),
-                        endpoint: ep.clone(),
-                        role: MemberRole::Voter as i32,
-                    })
-                    .collect(),
-            }),
+            machine: Some(self.reported_machine(&core)),
+            config: core.era.as_ref().map(era_configuration),
             launched_image: crate::server::launched_image(),
             sealed_at,
             sealed_digest: if sealed_at > 0 {
@@ -1301,28 +1280,74 @@ impl ByzShared {
                 .collect(),
             snapshot_index: *self.last_snapshot.lock().unwrap_or_else(|e| e.into_inner()),
             durable: true,
-            byzantine: Some(ByzStatus {
-                era: era_number,
-                public_key: self.signing.verifying_key().to_bytes().to_vec(),
-                barrier_index: core.barrier.as_ref().map_or(0, |b| b.0),
-                barrier_digest: core.barrier.as_ref().map(|b| b.1.clone()).unwrap_or_default(),
-                pending_opens: core.pending_opens(now, OPEN_SHOWN_US),
-                streams: core.stream_status(now),
-                evidence: core.evidence(),
-                pending_items: core.pending_items() as u64,
-                inject: self.inject.map(|b| b.name().to_string()).unwrap_or_default(),
-                left_era: self.left_era,
-                recoverable_from: match (&core.era, &*self.recovered.lock().unwrap_or_else(|e| e.into_inner())) {
-                    (None, Some(log)) => log.from_index(),
-                    _ => core.index,
-                },
-                signed_era: if core.era.is_some() {
-                    self.signed_era.lock().unwrap_or_else(|e| e.into_inner()).clone()
-                } else {
-                    Vec::new()
-                },
-            }),
+            byzantine: Some(self.byz_status(&core, now, era_number)),
         }
+    }
+
+    /// The machine this replica says it runs (a replica injected with `WrongVersion` lies).
+    fn reported_machine(&self, core: &Core) -> MachineIdentity {
+        let mut machine = core.machine.clone();
+        if self.injected(Behaviour::WrongVersion) {
+            machine.version = "6.6.6".into();
+        }
+        machine
+    }
+
+    /// The part of [`ByzShared::status`] only Byzantine mode has: the barrier, open requests
+    /// and streams the master acts on, evidence against others, and what a restarted replica
+    /// can recover from. Called with the core's lock held (`core`).
+    fn byz_status(&self, core: &Core, now: u64, era_number: u64) -> ByzStatus {
+        ByzStatus {
+            era: era_number,
+            public_key: self.signing.verifying_key().to_bytes().to_vec(),
+            barrier_index: core.barrier.as_ref().map_or(0, |b| b.0),
+            barrier_digest: core.barrier.as_ref().map(|b| b.1.clone()).unwrap_or_default(),
+            pending_opens: core.pending_opens(now, OPEN_SHOWN_US),
+            streams: core.stream_status(now),
+            evidence: core.evidence(),
+            pending_items: core.pending_items() as u64,
+            inject: self.inject.map(|b| b.name().to_string()).unwrap_or_default(),
+            left_era: self.left_era,
+            recoverable_from: match (&core.era, &*self.recovered.lock().unwrap_or_else(|e| e.into_inner())) {
+                (None, Some(log)) => log.from_index(),
+                _ => core.index,
+            },
+            signed_era: if core.era.is_some() {
+                self.signed_era.lock().unwrap_or_else(|e| e.into_inner()).clone()
+            } else {
+                Vec::new()
+            },
+        }
+    }
+}
+
+/// The replica's state as status names it: in no era yet, a member, stopped at a barrier for
+/// the next era, or sealed.
+fn status_state(core: &Core, sealed_at: u64) -> &'static str {
+    match (&core.era, &core.barrier) {
+        (None, _) => "unconfigured",
+        (Some(_), Some(_)) if sealed_at > 0 => "sealed",
+        (Some(_), Some(_)) => "barrier",
+        (Some(_), None) if sealed_at > 0 => "sealed",
+        (Some(_), None) => "member",
+    }
+}
+
+/// An era's membership as the fail-stop `Configuration` status reports (every member a voter,
+/// no primary).
+fn era_configuration(era: &EraParams) -> Configuration {
+    Configuration {
+        epoch: era.number,
+        primary_id: String::new(),
+        members: era
+            .members
+            .iter()
+            .map(|(id, ep, _)| Member {
+                id: id.clone(),
+                endpoint: ep.clone(),
+                role: MemberRole::Voter as i32,
+            })
+            .collect(),
     }
 }
 
