@@ -66,6 +66,8 @@ fn request_histogram() -> Histogram {
 }
 
 impl Default for Metrics {
+    /// Every metric, registered under the `lockstep_replica` prefix. `/metrics` lists them in
+    /// the order they are registered here.
     fn default() -> Self {
         let mut m = Metrics {
             registry: Registry::with_prefix("lockstep_replica"),
@@ -86,73 +88,109 @@ impl Default for Metrics {
             stage_histograms: Vec::new(),
             byz_late_items: Family::default(),
         };
-        m.stage_histograms = Stage::ALL
-            .iter()
-            .map(|s| {
-                m.write_stage_seconds
-                    .get_or_create(&StageLabel { stage: s.name().into() })
-                    .clone()
-            })
-            .collect();
-        m.registry
-            .register("commands", "Client commands by result", m.commands.clone());
-        m.registry
-            .register("reads", "Linearizable reads by result", m.reads.clone());
-        m.registry.register(
+        m.stage_histograms = stage_histograms(&m.write_stage_seconds);
+        m.register_results();
+        m.register_progress();
+        m.register_storage();
+        m.register_byzantine();
+        m.register_traffic();
+        m
+    }
+}
+
+/// One histogram per [`Stage`], in the stage's order, each created in `family` under its name.
+fn stage_histograms(family: &Family<StageLabel, Histogram>) -> Vec<Histogram> {
+    Stage::ALL
+        .iter()
+        .map(|s| family.get_or_create(&StageLabel { stage: s.name().into() }).clone())
+        .collect()
+}
+
+impl Metrics {
+    /// Client commands and reads by result.
+    fn register_results(&mut self) {
+        self.registry
+            .register("commands", "Client commands by result", self.commands.clone());
+        self.registry
+            .register("reads", "Linearizable reads by result", self.reads.clone());
+    }
+
+    /// Where the log and the configuration are: indexes, epoch, role.
+    fn register_progress(&mut self) {
+        self.registry.register(
             "applied_index",
             "Last log index applied to the state machine",
-            m.applied_index.clone(),
+            self.applied_index.clone(),
         );
-        m.registry
-            .register("commit_index", "Last log index known committed", m.commit_index.clone());
-        m.registry
-            .register("epoch", "Current configuration epoch", m.epoch.clone());
-        m.registry
-            .register("is_primary", "1 when this replica is the primary", m.is_primary.clone());
-        m.registry
-            .register("fsyncs", "fsync calls on the log", m.fsyncs.clone());
-        m.registry.register(
+        self.registry.register(
+            "commit_index",
+            "Last log index known committed",
+            self.commit_index.clone(),
+        );
+        self.registry
+            .register("epoch", "Current configuration epoch", self.epoch.clone());
+        self.registry.register(
+            "is_primary",
+            "1 when this replica is the primary",
+            self.is_primary.clone(),
+        );
+    }
+
+    /// The storage thread: fsyncs, their latency and batch sizes, snapshots.
+    fn register_storage(&mut self) {
+        self.registry
+            .register("fsyncs", "fsync calls on the log", self.fsyncs.clone());
+        self.registry.register(
             "fsync_seconds",
             "Time spent in one batched log write + fsync",
-            m.fsync_seconds.clone(),
+            self.fsync_seconds.clone(),
         );
-        m.registry.register(
+        self.registry.register(
             "entries_per_fsync",
             "Log entries made durable by one fsync",
-            m.entries_per_fsync.clone(),
+            self.entries_per_fsync.clone(),
         );
-        m.registry.register("snapshots", "Snapshots taken", m.snapshots.clone());
-        m.registry.register(
+        self.registry
+            .register("snapshots", "Snapshots taken", self.snapshots.clone());
+    }
+
+    /// Byzantine mode only: items that arrived too late.
+    fn register_byzantine(&mut self) {
+        self.registry.register(
             "byz_late_items",
             "Byzantine mode: signed items ignored because they arrived after their acceptance window, by \
              sender (a client's identity or a replica): the delay bound did not hold for them",
-            m.byz_late_items.clone(),
+            self.byz_late_items.clone(),
         );
-        m.registry.register(
+    }
+
+    /// Calls received (client sessions, replication calls) and how long requests and the
+    /// stages of a write take.
+    fn register_traffic(&mut self) {
+        self.registry.register(
             "client_sessions",
             "Client sessions opened (one stream carrying a client's Executes and Reads)",
-            m.client_sessions.clone(),
+            self.client_sessions.clone(),
         );
-        m.registry.register(
+        self.registry.register(
             "peer_calls",
             "Replication calls received from a primary, by method (Replicate: streams opened)",
-            m.peer_calls.clone(),
+            self.peer_calls.clone(),
         );
-        m.registry.register(
+        self.registry.register(
             "request_seconds",
             "Client request latency by method (Execute, Read), including rejected requests",
-            m.request_seconds.clone(),
+            self.request_seconds.clone(),
         );
-        m.registry.register(
+        self.registry.register(
             "write_stage_seconds",
             "Time one client write spends in each stage (docs/benchmarks.md, \"Where the time goes\"). \
              Primary, one observation per committed write (writes of one batch share its timestamps), \
              in order: validate, queue, local_fsync, commit_wait, apply, reply; replicate runs beside \
              queue..commit_wait (first sent to a backup -> last voter's ack). Backup: backup_append, one \
              observation per Append carrying entries (received -> durable -> ack)",
-            m.write_stage_seconds.clone(),
+            self.write_stage_seconds.clone(),
         );
-        m
     }
 }
 

@@ -942,82 +942,108 @@ impl Core {
 
     fn end_reply(&mut self, key: &SlotKey, s: &Stream, out: &mut Vec<Effect>) {
         self.streams.insert((key.0.clone(), key.1), s.clone());
-        let body = self.reply_body(key, 0, Vec::new(), s.ended.clone().unwrap_or_default(), 0);
-        self.remember(key.clone(), body.clone());
-        out.push(Effect::Reply {
-            slot: key.clone(),
-            body,
-            durable_after: 0,
-        });
+        self.refuse(key.clone(), s.ended.clone().unwrap_or_default(), 0, out);
     }
 
+    /// PhysicalClock: run every version whose execution time has come, oldest first, then
+    /// forget executed slots whose windows closed long ago. Stops at a barrier (and then
+    /// forgets nothing).
     fn run_physical(&mut self, timing: &Timing, now: u64, out: &mut Vec<Effect>) {
         loop {
             if self.barrier.is_some() {
                 return;
             }
-            // The due version with the smallest (ts, stream, digest).
-            let mut due: Option<(u64, SlotKey, Digest32)> = None;
-            for (key, slot) in &self.slots {
-                for (d, v) in &slot.versions {
-                    if timing.execute_at(v.item.ts) > now {
-                        continue;
-                    }
-                    let cand = (v.item.ts, key.clone(), *d);
-                    if due
-                        .as_ref()
-                        .is_none_or(|c| (cand.0, &cand.1, &cand.2) < (c.0, &c.1, &c.2))
-                    {
-                        due = Some(cand);
-                    }
-                }
+            if !self.run_next_due(timing, now, out) {
+                break;
             }
-            let Some((ts, key, d)) = due else { break };
-            let Some(slot) = self.slots.remove(&key) else { break };
-            self.release(&key);
-            let Some(v) = slot.versions.get(&d).cloned() else { break };
-            self.executed_set.insert(key.clone());
-            self.executed_slots.entry(ts).or_default().push(key.clone());
-            let sk = (key.0.clone(), key.1);
-            match self.streams.get(&sk).cloned() {
-                None => {
-                    let body = self.reply_body(&key, 0, Vec::new(), "stream not admitted".into(), ts);
-                    self.remember(key.clone(), body.clone());
-                    out.push(Effect::Reply {
-                        slot: key,
-                        body,
-                        durable_after: 0,
-                    });
+        }
+        self.forget_executed(timing, now);
+    }
+
+    /// The due version with the smallest (ts, stream, digest): its ts, slot and digest.
+    fn next_due(&self, timing: &Timing, now: u64) -> Option<(u64, SlotKey, Digest32)> {
+        let mut due: Option<(u64, SlotKey, Digest32)> = None;
+        for (key, slot) in &self.slots {
+            for (d, v) in &slot.versions {
+                if timing.execute_at(v.item.ts) > now {
+                    continue;
                 }
-                Some(s) if s.ended.is_some() || ts < s.floor => {
-                    let why = s
-                        .ended
-                        .clone()
-                        .unwrap_or_else(|| "item stamped before its admission".into());
-                    let body = self.reply_body(&key, 0, Vec::new(), why, ts);
-                    self.remember(key.clone(), body.clone());
-                    out.push(Effect::Reply {
-                        slot: key,
-                        body,
-                        durable_after: 0,
-                    });
-                }
-                Some(mut s) => {
-                    if matches!(v.item.body, Some(ItemBody::Close(_)) | Some(ItemBody::Tombstone(_))) {
-                        s.ended = Some(if matches!(v.item.body, Some(ItemBody::Tombstone(_))) {
-                            "removed by the configuration master".into()
-                        } else {
-                            "stream closed by its client".into()
-                        });
-                    }
-                    s.last_ts = s.last_ts.max(ts);
-                    s.last_decided_at = now;
-                    self.streams.insert(sk, s);
-                    self.execute(&v.item, now, out);
+                let cand = (v.item.ts, key.clone(), *d);
+                if due
+                    .as_ref()
+                    .is_none_or(|c| (cand.0, &cand.1, &cand.2) < (c.0, &c.1, &c.2))
+                {
+                    due = Some(cand);
                 }
             }
         }
-        // Forget executed slots whose windows closed long ago.
+        due
+    }
+
+    /// Take the next due version out of its slot, mark the slot executed and run it in its
+    /// stream. False when nothing was due.
+    fn run_next_due(&mut self, timing: &Timing, now: u64, out: &mut Vec<Effect>) -> bool {
+        let Some((ts, key, d)) = self.next_due(timing, now) else {
+            return false;
+        };
+        let Some(slot) = self.slots.remove(&key) else {
+            return false;
+        };
+        self.release(&key);
+        let Some(v) = slot.versions.get(&d).cloned() else {
+            return false;
+        };
+        self.executed_set.insert(key.clone());
+        self.executed_slots.entry(ts).or_default().push(key.clone());
+        self.run_in_stream(key, ts, &v.item, now, out);
+        true
+    }
+
+    /// Execute `item` (stamped `ts`) of slot `key` if its stream is admitted, not ended and
+    /// the item not stamped before its admission; otherwise answer it with why not. A close
+    /// or a tombstone ends the stream.
+    fn run_in_stream(&mut self, key: SlotKey, ts: u64, item: &StreamItem, now: u64, out: &mut Vec<Effect>) {
+        let sk = (key.0.clone(), key.1);
+        match self.streams.get(&sk).cloned() {
+            None => self.refuse(key, "stream not admitted".into(), ts, out),
+            Some(s) if s.ended.is_some() || ts < s.floor => {
+                let why = s
+                    .ended
+                    .clone()
+                    .unwrap_or_else(|| "item stamped before its admission".into());
+                self.refuse(key, why, ts, out);
+            }
+            Some(mut s) => {
+                if matches!(item.body, Some(ItemBody::Close(_)) | Some(ItemBody::Tombstone(_))) {
+                    s.ended = Some(if matches!(item.body, Some(ItemBody::Tombstone(_))) {
+                        "removed by the configuration master".into()
+                    } else {
+                        "stream closed by its client".into()
+                    });
+                }
+                s.last_ts = s.last_ts.max(ts);
+                s.last_decided_at = now;
+                self.streams.insert(sk, s);
+                self.execute(item, now, out);
+            }
+        }
+    }
+
+    /// Answer slot `key` with the error `why` instead of executing it (and remember the answer
+    /// for retries).
+    fn refuse(&mut self, key: SlotKey, why: String, ts: u64, out: &mut Vec<Effect>) {
+        let body = self.reply_body(&key, 0, Vec::new(), why, ts);
+        self.remember(key.clone(), body.clone());
+        out.push(Effect::Reply {
+            slot: key,
+            body,
+            durable_after: 0,
+        });
+    }
+
+    /// Forget executed slots whose windows closed long ago: an item sent for one of them again
+    /// now comes too late to be accepted anyway.
+    fn forget_executed(&mut self, timing: &Timing, now: u64) {
         let horizon = now.saturating_sub(timing.execute_at(0).saturating_mul(2) + 10_000_000);
         while let Some((&ts, _)) = self.executed_slots.first_key_value() {
             if ts >= horizon {

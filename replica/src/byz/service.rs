@@ -11,11 +11,11 @@ use crate::metrics::Metrics;
 use crate::writer::{StorageOp, WriterHandle};
 use ed25519_dalek::SigningKey;
 use lockstep_proto::{
-    AppliedEntry, ByzStatus, Configuration, Era, EraAck, FetchSnapshotRequest, Member, MemberRole, PeerProgress,
-    RelayAck, RelayBatch, Relayed, ReplyBody, ResumeRequest, ResumeResponse, SealRequest, SealResponse, SignedApplied,
-    SignedEra, SignedItem, SignedReply, Snapshot, SnapshotRequest, SnapshotResponse, StatusRequest, StatusResponse,
-    SubmitAnswer, WatchRequest, admin_server::Admin, byzantine_client::ByzantineClient, byzantine_server::Byzantine,
-    stream_item::Body as ItemBody,
+    AppliedEntry, ByzStatus, Configuration, Era, EraAck, FetchSnapshotRequest, MachineIdentity, Member, MemberRole,
+    PeerProgress, RelayAck, RelayBatch, Relayed, ReplyBody, ResumeRequest, ResumeResponse, SealRequest, SealResponse,
+    SignedApplied, SignedEra, SignedItem, SignedReply, Snapshot, SnapshotRequest, SnapshotResponse, StatusRequest,
+    StatusResponse, SubmitAnswer, WatchRequest, admin_server::Admin, byzantine_client::ByzantineClient,
+    byzantine_server::Byzantine, stream_item::Body as ItemBody,
 };
 use prost::Message;
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -961,76 +961,23 @@ impl Byzantine for ByzServices {
 }
 
 /// Adopt a master-signed era: check it, bring the state to its start (state transfer from a
-/// member whose snapshot matches the digest the era names), then start ordering.
+/// member whose snapshot matches the digest the era names), then start ordering. One era at a
+/// time: `era_lock` is held for the whole of it, the core's lock only between awaits.
 async fn start_era(shared: &Arc<ByzShared>, signed: SignedEra) -> Result<EraAck, Status> {
     let _serial = shared.era_lock.lock().await;
-    if !keys::verify(&shared.master_key, &signed.era, &signed.signature) {
-        shared.lock().note("master?", "bad-era-signature");
-        return Err(Status::permission_denied(
-            "era is not signed by the configuration master",
-        ));
-    }
-    let era =
-        Era::decode(signed.era.as_slice()).map_err(|e| Status::invalid_argument(format!("undecodable era: {e}")))?;
-    let params = era_params(&era, &shared.ordering).map_err(Status::invalid_argument)?;
-    {
-        let core = shared.lock();
-        if let Some(cur) = &core.era {
-            if cur.number == era.number {
-                return Ok(EraAck { number: era.number });
-            }
-            if cur.number > era.number {
-                return Err(Status::failed_precondition(format!(
-                    "stale era {} (this replica is in era {})",
-                    era.number, cur.number
-                )));
-            }
-        } else if era.number <= shared.left_era {
-            return Err(Status::failed_precondition(format!(
-                "this replica restarted out of era {} and waits for a later era (era {} offered)",
-                shared.left_era, era.number
-            )));
-        }
+    let (era, params) = shared.verify_era(&signed)?;
+    let ack = EraAck { number: era.number };
+    if shared.already_in(&era)? {
+        return Ok(ack);
     }
     if !params.members.iter().any(|(id, _, _)| *id == shared.id) {
-        let mut core = shared.lock();
-        core.era = None;
-        tracing::info!(era = era.number, "removed from the membership: serving nothing");
-        return Ok(EraAck { number: era.number });
+        shared.leave(&era);
+        return Ok(ack);
     }
-    let in_place = {
-        let core = shared.lock();
-        core.index == era.start_index && core.state_digest() == era.state_digest
-    };
-    if !in_place && !shared.roll_back_to(&era)? {
-        transfer_state(shared, &era, &params).await?;
-    }
-    let effects = {
-        let mut core = shared.lock();
-        let resume = era.resume.then(|| era.machine.clone()).flatten();
-        let out = core.start_era(params.clone(), resume);
-        *shared.recovered.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        let replies = shared.handle(out.clone());
-        (out, replies)
-    };
-    let (effects, replies) = effects;
-    shared.answer_all(replies);
-    let _ = effects;
-    lockstep_replica_write_era(&shared.data_dir, &signed).map_err(|e| Status::internal(format!("{e:#}")))?;
-    *shared.signed_era.lock().unwrap_or_else(|e| e.into_inner()) = signed.encode_to_vec();
-    shared
-        .writer
-        .barrier()
-        .await
-        .map_err(|_| Status::internal("storage stopped"))?;
-    // New relay senders for the new members.
-    let senders = params
-        .members
-        .iter()
-        .filter(|(id, _, _)| *id != shared.id)
-        .map(|(id, endpoint, _)| spawn_relay_sender(shared.clone(), id.clone(), endpoint.clone(), era.number))
-        .collect();
-    *shared.relays.lock().unwrap_or_else(|e| e.into_inner()) = senders;
+    reach_start_state(shared, &era, &params).await?;
+    shared.enter(&era, params.clone());
+    record_era(shared, &signed).await?;
+    start_relay_senders(shared, &params, era.number);
     shared.metrics.epoch.set(era.number as i64);
     tracing::info!(
         era = era.number,
@@ -1041,7 +988,107 @@ async fn start_era(shared: &Arc<ByzShared>, signed: SignedEra) -> Result<EraAck,
         "started era"
     );
     shared.wake.notify_one();
-    Ok(EraAck { number: era.number })
+    Ok(ack)
+}
+
+/// The steps of [`start_era`] that need no await.
+impl ByzShared {
+    /// The era, if the configuration master signed it, with its parameters, if this replica's
+    /// ordering flags agree with them.
+    fn verify_era(&self, signed: &SignedEra) -> Result<(Era, EraParams), Status> {
+        if !keys::verify(&self.master_key, &signed.era, &signed.signature) {
+            self.lock().note("master?", "bad-era-signature");
+            return Err(Status::permission_denied(
+                "era is not signed by the configuration master",
+            ));
+        }
+        let era = Era::decode(signed.era.as_slice())
+            .map_err(|e| Status::invalid_argument(format!("undecodable era: {e}")))?;
+        let params = era_params(&era, &self.ordering).map_err(Status::invalid_argument)?;
+        Ok((era, params))
+    }
+
+    /// True when this replica is in `era` already (the master repeated it); an error when the
+    /// era is older than the one it is in, or not after the one it left when it stopped.
+    fn already_in(&self, era: &Era) -> Result<bool, Status> {
+        let core = self.lock();
+        if let Some(cur) = &core.era {
+            if cur.number == era.number {
+                return Ok(true);
+            }
+            if cur.number > era.number {
+                return Err(Status::failed_precondition(format!(
+                    "stale era {} (this replica is in era {})",
+                    era.number, cur.number
+                )));
+            }
+        } else if era.number <= self.left_era {
+            return Err(Status::failed_precondition(format!(
+                "this replica restarted out of era {} and waits for a later era (era {} offered)",
+                self.left_era, era.number
+            )));
+        }
+        Ok(false)
+    }
+
+    /// `era` does not name this replica: it leaves its era and serves nothing.
+    fn leave(&self, era: &Era) {
+        let mut core = self.lock();
+        core.era = None;
+        tracing::info!(era = era.number, "removed from the membership: serving nothing");
+    }
+
+    /// Start ordering in `era` from its start state (resuming the machine the era names, if it
+    /// says to), forget the recovered log, and carry out what starting decided; the replies
+    /// are signed after the core's lock is released.
+    fn enter(&self, era: &Era, params: EraParams) {
+        let replies = {
+            let mut core = self.lock();
+            let resume = era.resume.then(|| era.machine.clone()).flatten();
+            let out = core.start_era(params, resume);
+            *self.recovered.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            self.handle(out)
+        };
+        self.answer_all(replies);
+    }
+}
+
+/// Bring the state to the era's start: it is there already, or rolls back to it in the
+/// recovered log, or else fetches it from a member (the core's lock is not held while fetching).
+async fn reach_start_state(shared: &Arc<ByzShared>, era: &Era, params: &EraParams) -> Result<(), Status> {
+    let in_place = {
+        let core = shared.lock();
+        core.index == era.start_index && core.state_digest() == era.state_digest
+    };
+    if !in_place && !shared.roll_back_to(era)? {
+        transfer_state(shared, era, params).await?;
+    }
+    Ok(())
+}
+
+/// Keep the signed era in the data dir (a restarted replica knows which era it left) and for
+/// status, then wait until everything queued to storage before it is durable.
+async fn record_era(shared: &Arc<ByzShared>, signed: &SignedEra) -> Result<(), Status> {
+    lockstep_replica_write_era(&shared.data_dir, signed).map_err(|e| Status::internal(format!("{e:#}")))?;
+    *shared.signed_era.lock().unwrap_or_else(|e| e.into_inner()) = signed.encode_to_vec();
+    shared
+        .writer
+        .barrier()
+        .await
+        .map_err(|_| Status::internal("storage stopped"))?;
+    Ok(())
+}
+
+/// New relay senders for the era's other members; the previous era's senders are dropped,
+/// which ends them.
+fn start_relay_senders(shared: &Arc<ByzShared>, params: &EraParams, era: u64) {
+    let senders = params
+        .members
+        .iter()
+        .filter(|(id, _, _)| *id != shared.id)
+        .map(|(id, endpoint, _)| spawn_relay_sender(shared.clone(), id.clone(), endpoint.clone(), era))
+        .collect();
+    *shared.relays.lock().unwrap_or_else(|e| e.into_inner()) = senders;
 }
 
 fn lockstep_replica_write_era(dir: &std::path::Path, signed: &SignedEra) -> anyhow::Result<()> {
@@ -1199,44 +1246,23 @@ impl ByzShared {
         Ok(true)
     }
 
+    /// What this replica reports to the operator, `lockstep status` and clients, read under
+    /// one hold of the core's lock so that the parts agree with each other.
     pub fn status(&self) -> StatusResponse {
         let now = now_micros();
         let core = self.lock();
         let peers = self.peers_applied.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let sealed_at = core.runtime().sealed_at().unwrap_or(0);
-        let state = match (&core.era, &core.barrier) {
-            (None, _) => "unconfigured",
-            (Some(_), Some(_)) if sealed_at > 0 => "sealed",
-            (Some(_), Some(_)) => "barrier",
-            (Some(_), None) if sealed_at > 0 => "sealed",
-            (Some(_), None) => "member",
-        };
-        let mut machine = core.machine.clone();
-        if self.injected(Behaviour::WrongVersion) {
-            machine.version = "6.6.6".into();
-        }
         let era_number = core.era.as_ref().map_or(0, |e| e.number);
         StatusResponse {
             id: self.id.clone(),
             epoch: era_number,
-            state: state.into(),
+            state: status_state(&core, sealed_at).into(),
             applied_index: core.index,
             commit_index: core.index,
             last_index: core.index,
-            machine: Some(machine),
-            config: core.era.as_ref().map(|e| Configuration {
-                epoch: e.number,
-                primary_id: String::new(),
-                members: e
-                    .members
-                    .iter()
-                    .map(|(id, ep, _)| Member {
-                        id: id.clone(),
-                        endpoint: ep.clone(),
-                        role: MemberRole::Voter as i32,
-                    })
-                    .collect(),
-            }),
+            machine: Some(self.reported_machine(&core)),
+            config: core.era.as_ref().map(era_configuration),
             launched_image: crate::server::launched_image(),
             sealed_at,
             sealed_digest: if sealed_at > 0 {
@@ -1254,28 +1280,74 @@ impl ByzShared {
                 .collect(),
             snapshot_index: *self.last_snapshot.lock().unwrap_or_else(|e| e.into_inner()),
             durable: true,
-            byzantine: Some(ByzStatus {
-                era: era_number,
-                public_key: self.signing.verifying_key().to_bytes().to_vec(),
-                barrier_index: core.barrier.as_ref().map_or(0, |b| b.0),
-                barrier_digest: core.barrier.as_ref().map(|b| b.1.clone()).unwrap_or_default(),
-                pending_opens: core.pending_opens(now, OPEN_SHOWN_US),
-                streams: core.stream_status(now),
-                evidence: core.evidence(),
-                pending_items: core.pending_items() as u64,
-                inject: self.inject.map(|b| b.name().to_string()).unwrap_or_default(),
-                left_era: self.left_era,
-                recoverable_from: match (&core.era, &*self.recovered.lock().unwrap_or_else(|e| e.into_inner())) {
-                    (None, Some(log)) => log.from_index(),
-                    _ => core.index,
-                },
-                signed_era: if core.era.is_some() {
-                    self.signed_era.lock().unwrap_or_else(|e| e.into_inner()).clone()
-                } else {
-                    Vec::new()
-                },
-            }),
+            byzantine: Some(self.byz_status(&core, now, era_number)),
         }
+    }
+
+    /// The machine this replica says it runs (a replica injected with `WrongVersion` lies).
+    fn reported_machine(&self, core: &Core) -> MachineIdentity {
+        let mut machine = core.machine.clone();
+        if self.injected(Behaviour::WrongVersion) {
+            machine.version = "6.6.6".into();
+        }
+        machine
+    }
+
+    /// The part of [`ByzShared::status`] only Byzantine mode has: the barrier, open requests
+    /// and streams the master acts on, evidence against others, and what a restarted replica
+    /// can recover from. Called with the core's lock held (`core`).
+    fn byz_status(&self, core: &Core, now: u64, era_number: u64) -> ByzStatus {
+        ByzStatus {
+            era: era_number,
+            public_key: self.signing.verifying_key().to_bytes().to_vec(),
+            barrier_index: core.barrier.as_ref().map_or(0, |b| b.0),
+            barrier_digest: core.barrier.as_ref().map(|b| b.1.clone()).unwrap_or_default(),
+            pending_opens: core.pending_opens(now, OPEN_SHOWN_US),
+            streams: core.stream_status(now),
+            evidence: core.evidence(),
+            pending_items: core.pending_items() as u64,
+            inject: self.inject.map(|b| b.name().to_string()).unwrap_or_default(),
+            left_era: self.left_era,
+            recoverable_from: match (&core.era, &*self.recovered.lock().unwrap_or_else(|e| e.into_inner())) {
+                (None, Some(log)) => log.from_index(),
+                _ => core.index,
+            },
+            signed_era: if core.era.is_some() {
+                self.signed_era.lock().unwrap_or_else(|e| e.into_inner()).clone()
+            } else {
+                Vec::new()
+            },
+        }
+    }
+}
+
+/// The replica's state as status names it: in no era yet, a member, stopped at a barrier for
+/// the next era, or sealed.
+fn status_state(core: &Core, sealed_at: u64) -> &'static str {
+    match (&core.era, &core.barrier) {
+        (None, _) => "unconfigured",
+        (Some(_), Some(_)) if sealed_at > 0 => "sealed",
+        (Some(_), Some(_)) => "barrier",
+        (Some(_), None) if sealed_at > 0 => "sealed",
+        (Some(_), None) => "member",
+    }
+}
+
+/// An era's membership as the fail-stop `Configuration` status reports (every member a voter,
+/// no primary).
+fn era_configuration(era: &EraParams) -> Configuration {
+    Configuration {
+        epoch: era.number,
+        primary_id: String::new(),
+        members: era
+            .members
+            .iter()
+            .map(|(id, ep, _)| Member {
+                id: id.clone(),
+                endpoint: ep.clone(),
+                role: MemberRole::Voter as i32,
+            })
+            .collect(),
     }
 }
 
