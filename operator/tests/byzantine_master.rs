@@ -378,7 +378,10 @@ async fn a_new_operator_leader_resumes_a_rollout_from_the_sealing_barrier_in_the
     // rollback before any restart takes the same path).
     runner.resume_under("kv", "1.0.0");
     runner.want(Some(second));
-    wait_for_era(&eps[0], 2, &runner).await;
+    // Every member, not only the first: the client below asks kv-byz-1 first.
+    for ep in &eps {
+        wait_for_era(ep, 2, &runner).await;
+    }
     let mut c = connect(&eps[1], &master_key, &alice_file).await;
     assert_eq!(c.info().era, 2);
     assert_eq!(c.get("k").await.expect("voted get in era 2").as_deref(), Some("v"));

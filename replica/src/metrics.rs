@@ -213,8 +213,6 @@ impl Metrics {
             .get_or_create(&MethodLabel { method: method.into() })
             .observe(took.as_secs_f64());
     }
-    /// One durable batch of the storage thread: `written` entries (none: no fsync), `took`
-    /// for the write + fsync.
     /// One more late item from `from` (Byzantine mode).
     pub fn late_item(&self, from: &str) {
         self.byz_late_items
@@ -222,6 +220,8 @@ impl Metrics {
             .inc();
     }
 
+    /// One durable batch of the storage thread: `written` entries (none: no fsync), `took`
+    /// for the write + fsync.
     pub fn observe_batch(&self, written: usize, took: std::time::Duration) {
         if written > 0 {
             self.fsyncs.inc();
