@@ -20,8 +20,8 @@ use anyhow::{Context, bail};
 use ed25519_dalek::SigningKey;
 use lockstep_planner::Config;
 use lockstep_proto::{
-    Admit, Barrier, ByzMember, Era, MachineIdentity, Noop, SignedEra, SignedItem, StatusResponse, StreamItem,
-    Tombstone, byzantine_client::ByzantineClient, stream_item::Body,
+    Admit, Barrier, ByzMember, ByzStatus, Era, MachineIdentity, Noop, SignedEra, SignedItem, StatusResponse,
+    StreamItem, Tombstone, byzantine_client::ByzantineClient, stream_item::Body,
 };
 use lockstep_replica::byz::{keys, order};
 use prost::Message;
@@ -487,16 +487,8 @@ impl ByzMaster {
             .members
             .iter()
             .map(|m| async move { self.channels.status(&m.endpoint, Duration::from_millis(500)).await });
-        let mut counts: BTreeMap<(u64, Vec<u8>), usize> = BTreeMap::new();
-        for s in futures::future::join_all(probes).await.into_iter().flatten() {
-            if let Some(b) = s.byzantine
-                && b.era == era.number
-                && b.barrier_index > 0
-            {
-                *counts.entry((b.barrier_index, b.barrier_digest)).or_default() += 1;
-            }
-        }
-        counts.into_iter().find(|(_, n)| *n > self.t).map(|(k, _)| k)
+        let statuses: Vec<StatusResponse> = futures::future::join_all(probes).await.into_iter().flatten().collect();
+        agreed_barrier(era, &statuses, self.t, |_, _| true)
     }
 
     /// (index, digest) of the barrier t + 1 members of the current era stopped at because
@@ -504,19 +496,15 @@ impl ByzMaster {
     /// era, and the next one starts there (docs/byzantine.md, "When the master stream ends").
     pub fn ended_at_barrier(&self, statuses: &BTreeMap<String, StatusResponse>) -> Option<(u64, Vec<u8>)> {
         let (era, _) = self.era.as_ref()?;
-        let mut counts: BTreeMap<(u64, Vec<u8>), usize> = BTreeMap::new();
-        for (id, s) in statuses {
-            let Some(b) = &s.byzantine else { continue };
-            let member = era.members.iter().any(|m| m.id == *id);
-            let lists_master = b
-                .streams
+        let members = statuses
+            .iter()
+            .filter(|(id, _)| era.members.iter().any(|m| m.id == **id))
+            .map(|(_, s)| s);
+        agreed_barrier(era, members, self.t, |_, b| {
+            !b.streams
                 .iter()
-                .any(|st| st.identity == keys::MASTER_IDENTITY && st.session == era.master_session);
-            if member && b.era == era.number && b.barrier_index > 0 && !lists_master {
-                *counts.entry((b.barrier_index, b.barrier_digest.clone())).or_default() += 1;
-            }
-        }
-        counts.into_iter().find(|(_, n)| *n > self.t).map(|(k, _)| k)
+                .any(|st| st.identity == keys::MASTER_IDENTITY && st.session == era.master_session)
+        })
     }
 
     /// Sign the era of `config` (starting at `start` with state `digest`), push it to its
@@ -776,6 +764,27 @@ pub async fn genesis_state(
 ) -> Option<(u64, Vec<u8>)> {
     let replicas = statuses_at(transport, endpoints, timeout).await;
     recovery_state(transport, &replicas, t, timeout).await
+}
+
+/// (index, digest) of the barrier of `era` that t + 1 of `statuses` (its members' answers)
+/// report, counting only those `counts` accepts.
+pub fn agreed_barrier<'a>(
+    era: &Era,
+    statuses: impl IntoIterator<Item = &'a StatusResponse>,
+    t: usize,
+    counts: impl Fn(&StatusResponse, &ByzStatus) -> bool,
+) -> Option<(u64, Vec<u8>)> {
+    let mut tally: BTreeMap<(u64, Vec<u8>), usize> = BTreeMap::new();
+    for s in statuses {
+        if let Some(b) = &s.byzantine
+            && b.era == era.number
+            && b.barrier_index > 0
+            && counts(s, b)
+        {
+            *tally.entry((b.barrier_index, b.barrier_digest.clone())).or_default() += 1;
+        }
+    }
+    tally.into_iter().find(|(_, n)| *n > t).map(|(k, _)| k)
 }
 
 /// Whether an era can still reach a barrier, from its replicas' statuses.

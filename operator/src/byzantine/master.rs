@@ -619,18 +619,10 @@ fn sealed_barrier(
     statuses: &BTreeMap<String, StatusResponse>,
     t: usize,
 ) -> Option<(u64, Vec<u8>)> {
-    let mut counts: BTreeMap<(u64, Vec<u8>), usize> = BTreeMap::new();
-    for m in &era.members {
-        if let Some(s) = statuses.get(&m.id)
-            && s.sealed_at > 0
-            && let Some(b) = &s.byzantine
-            && b.era == era.number
-            && b.barrier_index == s.sealed_at
-        {
-            *counts.entry((b.barrier_index, b.barrier_digest.clone())).or_default() += 1;
-        }
-    }
-    counts.into_iter().find(|(_, n)| *n > t).map(|(k, _)| k)
+    let members = era.members.iter().filter_map(|m| statuses.get(&m.id));
+    lockstep::up_byz::agreed_barrier(era, members, t, |s, b| {
+        s.sealed_at > 0 && b.barrier_index == s.sealed_at
+    })
 }
 
 /// The machine identity t + 1 replicas report (what clients will see in answers).

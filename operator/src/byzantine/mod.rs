@@ -153,15 +153,19 @@ pub fn seal_recorded(ctx: &Context, rsm: &ReplicatedStateMachine) -> bool {
 
 /// The master's era, when its members restarted and it cannot go on (`Seen::restarted`).
 pub fn restarted_era(ctx: &Context, rsm: &ReplicatedStateMachine) -> Option<u64> {
+    era_seen_if(ctx, rsm, |s| s.restarted)
+}
+
+/// The master's era, if what it last saw meets `stuck`.
+fn era_seen_if(ctx: &Context, rsm: &ReplicatedStateMachine, stuck: impl Fn(&master::Seen) -> bool) -> Option<u64> {
     let seen = ctx.masters.get(&key(rsm))?.seen();
-    seen.restarted.then_some(seen.era)
+    stuck(&seen).then_some(seen.era)
 }
 
 /// The master's era, when its master stream ended and its members stopped at a barrier
 /// (`Seen::stream_ended`): the next era must start there.
 pub fn ended_era(ctx: &Context, rsm: &ReplicatedStateMachine) -> Option<u64> {
-    let seen = ctx.masters.get(&key(rsm))?.seen();
-    seen.stream_ended.then_some(seen.era)
+    era_seen_if(ctx, rsm, |s| s.stream_ended)
 }
 
 /// `.status.byzantine`, and the evidence metrics.

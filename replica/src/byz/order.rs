@@ -129,10 +129,16 @@ struct Slot {
     decided: Option<Decision>,
 }
 
+/// Smallest ts a stream's next item can carry after an item stamped `ts` that promised
+/// `horizon`, in a stream admitted at `floor`.
+fn bound_after(ts: u64, horizon: u64, floor: u64) -> u64 {
+    ts.saturating_add(1).max(horizon).max(floor)
+}
+
 /// Smallest ts a stream's next item can carry when nothing after what ran is decided.
 fn resting_bound(s: &Stream) -> u64 {
     if s.next_seq > 1 {
-        (s.last_ts.saturating_add(1)).max(s.horizon).max(s.floor)
+        bound_after(s.last_ts, s.horizon, s.floor)
     } else {
         s.floor
     }
@@ -765,7 +771,7 @@ impl Core {
                 .flatten();
             match last {
                 Some(Decision::End(_)) => u64::MAX,
-                Some(Decision::Item(v)) => (v.item.ts.saturating_add(1)).max(v.item.horizon).max(s.floor),
+                Some(Decision::Item(v)) => bound_after(v.item.ts, v.item.horizon, s.floor),
                 None => resting_bound(s),
             }
         };
@@ -800,7 +806,7 @@ impl Core {
             }
         }
         if have {
-            (last_ts.saturating_add(1)).max(horizon).max(s.floor)
+            bound_after(last_ts, horizon, s.floor)
         } else {
             s.floor
         }
