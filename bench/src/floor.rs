@@ -3,11 +3,22 @@
 //! append followed by `fdatasync` on the data directory's disk. A t = 1 write needs at least
 //! client → primary → backup round trips (2) and one fsync (primary and backup fsync in
 //! parallel), so `floor = 2 × rtt + fdatasync`.
+//!
+//! That floor counts one fdatasync alone on the disk. Locally both replicas fsync the same
+//! disk at the same moment, so the run also measures a **model write**: the same protocol
+//! with no software around it (three threads, plain loopback TCP, a record appended and
+//! fdatasynced on two files of the data directory's disk at once). It is what this machine
+//! allows a local t = 1 cluster, and the distance to it is ours to remove.
+//!
+//! Some disks (this project's virtual test machines) answer an fdatasync that follows a pause
+//! three times slower than one that follows another fsync at once, so the run also measures
+//! the fdatasync after 1 ms of idleness: one client's writes always leave the disk idle in
+//! between (the network, the other replica, the client itself).
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 #[derive(serde::Serialize, Debug, Clone)]
 pub struct Floor {
@@ -15,11 +26,32 @@ pub struct Floor {
     pub fdatasync_256b_p50_us: f64,
     /// 2 × rtt + fdatasync.
     pub write_floor_us: f64,
+    /// p50 of the same append + fdatasync when the disk was idle for 1 ms before each: what a
+    /// writer that cannot keep the disk busy (one client, closed loop) pays per fsync.
+    pub fdatasync_after_idle_p50_us: f64,
+    /// p50 of the model write: client → primary (which forwards to the backup and appends +
+    /// fdatasyncs its own file) → the backup's append + fdatasync and ack → reply.
+    pub model_write_p50_us: f64,
 }
 
 fn p50(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// p50 in µs of `samples` runs of `op` (after `samples / 10` unrecorded warm-up runs), each
+/// after an untimed `pause`.
+fn p50_of(samples: usize, mut pause: impl FnMut(), mut op: impl FnMut() -> std::io::Result<()>) -> anyhow::Result<f64> {
+    let mut times = Vec::with_capacity(samples);
+    for i in 0..samples + samples / 10 {
+        pause();
+        let start = Instant::now();
+        op()?;
+        if i >= samples / 10 {
+            times.push(start.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    Ok(p50(times))
 }
 
 /// p50 of `samples` 64-byte ping-pongs over a loopback TCP connection (Nagle off).
@@ -40,49 +72,131 @@ pub fn loopback_rtt_us(samples: usize) -> anyhow::Result<f64> {
     let mut c = TcpStream::connect(addr)?;
     c.set_nodelay(true)?;
     let mut buf = [7u8; 64];
-    let mut times = Vec::with_capacity(samples);
-    for i in 0..samples + samples / 10 {
-        let start = Instant::now();
-        c.write_all(&buf)?;
-        c.read_exact(&mut buf)?;
-        if i >= samples / 10 {
-            times.push(start.elapsed().as_secs_f64() * 1e6);
-        }
-    }
+    let rtt = p50_of(
+        samples,
+        || {},
+        || {
+            c.write_all(&buf)?;
+            c.read_exact(&mut buf)
+        },
+    )?;
     drop(c);
     let _ = echo.join();
-    Ok(p50(times))
+    Ok(rtt)
 }
 
-/// p50 of `samples` appends of 256 bytes, each followed by `fdatasync`, to a file in `dir`.
-pub fn fdatasync_us(dir: &Path, samples: usize) -> anyhow::Result<f64> {
+/// A log file in `dir` for the model write, its space reserved ahead as the replica's WAL
+/// reserves it (an append then does not grow the file).
+fn model_log(dir: &Path, name: &str) -> anyhow::Result<(std::fs::File, std::path::PathBuf)> {
+    let path = dir.join(name);
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(&path)?;
+    nix::fcntl::posix_fallocate(&f, 0, 16 << 20)?;
+    f.sync_all()?;
+    Ok((f, path))
+}
+
+/// Appends each `RECORD`-byte request read from `peer` to `log` and fdatasyncs it; then
+/// answers one byte on `peer`. Returns when `peer` closes.
+fn backup_loop(mut peer: TcpStream, mut log: std::fs::File) -> anyhow::Result<()> {
+    let mut record = [0u8; RECORD];
+    while peer.read_exact(&mut record).is_ok() {
+        log.write_all(&record)?;
+        log.sync_data()?;
+        peer.write_all(&[1])?;
+    }
+    Ok(())
+}
+
+/// Forwards each request from `client` to `backup`, appends it to `log` and fdatasyncs,
+/// waits for the backup's ack, then answers the client.
+fn primary_loop(mut client: TcpStream, mut backup: TcpStream, mut log: std::fs::File) -> anyhow::Result<()> {
+    let mut record = [0u8; RECORD];
+    let mut ack = [0u8; 1];
+    while client.read_exact(&mut record).is_ok() {
+        backup.write_all(&record)?;
+        log.write_all(&record)?;
+        log.sync_data()?;
+        backup.read_exact(&mut ack)?;
+        client.write_all(&ack)?;
+    }
+    Ok(())
+}
+
+const RECORD: usize = 256;
+
+/// A connected loopback pair with Nagle off on both ends.
+fn socket_pair() -> anyhow::Result<(TcpStream, TcpStream)> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let a = TcpStream::connect(listener.local_addr()?)?;
+    let (b, _) = listener.accept()?;
+    a.set_nodelay(true)?;
+    b.set_nodelay(true)?;
+    Ok((a, b))
+}
+
+/// p50 of `samples` model writes (see the module comment), on two files in `dir`.
+pub fn model_write_us(dir: &Path, samples: usize) -> anyhow::Result<f64> {
+    let (primary_log, primary_path) = model_log(dir, "floor-model-primary.tmp")?;
+    let (backup_log, backup_path) = model_log(dir, "floor-model-backup.tmp")?;
+    let (to_backup, at_backup) = socket_pair()?;
+    let (mut client, at_primary) = socket_pair()?;
+    let backup = std::thread::spawn(move || backup_loop(at_backup, backup_log));
+    let primary = std::thread::spawn(move || primary_loop(at_primary, to_backup, primary_log));
+    let mut ack = [0u8; 1];
+    let write = p50_of(
+        samples,
+        || {},
+        || {
+            client.write_all(&[0x5au8; RECORD])?;
+            client.read_exact(&mut ack)
+        },
+    );
+    drop(client);
+    for done in [primary.join(), backup.join()] {
+        done.map_err(|_| anyhow::anyhow!("a model-write thread panicked"))??;
+    }
+    std::fs::remove_file(primary_path)?;
+    std::fs::remove_file(backup_path)?;
+    write
+}
+
+/// p50 of `samples` appends of 256 bytes, each followed by `fdatasync`, to a file in `dir`,
+/// with `idle` of nothing before each (none: back to back).
+pub fn fdatasync_us(dir: &Path, samples: usize, idle: Duration) -> anyhow::Result<f64> {
     let path = dir.join("floor-fdatasync.tmp");
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .truncate(true)
         .write(true)
         .open(&path)?;
-    let record = [0x5au8; 256];
-    let mut times = Vec::with_capacity(samples);
-    for i in 0..samples + samples / 10 {
-        let start = Instant::now();
-        f.write_all(&record)?;
-        f.sync_data()?;
-        if i >= samples / 10 {
-            times.push(start.elapsed().as_secs_f64() * 1e6);
+    let pause = || {
+        if !idle.is_zero() {
+            std::thread::sleep(idle);
         }
-    }
+    };
+    let fsync = p50_of(samples, pause, || {
+        f.write_all(&[0x5au8; 256])?;
+        f.sync_data()
+    });
     drop(f);
     std::fs::remove_file(&path)?;
-    Ok(p50(times))
+    fsync
 }
 
 pub fn measure(dir: &Path) -> anyhow::Result<Floor> {
     let rtt = loopback_rtt_us(2000)?;
-    let fsync = fdatasync_us(dir, 300)?;
+    let fsync = fdatasync_us(dir, 300, Duration::ZERO)?;
+    let after_idle = fdatasync_us(dir, 300, Duration::from_millis(1))?;
+    let model = model_write_us(dir, 300)?;
     Ok(Floor {
         loopback_rtt_p50_us: rtt,
         fdatasync_256b_p50_us: fsync,
+        fdatasync_after_idle_p50_us: after_idle,
         write_floor_us: 2.0 * rtt + fsync,
+        model_write_p50_us: model,
     })
 }
