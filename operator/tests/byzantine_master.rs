@@ -22,6 +22,10 @@ use lockstep::byz::ByzClient;
 use lockstep::byz_discover::Discovery;
 use lockstep::up_byz::{ByzMaster, Ordering};
 use lockstep_operator::byzantine::{master, objects};
+use lockstep_operator::controller::{Context, reconcile};
+use lockstep_operator::metrics::Metrics;
+use lockstep_operator::observe::Source;
+use lockstep_operator::translate;
 use lockstep_planner::{Config, ConfigMember, Role};
 use lockstep_proto::MachineIdentity;
 use lockstep_replica::byz::keys;
@@ -449,41 +453,19 @@ async fn relay_as(from: &str, key: &SigningKey, endpoints: &[String], item: &loc
     }
 }
 
-/// The operator fail-over corner case: the old leader's last master item reached only one
-/// replica, and the new leader signs a different item for the same sequence number. The
-/// master stream ends there at every replica, they all stop at one barrier, and the next era
-/// (what the reconcile records then: same members, next epoch) starts from it with
-/// everything written before.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_master_stream_ended_by_two_items_for_one_slot_stops_at_one_barrier_and_the_next_era_starts_there() {
-    let Three {
-        _tmp,
-        dir,
-        api,
-        master_key,
-        alice_file,
-        eps,
-        first,
-        second,
-        masters,
-        ..
-    } = three_in_era_one().await;
-
-    // The old leader is gone; once the replicas agree where its stream stands and its last
-    // items are decided (the same report twice, a decision window apart: a slot that already
-    // holds a version takes another only with relay signatures), the slot after them gets
-    // two items.
-    masters.stop_all();
+/// The replicas' agreed master stream (session, next seq, bound) once they all report the same
+/// one twice, a decision window apart (its last items are decided then).
+async fn agreed_master_stream(eps: &[String]) -> (u64, u64, u64) {
     let start = Instant::now();
     let mut last = None;
-    let (session, seq, bound) = loop {
+    loop {
         let views = futures::future::join_all(eps.iter().map(|e| byz_view(e))).await;
         let streams: Vec<_> = views.iter().map(|v| v.as_ref().and_then(|v| v.3)).collect();
         if let Some(Some(s)) = streams.first()
             && streams.iter().all(|x| *x == Some(*s))
         {
             if last == Some(*s) {
-                break *s;
+                return *s;
             }
             last = Some(*s);
         }
@@ -492,24 +474,32 @@ async fn a_master_stream_ended_by_two_items_for_one_slot_stops_at_one_barrier_an
             "replicas never agreed on the master stream: {streams:?}"
         );
         tokio::time::sleep(Duration::from_millis(8 * DELAY_MILLIS)).await;
-    };
+    }
+}
+
+/// Ends the master stream of `t`'s era: its old leader stops, and the slot after its last
+/// decided items gets two items (a slot that already holds a version takes another only with
+/// relay signatures). Returns the new leader, started in `leader`, once it sees the members
+/// stopped at one barrier with the stream ended.
+async fn end_the_master_stream(t: &Three, leader: &master::Masters) -> Arc<master::Runner> {
+    t.masters.stop_all();
+    let (session, seq, bound) = agreed_master_stream(&t.eps).await;
     // The new leader's item for that slot reaches every replica; then kv-byz-0, which alone
     // got the old leader's last item for it, relays that one (within the delay bound, as a
     // faulty replica can).
     let (old, new) = (
-        master_noop(&master_key, session, seq, bound + 1_000),
-        master_noop(&master_key, session, seq, bound + 2_000),
+        master_noop(&t.master_key, session, seq, bound + 1_000),
+        master_noop(&t.master_key, session, seq, bound + 2_000),
     );
-    offer_to_all(&eps, &new).await;
-    let key0 = keys::load_signing_key(&dir.join("kv-byz-0.key")).expect("kv-byz-0's key");
-    relay_as("kv-byz-0", &key0, &eps[1..], &old).await;
+    offer_to_all(&t.eps, &new).await;
+    let key0 = keys::load_signing_key(&t.dir.join("kv-byz-0.key")).expect("kv-byz-0's key");
+    relay_as("kv-byz-0", &key0, &t.eps[1..], &old).await;
 
-    // The new leader sees the members stopped at one barrier with the stream ended.
-    let runner = new_leader(&masters, &api, &master_key, &first).await;
+    let runner = new_leader(leader, &t.api, &t.master_key, &t.first).await;
     let start = Instant::now();
     while !runner.seen().stream_ended {
         if start.elapsed() > Duration::from_secs(30) {
-            let views = futures::future::join_all(eps.iter().map(|e| byz_view(e))).await;
+            let views = futures::future::join_all(t.eps.iter().map(|e| byz_view(e))).await;
             panic!(
                 "the master never saw the stream end: {:?}; replicas (era, barrier, digest, master stream): {views:?}",
                 runner.seen().error
@@ -517,7 +507,7 @@ async fn a_master_stream_ended_by_two_items_for_one_slot_stops_at_one_barrier_an
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let views = futures::future::join_all(eps.iter().map(|e| byz_view(e))).await;
+    let views = futures::future::join_all(t.eps.iter().map(|e| byz_view(e))).await;
     let barriers: Vec<_> = views
         .iter()
         .map(|v| v.as_ref().map(|v| (v.0, v.1, v.2.clone(), v.3)))
@@ -528,16 +518,120 @@ async fn a_master_stream_ended_by_two_items_for_one_slot_stops_at_one_barrier_an
         barriers.iter().all(|b| b.as_ref() == Some(&first_barrier)),
         "one barrier everywhere: {barriers:?}"
     );
+    runner
+}
 
-    // The reconcile records the next epoch with the same members; the next era starts there.
-    runner.want(Some(second));
-    for ep in &eps {
+const RSM: &str = "kv-byz";
+
+/// The resource as the new leader finds it: its pods (made by a first reconcile) running, and
+/// epoch 1 with the three members recorded in status by the old leader.
+async fn kv_byz_in_epoch_one(api: &Arc<Mutex<FakeApi>>, ctx: &Arc<Context>, admin: &FakeAdmin) {
+    let mut obj = rsm_json(RSM, 1, "1.0.0", "img:1");
+    obj["spec"]["failureModel"] = json!("Byzantine");
+    lock(api).insert(&rsm_path(RSM), obj);
+    reconcile(Arc::new(rsm(api, RSM)), ctx.clone())
+        .await
+        .expect("the reconcile that creates the pods");
+    for i in 0..3 {
+        let (id, ip) = (format!("kv-byz-{i}"), format!("10.0.0.{i}"));
+        run_pod(api, &id, &ip, "n1");
+        admin.add(&ip, &id, "1.0.0");
+    }
+    let members: Vec<_> = (0..3)
+        .map(|i| json!({"pod": format!("kv-byz-{i}"), "role": "Voter"}))
+        .collect();
+    edit_rsm(api, |o| {
+        o["status"]["epoch"] = json!(1);
+        o["status"]["primary"] = json!("kv-byz-0");
+        o["status"]["members"] = json!(members);
+    });
+}
+
+fn edit_rsm(api: &Mutex<FakeApi>, edit: impl FnOnce(&mut serde_json::Value)) {
+    let mut api = lock(api);
+    let mut obj = api.objects[&rsm_path(RSM)].clone();
+    edit(&mut obj);
+    api.insert(&rsm_path(RSM), obj);
+}
+
+/// The configuration recorded in the resource's status, and the `MasterStreamEnded` events.
+async fn reconcile_kv_byz(api: &Mutex<FakeApi>, ctx: &Arc<Context>) -> (Option<Config>, Vec<serde_json::Value>) {
+    reconcile(Arc::new(rsm(api, RSM)), ctx.clone())
+        .await
+        .expect("reconcile");
+    let events = lock(api)
+        .objects
+        .iter()
+        .filter(|(path, e)| path.contains("/events/") && e["reason"] == "MasterStreamEnded")
+        .map(|(_, e)| e.clone())
+        .collect();
+    (translate::persisted_config(&rsm(api, RSM)), events)
+}
+
+/// The new leader's reconciles once its master saw the stream end: nothing while the resource
+/// is paused; then the next epoch with the same members, recorded in status and reported as a
+/// Warning. Returns that configuration.
+async fn reconciles_after_the_stream_ended(api: &Arc<Mutex<FakeApi>>, ctx: &Arc<Context>, admin: &FakeAdmin) -> Config {
+    kv_byz_in_epoch_one(api, ctx, admin).await;
+    let first = translate::persisted_config(&rsm(api, RSM)).expect("epoch 1 in status");
+
+    edit_rsm(api, |o| {
+        o["metadata"]["annotations"] = json!({"lockstep.dev/paused": "true"})
+    });
+    let (paused, events) = reconcile_kv_byz(api, ctx).await;
+    assert_eq!(paused.as_ref(), Some(&first), "paused: the operator only observes");
+    assert!(events.is_empty(), "{events:#?}");
+
+    edit_rsm(api, |o| {
+        o["metadata"]["annotations"] = json!({"lockstep.dev/paused": "false"})
+    });
+    let (next, events) = reconcile_kv_byz(api, ctx).await;
+    let next = next.expect("a configuration in status");
+    assert_eq!(next, Config { epoch: 2, ..first }, "the next epoch, the same members");
+    assert_eq!(events.len(), 1, "{events:#?}");
+    assert_eq!(events[0]["type"], "Warning");
+    assert!(
+        events[0]["note"]
+            .as_str()
+            .is_some_and(|n| n.contains("era 2 starts there")),
+        "{events:#?}"
+    );
+    next
+}
+
+/// The operator fail-over corner case: the old leader's last master item reached only one
+/// replica, and the new leader signs a different item for the same sequence number. The
+/// master stream ends there at every replica, they all stop at one barrier, the new leader's
+/// reconcile records the next epoch with the same members, and the next era starts from that
+/// barrier with everything written before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_master_stream_ended_by_two_items_for_one_slot_stops_at_one_barrier_and_the_next_era_starts_there() {
+    let t = three_in_era_one().await;
+    let admin = Arc::new(FakeAdmin::default());
+    let ctx = Arc::new(Context::new(
+        client(t.api.clone()),
+        admin.clone(),
+        Arc::new(Metrics::default()),
+        Source::Api,
+    ));
+    let runner = end_the_master_stream(&t, &ctx.masters).await;
+    let recorded = reconciles_after_the_stream_ended(&t.api, &ctx, &admin).await;
+
+    // The master signs it from the barrier. On Kubernetes its members' endpoints are their
+    // peer DNS names (`names::endpoint`); here, the loopback addresses the replicas listen on.
+    let mut on_loopback = recorded;
+    for (m, ep) in on_loopback.members.iter_mut().zip(&t.eps) {
+        m.endpoint = ep.clone();
+    }
+    assert_eq!(on_loopback, t.second);
+    runner.want(Some(on_loopback));
+    for ep in &t.eps {
         wait_for_era(ep, 2, &runner).await;
     }
-    let mut c = connect(&eps[1], &master_key, &alice_file).await;
+    let mut c = connect(&t.eps[1], &t.master_key, &t.alice_file).await;
     assert_eq!(c.info().era, 2);
     assert_eq!(c.get("k").await.expect("voted get in era 2").as_deref(), Some("v"));
     assert_eq!(c.put("k2", "v2").await.expect("voted put in era 2"), None);
     c.close().await;
-    masters.stop_all();
+    ctx.masters.stop_all();
 }
