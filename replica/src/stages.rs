@@ -59,7 +59,8 @@ impl Stage {
     ];
 
     /// The stages a primary's [`StageClock`] records for every committed client write
-    /// (`Validate` to `Reply`; `Receive` is observed by the handler itself).
+    /// (`Validate` to `Reply`; `Receive` is observed by the unary Execute handler itself, and
+    /// not for writes that arrive in a client session, which carry no headers of their own).
     pub fn of_primary() -> &'static [Stage] {
         &Self::ALL[1..8]
     }
