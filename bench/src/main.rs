@@ -498,8 +498,30 @@ fn print_run(r: &Run) {
                 "      {:<14} {:<34} {:>8} {mean:>8.3}",
                 "Execute", "handler mean (request_seconds)", ""
             );
+            print_outside_the_handler(r, mean);
         }
     }
+}
+
+/// For a write-only run: the clients' mean latency (closed-loop clients, so by Little's law
+/// clients / throughput) and how much of it lies outside the primary's Execute handler
+/// (client -> primary hop, TLS, HTTP/2, the clients themselves), which no stage covers.
+fn print_outside_the_handler(r: &Run, handler_mean_ms: f64) {
+    if r.mix != Mix::Write.name() || r.report.ops_per_sec <= 0.0 {
+        return;
+    }
+    let client_mean_ms = r.report.clients as f64 * 1000.0 / r.report.ops_per_sec;
+    println!(
+        "      {:<14} {:<34} {:>8} {client_mean_ms:>8.3}",
+        "client", "mean seen by clients (N / ops/s)", ""
+    );
+    println!(
+        "      {:<14} {:<34} {:>8} {:>8.3}",
+        "outside",
+        "client mean - handler mean",
+        "",
+        client_mean_ms - handler_mean_ms
+    );
 }
 
 fn resolve_lockstep_bin(arg: Option<PathBuf>) -> anyhow::Result<PathBuf> {
