@@ -547,11 +547,8 @@ async fn kv_byz_in_epoch_one(api: &Arc<Mutex<FakeApi>>, ctx: &Arc<Context>, admi
     });
 }
 
-fn edit_rsm(api: &Mutex<FakeApi>, edit: impl FnOnce(&mut serde_json::Value)) {
-    let mut api = lock(api);
-    let mut obj = api.objects[&rsm_path(RSM)].clone();
-    edit(&mut obj);
-    api.insert(&rsm_path(RSM), obj);
+fn edit_rsm(api: &Mutex<FakeApi>, change: impl FnOnce(&mut serde_json::Value)) {
+    edit(api, &rsm_path(RSM), change);
 }
 
 /// The configuration recorded in the resource's status, and the `MasterStreamEnded` events.

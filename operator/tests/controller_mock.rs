@@ -583,14 +583,12 @@ async fn missing_client_identities_secret_is_named_and_no_pods_are_created() {
 }
 
 fn set_machine(h: &Harness, version: &str, image: &str) {
-    let mut api = lock(&h.api);
-    let p = rsm_path("kv");
-    let mut obj = api.objects[&p].clone();
-    obj["spec"]["machine"]["version"] = json!(version);
-    obj["spec"]["machine"]["image"] = json!(image);
-    let generation = obj["metadata"]["generation"].as_i64().unwrap_or(1);
-    obj["metadata"]["generation"] = json!(generation + 1);
-    api.insert(&p, obj);
+    edit(&h.api, &rsm_path("kv"), |obj| {
+        obj["spec"]["machine"]["version"] = json!(version);
+        obj["spec"]["machine"]["image"] = json!(image);
+        let generation = obj["metadata"]["generation"].as_i64().unwrap_or(1);
+        obj["metadata"]["generation"] = json!(generation + 1);
+    });
 }
 
 /// A ready cluster on 1.0.0/img:1, rolled out to `version`/`image` up to the image patch
@@ -849,13 +847,7 @@ async fn changing_t_grows_and_shrinks_through_epochs() {
     bootstrapped_pods(&h).await;
     h.reconcile("kv").await;
     h.reconcile("kv").await;
-    let set_t = |t: i32| {
-        let mut api = lock(&h.api);
-        let p = rsm_path("kv");
-        let mut obj = api.objects[&p].clone();
-        obj["spec"]["faultsTolerated"] = json!(t);
-        api.insert(&p, obj);
-    };
+    let set_t = |t: i32| edit(&h.api, &rsm_path("kv"), |obj| obj["spec"]["faultsTolerated"] = json!(t));
     set_t(2);
     h.reconcile("kv").await;
     assert_eq!(pods(&h.api), vec!["kv-0", "kv-1", "kv-2"]);

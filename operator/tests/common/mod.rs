@@ -307,76 +307,67 @@ pub fn rsm_json(name: &str, t: i32, version: &str, image: &str) -> Value {
     })
 }
 
-/// What the kubelet would do: schedule, start, and report a pod running its spec image.
-pub fn run_pod(api: &Mutex<FakeApi>, name: &str, ip: &str, node: &str) {
+/// Changes the stored object at `path` in place with `change` (a new resourceVersion, as
+/// the API server would give it); nothing when there is no such object.
+pub fn edit(api: &Mutex<FakeApi>, path: &str, change: impl FnOnce(&mut Value)) {
     let mut api = lock(api);
-    let p = pod_path(name);
-    let Some(mut pod) = api.objects.get(&p).cloned() else {
+    let Some(mut obj) = api.objects.get(path).cloned() else {
         return;
     };
-    let image = pod["spec"]["containers"][0]["image"].clone();
-    let container = pod["spec"]["containers"][0]["name"].clone();
-    pod["spec"]["nodeName"] = json!(node);
-    pod["status"] = json!({
-        "phase": "Running", "podIP": ip,
-        "conditions": [{"type": "Ready", "status": "True"}],
-        "containerStatuses": [{"name": container, "image": image, "imageID": format!("sha256:{name}"),
-            "ready": true, "restartCount": 0, "state": {"running": {"startedAt": "2026-01-01T00:00:00Z"}}}]
+    change(&mut obj);
+    api.insert(path, obj);
+}
+
+/// What the kubelet would do: schedule, start, and report a pod running its spec image.
+pub fn run_pod(api: &Mutex<FakeApi>, name: &str, ip: &str, node: &str) {
+    edit(api, &pod_path(name), |pod| {
+        let image = pod["spec"]["containers"][0]["image"].clone();
+        let container = pod["spec"]["containers"][0]["name"].clone();
+        pod["spec"]["nodeName"] = json!(node);
+        pod["status"] = json!({
+            "phase": "Running", "podIP": ip,
+            "conditions": [{"type": "Ready", "status": "True"}],
+            "containerStatuses": [{"name": container, "image": image, "imageID": format!("sha256:{name}"),
+                "ready": true, "restartCount": 0, "state": {"running": {"startedAt": "2026-01-01T00:00:00Z"}}}]
+        });
     });
-    api.insert(&p, pod);
 }
 
 /// The kubelet restarted the container after an image change.
 pub fn kubelet_restart(api: &Mutex<FakeApi>, name: &str) {
-    let mut api = lock(api);
-    let p = pod_path(name);
-    let Some(mut pod) = api.objects.get(&p).cloned() else {
-        return;
-    };
-    let image = pod["spec"]["containers"][0]["image"].clone();
-    pod["status"]["containerStatuses"][0]["image"] = image;
-    api.insert(&p, pod);
+    edit(api, &pod_path(name), |pod| {
+        let image = pod["spec"]["containers"][0]["image"].clone();
+        pod["status"]["containerStatuses"][0]["image"] = image;
+    });
 }
 
 pub fn fail_pod(api: &Mutex<FakeApi>, name: &str, exit_code: i32, message: &str) {
-    let mut api = lock(api);
-    let p = pod_path(name);
-    let Some(mut pod) = api.objects.get(&p).cloned() else {
-        return;
-    };
-    pod["status"]["phase"] = json!("Failed");
-    pod["status"]["conditions"] = json!([{"type": "Ready", "status": "False"}]);
-    pod["status"]["containerStatuses"][0]["state"] = json!({"terminated": {
-        "exitCode": exit_code, "reason": "Error", "message": message,
-        "startedAt": "2026-01-01T00:00:00Z", "finishedAt": "2026-01-01T01:00:00Z"}});
-    api.insert(&p, pod);
+    edit(api, &pod_path(name), |pod| {
+        pod["status"]["phase"] = json!("Failed");
+        pod["status"]["conditions"] = json!([{"type": "Ready", "status": "False"}]);
+        pod["status"]["containerStatuses"][0]["state"] = json!({"terminated": {
+            "exitCode": exit_code, "reason": "Error", "message": message,
+            "startedAt": "2026-01-01T00:00:00Z", "finishedAt": "2026-01-01T01:00:00Z"}});
+    });
 }
 
 /// A replica that exits right after it started.
 pub fn crash_at_start(api: &Mutex<FakeApi>, name: &str, message: &str) {
     fail_pod(api, name, 2, message);
-    let mut api = lock(api);
-    let p = pod_path(name);
-    let Some(mut pod) = api.objects.get(&p).cloned() else {
-        return;
-    };
-    pod["status"]["containerStatuses"][0]["state"]["terminated"]["finishedAt"] = json!("2026-01-01T00:00:01Z");
-    api.insert(&p, pod);
+    edit(api, &pod_path(name), |pod| {
+        pod["status"]["containerStatuses"][0]["state"]["terminated"]["finishedAt"] = json!("2026-01-01T00:00:01Z");
+    });
 }
 
 /// A replica that exits right after it started, at a time that is still ahead of the
 /// operator's clock (so any backoff measured from it has not elapsed, however slow the test).
 pub fn crash_just_now(api: &Mutex<FakeApi>, name: &str, message: &str) {
     fail_pod(api, name, 2, message);
-    let mut api = lock(api);
-    let p = pod_path(name);
-    let Some(mut pod) = api.objects.get(&p).cloned() else {
-        return;
-    };
-    let terminated = &mut pod["status"]["containerStatuses"][0]["state"]["terminated"];
-    terminated["startedAt"] = json!("2999-01-01T00:00:00Z");
-    terminated["finishedAt"] = json!("2999-01-01T00:00:01Z");
-    api.insert(&p, pod);
+    edit(api, &pod_path(name), |pod| {
+        let terminated = &mut pod["status"]["containerStatuses"][0]["state"]["terminated"];
+        terminated["startedAt"] = json!("2999-01-01T00:00:00Z");
+        terminated["finishedAt"] = json!("2999-01-01T00:00:01Z");
+    });
 }
 
 pub fn pods(api: &Mutex<FakeApi>) -> Vec<String> {
