@@ -15,9 +15,10 @@
 //! the fdatasync after 1 ms of idleness: one client's writes always leave the disk idle in
 //! between (the network, the other replica, the client itself).
 
+use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 #[derive(serde::Serialize, Debug, Clone)]
@@ -85,27 +86,34 @@ pub fn loopback_rtt_us(samples: usize) -> anyhow::Result<f64> {
     Ok(rtt)
 }
 
-/// A log file in `dir` for the model write, its space reserved ahead as the replica's WAL
-/// reserves it (an append then does not grow the file).
-fn model_log(dir: &Path, name: &str) -> anyhow::Result<(std::fs::File, std::path::PathBuf)> {
+/// A new empty file `name` in `dir`; with `reserve`, its space reserved ahead as the
+/// replica's WAL reserves it (an append then does not grow the file).
+fn new_log(dir: &Path, name: &str, reserve: bool) -> anyhow::Result<(File, PathBuf)> {
     let path = dir.join(name);
     let f = std::fs::OpenOptions::new()
         .create(true)
         .truncate(true)
         .write(true)
         .open(&path)?;
-    nix::fcntl::posix_fallocate(&f, 0, 16 << 20)?;
-    f.sync_all()?;
+    if reserve {
+        nix::fcntl::posix_fallocate(&f, 0, 16 << 20)?;
+        f.sync_all()?;
+    }
     Ok((f, path))
+}
+
+/// Appends `record` to `log` and makes it durable, as a WAL append does.
+fn append_durably(log: &mut File, record: &[u8]) -> std::io::Result<()> {
+    log.write_all(record)?;
+    log.sync_data()
 }
 
 /// Appends each `RECORD`-byte request read from `peer` to `log` and fdatasyncs it; then
 /// answers one byte on `peer`. Returns when `peer` closes.
-fn backup_loop(mut peer: TcpStream, mut log: std::fs::File) -> anyhow::Result<()> {
+fn backup_loop(mut peer: TcpStream, mut log: File) -> anyhow::Result<()> {
     let mut record = [0u8; RECORD];
     while peer.read_exact(&mut record).is_ok() {
-        log.write_all(&record)?;
-        log.sync_data()?;
+        append_durably(&mut log, &record)?;
         peer.write_all(&[1])?;
     }
     Ok(())
@@ -113,13 +121,12 @@ fn backup_loop(mut peer: TcpStream, mut log: std::fs::File) -> anyhow::Result<()
 
 /// Forwards each request from `client` to `backup`, appends it to `log` and fdatasyncs,
 /// waits for the backup's ack, then answers the client.
-fn primary_loop(mut client: TcpStream, mut backup: TcpStream, mut log: std::fs::File) -> anyhow::Result<()> {
+fn primary_loop(mut client: TcpStream, mut backup: TcpStream, mut log: File) -> anyhow::Result<()> {
     let mut record = [0u8; RECORD];
     let mut ack = [0u8; 1];
     while client.read_exact(&mut record).is_ok() {
         backup.write_all(&record)?;
-        log.write_all(&record)?;
-        log.sync_data()?;
+        append_durably(&mut log, &record)?;
         backup.read_exact(&mut ack)?;
         client.write_all(&ack)?;
     }
@@ -140,8 +147,8 @@ fn socket_pair() -> anyhow::Result<(TcpStream, TcpStream)> {
 
 /// p50 of `samples` model writes (see the module comment), on two files in `dir`.
 pub fn model_write_us(dir: &Path, samples: usize) -> anyhow::Result<f64> {
-    let (primary_log, primary_path) = model_log(dir, "floor-model-primary.tmp")?;
-    let (backup_log, backup_path) = model_log(dir, "floor-model-backup.tmp")?;
+    let (primary_log, primary_path) = new_log(dir, "floor-model-primary.tmp", true)?;
+    let (backup_log, backup_path) = new_log(dir, "floor-model-backup.tmp", true)?;
     let (to_backup, at_backup) = socket_pair()?;
     let (mut client, at_primary) = socket_pair()?;
     let backup = std::thread::spawn(move || backup_loop(at_backup, backup_log));
@@ -167,21 +174,13 @@ pub fn model_write_us(dir: &Path, samples: usize) -> anyhow::Result<f64> {
 /// p50 of `samples` appends of 256 bytes, each followed by `fdatasync`, to a file in `dir`,
 /// with `idle` of nothing before each (none: back to back).
 pub fn fdatasync_us(dir: &Path, samples: usize, idle: Duration) -> anyhow::Result<f64> {
-    let path = dir.join("floor-fdatasync.tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .open(&path)?;
+    let (mut f, path) = new_log(dir, "floor-fdatasync.tmp", false)?;
     let pause = || {
         if !idle.is_zero() {
             std::thread::sleep(idle);
         }
     };
-    let fsync = p50_of(samples, pause, || {
-        f.write_all(&[0x5au8; 256])?;
-        f.sync_data()
-    });
+    let fsync = p50_of(samples, pause, || append_durably(&mut f, &[0x5au8; 256]));
     drop(f);
     std::fs::remove_file(&path)?;
     fsync
