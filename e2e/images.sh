@@ -1,11 +1,17 @@
 #!/usr/bin/env bash
-# Build the images the e2e suite runs, from the workspace's release binaries, and load them
-# into the cluster. Each image holds the same runtime content as the Dockerfiles' final stage
+# Build the images the e2e suite runs, from the workspace's binaries, and load them into the
+# cluster. Each image holds the same runtime content as the Dockerfiles' final stage
 # (the binary, the glibc it links, a nonroot user 65532, /data for replicas) — without the
 # Dockerfiles' build stage, so no container engine is needed to build.
 #
 #   e2e/images.sh kit    # load with ../shared/k8s/image.sh into the kit's containerd
 #   e2e/images.sh kind   # docker/podman build + kind load (cluster $KIND_CLUSTER)
+#
+# LOCKSTEP_E2E_PROFILE picks the cargo profile of the binaries: `dev` (the default) or
+# `release`. Debug binaries share every dependency with `cargo test --workspace`, which CI has
+# built just before, so they cost about 3 minutes of compiling where a release build from a
+# clean checkout costs far more (docs/e2e-debug-binaries.md). Release images are what the
+# Dockerfiles ship; run with LOCKSTEP_E2E_PROFILE=release to test exactly those binaries.
 #
 # Images (tag $LOCKSTEP_E2E_TAG, default e2e):
 #   ghcr.io/lockstep-dev/lockstep-operator:TAG
@@ -26,10 +32,18 @@ cd "$ROOT"
 
 step() { printf '== %s\n' "$*" >&2; }
 
-step "release build: operator, replica (and the kv 1.1.0 example), CLI, checker, e2e tool"
+profile="${LOCKSTEP_E2E_PROFILE:-dev}"
+case "$profile" in
+  dev) bin_dir=target/debug ;;
+  release) bin_dir=target/release ;;
+  *) echo "e2e/images.sh: LOCKSTEP_E2E_PROFILE=$profile (dev or release)" >&2; exit 2 ;;
+esac
+cargo_build() { cargo build --locked --profile "$profile" "$@"; }
+
+step "$profile build: operator, replica (and the kv 1.1.0 example), CLI, checker, e2e tool"
 # One cargo invocation, always the same package set: features unify the same way every time,
 # so nothing is rebuilt twice.
-cargo build --release --locked \
+cargo_build \
   -p lockstep-operator --bin lockstep-operator \
   -p lockstep-replica --bin lockstep-replica --example kv_next \
   -p lockstep --bin lockstep \
@@ -38,20 +52,19 @@ cargo build --release --locked \
 out="$ROOT/target/e2e-images"
 rm -rf "$out"
 mkdir -p "$out/bin" "$out/next"
-cp target/release/lockstep-operator target/release/lockstep-replica target/release/lockstep \
-  target/release/lockstep-check target/release/lockstep-e2e-tool "$out/bin/"
+cp "$bin_dir/lockstep-operator" "$bin_dir/lockstep-replica" "$bin_dir/lockstep" \
+  "$bin_dir/lockstep-check" "$bin_dir/lockstep-e2e-tool" "$out/bin/"
 # A replica whose machine reports kv 1.1.0 (replica/examples/kv_next.rs), as a user's next
 # release would: the rollout test checks that the operator sees what replicas run.
-cp target/release/examples/kv_next "$out/next/lockstep-replica"
+cp "$bin_dir/examples/kv_next" "$out/next/lockstep-replica"
 
-step "release build with the test-only feature fault-injection (the Byzantine rollout test)"
+step "$profile build with the test-only feature fault-injection (the Byzantine rollout test)"
 # Its own feature set of lockstep-replica: cargo keeps both builds' artifacts side by side,
 # so neither invocation rebuilds the other's.
-cargo build --release --locked -p lockstep-replica --features fault-injection \
-  --bin lockstep-replica --example kv_next
+cargo_build -p lockstep-replica --features fault-injection --bin lockstep-replica --example kv_next
 mkdir -p "$out/inject" "$out/inject-next"
-cp target/release/lockstep-replica "$out/inject/lockstep-replica"
-cp target/release/examples/kv_next "$out/inject-next/lockstep-replica"
+cp "$bin_dir/lockstep-replica" "$out/inject/lockstep-replica"
+cp "$bin_dir/examples/kv_next" "$out/inject-next/lockstep-replica"
 
 # rootfs DIR BINARY... : the binaries in /usr/local/bin, their shared libraries, the nonroot
 # user, /tmp and /data (owned by 65532).

@@ -179,10 +179,13 @@ kubectl -n lockstep-e2e-faults delete pod lockstep-e2e-tool --ignore-not-found -
 known_failing=()
 if [ "${#filter[@]}" -gt 0 ]; then known_failing=(); fi
 step "running the suite"
+# Each line of the suite's output is stamped with the time it ended, so a CI log shows how
+# long each test took.
 set +e
 cargo test --locked -p lockstep-e2e --test e2e -- --ignored --test-threads=1 --nocapture \
-  "${known_failing[@]}" "${filter[@]}"
-rc=$?
+  "${known_failing[@]}" "${filter[@]}" 2>&1 |
+  while IFS= read -r line; do printf '[%(%T)T] %s\n' -1 "$line"; done
+rc=${PIPESTATUS[0]}
 set -e
 if [ "$rc" != 0 ]; then
   diagnostics
