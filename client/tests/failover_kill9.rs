@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 const KEYS: usize = 16;
 
-fn kill_t_under_load(t: u32, victims: impl Fn(&LocalCluster) -> Vec<String>) {
-    let cluster = LocalCluster::start(&format!("kill{t}"), t, "kv", &["--quiet"]);
+fn kill_t_under_load(t: u32, env: &[(&str, &str)], victims: impl Fn(&LocalCluster) -> Vec<String>) -> LocalCluster {
+    let cluster = LocalCluster::start_with_env(&format!("kill{t}"), t, "kv", &["--quiet"], env);
     let history = cluster.dir.path().join("history.jsonl");
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let endpoints = cluster.endpoints();
@@ -102,16 +102,32 @@ fn kill_t_under_load(t: u32, victims: impl Fn(&LocalCluster) -> Vec<String>) {
     }
     let n = check_history(&history);
     eprintln!("t={t}: {report}; {n} operations linearizable, {writes_after_kill} writes acknowledged after the kill");
+    cluster
 }
 
 #[test]
 fn kill_primary_t1() {
-    kill_t_under_load(1, |c| vec![c.primary()]);
+    kill_t_under_load(1, &[], |c| vec![c.primary()]);
+}
+
+/// The same with `--runtime-threads 1` (through its environment variable, which `lockstep up`
+/// passes on): a replica whose async runtime is one thread must not stall anywhere.
+#[test]
+fn kill_primary_t1_with_single_threaded_replicas() {
+    let cluster = kill_t_under_load(1, &[("LOCKSTEP_RUNTIME_THREADS", "1")], |c| vec![c.primary()]);
+    for id in cluster.members() {
+        let log =
+            std::fs::read_to_string(cluster.cluster_dir().join("logs").join(format!("{id}.log"))).unwrap_or_default();
+        assert!(
+            log.contains("async runtime: single-threaded"),
+            "{id} did not run single-threaded; its log:\n{log}"
+        );
+    }
 }
 
 #[test]
 fn kill_primary_and_backup_t2() {
-    kill_t_under_load(2, |c| {
+    kill_t_under_load(2, &[], |c| {
         let p = c.primary();
         let backup = c.members().into_iter().find(|m| *m != p).expect("a backup");
         vec![p, backup]
