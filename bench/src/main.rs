@@ -128,6 +128,8 @@ struct Machine {
     kernel: String,
     work_dir: String,
     work_dir_fs: String,
+    /// Its fdatasyncs also write the inode when the mtime moves (docs/operations.md).
+    ext4_without_journal_or_lazytime: bool,
     loadavg_at_start: String,
     etcd: Option<String>,
 }
@@ -202,14 +204,22 @@ fn machine(work_dir: &Path, etcd: Option<String>) -> Machine {
         .map_or("unknown".into(), |(_, v)| v.trim().to_string());
     let canon = work_dir.canonicalize().unwrap_or_else(|_| work_dir.to_path_buf());
     let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
-    let fs = mounts
+    // /proc/mounts: device, mount point, type, options.
+    let mount: Option<Vec<&str>> = mounts
         .lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f.len() >= 3 && canon.starts_with(f[1])).then(|| (f[1].len(), format!("{} on {} ({})", f[2], f[1], f[0])))
-        })
-        .max_by_key(|(n, _)| *n)
-        .map_or("unknown".into(), |(_, s)| s);
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter(|f| f.len() >= 4 && canon.starts_with(f[1]))
+        .max_by_key(|f| f[1].len());
+    let fs = mount.as_ref().map_or("unknown".into(), |f| {
+        format!("{} on {} ({}, {})", f[2], f[1], f[0], f[3])
+    });
+    // A journaled ext4 lists its device under /proc/fs/jbd2 (`vda-8`).
+    let ext4_without_journal_or_lazytime = mount.as_ref().is_some_and(|f| {
+        let device = f[0].rsplit('/').next().unwrap_or_default();
+        f[2] == "ext4"
+            && !f[3].split(',').any(|o| o == "lazytime")
+            && !Path::new(&format!("/proc/fs/jbd2/{device}-8")).exists()
+    });
     Machine {
         nproc: std::thread::available_parallelism().map_or(0, |n| n.get()),
         cpu_model,
@@ -219,6 +229,7 @@ fn machine(work_dir: &Path, etcd: Option<String>) -> Machine {
             .to_string(),
         work_dir: canon.display().to_string(),
         work_dir_fs: fs,
+        ext4_without_journal_or_lazytime,
         loadavg_at_start: std::fs::read_to_string("/proc/loadavg")
             .unwrap_or_default()
             .trim()
@@ -677,6 +688,12 @@ fn print_machine(base: &Path, machine: &Machine) {
         eprintln!(
             "WARNING: {} is on tmpfs: fsync costs nothing there; pass --work-dir on a real disk",
             base.display()
+        );
+    }
+    if machine.ext4_without_journal_or_lazytime {
+        println!(
+            "note: ext4 without a journal or lazytime: fdatasyncs also write the inode when the \
+             mtime moves (docs/operations.md, section 5)"
         );
     }
 }
