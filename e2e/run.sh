@@ -184,7 +184,7 @@ step "running the suite"
 set +e
 cargo test --locked -p lockstep-e2e --test e2e -- --ignored --test-threads=1 --nocapture \
   "${known_failing[@]}" "${filter[@]}" 2>&1 |
-  while IFS= read -r line; do printf '[%(%T)T] %s\n' -1 "$line"; done
+  while IFS= read -r line || [ -n "$line" ]; do printf '[%(%T)T] %s\n' -1 "$line"; done
 rc=${PIPESTATUS[0]}
 set -e
 if [ "$rc" != 0 ]; then

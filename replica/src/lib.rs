@@ -66,9 +66,10 @@ pub struct ReplicaArgs {
     #[arg(long)]
     pub log_json: bool,
     /// Worker threads of the replica's async runtime. 0: one per CPU. 1: a single-threaded
-    /// runtime, without hand-offs between workers: a fail-stop write took 5–20% less time
-    /// on 2 cores, but one long step (a snapshot, a burst of signature checks) then delays
-    /// everything else, health probes included (docs/benchmarks.md, "Runtime flavour").
+    /// runtime, without hand-offs between workers: one client's fail-stop write took 10–17%
+    /// less time on 2 cores (no gain at 8 or 64 clients), but one long step (a snapshot, a
+    /// burst of signature checks) then delays everything else, health probes included
+    /// (docs/benchmarks.md, "Runtime flavour").
     #[arg(long, env = "LOCKSTEP_RUNTIME_THREADS", default_value_t = 0)]
     pub runtime_threads: usize,
     #[command(flatten)]
@@ -146,24 +147,24 @@ pub fn main_with(args: ReplicaArgs, machines: &[(&str, MachineFactory)]) -> anyh
             )
         })?;
     let rt = async_runtime(args.runtime_threads).context("cannot start the async runtime")?;
-    match args.runtime_threads {
-        1 => tracing::info!("async runtime: single-threaded (--runtime-threads 1)"),
-        _ => tracing::info!("async runtime: {} worker threads", rt.metrics().num_workers()),
+    if args.runtime_threads == 1 {
+        tracing::info!("async runtime: single-threaded (--runtime-threads 1)");
+    } else {
+        tracing::info!("async runtime: {} worker threads", rt.metrics().num_workers());
     }
     rt.block_on(run(args, factory))
 }
 
 /// The replica's tokio runtime with `threads` workers (`--runtime-threads`).
 fn async_runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
-    let mut builder = match threads {
-        1 => tokio::runtime::Builder::new_current_thread(),
-        0 => tokio::runtime::Builder::new_multi_thread(),
-        n => {
-            let mut b = tokio::runtime::Builder::new_multi_thread();
-            b.worker_threads(n);
-            b
-        }
+    let mut builder = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
     };
+    if threads > 1 {
+        builder.worker_threads(threads);
+    }
     builder.enable_all().build()
 }
 
