@@ -9,6 +9,7 @@
 
 pub mod allocator;
 pub mod byz;
+pub mod framed;
 pub mod http;
 pub mod machine;
 pub mod metrics;
@@ -340,6 +341,17 @@ async fn serve_until_signal(
 ) -> anyhow::Result<()> {
     let services = server::Services { shared: shared.clone() };
     let max = lockstep_proto::MAX_MESSAGE_BYTES;
+    // Connections of the framed replication transport are served beside gRPC (framed.rs).
+    let incoming = {
+        let (services, members) = (services.clone(), membership(&shared));
+        tokio_stream::StreamExt::filter_map(transport.incoming(grpc), move |conn| match conn {
+            Ok(conn) if conn.is_framed_replication() => {
+                tokio::spawn(framed::serve(conn, services.clone(), members.clone()));
+                None
+            }
+            other => Some(other),
+        })
+    };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let grpc_server = transport
         .server()
@@ -351,7 +363,7 @@ async fn serve_until_signal(
         .serve_with_incoming_shutdown(
             // TLS handshakes (with the certificate current at each) and TCP_NODELAY on
             // accepted sockets: tls::reload::incoming.
-            transport.incoming(grpc),
+            incoming,
             wait_stop(stop_rx.clone()),
         );
     let http_server =

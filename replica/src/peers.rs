@@ -3,11 +3,13 @@
 //! Appends unanswered) and handles the answers; when there is nothing to send it waits for
 //! new entries, a read that needs confirming, or the heartbeat interval.
 //!
-//! The messages go over one long-lived `Replicate` stream per peer (answers come back in
-//! order), not a unary call each: a call costs a new HTTP/2 stream, its headers and a task on
-//! both sides, which was a quarter of the primary's instructions per write
-//! (docs/fail-stop-replication.md, "Transport"). A peer that answers `Replicate` with
-//! UNIMPLEMENTED gets one unary `Append`/`InstallSnapshot` per message instead.
+//! The messages go over one long-lived stream per peer (answers come back in order), not a
+//! unary call each: a call costs a new HTTP/2 stream, its headers and a task on both sides,
+//! which was a quarter of the primary's instructions per write (docs/fail-stop-replication.md,
+//! "Transport"). The stream is the framed transport (`crate::framed`: length-prefixed
+//! messages on a connection of their own, no HTTP/2) where the peer speaks it, else the gRPC
+//! `Replicate` stream; a peer that answers `Replicate` with UNIMPLEMENTED gets one unary
+//! `Append`/`InstallSnapshot` per message.
 //!
 //! A stream's sending half (its [`Outbox`]) is registered in [`Shared::outboxes`], so the
 //! handler that orders a client write sends the Append itself, under the node lock it already
@@ -74,7 +76,7 @@ enum Link {
 
 struct StreamLink {
     outbox: Arc<Outbox>,
-    answers: tonic::Streaming<AppendResponse>,
+    answers: crate::framed::Answers,
 }
 
 /// The sending half of one peer's `Replicate` stream. Everything sent on it goes out under
@@ -141,24 +143,55 @@ fn next_message(node: &mut Node, peer: &str, heartbeat_due: bool) -> Option<Peer
     msg
 }
 
+/// The window bounds what is unanswered, so a stream's request channel always has room.
+const STREAM_CAPACITY: usize = crate::node::APPEND_WINDOW + 1;
+
 impl Link {
-    /// Open the stream; a peer that does not know it gets unary calls from then on.
-    async fn open(client: &mut Client, epoch: u64) -> Result<Link, Status> {
-        // The window bounds what is unanswered, so the channel always has room.
-        let (requests, rx) = tokio::sync::mpsc::channel(crate::node::APPEND_WINDOW + 1);
-        match client.replicate(tokio_stream::wrappers::ReceiverStream::new(rx)).await {
-            Ok(answers) => Ok(Link::Stream(Box::new(StreamLink {
-                outbox: Arc::new(Outbox {
-                    epoch,
-                    sending: Mutex::new(Sending {
-                        requests,
-                        waiting: VecDeque::new(),
-                        machine: None,
-                        config: None,
-                    }),
+    fn stream(
+        epoch: u64,
+        requests: tokio::sync::mpsc::Sender<ReplicateRequest>,
+        answers: crate::framed::Answers,
+    ) -> Link {
+        Link::Stream(Box::new(StreamLink {
+            outbox: Arc::new(Outbox {
+                epoch,
+                sending: Mutex::new(Sending {
+                    requests,
+                    waiting: VecDeque::new(),
+                    machine: None,
+                    config: None,
                 }),
-                answers: answers.into_inner(),
-            }))),
+            }),
+            answers,
+        }))
+    }
+
+    /// Open the framed stream (when `framed` is still set); a peer that does not know it gets
+    /// the gRPC stream from then on (`framed` cleared), and one that does not know that
+    /// either, unary calls.
+    async fn open(
+        transport: &crate::tls::Transport,
+        endpoint: &str,
+        framed: &mut bool,
+        client: &mut Client,
+        epoch: u64,
+    ) -> Result<Link, Status> {
+        if *framed {
+            match crate::framed::open(transport, endpoint, STREAM_CAPACITY, RPC_TIMEOUT).await {
+                Ok((requests, answers)) => return Ok(Link::stream(epoch, requests, answers)),
+                Err(crate::framed::OpenError::NotSupported(why)) => {
+                    tracing::info!(
+                        endpoint,
+                        "peer has no framed replication ({why}): the gRPC stream instead"
+                    );
+                    *framed = false;
+                }
+                Err(crate::framed::OpenError::Failed(status)) => return Err(status),
+            }
+        }
+        let (requests, rx) = tokio::sync::mpsc::channel(STREAM_CAPACITY);
+        match client.replicate(tokio_stream::wrappers::ReceiverStream::new(rx)).await {
+            Ok(answers) => Ok(Link::stream(epoch, requests, Box::pin(answers.into_inner()))),
             Err(status) if status.code() == tonic::Code::Unimplemented => {
                 tracing::info!("peer has no Replicate stream: one call per Append");
                 Ok(Link::Unary(FuturesUnordered::new()))
@@ -199,12 +232,12 @@ impl Link {
                 let Some((round, sent)) = link.outbox.sending().waiting.front().copied() else {
                     return std::future::pending().await;
                 };
-                let answer = tokio::time::timeout_at(sent + RPC_TIMEOUT, link.answers.message()).await;
+                let answer = tokio::time::timeout_at(sent + RPC_TIMEOUT, link.answers.next()).await;
                 link.outbox.sending().waiting.pop_front();
                 match answer {
-                    Ok(Ok(Some(resp))) => (Ok(resp), round),
-                    Ok(Ok(None)) => (Err(Status::unavailable("the peer ended the stream")), round),
-                    Ok(Err(status)) => (Err(status), round),
+                    Ok(Some(Ok(resp))) => (Ok(resp), round),
+                    Ok(None) => (Err(Status::unavailable("the peer ended the stream")), round),
+                    Ok(Some(Err(status))) => (Err(status), round),
                     Err(_) => (Err(Status::deadline_exceeded("no answer from the peer")), round),
                 }
             }
@@ -279,6 +312,7 @@ async fn replicate(shared: Arc<Shared>, peer: String, endpoint: String, epoch: u
         changed,
         last_sent: Instant::now() - HEARTBEAT,
         failures: 0,
+        framed: true,
         link: Link::Closed,
     }
     .run()
@@ -296,6 +330,8 @@ struct Replicator {
     last_sent: Instant,
     /// Failures in a row.
     failures: u32,
+    /// Whether to try the framed transport (cleared for the epoch when the peer lacks it).
+    framed: bool,
     link: Link,
 }
 
@@ -320,7 +356,15 @@ impl Replicator {
 
     /// Open the link and make it the peer's outbox (false: it failed).
     async fn open(&mut self) -> bool {
-        match Link::open(&mut self.client, self.epoch).await {
+        let opened = Link::open(
+            &self.shared.transport,
+            &self.endpoint,
+            &mut self.framed,
+            &mut self.client,
+            self.epoch,
+        )
+        .await;
+        match opened {
             Ok(open) => self.link = open,
             Err(status) => {
                 self.on_failure(0, &status).await;

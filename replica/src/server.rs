@@ -300,27 +300,24 @@ struct PendingAnswer {
     timed: Option<Instant>,
 }
 
-type ReplicateStream = Pin<Box<dyn Stream<Item = Result<AppendResponse, Status>> + Send>>;
+pub type ReplicateStream = Pin<Box<dyn Stream<Item = Result<AppendResponse, Status>> + Send>>;
 
-#[tonic::async_trait]
-impl Peer for Services {
-    type ReplicateStream = ReplicateStream;
-
-    /// The backup side of the primary's replication stream. Requests are handled in arrival
-    /// order as they come (so a later Append is on its way to the disk while an earlier one is
-    /// fsynced), and each answer goes out, in the same order, once its entries are durable.
-    async fn replicate(
+impl Services {
+    /// The backup side of the primary's replication stream, whatever carries it (the gRPC
+    /// `Replicate` stream or the framed transport, `crate::framed`). Requests are handled in
+    /// arrival order as they come (so a later Append is on its way to the disk while an
+    /// earlier one is fsynced), and each answer goes out, in the same order, once its entries
+    /// are durable. The requests end with `inbound`.
+    pub fn replicate_answers(
         &self,
-        request: Request<tonic::Streaming<lockstep_proto::ReplicateRequest>>,
-    ) -> Result<Response<ReplicateStream>, Status> {
+        mut inbound: Pin<Box<dyn Stream<Item = lockstep_proto::ReplicateRequest> + Send>>,
+    ) -> ReplicateStream {
         use lockstep_proto::replicate_request::Kind;
-        self.shared.metrics.count_peer_call("Replicate");
-        let mut inbound = request.into_inner();
         let services = self.clone();
         let (tx, rx) = tokio::sync::mpsc::channel::<PendingAnswer>(2 * crate::node::APPEND_WINDOW);
         tokio::spawn(async move {
             let mut context = StreamContext::default();
-            while let Ok(Some(msg)) = inbound.message().await {
+            while let Some(msg) = inbound.next().await {
                 let received = Instant::now();
                 let pending = match msg.kind {
                     Some(Kind::Append(mut req)) => {
@@ -362,7 +359,25 @@ impl Peer for Services {
                 Ok(pending.resp)
             }
         });
-        Ok(Response::new(Box::pin(answers)))
+        Box::pin(answers)
+    }
+}
+
+#[tonic::async_trait]
+impl Peer for Services {
+    type ReplicateStream = ReplicateStream;
+
+    /// The gRPC carrier of the replication stream ([`Services::replicate_answers`]); a request
+    /// that cannot be decoded ends it.
+    async fn replicate(
+        &self,
+        request: Request<tonic::Streaming<lockstep_proto::ReplicateRequest>>,
+    ) -> Result<Response<ReplicateStream>, Status> {
+        self.shared.metrics.count_peer_call("Replicate");
+        let inbound = futures::stream::unfold(request.into_inner(), |mut inbound| async move {
+            inbound.message().await.ok().flatten().map(|msg| (msg, inbound))
+        });
+        Ok(Response::new(self.replicate_answers(Box::pin(inbound))))
     }
 
     async fn append(&self, request: Request<AppendRequest>) -> Result<Response<AppendResponse>, Status> {

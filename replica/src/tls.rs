@@ -156,7 +156,9 @@ impl TlsArgs {
 }
 
 mod reload;
-pub use reload::{CHECK_EVERY, ConnInfo, Loaded, serial_of};
+#[cfg(test)]
+pub(crate) mod test_pki;
+pub use reload::{ALPN_REPLICATE, CHECK_EVERY, Conn, ConnInfo, Loaded, serial_of};
 
 /// How this process talks gRPC: plaintext, or mutual TLS with one identity whose
 /// certificate may be rotated under it (files are reloaded, see `tls/reload.rs`). Cheap to clone.
@@ -253,11 +255,7 @@ impl Transport {
     /// stable DNS names (the IP is not known when the certificate is issued).
     pub fn endpoint_named(&self, address: &str, server_name: Option<&str>) -> Result<Dial, String> {
         let a = address.trim();
-        let host_port = a
-            .strip_prefix("http://")
-            .or_else(|| a.strip_prefix("https://"))
-            .unwrap_or(a)
-            .trim_end_matches('/');
+        let host_port = without_scheme(a);
         if self.tls.is_none() && a.starts_with("https://") {
             return Err(format!(
                 "{a} asks for TLS but no certificates are configured: pass --tls-ca, --tls-cert and --tls-key"
@@ -276,6 +274,15 @@ impl Transport {
             }),
         })
     }
+}
+
+/// `host:port` of an address given as `host:port`, `http://host:port` or `https://host:port`.
+pub fn without_scheme(address: &str) -> &str {
+    address
+        .strip_prefix("http://")
+        .or_else(|| address.strip_prefix("https://"))
+        .unwrap_or(address)
+        .trim_end_matches('/')
 }
 
 /// A tonic [`Endpoint`] and, with TLS, the connector that does the handshakes: build a
@@ -434,6 +441,25 @@ pub struct Authorize<S> {
     layer: AuthorizeLayer,
 }
 
+/// Decide a call of `path` on a TLS server by the caller's identity as its connection gave it
+/// (None: no certificate; `Err`: a certificate without a usable identity). On success, the
+/// caller, for handlers that need it. Refusals are logged.
+pub fn authorize_caller(
+    path: &str,
+    caller: Option<Result<PeerIdentity, String>>,
+    members: &Membership,
+) -> Result<Option<PeerIdentity>, Status> {
+    match caller {
+        Some(Ok(who)) => authorize(path, Some(&who), members)
+            .inspect_err(|s| tracing::warn!(path, caller = %who, "refused: {}", s.message()))
+            .map(|()| Some(who)),
+        Some(Err(why)) => Err(Status::unauthenticated(format!(
+            "{path}: the client certificate has no usable identity: {why}"
+        ))),
+        None => authorize(path, None, members).map(|()| None),
+    }
+}
+
 /// The identity of the caller of a request, from the TLS connection it came on.
 pub fn caller<B>(request: &http::Request<B>) -> Option<Result<PeerIdentity, String>> {
     let identity = request.extensions().get::<ConnInfo>()?.identity.as_ref()?;
@@ -459,22 +485,14 @@ where
             return futures::future::Either::Left(self.inner.call(request));
         }
         let path = request.uri().path().to_string();
-        let decision = match caller(&request) {
-            Some(Ok(who)) => {
-                let decision = authorize(&path, Some(&who), &self.layer.members).inspect_err(|s| {
-                    tracing::warn!(path, caller = %who, "refused: {}", s.message());
-                });
+        match authorize_caller(&path, caller(&request), &self.layer.members) {
+            Ok(who) => {
                 // Handlers that need the caller (a relay's sender) find it here.
-                request.extensions_mut().insert(who);
-                decision
+                if let Some(who) = who {
+                    request.extensions_mut().insert(who);
+                }
+                futures::future::Either::Left(self.inner.call(request))
             }
-            Some(Err(why)) => Err(Status::unauthenticated(format!(
-                "{path}: the client certificate has no usable identity: {why}"
-            ))),
-            None => authorize(&path, None, &self.layer.members),
-        };
-        match decision {
-            Ok(()) => futures::future::Either::Left(self.inner.call(request)),
             Err(status) => futures::future::Either::Right(std::future::ready(Ok(status.into_http()))),
         }
     }

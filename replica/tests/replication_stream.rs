@@ -1,6 +1,7 @@
-//! How the primary's log reaches a backup: over one long-lived `Replicate` stream, and over
-//! one unary `Append` per message when the backup does not know the stream (an older
-//! replica). Real replica processes, plaintext, fsync on.
+//! How the primary's log reaches a backup: over one long-lived framed stream (no HTTP/2), over
+//! the gRPC `Replicate` stream when the backup does not know the framed transport, and over
+//! one unary `Append` per message when it knows neither (older replicas). Real replica
+//! processes, plaintext, fsync on.
 
 mod common;
 
@@ -37,9 +38,14 @@ fn a_primary_replicates_over_one_stream_that_outlives_the_call_timeout() {
     });
     let b = metrics(backup.at.http);
     assert_eq!(
-        sample(&b, &format!("{CALLS}{{method=\"Replicate\"}}")),
+        sample(&b, &format!("{CALLS}{{method=\"ReplicateFramed\"}}")),
         1.0,
-        "one stream for all {writes} writes:\n{b}"
+        "one framed stream for all {writes} writes:\n{b}"
+    );
+    assert_eq!(
+        sample(&b, &format!("{CALLS}{{method=\"Replicate\"}}")),
+        0.0,
+        "no gRPC stream"
     );
     assert_eq!(
         sample(&b, &format!("{CALLS}{{method=\"Append\"}}")),
@@ -55,21 +61,30 @@ fn a_primary_replicates_over_one_stream_that_outlives_the_call_timeout() {
     );
 }
 
-/// A backup as an older replica would serve it: no `Replicate`, every unary call forwarded to
-/// a real backup process.
-struct WithoutStream {
+/// A backup as an older replica would serve it: gRPC only (no framed transport), with or
+/// without the `Replicate` stream; every call forwarded to a real backup process.
+struct OlderReplica {
     backup: PeerClient<Channel>,
+    with_stream: bool,
     appends: Arc<AtomicU64>,
 }
 
 type Answers = Pin<Box<dyn tokio_stream::Stream<Item = Result<AppendResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
-impl Peer for WithoutStream {
+impl Peer for OlderReplica {
     type ReplicateStream = Answers;
 
-    async fn replicate(&self, _: Request<tonic::Streaming<ReplicateRequest>>) -> Result<Response<Answers>, Status> {
-        Err(Status::unimplemented("this replica predates the Replicate stream"))
+    async fn replicate(
+        &self,
+        request: Request<tonic::Streaming<ReplicateRequest>>,
+    ) -> Result<Response<Answers>, Status> {
+        if !self.with_stream {
+            return Err(Status::unimplemented("this replica predates the Replicate stream"));
+        }
+        let requests = tokio_stream::StreamExt::filter_map(request.into_inner(), Result::ok);
+        let answers = self.backup.clone().replicate(requests).await?.into_inner();
+        Ok(Response::new(Box::pin(answers)))
     }
 
     async fn append(&self, request: Request<AppendRequest>) -> Result<Response<AppendResponse>, Status> {
@@ -85,16 +100,18 @@ impl Peer for WithoutStream {
     }
 }
 
-#[test]
-fn a_backup_without_the_stream_gets_one_append_per_message() {
+/// Writes through a primary whose backup is reached through an [`OlderReplica`] front; the
+/// backup's metrics after them, and how many unary Appends the front forwarded.
+fn through_an_older_replica(with_stream: bool, label: &str) -> (String, u64) {
     let Pair { primary, backup, .. } = &Pair::start();
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let appends = Arc::new(AtomicU64::new(0));
     rt.block_on(async {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let older = format!("http://{}", listener.local_addr().expect("addr"));
-        let service = WithoutStream {
+        let service = OlderReplica {
             backup: PeerClient::connect(backup.endpoint()).await.expect("connect backup"),
+            with_stream,
             appends: appends.clone(),
         };
         tokio::spawn(
@@ -110,14 +127,66 @@ fn a_backup_without_the_stream_gets_one_append_per_message() {
         .await;
         let mut client = ClientClient::connect(primary.endpoint()).await.expect("client connect");
         for sequence in 1..=20 {
-            put(&mut client, "unary", sequence).await;
+            put(&mut client, label, sequence).await;
         }
     });
+    (metrics(backup.at.http), appends.load(Ordering::Relaxed))
+}
+
+#[test]
+fn a_backup_without_the_framed_transport_gets_the_grpc_stream() {
+    let (b, appends) = through_an_older_replica(true, "grpc-stream");
     assert!(
-        appends.load(Ordering::Relaxed) >= 1,
+        sample(&b, &format!("{CALLS}{{method=\"Replicate\"}}")) >= 1.0,
+        "the writes committed over the gRPC stream:\n{b}"
+    );
+    assert_eq!(sample(&b, &format!("{CALLS}{{method=\"ReplicateFramed\"}}")), 0.0);
+    assert_eq!(appends, 0, "no unary Append");
+}
+
+#[test]
+fn a_backup_without_the_stream_gets_one_append_per_message() {
+    let (b, appends) = through_an_older_replica(false, "unary");
+    assert!(
+        appends >= 1,
         "the writes committed, so unary Appends reached the backup"
     );
-    let b = metrics(backup.at.http);
     assert_eq!(sample(&b, &format!("{CALLS}{{method=\"Replicate\"}}")), 0.0);
+    assert_eq!(sample(&b, &format!("{CALLS}{{method=\"ReplicateFramed\"}}")), 0.0);
     assert!(sample(&b, &format!("{CALLS}{{method=\"Append\"}}")) >= 1.0, "{b}");
+}
+
+/// Garbage on the framed transport ends that connection, never the backup: after an
+/// undecodable frame, an oversized length and a wrong preface, the pair still commits writes.
+#[test]
+fn malformed_frames_close_the_connection_and_the_backup_serves_on() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Pair { primary, backup, .. } = &Pair::start();
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        configure(&[("p", primary.endpoint()), ("b", backup.endpoint())]).await;
+        let attacks: [&[u8]; 3] = [
+            b"LSREPL/1\x00\x00\x00\x05\xff\xff\xff\xff\xff",
+            b"LSREPL/1\xff\xff\xff\xff",
+            b"LSREPL/2 and then some",
+        ];
+        for attack in attacks {
+            let mut s = tokio::net::TcpStream::connect(backup.at.grpc).await.expect("connect");
+            s.write_all(attack).await.expect("send");
+            // The connection ends (after the accepting answer, if the preface was right).
+            let mut rest = Vec::new();
+            let read = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest)).await;
+            assert!(read.is_ok(), "the backup closes the connection after {attack:?}");
+        }
+        let mut client = ClientClient::connect(primary.endpoint()).await.expect("client connect");
+        for sequence in 1..=5 {
+            put(&mut client, "after-garbage", sequence).await;
+        }
+    });
+    let b = metrics(backup.at.http);
+    assert_eq!(
+        sample(&b, &format!("{CALLS}{{method=\"ReplicateFramed\"}}")),
+        3.0,
+        "the primary's stream and the two attacks with a right preface:\n{b}"
+    );
 }

@@ -30,6 +30,10 @@ use tokio::net::{TcpListener, TcpStream};
 pub const CHECK_EVERY: Duration = Duration::from_secs(1);
 
 const ALPN_H2: &[u8] = b"h2";
+/// The framed replication transport's protocol name (`crate::framed`): a primary offers only
+/// it, so a replica from before it fails the handshake (no common protocol) and the primary
+/// falls back to the gRPC stream.
+pub const ALPN_REPLICATE: &[u8] = b"lockstep-replicate/1";
 
 fn provider() -> Arc<CryptoProvider> {
     static P: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
@@ -46,6 +50,8 @@ pub struct Loaded {
     pub serial: String,
     pub server: Arc<ServerConfig>,
     pub client: Arc<ClientConfig>,
+    /// The client side of the framed replication transport (ALPN `lockstep-replicate/1`).
+    pub replicate: Arc<ClientConfig>,
 }
 
 /// The serial number of a DER certificate, hex.
@@ -79,19 +85,22 @@ impl Loaded {
             .with_client_cert_verifier(verifier)
             .with_single_cert(chain.clone(), key.clone_key())
             .context("the certificate and key do not belong together")?;
-        server.alpn_protocols = vec![ALPN_H2.to_vec()];
+        server.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_REPLICATE.to_vec()];
         let mut client = ClientConfig::builder_with_provider(p)
             .with_safe_default_protocol_versions()?
             .with_root_certificates(roots)
             .with_client_auth_cert(chain, key)
             .context("the certificate and key do not belong together")?;
+        let mut replicate = client.clone();
         client.alpn_protocols = vec![ALPN_H2.to_vec()];
+        replicate.alpn_protocols = vec![ALPN_REPLICATE.to_vec()];
         Ok(Loaded {
             identity,
             serial: serial_of(&leaf),
             leaf,
             server: Arc::new(server),
             client: Arc::new(client),
+            replicate: Arc::new(replicate),
         })
     }
 }
@@ -259,22 +268,38 @@ pub struct ConnInfo {
 }
 
 /// An accepted connection: plaintext (`--insecure`) or TLS after the handshake.
-pub enum Conn {
+pub struct Conn {
+    io: ConnIo,
+    framed: bool,
+}
+
+enum ConnIo {
     Plain(TcpStream),
     Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+impl Conn {
+    /// The framed replication transport (`crate::framed`), not gRPC.
+    pub fn is_framed_replication(&self) -> bool {
+        self.framed
+    }
+
+    pub fn is_tls(&self) -> bool {
+        matches!(self.io, ConnIo::Tls(_))
+    }
 }
 
 impl tonic::transport::server::Connected for Conn {
     type ConnectInfo = ConnInfo;
 
     fn connect_info(&self) -> ConnInfo {
-        match self {
-            Conn::Plain(s) => ConnInfo {
+        match &self.io {
+            ConnIo::Plain(s) => ConnInfo {
                 remote: s.peer_addr().ok(),
                 peer_certs: None,
                 identity: None,
             },
-            Conn::Tls(s) => {
+            ConnIo::Tls(s) => {
                 let (tcp, session) = s.get_ref();
                 let peer_certs = session.peer_certificates().map(|c| Arc::new(c.to_vec()));
                 let identity = peer_certs.as_ref().map(|certs| {
@@ -297,12 +322,12 @@ impl tonic::transport::server::Connected for Conn {
 
 macro_rules! delegate {
     ($self:ident, $s:ident => $e:expr) => {
-        match $self.get_mut() {
-            Conn::Plain($s) => {
+        match &mut $self.get_mut().io {
+            ConnIo::Plain($s) => {
                 let $s = Pin::new($s);
                 $e
             }
-            Conn::Tls($s) => {
+            ConnIo::Tls($s) => {
                 let $s = Pin::new(&mut **$s);
                 $e
             }
@@ -334,9 +359,9 @@ impl AsyncWrite for Conn {
         delegate!(self, s => s.poll_write_vectored(cx, bufs))
     }
     fn is_write_vectored(&self) -> bool {
-        match self {
-            Conn::Plain(s) => s.is_write_vectored(),
-            Conn::Tls(s) => s.is_write_vectored(),
+        match &self.io {
+            ConnIo::Plain(s) => s.is_write_vectored(),
+            ConnIo::Tls(s) => s.is_write_vectored(),
         }
     }
 }
@@ -345,7 +370,10 @@ impl AsyncWrite for Conn {
 /// a reply can sit ~40 ms behind the peer's delayed ACK), and with `store` the TLS handshake
 /// done with the material current at that moment. Handshakes run in their own tasks with a
 /// bound, so a slow or failing client holds up no other; the stream never ends on an error
-/// (an accept error, EMFILE say, is logged and accepting goes on).
+/// (an accept error, EMFILE say, is logged and accepting goes on). Each connection says
+/// whether it is the framed replication transport ([`Conn::is_framed_replication`]): by its
+/// ALPN with TLS, by its first byte in plaintext (`L` of `LSREPL/1`, where gRPC starts with
+/// the `P` of HTTP/2's preface).
 pub fn incoming(
     listener: TcpListener,
     store: Option<Arc<Store>>,
@@ -368,9 +396,20 @@ pub fn incoming(
             };
             let _ = tcp.set_nodelay(true);
             let Some(store) = &store else {
-                if tx.send(Ok(Conn::Plain(tcp))).await.is_err() {
-                    return;
-                }
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let mut first = [0u8; 1];
+                    // A caller that sends nothing (a TCP probe) is dropped after the bound.
+                    if let Ok(Ok(1)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, tcp.peek(&mut first)).await {
+                        let framed = first[0] == crate::framed::PREFACE[0];
+                        let _ = tx
+                            .send(Ok(Conn {
+                                io: ConnIo::Plain(tcp),
+                                framed,
+                            }))
+                            .await;
+                    }
+                });
                 continue;
             };
             let (store, tx) = (store.clone(), tx.clone());
@@ -385,7 +424,13 @@ pub fn incoming(
                             let who = PeerIdentity::from_certificate(leaf).map_or_else(|e| e, |id| id.to_string());
                             tracing::debug!(%remote, caller = %who, serial = %serial_of(leaf), "TLS connection");
                         }
-                        let _ = tx.send(Ok(Conn::Tls(Box::new(tls)))).await;
+                        let framed = tls.get_ref().1.alpn_protocol() == Some(ALPN_REPLICATE);
+                        let _ = tx
+                            .send(Ok(Conn {
+                                io: ConnIo::Tls(Box::new(tls)),
+                                framed,
+                            }))
+                            .await;
                     }
                     Ok(Err(e)) => tracing::debug!(%remote, "TLS handshake failed: {e}"),
                     Err(_) => tracing::debug!(%remote, "TLS handshake timed out"),
@@ -481,41 +526,7 @@ impl tower::Service<http::Uri> for Connector {
 mod tests {
     use super::*;
     use crate::tls::Role;
-    use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, SanType};
-
-    struct Ca {
-        issuer: Issuer<'static, KeyPair>,
-        pem: String,
-    }
-
-    fn ca() -> Ca {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::default();
-        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        // Each its own name (as each cluster's CA has): issuers are found by name.
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, format!("test CA {}", rand::random::<u64>()));
-        let pem = params.self_signed(&key).unwrap().pem();
-        Ca {
-            issuer: Issuer::new(params, key),
-            pem,
-        }
-    }
-
-    /// (certificate, key) PEM for `who`, valid for 127.0.0.1.
-    fn issue(ca: &Ca, who: &PeerIdentity) -> (String, String) {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::default();
-        params
-            .subject_alt_names
-            .push(SanType::URI(who.uri().try_into().unwrap()));
-        params
-            .subject_alt_names
-            .push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth, ExtendedKeyUsagePurpose::ServerAuth];
-        (params.signed_by(&key, &ca.issuer).unwrap().pem(), key.serialize_pem())
-    }
+    use crate::tls::test_pki::{Ca, ca, issue};
 
     /// The files as a Kubernetes Secret volume has them: `tls.crt -> ..data/tls.crt`, and a
     /// change makes a new directory and swaps the `..data` symlink to it (atomically).
