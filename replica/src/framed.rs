@@ -177,7 +177,7 @@ async fn write_requests<W: AsyncWrite + Unpin>(
             _ = &mut closed => None,
         };
         let Some(first) = first else { break };
-        buf.clear();
+        emptied(&mut buf);
         push_frame(&mut buf, &first);
         while let Ok(more) = rx.try_recv() {
             push_frame(&mut buf, &more);
@@ -214,6 +214,18 @@ fn read_answers<R: AsyncRead + Unpin + Send + 'static>(reader: R, closed: onesho
     ))
 }
 
+/// A buffer that held a large frame (a snapshot) is given back rather than kept for the
+/// connection's life.
+const KEEP_BUFFER_BYTES: usize = 1 << 20;
+
+/// `buf`, emptied, with its memory given back if a large frame grew it.
+fn emptied(buf: &mut Vec<u8>) {
+    if buf.capacity() > KEEP_BUFFER_BYTES {
+        *buf = Vec::new();
+    }
+    buf.clear();
+}
+
 /// Append `msg` to `buf` as one frame.
 fn push_frame<M: Message>(buf: &mut Vec<u8>, msg: &M) {
     let len = msg.encoded_len();
@@ -231,7 +243,7 @@ async fn read_frame<R: AsyncRead + Unpin>(r: &mut R, buf: &mut Vec<u8>, max: usi
             format!("a frame of {len} bytes (at most {max})"),
         ));
     }
-    buf.clear();
+    emptied(buf);
     buf.resize(len, 0);
     r.read_exact(buf).await?;
     Ok(())
@@ -323,7 +335,7 @@ fn read_requests<R: AsyncRead + Unpin + Send + 'static>(
 async fn write_answers<W: AsyncWrite + Unpin>(mut writer: W, mut answers: ReplicateStream) {
     let mut buf = Vec::with_capacity(256);
     while let Some(Ok(first)) = answers.next().await {
-        buf.clear();
+        emptied(&mut buf);
         push_frame(&mut buf, &first);
         let mut failed = false;
         while let Some(ready) = answers.next().now_or_never() {
@@ -505,5 +517,29 @@ mod tests {
         let err = read_frame(&mut b, &mut got, 1024).await.unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
         assert!(err.to_string().contains("at most 1024"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_buffer_grown_by_a_snapshot_is_given_back() {
+        let (mut a, mut b) = tokio::io::duplex(1 << 16);
+        let big = lockstep_proto::InstallSnapshotRequest {
+            snapshot: Some(lockstep_proto::Snapshot {
+                data: vec![7; 3 << 20],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let small = AppendResponse::default();
+        tokio::spawn(async move {
+            let mut buf = Vec::new();
+            push_frame(&mut buf, &big);
+            push_frame(&mut buf, &small);
+            a.write_all(&buf).await.unwrap();
+        });
+        let mut got = Vec::new();
+        read_frame(&mut b, &mut got, MAX_MESSAGE_BYTES).await.unwrap();
+        assert!(got.len() > 3 << 20);
+        read_frame(&mut b, &mut got, MAX_MESSAGE_BYTES).await.unwrap();
+        assert!(got.capacity() <= KEEP_BUFFER_BYTES, "{} bytes kept", got.capacity());
     }
 }
