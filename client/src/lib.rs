@@ -115,6 +115,9 @@ pub struct Client {
     sessions: HashMap<String, session::Session>,
     /// Endpoints without sessions (replicas from before them): one unary call per request.
     unary_only: std::collections::HashSet<String>,
+    /// Endpoints without framed sessions (replicas from before them, Byzantine replicas): the
+    /// gRPC session.
+    grpc_sessions: std::collections::HashSet<String>,
     primary: Option<String>,
     /// Endpoints whose connection just failed, and when: not worth a retry for a moment,
     /// even when another replica's (stale) hint names them as the primary.
@@ -136,6 +139,7 @@ impl Client {
             channels: HashMap::new(),
             sessions: HashMap::new(),
             unary_only: Default::default(),
+            grpc_sessions: Default::default(),
             primary: None,
             down: HashMap::new(),
             next: 0,
@@ -250,14 +254,7 @@ impl Client {
             .chan(endpoint)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         if !self.unary_only.contains(endpoint) && !self.sessions.contains_key(endpoint) {
-            match session::Session::open(channel.clone(), timeout).await? {
-                Some(s) => {
-                    self.sessions.insert(endpoint.to_string(), s);
-                }
-                None => {
-                    self.unary_only.insert(endpoint.to_string());
-                }
-            }
+            self.open_session(endpoint, channel.clone(), timeout).await?;
         }
         let answer = match self.sessions.get_mut(endpoint) {
             Some(s) => match s.call(asked, timeout).await {
@@ -273,6 +270,31 @@ impl Client {
             Answer::Error(e) => Err(e.into_status()),
             answer => Ok(answer),
         }
+    }
+
+    /// Open a session with `endpoint`: framed, else gRPC, else note that it takes unary calls.
+    async fn open_session(&mut self, endpoint: &str, channel: Channel, timeout: Duration) -> Result<(), Status> {
+        if !self.grpc_sessions.contains(endpoint) {
+            match session::Session::open_framed(&self.transport, endpoint, timeout).await {
+                Ok(s) => {
+                    self.sessions.insert(endpoint.to_string(), s);
+                    return Ok(());
+                }
+                Err(session::NotOpened::NotSupported) => {
+                    self.grpc_sessions.insert(endpoint.to_string());
+                }
+                Err(session::NotOpened::Failed(status)) => return Err(status),
+            }
+        }
+        match session::Session::open(channel, timeout).await? {
+            Some(s) => {
+                self.sessions.insert(endpoint.to_string(), s);
+            }
+            None => {
+                self.unary_only.insert(endpoint.to_string());
+            }
+        }
+        Ok(())
     }
 
     /// Pause before the next attempt once every endpoint was tried (or none is known to

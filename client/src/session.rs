@@ -1,18 +1,32 @@
 //! A client's session with one replica (`Client/Session`): its Executes and Reads go over one
-//! long-lived gRPC stream instead of one unary call each, which saves an HTTP/2 stream, its
+//! long-lived stream instead of one unary call each, which saves an HTTP/2 stream, its
 //! headers and a task per request on both ends (docs/wire-protocol.md, "Client sessions").
-//! The answers and errors are the ones the unary calls give.
+//! The stream is the framed transport (no HTTP/2 at all) where the replica has it, else the
+//! gRPC stream. The answers and errors are the ones the unary calls give.
 
+use futures::StreamExt as _;
 use lockstep_proto::client_client::ClientClient;
 use lockstep_proto::{SessionRequest, session_request::Kind as Asked, session_response::Kind as Answer};
+use lockstep_replica::framed;
+use lockstep_replica::tls::Transport;
 use std::time::Duration;
 use tonic::Status;
 use tonic::transport::Channel;
 
 pub(crate) struct Session {
     requests: tokio::sync::mpsc::Sender<SessionRequest>,
-    answers: tonic::Streaming<lockstep_proto::SessionResponse>,
+    answers: framed::Answers<lockstep_proto::SessionResponse>,
     last_id: u64,
+}
+
+/// Requests of one session the library has in flight (one at a time, plus room).
+const CAPACITY: usize = 4;
+
+/// How [`Session::open_framed`] ended without a session.
+pub(crate) enum NotOpened {
+    /// The replica has no framed sessions: open the gRPC one.
+    NotSupported,
+    Failed(Status),
 }
 
 /// The session can not be used any more (the stream broke, or an answer did not come in
@@ -23,7 +37,7 @@ impl Session {
     /// Open a session; `Ok(None)` when the replica has none (it answers UNIMPLEMENTED: a
     /// replica from before sessions), so the caller uses unary calls with it.
     pub async fn open(channel: Channel, timeout: Duration) -> Result<Option<Session>, Status> {
-        let (requests, rx) = tokio::sync::mpsc::channel(4);
+        let (requests, rx) = tokio::sync::mpsc::channel(CAPACITY);
         let mut client = ClientClient::new(channel)
             .max_decoding_message_size(lockstep_proto::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(lockstep_proto::MAX_MESSAGE_BYTES);
@@ -33,11 +47,27 @@ impl Session {
         match opened {
             Ok(answers) => Ok(Some(Session {
                 requests,
-                answers: answers.into_inner(),
+                answers: Box::pin(answers.into_inner()),
                 last_id: 0,
             })),
             Err(status) if status.code() == tonic::Code::Unimplemented => Ok(None),
             Err(status) => Err(status),
+        }
+    }
+
+    /// Open a session on the framed transport (docs/wire-protocol.md, "Framed transport").
+    pub async fn open_framed(transport: &Transport, endpoint: &str, timeout: Duration) -> Result<Session, NotOpened> {
+        match framed::open(transport, endpoint, framed::Stream::Session, CAPACITY, timeout).await {
+            Ok((requests, answers)) => Ok(Session {
+                requests,
+                answers,
+                last_id: 0,
+            }),
+            Err(framed::OpenError::NotSupported(why)) => {
+                tracing::debug!(endpoint, "no framed session ({why}): the gRPC one instead");
+                Err(NotOpened::NotSupported)
+            }
+            Err(framed::OpenError::Failed(status)) => Err(NotOpened::Failed(status)),
         }
     }
 
@@ -52,15 +82,15 @@ impl Session {
                 .await
                 .map_err(|_| Broken(Status::unavailable("the session is closed")))?;
             loop {
-                match self.answers.message().await {
-                    Ok(Some(answer)) if answer.id != id => continue,
-                    Ok(Some(answer)) => {
+                match self.answers.next().await {
+                    Some(Ok(answer)) if answer.id != id => continue,
+                    Some(Ok(answer)) => {
                         return answer
                             .kind
                             .ok_or_else(|| Broken(Status::internal("an empty answer from the replica")));
                     }
-                    Ok(None) => return Err(Broken(Status::unavailable("the replica ended the session"))),
-                    Err(status) => return Err(Broken(status)),
+                    None => return Err(Broken(Status::unavailable("the replica ended the session"))),
+                    Some(Err(status)) => return Err(Broken(status)),
                 }
             }
         };

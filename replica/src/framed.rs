@@ -1,71 +1,107 @@
-//! The framed replication transport: the primary's replication stream to one peer without
-//! gRPC (docs/fail-stop-replication.md, "Framed transport").
+//! The framed transport: a replication stream or a client session without gRPC
+//! (docs/wire-protocol.md and docs/fail-stop-replication.md, "Framed transport").
 //!
-//! The same messages as `Peer/Replicate` (`ReplicateRequest` one way, `AppendResponse` the
-//! other, answered in order), each behind a 4-byte big-endian length, on a connection of
-//! their own to the replica's gRPC port. With TLS the primary offers only ALPN
-//! `lockstep-replicate/1`; in plaintext it starts with the 8 bytes [`PREFACE`], which it sends
-//! in both cases. The backup's first frame is a `ReplicateOpen`: accepted, or refused with a
-//! gRPC status code (the membership check the gRPC server's authorization layer makes).
+//! The same protobuf messages as the gRPC streams it stands in for, each behind a 4-byte
+//! big-endian length, on a connection of its own to the replica's one port. The opener
+//! offers TLS ALPN `lockstep-framed/1` (only that) and sends 8 bytes naming the stream: a
+//! [`Stream::Replicate`] (a primary's `Peer/Replicate`: `ReplicateRequest` ->
+//! `AppendResponse`, answered in order) or a [`Stream::Session`] (a client's `Client/Session`:
+//! `SessionRequest` -> `SessionResponse`). In plaintext the acceptor tells these connections
+//! from gRPC by their first byte. The replica's first frame is a `FramedOpen`: accepted, or
+//! refused with a gRPC status code (the rule the gRPC server's authorization layer applies to
+//! the same stream), then the stream's answers.
 //!
-//! A replica from before this transport does not know the protocol: the TLS handshake fails
-//! for want of a common ALPN protocol, or (plaintext) its HTTP/2 server drops the connection
-//! without an answer. The primary then uses the gRPC stream to that peer for the rest of the
-//! epoch ([`OpenError::NotSupported`]), so a rolling upgrade mixes versions safely.
+//! A replica from before this transport does not know it: the TLS handshake fails for want of
+//! a common ALPN protocol, or (plaintext) its HTTP/2 server drops the connection without an
+//! answer; a replica that knows the transport but not the stream (a Byzantine replica) answers
+//! UNIMPLEMENTED. All three are [`OpenError::NotSupported`], and the opener uses the gRPC
+//! stream, so versions can be mixed during a rolling upgrade.
 
-use crate::server::{ReplicateStream, Services};
+use crate::server::Services;
 use crate::tls::{Conn, Membership, Transport};
 use futures::{FutureExt as _, StreamExt as _};
-use lockstep_proto::{AppendResponse, MAX_MESSAGE_BYTES, ReplicateOpen, ReplicateRequest};
+use lockstep_proto::{FramedOpen, MAX_MESSAGE_BYTES, ReplicateRequest, SessionRequest};
 use prost::Message;
 use std::pin::Pin;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, oneshot};
-use tokio_stream::Stream;
 use tonic::Status;
 use tonic::transport::server::Connected;
 
-/// What a primary sends first on a framed replication connection.
-pub const PREFACE: &[u8; 8] = b"LSREPL/1";
+/// Which stream a framed connection carries (its first 8 bytes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stream {
+    Replicate,
+    Session,
+}
 
-/// The gRPC path whose access rule the framed transport follows.
-pub const PATH: &str = "/lockstep.v1.Peer/Replicate";
+impl Stream {
+    pub const fn preface(self) -> &'static [u8; 8] {
+        match self {
+            Stream::Replicate => b"LSREPL/1",
+            Stream::Session => b"LSSESS/1",
+        }
+    }
 
-/// The answers of a replication stream, in the order of the requests.
-pub type Answers = Pin<Box<dyn Stream<Item = Result<AppendResponse, Status>> + Send>>;
+    /// The gRPC method whose access rule it follows.
+    pub const fn path(self) -> &'static str {
+        match self {
+            Stream::Replicate => "/lockstep.v1.Peer/Replicate",
+            Stream::Session => "/lockstep.v1.Client/Session",
+        }
+    }
 
-/// Why a framed replication stream did not open.
+    fn of(preface: &[u8; 8]) -> Option<Stream> {
+        [Stream::Replicate, Stream::Session]
+            .into_iter()
+            .find(|s| s.preface() == preface)
+    }
+}
+
+/// The first byte of every preface: how the plaintext acceptor tells a framed connection from
+/// gRPC (HTTP/2 starts with `P`).
+pub const FIRST_BYTE: u8 = b'L';
+
+/// A stream's answers, in the order they come.
+pub type Answers<M> = Pin<Box<dyn futures::Stream<Item = Result<M, Status>> + Send + Sync>>;
+
+/// Why a framed stream did not open.
 #[derive(Debug)]
 pub enum OpenError {
-    /// The peer does not speak the framed transport (a replica from before it).
+    /// The replica does not speak the framed transport, or not this stream: use gRPC.
     NotSupported(String),
     /// It does, and the connection failed or the stream was refused.
     Failed(Status),
 }
 
-/// Open a framed replication stream to `endpoint` (`host:port`, with or without a scheme):
-/// the requests put in the returned sender go out in order (a writer task sends each as soon
-/// as it is put there, several at once when they queue up), the answers come back in order.
-/// Dropping both ends closes the connection.
-pub async fn open(
+/// Open a framed `stream` to `endpoint` (`host:port`, with or without a scheme): the requests
+/// put in the returned sender go out in order (a writer task sends each as soon as it is put
+/// there, several at once when they queue up), the answers come back as the replica sends
+/// them. Dropping both ends closes the connection.
+pub async fn open<Req, Resp>(
     transport: &Transport,
     endpoint: &str,
+    stream: Stream,
     capacity: usize,
     timeout: Duration,
-) -> Result<(mpsc::Sender<ReplicateRequest>, Answers), OpenError> {
+) -> Result<(mpsc::Sender<Req>, Answers<Resp>), OpenError>
+where
+    Req: Message + 'static,
+    Resp: Message + Default + 'static,
+{
     let (host, port) = host_port(endpoint).map_err(|e| OpenError::Failed(Status::invalid_argument(e)))?;
     let failed = |what: &str, e: &dyn std::fmt::Display| OpenError::Failed(Status::unavailable(format!("{what}: {e}")));
     let tcp = tokio::time::timeout(timeout, tokio::net::TcpStream::connect((host.as_str(), port)))
         .await
-        .map_err(|_| failed("tcp connect", &"timed out"))?
+        .map_err(|_| failed("tcp connect error", &"timed out"))?
         .map_err(|e| failed("tcp connect error", &e))?;
     let _ = tcp.set_nodelay(true);
     let Some(loaded) = transport.current() else {
-        return start(tcp, capacity, timeout, false).await;
+        return start(tcp, stream, capacity, timeout, false).await;
     };
     let name = rustls::pki_types::ServerName::try_from(host.clone()).map_err(|e| failed("TLS server name", &e))?;
-    let connector = tokio_rustls::TlsConnector::from(loaded.replicate.clone());
+    let connector = tokio_rustls::TlsConnector::from(loaded.framed.clone());
     let tls = match tokio::time::timeout(timeout, connector.connect(name, tcp)).await {
         Err(_) => return Err(failed("TLS handshake", &"timed out")),
         Ok(Err(e)) if no_common_protocol(&e) => {
@@ -74,12 +110,12 @@ pub async fn open(
         Ok(Err(e)) => return Err(failed("TLS handshake", &e)),
         Ok(Ok(tls)) => tls,
     };
-    if tls.get_ref().1.alpn_protocol() != Some(crate::tls::ALPN_REPLICATE) {
+    if tls.get_ref().1.alpn_protocol() != Some(crate::tls::ALPN_FRAMED) {
         return Err(OpenError::NotSupported(
-            "the server chose no lockstep-replicate/1 (ALPN)".into(),
+            "the server chose no lockstep-framed/1 (ALPN)".into(),
         ));
     }
-    start(tls, capacity, timeout, true).await
+    start(tls, stream, capacity, timeout, true).await
 }
 
 /// The peer refused the handshake because it knows none of the offered ALPN protocols.
@@ -99,28 +135,31 @@ fn host_port(endpoint: &str) -> Result<(String, u16), String> {
     let rest = crate::tls::without_scheme(e);
     let uri: http::Uri = format!("http://{rest}")
         .parse()
-        .map_err(|err| format!("bad peer address {e}: {err}"))?;
+        .map_err(|err| format!("bad address {e}: {err}"))?;
     let host = uri.host().ok_or_else(|| format!("no host in {e}"))?;
     let port = uri.port_u16().ok_or_else(|| format!("no port in {e}"))?;
     Ok((host.trim_start_matches('[').trim_end_matches(']').to_string(), port))
 }
 
-/// Send the preface, read the backup's `ReplicateOpen`, then run the connection.
-async fn start<S>(
+/// Send the preface, read the replica's `FramedOpen`, then run the connection.
+async fn start<S, Req, Resp>(
     mut io: S,
+    stream: Stream,
     capacity: usize,
     timeout: Duration,
     tls: bool,
-) -> Result<(mpsc::Sender<ReplicateRequest>, Answers), OpenError>
+) -> Result<(mpsc::Sender<Req>, Answers<Resp>), OpenError>
 where
-    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    S: AsyncRead + AsyncWrite + Send + Sync + Unpin + 'static,
+    Req: Message + 'static,
+    Resp: Message + Default + 'static,
 {
     let opened = tokio::time::timeout(timeout, async {
-        io.write_all(PREFACE).await?;
+        io.write_all(stream.preface()).await?;
         io.flush().await?;
         let mut buf = Vec::new();
         read_frame(&mut io, &mut buf, 64 * 1024).await?;
-        ReplicateOpen::decode(&buf[..]).map_err(std::io::Error::other)
+        FramedOpen::decode(&buf[..]).map_err(std::io::Error::other)
     })
     .await;
     let open = match opened {
@@ -139,8 +178,10 @@ where
             )));
         }
     };
-    if open.code != 0 {
-        return Err(OpenError::Failed(refusal(&open)));
+    match tonic::Code::from_i32(open.code as i32) {
+        tonic::Code::Ok => {}
+        tonic::Code::Unimplemented => return Err(OpenError::NotSupported(open.message)),
+        _ => return Err(OpenError::Failed(refusal(&open))),
     }
     let (reader, writer) = tokio::io::split(io);
     let (requests, rx) = mpsc::channel(capacity);
@@ -150,7 +191,7 @@ where
 }
 
 /// A refusal as the status a refused gRPC call would have carried.
-fn refusal(open: &ReplicateOpen) -> Status {
+fn refusal(open: &FramedOpen) -> Status {
     let code = tonic::Code::from_i32(open.code as i32);
     if code == tonic::Code::PermissionDenied && open.epoch > 0 {
         let mut metadata = tonic::metadata::MetadataMap::new();
@@ -162,12 +203,12 @@ fn refusal(open: &ReplicateOpen) -> Status {
     Status::new(code, open.message.clone())
 }
 
-/// The primary's writer: every request queued at the moment goes out in one write. Ends when
+/// The opener's writer: every request queued at the moment goes out in one write. Ends when
 /// the senders are gone or the answers' reader is dropped (`closed`), even in the middle of a
 /// write to a peer that stopped reading.
-async fn write_requests<W: AsyncWrite + Unpin>(
+async fn write_requests<W: AsyncWrite + Unpin, M: Message>(
     mut writer: W,
-    mut rx: mpsc::Receiver<ReplicateRequest>,
+    mut rx: mpsc::Receiver<M>,
     mut closed: oneshot::Receiver<()>,
 ) {
     let mut buf = Vec::with_capacity(4096);
@@ -193,23 +234,45 @@ async fn write_requests<W: AsyncWrite + Unpin>(
     let _ = writer.shutdown().now_or_never();
 }
 
-/// The answers of the primary's stream, until the connection ends.
-fn read_answers<R: AsyncRead + Unpin + Send + 'static>(reader: R, closed: oneshot::Sender<()>) -> Answers {
-    let state = (reader, Vec::new(), closed, false);
+/// The answers of an opened stream, until the connection ends. `closed` stops the writer
+/// when they are dropped.
+fn read_answers<R, M>(reader: R, closed: oneshot::Sender<()>) -> Answers<M>
+where
+    R: AsyncRead + Unpin + Send + Sync + 'static,
+    M: Message + Default + 'static,
+{
+    let frames = read_frames::<_, M>(reader, None, "answer from the replica");
+    Box::pin(frames.map(move |answer| {
+        let _keep_writer = &closed;
+        answer
+    }))
+}
+
+/// The messages of one connection, until it ends; a frame that is too large or does not
+/// decode is the last item, as an error.
+fn read_frames<R, M>(reader: R, remote: Option<std::net::SocketAddr>, what: &'static str) -> Answers<M>
+where
+    R: AsyncRead + Unpin + Send + Sync + 'static,
+    M: Message + Default + 'static,
+{
     Box::pin(futures::stream::unfold(
-        state,
-        |(mut r, mut buf, closed, ended)| async move {
-            if ended {
-                return None;
+        Some((reader, Vec::new())),
+        move |state| async move {
+            let (mut r, mut buf) = state?;
+            match read_frame(&mut r, &mut buf, MAX_MESSAGE_BYTES).await {
+                Ok(()) => match M::decode(&buf[..]) {
+                    Ok(msg) => Some((Ok(msg), Some((r, buf)))),
+                    Err(e) => {
+                        tracing::warn!(?remote, "undecodable {what}: {e}; connection closed");
+                        Some((Err(Status::invalid_argument(format!("undecodable {what}: {e}"))), None))
+                    }
+                },
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => None,
+                Err(e) => {
+                    tracing::warn!(?remote, "framed connection: {e}; closed");
+                    Some((Err(Status::unavailable(format!("framed connection: {e}"))), None))
+                }
             }
-            let answer = match read_frame(&mut r, &mut buf, MAX_MESSAGE_BYTES).await {
-                Ok(()) => AppendResponse::decode(&buf[..])
-                    .map_err(|e| Status::internal(format!("undecodable answer from the peer: {e}"))),
-                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return None,
-                Err(e) => Err(Status::unavailable(format!("replication connection: {e}"))),
-            };
-            let ended = answer.is_err();
-            Some((answer, (r, buf, closed, ended)))
         },
     ))
 }
@@ -249,48 +312,99 @@ async fn read_frame<R: AsyncRead + Unpin>(r: &mut R, buf: &mut Vec<u8>, max: usi
     Ok(())
 }
 
-/// The backup's side of one framed connection: check the preface and the caller, then answer
-/// the requests as the gRPC stream would ([`Services::replicate_answers`]). A malformed frame
-/// ends the connection, never the replica.
-pub async fn serve(conn: Conn, services: Services, members: Membership) {
-    let Some((reader, writer, remote)) = admit(conn, &members).await else {
+/// What a replica serves on framed connections.
+#[derive(Clone)]
+pub enum Served {
+    /// A fail-stop replica: replication streams and client sessions.
+    FailStop(Services),
+    /// A replica with neither (Byzantine mode): every stream is answered UNIMPLEMENTED, so
+    /// the opener uses gRPC.
+    Nothing,
+}
+
+/// The connections of `incoming` for the gRPC server: the framed ones are served here, each in
+/// its own task, as `served` says.
+pub fn beside_grpc(
+    incoming: impl futures::Stream<Item = std::io::Result<Conn>>,
+    served: Served,
+    members: Membership,
+) -> impl futures::Stream<Item = std::io::Result<Conn>> {
+    incoming.filter_map(move |conn| {
+        let grpc = match conn {
+            Ok(conn) if conn.is_framed() => {
+                tokio::spawn(serve(conn, served.clone(), members.clone()));
+                None
+            }
+            other => Some(other),
+        };
+        std::future::ready(grpc)
+    })
+}
+
+/// The replica's side of one framed connection: read the preface, check the caller, then
+/// answer the stream as its gRPC counterpart would. A malformed frame ends the connection,
+/// never the replica.
+pub async fn serve(conn: Conn, served: Served, members: Membership) {
+    let serves = matches!(served, Served::FailStop(_));
+    let Some((stream, reader, writer, remote)) = admit(conn, serves, &members).await else {
         return;
     };
-    services.shared.metrics.count_peer_call("ReplicateFramed");
-    let answers = services.replicate_answers(read_requests(reader, remote));
-    write_answers(writer, answers).await;
+    let Served::FailStop(services) = served else {
+        return;
+    };
+    match stream {
+        Stream::Replicate => {
+            services.shared.metrics.count_peer_call("ReplicateFramed");
+            let requests = read_frames::<_, ReplicateRequest>(reader, remote, "replication request")
+                .filter_map(|r| std::future::ready(r.ok()));
+            write_answers(writer, services.replicate_answers(Box::pin(requests))).await;
+        }
+        Stream::Session => {
+            services.shared.metrics.client_sessions_framed.inc();
+            let requests = read_frames::<_, SessionRequest>(reader, remote, "session request");
+            write_answers(writer, services.session_answers(requests)).await;
+        }
+    }
 }
 
 type Halves = (
+    Stream,
     BufReader<tokio::io::ReadHalf<Conn>>,
     tokio::io::WriteHalf<Conn>,
     Option<std::net::SocketAddr>,
 );
 
-/// Read the preface, decide the caller (TLS: a member of this replica's configuration, as
-/// for `Peer/Replicate`) and answer with a `ReplicateOpen`. None: the connection is closed.
-async fn admit(conn: Conn, members: &Membership) -> Option<Halves> {
+/// Read the preface, decide the caller (with TLS, by the rule of the stream's gRPC method) and
+/// answer with a `FramedOpen` (UNIMPLEMENTED when this replica `serves` no framed streams).
+/// None: the connection is closed.
+async fn admit(conn: Conn, serves: bool, members: &Membership) -> Option<Halves> {
     let tls = conn.is_tls();
     let info = conn.connect_info();
     let (caller, remote) = (info.identity.map(|id| id.as_ref().clone()), info.remote);
     let (reader, mut writer) = tokio::io::split(conn);
     let mut reader = BufReader::new(reader);
     let mut preface = [0u8; 8];
-    match tokio::time::timeout(Duration::from_secs(5), reader.read_exact(&mut preface)).await {
-        Ok(Ok(_)) if &preface == PREFACE => {}
+    let read = tokio::time::timeout(Duration::from_secs(5), reader.read_exact(&mut preface)).await;
+    let decision = match (read, Stream::of(&preface)) {
+        (Ok(Ok(_)), Some(_)) if !serves => Err(Status::unimplemented(
+            "this replica serves no framed streams (Byzantine mode): use gRPC",
+        )),
+        (Ok(Ok(_)), Some(stream)) if tls => {
+            crate::tls::authorize_caller(stream.path(), caller, members).map(|_| stream)
+        }
+        (Ok(Ok(_)), Some(stream)) => Ok(stream),
+        (Ok(Ok(_)), None) => Err(Status::unimplemented(format!(
+            "unknown framed stream {:?}",
+            String::from_utf8_lossy(&preface)
+        ))),
         _ => {
-            tracing::debug!(?remote, "not a framed replication preface: connection closed");
+            tracing::debug!(?remote, "no framed preface: connection closed");
             return None;
         }
-    }
-    let decision = if tls {
-        crate::tls::authorize_caller(PATH, caller, members).map(|_| ())
-    } else {
-        Ok(())
     };
     let open = match &decision {
-        Ok(()) => ReplicateOpen::default(),
-        Err(status) => ReplicateOpen {
+        Ok(_) => FramedOpen::default(),
+        Err(status) => FramedOpen {
             code: status.code() as u32,
             message: status.message().to_string(),
             epoch: crate::tls::refused_epoch(status).unwrap_or(0),
@@ -298,41 +412,22 @@ async fn admit(conn: Conn, members: &Membership) -> Option<Halves> {
     };
     let mut buf = Vec::new();
     push_frame(&mut buf, &open);
-    if writer.write_all(&buf).await.is_err() || writer.flush().await.is_err() || decision.is_err() {
-        let _ = writer.shutdown().await;
-        return None;
+    let answered = writer.write_all(&buf).await.is_ok() && writer.flush().await.is_ok();
+    match decision {
+        Ok(stream) if answered => Some((stream, reader, writer, remote)),
+        _ => {
+            let _ = writer.shutdown().await;
+            None
+        }
     }
-    Some((reader, writer, remote))
 }
 
-/// The requests of one framed connection, until it ends or a frame is malformed.
-fn read_requests<R: AsyncRead + Unpin + Send + 'static>(
-    reader: R,
-    remote: Option<std::net::SocketAddr>,
-) -> Pin<Box<dyn Stream<Item = ReplicateRequest> + Send>> {
-    Box::pin(futures::stream::unfold(
-        (reader, Vec::new()),
-        move |(mut r, mut buf)| async move {
-            match read_frame(&mut r, &mut buf, MAX_MESSAGE_BYTES).await {
-                Ok(()) => match ReplicateRequest::decode(&buf[..]) {
-                    Ok(msg) => Some((msg, (r, buf))),
-                    Err(e) => {
-                        tracing::warn!(?remote, "undecodable replication request: {e}; connection closed");
-                        None
-                    }
-                },
-                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => None,
-                Err(e) => {
-                    tracing::warn!(?remote, "replication connection: {e}; closed");
-                    None
-                }
-            }
-        },
-    ))
-}
-
-/// Write each answer as it is ready; those ready together go out in one write.
-async fn write_answers<W: AsyncWrite + Unpin>(mut writer: W, mut answers: ReplicateStream) {
+/// Write each answer as it is ready; those ready together go out in one write. An error ends
+/// the connection (after the answers before it).
+async fn write_answers<W: AsyncWrite + Unpin, M: Message>(
+    mut writer: W,
+    mut answers: Pin<Box<dyn futures::Stream<Item = Result<M, Status>> + Send>>,
+) {
     let mut buf = Vec::with_capacity(256);
     while let Some(Ok(first)) = answers.next().await {
         emptied(&mut buf);
@@ -359,6 +454,7 @@ mod tests {
     use super::*;
     use crate::tls::test_pki::{Ca, ca, issue};
     use crate::tls::{PeerIdentity, Role};
+    use lockstep_proto::AppendResponse;
     use std::sync::Arc;
 
     fn transport(ca: &Ca, role: Role, name: &str) -> Transport {
@@ -374,17 +470,18 @@ mod tests {
         })
     }
 
-    /// A replica "b" that admits framed connections and echoes each request's last index.
-    async fn backup(ca: &Ca) -> String {
+    /// A replica "b" that admits framed connections (if it `serves` them) and answers each
+    /// Append with its last index.
+    async fn backup(ca: &Ca, serves: bool) -> String {
         let server = transport(ca, Role::Replica, "b");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap().to_string();
         let mut incoming = server.incoming(listener);
         tokio::spawn(async move {
             while let Some(Ok(conn)) = incoming.next().await {
-                assert!(conn.is_framed_replication(), "chosen by ALPN");
+                assert!(conn.is_framed(), "chosen by ALPN");
                 tokio::spawn(async move {
-                    let Some((mut r, mut w, _)) = admit(conn, &members()).await else {
+                    let Some((Stream::Replicate, mut r, mut w, _)) = admit(conn, serves, &members()).await else {
                         return;
                     };
                     let mut buf = Vec::new();
@@ -424,12 +521,19 @@ mod tests {
 
     const WAIT: Duration = Duration::from_secs(5);
 
+    async fn open_replicate(
+        t: &Transport,
+        address: &str,
+    ) -> Result<(mpsc::Sender<ReplicateRequest>, Answers<AppendResponse>), OpenError> {
+        open(t, address, Stream::Replicate, 8, WAIT).await
+    }
+
     #[tokio::test]
     async fn a_member_replicates_over_mutual_tls_and_answers_come_in_order() {
         let ca = ca();
-        let address = backup(&ca).await;
+        let address = backup(&ca, true).await;
         let a = transport(&ca, Role::Replica, "a");
-        let (requests, mut answers) = open(&a, &format!("https://{address}"), 8, WAIT).await.unwrap();
+        let (requests, mut answers) = open_replicate(&a, &format!("https://{address}")).await.unwrap();
         for i in 0..5 {
             requests.send(append(10 * i)).await.unwrap();
         }
@@ -442,18 +546,29 @@ mod tests {
     #[tokio::test]
     async fn a_non_member_is_refused_with_the_epoch_and_a_client_identity_with_why() {
         let ca = ca();
-        let address = backup(&ca).await;
-        let Err(OpenError::Failed(status)) = open(&transport(&ca, Role::Replica, "c"), &address, 8, WAIT).await else {
+        let address = backup(&ca, true).await;
+        let Err(OpenError::Failed(status)) = open_replicate(&transport(&ca, Role::Replica, "c"), &address).await else {
             panic!("a replica outside the configuration must be refused");
         };
         assert_eq!(status.code(), tonic::Code::PermissionDenied);
         assert_eq!(crate::tls::refused_epoch(&status), Some(7), "{status:?}");
         assert!(status.message().contains("not a member of epoch 7"), "{status:?}");
-        let Err(OpenError::Failed(status)) = open(&transport(&ca, Role::Client, "app"), &address, 8, WAIT).await else {
+        let Err(OpenError::Failed(status)) = open_replicate(&transport(&ca, Role::Client, "app"), &address).await
+        else {
             panic!("a client identity must be refused");
         };
         assert_eq!(status.code(), tonic::Code::PermissionDenied);
         assert!(status.message().contains("needs a replica identity"), "{status:?}");
+    }
+
+    #[tokio::test]
+    async fn a_replica_without_framed_streams_sends_the_opener_to_grpc() {
+        let ca = ca();
+        let address = backup(&ca, false).await;
+        match open_replicate(&transport(&ca, Role::Replica, "a"), &address).await {
+            Err(OpenError::NotSupported(why)) => assert!(why.contains("Byzantine"), "{why}"),
+            other => panic!("expected NotSupported, got {:?}", other.err()),
+        }
     }
 
     #[tokio::test]
@@ -472,7 +587,7 @@ mod tests {
             }
         });
         let a = transport(&ca, Role::Replica, "a");
-        match open(&a, &address, 8, WAIT).await {
+        match open_replicate(&a, &address).await {
             Err(OpenError::NotSupported(why)) => assert!(why.contains("NoApplicationProtocol"), "{why}"),
             other => panic!("expected NotSupported, got {:?}", other.err()),
         }
@@ -480,7 +595,7 @@ mod tests {
         let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let gone = closed.local_addr().unwrap().to_string();
         drop(closed);
-        assert!(matches!(open(&a, &gone, 8, WAIT).await, Err(OpenError::Failed(_))));
+        assert!(matches!(open_replicate(&a, &gone).await, Err(OpenError::Failed(_))));
     }
 
     #[test]

@@ -341,17 +341,12 @@ async fn serve_until_signal(
 ) -> anyhow::Result<()> {
     let services = server::Services { shared: shared.clone() };
     let max = lockstep_proto::MAX_MESSAGE_BYTES;
-    // Connections of the framed replication transport are served beside gRPC (framed.rs).
-    let incoming = {
-        let (services, members) = (services.clone(), membership(&shared));
-        tokio_stream::StreamExt::filter_map(transport.incoming(grpc), move |conn| match conn {
-            Ok(conn) if conn.is_framed_replication() => {
-                tokio::spawn(framed::serve(conn, services.clone(), members.clone()));
-                None
-            }
-            other => Some(other),
-        })
-    };
+    // Connections of the framed transport are served beside gRPC (framed.rs).
+    let incoming = framed::beside_grpc(
+        transport.incoming(grpc),
+        framed::Served::FailStop(services.clone()),
+        membership(&shared),
+    );
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let grpc_server = transport
         .server()

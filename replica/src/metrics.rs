@@ -30,6 +30,8 @@ pub struct Metrics {
     pub peer_calls: Family<MethodLabel, Counter>,
     /// Client sessions (`Client/Session` streams) opened.
     pub client_sessions: Counter,
+    /// Of those, the ones on the framed transport (`crate::framed`), not gRPC.
+    pub client_sessions_framed: Counter,
     /// Seconds from receiving a client request to answering it, by method (Execute, Read).
     pub request_seconds: Family<MethodLabel, Histogram>,
     /// `write_stage_seconds{stage}`: one histogram per [`Stage`], created up front (indexed by
@@ -83,6 +85,7 @@ impl Default for Metrics {
             snapshots: Counter::default(),
             peer_calls: Family::default(),
             client_sessions: Counter::default(),
+            client_sessions_framed: Counter::default(),
             request_seconds: Family::new_with_constructor(request_histogram),
             write_stage_seconds: Family::new_with_constructor(stage_histogram),
             stage_histograms: Vec::new(),
@@ -171,6 +174,11 @@ impl Metrics {
             "client_sessions",
             "Client sessions opened (one stream carrying a client's Executes and Reads)",
             self.client_sessions.clone(),
+        );
+        self.registry.register(
+            "client_sessions_framed",
+            "Client sessions opened on the framed transport (of client_sessions; the rest are gRPC streams)",
+            self.client_sessions_framed.clone(),
         );
         self.registry.register(
             "peer_calls",

@@ -76,7 +76,7 @@ enum Link {
 
 struct StreamLink {
     outbox: Arc<Outbox>,
-    answers: crate::framed::Answers,
+    answers: crate::framed::Answers<AppendResponse>,
 }
 
 /// The sending half of one peer's `Replicate` stream. Everything sent on it goes out under
@@ -150,7 +150,7 @@ impl Link {
     fn stream(
         epoch: u64,
         requests: tokio::sync::mpsc::Sender<ReplicateRequest>,
-        answers: crate::framed::Answers,
+        answers: crate::framed::Answers<AppendResponse>,
     ) -> Link {
         Link::Stream(Box::new(StreamLink {
             outbox: Arc::new(Outbox {
@@ -177,7 +177,8 @@ impl Link {
         epoch: u64,
     ) -> Result<Link, Status> {
         if *framed {
-            match crate::framed::open(transport, endpoint, STREAM_CAPACITY, RPC_TIMEOUT).await {
+            let stream = crate::framed::Stream::Replicate;
+            match crate::framed::open(transport, endpoint, stream, STREAM_CAPACITY, RPC_TIMEOUT).await {
                 Ok((requests, answers)) => return Ok(Link::stream(epoch, requests, answers)),
                 Err(crate::framed::OpenError::NotSupported(why)) => {
                     tracing::info!(

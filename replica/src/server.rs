@@ -166,46 +166,22 @@ impl Client for Services {
             .map(Response::new)
     }
 
-    type SessionStream = Pin<Box<dyn Stream<Item = Result<SessionResponse, Status>> + Send>>;
+    type SessionStream = SessionStream;
 
-    /// A client session: requests are handled as they arrive, up to SESSION_IN_FLIGHT at
-    /// once, and each answer goes out when it is ready, tagged with its request's id.
+    /// The gRPC carrier of a client session ([`Services::session_answers`]).
     async fn session(
         &self,
         request: Request<tonic::Streaming<SessionRequest>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
-        self.shared.metrics.client_sessions.inc();
-        let mut inbound = request.into_inner();
-        let services = self.clone();
-        let stream = async_stream(move |tx| async move {
-            let mut running = futures::stream::FuturesUnordered::new();
-            let mut reading = true;
-            // Why reading stopped, when it was an error (a message too large, undecodable):
-            // the session ends with it once the requests before it are answered.
-            let mut failed = None;
-            loop {
-                tokio::select! {
-                    msg = inbound.message(), if reading && running.len() < SESSION_IN_FLIGHT => match msg {
-                        Ok(Some(request)) => running.push(services.clone().session_answer(request)),
-                        Ok(None) => reading = false,
-                        Err(status) => {
-                            reading = false;
-                            failed = Some(status);
-                        }
-                    },
-                    Some(answer) = running.next() => {
-                        if tx.send(Ok(answer)).await.is_err() {
-                            return;
-                        }
-                    }
-                    else => break,
-                }
-            }
-            if let Some(status) = failed {
-                let _ = tx.send(Err(status)).await;
+        let inbound = futures::stream::unfold(Some(request.into_inner()), |inbound| async move {
+            let mut inbound = inbound?;
+            match inbound.message().await {
+                Ok(Some(request)) => Some((Ok(request), Some(inbound))),
+                Ok(None) => None,
+                Err(status) => Some((Err(status), None)),
             }
         });
-        Ok(Response::new(stream))
+        Ok(Response::new(self.session_answers(Box::pin(inbound))))
     }
 
     type WatchStream = Pin<Box<dyn Stream<Item = Result<AppliedEntry, Status>> + Send>>;
@@ -301,8 +277,50 @@ struct PendingAnswer {
 }
 
 pub type ReplicateStream = Pin<Box<dyn Stream<Item = Result<AppendResponse, Status>> + Send>>;
+pub type SessionStream = Pin<Box<dyn Stream<Item = Result<SessionResponse, Status>> + Send>>;
 
 impl Services {
+    /// A client session, whatever carries it (the gRPC `Client/Session` stream or the framed
+    /// transport, `crate::framed`): requests are handled as they arrive, up to
+    /// SESSION_IN_FLIGHT at once, and each answer goes out when it is ready, tagged with its
+    /// request's id. An error from `inbound` (a message too large, undecodable) ends the
+    /// session with it once the requests before it are answered.
+    pub fn session_answers(
+        &self,
+        mut inbound: Pin<Box<dyn Stream<Item = Result<SessionRequest, Status>> + Send>>,
+    ) -> SessionStream {
+        self.shared.metrics.client_sessions.inc();
+        let services = self.clone();
+        async_stream(move |tx| async move {
+            let mut running = futures::stream::FuturesUnordered::new();
+            let mut reading = true;
+            // Why reading stopped, when it was an error (a message too large, undecodable):
+            // the session ends with it once the requests before it are answered.
+            let mut failed = None;
+            loop {
+                tokio::select! {
+                    msg = inbound.next(), if reading && running.len() < SESSION_IN_FLIGHT => match msg {
+                        Some(Ok(request)) => running.push(services.clone().session_answer(request)),
+                        None => reading = false,
+                        Some(Err(status)) => {
+                            reading = false;
+                            failed = Some(status);
+                        }
+                    },
+                    Some(answer) = running.next() => {
+                        if tx.send(Ok(answer)).await.is_err() {
+                            return;
+                        }
+                    }
+                    else => break,
+                }
+            }
+            if let Some(status) = failed {
+                let _ = tx.send(Err(status)).await;
+            }
+        })
+    }
+
     /// The backup side of the primary's replication stream, whatever carries it (the gRPC
     /// `Replicate` stream or the framed transport, `crate::framed`). Requests are handled in
     /// arrival order as they come (so a later Append is on its way to the disk while an

@@ -305,7 +305,15 @@ async fn serve_until_signal(
             lockstep_proto::byzantine_server::ByzantineServer::new(services.clone()).max_decoding_message_size(max),
         )
         .add_service(lockstep_proto::admin_server::AdminServer::new(services.clone()).max_decoding_message_size(max))
-        .serve_with_incoming_shutdown(transport.incoming(grpc), crate::wait_stop(stop_rx.clone()));
+        .serve_with_incoming_shutdown(
+            // A framed connection (a fail-stop client's session) is told to use gRPC.
+            crate::framed::beside_grpc(
+                transport.incoming(grpc),
+                crate::framed::Served::Nothing,
+                membership(&shared),
+            ),
+            crate::wait_stop(stop_rx.clone()),
+        );
     let http_server = axum::serve(http, service::http_router(shared.clone()))
         .with_graceful_shutdown(crate::wait_stop(stop_rx.clone()));
     let grpc_task = tokio::spawn(grpc_server);

@@ -30,10 +30,10 @@ use tokio::net::{TcpListener, TcpStream};
 pub const CHECK_EVERY: Duration = Duration::from_secs(1);
 
 const ALPN_H2: &[u8] = b"h2";
-/// The framed replication transport's protocol name (`crate::framed`): a primary offers only
-/// it, so a replica from before it fails the handshake (no common protocol) and the primary
-/// falls back to the gRPC stream.
-pub const ALPN_REPLICATE: &[u8] = b"lockstep-replicate/1";
+/// The framed transport's protocol name (`crate::framed`): its opener offers only it, so a
+/// replica from before it fails the handshake (no common protocol) and the opener falls back
+/// to gRPC.
+pub const ALPN_FRAMED: &[u8] = b"lockstep-framed/1";
 
 fn provider() -> Arc<CryptoProvider> {
     static P: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
@@ -50,8 +50,8 @@ pub struct Loaded {
     pub serial: String,
     pub server: Arc<ServerConfig>,
     pub client: Arc<ClientConfig>,
-    /// The client side of the framed replication transport (ALPN `lockstep-replicate/1`).
-    pub replicate: Arc<ClientConfig>,
+    /// The client side of the framed transport (ALPN `lockstep-framed/1`).
+    pub framed: Arc<ClientConfig>,
 }
 
 /// The serial number of a DER certificate, hex.
@@ -85,22 +85,22 @@ impl Loaded {
             .with_client_cert_verifier(verifier)
             .with_single_cert(chain.clone(), key.clone_key())
             .context("the certificate and key do not belong together")?;
-        server.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_REPLICATE.to_vec()];
+        server.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_FRAMED.to_vec()];
         let mut client = ClientConfig::builder_with_provider(p)
             .with_safe_default_protocol_versions()?
             .with_root_certificates(roots)
             .with_client_auth_cert(chain, key)
             .context("the certificate and key do not belong together")?;
-        let mut replicate = client.clone();
+        let mut framed = client.clone();
         client.alpn_protocols = vec![ALPN_H2.to_vec()];
-        replicate.alpn_protocols = vec![ALPN_REPLICATE.to_vec()];
+        framed.alpn_protocols = vec![ALPN_FRAMED.to_vec()];
         Ok(Loaded {
             identity,
             serial: serial_of(&leaf),
             leaf,
             server: Arc::new(server),
             client: Arc::new(client),
-            replicate: Arc::new(replicate),
+            framed: Arc::new(framed),
         })
     }
 }
@@ -279,8 +279,8 @@ enum ConnIo {
 }
 
 impl Conn {
-    /// The framed replication transport (`crate::framed`), not gRPC.
-    pub fn is_framed_replication(&self) -> bool {
+    /// The framed transport (`crate::framed`), not gRPC.
+    pub fn is_framed(&self) -> bool {
         self.framed
     }
 
@@ -371,9 +371,8 @@ impl AsyncWrite for Conn {
 /// done with the material current at that moment. Handshakes run in their own tasks with a
 /// bound, so a slow or failing client holds up no other; the stream never ends on an error
 /// (an accept error, EMFILE say, is logged and accepting goes on). Each connection says
-/// whether it is the framed replication transport ([`Conn::is_framed_replication`]): by its
-/// ALPN with TLS, by its first byte in plaintext (`L` of `LSREPL/1`, where gRPC starts with
-/// the `P` of HTTP/2's preface).
+/// whether it is the framed transport ([`Conn::is_framed`]): by its ALPN with TLS, by its
+/// first byte in plaintext (`L` of its preface, where gRPC starts with the `P` of HTTP/2's).
 pub fn incoming(
     listener: TcpListener,
     store: Option<Arc<Store>>,
@@ -401,7 +400,7 @@ pub fn incoming(
                     let mut first = [0u8; 1];
                     // A caller that sends nothing (a TCP probe) is dropped after the bound.
                     if let Ok(Ok(1)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, tcp.peek(&mut first)).await {
-                        let framed = first[0] == crate::framed::PREFACE[0];
+                        let framed = first[0] == crate::framed::FIRST_BYTE;
                         let _ = tx
                             .send(Ok(Conn {
                                 io: ConnIo::Plain(tcp),
@@ -424,7 +423,7 @@ pub fn incoming(
                             let who = PeerIdentity::from_certificate(leaf).map_or_else(|e| e, |id| id.to_string());
                             tracing::debug!(%remote, caller = %who, serial = %serial_of(leaf), "TLS connection");
                         }
-                        let framed = tls.get_ref().1.alpn_protocol() == Some(ALPN_REPLICATE);
+                        let framed = tls.get_ref().1.alpn_protocol() == Some(ALPN_FRAMED);
                         let _ = tx
                             .send(Ok(Conn {
                                 io: ConnIo::Tls(Box::new(tls)),
