@@ -92,17 +92,14 @@ where
 {
     let (host, port) = host_port(endpoint).map_err(|e| OpenError::Failed(Status::invalid_argument(e)))?;
     let failed = |what: &str, e: &dyn std::fmt::Display| OpenError::Failed(Status::unavailable(format!("{what}: {e}")));
-    let tcp = tokio::time::timeout(timeout, tokio::net::TcpStream::connect((host.as_str(), port)))
+    let tcp = tokio::time::timeout(timeout, crate::tls::connect_tcp(&host, port, true))
         .await
         .map_err(|_| failed("tcp connect error", &"timed out"))?
-        .map_err(|e| failed("tcp connect error", &e))?;
-    let _ = tcp.set_nodelay(true);
+        .map_err(|e| OpenError::Failed(Status::unavailable(e.0)))?;
     let Some(loaded) = transport.current() else {
         return start(tcp, stream, capacity, timeout, false).await;
     };
-    let name = rustls::pki_types::ServerName::try_from(host.clone()).map_err(|e| failed("TLS server name", &e))?;
-    let connector = tokio_rustls::TlsConnector::from(loaded.framed.clone());
-    let tls = match tokio::time::timeout(timeout, connector.connect(name, tcp)).await {
+    let tls = match tokio::time::timeout(timeout, crate::tls::handshake(loaded.framed.clone(), &host, tcp)).await {
         Err(_) => return Err(failed("TLS handshake", &"timed out")),
         Ok(Err(e)) if no_common_protocol(&e) => {
             return Err(OpenError::NotSupported(format!("TLS: {e}")));
@@ -136,9 +133,12 @@ fn host_port(endpoint: &str) -> Result<(String, u16), String> {
     let uri: http::Uri = format!("http://{rest}")
         .parse()
         .map_err(|err| format!("bad address {e}: {err}"))?;
-    let host = uri.host().ok_or_else(|| format!("no host in {e}"))?;
+    let host = crate::tls::host_of(&uri);
+    if host.is_empty() {
+        return Err(format!("no host in {e}"));
+    }
     let port = uri.port_u16().ok_or_else(|| format!("no port in {e}"))?;
-    Ok((host.trim_start_matches('[').trim_end_matches(']').to_string(), port))
+    Ok((host.to_string(), port))
 }
 
 /// Send the preface, read the replica's `FramedOpen`, then run the connection.

@@ -158,7 +158,7 @@ impl TlsArgs {
 mod reload;
 #[cfg(test)]
 pub(crate) mod test_pki;
-pub use reload::{ALPN_FRAMED, CHECK_EVERY, Conn, ConnInfo, Loaded, serial_of};
+pub use reload::{ALPN_FRAMED, CHECK_EVERY, Conn, ConnInfo, Loaded, connect_tcp, handshake, host_of, serial_of};
 
 /// How this process talks gRPC: plaintext, or mutual TLS with one identity whose
 /// certificate may be rotated under it (files are reloaded, see `tls/reload.rs`). Cheap to clone.

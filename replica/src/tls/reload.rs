@@ -477,48 +477,67 @@ impl tower::Service<http::Uri> for Connector {
     fn call(&mut self, uri: http::Uri) -> Self::Future {
         let this = self.clone();
         Box::pin(async move {
-            let host = uri
-                .host()
-                .unwrap_or_default()
-                .trim_start_matches('[')
-                .trim_end_matches(']');
-            let port = uri.port_u16().unwrap_or(443);
-            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
-                .await
-                .map_err(|e| ConnectFailed(format!("dns error: {e}")))?
-                .collect();
-            let mut last = None;
-            let mut tcp = None;
-            for a in addrs {
-                match TcpStream::connect(a).await {
-                    Ok(s) => {
-                        tcp = Some(s);
-                        break;
-                    }
-                    Err(e) => last = Some(e),
-                }
-            }
-            let tcp = tcp.ok_or_else(|| {
-                ConnectFailed(match last {
-                    Some(e) => format!("tcp connect error: {e}"),
-                    None => format!("dns error: no address for {host}"),
-                })
-            })?;
-            if this.nodelay {
-                let _ = tcp.set_nodelay(true);
-            }
-            let name = ServerName::try_from(this.server_name.as_deref().unwrap_or(host).to_string())
-                .map_err(|e| format!("TLS server name {host}: {e}"))?;
-            let connector = tokio_rustls::TlsConnector::from(this.store.current().client.clone());
-            let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(name, tcp))
-                .await
-                .map_err(|_| "TLS handshake timed out".to_string())??;
+            let host = host_of(&uri);
+            let tcp = connect_tcp(host, uri.port_u16().unwrap_or(443), this.nodelay).await?;
+            let name = this.server_name.as_deref().unwrap_or(host);
+            let tls = handshake(this.store.current().client.clone(), name, tcp).await?;
             if tls.get_ref().1.alpn_protocol() != Some(ALPN_H2) {
                 return Err("the server did not negotiate HTTP/2 (ALPN h2)".into());
             }
             Ok(hyper_util::rt::TokioIo::new(tls))
         })
     }
+}
+
+/// The host of `uri`, without the brackets of an IPv6 address.
+pub fn host_of(uri: &http::Uri) -> &str {
+    uri.host()
+        .unwrap_or_default()
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+}
+
+/// A TCP connection to `host:port`, trying each address the name resolves to, with
+/// TCP_NODELAY if asked. Errors are worded as hyper's (`dns error`, `tcp connect error`):
+/// clients tell from them that nothing was sent.
+pub async fn connect_tcp(host: &str, port: u16, nodelay: bool) -> Result<TcpStream, ConnectFailed> {
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
+        .await
+        .map_err(|e| ConnectFailed(format!("dns error: {e}")))?
+        .collect();
+    let mut last = None;
+    for a in addrs {
+        match TcpStream::connect(a).await {
+            Ok(tcp) => {
+                if nodelay {
+                    let _ = tcp.set_nodelay(true);
+                }
+                return Ok(tcp);
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(ConnectFailed(match last {
+        Some(e) => format!("tcp connect error: {e}"),
+        None => format!("dns error: no address for {host}"),
+    }))
+}
+
+/// The TLS handshake of an outgoing connection with `config` (its ALPN offer included),
+/// verifying the server's certificate for `name`, within the handshake bound.
+pub async fn handshake(
+    config: Arc<ClientConfig>,
+    name: &str,
+    tcp: TcpStream,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let name = ServerName::try_from(name.to_string())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("TLS server name {name}: {e}")))?;
+    tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        tokio_rustls::TlsConnector::from(config).connect(name, tcp),
+    )
+    .await
+    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out"))?
 }
 
 #[cfg(test)]
