@@ -182,7 +182,7 @@ impl Metrics {
         );
         self.registry.register(
             "peer_calls",
-            "Replication calls received from a primary, by method (Replicate: streams opened)",
+            "Replication calls received from a primary, by method (ReplicateFramed, Replicate: streams opened, framed or gRPC)",
             self.peer_calls.clone(),
         );
         self.registry.register(

@@ -166,41 +166,6 @@ impl Link {
         }))
     }
 
-    /// Open the framed stream (when `framed` is still set); a peer that does not know it gets
-    /// the gRPC stream from then on (`framed` cleared), and one that does not know that
-    /// either, unary calls.
-    async fn open(
-        transport: &crate::tls::Transport,
-        endpoint: &str,
-        framed: &mut bool,
-        client: &mut Client,
-        epoch: u64,
-    ) -> Result<Link, Status> {
-        if *framed {
-            let stream = crate::framed::Stream::Replicate;
-            match crate::framed::open(transport, endpoint, stream, STREAM_CAPACITY, RPC_TIMEOUT).await {
-                Ok((requests, answers)) => return Ok(Link::stream(epoch, requests, answers)),
-                Err(crate::framed::OpenError::NotSupported(why)) => {
-                    tracing::info!(
-                        endpoint,
-                        "peer has no framed replication ({why}): the gRPC stream instead"
-                    );
-                    *framed = false;
-                }
-                Err(crate::framed::OpenError::Failed(status)) => return Err(status),
-            }
-        }
-        let (requests, rx) = tokio::sync::mpsc::channel(STREAM_CAPACITY);
-        match client.replicate(tokio_stream::wrappers::ReceiverStream::new(rx)).await {
-            Ok(answers) => Ok(Link::stream(epoch, requests, Box::pin(answers.into_inner()))),
-            Err(status) if status.code() == tonic::Code::Unimplemented => {
-                tracing::info!("peer has no Replicate stream: one call per Append");
-                Ok(Link::Unary(FuturesUnordered::new()))
-            }
-            Err(status) => Err(status),
-        }
-    }
-
     fn send(&mut self, client: &Client, msg: PeerMessage) -> Result<(), Status> {
         if let PeerMessage::Snapshot(req) = &msg {
             tracing::info!(
@@ -355,17 +320,42 @@ impl Replicator {
         }
     }
 
+    /// Open the framed stream (while `framed` is set); a peer that does not know it gets the
+    /// gRPC stream from then on (`framed` cleared), and one that does not know that either,
+    /// unary calls.
+    async fn open_link(&mut self) -> Result<Link, Status> {
+        if self.framed {
+            let (transport, stream) = (&self.shared.transport, crate::framed::Stream::Replicate);
+            match crate::framed::open(transport, &self.endpoint, stream, STREAM_CAPACITY, RPC_TIMEOUT).await {
+                Ok((requests, answers)) => return Ok(Link::stream(self.epoch, requests, answers)),
+                Err(crate::framed::OpenError::NotSupported(why)) => {
+                    tracing::info!(
+                        endpoint = self.endpoint,
+                        "peer has no framed replication ({why}): the gRPC stream instead"
+                    );
+                    self.framed = false;
+                }
+                Err(crate::framed::OpenError::Failed(status)) => return Err(status),
+            }
+        }
+        let (requests, rx) = tokio::sync::mpsc::channel(STREAM_CAPACITY);
+        match self
+            .client
+            .replicate(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+        {
+            Ok(answers) => Ok(Link::stream(self.epoch, requests, Box::pin(answers.into_inner()))),
+            Err(status) if status.code() == tonic::Code::Unimplemented => {
+                tracing::info!("peer has no Replicate stream: one call per Append");
+                Ok(Link::Unary(FuturesUnordered::new()))
+            }
+            Err(status) => Err(status),
+        }
+    }
+
     /// Open the link and make it the peer's outbox (false: it failed).
     async fn open(&mut self) -> bool {
-        let opened = Link::open(
-            &self.shared.transport,
-            &self.endpoint,
-            &mut self.framed,
-            &mut self.client,
-            self.epoch,
-        )
-        .await;
-        match opened {
+        match self.open_link().await {
             Ok(open) => self.link = open,
             Err(status) => {
                 self.on_failure(0, &status).await;
