@@ -341,11 +341,10 @@ impl Services {
                     Some(Kind::Append(mut req)) => {
                         context.fill_in(&mut req);
                         let timed = (!req.entries.is_empty()).then_some(received);
-                        let (resp, durable) = services.follow_start(|node| {
-                            let (resp, mut ops) = node.handle_append(req);
-                            ops.extend(node.apply_committed(&services.shared.applied_tx));
-                            (resp, ops)
-                        });
+                        let (resp, durable) = services.follow_start(|node| node.handle_append(req));
+                        // The new entries are on their way to the disk; apply what the primary
+                        // says is committed meanwhile, not before.
+                        services.apply_committed_here();
                         PendingAnswer { resp, durable, timed }
                     }
                     Some(Kind::Install(req)) => {
@@ -367,10 +366,12 @@ impl Services {
         let answers = tokio_stream::wrappers::ReceiverStream::new(rx).then(move |pending| {
             let shared = shared.clone();
             async move {
-                if let Some(durable) = pending.durable {
-                    durable.await.map_err(|_| Status::internal("storage stopped"))?;
+                match pending.durable {
+                    // The storage thread's progress report refreshes the gauges and wakes the
+                    // tasks after the fsync; the answer need not wait for it.
+                    Some(durable) => durable.await.map_err(|_| Status::internal("storage stopped"))?,
+                    None => shared.after_change(),
                 }
-                shared.after_change();
                 if let Some(received) = pending.timed.filter(|_| pending.resp.success) {
                     shared.metrics.observe_stage(Stage::BackupAppend, received.elapsed());
                 }
@@ -459,6 +460,13 @@ impl Services {
 
     /// The part of [`Self::follow`] under the lock: the answer, and (when it succeeded and
     /// wrote anything) the barrier that resolves once its writes are durable.
+    /// Apply what is committed (a backup: what the primary said) and queue the snapshots that
+    /// asks for.
+    fn apply_committed_here(&self) {
+        let ops = self.shared.lock().apply_committed(&self.shared.applied_tx);
+        self.shared.writer.send_all(ops);
+    }
+
     fn follow_start(
         &self,
         handle: impl FnOnce(&mut crate::node::Node) -> (AppendResponse, Vec<crate::writer::StorageOp>),

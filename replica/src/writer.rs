@@ -1,6 +1,6 @@
 //! The storage thread: the one owner of the [`Storage`], fed in order through a channel.
 //! It drains every queued operation, writes them, and makes them durable with ONE fsync per
-//! batch (group commit) before it reports progress and wakes anyone waiting on a barrier.
+//! batch (group commit), then wakes anyone waiting on a barrier and reports progress.
 //! A disk error is fatal: the replica halts (fail-stop) rather than acknowledge writes it may
 //! not hold.
 
@@ -99,10 +99,12 @@ pub fn spawn(mut storage: Storage, on_durable: OnDurable) -> WriterHandle {
                 if dirty && let Err(e) = storage.sync() {
                     fatal(&format!("{e}"));
                 }
-                on_durable(storage.last_index(), written, started);
+                // Barriers first: a backup's acknowledgement waits on one, and it needs only
+                // the fsync, not the progress report (which takes the node lock and applies).
                 for b in barriers {
                     let _ = b.send(());
                 }
+                on_durable(storage.last_index(), written, started);
             }
         })
         .unwrap_or_else(|e| fatal(&format!("cannot start the storage thread: {e}")));
