@@ -4,6 +4,13 @@
 //! client → primary → backup round trips (2) and one fsync (primary and backup fsync in
 //! parallel), so `floor = 2 × rtt + fdatasync`.
 //!
+//! The round trip is measured with its two ends pinned to two different CPUs: a hop from one
+//! process to another wakes the receiver, as a packet from the network does. With both ends
+//! on one CPU it is a context switch instead, and on a virtual machine three times cheaper
+//! (a halted virtual CPU is not woken); that one is reported too, as a lower bound
+//! (`write_floor_one_cpu_us`). Left to the kernel, the placement, and so the round trip,
+//! changes from one measurement to the next (docs/benchmarks.md).
+//!
 //! That floor counts one fdatasync alone on the disk. Locally both replicas fsync the same
 //! disk at the same moment, so the run also measures a **model write**: the same protocol
 //! with no software around it (three threads, plain loopback TCP, a record appended and
@@ -15,6 +22,8 @@
 //! the fdatasync after 1 ms of idleness: one client's writes always leave the disk idle in
 //! between (the network, the other replica, the client itself).
 
+use nix::sched::{CpuSet, sched_getaffinity, sched_setaffinity};
+use nix::unistd::Pid;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -23,10 +32,15 @@ use std::time::{Duration, Instant};
 
 #[derive(serde::Serialize, Debug, Clone)]
 pub struct Floor {
+    /// Across two CPUs (on one when the process may use only one).
     pub loopback_rtt_p50_us: f64,
+    /// Both ends on one CPU.
+    pub loopback_rtt_one_cpu_p50_us: f64,
     pub fdatasync_256b_p50_us: f64,
     /// 2 × rtt + fdatasync.
     pub write_floor_us: f64,
+    /// 2 × rtt on one CPU + fdatasync: a lower bound.
+    pub write_floor_one_cpu_us: f64,
     /// p50 of the same append + fdatasync when the disk was idle for 1 ms before each: what a
     /// writer that cannot keep the disk busy (one client, closed loop) pays per fsync.
     pub fdatasync_after_idle_p50_us: f64,
@@ -55,11 +69,30 @@ fn p50_of(samples: usize, mut pause: impl FnMut(), mut op: impl FnMut() -> std::
     Ok(p50(times))
 }
 
-/// p50 of `samples` 64-byte ping-pongs over a loopback TCP connection (Nagle off).
-pub fn loopback_rtt_us(samples: usize) -> anyhow::Result<f64> {
+/// The CPUs this process may run on.
+fn allowed_cpus() -> anyhow::Result<Vec<usize>> {
+    let set = sched_getaffinity(Pid::from_raw(0))?;
+    Ok((0..CpuSet::count())
+        .filter(|&cpu| set.is_set(cpu).unwrap_or(false))
+        .collect())
+}
+
+/// Keep the calling thread on `cpu`.
+fn pin_to(cpu: usize) -> std::io::Result<()> {
+    let mut set = CpuSet::new();
+    set.set(cpu)?;
+    sched_setaffinity(Pid::from_raw(0), &set)?;
+    Ok(())
+}
+
+/// p50 of `samples` 64-byte ping-pongs over a loopback TCP connection (Nagle off), the echo
+/// on `cpus.0` and the caller on `cpus.1` (each in a thread of its own: this thread keeps its
+/// CPUs).
+pub fn loopback_rtt_us(samples: usize, cpus: (usize, usize)) -> anyhow::Result<f64> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
     let echo = std::thread::spawn(move || -> std::io::Result<()> {
+        pin_to(cpus.0)?;
         let (mut s, _) = listener.accept()?;
         s.set_nodelay(true)?;
         let mut buf = [0u8; 64];
@@ -70,20 +103,25 @@ pub fn loopback_rtt_us(samples: usize) -> anyhow::Result<f64> {
             s.write_all(&buf)?;
         }
     });
-    let mut c = TcpStream::connect(addr)?;
-    c.set_nodelay(true)?;
-    let mut buf = [7u8; 64];
-    let rtt = p50_of(
-        samples,
-        || {},
-        || {
-            c.write_all(&buf)?;
-            c.read_exact(&mut buf)
-        },
-    )?;
-    drop(c);
+    let caller = std::thread::spawn(move || -> anyhow::Result<f64> {
+        pin_to(cpus.1)?;
+        let mut c = TcpStream::connect(addr)?;
+        c.set_nodelay(true)?;
+        let mut buf = [7u8; 64];
+        p50_of(
+            samples,
+            || {},
+            || {
+                c.write_all(&buf)?;
+                c.read_exact(&mut buf)
+            },
+        )
+    });
+    let rtt = caller
+        .join()
+        .map_err(|_| anyhow::anyhow!("the round-trip thread panicked"))?;
     let _ = echo.join();
-    Ok(rtt)
+    rtt
 }
 
 /// A new empty file `name` in `dir`; with `reserve`, its space reserved ahead as the
@@ -187,15 +225,21 @@ pub fn fdatasync_us(dir: &Path, samples: usize, idle: Duration) -> anyhow::Resul
 }
 
 pub fn measure(dir: &Path) -> anyhow::Result<Floor> {
-    let rtt = loopback_rtt_us(2000)?;
+    let cpus = allowed_cpus()?;
+    let first = *cpus.first().ok_or_else(|| anyhow::anyhow!("no CPU to run on"))?;
+    let other = cpus.get(1).copied().unwrap_or(first);
+    let rtt = loopback_rtt_us(2000, (first, other))?;
+    let rtt_one_cpu = loopback_rtt_us(2000, (first, first))?;
     let fsync = fdatasync_us(dir, 300, Duration::ZERO)?;
     let after_idle = fdatasync_us(dir, 300, Duration::from_millis(1))?;
     let model = model_write_us(dir, 300)?;
     Ok(Floor {
         loopback_rtt_p50_us: rtt,
+        loopback_rtt_one_cpu_p50_us: rtt_one_cpu,
         fdatasync_256b_p50_us: fsync,
         fdatasync_after_idle_p50_us: after_idle,
         write_floor_us: 2.0 * rtt + fsync,
+        write_floor_one_cpu_us: 2.0 * rtt_one_cpu + fsync,
         model_write_p50_us: model,
     })
 }
