@@ -271,10 +271,26 @@ impl StreamContext {
 /// An answer of the replication stream waiting for its entries to be durable.
 struct PendingAnswer {
     resp: AppendResponse,
-    durable: Option<oneshot::Receiver<()>>,
+    durable: Durable,
     /// When the request arrived, for the `backup_append` stage (Appends with entries only).
     timed: Option<Instant>,
 }
+
+/// What an answer to the primary waits for.
+enum Durable {
+    /// Nothing was written.
+    Nothing,
+    /// Its writes are queued for this task to make durable ([`WriterHandle::write_here`])
+    /// before it hands the answer on.
+    ///
+    /// [`WriterHandle::write_here`]: crate::writer::WriterHandle::write_here
+    Here,
+    /// The storage thread writes them; this resolves when they are durable.
+    Barrier(oneshot::Receiver<()>),
+}
+
+/// At most this many requests that have already arrived share one fsync on the connection.
+const GATHER: usize = 2 * crate::node::APPEND_WINDOW;
 
 pub type ReplicateStream = Pin<Box<dyn Stream<Item = Result<AppendResponse, Status>> + Send>>;
 pub type SessionStream = Pin<Box<dyn Stream<Item = Result<SessionResponse, Status>> + Send>>;
@@ -323,43 +339,56 @@ impl Services {
 
     /// The backup side of the primary's replication stream, whatever carries it (the gRPC
     /// `Replicate` stream or the framed transport, `crate::framed`). Requests are handled in
-    /// arrival order as they come (so a later Append is on its way to the disk while an
-    /// earlier one is fsynced), and each answer goes out, in the same order, once its entries
-    /// are durable. The requests end with `inbound`.
+    /// arrival order, and each answer goes out, in the same order, once its entries are
+    /// durable. On a multi-threaded runtime the connection's task writes and fsyncs them
+    /// itself, every request that has arrived by then in one batch; otherwise the storage
+    /// thread does, and a later Append is on its way to the disk while an earlier one is
+    /// fsynced. The requests end with `inbound`.
     pub fn replicate_answers(
         &self,
         mut inbound: Pin<Box<dyn Stream<Item = lockstep_proto::ReplicateRequest> + Send>>,
     ) -> ReplicateStream {
-        use lockstep_proto::replicate_request::Kind;
+        use futures::FutureExt as _;
         let services = self.clone();
         let (tx, rx) = tokio::sync::mpsc::channel::<PendingAnswer>(2 * crate::node::APPEND_WINDOW);
         tokio::spawn(async move {
+            let here = crate::writer::may_write_here();
             let mut context = StreamContext::default();
-            while let Some(msg) = inbound.next().await {
-                let received = Instant::now();
-                let pending = match msg.kind {
-                    Some(Kind::Append(mut req)) => {
-                        context.fill_in(&mut req);
-                        let timed = (!req.entries.is_empty()).then_some(received);
-                        let (resp, durable) = services.follow_start(|node| node.handle_append(req));
-                        // The new entries are on their way to the disk; apply what the primary
-                        // says is committed meanwhile, not before.
-                        services.apply_committed_here();
-                        PendingAnswer { resp, durable, timed }
-                    }
-                    Some(Kind::Install(req)) => {
-                        let (resp, durable) = services.follow_start(|node| node.handle_install(req));
-                        PendingAnswer {
-                            resp,
-                            durable,
-                            timed: None,
-                        }
-                    }
+            let mut arrived = Vec::new();
+            let mut ended = false;
+            while !ended {
+                match inbound.next().await {
+                    Some(msg) => arrived.push(msg),
                     None => break,
-                };
-                if tx.send(pending).await.is_err() {
-                    break;
                 }
+                // When this task fsyncs, everything that has arrived shares the fsync.
+                while here && !ended && arrived.len() < GATHER {
+                    match inbound.next().now_or_never() {
+                        Some(Some(msg)) => arrived.push(msg),
+                        Some(None) => ended = true,
+                        None => break,
+                    }
+                }
+                let mut answers = Vec::with_capacity(arrived.len());
+                for msg in arrived.drain(..) {
+                    let Some(pending) = services.follow_request(msg, &mut context, here) else {
+                        ended = true;
+                        break;
+                    };
+                    answers.push(pending);
+                }
+                if answers.iter().any(|p| matches!(p.durable, Durable::Here)) {
+                    // Blocks this worker for the fsync; the others run everything else.
+                    services.shared.writer.write_here();
+                }
+                for pending in answers {
+                    if tx.send(pending).await.is_err() {
+                        return;
+                    }
+                }
+                // The task that writes the acks was just woken onto this worker, where no
+                // other worker takes it from: let it run before the next fsync.
+                tokio::task::yield_now().await;
             }
         });
         let shared = self.shared.clone();
@@ -369,8 +398,9 @@ impl Services {
                 match pending.durable {
                     // The storage thread's progress report refreshes the gauges and wakes the
                     // tasks after the fsync; the answer need not wait for it.
-                    Some(durable) => durable.await.map_err(|_| Status::internal("storage stopped"))?,
-                    None => shared.after_change(),
+                    Durable::Barrier(durable) => durable.await.map_err(|_| Status::internal("storage stopped"))?,
+                    Durable::Here => {}
+                    Durable::Nothing => shared.after_change(),
                 }
                 if let Some(received) = pending.timed.filter(|_| pending.resp.success) {
                     shared.metrics.observe_stage(Stage::BackupAppend, received.elapsed());
@@ -379,6 +409,37 @@ impl Services {
             }
         });
         Box::pin(answers)
+    }
+
+    /// One request of the replication stream, handled up to its storage writes (queued for
+    /// this task to make durable when `here`). None: not a request, the stream ends.
+    fn follow_request(
+        &self,
+        msg: lockstep_proto::ReplicateRequest,
+        context: &mut StreamContext,
+        here: bool,
+    ) -> Option<PendingAnswer> {
+        use lockstep_proto::replicate_request::Kind;
+        let received = Instant::now();
+        match msg.kind? {
+            Kind::Append(mut req) => {
+                context.fill_in(&mut req);
+                let timed = (!req.entries.is_empty()).then_some(received);
+                let (resp, durable) = self.follow_start(here, |node| node.handle_append(req));
+                // The new entries are on their way to the disk; apply what the primary says
+                // is committed meanwhile, not before.
+                self.apply_committed_here();
+                Some(PendingAnswer { resp, durable, timed })
+            }
+            Kind::Install(req) => {
+                let (resp, durable) = self.follow_start(here, |node| node.handle_install(req));
+                Some(PendingAnswer {
+                    resp,
+                    durable,
+                    timed: None,
+                })
+            }
+        }
     }
 }
 
@@ -450,16 +511,14 @@ impl Services {
         &self,
         handle: impl FnOnce(&mut crate::node::Node) -> (AppendResponse, Vec<crate::writer::StorageOp>),
     ) -> Result<Response<AppendResponse>, Status> {
-        let (resp, durable) = self.follow_start(handle);
-        if let Some(durable) = durable {
+        let (resp, durable) = self.follow_start(false, handle);
+        if let Durable::Barrier(durable) = durable {
             durable.await.map_err(|_| Status::internal("storage stopped"))?;
         }
         self.shared.after_change();
         Ok(Response::new(resp))
     }
 
-    /// The part of [`Self::follow`] under the lock: the answer, and (when it succeeded and
-    /// wrote anything) the barrier that resolves once its writes are durable.
     /// Apply what is committed (a backup: what the primary said) and queue the snapshots that
     /// asks for.
     fn apply_committed_here(&self) {
@@ -467,16 +526,34 @@ impl Services {
         self.shared.writer.send_all(ops);
     }
 
+    /// The part of [`Self::follow`] under the lock: the answer, and what it waits for when it
+    /// succeeded and wrote anything: the caller's own fsync (`here`) or a barrier that
+    /// resolves once the storage thread made the writes durable.
     fn follow_start(
         &self,
+        here: bool,
         handle: impl FnOnce(&mut crate::node::Node) -> (AppendResponse, Vec<crate::writer::StorageOp>),
-    ) -> (AppendResponse, Option<oneshot::Receiver<()>>) {
+    ) -> (AppendResponse, Durable) {
         let mut node = self.shared.lock();
         let (resp, ops) = handle(&mut node);
-        let durable = !ops.is_empty();
-        self.shared.writer.send_all(ops);
-        let barrier = (durable && resp.success).then(|| self.shared.writer.barrier());
-        (resp, barrier)
+        let writes = !ops.is_empty() && resp.success;
+        let writer = &self.shared.writer;
+        let durable = match (writes, here) {
+            (true, true) => {
+                writer.queue_for_here(ops);
+                Durable::Here
+            }
+            (true, false) => {
+                writer.send_all(ops);
+                Durable::Barrier(writer.barrier())
+            }
+            (false, _) => {
+                writer.send_all(ops);
+                Durable::Nothing
+            }
+        };
+        drop(node);
+        (resp, durable)
     }
 }
 
