@@ -538,6 +538,7 @@ impl Services {
         let (resp, ops) = handle(&mut node);
         let writes = !ops.is_empty() && resp.success;
         let writer = &self.shared.writer;
+        // Queued under the node lock, so in the order the node decided them.
         let durable = match (writes, here) {
             (true, true) => {
                 writer.queue_for_here(ops);
@@ -552,7 +553,6 @@ impl Services {
                 Durable::Nothing
             }
         };
-        drop(node);
         (resp, durable)
     }
 }

@@ -71,8 +71,10 @@ impl Drop for Open {
 }
 
 impl WriterHandle {
+    /// Queue `op` for the storage thread (every client write on a primary comes this way).
     pub fn send(&self, op: StorageOp) {
-        self.send_all(vec![op]);
+        lock(&self.writer.queue).ops.push(op);
+        self.writer.queued.notify_one();
     }
 
     /// Queue `ops` for the storage thread.
